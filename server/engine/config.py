@@ -1,0 +1,20 @@
+"""Engine internals' configuration: small frozen dataclasses (the service's env/CLI live in server/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 32  # rows decoding together
+    max_queue: int = 256  # waiting requests beyond this are refused (429)
+    max_prefill_tokens: int = 4096  # new tokens prefilled in one step (always admits at least one request)
+    max_model_len: int = 2048  # virtual + prompt + generated tokens per request
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    scheduler: SchedulerConfig = SchedulerConfig()
+    kv_prefix_cache_bytes: int = 256 * 1024 * 1024  # soft-prompt KV prefixes kept on the device
+    model_id: str = "model"  # part of every prefix-cache key: a KV prefix is only valid for one model

@@ -1,0 +1,163 @@
+"""The engine: one step is exactly schedule() -> run() -> postprocess().
+
+Synchronous and single-threaded; `AsyncEngine` (async_engine.py) runs it in its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from server.engine.config import EngineConfig
+from server.engine.detokenizer import DetokState, Detokenizer
+from server.engine.kv_cache import PrefixKVCache
+from server.engine.model_runner import ModelRunner, RowLogprobs
+from server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
+from server.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+
+log = logging.getLogger("softserve.engine")
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids or {0})
+        self.prefix_cache = PrefixKVCache(config.kv_prefix_cache_bytes)
+        self.runner = ModelRunner(
+            model,
+            model_id=config.model_id,
+            pad_token_id=pad_id,
+            eos_token_ids=self.eos_token_ids,
+            prefix_cache=self.prefix_cache,
+        )
+        self.scheduler = Scheduler(config.scheduler, self.eos_token_ids)
+        self.detokenizer = Detokenizer(tokenizer)
+        self._detok: dict[str, DetokState] = {}
+
+    # ---- intake -------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        limit = self.config.scheduler.max_model_len
+        needed = request.num_virtual_tokens + len(request.prompt_ids) + request.sampling.max_tokens
+        if needed > limit:  # the API checks this first; this guards direct engine users
+            raise ValueError(f"request needs {needed} tokens, max_model_len is {limit}")
+        if not request.prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        self.scheduler.add(request)
+        self._detok[request.request_id] = self.detokenizer.new_state(
+            request.prompt_ids, request.sampling.stop, request.sampling.skip_special_tokens
+        )
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # ---- step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        outputs = [self._final_output(r, "") for r in sched.finished]
+        if sched.is_empty:
+            return outputs
+        try:
+            result = self.runner.run(sched)
+        except Exception as exc:  # one bad step must not kill the loop: fail its rows, keep serving
+            log.exception("engine step failed")
+            self.runner.reset()
+            failed = list(sched.scheduled)
+            self.scheduler.fail(failed, f"engine error: {type(exc).__name__}")
+            return outputs + [self._final_output(r, "") for r in failed]
+        return outputs + self.postprocess(sched, result)
+
+    def postprocess(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        outputs = []
+        stepped = self.scheduler.update(sched, result)
+        for i, request in enumerate(stepped):
+            if request.finish_reason == FinishReason.ABORT:
+                continue
+            state = self._detok[request.request_id]
+            token_id = request.output_ids[-1]
+            text, hit_stop = self.detokenizer.step(state, token_id, is_last=request.is_finished)
+            if hit_stop:
+                self.scheduler.finish_by_stop_string(request)
+            logprobs = ()
+            row = result.logprobs[i] if result.logprobs else None
+            if row is not None:
+                logprobs = (self._token_logprob(token_id, row),)
+            if request.is_finished:
+                text += self.detokenizer.finish(state)
+                outputs.append(self._final_output(request, text, (token_id,), logprobs))
+            else:
+                outputs.append(
+                    RequestOutput(
+                        request_id=request.request_id,
+                        text=text,
+                        token_ids=(token_id,),
+                        logprobs=logprobs,
+                        num_prompt_tokens=request.num_prompt_tokens,
+                        num_virtual_tokens=request.num_virtual_tokens,
+                        num_output_tokens=request.num_output_tokens,
+                    )
+                )
+        self.scheduler.drop_finished()
+        return outputs
+
+    def _token_logprob(self, token_id: int, row: RowLogprobs) -> TokenLogprob:
+        decode = self.detokenizer.token_text
+        return TokenLogprob(
+            token_id=token_id,
+            token=decode(token_id),
+            logprob=row.chosen,
+            top=tuple((tid, decode(tid), lp) for tid, lp in row.top),
+        )
+
+    def _final_output(self, request: Request, text: str, token_ids=(), logprobs=()) -> RequestOutput:
+        self._detok.pop(request.request_id, None)
+        if request.on_finish is not None:
+            callback, request.on_finish = request.on_finish, None
+            try:
+                callback(request)
+            except Exception:
+                log.exception("on_finish callback failed for %s", request.request_id)
+        return RequestOutput(
+            request_id=request.request_id,
+            text=text,
+            token_ids=tuple(token_ids),
+            logprobs=tuple(logprobs),
+            finished=True,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_virtual_tokens=request.num_virtual_tokens,
+            num_output_tokens=request.num_output_tokens,
+            error=request.error,
+        )
+
+    def generate_sync(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
+        """Run the given requests to completion (tests, benchmarks, offline use)."""
+        for request in requests:
+            self.add_request(request)
+        collected: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        while self.has_unfinished():
+            for out in self.step():
+                collected.setdefault(out.request_id, []).append(out)
+        return collected

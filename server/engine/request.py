@@ -1,0 +1,141 @@
+"""The one object that carries a request from HTTP to finish, plus its sampling params and deltas.
+
+Plain Python on purpose (no torch import): the scheduler and its unit tests only ever see these.
+The soft prompt's tensor rides along as an opaque handle the model runner understands.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len reached
+    ABORT = "abort"  # client went away / cancelled
+    ERROR = "error"  # this request failed inside the engine
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-N alternatives per generated token; None = off
+    skip_special_tokens: bool = True
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 1e-5
+
+    @property
+    def effective_top_k(self) -> int:
+        return self.top_k if self.top_k > 0 else 0
+
+
+@dataclass(frozen=True)
+class SoftPromptRef:
+    """What a request knows about its soft prompt: enough to log, to key caches and to count tokens."""
+
+    name: str
+    version: str
+    sha256: str  # content hash: the only key any cache may use
+    num_virtual_tokens: int
+
+
+@dataclass(frozen=True)
+class SoftPrompt:
+    ref: SoftPromptRef
+    embeddings: Any  # torch.Tensor [num_virtual_tokens, hidden] on the model's device and dtype
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...]  # (token_id, token, logprob), best first
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    soft_prompt: SoftPrompt | None = None
+    tenant: str = "default"
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Called exactly once when the request leaves the engine (release prompt-cache pins, metrics).
+    on_finish: Callable[["Request"], None] | None = None
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    # Step counters, used by tests to prove scheduling properties without wall-clock timing.
+    first_scheduled_step: int | None = None
+    finished_step: int | None = None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.soft_prompt.ref.num_virtual_tokens if self.soft_prompt else 0
+
+    @property
+    def prompt_sha256(self) -> str | None:
+        return self.soft_prompt.ref.sha256 if self.soft_prompt else None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def total_len(self) -> int:
+        """Every position this request occupies in the KV cache: virtual + prompt + generated."""
+        return self.num_virtual_tokens + len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def finish(self, reason: FinishReason, step: int | None = None, error: str | None = None) -> None:
+        if self.is_finished:
+            return
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.error = error
+        self.finished_step = step
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A delta: what happened to one request in one engine step."""
+
+    request_id: str
+    text: str  # new text since the previous delta (stop strings already cut)
+    token_ids: tuple[int, ...]  # new token ids since the previous delta
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_virtual_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Llama (fast unit tests) and the real SmolLM2 (a few parity tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.model_loader import embedded_model_source, load_model
+
+
+@pytest.fixture(scope="session")
+def smollm_source():
+    return embedded_model_source()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm_source):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm_source.directory, gguf_file=smollm_source.gguf_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    """A 2-layer random Llama with SmolLM2's vocabulary and GQA, like the real model but ~100x smaller.
+
+    A large init range spreads the logits, so greedy ties (which 1e-6 float noise could flip) are rare.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_source):
+    model, tok = load_model(smollm_source, torch.device("cpu"), torch.float32)
+    return model, tok
