@@ -1,0 +1,40 @@
+"""Soft-prompt storage: validation of PEFT uploads, versioned tenant-scoped store, device cache."""
+
+from .backend import LocalBackend, MemoryBackend, StorageBackend
+from .cache import CacheStats, PromptCache
+from .format import ParsedPrompt, content_sha256, export_adapter, export_zip, parse_upload
+from .store import PUBLIC_TENANT, PromptStore, validate_name
+from .types import (
+    LoadedPrompt,
+    ModelInfo,
+    PromptCacheFull,
+    PromptIntegrityError,
+    PromptMeta,
+    PromptNotFound,
+    PromptStoreError,
+    PromptValidationError,
+)
+
+__all__ = [
+    "CacheStats",
+    "LoadedPrompt",
+    "LocalBackend",
+    "MemoryBackend",
+    "ModelInfo",
+    "PUBLIC_TENANT",
+    "ParsedPrompt",
+    "PromptCache",
+    "PromptCacheFull",
+    "PromptIntegrityError",
+    "PromptMeta",
+    "PromptNotFound",
+    "PromptStore",
+    "PromptStoreError",
+    "PromptValidationError",
+    "StorageBackend",
+    "content_sha256",
+    "export_adapter",
+    "export_zip",
+    "parse_upload",
+    "validate_name",
+]

@@ -1,0 +1,187 @@
+"""Bytes-in, bytes-out key/value storage that maps onto an object store (S3, GCS) later.
+
+Only operations an object store has natively are exposed: put (optionally create-if-absent),
+get, exists, prefix list, delete. No rename, no directories, and the store never needs `list`
+to look something up (listing is eventually consistent or slow on some object stores).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+__all__ = ["StorageBackend", "LocalBackend", "MemoryBackend", "validate_key"]
+
+_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@=-]*$")
+
+
+def validate_key(key: str) -> str:
+    """Keys are '/'-separated relative paths. Components may not start with '.', which (a) rules
+    out '.' and '..' traversal and (b) reserves dot-names for temp files, so those can never be
+    read or listed through the interface."""
+    if not isinstance(key, str) or not key or len(key) > 1024:
+        raise ValueError(f"invalid storage key {key!r}")
+    if key.startswith("/") or "\\" in key or "\0" in key:
+        raise ValueError(f"invalid storage key {key!r}")
+    for part in key.split("/"):
+        if not _COMPONENT.fullmatch(part):
+            raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write atomically. With if_absent, return False (and write nothing) if key exists."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """Raise KeyError if missing."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> list[str]:
+        """All keys starting with prefix, sorted. For enumerating prompts only, never lookups."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Missing key is not an error."""
+        ...
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename/unlink itself durable; not supported on every platform/filesystem.
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class LocalBackend:
+    """Files under `root`. Each put: temp file in the target dir, fsync, os.replace (or os.link for
+    if_absent, which fails atomically when the target exists), fsync the dir. A crash leaves either
+    the old file or the new one, plus at most a hidden temp file."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if if_absent and path.exists():
+            return False
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if if_absent:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent
+                except FileExistsError:
+                    return False
+                except OSError:
+                    # Filesystem without hard links: a narrow race is acceptable here because
+                    # if_absent is only used for content-addressed blobs (same key = same bytes).
+                    if path.exists():
+                        return False
+                    os.replace(tmp, path)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyError(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        if prefix:
+            if prefix.startswith("/") or ".." in prefix.split("/"):
+                raise ValueError(f"invalid prefix {prefix!r}")
+        # Walk only the deepest directory the prefix fully names.
+        base_parts = prefix.split("/")[:-1]
+        base = self.root.joinpath(*base_parts) if base_parts else self.root
+        if not base.is_dir():
+            return []
+        out: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for fn in filenames:
+                if fn.startswith("."):
+                    continue  # temp files are never visible
+                key = fn if rel == "." else f"{rel}/{fn}"
+                if key.startswith(prefix):
+                    out.append(key)
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+
+
+class MemoryBackend:
+    """In-process backend for tests and ephemeral dev servers."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        validate_key(key)
+        with self._lock:
+            if if_absent and key in self._data:
+                return False
+            self._data[key] = bytes(data)
+            return True
+
+    def get(self, key: str) -> bytes:
+        validate_key(key)
+        with self._lock:
+            return self._data[key]
+
+    def exists(self, key: str) -> bool:
+        validate_key(key)
+        with self._lock:
+            return key in self._data
+
+    def list(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted(k for k in self._data if k.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        validate_key(key)
+        with self._lock:
+            self._data.pop(key, None)

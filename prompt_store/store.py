@@ -1,0 +1,251 @@
+"""Versioned, tenant-scoped soft-prompt store on top of a StorageBackend. See LAYOUT.md.
+
+Invariants:
+- A version is immutable and named by its content hash; blobs are content-addressed and shared.
+- The head manifest of a name is the only source of truth for what is live: it holds the latest
+  version's metadata and the list of versions that belong to the name. It is written last, as one
+  atomic put, so a crash never exposes a half-written version.
+- Lookups read at most two keys (head, version manifest) and never list.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import format as fmt
+from .backend import StorageBackend
+from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptValidationError
+
+__all__ = ["PromptStore", "validate_name", "PUBLIC_TENANT", "NAME_RE"]
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
+PUBLIC_TENANT = "public"
+_VERSION_LEN = 12
+_MIN_PREFIX = 6
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+def validate_name(value: str, what: str = "prompt name") -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise PromptValidationError(
+            f"invalid {what} {value!r}: use 1-64 characters from [a-zA-Z0-9._-], starting with a letter or digit"
+        )
+    return value
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class _Head:
+    latest: PromptMeta
+    versions: tuple[str, ...]  # oldest first; the latest is moved to the end on re-upload
+
+
+class PromptStore:
+    def __init__(
+        self,
+        backend: StorageBackend,
+        model: ModelInfo,
+        *,
+        max_virtual_tokens: int = 256,
+        max_upload_bytes: int = fmt.DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.backend = backend
+        self.model = model
+        self.max_virtual_tokens = max_virtual_tokens
+        self.max_upload_bytes = max_upload_bytes
+        # One lock serialises the read-modify-write of head manifests within this process.
+        # Several writer processes on one backend would need conditional puts (S3 If-Match).
+        self._lock = threading.RLock()
+
+    # ---- keys -------------------------------------------------------------------------------
+    @staticmethod
+    def blob_key(sha256: str) -> str:
+        return f"blobs/sha256/{sha256}.safetensors"
+
+    @staticmethod
+    def _prompt_prefix(tenant: str) -> str:
+        return f"tenants/{tenant}/prompts/"
+
+    def _head_key(self, tenant: str, name: str) -> str:
+        return f"{self._prompt_prefix(tenant)}{name}/head.json"
+
+    def _version_key(self, tenant: str, name: str, version: str) -> str:
+        return f"{self._prompt_prefix(tenant)}{name}/versions/{version}.json"
+
+    # ---- reads ------------------------------------------------------------------------------
+    def _read_head(self, tenant: str, name: str) -> _Head | None:
+        try:
+            raw = self.backend.get(self._head_key(tenant, name))
+        except KeyError:
+            return None
+        d = json.loads(raw)
+        return _Head(latest=PromptMeta.from_dict(d["latest"]), versions=tuple(d["versions"]))
+
+    def _read_version(self, tenant: str, name: str, version: str) -> PromptMeta | None:
+        try:
+            raw = self.backend.get(self._version_key(tenant, name, version))
+        except KeyError:
+            return None
+        return PromptMeta.from_dict(json.loads(raw))
+
+    def resolve(self, tenant: str, name: str, version: str | None = None) -> PromptMeta:
+        """Latest version, or a pinned one (full 12-char id or a unique prefix of >= 6 chars).
+
+        Only keys under `tenant` are read, so another tenant's prompt is indistinguishable from a
+        missing one."""
+        validate_name(tenant, "tenant")
+        validate_name(name)
+        head = self._read_head(tenant, name)
+        if head is None:
+            raise PromptNotFound(f"prompt {name!r} not found")
+        if version is None or version == head.latest.version:
+            return head.latest
+        v = version.lower()
+        if len(v) < _MIN_PREFIX or not _HEX.match(v):
+            raise PromptNotFound(f"version {version!r} of prompt {name!r} not found")
+        matches = [x for x in head.versions if x.startswith(v)]
+        if len(matches) != 1:
+            # Membership in the head (not just the manifest existing) is what makes a version
+            # live: manifests of deleted or half-written uploads stay invisible.
+            raise PromptNotFound(f"version {version!r} of prompt {name!r} not found")
+        meta = self._read_version(tenant, name, matches[0])
+        if meta is None:
+            raise PromptNotFound(f"version {version!r} of prompt {name!r} not found")
+        return meta
+
+    def list(self, tenant: str) -> list[PromptMeta]:
+        """Latest version of every live name of a tenant, sorted by name."""
+        validate_name(tenant, "tenant")
+        prefix = self._prompt_prefix(tenant)
+        out: list[PromptMeta] = []
+        for key in self.backend.list(prefix):
+            parts = key[len(prefix) :].split("/")
+            if len(parts) != 2 or parts[1] != "head.json":
+                continue
+            head = self._read_head(tenant, parts[0])  # re-read: may have been deleted meanwhile
+            if head is not None:
+                out.append(head.latest)
+        return sorted(out, key=lambda m: m.name)
+
+    def versions(self, tenant: str, name: str) -> list[PromptMeta]:
+        """All live versions of a name, latest first."""
+        validate_name(tenant, "tenant")
+        validate_name(name)
+        head = self._read_head(tenant, name)
+        if head is None:
+            raise PromptNotFound(f"prompt {name!r} not found")
+        out = [head.latest]
+        for v in reversed(head.versions):
+            if v == head.latest.version:
+                continue
+            meta = self._read_version(tenant, name, v)
+            if meta is not None:
+                out.append(meta)
+        return out
+
+    def load_tensor(self, meta: PromptMeta) -> torch.Tensor:
+        """CPU tensor in the stored dtype, verified against meta.sha256."""
+        try:
+            data = self.backend.get(self.blob_key(meta.sha256))
+        except KeyError:
+            raise PromptIntegrityError(f"blob for {meta.ref} is missing") from None
+        try:
+            tensor = fmt.decode_blob(data)
+        except Exception as e:
+            raise PromptIntegrityError(f"blob for {meta.ref} is unreadable: {e}") from None
+        if fmt.content_sha256(tensor) != meta.sha256:
+            raise PromptIntegrityError(f"blob for {meta.ref} does not match its sha256")
+        return tensor
+
+    def export_zip(self, meta: PromptMeta) -> bytes:
+        return fmt.export_zip(meta, self.load_tensor(meta))
+
+    def export_files(self, meta: PromptMeta) -> dict[str, bytes]:
+        return fmt.export_adapter(meta, self.load_tensor(meta))
+
+    # ---- writes -----------------------------------------------------------------------------
+    def put(
+        self,
+        tenant: str,
+        name: str,
+        adapter_model: bytes,
+        adapter_config: bytes | None,
+        description: str | None = None,
+    ) -> tuple[PromptMeta, list[str]]:
+        """Store a new version and make it the latest. Returns (meta, warnings).
+
+        Re-uploading a tensor the name already has returns that existing version unchanged (same
+        id, created_at, description) and makes it the latest again: this is how to roll back."""
+        validate_name(tenant, "tenant")
+        validate_name(name)
+        if description is not None and len(description) > 1024:
+            raise PromptValidationError("description is longer than 1024 characters")
+        parsed = fmt.parse_upload(
+            adapter_model,
+            adapter_config,
+            self.model,
+            max_virtual_tokens=self.max_virtual_tokens,
+            max_bytes=self.max_upload_bytes,
+        )
+        sha = fmt.content_sha256(parsed.tensor)
+        version = sha[:_VERSION_LEN]
+        with self._lock:
+            head = self._read_head(tenant, name)
+            existing = None
+            if head is not None and version in head.versions:
+                existing = self._read_version(tenant, name, version)
+            if existing is not None and existing.sha256 == sha:
+                meta = existing
+                history = tuple(v for v in head.versions if v != version) + (version,)
+            else:
+                meta = PromptMeta(
+                    tenant=tenant,
+                    name=name,
+                    version=version,
+                    sha256=sha,
+                    num_virtual_tokens=int(parsed.tensor.shape[0]),
+                    token_dim=int(parsed.tensor.shape[1]),
+                    dtype=parsed.dtype_name,
+                    peft_type=parsed.peft_type,
+                    created_at=int(time.time()),
+                    description=description,
+                    adapter_config=parsed.adapter_config,
+                )
+                prior = tuple(v for v in head.versions if v != version) if head else ()
+                history = prior + (version,)
+                # 1. blob (content-addressed: an existing one already holds these exact bytes)
+                self.backend.put(self.blob_key(sha), fmt.encode_blob(parsed.tensor), if_absent=True)
+                # 2. version manifest (invisible until the head lists it)
+                self.backend.put(self._version_key(tenant, name, version), _json(meta.to_dict()))
+            # 3. head last: the single atomic switch to the new latest
+            self.backend.put(
+                self._head_key(tenant, name),
+                _json({"latest": meta.to_dict(), "versions": list(history), "updated_at": int(time.time())}),
+            )
+        return meta, parsed.warnings
+
+    def delete(self, tenant: str, name: str) -> None:
+        """Remove a name with all its versions from listing and resolution.
+
+        Deleting the head is the atomic step; version manifests are cleaned up after (leftovers
+        from a crash are harmless: a later upload under the same name starts a fresh history).
+        Blobs are shared by content and are not garbage-collected here."""
+        validate_name(tenant, "tenant")
+        validate_name(name)
+        with self._lock:
+            head = self._read_head(tenant, name)
+            if head is None:
+                raise PromptNotFound(f"prompt {name!r} not found")
+            self.backend.delete(self._head_key(tenant, name))
+            for v in head.versions:
+                self.backend.delete(self._version_key(tenant, name, v))
