@@ -77,7 +77,7 @@ class Detokenizer:
         return delta
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.convert_ids_to_tokens(token_id) or ""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def finish(self, state: DetokState) -> str:
         """Everything not yet emitted (called when the request ends for another reason)."""

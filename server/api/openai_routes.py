@@ -1,0 +1,217 @@
+"""/v1/completions, /v1/chat/completions and /v1/models (OpenAI-compatible; SSE streaming)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.api import schemas as S
+from server.api.errors import APIError, error_body
+from server.api.generation import (
+    Choice, apply_delta, build_requests, collect, finish_reason_str, require_ready, resolve_model, stream_outputs,
+)
+from server.api.state import ServiceState
+from server.auth import Principal
+from server.engine.request import TokenLogprob
+
+
+def _usage(prompts: list[list[int]], choices: list[Choice], num_virtual: int) -> S.Usage:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(c.num_output_tokens for c in choices)
+    return S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens, virtual_tokens=num_virtual * len(prompts))
+
+
+def _completion_logprobs(items: list[TokenLogprob], start_offset: int = 0) -> S.CompletionLogprobs:
+    out = S.CompletionLogprobs()
+    offset = start_offset
+    for item in items:
+        out.tokens.append(item.token)
+        out.token_logprobs.append(item.logprob)
+        out.top_logprobs.append({tok: lp for _, tok, lp in item.top} if item.top else None)
+        out.text_offset.append(offset)
+        offset += len(item.token)
+    return out
+
+
+def _chat_logprobs(items: list[TokenLogprob]) -> S.ChatLogprobs:
+    return S.ChatLogprobs(content=[
+        S.ChatTokenLogprob(
+            token=i.token, logprob=i.logprob, bytes=list(i.token.encode()),
+            top_logprobs=[S.ChatTopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for _, t, lp in i.top],
+        )
+        for i in items
+    ])
+
+
+def _sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def _tokenize_prompts(tokenizer, prompt, max_chars: int) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
+    if all(isinstance(x, int) for x in prompt):
+        prompt = [prompt]
+    out = []
+    vocab = len(tokenizer)
+    for item in prompt:
+        if isinstance(item, str):
+            if len(item) > max_chars:
+                raise APIError(400, f"prompt is too long ({len(item)} characters)", param="prompt", code="context_length_exceeded")
+            out.append(tokenizer(item).input_ids)
+        else:
+            if any(t < 0 or t >= vocab for t in item):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_token_id")
+            out.append(list(item))
+    return out
+
+
+def build_openai_router(get_state: Callable[[], ServiceState], get_principal) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/models", response_model=S.ModelList)
+    async def list_models(principal: Principal = Depends(get_principal)) -> S.ModelList:
+        state = get_state()
+        require_ready(state)
+        cards = [S.ModelCard(id=state.served_model_name, root=state.served_model_name)]
+        metas = await run_in_threadpool(_visible_prompts, state, principal)
+        for prefix, meta in metas:
+            cards.append(S.ModelCard(id=f"{prefix}{meta.name}", created=meta.created_at, owned_by=meta.tenant,
+                                     root=state.served_model_name, parent=state.served_model_name,
+                                     num_virtual_tokens=meta.num_virtual_tokens))
+        return S.ModelList(data=cards)
+
+    @router.post("/v1/completions")
+    async def completions(body: S.CompletionRequest, http_request: HTTPRequest,
+                          principal: Principal = Depends(get_principal)):
+        state = get_state()
+        require_ready(state)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo", code="unsupported_parameter")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
+        resolved = resolve_model(state, principal, body.model)
+        prompts = await run_in_threadpool(_tokenize_prompts, state.tokenizer, body.prompt, state.settings.max_model_len * 64)
+        requests, choices = await build_requests(state, principal, resolved, prompts, body, body.max_tokens, body.logprobs)
+        num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def events() -> AsyncIterator[str]:
+                try:
+                    offsets = [0] * len(choices)
+                    async for index, output in stream_outputs(state, requests):
+                        apply_delta(choices[index], output)
+                        lp = None
+                        if body.logprobs is not None and output.logprobs:
+                            lp = _completion_logprobs(list(output.logprobs), offsets[index]).model_dump()
+                            offsets[index] += sum(len(x.token) for x in output.logprobs)
+                        if not output.text and not output.finished and lp is None:
+                            continue
+                        yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                                    "choices": [{"index": index, "text": output.text, "logprobs": lp,
+                                                 "finish_reason": finish_reason_str(output.finish_reason) if output.finished else None}]})
+                    if include_usage:
+                        yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                                    "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
+                except APIError as exc:
+                    yield _sse(exc.to_body())
+                yield _sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        await collect(state, http_request, requests, choices)
+        return S.CompletionResponse(
+            id=response_id, created=created, model=body.model,
+            choices=[S.CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
+                                        logprobs=_completion_logprobs(c.logprobs) if body.logprobs is not None else None)
+                     for c in choices],
+            usage=_usage(prompts, choices, num_virtual),
+        )
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest,
+                               principal: Principal = Depends(get_principal)):
+        state = get_state()
+        require_ready(state)
+        resolved = resolve_model(state, principal, body.model)
+        prompt_ids = await run_in_threadpool(_apply_chat_template, state.tokenizer, body.messages, state.settings.max_model_len * 64)
+        prompts = [prompt_ids]
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        top_n = (body.top_logprobs or 0) if body.logprobs else None
+        requests, choices = await build_requests(state, principal, resolved, prompts, body, max_tokens, top_n)
+        num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def chunk(choices_payload, usage=None) -> str:
+                return _sse(S.ChatCompletionChunk(id=response_id, created=created, model=body.model,
+                                                  choices=choices_payload, usage=usage).model_dump(exclude_none=True))
+
+            async def events() -> AsyncIterator[str]:
+                try:
+                    for c in choices:
+                        yield chunk([S.ChatStreamChoice(index=c.index, delta=S.ChatDelta(role="assistant", content=""))])
+                    async for index, output in stream_outputs(state, requests):
+                        apply_delta(choices[index], output)
+                        lp = _chat_logprobs(list(output.logprobs)) if body.logprobs and output.logprobs else None
+                        if output.text or lp is not None:
+                            yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(content=output.text), logprobs=lp)])
+                        if output.finished:
+                            yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(),
+                                                            finish_reason=finish_reason_str(output.finish_reason))])
+                    if include_usage:
+                        yield chunk([], usage=_usage(prompts, choices, num_virtual))
+                except APIError as exc:
+                    yield _sse(exc.to_body())
+                yield _sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        await collect(state, http_request, requests, choices)
+        return S.ChatCompletionResponse(
+            id=response_id, created=created, model=body.model,
+            choices=[S.ChatChoice(index=c.index, message=S.ChatResponseMessage(content=c.text),
+                                  finish_reason=c.finish_reason,
+                                  logprobs=_chat_logprobs(c.logprobs) if body.logprobs else None)
+                     for c in choices],
+            usage=_usage(prompts, choices, num_virtual),
+        )
+
+    return router
+
+
+def _apply_chat_template(tokenizer, messages: list[S.ChatMessage], max_chars: int) -> list[int]:
+    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    if sum(len(m["content"]) for m in plain) > max_chars:
+        raise APIError(400, "messages are too long", param="messages", code="context_length_exceeded")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
+    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _visible_prompts(state: ServiceState, principal: Principal):
+    seen = [("", m) for m in state.store.list(principal.tenant)]
+    if principal.tenant != "public":
+        seen += [("public/", m) for m in state.store.list("public")]
+    return seen
+
+
+__all__ = ["build_openai_router", "error_body"]

@@ -1,0 +1,95 @@
+"""Everything the HTTP layer needs, built once at start-up (the model loads in the background)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prompt_store.backend import LocalBackend
+from prompt_store.cache import PromptCache
+from prompt_store.store import PromptStore
+from prompt_store.types import ModelInfo
+from server.auth import ApiKeyRegistry
+from server.config import Settings
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig, SchedulerConfig
+from server.engine.engine import LLMEngine
+from server.model_loader import load_model, resolve_device, resolve_dtype, resolve_source
+
+log = logging.getLogger("softserve")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    name: str
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    registry: ApiKeyRegistry
+    served_model_name: str = ""
+    engine: AsyncEngine | None = None
+    tokenizer: object = None
+    store: PromptStore | None = None
+    cache: PromptCache | None = None
+    load_error: str | None = None
+    shutting_down: bool = False
+    loaded: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.engine.is_alive and not self.shutting_down
+
+    def build(self, loaded: LoadedModel | None = None) -> None:
+        """Load the model (unless given), open the store, start the engine thread."""
+        s = self.settings
+        try:
+            if loaded is None:
+                source = resolve_source(s.model, s.gguf_file)
+                device = resolve_device(s.device)
+                model, tokenizer = load_model(source, device, resolve_dtype(s.dtype, device))
+                loaded = LoadedModel(model, tokenizer, source.name)
+            model, tokenizer = loaded.model, loaded.tokenizer
+            self.served_model_name = s.served_model_name or loaded.name
+            param = next(model.parameters())
+            text_config = model.config.get_text_config()
+            info = ModelInfo(
+                name=self.served_model_name,
+                hidden_size=text_config.hidden_size,
+                num_layers=text_config.num_hidden_layers,
+                num_attention_heads=text_config.num_attention_heads,
+            )
+            Path(s.store).mkdir(parents=True, exist_ok=True)
+            self.store = PromptStore(
+                LocalBackend(Path(s.store)), info,
+                max_virtual_tokens=s.max_virtual_tokens, max_upload_bytes=s.max_upload_bytes,
+            )
+            self.cache = PromptCache(self.store, device=param.device, dtype=param.dtype, budget_bytes=s.prompt_cache_bytes)
+            config = EngineConfig(
+                scheduler=SchedulerConfig(
+                    max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                    max_prefill_tokens=s.max_prefill_tokens, max_model_len=s.max_model_len,
+                ),
+                kv_prefix_cache_bytes=s.kv_prefix_cache_bytes,
+                model_id=f"{self.served_model_name}:{param.dtype}",
+            )
+            self.tokenizer = tokenizer
+            self.engine = AsyncEngine(LLMEngine(model, tokenizer, config))
+            self.engine.start()
+            log.info("model %s loaded on %s (%s)", self.served_model_name, param.device, param.dtype)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+        finally:
+            self.loaded.set()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()

@@ -1,0 +1,75 @@
+"""FastAPI application: wires settings, auth, the prompt store and the engine together."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from server.api.errors import APIError, error_body, install_error_handlers
+from server.api.openai_routes import build_openai_router
+from server.api.prompts import build_prompts_router
+from server.api.state import LoadedModel, ServiceState
+from server.auth import ApiKeyRegistry, principal_dependency
+from server.config import Settings
+
+log = logging.getLogger("softserve")
+
+
+def create_app(settings: Settings, *, loaded: LoadedModel | None = None, background_load: bool = True) -> FastAPI:
+    """`loaded` injects an already-loaded model (tests); otherwise the model loads in a background
+    thread so /health answers at once and /ready turns 200 when the engine runs."""
+    if settings.api_keys:
+        registry = ApiKeyRegistry.load(settings.api_keys)
+    else:
+        registry = ApiKeyRegistry.disabled()
+        log.warning("no --api-keys file: authentication is OFF, every request acts as tenant 'default' (local development only)")
+    state = ServiceState(settings=settings, registry=registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if loaded is not None or not background_load:
+            state.build(loaded)
+        else:
+            threading.Thread(target=state.build, name="softserve-load", daemon=True).start()
+        yield
+        state.shutting_down = True
+        state.close()
+
+    app = FastAPI(title="Softserve", version="0.1.0", lifespan=lifespan,
+                  description="Many soft prompts on one frozen LLM, OpenAI-compatible.")
+    app.state.service = state
+    install_error_handlers(app)
+
+    def get_state() -> ServiceState:
+        return state
+
+    def get_store():
+        if state.store is None:
+            raise APIError(503, "model is loading, not ready yet", code="not_ready", headers={"Retry-After": "5"})
+        return state.store
+
+    get_principal = principal_dependency(lambda: state.registry)
+    app.include_router(build_openai_router(get_state, get_principal))
+    app.include_router(build_prompts_router(get_store, get_principal, lambda: state.cache))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.is_ready:
+            return {"status": "ready", "model": state.served_model_name}
+        if state.load_error:
+            reason = f"model failed to load: {state.load_error}"
+        elif state.engine is not None and not state.engine.is_alive:
+            reason = "engine loop is not running"
+        else:
+            reason = "shutting down" if state.shutting_down else "loading"
+        return JSONResponse(error_body(503, reason, code="not_ready"), status_code=503)
+
+    return app

@@ -1,0 +1,167 @@
+"""`softserve` command line: serve, keys, prompts (a thin HTTP client for the prompt API)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+from server.config import Settings
+
+# CLI flag -> Settings field. Every flag also reads SOFTSERVE_<FIELD> (via Settings) when not given.
+_SERVE_FLAGS = [
+    ("--model", "model", str), ("--gguf-file", "gguf_file", str), ("--served-model-name", "served_model_name", str),
+    ("--host", "host", str), ("--port", "port", int), ("--store", "store", str),
+    ("--device", "device", str), ("--dtype", "dtype", str), ("--max-batch-size", "max_batch_size", int),
+    ("--max-model-len", "max_model_len", int), ("--max-queue", "max_queue", int),
+    ("--max-prefill-tokens", "max_prefill_tokens", int), ("--max-virtual-tokens", "max_virtual_tokens", int),
+    ("--max-upload-bytes", "max_upload_bytes", int), ("--prompt-cache-bytes", "prompt_cache_bytes", int),
+    ("--kv-prefix-cache-bytes", "kv_prefix_cache_bytes", int), ("--api-keys", "api_keys", str),
+    ("--log-level", "log_level", str),
+]
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    for flag, field, typ in _SERVE_FLAGS:
+        info = Settings.model_fields[field]
+        default = info.default
+        help_text = (info.description or field.replace("_", " ")) + f" (env SOFTSERVE_{field.upper()}, default {default})"
+        kwargs = {"type": typ, "default": None, "help": help_text}
+        if field == "device":
+            kwargs["choices"] = ["auto", "cpu", "cuda"]
+        if field == "dtype":
+            kwargs["choices"] = ["auto", "float32", "bfloat16", "float16"]
+        p.add_argument(flag, **kwargs)
+
+
+def cmd_serve(args) -> int:
+    overrides = {field: getattr(args, field) for _, field, _ in _SERVE_FLAGS if getattr(args, field) is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(settings)
+    state = app.state.service
+
+    def announce() -> None:
+        state.loaded.wait()
+        if state.load_error:
+            print(f"softserve: start-up failed: {state.load_error}", file=sys.stderr, flush=True)
+            os._exit(1)
+        print(f"softserve: ready — serving {state.served_model_name} at http://{settings.host}:{settings.port}/v1", flush=True)
+
+    import threading
+
+    print(f"softserve: listening on http://{settings.host}:{settings.port} (loading model...)", flush=True)
+    threading.Thread(target=announce, daemon=True).start()
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_keys_add(args) -> int:
+    from server.auth import add_key
+
+    key = add_key(args.file, args.tenant, args.role)
+    print(key)
+    print(f"# added a {args.role} key for tenant {args.tenant!r} to {args.file}; it is shown only once", file=sys.stderr)
+    return 0
+
+
+def _client(args):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(base_url=args.url, headers=headers, timeout=60)
+
+
+def _check(resp) -> dict | bytes:
+    if resp.status_code >= 400:
+        try:
+            message = resp.json()["error"]["message"]
+        except Exception:
+            message = resp.text
+        raise SystemExit(f"error {resp.status_code}: {message}")
+    return resp
+
+
+def cmd_prompts(args) -> int:
+    with _client(args) as client:
+        if args.prompts_cmd == "push":
+            directory = Path(args.dir)
+            files = {}
+            if directory.is_file():
+                files["adapter_model"] = ("adapter_model.safetensors", directory.read_bytes(), "application/octet-stream")
+            else:
+                files["adapter_model"] = ("adapter_model.safetensors", (directory / "adapter_model.safetensors").read_bytes(),
+                                          "application/octet-stream")
+                config = directory / "adapter_config.json"
+                if config.exists():
+                    files["adapter_config"] = ("adapter_config.json", config.read_bytes(), "application/json")
+            data = {"description": args.description} if args.description else {}
+            resp = _check(client.put(f"/v1/prompts/{args.name}", files=files, data=data))
+            print(json.dumps(resp.json(), indent=2))
+        elif args.prompts_cmd == "list":
+            for item in _check(client.get("/v1/prompts")).json()["data"]:
+                print(f"{item['id']:40s} {item['version']}  k={item['num_virtual_tokens']}  {item['dtype']}")
+        elif args.prompts_cmd == "rm":
+            _check(client.delete(f"/v1/prompts/{args.name}"))
+            print(f"deleted {args.name}")
+        elif args.prompts_cmd == "pull":
+            resp = _check(client.get(f"/v1/prompts/{args.name}/download"))
+            out = Path(args.dir)
+            out.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(io.BytesIO(resp.content)) as zf:
+                for member in ("adapter_config.json", "adapter_model.safetensors"):
+                    (out / member).write_bytes(zf.read(member))
+            print(f"wrote PEFT adapter to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softserve", description="Serve many soft prompts on one frozen LLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_cmd", required=True)
+    add = keys.add_parser("add", help="create a key for a tenant and print it once")
+    add.add_argument("--tenant", required=True)
+    add.add_argument("--role", choices=["user", "admin"], default="user")
+    add.add_argument("--file", default=os.environ.get("SOFTSERVE_API_KEYS", "api_keys.yaml"))
+
+    prompts = sub.add_parser("prompts", help="push/list/rm/pull soft prompts on a running server")
+    prompts.add_argument("--url", default=os.environ.get("SOFTSERVE_URL", "http://127.0.0.1:8000"))
+    prompts.add_argument("--api-key", default=os.environ.get("SOFTSERVE_API_KEY"))
+    psub = prompts.add_subparsers(dest="prompts_cmd", required=True)
+    push = psub.add_parser("push", help="upload a PEFT adapter directory (or a bare .safetensors file)")
+    push.add_argument("dir")
+    push.add_argument("--name", required=True)
+    push.add_argument("--description")
+    psub.add_parser("list", help="list prompts")
+    rm = psub.add_parser("rm", help="delete a prompt")
+    rm.add_argument("name")
+    pull = psub.add_parser("pull", help="download a prompt as a PEFT adapter directory")
+    pull.add_argument("name")
+    pull.add_argument("dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "keys":
+        return cmd_keys_add(args)
+    return cmd_prompts(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""The service's configuration: the one place that reads environment variables (SOFTSERVE_*)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", extra="ignore")
+
+    model: str | None = Field(None, description="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    gguf_file: str | None = Field(None, description="GGUF file name inside --model DIR")
+    served_model_name: str | None = Field(None, description="name of the base model in the API (default: the model's name)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    store: str = Field("./data/prompts", description="prompt store location (local directory)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_model_len: int = Field(2048, ge=16)
+    max_queue: int = Field(256, ge=1)
+    max_prefill_tokens: int = Field(4096, ge=16)
+    max_virtual_tokens: int = Field(256, ge=1)
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    prompt_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device cache of soft-prompt tensors")
+    kv_prefix_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device cache of soft-prompt KV prefixes")
+    api_keys: str | None = Field(None, description="YAML/JSON file of hashed API keys; unset = no auth, one 'default' tenant")
+    max_n: int = Field(16, ge=1, description="largest `n` a request may ask for")
+    log_level: str = "info"
