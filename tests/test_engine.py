@@ -156,3 +156,23 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(tiny_model, tok
     monkeypatch.setattr(engine.runner, "run", original)
     good = run(engine, [make_request(range(10, 15), max_tokens=5, ignore_eos=True)])
     assert list(good.values())[0] == reference_greedy(tiny_model, list(range(10, 15)), None, 5)
+
+
+def test_sampling_error_fails_only_that_request(tiny_model, tokenizer, monkeypatch):
+    import server.engine.model_runner as runner_module
+
+    real_sample = runner_module.sample
+
+    def flaky_sample(logits, params, generators, banned):
+        if any(p.top_k == 777 for p in params):
+            raise FloatingPointError("bad corner case")
+        return real_sample(logits, params, generators, banned)
+
+    monkeypatch.setattr(runner_module, "sample", flaky_sample)
+    engine = make_engine(tiny_model, tokenizer)
+    bad = make_request(range(10, 16), max_tokens=6, temperature=0.7, top_k=777, seed=1)
+    good = [make_request(range(20 + i, 26 + i), max_tokens=6, ignore_eos=True) for i in range(3)]
+    outs = engine.generate_sync(good[:1] + [bad] + good[1:])
+    assert outs[bad.request_id][-1].finish_reason == FinishReason.ERROR
+    for g in good:
+        assert [t for o in outs[g.request_id] for t in o.token_ids] == reference_greedy(tiny_model, list(g.prompt_ids), None, 6)

@@ -117,3 +117,73 @@ def test_runner_output_must_match_schedule():
     out = s.schedule()
     with pytest.raises(AssertionError):
         s.update(out, RunnerOutput([1, 2]))
+
+
+def _tenant_req(rid: str, tenant: str, arrival: float, max_tokens: int = 20) -> Request:
+    r = req(rid, max_tokens=max_tokens)
+    r.tenant = tenant
+    r.arrival_time = arrival
+    return r
+
+
+def test_flooding_tenant_does_not_starve_a_light_one():
+    """Tenant A floods 50 requests into 8 rows; B's single request takes the first row that frees up."""
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_queue=1000), {EOS})
+    for i in range(50):
+        s.add(_tenant_req(f"a{i}", "A", arrival=i, max_tokens=5 + i % 7))
+    for _ in range(3):
+        fake_step(s)
+    b = _tenant_req("b", "B", arrival=100, max_tokens=5)
+    s.add(b)
+    steps = 0
+    while b.first_scheduled_step is None:
+        out = fake_step(s)
+        steps += 1
+        freed = len(out.prefill)
+    assert steps <= 3  # the shortest A request in the batch has at most 2 tokens left after 3 steps
+    assert freed >= 1 and out.prefill[0] is b  # B is first in line when a row frees
+    assert s.num_waiting_for("A") > 30  # although A queued long before B
+
+
+def test_vtc_shares_rows_between_two_busy_tenants():
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_queue=1000), {EOS})
+    for i in range(40):
+        s.add(_tenant_req(f"a{i}", "A", arrival=i, max_tokens=4))
+    for i in range(40):
+        s.add(_tenant_req(f"b{i}", "B", arrival=100 + i, max_tokens=4))
+    admitted = {"A": 0, "B": 0}
+    for _ in range(30):
+        for r in fake_step(s).prefill:
+            admitted[r.tenant] += 1
+    assert admitted["A"] > 5 and abs(admitted["A"] - admitted["B"]) <= 2  # FIFO would give A everything
+
+
+def test_idle_tenant_cannot_bank_credit():
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_queue=1000), {EOS})
+    for i in range(10):
+        s.add(_tenant_req(f"a{i}", "A", arrival=i, max_tokens=3))
+    for _ in range(12):
+        fake_step(s)
+    s.add(_tenant_req("b0", "B", arrival=50))
+    assert s.tenant_counters["B"] == min(s.tenant_counters[t] for t in ("A",))  # lifted, not zero
+
+
+def test_per_tenant_queue_limit():
+    s = Scheduler(SchedulerConfig(max_queue=100, max_queue_per_tenant=2), {EOS})
+    s.add(_tenant_req("a0", "A", 0))
+    s.add(_tenant_req("a1", "A", 1))
+    with pytest.raises(QueueFullError, match="tenant"):
+        s.add(_tenant_req("a2", "A", 2))
+    s.add(_tenant_req("b0", "B", 3))  # other tenants are unaffected
+
+
+def test_request_timeout_fails_waiting_and_running():
+    s = Scheduler(SchedulerConfig(max_batch_size=1, request_timeout_s=10), {EOS})
+    running, waiting = _tenant_req("r", "A", arrival=0.0), _tenant_req("w", "A", arrival=5.0)
+    s.add(running)
+    s.add(waiting)
+    out = s.schedule(now=1.0)
+    s.update(out, RunnerOutput([7]))
+    out = s.schedule(now=11.0)  # r is 11 s old: timed out; w (6 s) takes its row
+    assert running.finish_reason == FinishReason.ERROR and "timed out" in running.error
+    assert out.finished == [running] and out.prefill == [waiting]

@@ -11,6 +11,11 @@ class SchedulerConfig:
     max_queue: int = 256  # waiting requests beyond this are refused (429)
     max_prefill_tokens: int = 4096  # new tokens prefilled in one step (always admits at least one request)
     max_model_len: int = 2048  # virtual + prompt + generated tokens per request
+    max_queue_per_tenant: int = 0  # 0: only the global limit applies
+    request_timeout_s: float = 0.0  # 0: no timeout; else a request older than this is failed
+    # Fair share between tenants (S-LoRA's virtual token counter): cost of a prompt / generated token.
+    input_token_cost: float = 1.0
+    output_token_cost: float = 2.0
 
 
 @dataclass(frozen=True)

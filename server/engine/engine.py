@@ -28,6 +28,10 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()) -> None:
         self.config = config
@@ -45,6 +49,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.eos_token_ids)
         self.detokenizer = Detokenizer(tokenizer)
         self._detok: dict[str, DetokState] = {}
+        self.on_out_of_memory = None  # set by the service: trim other device caches after an OOM
 
     # ---- intake -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -84,6 +89,10 @@ class LLMEngine:
         except Exception as exc:  # one bad step must not kill the loop: fail its rows, keep serving
             log.exception("engine step failed")
             self.runner.reset()
+            if _is_out_of_memory(exc):
+                self.runner.trim_memory()
+                if self.on_out_of_memory is not None:
+                    self.on_out_of_memory()
             failed = list(sched.scheduled)
             self.scheduler.fail(failed, f"engine error: {type(exc).__name__}")
             return outputs + [self._final_output(r, "") for r in failed]
@@ -91,36 +100,38 @@ class LLMEngine:
 
     def postprocess(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         outputs = []
-        stepped = self.scheduler.update(sched, result)
-        for i, request in enumerate(stepped):
-            if request.finish_reason == FinishReason.ABORT:
-                continue
-            state = self._detok[request.request_id]
-            token_id = request.output_ids[-1]
-            text, hit_stop = self.detokenizer.step(state, token_id, is_last=request.is_finished)
-            if hit_stop:
-                self.scheduler.finish_by_stop_string(request)
-            logprobs = ()
-            row = result.logprobs[i] if result.logprobs else None
-            if row is not None:
-                logprobs = (self._token_logprob(token_id, row),)
-            if request.is_finished:
-                text += self.detokenizer.finish(state)
-                outputs.append(self._final_output(request, text, (token_id,), logprobs))
-            else:
-                outputs.append(
-                    RequestOutput(
-                        request_id=request.request_id,
-                        text=text,
-                        token_ids=(token_id,),
-                        logprobs=logprobs,
-                        num_prompt_tokens=request.num_prompt_tokens,
-                        num_virtual_tokens=request.num_virtual_tokens,
-                        num_output_tokens=request.num_output_tokens,
-                    )
-                )
+        for row, request in self.scheduler.update(sched, result):
+            try:
+                outputs.append(self._request_delta(request, result, row))
+            except Exception as exc:  # a bad corner case in one request fails only that request
+                log.exception("postprocess failed for %s", request.request_id)
+                request.finish(FinishReason.ERROR, self.scheduler.step_count, error=f"{type(exc).__name__}: {exc}")
+                outputs.append(self._final_output(request, ""))
         self.scheduler.drop_finished()
         return outputs
+
+    def _request_delta(self, request: Request, result: RunnerOutput, row: int) -> RequestOutput:
+        state = self._detok[request.request_id]
+        token_id = request.output_ids[-1]
+        text, hit_stop = self.detokenizer.step(state, token_id, is_last=request.is_finished)
+        if hit_stop:
+            self.scheduler.finish_by_stop_string(request)
+        logprobs = ()
+        row_logprobs = result.logprobs[row] if result.logprobs else None
+        if row_logprobs is not None:
+            logprobs = (self._token_logprob(token_id, row_logprobs),)
+        if request.is_finished:
+            text += self.detokenizer.finish(state)
+            return self._final_output(request, text, (token_id,), logprobs)
+        return RequestOutput(
+            request_id=request.request_id,
+            text=text,
+            token_ids=(token_id,),
+            logprobs=logprobs,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_virtual_tokens=request.num_virtual_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )
 
     def _token_logprob(self, token_id: int, row: RowLogprobs) -> TokenLogprob:
         decode = self.detokenizer.token_text

@@ -15,7 +15,7 @@ import torch
 
 from server.engine.kv_cache import BatchCache, PrefixKV, PrefixKVCache, left_pad
 from server.engine.request import Request, SamplingParams
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import SampleResult, make_generator, sample
 from server.engine.scheduler import RunnerOutput, SchedulerOutput
 
 log = logging.getLogger("softserve.runner")
@@ -215,7 +215,13 @@ class ModelRunner:
 
         scheduled = sched.scheduled
         banned = [_banned_ids(r, self._eos_ids) for r in scheduled]
-        result = sample(all_logits, [r.sampling for r in scheduled], [self.generators[r.request_id] for r in scheduled], banned)
+        params = [r.sampling for r in scheduled]
+        generators = [self.generators[r.request_id] for r in scheduled]
+        failed_rows: dict[int, str] = {}
+        try:
+            result = sample(all_logits, params, generators, banned)
+        except Exception:
+            result, failed_rows = self._sample_rows_separately(all_logits, params, generators, banned)
         self.last_tokens = result.token_ids
         token_ids = result.token_ids.tolist()  # the one device->host copy per step
         row_logprobs: list[RowLogprobs | None] | None = None
@@ -231,7 +237,43 @@ class ModelRunner:
                     continue
                 top = tuple(zip(top_ids[i][:n], top_lps[i][:n])) if top_ids is not None and n > 0 else ()
                 row_logprobs.append(RowLogprobs(chosen=chosen[i], top=top))
-        return RunnerOutput(sampled_token_ids=token_ids, logprobs=row_logprobs)
+        return RunnerOutput(sampled_token_ids=token_ids, logprobs=row_logprobs, failed_rows=failed_rows)
+
+    def _sample_rows_separately(self, logits, params, generators, banned):
+        """Batched sampling raised: sample row by row so only the offending rows fail."""
+        rows, failed = [], {}
+        for i in range(logits.shape[0]):
+            try:
+                rows.append(sample(logits[i : i + 1].clone(), [params[i]], [generators[i]], [banned[i]]))
+            except Exception as exc:
+                log.exception("sampling failed for row %d", i)
+                failed[i] = f"sampling failed: {type(exc).__name__}"
+                rows.append(sample(logits[i : i + 1].clone(), [SamplingParams(temperature=0.0)], [generators[i]], [[]]))
+        merged = SampleResult(
+            token_ids=torch.cat([r.token_ids for r in rows]),
+            chosen_logprobs=None, top_logprobs=None, top_ids=None,
+        )
+        if all(p.logprobs is None for p in params):
+            return merged, failed
+        # Logprobs only for rows whose own sampling worked and asked for them.
+        merged.chosen_logprobs = torch.cat([
+            r.chosen_logprobs if r.chosen_logprobs is not None else torch.zeros(1, device=logits.device) for r in rows
+        ])
+        width = max((p.logprobs or 0) for p in params)
+        top_lp = torch.zeros(len(rows), width, device=logits.device)
+        top_ids = torch.zeros(len(rows), width, dtype=torch.long, device=logits.device)
+        for i, r in enumerate(rows):
+            if r.top_ids is not None:
+                n = r.top_ids.shape[1]
+                top_lp[i, :n], top_ids[i, :n] = r.top_logprobs[0], r.top_ids[0]
+        merged.top_logprobs, merged.top_ids = (top_lp, top_ids) if width > 0 else (None, None)
+        return merged, failed
+
+    def trim_memory(self) -> None:
+        """After a device OOM: drop cached prompt KV and return freed blocks to the device."""
+        self.prefix_cache.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 
