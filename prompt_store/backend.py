@@ -7,14 +7,17 @@ to look something up (listing is eventually consistent or slow on some object st
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import re
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
-__all__ = ["StorageBackend", "LocalBackend", "MemoryBackend", "validate_key"]
+__all__ = ["StorageBackend", "ConditionalBackend", "LocalBackend", "MemoryBackend", "validate_key", "open_backend"]
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@=-]*$")
 
@@ -52,6 +55,32 @@ class StorageBackend(Protocol):
     def delete(self, key: str) -> None:
         """Missing key is not an error."""
         ...
+
+
+@runtime_checkable
+class ConditionalBackend(StorageBackend, Protocol):
+    """Optional compare-and-swap on single keys (S3 conditional writes: `If-Match` / `If-None-Match`).
+
+    The store updates head manifests through these when the backend has them, so several writer
+    processes (replicas) on one backend cannot lose each other's updates. An etag is an opaque
+    string that changes whenever the key's bytes change."""
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """(bytes, etag). Raise KeyError if missing."""
+        ...
+
+    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
+        """Write iff the key's current etag is `etag` (etag None: iff the key is absent).
+        Return False, writing nothing, when the condition fails."""
+        ...
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete iff the key's current etag is `etag`. False if it changed or is missing."""
+        ...
+
+
+def _etag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -151,6 +180,45 @@ class LocalBackend:
             return
         _fsync_dir(path.parent)
 
+    # ---- compare-and-swap (ConditionalBackend) ---------------------------------------------------
+    # etag = sha256 of the file's bytes. The compare and the swap happen under an exclusive flock on
+    # a hidden per-key lock file, so processes sharing this directory (one host, or a filesystem with
+    # working POSIX locks) serialise their updates of one key. Plain put/delete do not take the lock.
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent / f".lock-{path.name}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, _etag(data)
+
+    def _current_etag(self, path: Path) -> str | None:
+        try:
+            return _etag(path.read_bytes())
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
+        path = self._path(key)
+        with self._locked(path):
+            if self._current_etag(path) != etag:
+                return False
+            return self.put(key, data)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        path = self._path(key)
+        with self._locked(path):
+            if self._current_etag(path) != etag:
+                return False
+            self.delete(key)
+            return True
+
 
 class MemoryBackend:
     """In-process backend for tests and ephemeral dev servers."""
@@ -185,3 +253,58 @@ class MemoryBackend:
         validate_key(key)
         with self._lock:
             self._data.pop(key, None)
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, _etag(data)
+
+    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
+        validate_key(key)
+        with self._lock:
+            cur = self._data.get(key)
+            if (None if cur is None else _etag(cur)) != etag:
+                return False
+            self._data[key] = bytes(data)
+            return True
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        validate_key(key)
+        with self._lock:
+            cur = self._data.get(key)
+            if cur is None or _etag(cur) != etag:
+                return False
+            del self._data[key]
+            return True
+
+
+def open_backend(
+    url: str | os.PathLike[str],
+    *,
+    s3_endpoint_url: str | None = None,
+    s3_region: str | None = None,
+    check_conditional_writes: bool = True,
+) -> StorageBackend:
+    """Backend for a store location:
+
+    - `s3://bucket[/prefix]`: `S3Backend` (boto3; credentials and region from the usual AWS_*
+      environment variables / config files; `s3_endpoint_url` for SeaweedFS, MinIO, ...);
+    - `memory://`: `MemoryBackend` (ephemeral);
+    - `file:///path` or a plain path: `LocalBackend` (created if missing).
+    """
+    text = os.fspath(url)
+    if text.startswith("s3://"):
+        from .s3_backend import S3Backend
+
+        rest = text[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        backend = S3Backend(bucket, prefix, endpoint_url=s3_endpoint_url, region_name=s3_region)
+        if check_conditional_writes:
+            backend.check_conditional_writes()
+        return backend
+    if text.startswith("memory://"):
+        return MemoryBackend()
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in text:
+        raise ValueError(f"unsupported store URL {text!r}: use a directory, file:///dir, s3://bucket/prefix or memory://")
+    return LocalBackend(text)

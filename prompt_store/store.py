@@ -6,22 +6,30 @@ Invariants:
   version's metadata and the list of versions that belong to the name. It is written last, as one
   atomic put, so a crash never exposes a half-written version.
 - Lookups read at most two keys (head, version manifest) and never list.
+- Several processes (replicas) may share one backend: where the backend has compare-and-swap
+  (`ConditionalBackend`: S3 `If-Match`, flock on a local directory), head updates are
+  read-modify-write loops that never lose another writer's update. With `revalidate_seconds > 0`
+  heads (and misses) are cached for that long, so a replica sees another's upload or delete within
+  that window; its own writes are visible to itself at once. Blobs are content-addressed and never
+  need revalidation.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import format as fmt
-from .backend import StorageBackend
-from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptValidationError
+from .backend import ConditionalBackend, StorageBackend
+from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptStoreError, PromptValidationError
 
 __all__ = ["PromptStore", "validate_name", "PUBLIC_TENANT", "NAME_RE"]
 
@@ -30,6 +38,8 @@ PUBLIC_TENANT = "public"
 _VERSION_LEN = 12
 _MIN_PREFIX = 6
 _HEX = re.compile(r"^[0-9a-f]+$")
+_CAS_ATTEMPTS = 32  # head read-modify-write retries before giving up (409)
+_HEAD_CACHE_ENTRIES = 10_000
 
 
 def validate_name(value: str, what: str = "prompt name") -> str:
@@ -58,14 +68,21 @@ class PromptStore:
         *,
         max_virtual_tokens: int = 256,
         max_upload_bytes: int = fmt.DEFAULT_MAX_BYTES,
+        revalidate_seconds: float = 0.0,
     ) -> None:
         self.backend = backend
         self.model = model
         self.max_virtual_tokens = max_virtual_tokens
         self.max_upload_bytes = max_upload_bytes
-        # One lock serialises the read-modify-write of head manifests within this process.
-        # Several writer processes on one backend would need conditional puts (S3 If-Match).
+        # One lock serialises the read-modify-write of head manifests within this process; across
+        # processes the backend's compare-and-swap does (when it has one).
         self._lock = threading.RLock()
+        self._cas = isinstance(backend, ConditionalBackend) and bool(getattr(backend, "conditional_writes", True))
+        # name -> version resolution cache: head key -> (expires at, head or None). 0 = no cache.
+        self.revalidate_seconds = float(revalidate_seconds)
+        self._heads: OrderedDict[str, tuple[float, _Head | None]] = OrderedDict()
+        self._heads_lock = threading.Lock()
+        self._writes = 0  # bumped by every local head write: a slower concurrent read must not cache an older head
 
     # ---- keys -------------------------------------------------------------------------------
     @staticmethod
@@ -83,13 +100,65 @@ class PromptStore:
         return f"{self._prompt_prefix(tenant)}{name}/versions/{version}.json"
 
     # ---- reads ------------------------------------------------------------------------------
-    def _read_head(self, tenant: str, name: str) -> _Head | None:
-        try:
-            raw = self.backend.get(self._head_key(tenant, name))
-        except KeyError:
-            return None
+    @staticmethod
+    def _parse_head(raw: bytes) -> _Head:
         d = json.loads(raw)
         return _Head(latest=PromptMeta.from_dict(d["latest"]), versions=tuple(d["versions"]))
+
+    def _read_head_fresh(self, tenant: str, name: str) -> tuple[_Head | None, str | None]:
+        """(head, etag) straight from the backend; etag is None without compare-and-swap."""
+        key = self._head_key(tenant, name)
+        try:
+            if self._cas:
+                raw, etag = self.backend.get_with_etag(key)  # type: ignore[attr-defined]
+            else:
+                raw, etag = self.backend.get(key), None
+        except KeyError:
+            return None, None
+        return self._parse_head(raw), etag
+
+    def _read_head(self, tenant: str, name: str) -> _Head | None:
+        """The head, from the resolution cache while it is younger than revalidate_seconds."""
+        if self.revalidate_seconds <= 0:
+            return self._read_head_fresh(tenant, name)[0]
+        key = self._head_key(tenant, name)
+        now = time.monotonic()
+        with self._heads_lock:
+            hit = self._heads.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+            writes = self._writes
+        head = self._read_head_fresh(tenant, name)[0]
+        with self._heads_lock:
+            if self._writes == writes:  # no local write raced this read
+                self._remember(key, head, now)
+        return head
+
+    def _remember(self, key: str, head: _Head | None, now: float | None = None) -> None:
+        """Caller holds _heads_lock."""
+        if self.revalidate_seconds <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        self._heads[key] = (now + self.revalidate_seconds, head)
+        self._heads.move_to_end(key)
+        while len(self._heads) > _HEAD_CACHE_ENTRIES:
+            self._heads.popitem(last=False)
+
+    def _wrote_head(self, tenant: str, name: str, head: _Head | None) -> None:
+        """This process changed a head: read-your-writes for this replica at once."""
+        with self._heads_lock:
+            self._writes += 1
+            self._heads.pop(self._head_key(tenant, name), None)
+            self._remember(self._head_key(tenant, name), head)
+
+    def invalidate(self, tenant: str | None = None, name: str | None = None) -> None:
+        """Forget cached resolutions (of one name, or all): the next lookup reads the backend."""
+        with self._heads_lock:
+            self._writes += 1
+            if tenant is None or name is None:
+                self._heads.clear()
+            else:
+                self._heads.pop(self._head_key(tenant, name), None)
 
     def _read_version(self, tenant: str, name: str, version: str) -> PromptMeta | None:
         try:
@@ -200,39 +269,72 @@ class PromptStore:
         sha = fmt.content_sha256(parsed.tensor)
         version = sha[:_VERSION_LEN]
         with self._lock:
-            head = self._read_head(tenant, name)
-            existing = None
-            if head is not None and version in head.versions:
-                existing = self._read_version(tenant, name, version)
-            if existing is not None and existing.sha256 == sha:
-                meta = existing
-                history = tuple(v for v in head.versions if v != version) + (version,)
+            blob_written = False
+            for attempt in range(_CAS_ATTEMPTS):
+                head, etag = self._read_head_fresh(tenant, name)
+                existing = None
+                if head is not None and version in head.versions:
+                    existing = self._read_version(tenant, name, version)
+                if existing is not None and existing.sha256 == sha:
+                    meta = existing
+                    history = tuple(v for v in head.versions if v != version) + (version,)
+                else:
+                    meta = PromptMeta(
+                        tenant=tenant,
+                        name=name,
+                        version=version,
+                        sha256=sha,
+                        num_virtual_tokens=int(parsed.tensor.shape[0]),
+                        token_dim=int(parsed.tensor.shape[1]),
+                        dtype=parsed.dtype_name,
+                        peft_type=parsed.peft_type,
+                        created_at=int(time.time()),
+                        description=description,
+                        adapter_config=parsed.adapter_config,
+                    )
+                    prior = tuple(v for v in head.versions if v != version) if head else ()
+                    history = prior + (version,)
+                    # 1. blob (content-addressed: an existing one already holds these exact bytes)
+                    if not blob_written:
+                        self.backend.put(self.blob_key(sha), fmt.encode_blob(parsed.tensor), if_absent=True)
+                        blob_written = True
+                    # 2. version manifest (invisible until the head lists it)
+                    meta = self._write_version(meta)
+                # 3. head last: the single atomic switch to the new latest
+                new_head = _Head(latest=meta, versions=history)
+                raw = _json({"latest": meta.to_dict(), "versions": list(history), "updated_at": int(time.time())})
+                if not self._cas:
+                    self.backend.put(self._head_key(tenant, name), raw)
+                    break
+                if self.backend.put_if_match(self._head_key(tenant, name), raw, etag):  # type: ignore[attr-defined]
+                    break
+                # Another replica changed the head since we read it: re-read and redo.
+                time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
             else:
-                meta = PromptMeta(
-                    tenant=tenant,
-                    name=name,
-                    version=version,
-                    sha256=sha,
-                    num_virtual_tokens=int(parsed.tensor.shape[0]),
-                    token_dim=int(parsed.tensor.shape[1]),
-                    dtype=parsed.dtype_name,
-                    peft_type=parsed.peft_type,
-                    created_at=int(time.time()),
-                    description=description,
-                    adapter_config=parsed.adapter_config,
+                raise PromptStoreError(
+                    f"prompt {name!r} is being changed concurrently; retry", status_code=409, code="conflict"
                 )
-                prior = tuple(v for v in head.versions if v != version) if head else ()
-                history = prior + (version,)
-                # 1. blob (content-addressed: an existing one already holds these exact bytes)
-                self.backend.put(self.blob_key(sha), fmt.encode_blob(parsed.tensor), if_absent=True)
-                # 2. version manifest (invisible until the head lists it)
-                self.backend.put(self._version_key(tenant, name, version), _json(meta.to_dict()))
-            # 3. head last: the single atomic switch to the new latest
-            self.backend.put(
-                self._head_key(tenant, name),
-                _json({"latest": meta.to_dict(), "versions": list(history), "updated_at": int(time.time())}),
-            )
+            self._wrote_head(tenant, name, new_head)
         return meta, parsed.warnings
+
+    def _write_version(self, meta: PromptMeta) -> PromptMeta:
+        """Write a version manifest unless one exists; return the manifest that is stored.
+
+        Version manifests are immutable once written: when two replicas upload the same new tensor
+        at once, both publish the first writer's metadata (created_at, description), so the inline
+        `latest` of the head and the manifest never disagree."""
+        key = self._version_key(meta.tenant, meta.name, meta.version)
+        raw = _json(meta.to_dict())
+        if not self._cas:
+            self.backend.put(key, raw)
+            return meta
+        if self.backend.put(key, raw, if_absent=True):
+            return meta
+        stored = self._read_version(meta.tenant, meta.name, meta.version)
+        if stored is not None and stored.sha256 == meta.sha256:
+            return stored
+        self.backend.put(key, raw)  # unreadable or foreign leftover: replace it
+        return meta
 
     def delete(self, tenant: str, name: str) -> None:
         """Remove a name with all its versions from listing and resolution.
@@ -243,9 +345,23 @@ class PromptStore:
         validate_name(tenant, "tenant")
         validate_name(name)
         with self._lock:
-            head = self._read_head(tenant, name)
-            if head is None:
-                raise PromptNotFound(f"prompt {name!r} not found")
-            self.backend.delete(self._head_key(tenant, name))
+            for attempt in range(_CAS_ATTEMPTS):
+                head, etag = self._read_head_fresh(tenant, name)
+                if head is None:
+                    self._wrote_head(tenant, name, None)
+                    raise PromptNotFound(f"prompt {name!r} not found")
+                if not self._cas:
+                    self.backend.delete(self._head_key(tenant, name))
+                    break
+                # Conditional: an update that lands between our read and delete is not left
+                # behind with its version manifests deleted under it; we re-read and delete it too.
+                if self.backend.delete_if_match(self._head_key(tenant, name), etag):  # type: ignore[attr-defined]
+                    break
+                time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
+            else:
+                raise PromptStoreError(
+                    f"prompt {name!r} is being changed concurrently; retry", status_code=409, code="conflict"
+                )
+            self._wrote_head(tenant, name, None)
             for v in head.versions:
                 self.backend.delete(self._version_key(tenant, name, v))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import uuid
 
 import pytest
 import torch
@@ -24,9 +25,22 @@ def blob(seed: int, k: int = 4) -> bytes:
     return st_save({"prompt_embeddings": torch.randn(k, H, generator=g)}, metadata={"format": "pt"})
 
 
+@pytest.fixture(params=["local", "s3"])
+def make_backend(request, tmp_path):
+    """Factory of backends that all see the same data: calling it again is "a fresh process".
+    `s3` is a real S3 server (SeaweedFS, see tests/s3_server.py), one fresh prefix per test."""
+    if request.param == "local":
+        return lambda: LocalBackend(tmp_path / "d")
+    seaweed = request.getfixturevalue("seaweed")
+    from prompt_store.s3_backend import S3Backend
+
+    prefix = f"store-tests/{uuid.uuid4().hex[:16]}"
+    return lambda: S3Backend(seaweed.bucket, prefix, client=seaweed.client())
+
+
 @pytest.fixture
-def store(tmp_path) -> PromptStore:
-    return PromptStore(LocalBackend(tmp_path / "data"), MODEL)
+def store(make_backend) -> PromptStore:
+    return PromptStore(make_backend(), MODEL)
 
 
 # ---- names -------------------------------------------------------------------------------------
@@ -119,8 +133,8 @@ def test_tenant_isolation(store):
     assert store.resolve("acme", "p").tenant == "acme"
 
 
-def test_load_tensor_verifies_hash(tmp_path):
-    backend = LocalBackend(tmp_path / "d")
+def test_load_tensor_verifies_hash(make_backend):
+    backend = make_backend()
     store = PromptStore(backend, MODEL)
     m, _ = store.put("acme", "p", blob(1), CFG)
     assert store.load_tensor(m).dtype == torch.float32
@@ -132,9 +146,9 @@ def test_load_tensor_verifies_hash(tmp_path):
         store.load_tensor(m)
 
 
-def test_meta_survives_reopen(tmp_path):
-    m, _ = PromptStore(LocalBackend(tmp_path / "d"), MODEL).put("acme", "p", blob(1), CFG, "d")
-    again = PromptStore(LocalBackend(tmp_path / "d"), MODEL).resolve("acme", "p")
+def test_meta_survives_reopen(make_backend):
+    m, _ = PromptStore(make_backend(), MODEL).put("acme", "p", blob(1), CFG, "d")
+    again = PromptStore(make_backend(), MODEL).resolve("acme", "p")
     assert again == m and again.adapter_config == m.adapter_config
 
 
@@ -172,11 +186,20 @@ def _kill_on(backend, predicate):
         return real_put(key, data, if_absent=if_absent)
 
     backend.put = put
+    real_cas = getattr(backend, "put_if_match", None)
+    if real_cas is not None:  # backends with compare-and-swap write heads through it
+
+        def put_if_match(key, data, etag):
+            if predicate(key):
+                raise Killed(key)
+            return real_cas(key, data, etag)
+
+        backend.put_if_match = put_if_match
 
 
 @pytest.mark.parametrize("kill_at", ["head.json", "/versions/", "blobs/"])
-def test_crash_during_update_keeps_old_head(tmp_path, kill_at):
-    backend = LocalBackend(tmp_path / "d")
+def test_crash_during_update_keeps_old_head(make_backend, kill_at):
+    backend = make_backend()
     store = PromptStore(backend, MODEL)
     m1, _ = store.put("acme", "p", blob(1), CFG)
     _kill_on(backend, lambda k: kill_at in k)
@@ -185,7 +208,7 @@ def test_crash_during_update_keeps_old_head(tmp_path, kill_at):
     with pytest.raises(Killed):
         store.put("acme", "new", blob(3), CFG)
     # A fresh process on the same data sees only the complete state.
-    fresh = PromptStore(LocalBackend(tmp_path / "d"), MODEL)
+    fresh = PromptStore(make_backend(), MODEL)
     assert fresh.resolve("acme", "p") == m1
     assert [m.version for m in fresh.versions("acme", "p")] == [m1.version]
     assert [m.name for m in fresh.list("acme")] == ["p"]
@@ -198,8 +221,8 @@ def test_crash_during_update_keeps_old_head(tmp_path, kill_at):
     assert fresh.put("acme", "p", blob(2), CFG)[0].version == v2
 
 
-def test_crash_during_delete_cleanup(tmp_path):
-    backend = LocalBackend(tmp_path / "d")
+def test_crash_during_delete_cleanup(make_backend):
+    backend = make_backend()
     store = PromptStore(backend, MODEL)
     m1, _ = store.put("acme", "p", blob(1), CFG)
     real_delete = backend.delete
