@@ -17,6 +17,7 @@ from server.config import Settings
 _SERVE_FLAGS = [
     ("--model", "model", str), ("--gguf-file", "gguf_file", str), ("--served-model-name", "served_model_name", str),
     ("--host", "host", str), ("--port", "port", int), ("--store", "store", str),
+    ("--s3-endpoint-url", "s3_endpoint_url", str), ("--store-revalidate-seconds", "store_revalidate_seconds", float),
     ("--device", "device", str), ("--dtype", "dtype", str), ("--max-batch-size", "max_batch_size", int),
     ("--max-model-len", "max_model_len", int), ("--max-queue", "max_queue", int),
     ("--max-prefill-tokens", "max_prefill_tokens", int), ("--max-virtual-tokens", "max_virtual_tokens", int),

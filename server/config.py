@@ -16,7 +16,9 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="name of the base model in the API (default: the model's name)")
     host: str = "127.0.0.1"
     port: int = 8000
-    store: str = Field("./data/prompts", description="prompt store location (local directory)")
+    store: str = Field("./data/prompts", description="prompt store: a directory, or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for s3:// stores (SeaweedFS, MinIO, ...); credentials and region from AWS_* env")
+    store_revalidate_seconds: float = Field(1.0, ge=0, le=60, description="seconds a name -> version resolution is cached before the store is re-read (replicas see each other's changes within this)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(32, ge=1, le=1024)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from prompt_store.backend import LocalBackend
+from prompt_store.backend import open_backend
 from prompt_store.cache import PromptCache
 from prompt_store.store import PromptStore
 from prompt_store.types import ModelInfo
@@ -66,10 +66,12 @@ class ServiceState:
                 num_layers=text_config.num_hidden_layers,
                 num_attention_heads=text_config.num_attention_heads,
             )
-            Path(s.store).mkdir(parents=True, exist_ok=True)
+            backend = open_backend(s.store, s3_endpoint_url=s.s3_endpoint_url)  # a directory or s3://bucket/prefix
+            log.info("prompt store %s (%s)", s.store, type(backend).__name__)
             self.store = PromptStore(
-                LocalBackend(Path(s.store)), info,
+                backend, info,
                 max_virtual_tokens=s.max_virtual_tokens, max_upload_bytes=s.max_upload_bytes,
+                revalidate_seconds=s.store_revalidate_seconds,
             )
             self.cache = PromptCache(self.store, device=param.device, dtype=param.dtype, budget_bytes=s.prompt_cache_bytes)
             config = EngineConfig(
