@@ -157,6 +157,16 @@ class PromptCache:
             else:
                 entry.discard_on_release = True
 
+    def trim(self) -> int:
+        """Evict every unpinned entry (after a device out-of-memory). Returns bytes freed."""
+        with self._lock:
+            freed = 0
+            for sha in [s for s, e in self._entries.items() if e.refcount == 0 and e.tensor is not None]:
+                freed += self._entries.pop(sha).nbytes
+                self._evictions += 1
+            self._bytes -= freed
+            return freed
+
     def __contains__(self, meta_or_sha: object) -> bool:
         with self._lock:
             e = self._entries.get(_sha_of(meta_or_sha))  # type: ignore[arg-type]

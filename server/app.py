@@ -6,15 +6,20 @@ import logging
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.errors import APIError, error_body, install_error_handlers
 from server.api.openai_routes import build_openai_router
 from server.api.prompts import build_prompts_router
+from server.api.tuning import build_tuning_router
 from server.api.state import LoadedModel, ServiceState
-from server.auth import ApiKeyRegistry, principal_dependency
+from server.api.middleware import RequestContextMiddleware
+from server.auth import ApiKeyRegistry, Principal, principal_dependency
 from server.config import Settings
+from server.tuning.service import TuningService
+from server.metrics import Metrics
 
 log = logging.getLogger("softserve")
 
@@ -28,6 +33,9 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
         registry = ApiKeyRegistry.disabled()
         log.warning("no --api-keys file: authentication is OFF, every request acts as tenant 'default' (local development only)")
     state = ServiceState(settings=settings, registry=registry)
+    tuning = TuningService(state)  # prompt-tuning jobs on the resident model
+    state.metrics = Metrics()
+    state.metrics.bind(state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -37,12 +45,15 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
             threading.Thread(target=state.build, name="softserve-load", daemon=True).start()
         yield
         state.shutting_down = True
+        tuning.close()
         state.close()
 
     app = FastAPI(title="Softserve", version="0.1.0", lifespan=lifespan,
                   description="Many soft prompts on one frozen LLM, OpenAI-compatible.")
     app.state.service = state
     install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
+                       max_upload_bytes=settings.max_upload_bytes + 2 * 1024 * 1024, metrics=state.metrics)
 
     def get_state() -> ServiceState:
         return state
@@ -52,9 +63,19 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
             raise APIError(503, "model is loading, not ready yet", code="not_ready", headers={"Retry-After": "5"})
         return state.store
 
-    get_principal = principal_dependency(lambda: state.registry)
+    authenticate = principal_dependency(lambda: state.registry)
+
+    def get_principal(request: Request) -> Principal:
+        principal = authenticate(request)
+        request.scope.setdefault("state", {})["tenant"] = principal.tenant  # for request metrics
+        return principal
     app.include_router(build_openai_router(get_state, get_principal))
     app.include_router(build_prompts_router(get_store, get_principal, lambda: state.cache))
+    app.include_router(build_tuning_router(tuning.get_manager, get_principal, lambda: state.settings))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():

@@ -8,10 +8,20 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
 from server.config import Settings
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
 
 # CLI flag -> Settings field. Every flag also reads SOFTSERVE_<FIELD> (via Settings) when not given.
 _SERVE_FLAGS = [
@@ -23,6 +33,9 @@ _SERVE_FLAGS = [
     ("--max-prefill-tokens", "max_prefill_tokens", int), ("--max-virtual-tokens", "max_virtual_tokens", int),
     ("--max-upload-bytes", "max_upload_bytes", int), ("--prompt-cache-bytes", "prompt_cache_bytes", int),
     ("--kv-prefix-cache-bytes", "kv_prefix_cache_bytes", int), ("--api-keys", "api_keys", str),
+    ("--max-tokens-limit", "max_tokens_limit", int), ("--max-queue-per-tenant", "max_queue_per_tenant", int),
+    ("--request-timeout", "request_timeout", float), ("--shutdown-timeout", "shutdown_timeout", float),
+    ("--max-body-bytes", "max_body_bytes", int), ("--json-logs", "json_logs", _bool),
     ("--log-level", "log_level", str),
 ]
 
@@ -44,13 +57,15 @@ def _serve_parser(sub) -> None:
 def cmd_serve(args) -> int:
     overrides = {field: getattr(args, field) for _, field, _ in _SERVE_FLAGS if getattr(args, field) is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
+    from server.logs import configure_logging
 
+    configure_logging(settings.log_level, settings.json_logs)
     from server.app import create_app
+    from server.serving import run_server
 
     app = create_app(settings)
     state = app.state.service
+    state.exit_on_engine_death = True
 
     def announce() -> None:
         state.loaded.wait()
@@ -59,12 +74,9 @@ def cmd_serve(args) -> int:
             os._exit(1)
         print(f"softserve: ready — serving {state.served_model_name} at http://{settings.host}:{settings.port}/v1", flush=True)
 
-    import threading
-
     print(f"softserve: listening on http://{settings.host}:{settings.port} (loading model...)", flush=True)
     threading.Thread(target=announce, daemon=True).start()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=30)
+    run_server(app, settings)
     return 0
 
 
@@ -152,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull = psub.add_parser("pull", help="download a prompt as a PEFT adapter directory")
     pull.add_argument("name")
     pull.add_argument("dir")
+
+    from server.tuning.cli import add_tune_parser
+
+    add_tune_parser(sub)
     return parser
 
 
@@ -161,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "keys":
         return cmd_keys_add(args)
+    if args.command == "tune":
+        from server.tuning.cli import cmd_tune
+
+        return cmd_tune(args)
     return cmd_prompts(args)
 
 

@@ -31,4 +31,10 @@ class Settings(BaseSettings):
     kv_prefix_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device cache of soft-prompt KV prefixes")
     api_keys: str | None = Field(None, description="YAML/JSON file of hashed API keys; unset = no auth, one 'default' tenant")
     max_n: int = Field(16, ge=1, description="largest `n` a request may ask for")
+    max_tokens_limit: int = Field(4096, ge=1, description="cap on a request's max_tokens")
+    max_queue_per_tenant: int = Field(0, ge=0, description="waiting requests per tenant before 429 (0 = only --max-queue)")
+    request_timeout: float = Field(600.0, ge=0, description="seconds before a request is failed (0 = never)")
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body")
+    json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")
     log_level: str = "info"

@@ -8,6 +8,7 @@ cancellation when the client goes away.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from prompt_store.types import PromptStoreError
 from server.api.errors import APIError
 from server.api.state import ServiceState
 from server.auth import Principal, tenant_for_model
+from server.logs import log_request
 from server.engine.async_engine import EngineDeadError
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingParams, SoftPrompt, SoftPromptRef
 from server.engine.scheduler import QueueFullError
@@ -124,15 +126,18 @@ def sampling_params(body, max_tokens: int, *, seed_offset: int, logprobs: int | 
 
 async def build_requests(
     state: ServiceState, principal: Principal, resolved: ResolvedModel, prompts: list[list[int]], body,
-    max_tokens: int | None, logprobs: int | None,
+    max_tokens: int | None, logprobs: int | None, request_id: str = "req",
 ) -> tuple[list[Request], list[Choice]]:
     if body.n > state.settings.max_n:
         raise APIError(400, f"n must be <= {state.settings.max_n}", param="n", code="invalid_parameter")
+    limit = state.settings.max_tokens_limit
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(400, f"max_tokens must be <= {limit}", param="max_tokens", code="invalid_parameter")
     num_virtual = resolved.meta.num_virtual_tokens if resolved.meta is not None else 0
-    effective = [check_length(state, num_virtual, len(p), max_tokens) for p in prompts]
+    effective = [min(check_length(state, num_virtual, len(p), max_tokens), limit) for p in prompts]
     requests: list[Request] = []
     choices: list[Choice] = []
-    base_id = uuid.uuid4().hex
+    base_id = f"{request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses X-Request-ID
     try:
         for p_index, prompt_ids in enumerate(prompts):
             for j in range(body.n):
@@ -170,9 +175,60 @@ def release_all(requests: list[Request]) -> None:
             callback(request)
 
 
-async def stream_outputs(state: ServiceState, requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
+class Tracker:
+    """Latency metrics and the one structured log line per API request."""
+
+    def __init__(self, state: ServiceState, *, request_id: str, tenant: str, endpoint: str, model: str,
+                 resolved: ResolvedModel, num_prompt_tokens: int) -> None:
+        self.state, self.request_id, self.tenant, self.endpoint, self.model = state, request_id, tenant, endpoint, model
+        self.meta = resolved.meta
+        self.num_prompt_tokens = num_prompt_tokens
+        self.started = time.monotonic()
+        self.last_token_at: dict[int, float] = {}
+        self.first_token_at: float | None = None
+        self.completion_tokens = 0
+
+    def on_delta(self, index: int, output: RequestOutput) -> None:
+        if not output.token_ids:
+            return
+        now = time.monotonic()
+        metrics = self.state.metrics
+        previous = self.last_token_at.get(index)
+        if previous is None:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            if metrics is not None:
+                metrics.ttft.observe(now - self.started)
+        elif metrics is not None:
+            metrics.itl.observe((now - previous) / len(output.token_ids))
+        self.last_token_at[index] = now
+        self.completion_tokens += len(output.token_ids)
+
+    def finish(self, status: str) -> None:
+        latency = time.monotonic() - self.started
+        metrics = self.state.metrics
+        if metrics is not None:
+            metrics.latency.observe(latency)
+            metrics.prompt_tokens.labels(self.tenant).inc(self.num_prompt_tokens)
+            metrics.generation_tokens.labels(self.tenant).inc(self.completion_tokens)
+            if self.meta is not None:
+                metrics.virtual_tokens.labels(self.tenant).inc(self.meta.num_virtual_tokens)
+        log_request(
+            request_id=self.request_id, tenant=self.tenant, endpoint=self.endpoint, model=self.model,
+            prompt=self.meta.name if self.meta is not None else None,
+            prompt_version=self.meta.version if self.meta is not None else None,
+            prompt_tokens=self.num_prompt_tokens, completion_tokens=self.completion_tokens,
+            ttft_s=round(self.first_token_at - self.started, 4) if self.first_token_at else None,
+            latency_s=round(latency, 4), status=status,
+        )
+
+
+async def stream_outputs(
+    state: ServiceState, requests: list[Request], tracker: Tracker | None = None
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every request and yield (request index, delta) as they arrive, interleaved."""
     engine = state.engine
+    status = "cancelled"
     merged: asyncio.Queue = asyncio.Queue()
     pumps: list[asyncio.Task] = []
     finished: set[int] = set()
@@ -182,8 +238,12 @@ async def stream_outputs(state: ServiceState, requests: list[Request]) -> AsyncI
             try:
                 out_queue = engine.submit(request)
             except QueueFullError as exc:
+                status = "rejected"
+                if state.metrics is not None:
+                    state.metrics.rejected.labels("queue_full").inc()
                 raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
             except EngineDeadError as exc:
+                status = "unavailable"
                 raise APIError(503, "engine is not running", code="not_ready") from exc
             submitted += 1
             pumps.append(asyncio.ensure_future(_pump(index, out_queue, merged)))
@@ -191,8 +251,16 @@ async def stream_outputs(state: ServiceState, requests: list[Request]) -> AsyncI
             index, output = await merged.get()
             if output.finished:
                 finished.add(index)
+                if output.finish_reason == FinishReason.ERROR:
+                    status = "error"
+            if tracker is not None:
+                tracker.on_delta(index, output)
             yield index, output
+        if status == "cancelled":
+            status = "ok"
     finally:
+        if tracker is not None:
+            tracker.finish(status)
         # Leaving early (client gone, error): free the batch slots; unsubmitted requests unpin here.
         for index in range(submitted):
             if index not in finished:
@@ -210,11 +278,12 @@ async def _pump(index: int, source: asyncio.Queue, sink: asyncio.Queue) -> None:
             return
 
 
-async def collect(state: ServiceState, http_request: HTTPRequest, requests: list[Request], choices: list[Choice]) -> None:
+async def collect(state: ServiceState, http_request: HTTPRequest, requests: list[Request], choices: list[Choice],
+                  tracker: Tracker | None = None) -> None:
     """Run to completion, aborting everything if the client disconnects first."""
 
     async def consume() -> None:
-        async for index, output in stream_outputs(state, requests):
+        async for index, output in stream_outputs(state, requests, tracker):
             apply_delta(choices[index], output)
 
     consumer = asyncio.ensure_future(consume())
@@ -244,6 +313,8 @@ async def _wait_disconnect(http_request: HTTPRequest) -> None:
 
 def apply_delta(choice: Choice, output: RequestOutput) -> None:
     if output.finished and output.finish_reason == FinishReason.ERROR:
+        if output.error and "timed out" in output.error:
+            raise APIError(504, output.error, code="timeout")
         raise APIError(500, f"generation failed: {output.error or 'internal error'}", code="generation_error")
     choice.text += output.text
     choice.token_ids.extend(output.token_ids)

@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from server.api import schemas as S
 from server.api.errors import APIError, error_body
 from server.api.generation import (
-    Choice, apply_delta, build_requests, collect, finish_reason_str, require_ready, resolve_model, stream_outputs,
+    Choice, Tracker, apply_delta, build_requests, collect, finish_reason_str, require_ready, resolve_model,
+    stream_outputs,
 )
 from server.api.state import ServiceState
 from server.auth import Principal
@@ -102,7 +103,11 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
             raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
         resolved = resolve_model(state, principal, body.model)
         prompts = await run_in_threadpool(_tokenize_prompts, state.tokenizer, body.prompt, state.settings.max_model_len * 64)
-        requests, choices = await build_requests(state, principal, resolved, prompts, body, body.max_tokens, body.logprobs)
+        request_id = http_request.state.request_id
+        requests, choices = await build_requests(state, principal, resolved, prompts, body, body.max_tokens,
+                                                 body.logprobs, request_id)
+        tracker = Tracker(state, request_id=request_id, tenant=principal.tenant, endpoint="completions",
+                          model=body.model, resolved=resolved, num_prompt_tokens=sum(len(p) for p in prompts))
         num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
         response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -113,7 +118,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
             async def events() -> AsyncIterator[str]:
                 try:
                     offsets = [0] * len(choices)
-                    async for index, output in stream_outputs(state, requests):
+                    async for index, output in stream_outputs(state, requests, tracker):
                         apply_delta(choices[index], output)
                         lp = None
                         if body.logprobs is not None and output.logprobs:
@@ -133,7 +138,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
 
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        await collect(state, http_request, requests, choices)
+        await collect(state, http_request, requests, choices, tracker)
         return S.CompletionResponse(
             id=response_id, created=created, model=body.model,
             choices=[S.CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
@@ -152,7 +157,10 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
         prompts = [prompt_ids]
         max_tokens = body.max_completion_tokens or body.max_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else None
-        requests, choices = await build_requests(state, principal, resolved, prompts, body, max_tokens, top_n)
+        request_id = http_request.state.request_id
+        requests, choices = await build_requests(state, principal, resolved, prompts, body, max_tokens, top_n, request_id)
+        tracker = Tracker(state, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
+                          model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids))
         num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -168,7 +176,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
                 try:
                     for c in choices:
                         yield chunk([S.ChatStreamChoice(index=c.index, delta=S.ChatDelta(role="assistant", content=""))])
-                    async for index, output in stream_outputs(state, requests):
+                    async for index, output in stream_outputs(state, requests, tracker):
                         apply_delta(choices[index], output)
                         lp = _chat_logprobs(list(output.logprobs)) if body.logprobs and output.logprobs else None
                         if output.text or lp is not None:
@@ -184,7 +192,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
 
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        await collect(state, http_request, requests, choices)
+        await collect(state, http_request, requests, choices, tracker)
         return S.ChatCompletionResponse(
             id=response_id, created=created, model=body.model,
             choices=[S.ChatChoice(index=c.index, message=S.ChatResponseMessage(content=c.text),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class ServiceState:
     load_error: str | None = None
     shutting_down: bool = False
     loaded: threading.Event = field(default_factory=threading.Event)
+    metrics: object = None
+    exit_on_engine_death: bool = False  # the CLI sets it; in-process tests keep their interpreter
 
     @property
     def is_ready(self) -> bool:
@@ -78,12 +81,15 @@ class ServiceState:
                 scheduler=SchedulerConfig(
                     max_batch_size=s.max_batch_size, max_queue=s.max_queue,
                     max_prefill_tokens=s.max_prefill_tokens, max_model_len=s.max_model_len,
+                    max_queue_per_tenant=s.max_queue_per_tenant, request_timeout_s=s.request_timeout,
                 ),
                 kv_prefix_cache_bytes=s.kv_prefix_cache_bytes,
                 model_id=f"{self.served_model_name}:{param.dtype}",
             )
             self.tokenizer = tokenizer
-            self.engine = AsyncEngine(LLMEngine(model, tokenizer, config))
+            engine = LLMEngine(model, tokenizer, config)
+            engine.on_out_of_memory = self._trim_prompt_cache
+            self.engine = AsyncEngine(engine, on_step=self._on_step, on_death=self._on_engine_death)
             self.engine.start()
             log.info("model %s loaded on %s (%s)", self.served_model_name, param.device, param.dtype)
         except Exception as exc:
@@ -91,6 +97,22 @@ class ServiceState:
             log.exception("start-up failed")
         finally:
             self.loaded.set()
+
+    def _on_step(self, seconds: float, batch_size: int) -> None:
+        if self.metrics is not None:
+            self.metrics.step_time.observe(seconds)
+            self.metrics.batch_size.observe(batch_size)
+
+    def _trim_prompt_cache(self) -> None:
+        trim = getattr(self.cache, "trim", None)
+        if callable(trim):
+            trim()
+
+    def _on_engine_death(self, reason: str) -> None:
+        """Never a zombie that accepts requests and never answers: report not-ready, then exit non-zero."""
+        log.critical("engine loop died (%s); exiting so the orchestrator restarts us", reason)
+        if self.exit_on_engine_death:
+            threading.Timer(1.0, os._exit, args=(70,)).start()
 
     def close(self) -> None:
         if self.engine is not None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -34,8 +35,12 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_step=None, on_death=None) -> None:
         self.engine = engine
+        self._on_step = on_step  # (seconds, batch_size) after every step, for metrics
+        self._on_death = on_death  # (reason) if the loop itself dies
+        # Held around every engine step; other users of the model (tuning jobs) take it between steps.
+        self.step_lock = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
@@ -76,13 +81,19 @@ class AsyncEngine:
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
-                    for output in self.engine.step():
+                    started = time.perf_counter()
+                    with self.step_lock:
+                        outputs = self.engine.step()
+                    for output in outputs:
                         self._deliver(output)
+                    if self._on_step is not None:
+                        self._on_step(time.perf_counter() - started, self.engine.num_running)
         except BaseException as exc:  # the loop itself died: fail everyone, report not-ready
             self.dead_reason = f"{type(exc).__name__}: {exc}"
             log.exception("engine loop died")
             self._fail_all(self.dead_reason)
-            raise
+            if self._on_death is not None:
+                self._on_death(self.dead_reason)
 
     def _drain_commands(self, block: bool) -> None:
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.cpu_attention import avoid_native_gqa_on_cpu
 from server.engine.kv_cache import BatchCache, PrefixKV, PrefixKVCache, left_pad
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import SampleResult, make_generator, sample
@@ -32,6 +33,7 @@ class ModelRunner:
         self, model, *, model_id: str, pad_token_id: int, eos_token_ids: set[int], prefix_cache: PrefixKVCache
     ) -> None:
         self.model = model
+        avoid_native_gqa_on_cpu()
         self._eos_ids = tuple(sorted(eos_token_ids))
         # transformers 5.x renamed `past_key_values` to `cache`; accept both so any HF model works.
         params = inspect.signature(model.forward).parameters

@@ -1,0 +1,92 @@
+"""Prometheus metrics (one registry per app, so tests can build many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("softserve_requests", "Finished API requests", ["tenant", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("softserve_prompt_tokens", "Prompt tokens processed", ["tenant"], registry=r)
+        self.virtual_tokens = Counter("softserve_virtual_tokens", "Soft-prompt tokens in requests", ["tenant"], registry=r)
+        self.generation_tokens = Counter("softserve_generation_tokens", "Tokens generated", ["tenant"], registry=r)
+        self.ttft = Histogram("softserve_time_to_first_token_seconds", "Time to first token", registry=r, buckets=_LATENCY_BUCKETS)
+        self.itl = Histogram("softserve_inter_token_latency_seconds", "Time between tokens", registry=r, buckets=_TOKEN_BUCKETS)
+        self.latency = Histogram("softserve_request_latency_seconds", "End-to-end request latency", registry=r, buckets=_LATENCY_BUCKETS)
+        self.step_time = Histogram("softserve_engine_step_seconds", "Engine step duration", registry=r, buckets=_TOKEN_BUCKETS)
+        self.batch_size = Histogram("softserve_engine_batch_size", "Rows per engine step", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.rejected = Counter("softserve_rejected_requests", "Requests refused at admission", ["reason"], registry=r)
+        self._state = None
+
+    def bind(self, state) -> None:
+        """Gauges that read live state at scrape time (queue, batch, caches, tuning)."""
+        self._state = state
+        self.registry.register(_StateCollector(state))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def collect(self):
+        state = self.state
+        engine = state.engine
+        ready = GaugeMetricFamily("softserve_ready", "1 when the server accepts requests")
+        ready.add_metric([], 1.0 if state.is_ready else 0.0)
+        yield ready
+        if engine is None:
+            return
+        gauges = {
+            "softserve_queue_depth": ("Requests waiting for a batch row", engine.num_waiting),
+            "softserve_running_requests": ("Requests in the running batch", engine.num_running),
+        }
+        for name, (doc, value) in gauges.items():
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            yield g
+        prefix = engine.engine.prefix_cache
+        for name, doc, value in (
+            ("softserve_kv_prefix_cache_hits", "Soft-prompt KV prefix cache hits", prefix.hits),
+            ("softserve_kv_prefix_cache_misses", "Soft-prompt KV prefix cache misses", prefix.misses),
+            ("softserve_kv_prefix_cache_evictions", "Soft-prompt KV prefix cache evictions", prefix.evictions),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c
+        g = GaugeMetricFamily("softserve_kv_prefix_cache_bytes", "Bytes of cached soft-prompt KV")
+        g.add_metric([], prefix.bytes)
+        yield g
+        if state.cache is not None:
+            stats = state.cache.stats()
+            for name, doc, value in (
+                ("softserve_prompt_cache_hits", "Prompt tensor cache hits", stats.hits),
+                ("softserve_prompt_cache_misses", "Prompt tensor cache misses (loads from the store)", stats.misses),
+                ("softserve_prompt_cache_evictions", "Prompt tensor cache evictions", stats.evictions),
+            ):
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], value)
+                yield c
+            for name, doc, value in (
+                ("softserve_prompt_cache_bytes", "Bytes of prompt tensors on the device", stats.bytes),
+                ("softserve_prompt_cache_entries", "Prompt tensors on the device", stats.entries),
+            ):
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], value)
+                yield g
+        jobs = getattr(state, "tuning_job_counts", None)
+        if callable(jobs):
+            g = GaugeMetricFamily("softserve_tuning_jobs", "Tuning jobs by status", labels=["status"])
+            for status, count in jobs().items():
+                g.add_metric([status], count)
+            yield g
