@@ -1,0 +1,118 @@
+"""`softserve tune`: learn a soft prompt offline on the (frozen) model and write a PEFT adapter
+directory (`--out`) and/or a new version in a prompt store (`--store`).
+
+Imports of torch/transformers happen inside `cmd_tune`, so building the CLI parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_tune_parser", "cmd_tune"]
+
+
+def add_tune_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("tune", help="learn a soft prompt (prompt tuning) on the frozen model",
+                       description="Train a PEFT prompt-tuning soft prompt on JSONL data "
+                                   '({"prompt","completion"} or {"messages"} lines).')
+    p.add_argument("--data", required=True, help="training JSONL")
+    p.add_argument("--eval", help="held-out JSONL: eval loss and exact-match accuracy (greedy)")
+    p.add_argument("--name", required=True, help="prompt name")
+    p.add_argument("--num-virtual-tokens", type=int, default=8, help="k, rows of the soft prompt (default 8)")
+    p.add_argument("--init", choices=["text", "random", "vocab"], help="initialisation (default: text if --init-text, else vocab)")
+    p.add_argument("--init-text", help="text whose token embeddings initialise the prompt (repeated/truncated to k)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate (default 3e-2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, help="gradient-accumulation unit (default: batch size)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--lr-schedule", choices=["linear", "constant"], default="linear")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--eval-at-start", action="store_true", help="also evaluate the initial prompt")
+    p.add_argument("--max-length", type=int, default=1024, help="longest example in real tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--gguf-file", help="GGUF file inside --model DIR")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--out", help="write the PEFT adapter directory here")
+    p.add_argument("--store", help="push a new version into this prompt store directory")
+    p.add_argument("--tenant", default="default", help="store tenant (default 'default', the no-auth tenant)")
+    p.add_argument("--description")
+    p.add_argument("--log-every", type=int, help="progress line every N steps (default: about 20 lines)")
+    return p
+
+
+def cmd_tune(args) -> int:
+    from server.model_loader import load_model, resolve_device, resolve_dtype, resolve_source
+    from server.tuning.data import DatasetError, load_examples, tokenize_examples
+    from server.tuning.export import adapter_files, model_info, push_to_store, save_adapter
+    from server.tuning.trainer import PromptTuner, TuningConfig
+
+    if not args.out and not args.store:
+        raise SystemExit("softserve tune: give --out DIR and/or --store DIR")
+    init = args.init or ("text" if args.init_text else "vocab")
+    config = TuningConfig(
+        num_virtual_tokens=args.num_virtual_tokens, init=init, init_text=args.init_text if init == "text" else None,
+        steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
+        seed=args.seed, eval_every=args.eval_every, eval_at_start=args.eval_at_start, max_length=args.max_length,
+    )
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise SystemExit(f"softserve tune: {exc}") from None
+
+    source = resolve_source(args.model, args.gguf_file)
+    device = resolve_device(args.device)
+    print(f"loading {source.name} on {device} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device))
+    try:
+        train = tokenize_examples(tokenizer, load_examples(args.data), max_length=args.max_length, source=args.data)
+        evals = tokenize_examples(tokenizer, load_examples(args.eval), max_length=args.max_length, source=args.eval) if args.eval else []
+    except (DatasetError, OSError) as exc:
+        raise SystemExit(f"softserve tune: {exc}") from None
+    print(f"{len(train)} training examples, {len(evals)} eval examples; k={config.num_virtual_tokens} init={init} "
+          f"steps={config.steps} lr={config.learning_rate} batch={config.batch_size} seed={config.seed}",
+          file=sys.stderr, flush=True)
+    every = args.log_every or max(1, config.steps // 20)
+
+    def progress(info) -> None:
+        if info.step % every == 0 or info.step == config.steps or info.eval_loss is not None:
+            print(info.line(), flush=True)
+
+    before = _param_digest(model)
+    result = PromptTuner(model, tokenizer, train, evals, config, on_progress=progress).run()
+    assert _param_digest(model) == before, "model weights changed during tuning"  # cheap guard, never expected
+
+    info = model_info(model, source.name)
+    files = adapter_files(result.embeddings, config, info,
+                          tokenizer_name_or_path=getattr(tokenizer, "name_or_path", None) or None)
+    summary = {"name": args.name, "num_virtual_tokens": config.num_virtual_tokens, "steps": config.steps,
+               "final_loss": result.history[-1].loss if result.history else None,
+               "eval_loss": result.eval_loss, "eval_accuracy": result.eval_accuracy,
+               "trained_tokens": result.trained_tokens, "seconds": round(result.elapsed_s, 1)}
+    if args.out:
+        summary["adapter_dir"] = str(save_adapter(files, args.out))
+    if args.store:
+        from pathlib import Path
+
+        from prompt_store.backend import LocalBackend
+        from prompt_store.store import PromptStore
+
+        Path(args.store).mkdir(parents=True, exist_ok=True)
+        store = PromptStore(LocalBackend(Path(args.store)), info, max_virtual_tokens=max(256, config.num_virtual_tokens))
+        meta, warnings = push_to_store(store, args.tenant, args.name, files, description=args.description)
+        summary.update(store=args.store, tenant=args.tenant, version=meta.version, ref=meta.ref, warnings=warnings)
+    print(json.dumps(summary, indent=2), flush=True)
+    return 0
+
+
+def _param_digest(model) -> int:
+    import torch
+
+    with torch.no_grad():
+        return hash(tuple(float(p.double().sum()) for p in model.parameters()))

@@ -1,0 +1,424 @@
+"""Prompt tuning on the resident frozen model: only P [k, hidden] (fp32) is learned.
+
+    inputs_embeds = cat(P, embed(ids))      right padding, attention mask 1 on P and real tokens
+    loss          = token-mean cross entropy over labels != -100 (labels of P are -100), as PEFT
+
+The model is never modified: its weights keep `requires_grad=False`, it stays in eval mode (the
+serving engine runs the same object), no `.grad` is ever created on it. Autograd only tracks the
+path back to P.
+
+Sharing the model with the serving engine: every unit of work (one micro-batch forward+backward,
+one optimizer update, one eval forward) runs while holding `step_lock`, the lock the engine thread
+takes around each `engine.step()`, so a training forward never interleaves with a serving forward.
+Between units the trainer calls `yield_fn` (default: sleep(0)), which lets a waiting engine step
+in and can throttle training while requests are being served.
+
+Deterministic for a seed: init, data order and all math (same shapes, same order) are fixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from server.tuning.data import TokenizedExample
+from server.tuning.init import INIT_METHODS, init_prompt
+
+log = logging.getLogger("softserve.tuning")
+
+__all__ = ["TuningConfig", "StepInfo", "TuningResult", "TuningCancelled", "PromptTuner", "greedy_generate"]
+
+
+class TuningCancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    num_virtual_tokens: int = 8
+    init: str = "text"  # text | random | vocab
+    init_text: str | None = None
+    steps: int = 100
+    learning_rate: float = 3e-2
+    batch_size: int = 8
+    micro_batch_size: int | None = None  # gradient accumulation unit (and lock-holding unit); None = batch_size
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "linear"  # linear (decay to 0 after warm-up) | constant
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate at the end only (when there is eval data)
+    eval_at_start: bool = False
+    eval_batch_size: int = 16
+    eval_max_new_tokens: int | None = None  # default: longest eval target + 4 tokens
+    max_length: int = 1024  # real tokens per example
+
+    def validate(self) -> None:
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"init must be one of {list(INIT_METHODS)}, got {self.init!r}")
+        if self.init == "text" and not (self.init_text and self.init_text.strip()):
+            raise ValueError("init 'text' needs init_text")
+        for name in ("num_virtual_tokens", "steps", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError("micro_batch_size must be >= 1")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError("learning_rate must be a positive number")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError("lr_schedule must be 'linear' or 'constant'")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps, eval_every and weight_decay must be >= 0")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int
+    total_steps: int
+    loss: float | None  # training loss of this step (None for an eval-only report at step 0)
+    learning_rate: float
+    elapsed_s: float
+    eta_s: float | None
+    tokens: int  # real tokens processed so far (prompt + target, no virtual tokens)
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+
+    def line(self) -> str:
+        parts = [f"step {self.step}/{self.total_steps}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.eval_loss is not None:
+            parts.append(f"eval_loss {self.eval_loss:.4f}")
+        if self.eval_accuracy is not None:
+            parts.append(f"eval_acc {self.eval_accuracy:.3f}")
+        parts.append(f"lr {self.learning_rate:.2e}")
+        parts.append(f"{self.elapsed_s:.0f}s")
+        if self.eta_s is not None:
+            parts.append(f"ETA {_fmt_eta(self.eta_s)}")
+        return "  ".join(parts)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+@dataclass
+class TuningResult:
+    embeddings: torch.Tensor  # [k, hidden] float32, CPU
+    history: list[StepInfo] = field(default_factory=list)
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    trained_tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+def _cache_kwarg(model) -> str:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    prompt: torch.Tensor | None,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int,
+    lock=None,
+) -> list[list[int]]:
+    """Batched greedy decoding of `[P, x]` per row (KV cache). Layout `[P, pad..., x]`: mask 0 on
+    pads and positions counting real tokens, so each row computes what it computes alone. Generated
+    ids are cut after the first EOS (which is kept)."""
+    lock = lock if lock is not None else contextlib.nullcontext()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    embed = model.get_input_embeddings()
+    kw = _cache_kwarg(model)
+    n = len(prompts)
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((n, longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((n, longest), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, device=device)
+        mask[i, longest - len(p):] = 1
+    x = embed(ids)
+    if prompt is not None:
+        k = prompt.shape[0]
+        x = torch.cat([prompt.to(device=device, dtype=dtype).unsqueeze(0).expand(n, -1, -1), x], dim=1)
+        mask = torch.cat([torch.ones((n, k), dtype=torch.long, device=device), mask], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    outs: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    with lock:
+        out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = _out_cache(out)
+    logits = out.logits[:, -1]
+    next_pos = pos[:, -1] + 1
+    for step in range(max_new_tokens):
+        tokens = logits.float().argmax(-1)
+        for i in range(n):
+            if not done[i]:
+                t = int(tokens[i])
+                outs[i].append(t)
+                if t in eos_ids:
+                    done[i] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
+        with lock:
+            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                        use_cache=True, **{kw: cache})
+        cache = _out_cache(out)
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    return outs
+
+
+class PromptTuner:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        train: list[TokenizedExample],
+        eval: list[TokenizedExample] | None = None,
+        config: TuningConfig = TuningConfig(),
+        *,
+        step_lock=None,
+        on_progress: Callable[[StepInfo], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        yield_fn: Callable[[float], None] | None = None,
+        initial_prompt: torch.Tensor | None = None,
+    ) -> None:
+        config.validate()
+        if not train:
+            raise ValueError("no training examples")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train_data = train
+        self.eval_data = eval or []
+        self.config = config
+        self.lock = step_lock if step_lock is not None else contextlib.nullcontext()
+        self.on_progress = on_progress
+        self.should_stop = should_stop or (lambda: False)
+        self.yield_fn = yield_fn or (lambda _busy_s: time.sleep(0))
+        param = next(model.parameters())
+        self.device, self.model_dtype = param.device, param.dtype
+        from server.engine.engine import eos_token_ids
+
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids or {0})
+        k = config.num_virtual_tokens
+        if initial_prompt is None:
+            initial_prompt = init_prompt(model, tokenizer, k, config.init, config.init_text, seed=config.seed)
+        self.prompt = torch.nn.Parameter(initial_prompt.detach().to(self.device, torch.float32).clone())
+        self.optimizer = torch.optim.AdamW(
+            [self.prompt], lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
+        )
+        import inspect
+
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.micro = min(config.micro_batch_size or config.batch_size, config.batch_size)
+        self._gen = torch.Generator().manual_seed(config.seed)
+        self._order: list[int] = []
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _next_batch(self) -> list[TokenizedExample]:
+        batch = []
+        while len(batch) < self.config.batch_size:
+            if not self._order:
+                self._order = torch.randperm(len(self.train_data), generator=self._gen).tolist()
+            batch.append(self.train_data[self._order.pop(0)])
+        return batch
+
+    def _collate(self, rows: list[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        longest = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):  # right padding, as in training with PEFT
+            n = len(r.input_ids)
+            ids[i, :n] = torch.tensor(r.input_ids)
+            labels[i, :n] = torch.tensor(r.labels)
+            mask[i, :n] = 1
+        return ids.to(self.device), labels.to(self.device), mask.to(self.device)
+
+    # ---- math ---------------------------------------------------------------------------------
+    def _loss_sum(self, prompt: torch.Tensor, rows: list[TokenizedExample]) -> tuple[torch.Tensor, int]:
+        """Sum of token losses over labelled positions, and their count."""
+        ids, labels, mask = self._collate(rows)
+        b, k = ids.shape[0], prompt.shape[0]
+        x = self.model.get_input_embeddings()(ids)
+        p = prompt.to(self.model_dtype).unsqueeze(0).expand(b, -1, -1)
+        x = torch.cat([p, x], dim=1)
+        mask = torch.cat([torch.ones((b, k), dtype=mask.dtype, device=mask.device), mask], dim=1)
+        labels = torch.cat([torch.full((b, k), -100, dtype=labels.dtype, device=labels.device), labels], dim=1)
+        shift_labels = labels[:, 1:]
+        if self._logits_to_keep:
+            # Only positions that predict a labelled token go through the LM head (the vocabulary
+            # projection is a large share of the compute on small models).
+            keep = (shift_labels != -100).any(0).nonzero().squeeze(-1)
+            logits = self.model(inputs_embeds=x, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+            shift_labels = shift_labels[:, keep]
+        else:
+            logits = self.model(inputs_embeds=x, attention_mask=mask, use_cache=False).logits[:, :-1]
+        logits = logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        return loss, int((shift_labels != -100).sum())
+
+    def _lr_at(self, step: int) -> float:
+        c = self.config
+        if c.warmup_steps and step < c.warmup_steps:
+            return c.learning_rate * (step + 1) / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return c.learning_rate
+        span = max(1, c.steps - c.warmup_steps)
+        return c.learning_rate * max(0.0, (c.steps - step) / span)
+
+    def _unit(self, fn):
+        """Run one unit of work under the step lock, then yield to the engine."""
+        if self.should_stop():
+            raise TuningCancelled()
+        t0 = time.perf_counter()
+        with self.lock:
+            result = fn()
+        self.yield_fn(time.perf_counter() - t0)
+        return result
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        batch = self._next_batch()
+        # P comes first (k >= 1), so every labelled real token is predicted from some position.
+        total_labelled = max(1, sum(sum(1 for x in r.labels if x != -100) for r in batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        tokens = 0
+        for start in range(0, len(batch), self.micro):
+            rows = batch[start:start + self.micro]
+
+            def fwd_bwd(rows=rows):
+                loss_sum, _ = self._loss_sum(self.prompt, rows)
+                (loss_sum / total_labelled).backward()
+                return float(loss_sum.detach())
+
+            loss_total += self._unit(fwd_bwd)
+            tokens += sum(len(r.input_ids) for r in rows)
+        lr = self._lr_at(step)
+
+        def update():
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([self.prompt], self.config.max_grad_norm)
+            self.optimizer.step()
+
+        self._unit(update)
+        return loss_total / total_labelled, tokens
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, prompt: torch.Tensor | None = None) -> tuple[float, float]:
+        """(token-mean eval loss, exact-match accuracy of greedy decoding)."""
+        prompt = (self.prompt if prompt is None else prompt).detach()
+        data = self.eval_data
+        bs = self.config.eval_batch_size
+        loss_sum, count = 0.0, 0
+        for start in range(0, len(data), bs):
+            rows = data[start:start + bs]
+            s, c = self._unit(lambda rows=rows: self._loss_sum(prompt, rows))
+            loss_sum, count = loss_sum + float(s), count + c
+        max_new = self.config.eval_max_new_tokens or (max(r.num_target_tokens for r in data) + 4)
+        correct = 0
+        for start in range(0, len(data), bs):
+            rows = data[start:start + bs]
+            if self.should_stop():
+                raise TuningCancelled()
+            outs = greedy_generate(self.model, prompt, [r.prompt_ids for r in rows], max_new, self.eos_ids,
+                                   self.pad_id, lock=_YieldingLock(self.lock, self.yield_fn))
+            for r, o in zip(rows, outs):
+                correct += int(exact_match(self.tokenizer.decode(o, skip_special_tokens=True), r.target))
+        return loss_sum / max(1, count), correct / len(data)
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def run(self) -> TuningResult:
+        c = self.config
+        history: list[StepInfo] = []
+        t_start = time.perf_counter()
+        train_time = 0.0
+        tokens = 0
+        eval_loss = eval_acc = None
+        if self.eval_data and c.eval_at_start:
+            eval_loss, eval_acc = self.evaluate()
+            info = StepInfo(0, c.steps, None, self._lr_at(0), time.perf_counter() - t_start, None, 0, eval_loss, eval_acc)
+            history.append(info)
+            if self.on_progress:
+                self.on_progress(info)
+        for step in range(c.steps):
+            t0 = time.perf_counter()
+            loss, n = self.train_step(step)
+            train_time += time.perf_counter() - t0
+            tokens += n
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {step + 1}; lower the learning rate")
+            done = step + 1
+            ev_loss = ev_acc = None
+            if self.eval_data and ((c.eval_every and done % c.eval_every == 0) or done == c.steps):
+                ev_loss, ev_acc = self.evaluate()
+                eval_loss, eval_acc = ev_loss, ev_acc
+            eta = train_time / done * (c.steps - done)
+            info = StepInfo(done, c.steps, loss, self._lr_at(step), time.perf_counter() - t_start, eta, tokens,
+                            ev_loss, ev_acc)
+            history.append(info)
+            if self.on_progress:
+                self.on_progress(info)
+        return TuningResult(
+            embeddings=self.prompt.detach().to("cpu", torch.float32).clone(),
+            history=history, eval_loss=eval_loss, eval_accuracy=eval_acc, trained_tokens=tokens,
+            elapsed_s=time.perf_counter() - t_start,
+        )
+
+
+class _YieldingLock:
+    """The step lock, plus a yield to the engine after each release (for decode loops)."""
+
+    def __init__(self, lock, yield_fn) -> None:
+        self._lock, self._yield = lock, yield_fn
+        self._t0 = 0.0
+
+    def __enter__(self):
+        self._lock.__enter__()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.__exit__(*exc)
+        self._yield(time.perf_counter() - self._t0)
+        return False
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def exact_match(generated: str, target: str) -> bool:
+    """Whitespace-normalised equality (leading/trailing whitespace and runs of spaces ignored)."""
+    return normalize_answer(generated) == normalize_answer(target)
