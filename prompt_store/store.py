@@ -117,15 +117,16 @@ class PromptStore:
             return None, None
         return self._parse_head(raw), etag
 
-    def _read_head(self, tenant: str, name: str) -> _Head | None:
-        """The head, from the resolution cache while it is younger than revalidate_seconds."""
+    def _read_head(self, tenant: str, name: str, *, fresh: bool = False) -> _Head | None:
+        """The head, from the resolution cache while it is younger than revalidate_seconds
+        (`fresh`: always from the backend, refreshing the cache)."""
         if self.revalidate_seconds <= 0:
             return self._read_head_fresh(tenant, name)[0]
         key = self._head_key(tenant, name)
         now = time.monotonic()
         with self._heads_lock:
             hit = self._heads.get(key)
-            if hit is not None and hit[0] > now:
+            if hit is not None and hit[0] > now and not fresh:
                 return hit[1]
             writes = self._writes
         head = self._read_head_fresh(tenant, name)[0]
@@ -207,10 +208,11 @@ class PromptStore:
         return sorted(out, key=lambda m: m.name)
 
     def versions(self, tenant: str, name: str) -> list[PromptMeta]:
-        """All live versions of a name, latest first."""
+        """All live versions of a name, latest first. Always read from the backend (management
+        calls, e.g. the API's delete, must not act on a cached view)."""
         validate_name(tenant, "tenant")
         validate_name(name)
-        head = self._read_head(tenant, name)
+        head = self._read_head(tenant, name, fresh=True)
         if head is None:
             raise PromptNotFound(f"prompt {name!r} not found")
         out = [head.latest]
