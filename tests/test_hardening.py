@@ -137,3 +137,42 @@ def test_engine_loop_death_turns_ready_503_and_reports(client):
     _is_openai_error(client.post("/v1/completions", json={"model": "p1", "prompt": "x", "max_tokens": 2}), 503)
     assert died and "simulated fatal error" in died[0]
     assert client.get("/health").status_code == 200  # the process is alive; the CLI then exits non-zero
+
+
+def test_queue_limits_return_429_with_retry_after(tiny_model, tokenizer, tmp_path):
+    import asyncio
+
+    from server.engine.request import Request, SamplingParams
+    from server.engine.scheduler import QueueFullError
+
+    settings = Settings(store=str(tmp_path / "s"), max_queue=4, max_queue_per_tenant=2, max_model_len=256)
+    app = create_app(settings, loaded=LoadedModel(tiny_model, tokenizer, "tiny"))
+    with TestClient(app) as c:
+        engine = app.state.service.engine
+        queued = [Request(f"t{i}", [1, 2], SamplingParams(), tenant="default") for i in range(2)]
+        queued.append(Request("other", [1, 2], SamplingParams(), tenant="other"))
+
+        async def fill():
+            for request in queued:
+                engine.submit(request)
+            with pytest.raises(QueueFullError, match="tenant queue"):
+                engine.submit(Request("t-over", [1, 2], SamplingParams(), tenant="default"))
+            queued.append(Request("third", [1, 2], SamplingParams(), tenant="third"))
+            engine.submit(queued[-1])
+            with pytest.raises(QueueFullError, match="queue is full"):
+                engine.submit(Request("global-over", [1, 2], SamplingParams(), tenant="third"))
+
+        with engine.step_lock:  # the engine cannot step: everything submitted stays queued
+            asyncio.run(fill())
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+            _is_openai_error(r, 429)
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
+            for request in queued:
+                engine.abort(request.request_id)
+        _healthy_base(c)
+
+
+def _healthy_base(c: TestClient) -> None:
+    assert c.get("/ready").status_code == 200
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 200, r.text

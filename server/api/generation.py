@@ -315,6 +315,8 @@ def apply_delta(choice: Choice, output: RequestOutput) -> None:
     if output.finished and output.finish_reason == FinishReason.ERROR:
         if output.error and "timed out" in output.error:
             raise APIError(504, output.error, code="timeout")
+        if output.error and "queue is full" in output.error:  # lost a race with the admission check
+            raise APIError(429, output.error, code="queue_full", headers={"Retry-After": "1"})
         raise APIError(500, f"generation failed: {output.error or 'internal error'}", code="generation_error")
     choice.text += output.text
     choice.token_ids.extend(output.token_ids)

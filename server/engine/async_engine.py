@@ -45,6 +45,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         self._pending = 0  # submitted but not yet taken in by the engine thread (counts toward max_queue)
+        self._pending_by_tenant: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.dead_reason: str | None = None
@@ -105,6 +106,7 @@ class AsyncEngine:
             if kind == "add":
                 with self._streams_lock:
                     self._pending -= 1
+                    self._pending_by_tenant[payload.tenant] -= 1
                 try:
                     self.engine.add_request(payload)
                 except (QueueFullError, ValueError) as exc:
@@ -123,7 +125,10 @@ class AsyncEngine:
             if output.finished:
                 self._streams.pop(output.request_id, None)
         if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+            except RuntimeError:  # the caller's event loop is gone: nobody to deliver to
+                self._commands.put(("abort", output.request_id))
 
     def _fail_all(self, reason: str) -> None:
         with self._streams_lock:
@@ -138,12 +143,18 @@ class AsyncEngine:
         """Queue a request; raises QueueFullError (-> 429) or EngineDeadError (-> 503) at once."""
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "engine is not running")
-        if self.num_waiting >= self.engine.config.scheduler.max_queue:
-            raise QueueFullError(f"queue is full ({self.engine.config.scheduler.max_queue} waiting requests)")
+        config = self.engine.config.scheduler
+        if self.num_waiting >= config.max_queue:
+            raise QueueFullError(f"queue is full ({config.max_queue} waiting requests)")
+        per_tenant = config.max_queue_per_tenant
+        waiting_for_tenant = self.engine.scheduler.num_waiting_for(request.tenant) + self._pending_by_tenant.get(request.tenant, 0)
+        if per_tenant and waiting_for_tenant >= per_tenant:
+            raise QueueFullError(f"tenant queue is full ({per_tenant} waiting requests)")
         stream = _Stream(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
         with self._streams_lock:
             self._streams[request.request_id] = stream
             self._pending += 1
+            self._pending_by_tenant[request.tenant] = self._pending_by_tenant.get(request.tenant, 0) + 1
         self._commands.put(("add", request))
         return stream.queue
 
