@@ -85,7 +85,7 @@ async def pin_soft_prompt(state: ServiceState, resolved: ResolvedModel) -> SoftP
 
 def check_length(state: ServiceState, num_virtual: int, num_prompt: int, max_tokens: int | None) -> int:
     """Returns the effective max_tokens; 400 naming the numbers when the request cannot fit."""
-    limit = state.settings.max_model_len
+    limit = state.max_model_len
     if num_prompt == 0:
         raise APIError(400, "prompt is empty: at least one token is required", param="prompt", code="empty_prompt")
     room = limit - num_virtual - num_prompt

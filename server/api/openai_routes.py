@@ -102,7 +102,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
         resolved = resolve_model(state, principal, body.model)
-        prompts = await run_in_threadpool(_tokenize_prompts, state.tokenizer, body.prompt, state.settings.max_model_len * 64)
+        prompts = await run_in_threadpool(_tokenize_prompts, state.tokenizer, body.prompt, state.max_model_len * 64)
         request_id = http_request.state.request_id
         requests, choices = await build_requests(state, principal, resolved, prompts, body, body.max_tokens,
                                                  body.logprobs, request_id)
@@ -153,7 +153,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
         state = get_state()
         require_ready(state)
         resolved = resolve_model(state, principal, body.model)
-        prompt_ids = await run_in_threadpool(_apply_chat_template, state.tokenizer, body.messages, state.settings.max_model_len * 64)
+        prompt_ids = await run_in_threadpool(_apply_chat_template, state.tokenizer, body.messages, state.max_model_len * 64)
         prompts = [prompt_ids]
         max_tokens = body.max_completion_tokens or body.max_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else None

@@ -44,6 +44,7 @@ class ServiceState:
     shutting_down: bool = False
     loaded: threading.Event = field(default_factory=threading.Event)
     metrics: object = None
+    max_model_len: int = 0  # --max-model-len, capped at the model's position limit
     exit_on_engine_death: bool = False  # the CLI sets it; in-process tests keep their interpreter
 
     @property
@@ -63,6 +64,11 @@ class ServiceState:
             self.served_model_name = s.served_model_name or loaded.name
             param = next(model.parameters())
             text_config = model.config.get_text_config()
+            positions = getattr(text_config, "max_position_embeddings", None) or s.max_model_len
+            self.max_model_len = min(s.max_model_len, positions)
+            if self.max_model_len < s.max_model_len:
+                log.warning("--max-model-len %d exceeds the model's %d positions; using %d",
+                            s.max_model_len, positions, self.max_model_len)
             info = ModelInfo(
                 name=self.served_model_name,
                 hidden_size=text_config.hidden_size,
@@ -80,7 +86,7 @@ class ServiceState:
             config = EngineConfig(
                 scheduler=SchedulerConfig(
                     max_batch_size=s.max_batch_size, max_queue=s.max_queue,
-                    max_prefill_tokens=s.max_prefill_tokens, max_model_len=s.max_model_len,
+                    max_prefill_tokens=s.max_prefill_tokens, max_model_len=self.max_model_len,
                     max_queue_per_tenant=s.max_queue_per_tenant, request_timeout_s=s.request_timeout,
                 ),
                 kv_prefix_cache_bytes=s.kv_prefix_cache_bytes,
