@@ -1,0 +1,201 @@
+"""How much does a running tuning job slow serving down? (standalone; no other bench/ module needed)
+
+    .venv/bin/python bench/tuning_impact.py                 # SmolLM2-135M-Instruct (embedded), CPU
+    .venv/bin/python bench/tuning_impact.py --tiny --quick  # seconds, tiny random Llama (smoke)
+
+One resident model, one engine thread (AsyncEngine, the server's), one tuning job manager (the
+server's TuningManager, sharing the engine's step lock). Each phase sends `--concurrency` greedy
+requests of `--max-tokens` tokens at once, `--rounds` times, and records every token's arrival:
+
+- baseline: no tuning job;
+- for each `--shares` value S: a tuning job running throughout, throttled to at most S of wall time
+  while requests are in flight (S = 1.0: no throttling, training only yields the lock between units).
+
+Printed side by side: inter-token latency (p50/p90/mean), time to first token, decode tokens/s, and
+each phase's ratio to the baseline; plus the tuning job's steps/s during the phase and alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from server.engine.async_engine import AsyncEngine  # noqa: E402
+from server.engine.config import EngineConfig, SchedulerConfig  # noqa: E402
+from server.engine.engine import LLMEngine  # noqa: E402
+from server.engine.request import Request, SamplingParams  # noqa: E402
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle gear works to a ten year old.",
+    "List some ideas for a rainy weekend at home.",
+    "Describe the smell of a bakery in the early morning.",
+    "What should I pack for a three day hiking trip?",
+    "Summarise the plot of a detective novel you would like to read.",
+    "Give advice to someone learning to cook for the first time.",
+    "Write a polite email asking a neighbour to lower their music.",
+]
+
+
+def load(args):
+    from server.model_loader import embedded_model_source, load_model
+
+    source = embedded_model_source()
+    if not args.tiny:
+        model, tok = load_model(source, torch.device("cpu"), torch.float32)
+        return model, tok, source.name
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model, tok, "tiny-llama"
+
+
+def training_records(n: int = 64) -> list[dict]:
+    data = ROOT / "examples" / "data" / "sentiment" / "train.jsonl"
+    if data.exists():
+        return [json.loads(line) for line in data.read_text().splitlines()[:n] if line.strip()]
+    return [{"prompt": f"Review: item {i} was {'great' if i % 2 else 'awful'}.\nSentiment:",
+             "completion": " positive" if i % 2 else " negative"} for i in range(n)]
+
+
+async def one_round(engine: AsyncEngine, tok, concurrency: int, max_tokens: int, round_index: int) -> list[list[float]]:
+    """Send `concurrency` requests at once; per request, the arrival times of its tokens (from submit)."""
+
+    async def one(i: int) -> list[float]:
+        prompt = PROMPTS[(i + round_index) % len(PROMPTS)]
+        request = Request(request_id=f"r{round_index}-{i}-{time.monotonic_ns()}", prompt_ids=tok(prompt).input_ids,
+                          sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        t0 = time.perf_counter()
+        times = []
+        async for out in engine.generate(request):
+            times.extend([time.perf_counter() - t0] * len(out.token_ids))
+        return times
+
+    return await asyncio.gather(*(one(i) for i in range(concurrency)))
+
+
+def measure(engine: AsyncEngine, tok, args) -> dict:
+    per_token, ttft, tokens, wall = [], [], 0, 0.0
+    for r in range(args.rounds):
+        t0 = time.perf_counter()
+        results = asyncio.run(one_round(engine, tok, args.concurrency, args.max_tokens, r))
+        wall += time.perf_counter() - t0
+        for times in results:
+            ttft.append(times[0])
+            per_token.extend(b - a for a, b in zip(times, times[1:]))
+            tokens += len(times)
+    q = statistics.quantiles(per_token, n=10)
+    return {"itl_p50_ms": 1000 * statistics.median(per_token), "itl_p90_ms": 1000 * q[8],
+            "itl_mean_ms": 1000 * statistics.fmean(per_token), "ttft_mean_ms": 1000 * statistics.fmean(ttft),
+            "tokens_per_s": tokens / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2")
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--shares", default="0.5,1.0", help="train_share_when_busy values to test")
+    p.add_argument("--batch-size", type=int, default=8, help="tuning batch size")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="tuning micro-batch (the lock-holding unit)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--json", help="write results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.max_tokens, args.rounds = 2, 8, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from prompt_store.backend import LocalBackend
+    from prompt_store.store import PromptStore
+    from server.tuning.data import parse_records, tokenize_examples
+    from server.tuning.export import model_info
+    from server.tuning.jobs import TuningJob, TuningManager, new_job_id
+    from server.tuning.trainer import TuningConfig
+
+    model, tok, name = load(args)
+    llm = LLMEngine(model, tok, EngineConfig(scheduler=SchedulerConfig(max_batch_size=32), model_id=name))
+    engine = AsyncEngine(llm)
+    engine.start()
+    store = PromptStore(LocalBackend(Path(tempfile.mkdtemp(prefix="tuning-impact-"))), model_info(model, name))
+    train = tokenize_examples(tok, parse_records(training_records()))
+    config = TuningConfig(num_virtual_tokens=8, init="vocab", steps=1_000_000, batch_size=args.batch_size,
+                          micro_batch_size=args.micro_batch_size, learning_rate=1e-3)
+
+    def start_job(share: float) -> tuple[TuningManager, TuningJob]:
+        manager = TuningManager(model, tok, store, model_name=name, step_lock=engine.step_lock,
+                                is_busy=lambda: llm.num_running + llm.num_waiting > 0, train_share_when_busy=share)
+        job = manager.submit(TuningJob(id=new_job_id(), tenant="default", namespace="default", name="bench",
+                                       model=name, config=config, train=train, eval=[]))
+        while job.step < 1:  # measure only once training is in full swing
+            time.sleep(0.05)
+        return manager, job
+
+    def steps_per_s(job: TuningJob, seconds: float) -> float:
+        s0, t0 = job.step, time.perf_counter()
+        time.sleep(seconds)
+        return (job.step - s0) / (time.perf_counter() - t0)
+
+    asyncio.run(one_round(engine, tok, args.concurrency, args.max_tokens, 99))  # warm-up, same shapes
+    print(f"model {name}, {torch.get_num_threads()} threads; {args.concurrency} concurrent requests x {args.max_tokens} tokens "
+          f"x {args.rounds} rounds; tuning batch {args.batch_size} (micro {args.micro_batch_size}), k=8", flush=True)
+    phases = {"no tuning": measure(engine, tok, args)}
+    train_rate = {}
+    for share in [float(s) for s in args.shares.split(",") if s.strip()]:
+        manager, job = start_job(share)
+        alone = steps_per_s(job, 2.0 if args.quick else 8.0)
+        s0, t0 = job.step, time.perf_counter()
+        label = f"tuning, share {share:g}"
+        phases[label] = measure(engine, tok, args)
+        train_rate[label] = ((job.step - s0) / (time.perf_counter() - t0), alone)
+        manager.cancel("default", job.id)
+        manager.close()
+
+    # Baseline again at the end (machine load drifts): report the mean of both baseline runs.
+    again = measure(engine, tok, args)
+    phases["no tuning"] = base = {k: (v + again[k]) / 2 for k, v in phases["no tuning"].items()}
+    rows = [("inter-token p50 (ms)", "itl_p50_ms"), ("inter-token p90 (ms)", "itl_p90_ms"),
+            ("inter-token mean (ms)", "itl_mean_ms"), ("time to first token (ms)", "ttft_mean_ms"),
+            ("decode tokens/s", "tokens_per_s")]
+    width = max(len(r[0]) for r in rows)
+    header = f"{'':{width}}  " + "  ".join(f"{k:>22}" for k in phases)
+    print(header)
+    for title, key in rows:
+        cells = []
+        for label, values in phases.items():
+            v = values[key]
+            cells.append(f"{v:>10.1f}" + (f" ({v / base[key]:5.2f}x)" if label != "no tuning" else " " * 9) + "   ")
+        print(f"{title:{width}}  " + "".join(f"{c:>24}" for c in cells))
+    for label, (during, alone) in train_rate.items():
+        print(f"{label}: tuning {during:.2f} steps/s while serving, {alone:.2f} steps/s with no requests")
+    engine.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": name, "phases": phases,
+                                               "tuning_steps_per_s": {k: {"serving": a, "idle": b} for k, (a, b) in train_rate.items()},
+                                               "args": vars(args)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
