@@ -29,7 +29,8 @@ test-all: install
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 # Tune a sentiment soft prompt on the embedded SmolLM2 through the API and compare it with the
 # base model + a hand-written instruction on held-out reviews (a few minutes on 2 CPU cores).

@@ -1,0 +1,143 @@
+"""Where an engine step's time goes: model forward vs sampling vs the rest (scheduler, masks, cache
+bookkeeping, detokenizer), per decode step, at a few batch sizes; optional torch.profiler op table.
+
+    .venv/bin/python bench/profile_engine.py [--batch 1,32] [--steps 16] [--ops]
+
+Instruments by wrapping (never editing) engine methods, so it measures the code as shipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common as C  # noqa: E402
+
+
+class Timers:
+    def __init__(self, device):
+        self.device = device
+        self.total = defaultdict(float)
+
+    def wrap(self, obj, attr: str, label: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            C.sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                C.sync(self.device)
+                self.total[label] += time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+
+def run(args) -> dict:
+    import torch
+
+    import server.engine.model_runner as mr
+
+    C.setup_torch(args)
+    batches = [int(x) for x in args.batch.split(",")] if args.batch else ([1, 4] if args.quick else [1, 32, 64])
+    steps = args.steps or (4 if args.quick else 16)
+    model, tok, name, device, dtype = C.load(args.model, args.device, args.dtype)
+    cfg = C.text_config(model)
+    result = {"name": "profile_engine", "model": name, "dtype": str(dtype), "steps": steps, "rows": []}
+    for b in batches:
+        engine = C.make_engine(model, tok, max_batch_size=b)
+        timers = Timers(device)
+        runner = engine.runner
+        timers.wrap(runner.model, "forward", "model forward")
+        orig_sample = mr.sample
+
+        def sample(*a, **kw):
+            C.sync(device)
+            t0 = time.perf_counter()
+            try:
+                return orig_sample(*a, **kw)
+            finally:
+                timers.total["sample"] += time.perf_counter() - t0
+
+        mr.sample = sample
+        timers.wrap(runner, "_keep_rows", "keep rows (trim)")
+        timers.wrap(engine, "postprocess", "postprocess (scheduler update, detokenize)")
+        timers.wrap(engine.scheduler, "schedule", "schedule")
+        inputs = C.request_inputs(args.seed, b, lo=48, hi=48, vocab=cfg.vocab_size)
+        softs = [C.soft_prompt(C.vocab_prompt_tensor(model, i, 16), f"p{i}") for i in range(b)]
+        for i, (ids, s) in enumerate(zip(inputs, softs)):
+            engine.add_request(C.engine_request(f"x{b}-{i}", ids, soft=s, max_tokens=steps + 3))
+        engine.step()
+        engine.step()
+        timers.total.clear()
+        prof = None
+        if args.ops:
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+            prof.__enter__()
+        C.sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        C.sync(device)
+        wall = time.perf_counter() - t0
+        if prof is not None:
+            prof.__exit__(None, None, None)
+        mr.sample = orig_sample
+        while engine.has_unfinished():
+            engine.step()
+        parts = {k: 1000 * v / steps for k, v in timers.total.items()}
+        accounted = sum(v for k, v in parts.items() if k not in ("postprocess (scheduler update, detokenize)",))
+        parts["postprocess (scheduler update, detokenize)"] = parts.get("postprocess (scheduler update, detokenize)", 0.0)
+        parts["other runner work (masks, cat, tolist)"] = 1000 * wall / steps - accounted - parts["postprocess (scheduler update, detokenize)"]
+        row = {"batch": b, "step_ms": 1000 * wall / steps, "parts_ms": parts}
+        if prof is not None:
+            row["ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops_rows)
+        result["rows"].append(row)
+        print(f"B={b}: {row['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+    return result
+
+
+def render(result: dict) -> str:
+    lines = [f"### Engine step breakdown ({result['model']} {result['dtype']}, decode steps, mean of {result['steps']})", ""]
+    labels = []
+    for r in result["rows"]:
+        for k in r["parts_ms"]:
+            if k not in labels:
+                labels.append(k)
+    rows = [[label] + [f"{r['parts_ms'].get(label, 0):.2f} ({100 * r['parts_ms'].get(label, 0) / r['step_ms']:.0f}%)"
+                       for r in result["rows"]] for label in labels]
+    rows.append(["whole step"] + [f"{r['step_ms']:.2f}" for r in result["rows"]])
+    lines.append(C.md_table(["ms per decode step"] + [f"batch {r['batch']}" for r in result["rows"]], rows))
+    for r in result["rows"]:
+        if r.get("ops"):
+            lines += ["", f"torch.profiler, batch {r['batch']}:", "", "```", r["ops"], "```"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = C.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p.add_argument("--batch", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--ops", action="store_true", help="add a torch.profiler op table")
+    p.add_argument("--ops-rows", type=int, default=15)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    C.write_json(args, result)
+    print(render(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
