@@ -153,6 +153,10 @@ def test_compose_wiring():
     for name in ("softserve-1", "softserve-2"):
         assert f"server {name}:8000" in conf
     assert any(v.startswith("./nginx.conf:/etc/nginx/nginx.conf") for v in services["router"]["volumes"])
+    # The router starts once replicas are ready (their compose healthcheck is /ready).
+    assert all(services["router"]["depends_on"][n]["condition"] == "service_healthy" for n in ("softserve-1", "softserve-2"))
+    assert "/ready" in " ".join(services["softserve-1"]["healthcheck"]["test"])
+    assert all(p.startswith("${SOFTSERVE_BIND:-127.0.0.1}:") for p in services["router"]["ports"])
 
 
 # ---- nginx ----------------------------------------------------------------------------------------
