@@ -35,7 +35,7 @@ _SERVE_FLAGS = [
     ("--kv-prefix-cache-bytes", "kv_prefix_cache_bytes", int), ("--api-keys", "api_keys", str),
     ("--max-tokens-limit", "max_tokens_limit", int), ("--max-queue-per-tenant", "max_queue_per_tenant", int),
     ("--request-timeout", "request_timeout", float), ("--shutdown-timeout", "shutdown_timeout", float),
-    ("--max-body-bytes", "max_body_bytes", int), ("--json-logs", "json_logs", _bool),
+    ("--max-body-bytes", "max_body_bytes", int), ("--torch-threads", "torch_threads", int), ("--json-logs", "json_logs", _bool),
     ("--log-level", "log_level", str),
 ]
 

@@ -36,5 +36,6 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, ge=0, description="seconds before a request is failed (0 = never)")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
     json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")
     log_level: str = "info"

@@ -130,11 +130,13 @@ async def build_requests(
 ) -> tuple[list[Request], list[Choice]]:
     if body.n > state.settings.max_n:
         raise APIError(400, f"n must be <= {state.settings.max_n}", param="n", code="invalid_parameter")
+    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta is not None else 0
+    # The context check first: its message names the numbers that matter; the cap applies after.
+    effective = [check_length(state, num_virtual, len(p), max_tokens) for p in prompts]
     limit = state.settings.max_tokens_limit
     if max_tokens is not None and max_tokens > limit:
-        raise APIError(400, f"max_tokens must be <= {limit}", param="max_tokens", code="invalid_parameter")
-    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta is not None else 0
-    effective = [min(check_length(state, num_virtual, len(p), max_tokens), limit) for p in prompts]
+        raise APIError(400, f"max_tokens must be <= {limit} (--max-tokens-limit)", param="max_tokens", code="invalid_parameter")
+    effective = [min(e, limit) for e in effective]
     requests: list[Request] = []
     choices: list[Choice] = []
     base_id = f"{request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses X-Request-ID

@@ -55,6 +55,8 @@ class ServiceState:
         """Load the model (unless given), open the store, start the engine thread."""
         s = self.settings
         try:
+            if s.torch_threads:
+                torch.set_num_threads(s.torch_threads)
             if loaded is None:
                 source = resolve_source(s.model, s.gguf_file)
                 device = resolve_device(s.device)
