@@ -175,7 +175,8 @@ def _nginx_t(conf_text: str, tmp_path: Path) -> None:
         pytest.skip("nginx not installed")
     path = tmp_path / "nginx.conf"
     path.write_text(conf_text)
-    r = subprocess.run([nginx, "-t", "-c", str(path), "-p", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([nginx, "-t", "-e", str(tmp_path / "error.log"), "-c", str(path), "-p", str(tmp_path)],
+                       capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
 
 

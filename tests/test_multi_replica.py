@@ -168,9 +168,11 @@ def cluster(seaweed, tiny_model, tmp_path_factory):
         prefix.mkdir()
         conf_path = prefix / "nginx.conf"
         conf_path.write_text(nginx_conf(ports, nginx_port, prefix))
-        check = subprocess.run([nginx, "-t", "-c", str(conf_path), "-p", str(prefix)], capture_output=True, text=True)
+        # -e: the start-up error log, before the config is read (the default path is root-only).
+        base = [nginx, "-e", str(prefix / "error.log"), "-c", str(conf_path), "-p", str(prefix)]
+        check = subprocess.run(base + ["-t"], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
-        procs["nginx"] = Proc("nginx", [nginx, "-c", str(conf_path), "-p", str(prefix)], env, work)
+        procs["nginx"] = Proc("nginx", base, env, work)
         urls["nginx"] = f"http://127.0.0.1:{nginx_port}"
         wait_http(urls["nginx"] + "/nginx-health", procs["nginx"], timeout=30)
         yield {"urls": urls, "procs": procs, "store": store, "work": work}
