@@ -101,7 +101,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
             raise APIError(400, "echo is not supported", param="echo", code="unsupported_parameter")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
-        resolved = resolve_model(state, principal, body.model)
+        resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
         prompts = await run_in_threadpool(_tokenize_prompts, state.tokenizer, body.prompt, state.max_model_len * 64)
         request_id = http_request.state.request_id
         requests, choices = await build_requests(state, principal, resolved, prompts, body, body.max_tokens,
@@ -152,7 +152,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
                                principal: Principal = Depends(get_principal)):
         state = get_state()
         require_ready(state)
-        resolved = resolve_model(state, principal, body.model)
+        resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
         prompt_ids = await run_in_threadpool(_apply_chat_template, state.tokenizer, body.messages, state.max_model_len * 64)
         prompts = [prompt_ids]
         max_tokens = body.max_completion_tokens or body.max_tokens
