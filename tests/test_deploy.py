@@ -1,5 +1,6 @@
 """Deployment files: Dockerfiles lint clean (hadolint), every YAML parses, the kustomize builds
-render (kubectl, where installed) with the promised probes/replicas/GPU, compose wires replicas to
+render (kubectl, where installed) with the promised probes/replicas/GPU/HPA/draining and validate
+against the Kubernetes schemas (kubernetes-validate --strict, offline), compose wires replicas to
 S3 and the router, and both nginx configs pass `nginx -t` (where nginx is installed)."""
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILES = [REPO / "Dockerfile", DEPLOY / "seaweedfs.Dockerfile"]
+KUSTOMIZATIONS = ["base", "overlays/cpu", "overlays/gpu", "overlays/seaweedfs"]
+# Kubernetes versions the rendered manifests must validate against (schemas ship with the package).
+K8S_VERSIONS = ["1.30.0", "1.37.0"]
 
 
 def _tool(name: str) -> str | None:
@@ -129,6 +133,85 @@ def test_k8s_gpu_overlay_renders():
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"name": "SOFTSERVE_DEVICE", "value": "cuda"} in c["env"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"  # the base survives the patch
+
+
+def test_k8s_every_kustomization_is_tested():
+    found = sorted(str(k.parent.relative_to(K8S)) for k in K8S.rglob("kustomization.yaml"))
+    assert found == sorted(KUSTOMIZATIONS)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_validates_strict(kustomization, tmp_path):
+    """The rendered manifests against the Kubernetes OpenAPI schemas, rejecting unknown fields."""
+    docs = _kustomize(kustomization)
+    validate = _tool("kubernetes-validate")
+    if validate is None:
+        pytest.skip("kubernetes-validate not installed (in the dev extra)")
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    files = [str(rendered)]
+    if kustomization == "overlays/gpu":  # the opt-in queue-depth HPA example
+        files.append(str(K8S / "overlays/gpu/hpa-queue-depth.yaml"))
+    for version in K8S_VERSIONS:
+        r = subprocess.run([validate, "--strict", "--quiet", "-k", version, *files],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"{kustomization} vs {version}:\n{r.stdout}{r.stderr}"
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "softserve", (doc["kind"], doc["metadata"]["name"])
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_drains_before_kill(kustomization):
+    """preStop keeps serving while the pod leaves the endpoints; the grace period covers that plus
+    the server's own drain (--shutdown-timeout), so SIGKILL comes only after the drain window."""
+    docs = _kustomize(kustomization)
+    dep = _find(docs, "Deployment", "softserve")
+    spec = dep["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    shutdown = float(_find(docs, "ConfigMap", "softserve-config")["data"]["SOFTSERVE_SHUTDOWN_TIMEOUT"])
+    assert spec["terminationGracePeriodSeconds"] > float(command[1]) + shutdown
+    pdb = _find(docs, "PodDisruptionBudget", "softserve")
+    assert pdb["spec"]["selector"] == dep["spec"]["selector"]  # the PDB guards these pods
+
+
+def test_k8s_cpu_overlay_renders():
+    docs = _kustomize("overlays/cpu")
+    dep = _find(docs, "Deployment", "softserve")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    for section in ("requests", "limits"):
+        assert not any("gpu" in k for k in c["resources"].get(section, {}))
+    assert "tolerations" not in dep["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["SOFTSERVE_DEVICE"] == "cpu" and env["SOFTSERVE_DTYPE"] == "float32"
+    assert env["SOFTSERVE_TORCH_THREADS"] == str(c["resources"]["requests"]["cpu"])
+    assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+    assert "replicas" not in dep["spec"]  # the HPA owns the count
+    hpa = _find(docs, "HorizontalPodAutoscaler", "softserve")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "softserve"}
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["type"] == "Utilization"
+    pdb = _find(docs, "PodDisruptionBudget", "softserve")
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"]  # a node drain can evict one
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+def test_k8s_queue_depth_hpa_example():
+    hpa = yaml.safe_load((K8S / "overlays/gpu/hpa-queue-depth.yaml").read_text())
+    assert hpa["kind"] == "HorizontalPodAutoscaler" and hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["metadata"]["namespace"] == "softserve"  # the gpu overlay adds no namespace of its own
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "softserve"
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "softserve_queue_depth"
+    assert "softserve_queue_depth" in (REPO / "server" / "metrics.py").read_text()  # the gauge exists
+
+
+def test_deploy_readme_linked():
+    assert (DEPLOY / "README.md").exists()
+    assert "(deploy/README.md)" in (REPO / "README.md").read_text()
+    assert "(../README.md)" in (K8S / "README.md").read_text()
 
 
 def test_k8s_seaweedfs_overlay_renders():
