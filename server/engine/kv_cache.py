@@ -20,43 +20,52 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 class GrowableLayer(DynamicLayer):
-    """A DynamicLayer that writes into a preallocated buffer instead of `torch.cat` on every step.
+    """A DynamicLayer over a preallocated buffer: decode writes one column in place.
 
-    HF's DynamicLayer copies the whole cache each decode step (O(T) per token); here the buffer
-    grows geometrically, so decode writes one column in place.
+    HF's DynamicLayer `torch.cat`s the whole cache every decode step (O(T) per token). Here the
+    live KV is `buffer[:, :, start:end]`; the buffer grows geometrically, rows are selected and
+    batches merged with exactly one copy of the live data (continuous batching does that at almost
+    every step, so every extra copy costs).
     """
 
-    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None, spare: int = 64):
+    def __init__(self, spare: int = 64) -> None:
         super().__init__()
-        self.length = 0
         self._spare = spare
-        self._buf_k: torch.Tensor | None = None
+        self._buf_k: torch.Tensor | None = None  # [batch, kv_heads, capacity, head_dim]
         self._buf_v: torch.Tensor | None = None
-        if keys is not None and values is not None:
-            self._write(keys, values)
+        self.start = 0
+        self.end = 0
 
-    def _ensure_capacity(self, like: torch.Tensor, needed: int) -> None:
-        if self._buf_k is not None and self._buf_k.shape[-2] >= needed:
-            return
-        capacity = max(needed + self._spare, int(needed * 1.25))
-        batch, heads, _, head_dim = like.shape
-        new_k = like.new_empty(batch, heads, capacity, head_dim)  # [batch, kv_heads, capacity, head_dim]
-        new_v = like.new_empty(batch, heads, capacity, head_dim)
-        if self._buf_k is not None and self.length:
-            new_k[:, :, : self.length] = self._buf_k[:, :, : self.length]
-            new_v[:, :, : self.length] = self._buf_v[:, :, : self.length]
-        self._buf_k, self._buf_v = new_k, new_v
+    @classmethod
+    def adopt(cls, buf_k: torch.Tensor, buf_v: torch.Tensor, start: int, end: int, spare: int = 64) -> "GrowableLayer":
+        """Take ownership of buffers whose columns start..end are live (no copy)."""
+        layer = cls(spare)
+        layer._buf_k, layer._buf_v, layer.start, layer.end = buf_k, buf_v, start, end
+        layer._publish(buf_k.device)
+        return layer
+
+    def _publish(self, device) -> None:
+        self.keys = self._buf_k[:, :, self.start : self.end]
+        self.values = self._buf_v[:, :, self.start : self.end]
+        self.device = device
+        self.is_initialized = True
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         n = key_states.shape[-2]
-        self._ensure_capacity(key_states, self.length + n)
-        self._buf_k[:, :, self.length : self.length + n] = key_states
-        self._buf_v[:, :, self.length : self.length + n] = value_states
-        self.length += n
-        self.keys = self._buf_k[:, :, : self.length]
-        self.values = self._buf_v[:, :, : self.length]
-        self.device = key_states.device
-        self.is_initialized = True
+        if self._buf_k is None or self._buf_k.shape[-2] < self.end + n:
+            live = self.end - self.start
+            capacity = max(live + n + self._spare, int((live + n) * 1.25))
+            batch, heads, _, head_dim = key_states.shape
+            new_k = key_states.new_empty(batch, heads, capacity, head_dim)
+            new_v = value_states.new_empty(batch, heads, capacity, head_dim)
+            if live:
+                new_k[:, :, :live] = self._buf_k[:, :, self.start : self.end]
+                new_v[:, :, :live] = self._buf_v[:, :, self.start : self.end]
+            self._buf_k, self._buf_v, self.start, self.end = new_k, new_v, 0, live
+        self._buf_k[:, :, self.end : self.end + n] = key_states
+        self._buf_v[:, :, self.end : self.end + n] = value_states
+        self.end += n
+        self._publish(key_states.device)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -67,22 +76,55 @@ class GrowableLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.end - self.start
+
+    def select_rows(self, index: torch.Tensor, drop_front: int) -> None:
+        """Keep rows `index` (in that order) and drop `drop_front` leading columns: one copy."""
+        begin = self.start + drop_front
+        self._buf_k = self._buf_k[:, :, begin:].index_select(0, index)
+        self._buf_v = self._buf_v[:, :, begin:].index_select(0, index)
+        self.start, self.end = 0, self.end - begin
+        self._publish(self._buf_k.device)
+
+    def append_rows(self, other: "GrowableLayer") -> None:
+        """Stack `other`'s rows under ours, both right-aligned to the wider one: one copy each."""
+        mine, theirs = self.get_seq_length(), other.get_seq_length()
+        width = max(mine, theirs)
+        rows = self._buf_k.shape[0]
+        total = rows + other._buf_k.shape[0]
+        batch_k = self._buf_k.new_empty(total, self._buf_k.shape[1], width + self._spare, self._buf_k.shape[3])
+        batch_v = self._buf_v.new_empty(batch_k.shape)
+        for buf, src_self, src_other in ((batch_k, self.keys, other.keys), (batch_v, self.values, other.values)):
+            # Padding must be zeros, not uninitialised memory: a masked NaN still poisons softmax @ V.
+            buf[:rows, :, : width - mine] = 0
+            buf[:rows, :, width - mine : width] = src_self
+            buf[rows:, :, : width - theirs] = 0
+            buf[rows:, :, width - theirs : width] = src_other
+        self._buf_k, self._buf_v, self.start, self.end = batch_k, batch_v, 0, width
+        self._publish(batch_k.device)
 
 
 class BatchCache(Cache):
-    """A `transformers` Cache whose layers are GrowableLayers built from given tensors."""
+    """A `transformers` Cache made of GrowableLayers."""
 
-    def __init__(self, layers_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, num_layers: int):
-        if layers_kv is None:
-            layers = [GrowableLayer() for _ in range(num_layers)]
-        else:
-            layers = [GrowableLayer(k, v) for k, v in layers_kv]
+    def __init__(self, layers: list[GrowableLayer]):
         super().__init__(layers=layers)
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "BatchCache":
+        return cls([GrowableLayer() for _ in range(num_layers)])
 
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values), each [batch, kv_heads, seq, head_dim] (views into the buffers)."""
         return [(layer.keys, layer.values) for layer in self.layers]
+
+    def select_rows(self, index: torch.Tensor, drop_front: int) -> None:
+        for layer in self.layers:
+            layer.select_rows(index, drop_front)
+
+    def append_rows(self, other: "BatchCache") -> None:
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.append_rows(theirs)
 
 
 def left_pad(t: torch.Tensor, to_len: int, dim: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.cpu_attention import avoid_native_gqa_on_cpu
-from server.engine.kv_cache import BatchCache, PrefixKV, PrefixKVCache, left_pad
+from server.engine.kv_cache import BatchCache, GrowableLayer, PrefixKV, PrefixKVCache, left_pad
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import SampleResult, make_generator, sample
 from server.engine.scheduler import RunnerOutput, SchedulerOutput
@@ -87,11 +87,7 @@ class ModelRunner:
         # One host sync, only when rows leave: find the first column any remaining row uses.
         first_used = int(mask.any(dim=0).to(torch.int8).argmax().item())
         mask = mask[:, first_used:]
-        layers = [
-            (k.index_select(0, index)[:, :, first_used:], v.index_select(0, index)[:, :, first_used:])
-            for k, v in self.cache.kv()
-        ]
-        self.cache = BatchCache(layers, self.num_layers)
+        self.cache.select_rows(index, first_used)
         self.mask = mask
         self.next_pos = self.next_pos.index_select(0, index)
         self.last_tokens = self.last_tokens.index_select(0, index)
@@ -105,7 +101,7 @@ class ModelRunner:
             return entry
         embeddings = request.soft_prompt.embeddings.to(self.device, self.dtype)  # [k, hidden]
         k = embeddings.shape[0]
-        cache = BatchCache(None, self.num_layers)
+        cache = BatchCache.empty(self.num_layers)
         self.model(
             inputs_embeds=embeddings.unsqueeze(0),  # [1, k, hidden]
             attention_mask=torch.ones(1, k, dtype=torch.long, device=self.device),
@@ -151,24 +147,21 @@ class ModelRunner:
             positions[i, max_n - n :] = torch.arange(k, k + n)
         input_ids, mask, positions = (t.to(self.device, non_blocking=True) for t in (input_ids, mask, positions))
 
-        past = None
+        past = BatchCache.empty(self.num_layers)
         if max_k > 0:
-            past_layers = []
+            layers = []
             for layer in range(self.num_layers):
-                ks_layer, vs_layer = [], []
-                for prefix in prefixes:
-                    if prefix is None:
-                        shape = (1, self.num_kv_heads, max_k, self.head_dim)
-                        ks_layer.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-                        vs_layer.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-                    else:
-                        k_l, v_l = prefix.layers[layer]
-                        ks_layer.append(left_pad(k_l, max_k, dim=2))
-                        vs_layer.append(left_pad(v_l, max_k, dim=2))
-                past_layers.append((torch.cat(ks_layer), torch.cat(vs_layer)))  # [rows, H, max_k, D]
-            past = BatchCache(past_layers, self.num_layers)
-        else:
-            past = BatchCache(None, self.num_layers)
+                # Prefix KV written straight into buffers with room for the prompt tokens: one copy.
+                shape = (rows, self.num_kv_heads, max_k + max_n + 64, self.head_dim)
+                buf_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                buf_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for i, prefix in enumerate(prefixes):
+                    if prefix is not None:
+                        k_l, v_l = prefix.layers[layer]  # [1, H, k_i, D]
+                        buf_k[i, :, max_k - prefix.num_tokens : max_k] = k_l[0]
+                        buf_v[i, :, max_k - prefix.num_tokens : max_k] = v_l[0]
+                layers.append(GrowableLayer.adopt(buf_k, buf_v, 0, max_k))
+            past = BatchCache(layers)
 
         out = self.model(
             input_ids=input_ids,
@@ -194,11 +187,7 @@ class ModelRunner:
             self.row_ids = new_ids
             return
         width = max(self.seq_len, new_mask.shape[1])
-        layers = [
-            (torch.cat([left_pad(k0, width, 2), left_pad(k1, width, 2)]), torch.cat([left_pad(v0, width, 2), left_pad(v1, width, 2)]))
-            for (k0, v0), (k1, v1) in zip(self.cache.kv(), new_cache.kv())
-        ]
-        self.cache = BatchCache(layers, self.num_layers)
+        self.cache.append_rows(new_cache)
         self.mask = torch.cat([left_pad(self.mask, width, 1), left_pad(new_mask, width, 1)])
         self.next_pos = torch.cat([self.next_pos, new_pos])
         self.last_tokens = torch.cat([self.last_tokens, placeholder])
