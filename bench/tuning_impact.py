@@ -3,13 +3,16 @@
     .venv/bin/python bench/tuning_impact.py                 # SmolLM2-135M-Instruct (embedded), CPU
     .venv/bin/python bench/tuning_impact.py --tiny --quick  # seconds, tiny random Llama (smoke)
 
-One resident model, one engine thread (AsyncEngine, the server's), one tuning job manager (the
-server's TuningManager, sharing the engine's step lock). Each phase sends `--concurrency` greedy
-requests of `--max-tokens` tokens at once, `--rounds` times, and records every token's arrival:
+One resident model, one engine thread (AsyncEngine, the server's), one tuning job (the server's
+TuningManager, sharing the engine's step lock). A round sends `--concurrency` greedy requests of
+`--max-tokens` tokens at once and records every token's arrival. Phases:
 
-- baseline: no tuning job;
-- for each `--shares` value S: a tuning job running throughout, throttled to at most S of wall time
-  while requests are in flight (S = 1.0: no throttling, training only yields the lock between units).
+- no tuning: the job is paused (parked between two training units, holding nothing);
+- for each `--shares` value S: the job trains throughout, throttled to at most S of wall time while
+  requests are in flight (S = 1.0: no throttling, training only yields the lock between units).
+
+Phases are interleaved round by round (`--rounds` times), so a change in machine load during the
+run hits every phase alike.
 
 Printed side by side: inter-token latency (p50/p90/mean), time to first token, decode tokens/s, and
 each phase's ratio to the baseline; plus the tuning job's steps/s during the phase and alone.
@@ -93,16 +96,7 @@ async def one_round(engine: AsyncEngine, tok, concurrency: int, max_tokens: int,
     return await asyncio.gather(*(one(i) for i in range(concurrency)))
 
 
-def measure(engine: AsyncEngine, tok, args) -> dict:
-    per_token, ttft, tokens, wall = [], [], 0, 0.0
-    for r in range(args.rounds):
-        t0 = time.perf_counter()
-        results = asyncio.run(one_round(engine, tok, args.concurrency, args.max_tokens, r))
-        wall += time.perf_counter() - t0
-        for times in results:
-            ttft.append(times[0])
-            per_token.extend(b - a for a, b in zip(times, times[1:]))
-            tokens += len(times)
+def summarise(per_token: list[float], ttft: list[float], tokens: int, wall: float) -> dict:
     q = statistics.quantiles(per_token, n=10)
     return {"itl_p50_ms": 1000 * statistics.median(per_token), "itl_p90_ms": 1000 * q[8],
             "itl_mean_ms": 1000 * statistics.fmean(per_token), "ttft_mean_ms": 1000 * statistics.fmean(ttft),
@@ -115,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shares", default="0.5,1.0", help="train_share_when_busy values to test")
     p.add_argument("--batch-size", type=int, default=8, help="tuning batch size")
     p.add_argument("--micro-batch-size", type=int, default=4, help="tuning micro-batch (the lock-holding unit)")
@@ -143,57 +137,80 @@ def main(argv: list[str] | None = None) -> int:
     config = TuningConfig(num_virtual_tokens=8, init="vocab", steps=1_000_000, batch_size=args.batch_size,
                           micro_batch_size=args.micro_batch_size, learning_rate=1e-3)
 
-    def start_job(share: float) -> tuple[TuningManager, TuningJob]:
-        manager = TuningManager(model, tok, store, model_name=name, step_lock=engine.step_lock,
-                                is_busy=lambda: llm.num_running + llm.num_waiting > 0, train_share_when_busy=share)
-        job = manager.submit(TuningJob(id=new_job_id(), tenant="default", namespace="default", name="bench",
-                                       model=name, config=config, train=train, eval=[]))
-        while job.step < 1:  # measure only once training is in full swing
-            time.sleep(0.05)
-        return manager, job
+    manager = TuningManager(model, tok, store, model_name=name, step_lock=engine.step_lock,
+                            is_busy=lambda: llm.num_running + llm.num_waiting > 0)
+    gate, parked = threading.Event(), threading.Event()
+    throttle = manager._yield
 
-    def steps_per_s(job: TuningJob, seconds: float) -> float:
-        s0, t0 = job.step, time.perf_counter()
-        time.sleep(seconds)
-        return (job.step - s0) / (time.perf_counter() - t0)
+    def gated_yield(busy_s: float) -> None:  # the bench's pause switch, between two training units
+        throttle(busy_s)
+        if not gate.is_set():
+            parked.set()
+            gate.wait()
+            parked.clear()
+
+    manager._yield = gated_yield
+    gate.set()
+    job = manager.submit(TuningJob(id=new_job_id(), tenant="default", namespace="default", name="bench",
+                                   model=name, config=config, train=train, eval=[]))
+
+    def set_phase(share: float | None) -> None:
+        if share is None:
+            gate.clear()
+            while not parked.is_set() and job.status in ("queued", "running"):
+                time.sleep(0.01)
+        else:
+            manager.train_share_when_busy = share
+            gate.set()
 
     asyncio.run(one_round(engine, tok, args.concurrency, args.max_tokens, 99))  # warm-up, same shapes
+    while job.step < 1:  # training in full swing before measuring
+        time.sleep(0.05)
     print(f"model {name}, {torch.get_num_threads()} threads; {args.concurrency} concurrent requests x {args.max_tokens} tokens "
-          f"x {args.rounds} rounds; tuning batch {args.batch_size} (micro {args.micro_batch_size}), k=8", flush=True)
-    phases = {"no tuning": measure(engine, tok, args)}
-    train_rate = {}
-    for share in [float(s) for s in args.shares.split(",") if s.strip()]:
-        manager, job = start_job(share)
-        alone = steps_per_s(job, 2.0 if args.quick else 8.0)
-        s0, t0 = job.step, time.perf_counter()
-        label = f"tuning, share {share:g}"
-        phases[label] = measure(engine, tok, args)
-        train_rate[label] = ((job.step - s0) / (time.perf_counter() - t0), alone)
-        manager.cancel("default", job.id)
-        manager.close()
+          f"x {args.rounds} rounds per phase; tuning batch {args.batch_size} (micro {args.micro_batch_size}), k=8", flush=True)
+    shares = [float(x) for x in args.shares.split(",") if x.strip()]
+    phases = [("no tuning", None)] + [(f"tuning, share {x:g}", x) for x in shares]
+    raw = {label: {"per_token": [], "ttft": [], "tokens": 0, "wall": 0.0, "steps": 0} for label, _ in phases}
+    for r in range(args.rounds):
+        for label, share in phases:
+            set_phase(share)
+            s0, t0 = job.step, time.perf_counter()
+            results = asyncio.run(one_round(engine, tok, args.concurrency, args.max_tokens, r))
+            acc = raw[label]
+            acc["wall"] += time.perf_counter() - t0
+            acc["steps"] += job.step - s0
+            for times in results:
+                acc["ttft"].append(times[0])
+                acc["per_token"].extend(b - a for a, b in zip(times, times[1:]))
+                acc["tokens"] += len(times)
+    set_phase(1.0)
+    s0, t0 = job.step, time.perf_counter()
+    time.sleep(2.0 if args.quick else 10.0)
+    idle_rate = (job.step - s0) / (time.perf_counter() - t0)
+    manager.cancel("default", job.id, wait_s=60)
+    manager.close()
 
-    # Baseline again at the end (machine load drifts): report the mean of both baseline runs.
-    again = measure(engine, tok, args)
-    phases["no tuning"] = base = {k: (v + again[k]) / 2 for k, v in phases["no tuning"].items()}
+    results = {label: summarise(a["per_token"], a["ttft"], a["tokens"], a["wall"]) for label, a in raw.items()}
+    train_rate = {label: a["steps"] / a["wall"] for label, a in raw.items() if label != "no tuning"}
+    base = results["no tuning"]
     rows = [("inter-token p50 (ms)", "itl_p50_ms"), ("inter-token p90 (ms)", "itl_p90_ms"),
             ("inter-token mean (ms)", "itl_mean_ms"), ("time to first token (ms)", "ttft_mean_ms"),
             ("decode tokens/s", "tokens_per_s")]
-    width = max(len(r[0]) for r in rows)
-    header = f"{'':{width}}  " + "  ".join(f"{k:>22}" for k in phases)
-    print(header)
+    width = max(len(title) for title, _ in rows)
+    print(f"{'':{width}}" + "".join(f"{label:>26}" for label in results))
     for title, key in rows:
         cells = []
-        for label, values in phases.items():
+        for label, values in results.items():
             v = values[key]
-            cells.append(f"{v:>10.1f}" + (f" ({v / base[key]:5.2f}x)" if label != "no tuning" else " " * 9) + "   ")
-        print(f"{title:{width}}  " + "".join(f"{c:>24}" for c in cells))
-    for label, (during, alone) in train_rate.items():
-        print(f"{label}: tuning {during:.2f} steps/s while serving, {alone:.2f} steps/s with no requests")
+            cells.append(f"{v:.1f}" + (f" ({v / base[key]:.2f}x)" if label != "no tuning" else ""))
+        print(f"{title:{width}}" + "".join(f"{c:>26}" for c in cells))
+    for label, rate in train_rate.items():
+        print(f"{label}: tuning ran {rate:.3f} steps/s while serving")
+    print(f"tuning alone (no requests): {idle_rate:.3f} steps/s")
     engine.stop()
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": name, "phases": phases,
-                                               "tuning_steps_per_s": {k: {"serving": a, "idle": b} for k, (a, b) in train_rate.items()},
-                                               "args": vars(args)}, indent=2))
+        Path(args.json).write_text(json.dumps({"model": name, "phases": results, "tuning_steps_per_s_serving": train_rate,
+                                               "tuning_steps_per_s_idle": idle_rate, "args": vars(args)}, indent=2))
     return 0
 
 
