@@ -373,6 +373,36 @@ def test_api_rejects_bad_requests(api):
     assert api.get("/v1/tuning/jobs/tunejob-nope", headers=a).status_code == 404
 
 
+# ---- CLI ------------------------------------------------------------------------------------------
+def test_cli_tune_writes_adapter_and_store_version(tokenizer, tmp_path, tmp_path_factory, capsys):
+    from live_server import tiny_model_dir
+    from peft import PeftConfig
+
+    from prompt_store.backend import LocalBackend
+    from prompt_store.store import PromptStore
+    from prompt_store.types import ModelInfo
+    from server.cli import main
+
+    model_dir = tiny_model_dir(tmp_path_factory, tokenizer)
+    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in toy_records(6)))
+    evals.write_text("".join(json.dumps(r) + "\n" for r in toy_records(2)))
+    args = ["tune", "--data", str(train), "--eval", str(evals), "--name", "cli-tuned", "--model", str(model_dir),
+            "--num-virtual-tokens", "3", "--init", "text", "--init-text", "Label it", "--steps", "2", "--batch-size", "2",
+            "--out", str(tmp_path / "adapter"), "--store", str(tmp_path / "store"), "--log-every", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "step 1/2  loss" in out and "step 2/2  loss" in out and "eval_acc" in out and "ETA" in out
+    summary = json.loads(out[out.index("{"):])
+    assert PeftConfig.from_pretrained(str(tmp_path / "adapter")).num_virtual_tokens == 3
+    store = PromptStore(LocalBackend(tmp_path / "store"), ModelInfo("tiny", 64, 2, 4))
+    assert store.resolve("default", "cli-tuned").version == summary["version"]
+
+    train.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + "{oops\n")
+    with pytest.raises(SystemExit, match="line 2: invalid JSON"):
+        main(args)
+
+
 # ---- real model -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tune_smollm_few_steps(smollm):
