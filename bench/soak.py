@@ -164,7 +164,11 @@ def run(args) -> dict:
         keys_file = Path(tmp) / "keys.yaml"
         keys = {t: add_key(keys_file, t, "user") for t in TENANTS}
         server = Server(Path(tmp) / "store", model=model_path(args.model), device=args.device, dtype=args.dtype,
-                        extra_args=["--api-keys", str(keys_file), "--max-queue", "1000", "--max-model-len", "512"])
+                        extra_args=["--api-keys", str(keys_file), "--max-queue", "1000", "--max-model-len", "512",
+                                    "--torch-threads", str(args.threads or 1),
+                                    # Small caches reach their steady state within the run, so RSS
+                                    # growth after warm-up would be a leak, not a cache filling up.
+                                    "--prompt-cache-bytes", str(args.cache_bytes), "--kv-prefix-cache-bytes", str(args.cache_bytes)])
         server.start()
         try:
             import httpx
@@ -186,6 +190,8 @@ def render(result: dict) -> str:
     lines = [
         f"### Soak: {result['minutes']} min, {result['clients']} clients, 3 tenants, uploads/deletes meanwhile",
         "",
+        f"`{result['server_command']}`",
+        "",
         f"- lost requests: **{result['lost']}**; server 5xx: {result['server_5xx']}; healthy after: {result['healthy_after']}; "
         f"rows still running after: {fmt(result['running_after'], 0)}",
         f"- server RSS after warm-up: {fmt(result['rss_after_warmup_min_mb'])}–{fmt(result['rss_after_warmup_max_mb'])} MB "
@@ -205,6 +211,7 @@ def main(argv=None) -> dict:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=12)
+    parser.add_argument("--cache-bytes", type=int, default=256 * 1024, help="prompt and KV prefix cache budgets")
     parser.set_defaults(model="tiny")
     args = parser.parse_args(argv)
     if args.quick:

@@ -303,7 +303,8 @@ async def collect(state: ServiceState, http_request: HTTPRequest, requests: list
             await consumer
         except (asyncio.CancelledError, Exception):
             pass
-        raise asyncio.CancelledError("client disconnected")
+        # The client is gone: nobody reads this; 499 ("client closed request") keeps logs quiet.
+        raise APIError(499, "client closed the connection", code="client_closed")
 
 
 async def _wait_disconnect(http_request: HTTPRequest) -> None:
