@@ -313,7 +313,7 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads_default": torch.get_num_threads(),
         "load_avg_1m": round(load_average(), 2),
         "platform": platform.platform(),
     }

@@ -97,7 +97,9 @@ async def closed_loop(url: str, concurrency: int, choose: Callable[[int, random.
 
         async def run_client(cid: int) -> None:
             rng = random.Random(seed * 1_000_003 + cid)
-            await asyncio.sleep(rng.uniform(0, min(0.5, warmup / 2)))  # de-synchronise the clients
+            # Stagger the first requests over most of the warm-up: clients that all start at once stay in
+            # lock-step cohorts (prefill together, finish together), and a window then counts whole cohorts.
+            await asyncio.sleep(rng.uniform(0, 0.8 * warmup))
             i = cid
             while time.perf_counter() < t_end:
                 rec = Record(client=cid, model=choose(cid, rng), t_start=time.perf_counter())
@@ -125,6 +127,29 @@ async def _idle_barrier(url: str) -> None:
         models = (await client.get("/v1/models")).json()["data"]
         base = models[0]["id"]
         await client.post("/v1/completions", json={"model": base, "prompt": [200, 201], "max_tokens": 1})
+
+
+def cache_counters(url: str) -> dict[str, float]:
+    """Cache hit/miss/eviction counters from the server's Prometheus /metrics ({} if unavailable)."""
+    import httpx
+
+    out: dict[str, float] = {}
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=30.0).text
+    except httpx.HTTPError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("softserve_") and "cache" in line and ("_total " in line or "_bytes " in line):
+            name, _, value = line.partition(" ")
+            try:
+                out[name.replace("softserve_", "").replace("_total", "")] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def counter_delta(before: dict, after: dict) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after if not k.endswith("_bytes")}
 
 
 def summarize(run: dict) -> dict:
@@ -185,7 +210,7 @@ def run(args) -> dict:
     quick = args.quick
     concurrencies = [int(x) for x in args.concurrency.split(",")] if args.concurrency else ([1, 4] if quick else [1, 4, 16, 32, 64])
     n_zipf = args.num_prompts or (16 if quick else 1000)
-    warmup = args.warmup if args.warmup is not None else (1.0 if quick else 5.0)
+    warmup = args.warmup if args.warmup is not None else (1.0 if quick else 8.0)
     window = args.window if args.window is not None else (3.0 if quick else 20.0)
     rounds = args.rounds or (1 if quick else 2)
     configs = list(args.configs)
@@ -229,15 +254,17 @@ def run(args) -> dict:
                 for r in range(rounds):
                     order = configs if r % 2 == 0 else configs[::-1]
                     for cfg in order:
+                        before = cache_counters(server.url)
                         raw = asyncio.run(closed_loop(server.url, conc, make_chooser(cfg, conc, zipf_cum), inputs,
                                                       max_tokens=args.max_tokens, warmup=warmup, window=window,
                                                       seed=args.seed + r))
                         s = summarize(raw)
-                        s.update(concurrency=conc, config=cfg, round=r, load_avg=C.load_average())
+                        s.update(concurrency=conc, config=cfg, round=r, load_avg=C.load_average(),
+                                 cache=counter_delta(before, cache_counters(server.url)))
                         result["runs"].append(s)
                         print(f"C={conc:3d} {cfg} round {r}: {s['tokens_per_s']:.1f} tok/s, "
                               f"ttft p50 {C.median(s['ttft_ms']):.0f} ms, itl p50 {C.median(s['itl_ms']):.0f} ms, "
-                              f"errors {s['num_errors']}", file=sys.stderr, flush=True)
+                              f"errors {s['num_errors']}, cache {s['cache']}", file=sys.stderr, flush=True)
         finally:
             server.stop()
     result["load_avg_end"] = C.load_average()
@@ -279,6 +306,9 @@ def aggregate(result: dict) -> list[dict]:
                 "itl_p50": C.percentile(itl, 50), "itl_p99": C.percentile(itl, 99),
                 "requests": sum(x["completed"] for x in runs), "errors": sum(x["num_errors"] for x in runs),
                 "chunk_token_ratio": min(ratios) if ratios else None,
+                "kv_prefix_misses": sum(x.get("cache", {}).get("kv_prefix_cache_misses", 0) for x in runs),
+                "kv_prefix_evictions": sum(x.get("cache", {}).get("kv_prefix_cache_evictions", 0) for x in runs),
+                "prompt_cache_misses": sum(x.get("cache", {}).get("prompt_cache_misses", 0) for x in runs),
             })
     return rows
 
@@ -320,10 +350,17 @@ def render(result: dict) -> str:
         rows.append(row)
     lines.append(C.md_table(headers, rows, digits=2))
     lines += ["", "Latency (streaming; TTFT = request sent -> first token chunk; ITL = gap between token chunks):", ""]
-    lat = [[r["concurrency"], CONFIGS[r["config"]], r["ttft_p50"], r["ttft_p99"], r["itl_p50"], r["itl_p99"],
-            r["requests"], r["errors"]] for r in result["table"]]
-    lines.append(C.md_table(["C", "config", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "completed", "errors"],
-                            lat, digits=0))
+    def n_ttft(r: dict) -> int | str:
+        runs = [x for x in result["runs"] if x["concurrency"] == r["concurrency"] and x["config"] == r["config"]]
+        return sum(x.get("num_ttft", 0) for x in runs) if runs and "num_ttft" in runs[0] else "?"
+
+    lat = [[r["concurrency"], CONFIGS[r["config"]], r["ttft_p50"], r["ttft_p99"], n_ttft(r), r["itl_p50"], r["itl_p99"],
+            r["requests"], r["errors"], r.get("kv_prefix_misses", "?"), r.get("kv_prefix_evictions", "?")]
+           for r in result["table"]]
+    lines.append(C.md_table(["C", "config", "TTFT p50 ms", "TTFT p99 ms", "TTFT samples", "ITL p50 ms", "ITL p99 ms",
+                             "completed", "errors", "prompt-KV misses", "evictions"], lat, digits=0))
+    lines += ["", "TTFT samples are requests that started inside the window and got their first token before it closed; "
+              "at high C a request lasts about as long as the window, so few start inside it (– = none)."]
     ratios = [r["chunk_token_ratio"] for r in result["table"] if r["chunk_token_ratio"]]
     lines += ["",
               f"Server: `{result.get('server_command')}` (started in {result.get('server_start_s', 0):.1f} s); "

@@ -45,6 +45,8 @@ def run(args) -> dict:
     import server.engine.model_runner as mr
 
     C.setup_torch(args)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     batches = [int(x) for x in args.batch.split(",")] if args.batch else ([1, 4] if args.quick else [1, 32, 64])
     steps = args.steps or (4 if args.quick else 16)
     model, tok, name, device, dtype = C.load(args.model, args.device, args.dtype)
@@ -67,12 +69,22 @@ def run(args) -> dict:
 
         mr.sample = sample
         timers.wrap(runner, "_keep_rows", "keep rows (trim)")
+        timers.wrap(runner, "_merge", "merge new rows into the batch")
+        timers.wrap(runner, "_prefix_kv", "prompt KV lookup")
         timers.wrap(engine, "postprocess", "postprocess (scheduler update, detokenize)")
         timers.wrap(engine.scheduler, "schedule", "schedule")
         inputs = C.request_inputs(args.seed, b, lo=48, hi=48, vocab=cfg.vocab_size)
-        softs = [C.soft_prompt(C.vocab_prompt_tensor(model, i, 16), f"p{i}") for i in range(b)]
-        for i, (ids, s) in enumerate(zip(inputs, softs)):
-            engine.add_request(C.engine_request(f"x{b}-{i}", ids, soft=s, max_tokens=steps + 3))
+        softs = [C.soft_prompt(C.vocab_prompt_tensor(model, 0 if args.same_prompt else i, 16), f"p{i}") for i in range(b)]
+        n_req = 0
+
+        def add(i: int, max_tokens: int) -> None:
+            nonlocal n_req
+            n_req += 1
+            engine.add_request(C.engine_request(f"x{b}-{n_req}", inputs[i % b], soft=softs[i % b], max_tokens=max_tokens))
+
+        for i in range(b):
+            # churn: 64-token requests at staggered phases, so about b/64 rows leave and join every step
+            add(i, (64 - (i * 64) // b) if args.churn else steps + 3)
         engine.step()
         engine.step()
         timers.total.clear()
@@ -85,19 +97,29 @@ def run(args) -> dict:
         C.sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
+            if args.churn:
+                for _ in range(b - engine.num_running - engine.num_waiting):
+                    add(n_req, 64)
             engine.step()
         C.sync(device)
         wall = time.perf_counter() - t0
         if prof is not None:
             prof.__exit__(None, None, None)
         mr.sample = orig_sample
+        waiting = engine.scheduler.waiting
+        queued = [r for q in waiting.values() for r in q] if isinstance(waiting, dict) else list(waiting)
+        for rid in [r.request_id for r in list(engine.scheduler.running) + queued]:
+            engine.abort_request(rid)
         while engine.has_unfinished():
             engine.step()
         parts = {k: 1000 * v / steps for k, v in timers.total.items()}
-        accounted = sum(v for k, v in parts.items() if k not in ("postprocess (scheduler update, detokenize)",))
+        nested = ("postprocess (scheduler update, detokenize)", "merge new rows into the batch", "prompt KV lookup")
+        accounted = sum(v for k, v in parts.items() if k not in nested)
         parts["postprocess (scheduler update, detokenize)"] = parts.get("postprocess (scheduler update, detokenize)", 0.0)
         parts["other runner work (masks, cat, tolist)"] = 1000 * wall / steps - accounted - parts["postprocess (scheduler update, detokenize)"]
-        row = {"batch": b, "step_ms": 1000 * wall / steps, "parts_ms": parts}
+        # model forward includes the prompt-KV forwards of misses; merge/lookup run inside other runner work
+        parts["other runner work (masks, cat, tolist)"] -= 0.0
+        row = {"batch": b, "step_ms": 1000 * wall / steps, "parts_ms": parts, "churn": args.churn}
         if prof is not None:
             row["ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops_rows)
         result["rows"].append(row)
@@ -106,7 +128,10 @@ def run(args) -> dict:
 
 
 def render(result: dict) -> str:
-    lines = [f"### Engine step breakdown ({result['model']} {result['dtype']}, decode steps, mean of {result['steps']})", ""]
+    churn = any(r.get("churn") for r in result["rows"])
+    lines = [f"### Engine step breakdown ({result['model']} {result['dtype']}, "
+             f"{'continuous batching: 64-token requests, rows leave and join every step' if churn else 'static decode steps'}, "
+             f"mean of {result['steps']} steps)", ""]
     labels = []
     for r in result["rows"]:
         for k in r["parts_ms"]:
@@ -127,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--ops", action="store_true", help="add a torch.profiler op table")
+    p.add_argument("--churn", action="store_true", help="continuous batching: rows leave and join every step")
+    p.add_argument("--same-prompt", action="store_true", help="every row uses one soft prompt (default: one each)")
+    p.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) first")
     p.add_argument("--ops-rows", type=int, default=15)
     return p
 

@@ -39,14 +39,15 @@ def module(name: str):
     return importlib.import_module(f"bench.{name}")
 
 
-def run_scripts(args, out_dir: Path, after_each=None) -> dict:
+def run_scripts(args, out_dir: Path, after_each=None, argv=()) -> dict:
     common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
     if args.quick:
         common.insert(0, "--quick")
     if args.threads:
         common += ["--threads", str(args.threads)]
     selected = [s for s in SCRIPTS if (not args.only or s in args.only.split(",")) and s not in (args.skip or "").split(",")]
-    meta = {"started": dt.datetime.now().isoformat(timespec="seconds"), "scripts": {}}
+    meta = {"started": dt.datetime.now().isoformat(timespec="seconds"), "scripts": {},
+            "suite_command": " ".join([".venv/bin/python", "bench/run_all.py", *argv])}
     C.model_path(args.model)  # build the cached model copy once, before any timing
     for name in selected:
         extra = PROFILES[args.profile].get(name, [])
@@ -95,12 +96,16 @@ def goals(results: dict) -> list[list]:
     base = results.get("baselines")
     if base:
         r = base["ratios"]
+        pr = base.get("paired_ratios") or module("baselines").paired_ratios(base)
         rows.append([f"2. ours (B={base['batch']} distinct prompts, in-process) >= 8x PEFT sequential (i)",
-                     f"warm {r['ours_warm/peft_seq']:.1f}x, cold {r['ours_cold/peft_seq']:.1f}x",
-                     "met" if r["ours_warm/peft_seq"] >= 8 else "missed"])
+                     f"warm {r['ours_warm/peft_seq']:.1f}x, cold {r['ours_cold/peft_seq']:.1f}x (ratio of means); "
+                     f"warm {pr['ours_warm/peft_seq']:.1f}x (median per-round ratio)",
+                     "met" if min(r["ours_warm/peft_seq"], pr["ours_warm/peft_seq"]) >= 8 else "missed"])
         rows.append([f"2. ours >= 1.0x HF generate static batch (ii)",
-                     f"warm {r['ours_warm/hf_static']:.2f}x, cold {r['ours_cold/hf_static']:.2f}x, same input {r['ours_homog/hf_static']:.2f}x",
-                     "met" if r["ours_warm/hf_static"] >= 1.0 else "missed"])
+                     f"warm {r['ours_warm/hf_static']:.2f}x, cold {r['ours_cold/hf_static']:.2f}x, same input "
+                     f"{r['ours_homog/hf_static']:.2f}x (ratio of means); warm {pr['ours_warm/hf_static']:.2f}x, same input "
+                     f"{pr['ours_homog/hf_static']:.2f}x (median per-round ratio)",
+                     "met" if min(r["ours_warm/hf_static"], pr["ours_warm/hf_static"]) >= 1.0 else "missed"])
         live = live_point(results)
         if live:
             tps = base["tokens_per_s"]
@@ -196,7 +201,7 @@ def render(results: dict, meta: dict, facts: dict, png_note: str | None, png_nam
     else:
         lines += [f"(No throughput plot: {png_note}.)", ""]
     lines += ["## Machine", "", C.md_table(["fact", "value"], [[k, v] for k, v in facts.items()]), ""]
-    lines += ["## Commands", "", "```"]
+    lines += ["## Commands", "", f"Suite: `{meta.get('suite_command', '.venv/bin/python bench/run_all.py')}`, which ran:", "", "```"]
     for name, m in meta.get("scripts", {}).items():
         status = "" if m["returncode"] == 0 else f"   # FAILED rc={m['returncode']}"
         lines.append(f"{m['command']}   # {m['elapsed_s']:.0f} s, load {m['load_before']} -> {m['load_after']}{status}")
@@ -255,12 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in SCRIPTS:  # results of an earlier run in this directory must not mix with this one
             (out_dir / f"{name}.json").unlink(missing_ok=True)
         facts = C.machine_facts()
+        facts["bench_threads"] = args.threads or "torch default"
 
         def after_each(meta: dict) -> None:
             meta["facts"] = facts
             write(meta)
 
-        meta = run_scripts(args, out_dir, after_each)
+        meta = run_scripts(args, out_dir, after_each, argv if argv is not None else sys.argv[1:])
         facts["load_avg_1m_end"] = round(C.load_average(), 2)
         meta["facts"] = facts
     write(meta)
