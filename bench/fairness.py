@@ -91,7 +91,7 @@ def run(args) -> dict:
         keys = {t: add_key(keys_file, t, "user") for t in ("A", "B")}
         server = Server(Path(tmp) / "store", model=model_path(args.model), device=args.device, dtype=args.dtype,
                         extra_args=["--api-keys", str(keys_file), "--max-batch-size", str(args.max_batch_size),
-                                    "--max-queue", "1000"])
+                                    "--max-queue", "1000", "--torch-threads", str(args.threads or 0)])
         server.start()
         try:
             import httpx

@@ -210,9 +210,10 @@ def render(results: dict, meta: dict, facts: dict, png_note: str | None, png_nam
         if name in results:
             lines += [module(name).render(results[name]) if name != "baselines"
                       else module(name).render(results[name], live_point(results)), ""]
-    analysis = Path(__file__).resolve().parent / "ANALYSIS.md"
-    if analysis.exists() and mode == "full":
-        lines += [analysis.read_text().strip(), ""]
+    for hand_written in ("ANALYSIS.md", "OPERATIONS.md"):  # profiles, fairness/soak/tuning runs
+        path = Path(__file__).resolve().parent / hand_written
+        if path.exists() and mode == "full":
+            lines += [path.read_text().strip(), ""]
     return "\n".join(lines)
 
 
