@@ -59,6 +59,16 @@ def setup_torch(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def script_main(build_parser, run, render, argv: list[str] | None = None) -> dict:
+    """Every script's `main`: parse, run, record the command line, write JSON, print the tables."""
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    result["command"] = script_command(argv if argv is not None else sys.argv[1:])
+    write_json(args, result)
+    print(render(result))
+    return result
+
+
 def write_json(args, result: dict) -> None:
     if args.json:
         path = Path(args.json)

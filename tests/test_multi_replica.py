@@ -8,7 +8,6 @@ nginx to B. Every process is started here and stopped by its PID.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

@@ -6,7 +6,6 @@ The PEFT reference is a greedy loop over `PeftModel.forward` with full recompute
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
