@@ -42,51 +42,35 @@ class _StateCollector:
     def collect(self):
         state = self.state
         engine = state.engine
-        ready = GaugeMetricFamily("softserve_ready", "1 when the server accepts requests")
-        ready.add_metric([], 1.0 if state.is_ready else 0.0)
-        yield ready
+        yield _metric(GaugeMetricFamily, "softserve_ready", "1 when the server accepts requests", 1.0 if state.is_ready else 0.0)
         if engine is None:
             return
-        gauges = {
-            "softserve_queue_depth": ("Requests waiting for a batch row", engine.num_waiting),
-            "softserve_running_requests": ("Requests in the running batch", engine.num_running),
-        }
-        for name, (doc, value) in gauges.items():
-            g = GaugeMetricFamily(name, doc)
-            g.add_metric([], value)
-            yield g
+        yield _metric(GaugeMetricFamily, "softserve_queue_depth", "Requests waiting for a batch row", engine.num_waiting)
+        yield _metric(GaugeMetricFamily, "softserve_running_requests", "Requests in the running batch", engine.num_running)
         prefix = engine.engine.prefix_cache
-        for name, doc, value in (
-            ("softserve_kv_prefix_cache_hits", "Soft-prompt KV prefix cache hits", prefix.hits),
-            ("softserve_kv_prefix_cache_misses", "Soft-prompt KV prefix cache misses", prefix.misses),
-            ("softserve_kv_prefix_cache_evictions", "Soft-prompt KV prefix cache evictions", prefix.evictions),
-        ):
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], value)
-            yield c
-        g = GaugeMetricFamily("softserve_kv_prefix_cache_bytes", "Bytes of cached soft-prompt KV")
-        g.add_metric([], prefix.bytes)
-        yield g
+        yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_hits", "Soft-prompt KV prefix cache hits", prefix.hits)
+        yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_misses", "Soft-prompt KV prefix cache misses", prefix.misses)
+        yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_evictions", "Soft-prompt KV prefix cache evictions",
+                      prefix.evictions)
+        yield _metric(GaugeMetricFamily, "softserve_kv_prefix_cache_bytes", "Bytes of cached soft-prompt KV", prefix.bytes)
         if state.cache is not None:
             stats = state.cache.stats()
-            for name, doc, value in (
-                ("softserve_prompt_cache_hits", "Prompt tensor cache hits", stats.hits),
-                ("softserve_prompt_cache_misses", "Prompt tensor cache misses (loads from the store)", stats.misses),
-                ("softserve_prompt_cache_evictions", "Prompt tensor cache evictions", stats.evictions),
-            ):
-                c = CounterMetricFamily(name, doc)
-                c.add_metric([], value)
-                yield c
-            for name, doc, value in (
-                ("softserve_prompt_cache_bytes", "Bytes of prompt tensors on the device", stats.bytes),
-                ("softserve_prompt_cache_entries", "Prompt tensors on the device", stats.entries),
-            ):
-                g = GaugeMetricFamily(name, doc)
-                g.add_metric([], value)
-                yield g
+            yield _metric(CounterMetricFamily, "softserve_prompt_cache_hits", "Prompt tensor cache hits", stats.hits)
+            yield _metric(CounterMetricFamily, "softserve_prompt_cache_misses",
+                          "Prompt tensor cache misses (loads from the store)", stats.misses)
+            yield _metric(CounterMetricFamily, "softserve_prompt_cache_evictions", "Prompt tensor cache evictions", stats.evictions)
+            yield _metric(GaugeMetricFamily, "softserve_prompt_cache_bytes", "Bytes of prompt tensors on the device", stats.bytes)
+            yield _metric(GaugeMetricFamily, "softserve_prompt_cache_entries", "Prompt tensors on the device", stats.entries)
         jobs = getattr(state, "tuning_job_counts", None)
         if callable(jobs):
             g = GaugeMetricFamily("softserve_tuning_jobs", "Tuning jobs by status", labels=["status"])
             for status, count in jobs().items():
                 g.add_metric([status], count)
             yield g
+
+
+def _metric(family, name: str, doc: str, value: float):
+    """One unlabelled sample read at scrape time."""
+    metric = family(name, doc)
+    metric.add_metric([], value)
+    return metric

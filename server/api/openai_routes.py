@@ -56,6 +56,20 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE stream that always ends with `data: [DONE]` (also after an error event)."""
+
+    async def with_done() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+            yield _sse("[DONE]")
+        finally:  # client gone: close the inner stream now, which aborts its engine requests
+            await events.aclose()
+
+    return StreamingResponse(with_done(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def _tokenize_prompts(tokenizer, prompt, max_chars: int) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -134,9 +148,8 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
                                     "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
                 except APIError as exc:
                     yield _sse(exc.to_body())
-                yield _sse("[DONE]")
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _sse_response(events())
 
         await collect(state, http_request, requests, choices, tracker)
         return S.CompletionResponse(
@@ -188,9 +201,8 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
                         yield chunk([], usage=_usage(prompts, choices, num_virtual))
                 except APIError as exc:
                     yield _sse(exc.to_body())
-                yield _sse("[DONE]")
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _sse_response(events())
 
         await collect(state, http_request, requests, choices, tracker)
         return S.ChatCompletionResponse(
