@@ -90,6 +90,11 @@ class Request:
     # Step counters, used by tests to prove scheduling properties without wall-clock timing.
     first_scheduled_step: int | None = None
     finished_step: int | None = None
+    # KV bookkeeping (engine v2). The request's sequence is [virtual tokens | prompt | generated];
+    # positions 0..num_computed_tokens-1 have their KV in the pool extent starting at kv_offset.
+    num_computed_tokens: int = 0
+    kv_offset: int | None = None
+    cached_prefix: Any = None  # the prompt's cached KV (opaque to the scheduler), copied in at admission
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -111,6 +116,16 @@ class Request:
     def total_len(self) -> int:
         """Every position this request occupies in the KV cache: virtual + prompt + generated."""
         return self.num_virtual_tokens + len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Known positions whose KV is not in the pool yet (1 for a decoding row: its last sampled token)."""
+        return self.total_len - self.num_computed_tokens
+
+    @property
+    def kv_reservation(self) -> int:
+        """Pool slots this request can ever need: every position but the last sampled token's."""
+        return self.num_virtual_tokens + len(self.prompt_ids) + max(self.sampling.max_tokens - 1, 0)
 
     @property
     def is_finished(self) -> bool:
