@@ -148,3 +148,61 @@ def test_pool_too_small_for_all_requests_queues_them_and_all_finish(tiny_model, 
 def test_engine_refuses_a_pool_smaller_than_one_request(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="KV pool holds"):
         engine_with(tiny_model, tokenizer, kv_cache_tokens=100, max_model_len=512)
+
+
+def test_prefix_tuning_rows_equal_peft_in_a_mixed_batch(tiny_model, tokenizer, tmp_path):
+    """PEFT PREFIX_TUNING (P-tuning v2) rows next to prompt-tuned and plain rows, each == PEFT's own forward."""
+    import copy
+
+    import torch
+    from peft import PeftModel, PrefixTuningConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from server.engine.request import SoftPrompt, SoftPromptRef
+
+    base = copy.deepcopy(tiny_model)
+    adapters = {}
+    for k, seed in ((5, 1), (11, 2)):
+        peft_model = get_peft_model(copy.deepcopy(tiny_model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=k))
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            weight = peft_model.prompt_encoder["default"].embedding.weight
+            weight.copy_(torch.randn(weight.shape, generator=gen))
+        peft_model.save_pretrained(tmp_path / f"prefix{k}")
+        tensor = load_file(tmp_path / f"prefix{k}" / "adapter_model.safetensors")["prompt_embeddings"]
+        adapters[k] = SoftPrompt(SoftPromptRef(f"prefix{k}", "v", f"sha-prefix{k}", k), tensor, kind="prefix_tuning")
+
+    @torch.inference_mode()
+    def peft_greedy(k: int, ids: list[int], max_tokens: int) -> list[int]:
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / f"prefix{k}").eval()
+        ids, out = list(ids), []
+        for _ in range(max_tokens):
+            logits = peft_model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+            out.append(int(logits[0, -1].argmax()))
+            ids.append(out[-1])
+        return out
+
+    tuned = make_prompt("tuned", 6, HIDDEN, 77)
+    cases = [(adapters[5], list(range(100, 108))), (tuned, list(range(200, 205))), (None, list(range(300, 311))),
+             (adapters[11], list(range(400, 403))), (adapters[5], list(range(500, 513)))]
+    requests = [make_request(ids, soft_prompt=sp, max_tokens=7, ignore_eos=True) for sp, ids in cases]
+    got = run(engine_with(tiny_model, tokenizer, max_prefill_tokens=9), requests)
+    for request, (sp, ids) in zip(requests, cases):
+        if sp is not None and sp.is_prefix:
+            expected = peft_greedy(sp.ref.num_virtual_tokens, ids, 7)
+        else:
+            expected = reference_greedy(tiny_model, ids, sp, 7)
+        assert got[request.request_id] == expected, sp and sp.ref.name
+    assert len({tuple(got[r.request_id]) for r in requests}) == len(requests)  # the prefixes do change the output
+
+
+def test_wrong_prompt_shape_is_refused_at_add_not_in_the_batch(tiny_model, tokenizer):
+    import torch
+
+    from server.engine.request import SoftPrompt, SoftPromptRef
+
+    engine = engine_with(tiny_model, tokenizer)
+    bad = SoftPrompt(SoftPromptRef("bad", "v", "sha-bad", 4), torch.zeros(4, 63), kind="prefix_tuning")
+    with pytest.raises(ValueError, match="expected"):
+        engine.add_request(make_request([1, 2, 3], soft_prompt=bad))
+    assert not engine.has_unfinished()

@@ -83,10 +83,24 @@ class LLMEngine:
             raise ValueError(f"request needs {needed} tokens, max_model_len is {limit}")
         if not request.prompt_ids:
             raise ValueError("prompt must contain at least one token")
+        if request.soft_prompt is not None:
+            self._check_prompt_shape(request.soft_prompt)
         self.scheduler.add(request)
         self._detok[request.request_id] = self.detokenizer.new_state(
             request.prompt_ids, request.sampling.stop, request.sampling.skip_special_tokens
         )
+
+    def _check_prompt_shape(self, prompt) -> None:
+        """The store validates shapes at upload; this keeps one wrong tensor from failing a whole batch."""
+        runner = self.runner
+        width = prompt.embeddings.shape[-1]
+        if prompt.is_prefix:
+            expected = runner.num_layers * 2 * runner.num_kv_heads * runner.head_dim
+        else:
+            expected = runner.embed.embedding_dim
+        if prompt.embeddings.ndim != 2 or width != expected or prompt.embeddings.shape[0] != prompt.ref.num_virtual_tokens:
+            raise ValueError(f"soft prompt {prompt.ref.name!r} has shape {tuple(prompt.embeddings.shape)}, "
+                             f"expected [{prompt.ref.num_virtual_tokens}, {expected}] for this model")
 
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id) is not None

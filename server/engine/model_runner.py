@@ -100,7 +100,20 @@ class ModelRunner:
 
     def lookup_prefix(self, request: Request) -> PrefixKV | None:
         """Called by the scheduler at admission: the handle keeps the KV alive even if evicted later."""
+        if request.soft_prompt.is_prefix:  # prefix tuning: the tensor IS the KV, nothing to compute
+            return self._prefix_tuning_kv(request)
         return self.prefix_cache.get(self._prefix_key(request))
+
+    def _prefix_tuning_kv(self, request: Request) -> PrefixKV:
+        """PEFT's [k, layers * 2 * kv_heads * head_dim] -> the pool layout [layers, 2, kv_heads, k, head_dim].
+
+        PEFT reads it as view(k, 2 * layers, kv_heads, head_dim).permute(1, 2, 0, 3), K = [2l], V = [2l + 1];
+        the keys are used as stored (no rotary is applied to them), and real tokens count from position k.
+        """
+        tensor = request.soft_prompt.embeddings
+        k = tensor.shape[0]
+        kv = tensor.to(self.device, self.dtype).view(k, self.num_layers, 2, self.num_kv_heads, self.head_dim)
+        return PrefixKV(kv.permute(1, 2, 3, 0, 4))  # [layers, 2, kv_heads, k, head_dim] (a view; copied at admission)
 
     def _copy_prefix_in(self, request: Request) -> None:
         prefix: PrefixKV = request.cached_prefix

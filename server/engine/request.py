@@ -60,8 +60,21 @@ class SoftPromptRef:
 
 @dataclass(frozen=True)
 class SoftPrompt:
+    """The tensor behind a request's prompt. Two kinds, served in the same batch:
+
+    - prompt tuning / P-tuning: `embeddings` [num_virtual_tokens, hidden], prepended to the input
+      embeddings; its KV is computed by the model (once per content hash, then cached).
+    - prefix tuning (P-tuning v2): `embeddings` is PEFT's `[num_virtual_tokens, layers * 2 * kv_heads *
+      head_dim]`: the keys and values of every layer, used as the row's KV at positions 0..k-1 as is.
+    """
+
     ref: SoftPromptRef
-    embeddings: Any  # torch.Tensor [num_virtual_tokens, hidden] on the model's device and dtype
+    embeddings: Any  # torch.Tensor on the model's device and dtype; shape as above
+    kind: str = "prompt_tuning"  # or "prefix_tuning"
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.kind == "prefix_tuning"
 
 
 @dataclass(frozen=True)
