@@ -9,6 +9,7 @@ import logging
 
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import DetokState, Detokenizer
+from server.engine.guided import attach_guided_state
 from server.engine.kv_cache import PrefixKVCache
 from server.engine.model_runner import ModelRunner, RowLogprobs
 from server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
@@ -59,6 +60,7 @@ class LLMEngine:
             raise ValueError(f"request needs {needed} tokens, max_model_len is {limit}")
         if not request.prompt_ids:
             raise ValueError("prompt must contain at least one token")
+        attach_guided_state(request, self.tokenizer, self.eos_token_ids)  # ValueError if the grammar is bad
         self.scheduler.add(request)
         self._detok[request.request_id] = self.detokenizer.new_state(
             request.prompt_ids, request.sampling.stop, request.sampling.skip_special_tokens

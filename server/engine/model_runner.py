@@ -16,7 +16,8 @@ import torch
 from server.engine.cpu_attention import avoid_native_gqa_on_cpu
 from server.engine.kv_cache import BatchCache, GrowableLayer, PrefixKV, PrefixKVCache, left_pad
 from server.engine.request import Request, SamplingParams
-from server.engine.sampler import SampleResult, make_generator, sample
+from server.engine.guided import advance_guided
+from server.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
 from server.engine.scheduler import RunnerOutput, SchedulerOutput
 
 log = logging.getLogger("softserve.runner")
@@ -209,12 +210,14 @@ class ModelRunner:
         params = [r.sampling for r in scheduled]
         generators = [self.generators[r.request_id] for r in scheduled]
         failed_rows: dict[int, str] = {}
+        apply_guided_masks(all_logits, scheduled)
         try:
             result = sample(all_logits, params, generators, banned)
         except Exception:
             result, failed_rows = self._sample_rows_separately(all_logits, params, generators, banned)
         self.last_tokens = result.token_ids
         token_ids = result.token_ids.tolist()  # the one device->host copy per step
+        advance_guided(scheduled, token_ids)
         row_logprobs: list[RowLogprobs | None] | None = None
         if result.chosen_logprobs is not None:
             chosen = result.chosen_logprobs.tolist()
