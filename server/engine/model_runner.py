@@ -19,6 +19,7 @@ from server.engine.request import Request, SamplingParams
 from server.engine.guided import advance_guided
 from server.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
 from server.engine.scheduler import RunnerOutput, SchedulerOutput
+from server.engine.scoring import prompt_logits_to_keep, record_prompt_logprobs
 
 log = logging.getLogger("softserve.runner")
 
@@ -170,8 +171,9 @@ class ModelRunner:
             position_ids=positions,
             **{self._cache_kwarg: past},
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=prompt_logits_to_keep(requests),
         )
+        record_prompt_logprobs(requests, out.logits)
         next_pos = torch.tensor([k + n for k, n in zip(ks, ns)], device=self.device)
         self._merge(requests, past, mask, next_pos)
         return out.logits[:, -1, :]  # [rows, vocab]

@@ -169,6 +169,10 @@ class Scheduler:
                 request.finish(FinishReason.ERROR, self.step_count, error=result.failed_rows[row])
                 self._left.append(request)
                 continue
+            if request.sampling.max_tokens == 0:  # score only: the prefill was for its prompt logprobs
+                request.finish(FinishReason.LENGTH, self.step_count)
+                stepped.append((row, request))
+                continue
             request.output_ids.append(token_id)
             self.tenant_counters[request.tenant] = self.tenant_counters.get(request.tenant, 0.0) + self.config.output_token_cost
             sampling = request.sampling
