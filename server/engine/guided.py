@@ -30,7 +30,7 @@ KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 # Compact JSON (no optional whitespace): a model cannot spend its whole budget on spaces.
 _JSON_DEFAULTS = {"whitespace_flexible": False}
 
-_tokenizer_infos: dict[tuple[int, tuple[int, ...]], llguidance.LLTokenizer] = {}
+_tokenizer_infos: dict[int, llguidance.LLTokenizer] = {}
 _tokenizer_lock = threading.Lock()
 
 
@@ -74,22 +74,22 @@ def grammar_for(spec: GuidedSpec) -> str:
     return grammar
 
 
-def tokenizer_info(tokenizer, eos_ids: tuple[int, ...] = ()) -> llguidance.LLTokenizer:
-    """llguidance's view of the vocabulary (~1 s to build; cached per tokenizer)."""
-    eos = tuple(sorted(eos_ids)) or (tokenizer.eos_token_id,)
-    key = (id(tokenizer), eos)
+def tokenizer_info(tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's view of the vocabulary (~1 s to build; cached per tokenizer object).
+
+    Its end token is the tokenizer's EOS, which the engine always treats as a stop token.
+    """
     with _tokenizer_lock:
-        info = _tokenizer_infos.get(key)
+        info = _tokenizer_infos.get(id(tokenizer))
         if info is None:
-            info = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=list(eos))
-            _tokenizer_infos[key] = info
+            info = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer))
+            _tokenizer_infos[id(tokenizer)] = info
         return info
 
 
 def validate(spec: GuidedSpec, tokenizer) -> None:
     """Check a spec at the edge (and warm the tokenizer cache off the engine thread)."""
     grammar = grammar_for(spec)
-    tokenizer_info(tokenizer)
     matcher = llguidance.LLMatcher(tokenizer_info(tokenizer), grammar)
     if matcher.is_error():
         raise GuidedSpecError(matcher.get_error())
@@ -101,7 +101,7 @@ def attach_guided_state(request: Request, tokenizer, eos_ids) -> None:
     if spec is None or request.guided_state is not None:
         return
     eos = tuple(sorted(eos_ids))
-    matcher = llguidance.LLMatcher(tokenizer_info(tokenizer, eos), grammar_for(spec))
+    matcher = llguidance.LLMatcher(tokenizer_info(tokenizer), grammar_for(spec))
     if matcher.is_error():
         raise GuidedSpecError(matcher.get_error())
     request.guided_state = GuidedState(matcher=matcher, eos_ids=eos, vocab_size=len(tokenizer))
