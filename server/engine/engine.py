@@ -10,6 +10,7 @@ import logging
 
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import DetokState, Detokenizer
+from server.engine.guided import attach_guided_state
 from server.engine.kv_cache import KVPool, PrefixKVCache, default_kv_cache_bytes
 from server.engine.model_runner import ModelRunner, RowLogprobs
 from server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
@@ -85,6 +86,7 @@ class LLMEngine:
             raise ValueError("prompt must contain at least one token")
         if request.soft_prompt is not None:
             self._check_prompt_shape(request.soft_prompt)
+        attach_guided_state(request, self.tokenizer, self.eos_token_ids)  # ValueError if the grammar is bad
         self.scheduler.add(request)
         self._detok[request.request_id] = self.detokenizer.new_state(
             request.prompt_ids, request.sampling.stop, request.sampling.skip_special_tokens
@@ -150,6 +152,9 @@ class LLMEngine:
         return outputs
 
     def _request_delta(self, request: Request, result: RunnerOutput, row: int) -> RequestOutput:
+        prompt_logprobs = self._prompt_logprobs(request)
+        if not request.output_ids:  # max_tokens == 0: scored, nothing generated
+            return self._final_output(request, "", prompt_logprobs=prompt_logprobs)
         state = self._detok[request.request_id]
         token_id = request.output_ids[-1]
         text, hit_stop = self.detokenizer.step(state, token_id, is_last=request.is_finished)
@@ -161,12 +166,13 @@ class LLMEngine:
             logprobs = (self._token_logprob(token_id, row_logprobs),)
         if request.is_finished:
             text += self.detokenizer.finish(state)
-            return self._final_output(request, text, (token_id,), logprobs)
+            return self._final_output(request, text, (token_id,), logprobs, prompt_logprobs)
         return RequestOutput(
             request_id=request.request_id,
             text=text,
             token_ids=(token_id,),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             num_prompt_tokens=request.num_prompt_tokens,
             num_virtual_tokens=request.num_virtual_tokens,
             num_output_tokens=request.num_output_tokens,
@@ -181,7 +187,16 @@ class LLMEngine:
             top=tuple((tid, decode(tid), lp) for tid, lp in row.top),
         )
 
-    def _final_output(self, request: Request, text: str, token_ids=(), logprobs=()) -> RequestOutput:
+    def _prompt_logprobs(self, request: Request) -> tuple[TokenLogprob | None, ...] | None:
+        """The prefill's prompt logprobs with token text, once (for the request's first delta)."""
+        entries, request.prompt_logprobs = request.prompt_logprobs, None
+        if entries is None:
+            return None
+        decode = self.detokenizer.token_text
+        return tuple(None if e is None else TokenLogprob(e[0], decode(e[0]), e[1], tuple((t, decode(t), lp) for t, lp in e[2]))
+                     for e in entries)
+
+    def _final_output(self, request: Request, text: str, token_ids=(), logprobs=(), prompt_logprobs=None) -> RequestOutput:
         self._detok.pop(request.request_id, None)
         self.runner.release(request.request_id)
         if request.on_finish is not None:
@@ -195,6 +210,7 @@ class LLMEngine:
             text=text,
             token_ids=tuple(token_ids),
             logprobs=tuple(logprobs),
+            prompt_logprobs=prompt_logprobs,
             finished=True,
             finish_reason=request.finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.guided import advance_guided
 from server.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache
 from server.engine.packed_attention import BATCH_KWARG, NO_MASK, PackedBatch, PackedRow, causal_mask, install
 from server.engine.request import Request, SamplingParams
-from server.engine.sampler import SampleResult, make_generator, sample
+from server.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
 from server.engine.scheduler import RunnerOutput, ScheduledRow, SchedulerOutput
+from server.engine.scoring import PromptLogitsSpan, record_prompt_logprobs, scored_positions, start_prompt_logprobs
 
 log = logging.getLogger("softserve.runner")
 
@@ -45,6 +47,8 @@ class FlatBatch:
     virtual_rows: list[torch.Tensor]  # slices of P, in virtual_index order: each [m, hidden]
     rows: list[PackedRow]
     logits_index: list[int]  # the last token of every sampling row
+    prompt_logits_index: list[int]  # prompt positions scored for rows that asked (after logits_index)
+    prompt_spans: list[PromptLogitsSpan]
 
 
 def _real_tokens(request: Request, begin: int, end: int) -> list[int]:
@@ -127,7 +131,7 @@ class ModelRunner:
 
     # ---- flatten ------------------------------------------------------------------------------
     def _flatten(self, rows: list[ScheduledRow]) -> FlatBatch:
-        flat = FlatBatch([], [], [], [], [], [], [])
+        flat = FlatBatch([], [], [], [], [], [], [], [], [])
         q = 0
         for row in rows:
             request = row.request
@@ -145,6 +149,10 @@ class ModelRunner:
             flat.rows.append(PackedRow(q, end - begin, offset, end, causal_mask(end - begin, end, self.device)))
             if row.samples:
                 flat.logits_index.append(q + end - begin - 1)
+            scored = scored_positions(request, begin, end)
+            if scored:
+                flat.prompt_logits_index.extend(range(q + scored.start - begin, q + scored.stop - begin))
+                flat.prompt_spans.append(PromptLogitsSpan(request, scored.start + 1 - k, len(scored)))
             q += end - begin
         return flat
 
@@ -153,7 +161,7 @@ class ModelRunner:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
         input_ids, positions, slots, logits_index = map(
-            to_device, (flat.token_ids, flat.positions, flat.write_slots, flat.logits_index)
+            to_device, (flat.token_ids, flat.positions, flat.write_slots, flat.logits_index + flat.prompt_logits_index)
         )
         embeds = self.embed(input_ids)  # [total_tokens, hidden]
         if flat.virtual_index:
@@ -169,13 +177,17 @@ class ModelRunner:
             **{BATCH_KWARG: batch},
         )
         self.forward_passes += 1
-        return out.logits[0]  # [sampling rows, vocab]
+        logits = out.logits[0]  # [sampling rows + scored prompt positions, vocab]
+        if flat.prompt_spans:
+            record_prompt_logprobs(flat.prompt_spans, logits[len(flat.logits_index) :])
+        return logits[: len(flat.logits_index)]  # [sampling rows, vocab]
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> RunnerOutput:
         for request in sched.prefill:
             self.generators[request.request_id] = make_generator(request.sampling.seed, self.device)
+            start_prompt_logprobs(request)
             if request.cached_prefix is not None:
                 self._copy_prefix_in(request)
         all_logits = self._forward(self._flatten(sched.rows))
@@ -190,11 +202,13 @@ class ModelRunner:
         params = [r.sampling for r in scheduled]
         generators = [self.generators[r.request_id] for r in scheduled]
         failed_rows: dict[int, str] = {}
+        apply_guided_masks(all_logits, scheduled)
         try:
             result = sample(all_logits, params, generators, banned)
         except Exception:
             result, failed_rows = self._sample_rows_separately(all_logits, params, generators, banned)
         token_ids = result.token_ids.tolist()  # the one device->host copy per step
+        advance_guided(scheduled, token_ids)
         row_logprobs: list[RowLogprobs | None] | None = None
         if result.chosen_logprobs is not None:
             chosen = result.chosen_logprobs.tolist()

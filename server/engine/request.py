@@ -26,6 +26,14 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class GuidedSpec:
+    """A structured-output constraint the generated text must match (enforced in server/engine/guided.py)."""
+
+    kind: str  # "json_schema" | "json_object" | "regex" | "choice" | "grammar" (Lark)
+    value: str = ""  # the JSON schema as JSON text, the regex, the Lark grammar, or the choices as a JSON list
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 means greedy
@@ -38,6 +46,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # top-N alternatives per generated token; None = off
     skip_special_tokens: bool = True
+    guided: GuidedSpec | None = None
+    # Top-N alternatives per prompt position (vLLM's prompt_logprobs); the first real token has none.
+    prompt_logprobs: int | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -95,6 +106,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     # Called exactly once when the request leaves the engine (release prompt-cache pins, metrics).
     on_finish: Callable[["Request"], None] | None = None
+    guided_state: Any = None  # grammar matcher for sampling.guided (server/engine/guided.py)
+    # Set by the prefill when sampling.prompt_logprobs is set: per prompt position, None or
+    # (token_id, logprob, ((top_id, top_logprob), ...)).
+    prompt_logprobs: list | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -161,6 +176,7 @@ class RequestOutput:
     text: str  # new text since the previous delta (stop strings already cut)
     token_ids: tuple[int, ...]  # new token ids since the previous delta
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # in the first delta only
     finished: bool = False
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0

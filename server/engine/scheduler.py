@@ -268,6 +268,10 @@ class Scheduler:
                 request.finish(FinishReason.ERROR, self.step_count, error=result.failed_rows[index])
                 self._left.append(request)
                 continue
+            if request.sampling.max_tokens == 0:  # score only: the prefill was for its prompt logprobs
+                request.finish(FinishReason.LENGTH, self.step_count)
+                stepped.append((index, request))
+                continue
             request.output_ids.append(token_id)
             self.tenant_counters[request.tenant] = self.tenant_counters.get(request.tenant, 0.0) + self.config.output_token_cost
             sampling = request.sampling
