@@ -106,6 +106,11 @@ def _check_clean(page) -> None:
     assert not re.search(r"\b(undefined|null|NaN)\b", text), text
 
 
+UNLABELLED_CONTROLS_JS = """() => [...document.querySelectorAll('input, select, textarea, button')]
+    .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+    .map((e) => e.outerHTML)"""
+
+
 def _wait_until(page, condition, timeout_s: float = TIMEOUT_MS / 1000) -> None:
     """Poll from Python (the console's CSP forbids the string eval that page.wait_for_function uses)."""
     deadline = time.monotonic() + timeout_s
@@ -140,6 +145,7 @@ def test_sign_in_upload_versions_rollback_download(open_console, env, tmp_path, 
     # the key lives in this tab's sessionStorage only
     assert page.evaluate("sessionStorage.getItem('softserve.apiKey')") == keys["acme"]
     assert page.evaluate("localStorage.length") == 0 and page.context.cookies() == []
+    assert page.evaluate(UNLABELLED_CONTROLS_JS) == []  # every control has an accessible name
 
     page.get_by_text("Upload a soft prompt").click()
     page.get_by_label("Name", exact=True).fill("greeter")
@@ -222,6 +228,7 @@ def test_playground_streams_base_and_prompt_side_by_side(open_console, env, shot
     expect(columns.nth(2).locator("[data-stat=virtual_tokens]")).to_have_text("5")
     expect(columns.nth(3).locator("[data-stat=status]")).to_contain_text("error")
     expect(columns.nth(3).locator("[data-stat=status]")).to_contain_text("not found")
+    assert page.evaluate(UNLABELLED_CONTROLS_JS) == []
     shots(page, "playground")
     _check_clean(page)
 
@@ -308,8 +315,14 @@ def test_delete_with_confirmation(open_console, env):
     page = open_console("acme")
     row = page.locator("tr[data-prompt='doomed']")
     expect(row).to_be_visible()
-    page.get_by_role("button", name="Delete doomed").click()
-    page.get_by_role("button", name="Cancel").click()  # the dialog's default: nothing happens
+    # by keyboard: Enter opens the confirmation, Escape dismisses it and nothing is deleted
+    page.get_by_role("button", name="Delete doomed").focus()
+    page.keyboard.press("Enter")
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_focused()  # the safe choice is the default
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
     expect(row).to_be_visible()
     page.get_by_role("button", name="Delete doomed").click()
     expect(page.locator("#confirm-text")).to_contain_text("doomed")

@@ -30,6 +30,7 @@ async function toggleVersions(p, button, row) {
   button.setAttribute("aria-expanded", String(!open));
   if (open) return;
   const cell = el("td", { colspan: 9, id: `versions-${p.id}` }, "Loading versions…");
+  button.setAttribute("aria-controls", cell.id);
   row.after(el("tr", { class: "versions" }, cell));
   try {
     const list = await api(`/v1/prompts/${encodeRef(p.id)}/versions`);
