@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -121,7 +122,11 @@ def test_stats_show_only_what_the_key_may_see(console):
     assert (b["totals"]["requests"], b["totals"]["generated_tokens"]) == (3, tokens_b)
     assert (admin["totals"]["requests"], admin["totals"]["generated_tokens"]) == (5, tokens_a + tokens_b)
     assert "beta" not in json.dumps(a) and "acme" not in json.dumps(b)  # no other tenant is named
-    assert a["points"]
+    deadline = time.monotonic() + 20
+    while not a["points"]:  # the sampler thread takes one every 2 s
+        assert time.monotonic() < deadline, "no stats points after 20 s"
+        time.sleep(0.2)
+        a = console.get("/ui/api/stats", headers=console.h["a"]).json()
     point = a["points"][-1]
     assert {"requests_per_s", "tokens_per_s", "queue_depth", "batch_size", "prompt_cache_hit_rate", "kv_cache_hit_rate",
             "ttft_s"} <= set(point)
