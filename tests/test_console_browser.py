@@ -63,9 +63,9 @@ def shots(tmp_path):
     out = Path(target) if target else tmp_path / "screenshots"
     out.mkdir(parents=True, exist_ok=True)
 
-    def shot(page, name: str) -> Path:
+    def shot(page, name: str, full_page: bool = False) -> Path:
         path = out / f"{name}.png"
-        page.screenshot(path=str(path))
+        page.screenshot(path=str(path), full_page=full_page)
         assert path.stat().st_size > 1000
         return path
 
@@ -300,12 +300,12 @@ def test_metrics_charts(open_console, env, shots):
             assert r.status_code == 200
     page = open_console("acme", "metrics")
     expect(page.locator("#metrics-scope")).to_contain_text("tenant acme")
-    expect(page.locator("figure.chart")).to_have_count(6)
+    expect(page.locator("figure.chart")).to_have_count(7)
     # requests made above show up in the requests chart (the console's own calls do not count)
     _wait_until(page, lambda: page.locator("#chart-requests circle").count() > 0)
     expect(page.locator("[data-chart-value=requests]")).to_contain_text("requests")
     page.wait_for_timeout(2500)  # one more sample, so the lines have a few points
-    shots(page, "metrics")
+    shots(page, "metrics", full_page=True)
     _check_clean(page)
 
 

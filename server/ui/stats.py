@@ -29,6 +29,8 @@ _GLOBAL = {
     "softserve_prompt_cache_misses": "prompt_cache_misses",
     "softserve_kv_prefix_cache_hits": "kv_cache_hits",
     "softserve_kv_prefix_cache_misses": "kv_cache_misses",
+    "softserve_kv_pool_tokens": "kv_pool_tokens",
+    "softserve_kv_pool_used_tokens": "kv_pool_used_tokens",
 }
 GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 _PER_TENANT = {
@@ -146,6 +148,7 @@ class StatsHistory:
                 "prompt_cache_hit_rate": _ratio(delta("prompt_cache_hits"),
                                                 delta("prompt_cache_hits") + delta("prompt_cache_misses")),
                 "kv_cache_hit_rate": _ratio(delta("kv_cache_hits"), delta("kv_cache_hits") + delta("kv_cache_misses")),
+                "kv_pool_used": _ratio(cs.get("kv_pool_used_tokens", 0.0), cs.get("kv_pool_tokens", 0.0)),
             })
         totals = self._tenant_totals(current, tenant)
         return {

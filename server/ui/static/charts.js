@@ -27,7 +27,8 @@ function tickFormatter(step) {
 /**
  * Draws series into `svg` (replacing what was there).
  *   series: [{name, points: [[x, y], ...]}]   (y null = gap)
- *   opts: {xLabel(x) -> string, yMax, yMin, label (accessible name), summary (text), logY: false}
+ *   opts: {xLabel(x) -> string, xMin, xMax, yMin, yMax, yFloor (smallest top of the y axis, default 1),
+ *          width, height, label (accessible name), summary (text)}
  */
 export function lineChart(svg, series, opts = {}) {
   const W = opts.width || 420, H = opts.height || 170;
@@ -44,7 +45,8 @@ export function lineChart(svg, series, opts = {}) {
   let xMax = opts.xMax ?? (xs.length ? Math.max(...xs) : 1);
   if (xMax <= xMin) xMax = xMin + 1;
   const yMin = opts.yMin ?? 0;
-  const dataMax = Math.max(...all.map((p) => p[1]), yMin);
+  // An all-zero series still gets a readable axis (0 .. yFloor) instead of a squashed one.
+  const dataMax = Math.max(...all.map((p) => p[1]), yMin + (opts.yFloor ?? 1));
   const step = niceStep((opts.yMax ?? dataMax) - yMin);
   const yMax = opts.yMax ?? yMin + step * Math.max(1, Math.ceil((dataMax - yMin) / step - 1e-9));
   const tickLabel = tickFormatter(step);

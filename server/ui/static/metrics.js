@@ -7,9 +7,12 @@ const POLL_MS = 2000;
 const CHARTS = [
   { id: "requests", title: "Generation requests/s", series: [["requests_per_s", "requests"], ["errors_per_s", "errors (4xx/5xx)"]], digits: 2 },
   { id: "tokens", title: "Tokens/s", series: [["tokens_per_s", "generated"], ["prompt_tokens_per_s", "prompt"]], digits: 1 },
-  { id: "queue", title: "Queue depth and running batch (server)", series: [["queue_depth", "waiting"], ["running", "running"]], digits: 0 },
-  { id: "batch", title: "Rows per engine step (server)", series: [["batch_size", "mean batch size"]], digits: 1 },
+  { id: "queue", title: "Queue depth and running batch (server)", series: [["queue_depth", "waiting"], ["running", "running"]], digits: 0,
+    yFloor: 4 },
+  { id: "batch", title: "Rows per engine step (server)", series: [["batch_size", "mean batch size"]], digits: 1, yFloor: 4 },
   { id: "cache", title: "Cache hit rate (server)", series: [["prompt_cache_hit_rate", "prompt tensors"], ["kv_cache_hit_rate", "KV prefixes"]],
+    digits: 0, scale: 100, unit: "%", yMax: 100 },
+  { id: "kvpool", title: "KV pool in use (server)", series: [["kv_pool_used", "reserved by running requests"]],
     digits: 0, scale: 100, unit: "%", yMax: 100 },
   { id: "ttft", title: "Time to first token (server, mean)", series: [["ttft_s", "TTFT"]], digits: 0, scale: 1000, unit: " ms" },
 ];
@@ -59,7 +62,7 @@ function render(stats) {
     values[chart.id].textContent = latest;
     lineChart(svgs[chart.id], series, {
       label: chart.title, summary: `latest: ${latest}`, xMin: tMin, xMax: tMax, xLabel: clock,
-      yMax: chart.yMax,
+      yMax: chart.yMax, yFloor: chart.yFloor,
     });
   }
 }
