@@ -174,6 +174,7 @@ def test_stats_history_rates_and_tenant_filter():
     requests.labels("b", "/v1/completions", "200").inc(10)
     tokens.labels("a").inc(40)
     tokens.labels("b").inc(7)
+    Counter("softserve_virtual_tokens", "", registry=registry).inc(9)  # no tenant label: admins' totals only
     for rows in (2, 4):
         batch.observe(rows)
     history.sample(now=102.0)
@@ -183,6 +184,8 @@ def test_stats_history_rates_and_tenant_filter():
     everyone = history.view(None)["points"][0]
     assert (everyone["requests_per_s"], everyone["tokens_per_s"]) == (8.0, 23.5)
     assert history.view("nobody")["points"][0]["requests_per_s"] == 0.0
+    assert history.view(None)["totals"]["virtual_tokens"] == 9
+    assert history.view("a")["totals"]["virtual_tokens"] == 0
     assert all(p["t"] > 102.0 for p in history.view("a", since=102.0)["points"])
     for i in range(100):  # bounded: only window_s / interval_s + 1 samples are kept
         history.sample(now=104.0 + 2 * i)

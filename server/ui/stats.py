@@ -32,6 +32,7 @@ _GLOBAL = {
     "softserve_kv_pool_tokens": "kv_pool_tokens",
     "softserve_kv_pool_used_tokens": "kv_pool_used_tokens",
 }
+UNATTRIBUTED = "*"  # not a valid tenant name (NAME_RE)
 GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 _PER_TENANT = {
     "softserve_generation_tokens": "generated_tokens",
@@ -57,9 +58,9 @@ def read_sample(registry, now: float | None = None) -> Sample:
             if name in _GLOBAL:
                 sample.server[_GLOBAL[name]] = float(s.value)
                 continue
-            tenant = s.labels.get("tenant")
-            if tenant is None:
-                continue
+            # Counters without a tenant label (should /metrics ever drop it) still add to the
+            # admins' totals under a name no tenant can have; no user key ever reads them.
+            tenant = s.labels.get("tenant") or UNATTRIBUTED
             counters = sample.tenants.setdefault(tenant, {})
             if name in _PER_TENANT:
                 counters[_PER_TENANT[name]] = counters.get(_PER_TENANT[name], 0.0) + float(s.value)
