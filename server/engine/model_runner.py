@@ -73,6 +73,9 @@ class ModelRunner:
         kv_cache_tokens: int,
     ) -> None:
         self.model = model
+        text_config = model.config.get_text_config()
+        if getattr(text_config, "attn_logit_softcapping", None):
+            raise ValueError("models with attention logit softcapping (e.g. Gemma 2) are not supported by the packed engine")
         install(model)
         self._eos_ids = tuple(sorted(eos_token_ids))
         self.model_id = model_id
@@ -81,7 +84,6 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.embed = model.get_input_embeddings()
-        text_config = model.config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
         self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
