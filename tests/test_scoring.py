@@ -44,8 +44,10 @@ def plain_prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
 
 
-def test_prompt_logprobs_equal_peft_forward_in_a_mixed_batch(tiny_model, tokenizer, peft_prompts):
-    engine = make_engine(tiny_model, tokenizer)
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_prompt_logprobs_equal_peft_forward_in_a_mixed_batch(tiny_model, tokenizer, peft_prompts, chunk):
+    """chunk=5: prompts are prefilled 5 positions per step (chunked prefill scores them piece by piece)."""
+    engine = make_engine(tiny_model, tokenizer, **({"max_prefill_tokens": chunk} if chunk else {}))
     cases = []
     for i, text in enumerate(TEXTS):
         ids = tokenizer(text).input_ids

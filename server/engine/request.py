@@ -71,8 +71,21 @@ class SoftPromptRef:
 
 @dataclass(frozen=True)
 class SoftPrompt:
+    """The tensor behind a request's prompt. Two kinds, served in the same batch:
+
+    - prompt tuning / P-tuning: `embeddings` [num_virtual_tokens, hidden], prepended to the input
+      embeddings; its KV is computed by the model (once per content hash, then cached).
+    - prefix tuning (P-tuning v2): `embeddings` is PEFT's `[num_virtual_tokens, layers * 2 * kv_heads *
+      head_dim]`: the keys and values of every layer, used as the row's KV at positions 0..k-1 as is.
+    """
+
     ref: SoftPromptRef
-    embeddings: Any  # torch.Tensor [num_virtual_tokens, hidden] on the model's device and dtype
+    embeddings: Any  # torch.Tensor on the model's device and dtype; shape as above
+    kind: str = "prompt_tuning"  # or "prefix_tuning"
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.kind == "prefix_tuning"
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,11 @@ class Request:
     # Step counters, used by tests to prove scheduling properties without wall-clock timing.
     first_scheduled_step: int | None = None
     finished_step: int | None = None
+    # KV bookkeeping (engine v2). The request's sequence is [virtual tokens | prompt | generated];
+    # positions 0..num_computed_tokens-1 have their KV in the pool extent starting at kv_offset.
+    num_computed_tokens: int = 0
+    kv_offset: int | None = None
+    cached_prefix: Any = None  # the prompt's cached KV (opaque to the scheduler), copied in at admission
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -126,6 +144,16 @@ class Request:
     def total_len(self) -> int:
         """Every position this request occupies in the KV cache: virtual + prompt + generated."""
         return self.num_virtual_tokens + len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Known positions whose KV is not in the pool yet (1 for a decoding row: its last sampled token)."""
+        return self.total_len - self.num_computed_tokens
+
+    @property
+    def kv_reservation(self) -> int:
+        """Pool slots this request can ever need: every position but the last sampled token's."""
+        return self.num_virtual_tokens + len(self.prompt_ids) + max(self.sampling.max_tokens - 1, 0)
 
     @property
     def is_finished(self) -> bool:
