@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.guided import advance_guided
 from server.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache
 from server.engine.packed_attention import BATCH_KWARG, NO_MASK, PackedBatch, PackedRow, causal_mask, install
 from server.engine.request import Request, SamplingParams
-from server.engine.guided import advance_guided
 from server.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
 from server.engine.scheduler import RunnerOutput, ScheduledRow, SchedulerOutput
-from server.engine.scoring import prompt_score_span, record_prompt_logprobs, start_prompt_logprobs
+from server.engine.scoring import PromptLogitsSpan, record_prompt_logprobs, scored_positions, start_prompt_logprobs
 
 log = logging.getLogger("softserve.runner")
 
@@ -47,8 +47,8 @@ class FlatBatch:
     virtual_rows: list[torch.Tensor]  # slices of P, in virtual_index order: each [m, hidden]
     rows: list[PackedRow]
     logits_index: list[int]  # the last token of every sampling row
-    score_index: list[int]  # positions whose logits score a prompt token (rows asking for prompt logprobs)
-    score_spans: list[tuple[Request, range]]  # (request, its positions in score_index), in order
+    prompt_logits_index: list[int]  # prompt positions scored for rows that asked (after logits_index)
+    prompt_spans: list[PromptLogitsSpan]
 
 
 def _real_tokens(request: Request, begin: int, end: int) -> list[int]:
@@ -149,10 +149,10 @@ class ModelRunner:
             flat.rows.append(PackedRow(q, end - begin, offset, end, causal_mask(end - begin, end, self.device)))
             if row.samples:
                 flat.logits_index.append(q + end - begin - 1)
-            span = prompt_score_span(request, begin, end)
-            if span:
-                flat.score_index.extend(q + p - begin for p in span)
-                flat.score_spans.append((request, span))
+            scored = scored_positions(request, begin, end)
+            if scored:
+                flat.prompt_logits_index.extend(range(q + scored.start - begin, q + scored.stop - begin))
+                flat.prompt_spans.append(PromptLogitsSpan(request, scored.start + 1 - k, len(scored)))
             q += end - begin
         return flat
 
@@ -161,7 +161,7 @@ class ModelRunner:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
         input_ids, positions, slots, logits_index = map(
-            to_device, (flat.token_ids, flat.positions, flat.write_slots, flat.logits_index + flat.score_index)
+            to_device, (flat.token_ids, flat.positions, flat.write_slots, flat.logits_index + flat.prompt_logits_index)
         )
         embeds = self.embed(input_ids)  # [total_tokens, hidden]
         if flat.virtual_index:
@@ -177,20 +177,20 @@ class ModelRunner:
             **{BATCH_KWARG: batch},
         )
         self.forward_passes += 1
-        return out.logits[0]  # [sampling rows + scored positions, vocab]
+        logits = out.logits[0]  # [sampling rows + scored prompt positions, vocab]
+        if flat.prompt_spans:
+            record_prompt_logprobs(flat.prompt_spans, logits[len(flat.logits_index) :])
+        return logits[: len(flat.logits_index)]  # [sampling rows, vocab]
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> RunnerOutput:
         for request in sched.prefill:
             self.generators[request.request_id] = make_generator(request.sampling.seed, self.device)
+            start_prompt_logprobs(request)
             if request.cached_prefix is not None:
                 self._copy_prefix_in(request)
-        start_prompt_logprobs(sched.prefill)
-        flat = self._flatten(sched.rows)
-        logits = self._forward(flat)
-        all_logits = logits[: len(flat.logits_index)]  # [sampling rows, vocab]
-        record_prompt_logprobs(flat.score_spans, logits[len(flat.logits_index) :])
+        all_logits = self._forward(self._flatten(sched.rows))
         for row in sched.rows:
             if row.computes_prefix and row.start + row.num_tokens >= row.request.num_virtual_tokens:
                 self._file_prefix(row.request)

@@ -5,11 +5,14 @@ first (nothing of the request precedes it that we report on), and the soft promp
 have no entries at all (they are embeddings, not tokens). The logprobs are those of the raw model
 distribution (no temperature, top-k/p or grammar mask), fp32 log-softmax as PEFT's forward gives.
 
-The packed forward keeps logits at the scored positions of the rows that ask (besides each sampling
-row's last token); rows that do not ask cost nothing. Cost: prompt length x vocab floats per asking row.
+In the packed batch a row's prompt may be split over several steps (chunked prefill); every step
+adds the logits of the prompt positions it computed for rows that ask, and nothing for other rows.
+Cost: (scored positions) x vocab floats in that step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -18,44 +21,44 @@ from server.engine.request import Request
 PromptLogprob = tuple[int, float, tuple[tuple[int, float], ...]]  # (token_id, logprob, top (id, logprob))
 
 
-def start_prompt_logprobs(admitted: list[Request]) -> None:
-    """At admission: a row that asks gets its (first-token) entry before any chunk is scored."""
-    for request in admitted:
-        if request.sampling.prompt_logprobs is not None:
-            request.prompt_logprobs = [None]
+@dataclass(frozen=True)
+class PromptLogitsSpan:
+    """Consecutive prompt positions of one row whose logits this step keeps."""
+
+    request: Request
+    first_target: int  # index in prompt_ids of the token the first kept position predicts
+    num_positions: int
 
 
-def prompt_score_span(request: Request, begin: int, end: int) -> range:
-    """Positions in begin..end-1 (of [virtual | prompt | generated]) whose logits predict a prompt token.
-
-    Position k + j (k virtual tokens) predicts prompt token j + 1, so the span is the chunk's part of
-    k .. k + n - 2. Empty for rows that do not ask.
-    """
+def scored_positions(request: Request, begin: int, end: int) -> range:
+    """Positions in [begin, end) whose logits predict a prompt token (position p predicts token p + 1)."""
     if request.sampling.prompt_logprobs is None:
         return range(0)
     k, n = request.num_virtual_tokens, len(request.prompt_ids)
     return range(max(begin, k), min(end, k + n - 1))
 
 
-def record_prompt_logprobs(spans: list[tuple[Request, range]], logits: torch.Tensor) -> None:
-    """Append each span's prompt logprobs to its request. logits: [sum of span lengths, vocab], spans in order.
+def start_prompt_logprobs(request: Request) -> None:
+    """At admission: the first real token has no entry (nothing of the request precedes it)."""
+    if request.sampling.prompt_logprobs is not None:
+        request.prompt_logprobs = [None]
 
-    Chunked prefill scores a prompt over several steps; chunks arrive in order, so appending keeps
-    entry j for prompt token j.
-    """
-    at = 0
-    for request, span in spans:
-        rows = logits[at : at + len(span)]  # [len(span), vocab]
-        at += len(span)
-        k, top_n = request.num_virtual_tokens, request.sampling.prompt_logprobs
-        targets = [request.prompt_ids[p - k + 1] for p in span]
-        logprobs = torch.log_softmax(rows.float(), dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
+
+def record_prompt_logprobs(spans: list[PromptLogitsSpan], logits: torch.Tensor) -> None:
+    """Append each span's entries to its request. logits: [sum of num_positions, vocab], in span order."""
+    offset = 0
+    for span in spans:
+        request = span.request
+        rows = logits[offset : offset + span.num_positions]
+        offset += span.num_positions
+        logprobs = torch.log_softmax(rows.float(), dim=-1)  # [positions, vocab]
+        targets_list = request.prompt_ids[span.first_target : span.first_target + span.num_positions]
+        targets = torch.tensor(targets_list, device=logprobs.device)
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        top_n = request.sampling.prompt_logprobs
         if top_n > 0:
             top_lps, top_ids = logprobs.topk(min(top_n, logprobs.shape[-1]), dim=-1)
             tops = [tuple(zip(ids, lps)) for ids, lps in zip(top_ids.tolist(), top_lps.tolist())]
         else:
-            tops = [()] * len(span)
-        entries = request.prompt_logprobs if request.prompt_logprobs is not None else [None]
-        entries.extend((tok, lp, top) for tok, lp, top in zip(targets, chosen, tops))
-        request.prompt_logprobs = entries
+            tops = [()] * span.num_positions
+        request.prompt_logprobs.extend((tok, lp, top) for tok, lp, top in zip(targets_list, chosen, tops))
