@@ -83,7 +83,11 @@ def built_image():
                        capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-8000:]
     yield TAG
-    _docker("image", "rm", TAG, BASE_TAG, check=False)
+    # The legacy builder keeps the build stage as an untagged image: remove this run's, then the tags.
+    leftovers = _docker("image", "ls", "-q", "--filter", "dangling=true", "--filter", f"since={BASE_TAG}",
+                        check=False).stdout.split()
+    _docker("image", "rm", TAG, *leftovers, check=False)
+    _docker("image", "rm", BASE_TAG, check=False)
 
 
 def test_offline_image_serves_a_completion_without_network(built_image):
