@@ -1,4 +1,4 @@
-"""The offline Docker recipe end to end (marker `docker`, not in `make test`: it takes ~10 min on
+"""The offline Docker recipe end to end (marker `docker`, not in `make test`: it takes 10-15 min on
 2 cores). Runs deploy/build-offline.sh as the docs say (debootstrap base, CA certificates, docker
 import, docker build), starts the image with `--network none`, and gets a completion through
 `docker exec` with the image's own python (the image has no curl).
