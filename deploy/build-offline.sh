@@ -18,8 +18,7 @@ a mirror of the PyTorch CPU index: PyPI's own torch is the multi-GB CUDA build).
 
 Options:
   --debian-mirror URL  Debian mirror for debootstrap (and apt inside the build).
-                       Default: the first http(s) URI in this host's apt sources, else
-                       http://deb.debian.org/debian
+                       Default: the first http(s) URI in this host's apt sources
   --suite NAME         Debian suite (default bookworm: its python3 is 3.11)
   --ca-cert FILE       a CA certificate (PEM) the image must trust, e.g. your mirror's or proxy's
                        private CA; repeatable. Default: every *.crt in this host's
@@ -100,7 +99,7 @@ docker info >/dev/null 2>&1 || die "dockerd does not answer: start it (systemctl
 if [ -z "$debian_mirror" ]; then
     debian_mirror="$(grep -hoE '^(URIs:|deb) +https?://[^ ]+' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
         | awk '{print $2}' | grep -v -- '-security' | head -n1 || true)"
-    debian_mirror="${debian_mirror:-http://deb.debian.org/debian}"
+    [ -n "$debian_mirror" ] || die "no Debian mirror in this host's apt sources: pass --debian-mirror URL"
 fi
 if [ ${#ca_certs[@]} -eq 0 ]; then
     for cert in /usr/local/share/ca-certificates/*.crt; do
