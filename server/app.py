@@ -43,6 +43,7 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
             state.build(loaded)
         else:
             threading.Thread(target=state.build, name="softserve-load", daemon=True).start()
+        tuning.start_when_loaded()  # resumes unfinished jobs found in the store
         yield
         state.shutting_down = True
         tuning.close()

@@ -309,7 +309,7 @@ def test_api_job_lifecycle(api, tokenizer):
     r = api.post("/v1/tuning/jobs", headers=a, json=body)
     assert r.status_code == 200, r.text
     job = r.json()
-    assert job["object"] == "tuning.job" and job["status"] in ("queued", "running") and job["model"] == "tiny-llama"
+    assert job["object"] == "tuning.job" and job["status"] in ("validating_files", "queued", "running") and job["model"] == "tiny-llama"
     assert api.get(f"/v1/tuning/jobs/{job['id']}", headers=b).status_code == 404
     done = _wait(api, job["id"], a, ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done["error"]
