@@ -98,6 +98,7 @@ def job_view(record: dict[str, Any], queue_position: int | None = None) -> dict[
         "fine_tuned_model": result["ref"] if result else None, "result_prompt": result,
         "warnings": list(record["warnings"]), "error": record["error"], "queue_position": queue_position,
         "cancel_requested": record["cancel_requested"], "resumed": max(0, record["runs"] - 1),
+        "replica": record["replica"],
     }
 
 

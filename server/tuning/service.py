@@ -55,6 +55,7 @@ class TuningService:
                     step_lock=getattr(async_engine, "step_lock", None),
                     is_busy=lambda: engine.num_running + engine.num_waiting > 0,
                     lease_seconds=s.tuning_lease_seconds, scan_seconds=s.tuning_scan_seconds,
+                    replica_id=s.tuning_replica_id,
                     **self.kwargs,
                 )
                 state.tuning_job_counts = self._manager.job_counts
