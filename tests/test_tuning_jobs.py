@@ -268,3 +268,32 @@ def test_manager_restart_resumes_to_the_same_prompt(tiny_model, tokenizer, tmp_p
     assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, steps + 1))
     assert any(e["message"].startswith(f"Resumed from the checkpoint at step {stopped_at}") for e in events)
     assert second.jobs.active() == []
+
+
+# ---- CLI: softserve tune --resume ---------------------------------------------------------------------
+def test_cli_tune_resume_equals_uninterrupted(tokenizer, tmp_path, tmp_path_factory, capsys):
+    from live_server import tiny_model_dir
+    from safetensors.torch import load_file
+
+    from server.cli import main
+
+    model_dir = tiny_model_dir(tmp_path_factory, tokenizer)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in toy_records(6)))
+    base = ["tune", "--data", str(train), "--name", "cli", "--model", str(model_dir), "--num-virtual-tokens", "3",
+            "--init", "vocab", "--steps", "6", "--batch-size", "4", "--lr", "0.1", "--checkpoint-every", "2"]
+    assert main(base + ["--out", str(tmp_path / "full")]) == 0
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002.safetensors", "step-00000004.safetensors"]
+    capsys.readouterr()
+    # As if the run died after step 4: resume from that checkpoint into another directory.
+    assert main(base + ["--out", str(tmp_path / "resumed"), "--checkpoint-dir", str(ckpts), "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "resuming from the checkpoint at step 4" in out.err and "step 5/6" in out.out and "step 1/6" not in out.out
+    full = load_file(tmp_path / "full" / "adapter_model.safetensors")["prompt_embeddings"]
+    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.equal(full, resumed)
+    with pytest.raises(SystemExit, match="settings differ from the checkpoint's: learning_rate"):
+        main([a if a != "0.1" else "0.2" for a in base] + ["--out", str(tmp_path / "x"), "--checkpoint-dir", str(ckpts), "--resume"])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(base + ["--out", str(tmp_path / "y"), "--resume"])

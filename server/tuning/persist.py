@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-__all__ = ["JobStore", "Lease", "RecordConflict", "new_replica_id"]
+__all__ = ["JobStore", "Lease", "RecordConflict", "new_replica_id", "encode_state", "decode_state"]
 
 _CAS_ATTEMPTS = 32
 
@@ -51,6 +51,18 @@ class Lease:
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def encode_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """Trainer state as safetensors bytes, the JSON metadata in the header (no pickle)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return st_save(tensors, metadata={"softserve.state": json.dumps(meta)})
+
+
+def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    return st_load(data), json.loads(header["__metadata__"]["softserve.state"])
 
 
 class JobStore:
@@ -153,16 +165,11 @@ class JobStore:
     def write_checkpoint(self, tenant: str, job_id: str, step: int, tensors: dict[str, torch.Tensor],
                          meta: dict[str, Any]) -> str:
         key = self._key(tenant, job_id, f"checkpoints/{step:010d}.safetensors")
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        self.backend.put(key, st_save(tensors, metadata={"softserve.state": json.dumps(meta)}))
+        self.backend.put(key, encode_state(tensors, meta))
         return key
 
     def read_checkpoint(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        data = self.backend.get(key)
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
-        return tensors, json.loads(header["__metadata__"]["softserve.state"])
+        return decode_state(self.backend.get(key))
 
     # ---- lease --------------------------------------------------------------------------------
     def acquire(self, tenant: str, job_id: str) -> Lease | None:
