@@ -281,10 +281,16 @@ class TuningManager:
 
     def _forget(self, job: TuningJob) -> None:
         job.done_event.set()
+        self._release_claim(job.id)
+
+    def _release_claim(self, job_id: str) -> None:
+        """This replica no longer handles the job (done, or another replica has it): drop the local
+        copy so reads go to the store."""
         with self._lock:
-            self._claimed.discard(job.id)
-            if self._local.get(job.id) is job:
-                del self._local[job.id]
+            self._claimed.discard(job_id)
+            job = self._local.pop(job_id, None)
+        if job is not None:
+            job.done_event.set()
 
     # ---- validator ----------------------------------------------------------------------------
     def _examples(self, job: TuningJob, which: str) -> list[TokenizedExample]:
@@ -308,18 +314,17 @@ class TuningManager:
                 self._validate_one(tenant, job_id)
             except Exception:
                 log.exception("validating tuning job %s crashed", job_id)
-                with self._lock:
-                    self._claimed.discard(job_id)
+                self._release_claim(job_id)
 
     def _validate_one(self, tenant: str, job_id: str) -> None:
         lease = self.jobs.acquire(tenant, job_id)
-        if lease is None:
-            with self._lock:
-                self._claimed.discard(job_id)
+        if lease is None:  # another replica validates it
+            self._release_claim(job_id)
             return
         try:
             job = self._load_job(tenant, job_id)
             if job.status != "validating_files":
+                self._forget(job)
                 return
             try:
                 job.train, job.eval = self._examples(job, "train"), self._examples(job, "validation")
@@ -393,8 +398,7 @@ class TuningManager:
             tenant, job_id = item
             lease = self.jobs.acquire(tenant, job_id)
             if lease is None:  # another replica runs it
-                with self._lock:
-                    self._claimed.discard(job_id)
+                self._release_claim(job_id)
                 continue
             job = None
             try:
@@ -404,11 +408,7 @@ class TuningManager:
                 log.exception("tuning job %s crashed", job_id)
             finally:
                 self.jobs.release(lease)
-                if job is not None:
-                    self._forget(job)
-                else:
-                    with self._lock:
-                        self._claimed.discard(job_id)
+                self._release_claim(job_id)
 
     def _heartbeat(self, job: TuningJob, lease: Lease, stop: threading.Event) -> None:
         while not stop.wait(self.jobs.lease_seconds / 3):
