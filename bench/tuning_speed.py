@@ -18,9 +18,14 @@ the ratio ours/PEFT, and how far the two loss curves are apart (same math, so th
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-from common import add_common_args, load, machine_facts, median, model_label, script_main, setup_torch
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # `python bench/tuning_speed.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import add_common_args, load, machine_facts, median, model_label, script_main, setup_torch  # noqa: E402
 
 DATA_SEED = 1234
 
@@ -47,9 +52,6 @@ def _dataset(name: str):
 
 
 def sys_path_examples() -> None:
-    import sys
-    from pathlib import Path
-
     examples = str(Path(__file__).resolve().parent.parent / "examples")
     if examples not in sys.path:
         sys.path.insert(0, examples)
@@ -143,7 +145,7 @@ def run(args) -> dict:
 
     setup_torch(args)
     if args.quick:
-        args.steps, args.rounds = 4, 1
+        args.steps, args.rounds = min(args.steps, 4), 1
     model, tok, *_ = load(args.model, args.device, args.dtype)
     model.requires_grad_(False)
     data = tokenize_examples(tok, parse_records(_dataset(args.dataset)), max_length=1024)
@@ -162,7 +164,7 @@ def run(args) -> dict:
     loss_gap = max(abs(a - b) for rd in rounds for a, b in zip(rd["ours"]["loss"], rd["peft"]["loss"]))
     s_ours, s_peft = _summary(ours_all), _summary(peft_all)
     return {
-        "model": model_label(args.model), "threads": torch.get_num_threads(), "steps": args.steps,
+        "name": "tuning_speed", "quick": args.quick, "model": model_label(args.model), "threads": torch.get_num_threads(), "steps": args.steps,
         "rounds": args.rounds, "batch_size": args.batch_size, "num_virtual_tokens": args.num_virtual_tokens,
         "dataset": args.dataset, "ours": s_ours, "peft": s_peft,
         "ratio_steps_per_s": s_ours["steps_per_s"] / s_peft["steps_per_s"],

@@ -21,6 +21,7 @@ CASES = {
     "prompt_scale": (["--num-prompts", "20", "--cold-requests", "2", "--warmup", "0.3", "--window", "1"],
                      ["### Prompt scale", "`GET /v1/prompts`", "| working set | output tok/s"]),
     "dtype": (["--num-prompts", "2", "--max-tokens", "4", "--batch", "1,2"], ["### dtype", "| batch | fp32 tok/s | bf16 tok/s"]),
+    "tuning_speed": (["--steps", "2", "--batch-size", "2"], ["tuning speed", "| ours (PromptTuner) |", "| PEFT loop |", "ratio ours/PEFT"]),
 }
 
 
