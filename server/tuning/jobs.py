@@ -29,7 +29,7 @@ from server.tuning.export import adapter_files, model_info, push_to_store
 from server.tuning.files import FileRegistry, TuningFile
 from server.tuning.persist import JobStore, Lease, new_replica_id
 from server.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view, make_event
-from server.tuning.trainer import PromptTuner, StepInfo, TuningCancelled
+from server.tuning.trainer import PromptTuner, StepInfo
 
 log = logging.getLogger("softserve.tuning")
 
