@@ -10,9 +10,11 @@ completion tokens. PEFT side: `get_peft_model(model, PromptTuningConfig(...))`, 
 peft_model(input_ids, attention_mask, labels).loss`, `backward`, clip, `optimizer.step()`,
 `scheduler.step()` - PEFT's documented training loop (`examples/causal_language_modeling`).
 
-The two alternate in rounds (ours, PEFT, ours, PEFT, ...) so machine load hits both alike. Reported:
-per-step wall times (median, mean, first/last third: steps must not slow down over a run), steps/s,
-the ratio ours/PEFT, and how far the two loss curves are apart (same math, so they should agree).
+The two alternate in rounds (ours, PEFT, ours, PEFT, ...) so machine load hits both alike; round 1
+is warm-up and left out of the summary when there are more. Reported: per-step wall times and
+process CPU times (median, mean, first/last third: steps must not slow down over a run; CPU time is
+the steadier measure on a shared machine), steps/s, the ratios ours/PEFT, and how far the two loss
+curves are apart (same math and batches, so they should agree to float rounding).
 """
 
 from __future__ import annotations
@@ -74,24 +76,30 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     return out
 
 
+def _tick(who: str, step: int, seconds: float) -> None:
+    print(f"  {who} step {step}: {seconds:.2f} s", file=sys.stderr, flush=True)
+
+
 def run_ours(model, tok, data, init, args) -> dict:
     from server.tuning.trainer import PromptTuner, TuningConfig
 
     cfg = TuningConfig(num_virtual_tokens=args.num_virtual_tokens, init="random", steps=args.steps,
                        learning_rate=3e-2, batch_size=args.batch_size, micro_batch_size=args.batch_size,
                        seed=args.seed, max_grad_norm=1.0)
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     losses: list[float] = []
 
     def on_progress(info) -> None:
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), time.process_time()))
         losses.append(info.loss)
+        _tick("ours", info.step, stamps[-1][0] - (stamps[-2][0] if len(stamps) > 1 else t0[0]))
 
     tuner = PromptTuner(model, tok, data, None, cfg, on_progress=on_progress, initial_prompt=init)
-    t0 = time.perf_counter()
+    t0 = (time.perf_counter(), time.process_time())
     tuner.run()
-    times = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
-    return {"step_s": times, "loss": losses}
+    edges = [t0] + stamps
+    return {"step_s": [b[0] - a[0] for a, b in zip(edges, edges[1:])],
+            "cpu_s": [b[1] - a[1] for a, b in zip(edges, edges[1:])], "loss": losses}
 
 
 def run_peft(model, tok, data, init, args) -> dict:
@@ -108,9 +116,9 @@ def run_peft(model, tok, data, init, args) -> dict:
     steps = args.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (steps - s) / steps))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for batch in _batches(len(data), args.batch_size, steps, args.seed):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rows = [data[i] for i in batch]
         longest = max(len(r.input_ids) for r in rows)
         ids = torch.full((len(rows), longest), pad, dtype=torch.long)
@@ -128,13 +136,19 @@ def run_peft(model, tok, data, init, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         times.append(time.perf_counter() - t0)
-    return {"step_s": times, "loss": losses}
+        cpu.append(time.process_time() - c0)
+        _tick("PEFT", len(times), times[-1])
+    return {"step_s": times, "cpu_s": cpu, "loss": losses}
 
 
-def _summary(step_s: list[float]) -> dict:
+def _summary(step_s: list[float], cpu_s: list[float] | None = None) -> dict:
     third = max(1, len(step_s) // 3)
-    return {"median_s": median(step_s), "mean_s": sum(step_s) / len(step_s), "steps_per_s": len(step_s) / sum(step_s),
-            "first_third_median_s": median(step_s[:third]), "last_third_median_s": median(step_s[-third:])}
+    out = {"median_s": median(step_s), "mean_s": sum(step_s) / len(step_s), "steps_per_s": len(step_s) / sum(step_s),
+           "first_third_median_s": median(step_s[:third]), "last_third_median_s": median(step_s[-third:])}
+    if cpu_s:
+        out.update(cpu_median_s=median(cpu_s), cpu_first_third_median_s=median(cpu_s[:third]),
+                   cpu_last_third_median_s=median(cpu_s[-third:]))
+    return out
 
 
 def run(args) -> dict:
@@ -159,16 +173,19 @@ def run(args) -> dict:
               f"PEFT {_summary(peft['step_s'])['steps_per_s']:.3f} steps/s", flush=True)
     # Round 1 includes first-touch warm-up for whichever ran first; report all, ratio over rounds >= 2 when there are.
     measured = rounds[1:] if len(rounds) > 1 else rounds
-    ours_all = [t for rd in measured for t in rd["ours"]["step_s"]]
-    peft_all = [t for rd in measured for t in rd["peft"]["step_s"]]
+    def collect(who: str, key: str) -> list[float]:
+        return [t for rd in measured for t in rd[who][key]]
+
     loss_gap = max(abs(a - b) for rd in rounds for a, b in zip(rd["ours"]["loss"], rd["peft"]["loss"]))
-    s_ours, s_peft = _summary(ours_all), _summary(peft_all)
+    s_ours = _summary(collect("ours", "step_s"), collect("ours", "cpu_s"))
+    s_peft = _summary(collect("peft", "step_s"), collect("peft", "cpu_s"))
     return {
         "name": "tuning_speed", "quick": args.quick, "model": model_label(args.model), "threads": torch.get_num_threads(), "steps": args.steps,
         "rounds": args.rounds, "batch_size": args.batch_size, "num_virtual_tokens": args.num_virtual_tokens,
         "dataset": args.dataset, "ours": s_ours, "peft": s_peft,
         "ratio_steps_per_s": s_ours["steps_per_s"] / s_peft["steps_per_s"],
         "ratio_median_step": s_peft["median_s"] / s_ours["median_s"],
+        "ratio_median_cpu_step": s_peft["cpu_median_s"] / s_ours["cpu_median_s"],
         "max_loss_gap": loss_gap, "rounds_detail": rounds, "machine": machine_facts(),
     }
 
@@ -176,13 +193,16 @@ def run(args) -> dict:
 def render(res: dict) -> str:
     lines = [f"tuning speed, {res['model']}, {res['dataset']}, batch {res['batch_size']}, k={res['num_virtual_tokens']}, "
              f"{res['steps']} steps x {res['rounds']} rounds, {res['threads']} threads",
-             "| trainer | steps/s | median step s | mean step s | first-third median | last-third median |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| trainer | steps/s | median step s | mean step s | first-third / last-third median s | "
+             "median CPU s per step | CPU first-third / last-third median s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, key in (("ours (PromptTuner)", "ours"), ("PEFT loop", "peft")):
         s = res[key]
         lines.append(f"| {name} | {s['steps_per_s']:.3f} | {s['median_s']:.3f} | {s['mean_s']:.3f} | "
-                     f"{s['first_third_median_s']:.3f} | {s['last_third_median_s']:.3f} |")
-    lines.append(f"ratio ours/PEFT: {res['ratio_steps_per_s']:.2f}x steps/s ({res['ratio_median_step']:.2f}x by median step); "
+                     f"{s['first_third_median_s']:.3f} / {s['last_third_median_s']:.3f} | {s['cpu_median_s']:.3f} | "
+                     f"{s['cpu_first_third_median_s']:.3f} / {s['cpu_last_third_median_s']:.3f} |")
+    lines.append(f"ratio ours/PEFT: {res['ratio_steps_per_s']:.2f}x steps/s, {res['ratio_median_step']:.2f}x by median "
+                 f"wall time per step, {res['ratio_median_cpu_step']:.2f}x by median CPU time per step; "
                  f"max |loss ours - loss PEFT| per step: {res['max_loss_gap']:.2e}")
     for i, rd in enumerate(res["rounds_detail"], 1):
         lines.append(f"round {i} per-step s, ours: " + " ".join(f"{t:.2f}" for t in rd["ours"]["step_s"]))
