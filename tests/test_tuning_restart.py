@@ -48,6 +48,12 @@ def _events(client: httpx.Client, job_id: str) -> list[dict]:
         after = out[-1]["id"]
 
 
+def _boto_kwargs(seaweed) -> dict:
+    env = seaweed.env()
+    return {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+            "region_name": env["AWS_REGION"]}
+
+
 def _finished(job: dict) -> bool:
     return job["status"] in ("succeeded", "failed", "cancelled")
 
@@ -130,3 +136,9 @@ def test_two_replicas_on_one_s3_store_never_run_the_same_job(seaweed, monkeypatc
         else:
             assert len(runs) == 1, (job_id, runs)
     assert {j["replica"] for j in jobs} <= {"replica-a", "replica-b"}
+    import boto3  # the jobs really lived in the bucket (not in a local directory)
+
+    s3 = boto3.client("s3", endpoint_url=seaweed.endpoint_url, **_boto_kwargs(seaweed))
+    prefix = store.split("/", 3)[3] + "/tenants/default/tuning/jobs/"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=seaweed.bucket, Prefix=prefix).get("Contents", [])]
+    assert {k[len(prefix):].split("/")[0] for k in keys} == set(ids)
