@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from prompt_store.backend import LocalBackend
     from prompt_store.store import PromptStore
-    from server.tuning.data import parse_records, tokenize_examples
     from server.tuning.export import model_info
-    from server.tuning.jobs import TuningJob, TuningManager, new_job_id
+    from server.tuning.jobs import TuningManager, new_job_id
+    from server.tuning.records import new_record
     from server.tuning.trainer import TuningConfig
 
     model, tok, name = load(args)
@@ -133,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     engine = AsyncEngine(llm)
     engine.start()
     store = PromptStore(LocalBackend(Path(tempfile.mkdtemp(prefix="tuning-impact-"))), model_info(model, name))
-    train = tokenize_examples(tok, parse_records(training_records()))
     config = TuningConfig(num_virtual_tokens=8, init="vocab", steps=1_000_000, batch_size=args.batch_size,
                           micro_batch_size=args.micro_batch_size, learning_rate=1e-3)
 
@@ -151,20 +150,23 @@ def main(argv: list[str] | None = None) -> int:
 
     manager._yield = gated_yield
     gate.set()
-    job = manager.submit(TuningJob(id=new_job_id(), tenant="default", namespace="default", name="bench",
-                                   model=name, config=config, train=train, eval=[]))
+    records = training_records()
+    record = new_record(job_id=new_job_id(), tenant="default", namespace="default", name="bench", model=name,
+                        config=config, checkpoint_every=1_000_000, auto=[], num_examples={"train": len(records), "validation": 0},
+                        training_file=None, validation_file=None, description=None, suffix=None, metadata=None)
+    job = manager.submit(record, {"train": "".join(json.dumps(r) + "\n" for r in records)})
 
     def set_phase(share: float | None) -> None:
         if share is None:
             gate.clear()
-            while not parked.is_set() and job.status in ("queued", "running"):
+            while not parked.is_set() and job.status in ("validating_files", "queued", "running"):
                 time.sleep(0.01)
         else:
             manager.train_share_when_busy = share
             gate.set()
 
     asyncio.run(one_round(engine, tok, args.concurrency, args.max_tokens, 99))  # warm-up, same shapes
-    while job.step < 1:  # training in full swing before measuring
+    while job.record["step"] < 1:  # training in full swing before measuring
         time.sleep(0.05)
     print(f"model {name}, {torch.get_num_threads()} threads; {args.concurrency} concurrent requests x {args.max_tokens} tokens "
           f"x {args.rounds} rounds per phase; tuning batch {args.batch_size} (micro {args.micro_batch_size}), k=8", flush=True)
@@ -174,19 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for label, share in phases:
             set_phase(share)
-            s0, t0 = job.step, time.perf_counter()
+            s0, t0 = job.record["step"], time.perf_counter()
             results = asyncio.run(one_round(engine, tok, args.concurrency, args.max_tokens, r))
             acc = raw[label]
             acc["wall"] += time.perf_counter() - t0
-            acc["steps"] += job.step - s0
+            acc["steps"] += job.record["step"] - s0
             for times in results:
                 acc["ttft"].append(times[0])
                 acc["per_token"].extend(b - a for a, b in zip(times, times[1:]))
                 acc["tokens"] += len(times)
     set_phase(1.0)
-    s0, t0 = job.step, time.perf_counter()
+    s0, t0 = job.record["step"], time.perf_counter()
     time.sleep(2.0 if args.quick else 10.0)
-    idle_rate = (job.step - s0) / (time.perf_counter() - t0)
+    idle_rate = (job.record["step"] - s0) / (time.perf_counter() - t0)
     manager.cancel("default", job.id, wait_s=60)
     manager.close()
 

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"lr {args.learning_rate}", flush=True)
             t0 = time.monotonic()
             shown = 0
-            while job["status"] in ("queued", "running"):
+            while job["status"] in ("validating_files", "queued", "running"):
                 time.sleep(2)
                 job = client.get(f"/v1/tuning/jobs/{job['id']}").json()
                 for point in job["loss_curve"][shown:]:

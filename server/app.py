@@ -45,6 +45,7 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
             threading.Thread(target=state.build, name="softserve-load", daemon=True).start()
         if console is not None:
             console.start()
+        tuning.start_when_loaded()  # resumes unfinished jobs found in the store
         yield
         state.shutting_down = True
         if console is not None:

@@ -34,7 +34,8 @@ _SERVE_FLAGS = [
     ("--max-tokens-limit", "max_tokens_limit", int), ("--max-queue-per-tenant", "max_queue_per_tenant", int),
     ("--request-timeout", "request_timeout", float), ("--shutdown-timeout", "shutdown_timeout", float),
     ("--max-body-bytes", "max_body_bytes", int), ("--torch-threads", "torch_threads", int), ("--json-logs", "json_logs", _bool),
-    ("--log-level", "log_level", str),
+    ("--log-level", "log_level", str), ("--tuning-lease-seconds", "tuning_lease_seconds", float),
+    ("--tuning-scan-seconds", "tuning_scan_seconds", float), ("--tuning-replica-id", "tuning_replica_id", str),
 ]
 
 

@@ -479,6 +479,10 @@ class Prompts:
         return _write_adapter(resp.content, dir)
 
 
+def _page_params(**params) -> dict[str, Any] | None:
+    return {k: v for k, v in params.items() if v is not None} or None
+
+
 class Tuning:
     """`client.tuning`: soft-prompt tuning jobs (/v1/tuning/jobs, shaped like OpenAI fine-tuning jobs).
     `create(**params)` posts the params as the JSON body (e.g. name=, training_data=[{"prompt",
@@ -501,6 +505,20 @@ class Tuning:
 
     def cancel(self, job_id: str, **kw) -> dict[str, Any]:
         return self._c._json("POST", f"/v1/tuning/jobs/{quote(job_id, safe='')}/cancel", **kw)
+
+    def events(self, job_id: str, *, after: str | None = None, limit: int | None = None, order: str | None = None,
+               **kw) -> list[dict[str, Any]]:
+        """One page of the job's events (`order` "desc", the default: newest first, `after` an event id
+        pages to older ones; "asc": oldest first, `after` tails newer ones)."""
+        out = self._c._json("GET", f"/v1/tuning/jobs/{quote(job_id, safe='')}/events",
+                            params=_page_params(after=after, limit=limit, order=order), **kw)
+        return out.get("data", []) if isinstance(out, dict) else out
+
+    def checkpoints(self, job_id: str, *, after: str | None = None, limit: int | None = None, **kw) -> list[dict[str, Any]]:
+        """The job's checkpoints, newest first; each `fine_tuned_model_checkpoint` is a servable prompt ref."""
+        out = self._c._json("GET", f"/v1/tuning/jobs/{quote(job_id, safe='')}/checkpoints",
+                            params=_page_params(after=after, limit=limit), **kw)
+        return out.get("data", []) if isinstance(out, dict) else out
 
     def wait(self, job_id: str, *, poll_interval: float = 2.0, timeout: float | None = None) -> dict[str, Any]:
         """Poll until the job's `status` is terminal (succeeded/failed/cancelled); return the job."""
@@ -681,6 +699,18 @@ class AsyncTuning:
 
     async def cancel(self, job_id: str, **kw) -> dict[str, Any]:
         return await self._c._json("POST", f"/v1/tuning/jobs/{quote(job_id, safe='')}/cancel", **kw)
+
+    async def events(self, job_id: str, *, after: str | None = None, limit: int | None = None, order: str | None = None,
+                     **kw) -> list[dict[str, Any]]:
+        out = await self._c._json("GET", f"/v1/tuning/jobs/{quote(job_id, safe='')}/events",
+                                  params=_page_params(after=after, limit=limit, order=order), **kw)
+        return out.get("data", []) if isinstance(out, dict) else out
+
+    async def checkpoints(self, job_id: str, *, after: str | None = None, limit: int | None = None,
+                          **kw) -> list[dict[str, Any]]:
+        out = await self._c._json("GET", f"/v1/tuning/jobs/{quote(job_id, safe='')}/checkpoints",
+                                  params=_page_params(after=after, limit=limit), **kw)
+        return out.get("data", []) if isinstance(out, dict) else out
 
     async def wait(self, job_id: str, *, poll_interval: float = 2.0, timeout: float | None = None) -> dict[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -41,3 +41,6 @@ class Settings(BaseSettings):
     json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")
     log_level: str = "info"
     ui: bool = Field(True, description="serve the web console at /ui (--no-ui turns it off)")
+    tuning_lease_seconds: float = Field(30.0, gt=0, description="a tuning job's lease in the store: a replica that stops renewing it (died) loses the job to another replica after this long")
+    tuning_replica_id: str | None = Field(None, description="this replica's name in tuning-job leases (default: random per process); unique among live replicas, stable across restarts (e.g. the pod name) lets a restarted replica resume its own jobs at once")
+    tuning_scan_seconds: float = Field(5.0, gt=0, description="how often a replica looks in the store for unfinished tuning jobs nobody runs")

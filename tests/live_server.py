@@ -50,7 +50,7 @@ class LiveServer:
 
     def __init__(
         self,
-        store: str | os.PathLike[str],
+        store: str | os.PathLike[str],  # a directory, or an s3:// URL
         *,
         model: str | os.PathLike[str] | None = None,
         api_keys: str | os.PathLike[str] | None = None,
@@ -59,11 +59,14 @@ class LiveServer:
         log_dir: str | os.PathLike[str] | None = None,
         torch_threads: int | None = DEFAULT_TORCH_THREADS,
     ) -> None:
-        self.store = Path(store)
+        # A URL (s3://bucket/prefix) stays a string: Path() would fold "//" into a local relative path.
+        self.store = store if isinstance(store, str) and "://" in store else Path(store)
         self.model = model
         self.api_keys = api_keys
         self.max_model_len = max_model_len
         self.extra_args = list(extra_args or [])
+        if log_dir is None and isinstance(self.store, str):
+            raise ValueError("a store URL needs log_dir")
         self.log_dir = Path(log_dir) if log_dir is not None else self.store.parent
         self.torch_threads = torch_threads
         self.port: int | None = None

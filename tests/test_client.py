@@ -152,11 +152,18 @@ def test_tuning_if_available(ss):
         pytest.skip("server has no /v1/tuning/jobs yet")
     data = [{"prompt": f"Q{i}:", "completion": " yes"} for i in range(4)]
     job = ss.tuning.create(name="client-tuned", training_data=data, num_virtual_tokens=2, steps=2, batch_size=2)
-    assert job["id"] and job["status"] in ("queued", "running", "succeeded")
+    assert job["id"] and job["status"] in ("validating_files", "queued", "running", "succeeded")
     assert job["id"] in {j["id"] for j in ss.tuning.list(limit=50)}
     done = ss.tuning.wait(job["id"], poll_interval=0.1, timeout=60)
     assert done["status"] == "succeeded", done
     assert ss.complete(done["fine_tuned_model"], "Q9:", max_tokens=2).usage.virtual_tokens == 2
+    events = ss.tuning.events(job["id"], order="asc", limit=100)
+    assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == [1, 2]
+    assert ss.tuning.events(job["id"], limit=1)[0]["message"].startswith("Job succeeded")  # newest first
+    assert ss.tuning.events(job["id"], after=events[1]["id"], order="asc", limit=100) == events[2:]
+    ckpts = ss.tuning.checkpoints(job["id"])
+    assert [c["step_number"] for c in ckpts] == [2, 1]  # auto: every ceil(2 / 10) = 1 step
+    assert ss.complete(ckpts[-1]["fine_tuned_model_checkpoint"], "Q9:", max_tokens=1).usage.virtual_tokens == 2
     with pytest.raises(C.ConflictError):
         ss.tuning.cancel(job["id"])  # already finished
     with pytest.raises(C.NotFoundError):
@@ -355,15 +362,21 @@ def test_async_retries(stub):
 def test_tuning_methods_against_stub(stub):
     job = {"id": "ftjob-1", "object": "tuning.job", "status": "running", "new_field": [1]}
     stub.script = [(200, {}, job, 0), (200, {}, job, 0), (200, {}, {**job, "status": "succeeded"}, 0),
-                   (200, {}, {"object": "list", "data": [job]}, 0), (200, {}, {**job, "status": "cancelled"}, 0)]
+                   (200, {}, {"object": "list", "data": [job]}, 0), (200, {}, {**job, "status": "cancelled"}, 0),
+                   (200, {}, {"object": "list", "data": [{"id": "e1"}], "has_more": False}, 0),
+                   (200, {}, {"object": "list", "data": [{"id": "c1"}], "has_more": False}, 0)]
     with fast_client(stub.url) as c:
         assert c.tuning.create(model="base", training_file="f.jsonl", request_id="r1")["id"] == "ftjob-1"
         assert c.tuning.wait("ftjob-1", poll_interval=0.01)["status"] == "succeeded"
         assert c.tuning.list()[0]["new_field"] == [1]
         assert c.tuning.cancel("ftjob-1")["status"] == "cancelled"
+        assert c.tuning.events("ftjob-1", after="e0", limit=5, order="asc") == [{"id": "e1"}]
+        assert c.tuning.checkpoints("ftjob-1") == [{"id": "c1"}]
     calls = [(m, p) for m, p, _, _ in stub.calls]
     assert calls == [("POST", "/v1/tuning/jobs"), ("GET", "/v1/tuning/jobs/ftjob-1"), ("GET", "/v1/tuning/jobs/ftjob-1"),
-                     ("GET", "/v1/tuning/jobs"), ("POST", "/v1/tuning/jobs/ftjob-1/cancel")]
+                     ("GET", "/v1/tuning/jobs"), ("POST", "/v1/tuning/jobs/ftjob-1/cancel"),
+                     ("GET", "/v1/tuning/jobs/ftjob-1/events?after=e0&limit=5&order=asc"),
+                     ("GET", "/v1/tuning/jobs/ftjob-1/checkpoints")]
     assert json.loads(stub.calls[0][3]) == {"model": "base", "training_file": "f.jsonl"}
     assert stub.calls[0][2]["X-Request-ID"] == "r1"
 

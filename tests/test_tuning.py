@@ -309,7 +309,7 @@ def test_api_job_lifecycle(api, tokenizer):
     r = api.post("/v1/tuning/jobs", headers=a, json=body)
     assert r.status_code == 200, r.text
     job = r.json()
-    assert job["object"] == "tuning.job" and job["status"] in ("queued", "running") and job["model"] == "tiny-llama"
+    assert job["object"] == "tuning.job" and job["status"] in ("validating_files", "queued", "running") and job["model"] == "tiny-llama"
     assert api.get(f"/v1/tuning/jobs/{job['id']}", headers=b).status_code == 404
     done = _wait(api, job["id"], a, ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done["error"]
@@ -340,8 +340,8 @@ def test_api_queue_and_cancel_while_serving(api):
     second = api.post("/v1/tuning/jobs", headers=a, json={**body, "name": "next"}).json()
     running = _wait(api, first["id"], a, ("running",))
     assert running["eta_seconds"] is None or running["eta_seconds"] >= 0
-    queued = api.get(f"/v1/tuning/jobs/{second['id']}", headers=a).json()
-    assert queued["status"] == "queued" and queued["queue_position"] == 0
+    queued = _wait(api, second["id"], a, ("queued",))  # after validating_files
+    assert queued["queue_position"] == 0
     # Serving continues while the job trains on the same model.
     r = api.post("/v1/completions", headers=a, json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

@@ -7,8 +7,12 @@ Imports of torch/transformers happen inside `cmd_tune`, so building the CLI pars
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import os
 import sys
+from pathlib import Path
 
 __all__ = ["add_tune_parser", "cmd_tune"]
 
@@ -32,6 +36,10 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
     p.add_argument("--eval-at-start", action="store_true", help="also evaluate the initial prompt")
+    p.add_argument("--early-stopping-patience", type=int, default=0,
+                   help="stop after N evals (every --eval-every steps) without eval-loss improvement (default 0: off)")
+    p.add_argument("--result-prompt", choices=["last", "best"],
+                   help="write the last prompt or the one of the lowest eval loss (default: best with early stopping)")
     p.add_argument("--max-length", type=int, default=1024, help="longest example in real tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -43,6 +51,11 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tenant", default="default", help="store tenant (default 'default', the no-auth tenant)")
     p.add_argument("--description")
     p.add_argument("--log-every", type=int, help="progress line every N steps (default: about 20 lines)")
+    p.add_argument("--checkpoint-dir", help="write resumable checkpoints here (default: OUT/checkpoints with --out)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: ceil(steps / 10))")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --checkpoint-dir (same data and settings; "
+                        "the result equals an uninterrupted run's)")
     return p
 
 
@@ -60,6 +73,8 @@ def cmd_tune(args) -> int:
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
         seed=args.seed, eval_every=args.eval_every, eval_at_start=args.eval_at_start, max_length=args.max_length,
+        early_stopping_patience=args.early_stopping_patience,
+        result_prompt=args.result_prompt or ("best" if args.early_stopping_patience else "last"),
     )
     try:
         config.validate()
@@ -84,8 +99,25 @@ def cmd_tune(args) -> int:
         if info.step % every == 0 or info.step == config.steps or info.eval_loss is not None:
             print(info.line(), flush=True)
 
+    ckpt_dir = args.checkpoint_dir or (str(Path(args.out) / "checkpoints") if args.out else None)
+    if args.resume and not ckpt_dir:
+        raise SystemExit("softserve tune: --resume needs --checkpoint-dir (or --out)")
+    fingerprint = {"config": dataclasses.asdict(config), "data_sha256": _data_digest(train, evals)}
+    ckpt_every = args.checkpoint_every or max(1, -(-config.steps // 10))
+    tuner = None
+
+    def progress_and_checkpoint(info) -> None:
+        progress(info)
+        if ckpt_dir and info.step and (info.step % ckpt_every == 0 or info.stopping) and info.step < config.steps:
+            tensors, meta = tuner.state()
+            _write_checkpoint(Path(ckpt_dir), info.step, tensors, {**meta, **fingerprint})
+
     before = _param_digest(model)
-    result = PromptTuner(model, tokenizer, train, evals, config, on_progress=progress).run()
+    tuner = PromptTuner(model, tokenizer, train, evals, config, on_progress=progress_and_checkpoint)
+    if args.resume:
+        step = _resume(tuner, Path(ckpt_dir), fingerprint)
+        print(f"resuming from the checkpoint at step {step} in {ckpt_dir}", file=sys.stderr, flush=True)
+    result = tuner.run()
     assert _param_digest(model) == before, "model weights changed during tuning"  # cheap guard, never expected
 
     info = model_info(model, source.name)
@@ -94,12 +126,11 @@ def cmd_tune(args) -> int:
     summary = {"name": args.name, "num_virtual_tokens": config.num_virtual_tokens, "steps": config.steps,
                "final_loss": result.history[-1].loss if result.history else None,
                "eval_loss": result.eval_loss, "eval_accuracy": result.eval_accuracy,
-               "trained_tokens": result.trained_tokens, "seconds": round(result.elapsed_s, 1)}
+               "trained_tokens": result.trained_tokens, "seconds": round(result.elapsed_s, 1),
+               "steps_done": result.steps_done, "stopped_early": result.stopped_early, "best_step": result.best_step}
     if args.out:
         summary["adapter_dir"] = str(save_adapter(files, args.out))
     if args.store:
-        from pathlib import Path
-
         from prompt_store.backend import LocalBackend
         from prompt_store.store import PromptStore
 
@@ -109,6 +140,40 @@ def cmd_tune(args) -> int:
         summary.update(store=args.store, tenant=args.tenant, version=meta.version, ref=meta.ref, warnings=warnings)
     print(json.dumps(summary, indent=2), flush=True)
     return 0
+
+
+def _data_digest(train, evals) -> str:
+    h = hashlib.sha256()
+    for part in (train, evals):
+        for ex in part:
+            h.update(json.dumps([ex.input_ids, ex.labels, ex.prompt_ids, ex.target]).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _write_checkpoint(directory: Path, step: int, tensors, meta) -> None:
+    from server.tuning.persist import encode_state
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".step-{step:08d}.tmp"
+    tmp.write_bytes(encode_state(tensors, meta))
+    os.replace(tmp, directory / f"step-{step:08d}.safetensors")  # complete or absent
+
+
+def _resume(tuner, directory: Path, fingerprint: dict) -> int:
+    from server.tuning.persist import decode_state
+
+    files = sorted(directory.glob("step-*.safetensors")) if directory.is_dir() else []
+    if not files:
+        raise SystemExit(f"softserve tune: --resume: no checkpoint in {directory}")
+    tensors, meta = decode_state(files[-1].read_bytes())
+    if meta.get("data_sha256") != fingerprint["data_sha256"]:
+        raise SystemExit(f"softserve tune: --resume: {files[-1].name} was trained on other data")
+    if meta.get("config") != fingerprint["config"]:
+        changed = sorted(k for k, v in fingerprint["config"].items() if (meta.get("config") or {}).get(k) != v)
+        raise SystemExit(f"softserve tune: --resume: settings differ from the checkpoint's: {', '.join(changed)}")
+    tuner.load_state(tensors, meta)
+    return int(meta["step"])
 
 
 def _param_digest(model) -> int:

@@ -1,16 +1,20 @@
-"""Tuning jobs inside the server: uploaded training files, a job queue, worker thread(s).
+"""Tuning jobs inside the server, persisted in the store so they survive restarts and replicas.
 
 Jobs train on the resident model object the engine serves from (no copy): each training unit takes
 the engine's `step_lock`, and while requests are being served the worker throttles itself so that
 training gets at most `train_share_when_busy` of wall time (serving keeps most of the machine).
 
-Files live in the prompt store's backend (`tenants/<tenant>/files/<id>.jsonl` + `.json`), so they
-persist like prompts. Jobs live in memory: a restart forgets them (their results are store versions).
+Life of a job: `validating_files` (tokenize the data copy) -> `queued` -> `running` -> succeeded |
+failed | cancelled. Record, events and resume checkpoints live in the backend (server/tuning/persist.py).
+A replica runs a job only while it holds the job's lease (compare-and-swap, renewed every third
+of its lifetime); a replica that dies stops renewing, the lease expires, and any replica's scan
+(every `scan_seconds`, and once at start-up) picks the job up again and resumes it from its last
+checkpoint. Events after that checkpoint were never persisted, so the resumed run re-emits them:
+the stored event list stays complete, ordered and free of duplicates.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -19,190 +23,63 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from prompt_store.store import PromptStore, validate_name
-from prompt_store.types import PromptMeta
-from server.tuning.data import DatasetError, TokenizedExample, parse_jsonl
+from prompt_store.store import PromptStore
+from server.tuning.data import DatasetError, TokenizedExample, parse_jsonl, tokenize_examples
 from server.tuning.export import adapter_files, model_info, push_to_store
-from server.tuning.trainer import PromptTuner, StepInfo, TuningCancelled, TuningConfig
+from server.tuning.files import FileRegistry, TuningFile
+from server.tuning.persist import JobStore, Lease, new_replica_id
+from server.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view, make_event
+from server.tuning.trainer import PromptTuner, StepInfo
 
 log = logging.getLogger("softserve.tuning")
 
-__all__ = ["TuningFile", "FileRegistry", "TuningJob", "TuningManager", "QueueFull", "JOB_STATUSES"]
-
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FILE_PURPOSES = ("tune", "fine-tune")
+__all__ = ["TuningFile", "FileRegistry", "TuningJob", "TuningManager", "QueueFull", "JOB_STATUSES", "new_job_id"]
 
 
 class QueueFull(Exception):
     pass
 
 
-# ---- files ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TuningFile:
-    id: str
-    tenant: str
-    filename: str
-    purpose: str
-    bytes: int
-    num_examples: int
-    created_at: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "num_examples": self.num_examples}
+class LeaseLost(Exception):
+    """This replica no longer holds the job's lease: another one runs it now."""
 
 
-class FileRegistry:
-    """Uploaded JSONL files, validated (JSON + record shape, with line numbers) at upload."""
-
-    def __init__(self, backend, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self.backend = backend
-        self.max_bytes = max_bytes
-
-    @staticmethod
-    def _key(tenant: str, file_id: str, ext: str) -> str:
-        return f"tenants/{tenant}/files/{file_id}.{ext}"
-
-    def create(self, tenant: str, filename: str, purpose: str, data: bytes) -> TuningFile:
-        validate_name(tenant, "tenant")
-        if purpose not in FILE_PURPOSES:
-            raise DatasetError(f"purpose must be one of {list(FILE_PURPOSES)}, got {purpose!r}", source="purpose")
-        if len(data) > self.max_bytes:
-            raise DatasetError(f"file is {len(data)} bytes; the limit is {self.max_bytes}", source=filename or "file")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DatasetError("file is not UTF-8 text", source=filename or "file") from None
-        examples = parse_jsonl(text, source=filename or "file")
-        file_id = "file-" + uuid.uuid4().hex[:24]
-        meta = TuningFile(id=file_id, tenant=tenant, filename=(filename or "data.jsonl")[:255], purpose=purpose,
-                          bytes=len(data), num_examples=len(examples), created_at=int(time.time()))
-        self.backend.put(self._key(tenant, file_id, "jsonl"), data)
-        self.backend.put(self._key(tenant, file_id, "json"), json.dumps(meta.__dict__).encode())
-        return meta
-
-    def get(self, tenant: str, file_id: str) -> TuningFile:
-        if not isinstance(file_id, str) or not file_id.startswith("file-") or not file_id[5:].isalnum():
-            raise KeyError(file_id)
-        try:
-            raw = self.backend.get(self._key(tenant, file_id, "json"))
-        except (KeyError, ValueError):
-            raise KeyError(file_id) from None
-        return TuningFile(**json.loads(raw))
-
-    def read_text(self, tenant: str, file_id: str) -> str:
-        self.get(tenant, file_id)
-        return self.backend.get(self._key(tenant, file_id, "jsonl")).decode("utf-8")
-
-    def list(self, tenant: str) -> list[TuningFile]:
-        validate_name(tenant, "tenant")
-        out = []
-        for key in self.backend.list(f"tenants/{tenant}/files/"):
-            if key.endswith(".json"):
-                try:
-                    out.append(TuningFile(**json.loads(self.backend.get(key))))
-                except KeyError:
-                    continue
-        return sorted(out, key=lambda f: (f.created_at, f.id), reverse=True)
-
-    def delete(self, tenant: str, file_id: str) -> None:
-        self.get(tenant, file_id)
-        self.backend.delete(self._key(tenant, file_id, "jsonl"))
-        self.backend.delete(self._key(tenant, file_id, "json"))
-
-
-# ---- jobs ----------------------------------------------------------------------------------------
 @dataclass
 class TuningJob:
-    id: str
-    tenant: str
-    namespace: str  # where the prompt is written (the tenant, or `public` for admins)
-    name: str
-    model: str
-    config: TuningConfig
-    train: list[TokenizedExample]
-    eval: list[TokenizedExample]
-    training_file: str | None = None
-    validation_file: str | None = None
-    description: str | None = None
-    created_at: int = field(default_factory=lambda: int(time.time()))
-    status: str = "queued"
-    started_at: int | None = None
-    finished_at: int | None = None
-    step: int = 0
-    loss_curve: list[dict[str, float]] = field(default_factory=list)
-    eval_curve: list[dict[str, float]] = field(default_factory=list)
-    eta_s: float | None = None
-    trained_tokens: int = 0
-    result: PromptMeta | None = None
-    warnings: list[str] = field(default_factory=list)
-    error: dict[str, Any] | None = None
+    """A job this replica is validating or running; `record` is its (persisted) state."""
+
+    record: dict[str, Any]
+    train: list[TokenizedExample] | None = None
+    eval: list[TokenizedExample] | None = None
+    texts: dict[str, str] = field(default_factory=dict)  # data as submitted (before it is read back)
+    pending: list[dict[str, Any]] = field(default_factory=list)  # events not persisted yet
+    seq: int = 0
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    lost_lease: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def is_finished(self) -> bool:
-        return self.status in ("succeeded", "failed", "cancelled")
+    def id(self) -> str:
+        return self.record["id"]
 
-    def on_progress(self, info: StepInfo) -> None:
-        self.step = info.step
-        if info.loss is not None:
-            self.loss_curve.append({"step": info.step, "loss": round(info.loss, 6)})
-        if info.eval_loss is not None:
-            self.eval_curve.append({"step": info.step, "eval_loss": round(info.eval_loss, 6),
-                                    "eval_accuracy": info.eval_accuracy})
-        self.eta_s = info.eta_s
-        self.trained_tokens = info.tokens
+    @property
+    def tenant(self) -> str:
+        return self.record["tenant"]
 
-    def to_dict(self, queue_position: int | None = None) -> dict[str, Any]:
-        c = self.config
-        prefix = "public/" if self.namespace != self.tenant else ""
-        last_eval = self.eval_curve[-1] if self.eval_curve else None
-        result = None
-        if self.result is not None:
-            result = {"name": prefix + self.result.name, "version": self.result.version,
-                      "ref": prefix + self.result.ref, "sha256": self.result.sha256}
-        eta = self.eta_s if self.status == "running" else None
-        return {
-            "id": self.id,
-            "object": "tuning.job",
-            "model": self.model,
-            "name": prefix + self.name,
-            "status": self.status,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "training_file": self.training_file,
-            "validation_file": self.validation_file,
-            "hyperparameters": {
-                "num_virtual_tokens": c.num_virtual_tokens, "init": c.init, "init_text": c.init_text,
-                "steps": c.steps, "learning_rate": c.learning_rate, "batch_size": c.batch_size,
-                "micro_batch_size": c.micro_batch_size, "warmup_steps": c.warmup_steps,
-                "lr_schedule": c.lr_schedule, "weight_decay": c.weight_decay, "eval_every": c.eval_every,
-            },
-            "seed": c.seed,
-            "num_examples": {"train": len(self.train), "validation": len(self.eval)},
-            "step": self.step,
-            "total_steps": c.steps,
-            "loss": self.loss_curve[-1]["loss"] if self.loss_curve else None,
-            "loss_curve": list(self.loss_curve),
-            "eval_curve": list(self.eval_curve),
-            "metrics": {"eval_loss": last_eval["eval_loss"], "eval_accuracy": last_eval["eval_accuracy"]} if last_eval else None,
-            "eta_seconds": round(eta, 1) if eta is not None else None,
-            "estimated_finish": int(time.time() + eta) if eta is not None else None,
-            "trained_tokens": self.trained_tokens,
-            "fine_tuned_model": result["ref"] if result else None,
-            "result_prompt": result,
-            "warnings": list(self.warnings),
-            "error": self.error,
-            "queue_position": queue_position,
-        }
+    @property
+    def status(self) -> str:
+        return self.record["status"]
+
+    def event(self, message: str, **kw) -> None:
+        with self.lock:
+            self.pending.append(make_event(self.id, self.seq, message, **kw))
+            self.seq += 1
 
 
 class TuningManager:
-    """Owns the job queue and worker thread(s). `step_lock` must be the engine's lock."""
+    """Owns the job queue, the worker thread(s), a validator and a scanner. `step_lock` must be the
+    engine's lock."""
 
     def __init__(
         self,
@@ -216,7 +93,9 @@ class TuningManager:
         max_concurrent: int = 1,
         max_queued: int = 16,
         train_share_when_busy: float = 0.5,
-        keep_finished: int = 200,
+        lease_seconds: float = 30.0,
+        scan_seconds: float = 5.0,
+        replica_id: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -227,77 +106,281 @@ class TuningManager:
         self.is_busy = is_busy
         self.max_queued = max_queued
         self.train_share_when_busy = min(1.0, max(0.01, train_share_when_busy))
-        self.keep_finished = keep_finished
+        self.replica_id = replica_id or new_replica_id()
+        self.jobs = JobStore(store.backend, owner=self.replica_id, lease_seconds=lease_seconds)
+        self.scan_seconds = scan_seconds
         self.files = FileRegistry(store.backend, store.max_upload_bytes)
-        self._jobs: dict[str, TuningJob] = {}
-        self._order: list[str] = []
+        self._local: dict[str, TuningJob] = {}
+        self._claimed: set[str] = set()  # ids queued here, being validated or run here
         self._queue: queue.Queue = queue.Queue()
+        self._validate: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._workers = [threading.Thread(target=self._worker, name=f"softserve-tuning-{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._worker, name=f"softserve-tuning-{i}", daemon=True)
                          for i in range(max(1, max_concurrent))]
-        for w in self._workers:
-            w.start()
+        self._threads.append(threading.Thread(target=self._validator, name="softserve-tuning-validate", daemon=True))
+        self._threads.append(threading.Thread(target=self._scanner, name="softserve-tuning-scan", daemon=True))
+        for t in self._threads:
+            t.start()
 
     # ---- public -------------------------------------------------------------------------------
-    def submit(self, job: TuningJob) -> TuningJob:
+    def submit(self, record: dict[str, Any], texts: dict[str, str]) -> TuningJob:
+        """Persist a new job (status validating_files) and validate it in the background."""
         with self._lock:
-            queued = sum(1 for j in self._jobs.values() if j.status == "queued")
-            if queued >= self.max_queued:
-                raise QueueFull(f"too many queued tuning jobs ({queued}); try again later")
-            self._jobs[job.id] = job
-            self._order.append(job.id)
-            self._trim()
-        self._queue.put(job.id)
+            waiting = sum(1 for j in self._local.values() if j.status in ("validating_files", "queued"))
+            if waiting >= self.max_queued:
+                raise QueueFull(f"too many queued tuning jobs ({waiting}); try again later")
+            job = TuningJob(record=record, texts=texts)
+            self._local[job.id] = job
+            self._claimed.add(job.id)
+        job.event(f"Created tuning job {job.id} for prompt {record['name']!r}")
+        with job.lock:
+            events, job.pending = job.pending, []
+        record["event_chunks"] = [self.jobs.write_events(job.tenant, job.id, events)]
+        record["next_event_seq"] = job.seq
+        self.jobs.create(record, texts)
+        self._validate.put((job.tenant, job.id))
         return job
 
-    def get(self, tenant: str, job_id: str) -> TuningJob:
+    def get(self, tenant: str, job_id: str) -> dict[str, Any]:
+        """The job's current record (this replica's live copy if it runs it, else the store's)."""
         with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None or job.tenant != tenant:
+            job = self._local.get(job_id)
+        if job is not None:
+            if job.tenant != tenant:
+                raise KeyError(job_id)
+            with job.lock:
+                return dict(job.record)
+        if not isinstance(job_id, str) or not job_id.startswith("tunejob-") or not job_id[8:].isalnum():
             raise KeyError(job_id)
-        return job
+        return self.jobs.read(tenant, job_id)
 
-    def list(self, tenant: str) -> list[TuningJob]:
+    def list(self, tenant: str) -> list[dict[str, Any]]:
+        records = {r["id"]: r for r in self.jobs.list(tenant)}
         with self._lock:
-            return [self._jobs[i] for i in reversed(self._order) if self._jobs[i].tenant == tenant]
+            local = [j for j in self._local.values() if j.tenant == tenant]
+        for job in local:
+            with job.lock:
+                records[job.id] = dict(job.record)
+        return sorted(records.values(), key=lambda r: (r["created_at"], r["id"]), reverse=True)
 
-    def queue_position(self, job: TuningJob) -> int | None:
-        if job.status != "queued":
+    def view(self, record: dict[str, Any]) -> dict[str, Any]:
+        return job_view(record, self.queue_position(record))
+
+    def queue_position(self, record: dict[str, Any]) -> int | None:
+        if record["status"] != "queued":
             return None
         with self._lock:
-            queued = [i for i in self._order if self._jobs[i].status == "queued"]
-        return queued.index(job.id) if job.id in queued else None
+            queued = sorted((j.record["created_at"], j.id) for j in self._local.values() if j.status == "queued")
+        ids = [i for _, i in queued]
+        return ids.index(record["id"]) if record["id"] in ids else None
 
-    def cancel(self, tenant: str, job_id: str, wait_s: float = 10.0) -> TuningJob:
-        job = self.get(tenant, job_id)
+    def events(self, tenant: str, job_id: str) -> list[dict[str, Any]]:
+        """All events, oldest first: the stored ones plus this replica's not yet persisted ones."""
+        record = self.get(tenant, job_id)
+        stored = self.jobs.read_events(tenant, job_id, record["event_chunks"], record["next_event_seq"])
         with self._lock:
-            if job.status == "queued":
-                job.status = "cancelled"
-                job.finished_at = int(time.time())
-                job.done_event.set()
-        job.cancel_event.set()
-        job.done_event.wait(wait_s)
-        return job
+            job = self._local.get(job_id)
+        if job is not None:
+            with job.lock:
+                stored += [e for e in job.pending if e["seq"] >= record["next_event_seq"]]
+        return stored
+
+    def cancel(self, tenant: str, job_id: str, wait_s: float = 10.0) -> dict[str, Any]:
+        record = self.get(tenant, job_id)  # KeyError for another tenant's job
+
+        def request(rec):
+            if rec["status"] in FINISHED:
+                return None
+            rec["cancel_requested"] = True
+            if rec["status"] in ("validating_files", "queued"):
+                rec.update(status="cancelled", finished_at=int(time.time()))
+            return rec
+
+        record = self.jobs.update(tenant, job_id, request)
+        with self._lock:
+            job = self._local.get(job_id)
+        if job is not None:
+            job.cancel_event.set()
+            with job.lock:
+                job.record.update(cancel_requested=True)
+                if record["status"] == "cancelled" and job.status != "running":
+                    job.record.update(status="cancelled", finished_at=record["finished_at"])
+            if job.status == "running":
+                job.done_event.wait(wait_s)
+        if record["status"] == "cancelled":
+            self.jobs.deactivate(job_id)
+        return self.get(tenant, job_id)
 
     def close(self) -> None:
+        """Stop: a running job is interrupted (not cancelled) and its lease released, so this replica
+        after a restart, or another one, resumes it from its last checkpoint."""
         self._stop.set()
-        with self._lock:
-            jobs = list(self._jobs.values())
-        for job in jobs:
-            job.cancel_event.set()
-        for _ in self._workers:
+        for _ in self._threads:
             self._queue.put(None)
-        for w in self._workers:
-            w.join(5)
+            self._validate.put(None)
+        for t in self._threads:
+            t.join(10)
+
+    def job_counts(self) -> dict[str, int]:
+        with self._lock:
+            jobs = list(self._local.values())
+        counts = dict.fromkeys(JOB_STATUSES, 0)
+        for job in jobs:
+            counts[job.status] = counts.get(job.status, 0) + 1
+        return counts
+
+    # ---- persistence helpers ------------------------------------------------------------------
+    def _flush(self, job: TuningJob, *, change: Callable[[dict], None] | None = None, fenced: bool = False) -> None:
+        """Write pending events as one chunk, then (CAS) the record listing it, with `change` applied
+        to both the local and the stored record. `fenced`: only while this replica holds the lease
+        (a replica that lost it must not overwrite the new runner's record)."""
+        with job.lock:
+            events, job.pending = job.pending, []
+            if change is not None:
+                change(job.record)
+            local = dict(job.record)
+        chunk = self.jobs.write_events(job.tenant, job.id, events) if events else None
+
+        def merge(stored):
+            if fenced and self.jobs.lease_holder(job.tenant, job.id) != self.replica_id:
+                job.lost_lease.set()
+                raise LeaseLost(job.id)
+            cancel = stored["cancel_requested"]
+            new = {**local, "cancel_requested": cancel or local["cancel_requested"]}
+            if stored["status"] == "cancelled":  # cancelled while queued (maybe on another replica)
+                new.update(status="cancelled", finished_at=stored["finished_at"])
+            new["event_chunks"] = list(stored["event_chunks"]) + ([chunk] if chunk is not None else [])
+            new["next_event_seq"] = events[-1]["seq"] + 1 if events else stored["next_event_seq"]
+            return new
+
+        stored = self.jobs.update(job.tenant, job.id, merge)
+        with job.lock:
+            job.record.update(event_chunks=stored["event_chunks"], next_event_seq=stored["next_event_seq"],
+                              cancel_requested=stored["cancel_requested"], status=stored["status"],
+                              finished_at=stored["finished_at"])
+        if stored["cancel_requested"]:
+            job.cancel_event.set()
+
+    def _finish(self, job: TuningJob, status: str, message: str, *, level: str = "info", **fields) -> None:
+        """Final status (the caller holds the lease)."""
+        job.event(message, level=level)
+        self._flush(job, fenced=True, change=lambda r: r.update(status=status, finished_at=int(time.time()),
+                                                                estimated_finish=None, **fields))
+        self.jobs.deactivate(job.id)
+
+    def _load_job(self, tenant: str, job_id: str) -> TuningJob:
+        with self._lock:
+            job = self._local.get(job_id)
+        if job is None:
+            record = self.jobs.read(tenant, job_id)
+            job = TuningJob(record=record, seq=record["next_event_seq"])
+            with self._lock:
+                self._local[job_id] = job
+        return job
+
+    def _forget(self, job: TuningJob) -> None:
+        job.done_event.set()
+        self._release_claim(job.id)
+
+    def _release_claim(self, job_id: str) -> None:
+        """This replica no longer handles the job (done, or another replica has it): drop the local
+        copy so reads go to the store."""
+        with self._lock:
+            self._claimed.discard(job_id)
+            job = self._local.pop(job_id, None)
+        if job is not None:
+            job.done_event.set()
+
+    # ---- validator ----------------------------------------------------------------------------
+    def _examples(self, job: TuningJob, which: str) -> list[TokenizedExample]:
+        text = job.texts.get(which)
+        if text is None:
+            text = self.jobs.read_data(job.tenant, job.id, which)
+        if text is None:
+            return []
+        source = job.record["training_file" if which == "train" else "validation_file"] or \
+            ("training_data" if which == "train" else "validation_data")
+        return tokenize_examples(self.tokenizer, parse_jsonl(text, source=source),
+                                 max_length=job.record["config"]["max_length"], source=source)
+
+    def _validator(self) -> None:
+        while not self._stop.is_set():
+            item = self._validate.get()
+            if item is None:
+                return
+            tenant, job_id = item
+            try:
+                self._validate_one(tenant, job_id)
+            except Exception:
+                log.exception("validating tuning job %s crashed", job_id)
+                self._release_claim(job_id)
+
+    def _validate_one(self, tenant: str, job_id: str) -> None:
+        lease = self.jobs.acquire(tenant, job_id)
+        if lease is None:  # another replica validates it
+            self._release_claim(job_id)
+            return
+        try:
+            job = self._load_job(tenant, job_id)
+            if job.status != "validating_files":
+                self._forget(job)
+                return
+            try:
+                job.train, job.eval = self._examples(job, "train"), self._examples(job, "validation")
+                if not job.train:
+                    raise DatasetError("no training examples", source="training_data")
+            except DatasetError as exc:
+                param = exc.source if exc.source in ("training_data", "validation_data") else \
+                    ("validation_file" if exc.source == job.record["validation_file"] else "training_file")
+                self._finish(job, "failed", f"Data validation failed: {exc}", level="error",
+                             error={"code": "invalid_training_data", "message": str(exc), "param": param})
+                self._forget(job)
+                return
+            job.event(f"Validated {len(job.train)} training and {len(job.eval)} validation examples")
+            self._flush(job, fenced=True, change=lambda r: r.update(status="queued"))
+            if job.status == "cancelled" or job.record["cancel_requested"]:
+                self._forget(job)
+                return
+            self._queue.put((job.tenant, job.id))
+        finally:
+            self.jobs.release(lease)
+
+    # ---- scanner ------------------------------------------------------------------------------
+    def _scanner(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan()
+            except Exception:
+                log.exception("tuning job scan failed")
+            self._stop.wait(self.scan_seconds)
+
+    def scan(self) -> None:
+        """Take up unfinished jobs nobody runs: after a restart, or when a replica died."""
+        for tenant, job_id in sorted(self.jobs.active(), key=lambda t: t[1]):
+            with self._lock:
+                if job_id in self._claimed:
+                    continue
+            try:
+                record = self.jobs.read(tenant, job_id)
+            except KeyError:
+                continue
+            if record["status"] in FINISHED:
+                self.jobs.deactivate(job_id)
+                continue
+            if self.jobs.lease_holder(tenant, job_id) is not None:
+                continue
+            with self._lock:
+                if job_id in self._claimed:
+                    continue
+                self._claimed.add(job_id)
+            log.info("tuning job %s (%s) found without a live lease: taking it up", job_id, record["status"])
+            if record["status"] == "validating_files":
+                self._validate.put((tenant, job_id))
+            else:
+                self._queue.put((tenant, job_id))
 
     # ---- worker -------------------------------------------------------------------------------
-    def _trim(self) -> None:
-        finished = [i for i in self._order if self._jobs[i].is_finished]
-        for job_id in finished[: max(0, len(finished) - self.keep_finished)]:
-            self._order.remove(job_id)
-            del self._jobs[job_id]
-
     def _yield(self, busy_s: float) -> None:
         """After each training unit: let the engine in; while it has work, keep training's share of
         wall time at most `train_share_when_busy`."""
@@ -309,46 +392,73 @@ class TuningManager:
 
     def _worker(self) -> None:
         while not self._stop.is_set():
-            job_id = self._queue.get()
-            if job_id is None:
+            item = self._queue.get()
+            if item is None:
                 return
-            with self._lock:
-                job = self._jobs.get(job_id)
-                if job is None or job.status != "queued":
-                    continue
-                job.status = "running"
-                job.started_at = int(time.time())
+            tenant, job_id = item
+            lease = self.jobs.acquire(tenant, job_id)
+            if lease is None:  # another replica runs it
+                self._release_claim(job_id)
+                continue
+            job = None
             try:
-                self._run(job)
+                job = self._load_job(tenant, job_id)
+                self._run(job, lease)
             except Exception:  # never let a job kill the worker
-                log.exception("tuning job %s crashed", job.id)
+                log.exception("tuning job %s crashed", job_id)
+            finally:
+                self.jobs.release(lease)
+                self._release_claim(job_id)
 
-    def _run(self, job: TuningJob) -> None:
-        log.info("tuning job %s: %s/%s, %d steps on %d examples", job.id, job.namespace, job.name, job.config.steps, len(job.train))
+    def _heartbeat(self, job: TuningJob, lease: Lease, stop: threading.Event) -> None:
+        while not stop.wait(self.jobs.lease_seconds / 3):
+            try:
+                if not self.jobs.renew(lease):
+                    log.error("tuning job %s: lease lost (another replica took it); stopping here", job.id)
+                    job.lost_lease.set()
+                    return
+                if self.jobs.read(job.tenant, job.id)["cancel_requested"]:
+                    job.cancel_event.set()
+            except Exception:
+                log.exception("tuning job %s: lease renewal failed", job.id)
+
+    def _run(self, job: TuningJob, lease: Lease) -> None:
+        from server.tuning.runner import JobRun
+
+        fresh = self.jobs.read(job.tenant, job.id)
+        with job.lock:
+            job.record.update(status=fresh["status"], cancel_requested=fresh["cancel_requested"])
+        if job.status in FINISHED:
+            self.jobs.deactivate(job.id)
+            return
+        if job.record["cancel_requested"]:
+            self._finish(job, "cancelled", "Job cancelled before it started")
+            return
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, lease, stop), daemon=True,
+                                name=f"softserve-tuning-lease-{job.id[-6:]}")
+        beat.start()
         try:
-            tuner = PromptTuner(self.model, self.tokenizer, job.train, job.eval, job.config,
-                                step_lock=self.step_lock, on_progress=job.on_progress,
-                                should_stop=job.cancel_event.is_set, yield_fn=self._yield)
-            result = tuner.run()
-            files = adapter_files(result.embeddings, job.config, self.info,
-                                  tokenizer_name_or_path=getattr(self.tokenizer, "name_or_path", None) or None)
-            meta, warnings = push_to_store(self.store, job.namespace, job.name, files,
-                                           description=job.description or f"prompt tuning job {job.id}")
-            job.result, job.warnings = meta, warnings
-            job.status = "succeeded"
-            log.info("tuning job %s succeeded: %s", job.id, meta.ref)
-        except TuningCancelled:
-            job.status = "cancelled"
-            log.info("tuning job %s cancelled at step %d", job.id, job.step)
-        except Exception as exc:
-            job.status = "failed"
-            job.error = {"code": "tuning_failed", "message": f"{type(exc).__name__}: {exc}", "param": None}
-            log.exception("tuning job %s failed", job.id)
+            JobRun(self, job).run()
         finally:
-            job.eta_s = None
-            job.finished_at = int(time.time())
-            job.done_event.set()
+            stop.set()
+            beat.join(5)
+
+    def interrupted(self, job: TuningJob) -> bool:
+        return self._stop.is_set() or job.lost_lease.is_set()
+
+    def make_tuner(self, job: TuningJob, on_progress: Callable[[StepInfo], None]) -> PromptTuner:
+        return PromptTuner(self.model, self.tokenizer, job.train, job.eval, config_from_record(job.record),
+                           step_lock=self.step_lock, on_progress=on_progress,
+                           should_stop=lambda: job.cancel_event.is_set() or self.interrupted(job),
+                           yield_fn=self._yield)
+
+    def push_prompt(self, job: TuningJob, name: str, embeddings, description: str):
+        files = adapter_files(embeddings, config_from_record(job.record), self.info,
+                              tokenizer_name_or_path=getattr(self.tokenizer, "name_or_path", None) or None)
+        return push_to_store(self.store, job.record["namespace"], name, files, description=description)
 
 
 def new_job_id() -> str:
     return "tunejob-" + uuid.uuid4().hex[:24]
+

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from server.tuning.data import TokenizedExample
+from server.tuning.generate import greedy_generate
 from server.tuning.init import INIT_METHODS, init_prompt
 
 log = logging.getLogger("softserve.tuning")
@@ -59,6 +60,9 @@ class TuningConfig:
     eval_batch_size: int = 16
     eval_max_new_tokens: int | None = None  # default: longest eval target + 4 tokens
     max_length: int = 1024  # real tokens per example
+    early_stopping_patience: int = 0  # stop after this many evals without eval-loss improvement (0: off)
+    early_stopping_min_delta: float = 0.0  # an eval improves when eval_loss < best - min_delta
+    result_prompt: str = "last"  # last | best (the prompt of the lowest eval loss seen)
 
     def validate(self) -> None:
         if self.init not in INIT_METHODS:
@@ -76,6 +80,12 @@ class TuningConfig:
             raise ValueError("lr_schedule must be 'linear' or 'constant'")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0:
             raise ValueError("warmup_steps, eval_every and weight_decay must be >= 0")
+        if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
+            raise ValueError("early_stopping_patience and early_stopping_min_delta must be >= 0")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("early stopping needs eval_every > 0 (and validation data)")
+        if self.result_prompt not in ("last", "best"):
+            raise ValueError("result_prompt must be 'last' or 'best'")
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,8 @@ class StepInfo:
     tokens: int  # real tokens processed so far (prompt + target, no virtual tokens)
     eval_loss: float | None = None
     eval_accuracy: float | None = None
+    is_best: bool = False  # this eval is the lowest eval loss so far
+    stopping: bool = False  # early stopping ends the run after this step
 
     def line(self) -> str:
         parts = [f"step {self.step}/{self.total_steps}"]
@@ -122,76 +134,10 @@ class TuningResult:
     eval_accuracy: float | None = None
     trained_tokens: int = 0
     elapsed_s: float = 0.0
-
-
-def _cache_kwarg(model) -> str:
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _out_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-@torch.no_grad()
-def greedy_generate(
-    model,
-    prompt: torch.Tensor | None,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    eos_ids: set[int],
-    pad_id: int,
-    lock=None,
-) -> list[list[int]]:
-    """Batched greedy decoding of `[P, x]` per row (KV cache). Layout `[P, pad..., x]`: mask 0 on
-    pads and positions counting real tokens, so each row computes what it computes alone. Generated
-    ids are cut after the first EOS (which is kept)."""
-    lock = lock if lock is not None else contextlib.nullcontext()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    embed = model.get_input_embeddings()
-    kw = _cache_kwarg(model)
-    n = len(prompts)
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((n, longest), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((n, longest), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p, device=device)
-        mask[i, longest - len(p):] = 1
-    x = embed(ids)
-    if prompt is not None:
-        k = prompt.shape[0]
-        x = torch.cat([prompt.to(device=device, dtype=dtype).unsqueeze(0).expand(n, -1, -1), x], dim=1)
-        mask = torch.cat([torch.ones((n, k), dtype=torch.long, device=device), mask], dim=1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    outs: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-    with lock:
-        out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = _out_cache(out)
-    logits = out.logits[:, -1]
-    next_pos = pos[:, -1] + 1
-    for step in range(max_new_tokens):
-        tokens = logits.float().argmax(-1)
-        for i in range(n):
-            if not done[i]:
-                t = int(tokens[i])
-                outs[i].append(t)
-                if t in eos_ids:
-                    done[i] = True
-        if all(done) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
-        with lock:
-            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        use_cache=True, **{kw: cache})
-        cache = _out_cache(out)
-        logits = out.logits[:, -1]
-        next_pos = next_pos + 1
-    return outs
+    steps_done: int = 0  # < config.steps when early stopping ended the run
+    best_step: int | None = None  # step of the lowest eval loss (None without periodic evals)
+    best_eval_loss: float | None = None
+    stopped_early: bool = False
 
 
 class PromptTuner:
@@ -240,6 +186,14 @@ class PromptTuner:
         self.micro = min(config.micro_batch_size or config.batch_size, config.batch_size)
         self._gen = torch.Generator().manual_seed(config.seed)
         self._order: list[int] = []
+        self.steps_done = 0
+        self.tokens = 0
+        self.train_time = 0.0
+        self.last_eval: tuple[float | None, float | None] = (None, None)
+        self.best_prompt: torch.Tensor | None = None
+        self.best_step: int | None = None
+        self.best_eval_loss: float | None = None
+        self.bad_evals = 0
 
     # ---- data ---------------------------------------------------------------------------------
     def _next_batch(self) -> list[TokenizedExample]:
@@ -358,42 +312,106 @@ class PromptTuner:
                 correct += int(exact_match(self.tokenizer.decode(o, skip_special_tokens=True), r.target))
         return loss_sum / max(1, count), correct / len(data)
 
+    # ---- state (resume) ------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything the loop needs to continue exactly where it is, between two steps: P, AdamW's
+        moments and step, the data-order RNG and the rest of the current epoch's order, the best
+        prompt so far. Tensors (safetensors) + JSON-able metadata, never pickle."""
+        tensors = {"prompt": self.prompt.detach().to("cpu", torch.float32).clone(),
+                   "rng_state": self._gen.get_state().clone(),
+                   "order": torch.tensor(self._order + [-1], dtype=torch.int64)}  # -1: never empty
+        opt = self.optimizer.state.get(self.prompt, {})
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            if name in opt:
+                tensors[f"adam.{name}"] = torch.as_tensor(opt[name]).detach().to("cpu").clone().reshape(-1)
+        if self.best_prompt is not None:
+            tensors["best_prompt"] = self.best_prompt.clone()
+        meta = {"step": self.steps_done, "tokens": self.tokens, "train_time_s": self.train_time,
+                "best_step": self.best_step, "best_eval_loss": self.best_eval_loss, "bad_evals": self.bad_evals,
+                "eval_loss": self.last_eval[0], "eval_accuracy": self.last_eval[1],
+                "num_virtual_tokens": self.config.num_virtual_tokens, "seed": self.config.seed}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if tuple(tensors["prompt"].shape) != tuple(self.prompt.shape) or meta.get("seed") != self.config.seed:
+            raise ValueError("checkpoint does not match this job's prompt shape / seed")
+        with torch.no_grad():
+            self.prompt.copy_(tensors["prompt"].to(self.device, torch.float32))
+        self._gen.set_state(tensors["rng_state"].clone())
+        self._order = [int(i) for i in tensors["order"].tolist()[:-1]]
+        if "adam.exp_avg" in tensors:
+            shape = self.prompt.shape
+            self.optimizer.state[self.prompt] = {
+                "step": tensors["adam.step"].reshape(()).clone(),
+                "exp_avg": tensors["adam.exp_avg"].reshape(shape).to(self.device).clone(),
+                "exp_avg_sq": tensors["adam.exp_avg_sq"].reshape(shape).to(self.device).clone(),
+            }
+        self.best_prompt = tensors["best_prompt"].clone() if "best_prompt" in tensors else None
+        self.steps_done, self.tokens, self.train_time = int(meta["step"]), int(meta["tokens"]), float(meta["train_time_s"])
+        self.best_step, self.best_eval_loss = meta.get("best_step"), meta.get("best_eval_loss")
+        self.bad_evals = int(meta.get("bad_evals") or 0)
+        self.last_eval = (meta.get("eval_loss"), meta.get("eval_accuracy"))
+
+    def _track_best(self, eval_loss: float) -> bool:
+        """Record an eval; True when it is the best so far."""
+        c = self.config
+        if self.best_eval_loss is None or eval_loss < self.best_eval_loss - c.early_stopping_min_delta:
+            self.best_eval_loss, self.best_step, self.bad_evals = eval_loss, self.steps_done, 0
+            self.best_prompt = self.prompt.detach().to("cpu", torch.float32).clone()
+            return True
+        self.bad_evals += 1
+        return False
+
     # ---- loop ---------------------------------------------------------------------------------
     def run(self) -> TuningResult:
+        """Train from `self.steps_done` (0, or where `load_state` put it) to `config.steps`, or
+        until early stopping. Bit-identical to an uninterrupted run for the same seed and threads."""
         c = self.config
         history: list[StepInfo] = []
         t_start = time.perf_counter()
-        train_time = 0.0
-        tokens = 0
-        eval_loss = eval_acc = None
-        if self.eval_data and c.eval_at_start:
-            eval_loss, eval_acc = self.evaluate()
-            info = StepInfo(0, c.steps, None, self._lr_at(0), time.perf_counter() - t_start, None, 0, eval_loss, eval_acc)
+        elapsed0 = self.train_time
+        stopped_early = False
+        if self.eval_data and c.eval_at_start and self.steps_done == 0:
+            ev = self.evaluate()
+            self.last_eval = ev
+            info = StepInfo(0, c.steps, None, self._lr_at(0), time.perf_counter() - t_start, None, 0, *ev)
             history.append(info)
             if self.on_progress:
                 self.on_progress(info)
-        for step in range(c.steps):
+        while self.steps_done < c.steps:
+            step = self.steps_done
             t0 = time.perf_counter()
             loss, n = self.train_step(step)
-            train_time += time.perf_counter() - t0
-            tokens += n
+            self.train_time += time.perf_counter() - t0
+            self.tokens += n
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss} at step {step + 1}; lower the learning rate")
-            done = step + 1
+            self.steps_done = done = step + 1
             ev_loss = ev_acc = None
+            is_best = False
             if self.eval_data and ((c.eval_every and done % c.eval_every == 0) or done == c.steps):
                 ev_loss, ev_acc = self.evaluate()
-                eval_loss, eval_acc = ev_loss, ev_acc
-            eta = train_time / done * (c.steps - done)
-            info = StepInfo(done, c.steps, loss, self._lr_at(step), time.perf_counter() - t_start, eta, tokens,
-                            ev_loss, ev_acc)
+                self.last_eval = (ev_loss, ev_acc)
+                if c.eval_every:
+                    is_best = self._track_best(ev_loss)
+                    stopped_early = bool(c.early_stopping_patience) and self.bad_evals >= c.early_stopping_patience
+            eta = None if stopped_early else self.train_time / done * (c.steps - done)
+            info = StepInfo(done, c.steps, loss, self._lr_at(step), elapsed0 + time.perf_counter() - t_start, eta,
+                            self.tokens, ev_loss, ev_acc, is_best=is_best, stopping=stopped_early)
             history.append(info)
             if self.on_progress:
                 self.on_progress(info)
+            if stopped_early:
+                log.info("early stopping at step %d: no eval-loss improvement in %d evals (best %.4f at step %s)",
+                         done, self.bad_evals, self.best_eval_loss, self.best_step)
+                break
+        use_best = c.result_prompt == "best" and self.best_prompt is not None
+        final = self.best_prompt if use_best else self.prompt.detach().to("cpu", torch.float32)
         return TuningResult(
-            embeddings=self.prompt.detach().to("cpu", torch.float32).clone(),
-            history=history, eval_loss=eval_loss, eval_accuracy=eval_acc, trained_tokens=tokens,
-            elapsed_s=time.perf_counter() - t_start,
+            embeddings=final.clone(), history=history, eval_loss=self.last_eval[0], eval_accuracy=self.last_eval[1],
+            trained_tokens=self.tokens, elapsed_s=elapsed0 + time.perf_counter() - t_start,
+            steps_done=self.steps_done, best_step=self.best_step, best_eval_loss=self.best_eval_loss,
+            stopped_early=stopped_early,
         )
 
 

@@ -1,0 +1,215 @@
+"""Tuning jobs in the store backend: records, events, resume checkpoints and a run lease.
+
+Every replica on one store (a directory or an S3 bucket) sees the same jobs. Keys (see
+prompt_store/LAYOUT.md, "Tuning jobs"):
+
+    tuning/active/<job_id>.json                            marker while a job is not finished
+    tenants/<t>/tuning/jobs/<job_id>/record.json           the job (source of truth), updated by CAS
+    tenants/<t>/tuning/jobs/<job_id>/data/<train|validation>.jsonl   copy of the training data
+    tenants/<t>/tuning/jobs/<job_id>/events/<first_seq>.jsonl        event chunks (record lists them)
+    tenants/<t>/tuning/jobs/<job_id>/checkpoints/<step>.safetensors  trainer state to resume from
+    tenants/<t>/tuning/jobs/<job_id>/lease.json            {"owner", "expires_at"}: who runs it
+
+Objects are written before the record that references them, so a crash leaves unreferenced
+objects (ignored, overwritten on resume), never a record pointing at nothing. Nothing is pickled:
+checkpoints are safetensors with JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = ["JobStore", "Lease", "RecordConflict", "new_replica_id", "encode_state", "decode_state"]
+
+_CAS_ATTEMPTS = 32
+
+
+class RecordConflict(RuntimeError):
+    """A compare-and-swap kept failing (another writer keeps changing the key)."""
+
+
+def new_replica_id() -> str:
+    return "replica-" + uuid.uuid4().hex[:12]
+
+
+@dataclass
+class Lease:
+    tenant: str
+    job_id: str
+    owner: str
+    etag: str
+    expires_at: float
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def encode_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """Trainer state as safetensors bytes, the JSON metadata in the header (no pickle)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return st_save(tensors, metadata={"softserve.state": json.dumps(meta)})
+
+
+def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    return st_load(data), json.loads(header["__metadata__"]["softserve.state"])
+
+
+class JobStore:
+    def __init__(self, backend, *, owner: str, lease_seconds: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+        for op in ("get_with_etag", "put_if_match", "delete_if_match"):
+            if not callable(getattr(backend, op, None)):
+                raise TypeError(f"tuning jobs need a backend with compare-and-swap; {type(backend).__name__} has no {op}")
+        self.backend = backend
+        self.owner = owner
+        self.lease_seconds = float(lease_seconds)
+        self.clock = clock
+
+    # ---- keys ---------------------------------------------------------------------------------
+    @staticmethod
+    def job_prefix(tenant: str, job_id: str) -> str:
+        return f"tenants/{tenant}/tuning/jobs/{job_id}/"
+
+    def _key(self, tenant: str, job_id: str, rest: str) -> str:
+        return self.job_prefix(tenant, job_id) + rest
+
+    # ---- records ------------------------------------------------------------------------------
+    def create(self, record: dict[str, Any], data: dict[str, str]) -> None:
+        tenant, job_id = record["tenant"], record["id"]
+        for which, text in data.items():
+            self.backend.put(self._key(tenant, job_id, f"data/{which}.jsonl"), text.encode("utf-8"))
+        if not self.backend.put(self._key(tenant, job_id, "record.json"), _dumps(record), if_absent=True):
+            raise RecordConflict(f"tuning job {job_id} already exists")
+        self.backend.put(f"tuning/active/{job_id}.json", _dumps({"tenant": tenant}))
+
+    def read(self, tenant: str, job_id: str) -> dict[str, Any]:
+        data, _ = self.backend.get_with_etag(self._key(tenant, job_id, "record.json"))
+        return json.loads(data)
+
+    def update(self, tenant: str, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
+        """Read-modify-write under compare-and-swap: `change(record)` returns the new record (or
+        None: leave it). Re-read and redo on a conflict, so no writer loses another's fields."""
+        key = self._key(tenant, job_id, "record.json")
+        for _ in range(_CAS_ATTEMPTS):
+            raw, etag = self.backend.get_with_etag(key)
+            current = json.loads(raw)
+            new = change(json.loads(raw))
+            if new is None or new == current:
+                return current
+            if self.backend.put_if_match(key, _dumps(new), etag):
+                return new
+            time.sleep(0.01)
+        raise RecordConflict(f"tuning job {job_id}: record kept changing under us")
+
+    def list(self, tenant: str) -> list[dict[str, Any]]:
+        out = []
+        for key in self.backend.list(f"tenants/{tenant}/tuning/jobs/"):
+            if key.endswith("/record.json"):
+                try:
+                    out.append(json.loads(self.backend.get(key)))
+                except KeyError:  # deleted between list and get
+                    continue
+        return out
+
+    def active(self) -> list[tuple[str, str]]:
+        """(tenant, job_id) of every job not known to be finished, oldest id order irrelevant."""
+        out = []
+        for key in self.backend.list("tuning/active/"):
+            job_id = key[len("tuning/active/"):-len(".json")]
+            try:
+                out.append((json.loads(self.backend.get(key))["tenant"], job_id))
+            except (KeyError, ValueError):
+                continue
+        return out
+
+    def deactivate(self, job_id: str) -> None:
+        self.backend.delete(f"tuning/active/{job_id}.json")
+
+    def read_data(self, tenant: str, job_id: str, which: str) -> str | None:
+        try:
+            return self.backend.get(self._key(tenant, job_id, f"data/{which}.jsonl")).decode("utf-8")
+        except KeyError:
+            return None
+
+    # ---- events -------------------------------------------------------------------------------
+    def write_events(self, tenant: str, job_id: str, events: list[dict[str, Any]]) -> int:
+        """One chunk object holding `events` (consecutive seqs); returns its first seq. The caller
+        lists the chunk in the record afterwards."""
+        first = events[0]["seq"]
+        body = b"".join(_dumps(e) + b"\n" for e in events)
+        self.backend.put(self._key(tenant, job_id, f"events/{first:010d}.jsonl"), body)
+        return first
+
+    def read_events(self, tenant: str, job_id: str, chunks: list[int], next_seq: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for first in chunks:
+            try:
+                raw = self.backend.get(self._key(tenant, job_id, f"events/{first:010d}.jsonl"))
+            except KeyError:
+                continue
+            out.extend(json.loads(line) for line in raw.splitlines() if line.strip())
+        # A chunk rewritten after a resume may hold seqs the record does not cover yet.
+        return [e for e in out if e["seq"] < next_seq]
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def write_checkpoint(self, tenant: str, job_id: str, step: int, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> str:
+        key = self._key(tenant, job_id, f"checkpoints/{step:010d}.safetensors")
+        self.backend.put(key, encode_state(tensors, meta))
+        return key
+
+    def read_checkpoint(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return decode_state(self.backend.get(key))
+
+    # ---- lease --------------------------------------------------------------------------------
+    def acquire(self, tenant: str, job_id: str) -> Lease | None:
+        """Take the job's lease if nobody holds a live one (or we already do). CAS: of two replicas
+        racing for an expired lease exactly one wins."""
+        key = self._key(tenant, job_id, "lease.json")
+        try:
+            raw, etag = self.backend.get_with_etag(key)
+            held = json.loads(raw)
+            if held.get("owner") != self.owner and held.get("expires_at", 0) > self.clock():
+                return None
+        except KeyError:
+            etag = None
+        expires = self.clock() + self.lease_seconds
+        body = _dumps({"owner": self.owner, "expires_at": expires})
+        if not self.backend.put_if_match(key, body, etag):
+            return None
+        _, new_etag = self.backend.get_with_etag(key)
+        return Lease(tenant, job_id, self.owner, new_etag, expires)
+
+    def renew(self, lease: Lease) -> bool:
+        """Extend our lease; False if it is no longer ours (it expired and another replica took it)."""
+        key = self._key(lease.tenant, lease.job_id, "lease.json")
+        expires = self.clock() + self.lease_seconds
+        if not self.backend.put_if_match(key, _dumps({"owner": self.owner, "expires_at": expires}), lease.etag):
+            return False
+        try:
+            _, lease.etag = self.backend.get_with_etag(key)
+        except KeyError:
+            return False
+        lease.expires_at = expires
+        return True
+
+    def release(self, lease: Lease) -> None:
+        self.backend.delete_if_match(self._key(lease.tenant, lease.job_id, "lease.json"), lease.etag)
+
+    def lease_holder(self, tenant: str, job_id: str) -> str | None:
+        """Owner of a live lease, or None."""
+        try:
+            held = json.loads(self.backend.get(self._key(tenant, job_id, "lease.json")))
+        except KeyError:
+            return None
+        return held.get("owner") if held.get("expires_at", 0) > self.clock() else None
