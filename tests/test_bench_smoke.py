@@ -22,6 +22,8 @@ CASES = {
                      ["### Prompt scale", "`GET /v1/prompts`", "| working set | output tok/s"]),
     "dtype": (["--num-prompts", "2", "--max-tokens", "4", "--batch", "1,2"], ["### dtype", "| batch | fp32 tok/s | bf16 tok/s"]),
     "guided_cost": (["--concurrency", "2", "--steps", "2"], ["### Guided decoding cost", "| rows constrained | output tok/s"]),
+    "adapter_kinds": (["--concurrency", "3", "--k", "4", "--prompt-tokens", "8", "--max-tokens", "4", "--repeats", "1"],
+                      ["### Adapter kinds in one batch", "| rows | output tok/s | ratio to plain", "| prefix_tuning |"]),
 }
 
 
