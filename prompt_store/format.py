@@ -36,7 +36,7 @@ __all__ = [
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 TENSOR_KEY = "prompt_embeddings"
 # P_TUNING files hold the encoder's *output* (the encoder itself is not saved), so they are served
-# exactly like prompt tuning. PREFIX_TUNING holds per-layer KV, which is a different mechanism.
+# exactly like prompt tuning. PREFIX_TUNING holds per-layer KV (parse_prefix_upload).
 SUPPORTED_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 PREFIX_TUNING = "PREFIX_TUNING"
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
