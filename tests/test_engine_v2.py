@@ -206,3 +206,24 @@ def test_wrong_prompt_shape_is_refused_at_add_not_in_the_batch(tiny_model, token
     with pytest.raises(ValueError, match="expected"):
         engine.add_request(make_request([1, 2, 3], soft_prompt=bad))
     assert not engine.has_unfinished()
+
+
+def test_sliding_window_model_equals_its_own_full_recompute(tokenizer):
+    """A Mistral-style model with a 6-token sliding window: packed attention applies the window too."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(1)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           sliding_window=6, initializer_range=0.3)
+    model = MistralForCausalLM(config).eval()
+    prompt = make_prompt("sw", 4, HIDDEN, 61)
+    cases = [(list(range(100, 120)), prompt), (list(range(300, 303)), None), (list(range(500, 511)), prompt)]
+    requests = [make_request(ids, soft_prompt=sp, max_tokens=8, ignore_eos=True) for ids, sp in cases]
+    got = run(engine_with(model, tokenizer, max_prefill_tokens=7, max_model_len=256), requests)
+    for request, (ids, sp) in zip(requests, cases):
+        assert got[request.request_id] == reference_greedy(model, ids, sp, 8)
+    no_window = MistralForCausalLM(MistralConfig(**{**config.to_dict(), "sliding_window": None})).eval()
+    no_window.load_state_dict(model.state_dict())
+    assert reference_greedy(no_window, cases[0][0], prompt, 8) != got[requests[0].request_id]  # the window matters
