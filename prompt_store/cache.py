@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .compose import load_composed_tensor
 from .types import LoadedPrompt, PromptCacheFull, PromptIntegrityError, PromptMeta
 
 __all__ = ["PromptCache", "CacheStats"]
@@ -79,9 +80,12 @@ class PromptCache:
                 self._bytes -= e.nbytes
                 self._evictions += 1
 
-    def acquire(self, meta: PromptMeta) -> LoadedPrompt:
+    def acquire(self, meta: PromptMeta, parts: tuple[PromptMeta, ...] = ()) -> LoadedPrompt:
         """Return the prompt on the cache device, pinned until `release`. Loads on first use;
-        concurrent first uses of the same sha wait for one load."""
+        concurrent first uses of the same sha wait for one load.
+
+        With `parts`, `meta` is a composition (compose.compose_meta) and the entry holds the parts'
+        concatenation under the composition's own sha."""
         sha = meta.sha256
         with self._lock:
             entry = self._entries.get(sha)
@@ -101,7 +105,7 @@ class PromptCache:
 
         if loader:
             try:
-                t = self.store.load_tensor(meta)
+                t = load_composed_tensor(self.store, parts) if parts else self.store.load_tensor(meta)
                 if tuple(t.shape) != (meta.num_virtual_tokens, meta.token_dim):
                     raise PromptIntegrityError(f"stored tensor for {meta.ref} has shape {tuple(t.shape)}")
                 entry.tensor = t.to(device=self.device, dtype=self.dtype).contiguous().requires_grad_(False)
@@ -136,8 +140,8 @@ class PromptCache:
                 self._bytes -= entry.nbytes
 
     @contextmanager
-    def lease(self, meta: PromptMeta) -> Iterator[LoadedPrompt]:
-        loaded = self.acquire(meta)
+    def lease(self, meta: PromptMeta, parts: tuple[PromptMeta, ...] = ()) -> Iterator[LoadedPrompt]:
+        loaded = self.acquire(meta, parts)
         try:
             yield loaded
         finally:

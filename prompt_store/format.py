@@ -30,13 +30,15 @@ __all__ = [
     "export_zip",
     "DEFAULT_MAX_BYTES",
     "SUPPORTED_PEFT_TYPES",
+    "parse_prefix_upload",
 ]
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 TENSOR_KEY = "prompt_embeddings"
 # P_TUNING files hold the encoder's *output* (the encoder itself is not saved), so they are served
-# exactly like prompt tuning. PREFIX_TUNING holds per-layer KV, which is a different mechanism.
-SUPPORTED_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+# exactly like prompt tuning. PREFIX_TUNING holds per-layer KV (parse_prefix_upload).
+SUPPORTED_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+PREFIX_TUNING = "PREFIX_TUNING"
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Same-width integer views, to get raw bytes without going through float conversions.
@@ -143,6 +145,8 @@ def parse_upload(
     if len(adapter_model) > max_bytes:
         raise _bad(f"adapter_model is {len(adapter_model)} bytes; the limit is {max_bytes}", 413)
     cfg = _parse_config(adapter_config) if adapter_config is not None else None
+    if cfg is not None and cfg.get("peft_type") == PREFIX_TUNING:
+        return parse_prefix_upload(adapter_model, cfg, model, max_virtual_tokens=max_virtual_tokens)
 
     header = _read_header(adapter_model)
     keys = sorted(k for k in header if k != "__metadata__")
@@ -292,6 +296,8 @@ def export_adapter(meta: PromptMeta, tensor: torch.Tensor) -> dict[str, bytes]:
         num_transformer_submodules=1,
         inference_mode=True,
     )
+    if meta.peft_type == PREFIX_TUNING:  # token_dim is one layer's K width there, checked at upload
+        cfg["token_dim"] = meta.adapter_config.get("token_dim")
     if meta.peft_type == "PROMPT_TUNING":
         cfg.setdefault("prompt_tuning_init", "RANDOM")
     return {
@@ -311,3 +317,87 @@ def export_zip(meta: PromptMeta, tensor: torch.Tensor) -> bytes:
             zf.writestr(info, data)
     return buf.getvalue()
 
+
+
+# ---- prefix tuning (PEFT PREFIX_TUNING, the format P-tuning v2 uses) ------------------------------
+
+
+def parse_prefix_upload(adapter_model: bytes, cfg: dict[str, Any], model: ModelInfo, *, max_virtual_tokens: int) -> ParsedPrompt:
+    """A PREFIX_TUNING adapter: one tensor [k, num_layers * 2 * kv_heads * head_dim], every layer's keys
+    and values (PEFT saves the projected tensor when prefix_projection=True, same shape)."""
+    header = _read_header(adapter_model)
+    keys = sorted(k for k in header if k != "__metadata__")
+    if keys != [TENSOR_KEY]:
+        raise _bad(f"expected exactly one tensor '{TENSOR_KEY}', found {keys}")
+    info = header[TENSOR_KEY]
+    if info["dtype"] not in _ST_DTYPES:
+        raise _bad(f"unsupported tensor dtype {info['dtype']}; expected F32, F16 or BF16", 422)
+    shape = info["shape"]
+    if len(shape) != 2:
+        raise _bad(f"prefix tensor must be 2-D [num_virtual_tokens, num_layers * 2 * kv_heads * head_dim], got shape {shape}", 422)
+    k, width = shape
+    layers, kv_heads, head_dim = model.num_layers, model.kv_heads, model.kv_head_dim
+    if width != model.prefix_width:
+        raise _bad(
+            f"prefix tensor has {width} columns; this model needs num_layers * 2 * num_key_value_heads * head_dim "
+            f"= {layers} * 2 * {kv_heads} * {head_dim} = {model.prefix_width}", 422)
+    if not 1 <= k <= max_virtual_tokens:
+        raise _bad(f"num_virtual_tokens {k} out of range: must be between 1 and {max_virtual_tokens}", 422)
+    task = cfg.get("task_type")
+    if task is not None and task != "CAUSAL_LM":
+        raise _bad(f"unsupported task_type {task}; only CAUSAL_LM prompts can be served", 422)
+    expected = {
+        "num_virtual_tokens": (k, f"the tensor has {k} rows"),
+        "num_layers": (layers, f"this model has {layers} layers"),
+        # PEFT writes the KV width and the KV head count for GQA models.
+        "token_dim": (kv_heads * head_dim, f"this model's num_key_value_heads * head_dim is {kv_heads} * {head_dim} = {kv_heads * head_dim}"),
+        "num_attention_heads": (kv_heads, f"this model has {kv_heads} key-value heads"),
+        "num_transformer_submodules": (1, "a decoder-only model has 1"),
+    }
+    for key, (want, why) in expected.items():
+        got = _as_int(cfg, key)
+        if got is not None and got != want:
+            raise _bad(f"adapter_config {key} {got} does not match: {why}", 422)
+
+    try:
+        tensor = st_load(adapter_model)[TENSOR_KEY]
+    except Exception as e:  # safetensors raises its own error types; all mean "malformed"
+        raise _bad(f"adapter_model is not a valid safetensors file: {e}") from None
+    if tuple(tensor.shape) != (k, width) or tensor.dtype != _ST_DTYPES[info["dtype"]]:
+        raise _bad("adapter_model header does not match its tensor data")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise _bad(f"prefix tensor contains {bad} non-finite values (NaN or Inf)", 422)
+
+    warnings: list[str] = []
+    base = cfg.get("base_model_name_or_path")
+    if isinstance(base, str) and base and not _same_model(base, model.name):
+        warnings.append(
+            f"adapter was trained for base model {base!r} but this server runs {model.name!r}; outputs may be meaningless"
+        )
+    return ParsedPrompt(tensor=tensor, peft_type=PREFIX_TUNING, adapter_config=prefix_config(cfg, k, model), warnings=warnings)
+
+
+def prefix_config(original: dict[str, Any], k: int, model: ModelInfo) -> dict[str, Any]:
+    """The PREFIX_TUNING config we store and export (PeftModel.from_pretrained loads it with the tensor).
+
+    inference_mode=True makes PEFT use the saved tensor as is, with or without prefix_projection."""
+    kv_dim = model.kv_heads * model.kv_head_dim
+    base = original.get("base_model_name_or_path")
+    hidden = original.get("encoder_hidden_size")
+    return {
+        "peft_type": PREFIX_TUNING,
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": k,
+        "token_dim": kv_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": model.kv_heads,
+        "num_layers": model.num_layers,
+        "encoder_hidden_size": hidden if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0 else kv_dim,
+        "prefix_projection": original.get("prefix_projection") is True,
+        "base_model_name_or_path": base if isinstance(base, str) and base else model.name,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "auto_mapping": None,
+        "revision": original.get("revision") if isinstance(original.get("revision"), str) else None,
+    }

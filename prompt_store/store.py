@@ -69,10 +69,12 @@ class PromptStore:
         max_virtual_tokens: int = 256,
         max_upload_bytes: int = fmt.DEFAULT_MAX_BYTES,
         revalidate_seconds: float = 0.0,
+        max_prompt_parts: int = 4,
     ) -> None:
         self.backend = backend
         self.model = model
-        self.max_virtual_tokens = max_virtual_tokens
+        self.max_virtual_tokens = max_virtual_tokens  # per prompt, and per composition (sum of its parts)
+        self.max_prompt_parts = max_prompt_parts  # parts of one composition ("a+b+c")
         self.max_upload_bytes = max_upload_bytes
         # One lock serialises the read-modify-write of head manifests within this process; across
         # processes the backend's compare-and-swap does (when it has one).

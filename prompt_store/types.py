@@ -31,6 +31,22 @@ class ModelInfo:
     hidden_size: int
     num_layers: int
     num_attention_heads: int
+    # GQA models store fewer KV heads than query heads; prefix-tuning tensors hold KV, so they use these.
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def kv_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def prefix_width(self) -> int:
+        """Columns of a PEFT PREFIX_TUNING tensor for this model: layers * 2 (K, V) * kv_heads * head_dim."""
+        return self.num_layers * 2 * self.kv_heads * self.kv_head_dim
 
 
 @dataclass(frozen=True)
@@ -46,9 +62,9 @@ class PromptMeta:
     version: str  # first 12 hex chars of sha256
     sha256: str  # full hex content hash (format.content_sha256)
     num_virtual_tokens: int
-    token_dim: int
+    token_dim: int  # columns of the stored tensor (for PREFIX_TUNING: layers * 2 * kv_heads * head_dim)
     dtype: str  # "float32" | "float16" | "bfloat16", as stored
-    peft_type: str  # "PROMPT_TUNING" | "P_TUNING"
+    peft_type: str  # "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING"
     created_at: int  # unix seconds
     description: str | None
     adapter_config: dict = field(default_factory=dict, hash=False, compare=False)
@@ -56,6 +72,12 @@ class PromptMeta:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def kind(self) -> str:
+        """How the engine serves it: "prefix_tuning" (the tensor is per-layer KV) or "prompt_tuning"
+        (input embeddings; P_TUNING files hold the encoder's output, so they are served alike)."""
+        return "prefix_tuning" if self.peft_type == "PREFIX_TUNING" else "prompt_tuning"
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +112,7 @@ class LoadedPrompt:
     """A prompt resident in the cache. `embeddings` is shared: never modify it in place."""
 
     meta: PromptMeta
-    embeddings: torch.Tensor  # [num_virtual_tokens, hidden], cache dtype + device, requires_grad False
+    embeddings: torch.Tensor  # [num_virtual_tokens, token_dim], cache dtype + device, requires_grad False
 
 
 class PromptStoreError(Exception):

@@ -29,6 +29,7 @@ _SERVE_FLAGS = [
     ("--device", "device", str), ("--dtype", "dtype", str), ("--max-batch-size", "max_batch_size", int),
     ("--max-model-len", "max_model_len", int), ("--max-queue", "max_queue", int),
     ("--max-prefill-tokens", "max_prefill_tokens", int), ("--max-virtual-tokens", "max_virtual_tokens", int),
+    ("--max-prompt-parts", "max_prompt_parts", int),
     ("--max-upload-bytes", "max_upload_bytes", int), ("--prompt-cache-bytes", "prompt_cache_bytes", int),
     ("--kv-prefix-cache-bytes", "kv_prefix_cache_bytes", int), ("--kv-cache-bytes", "kv_cache_bytes", int), ("--api-keys", "api_keys", str),
     ("--max-tokens-limit", "max_tokens_limit", int), ("--max-queue-per-tenant", "max_queue_per_tenant", int),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -115,14 +116,25 @@ def test_p_tuning_accepted_and_round_trips(llama_config, tmp_path):
     assert torch.equal(loaded.prompt_encoder["default"].embedding.weight.detach(), original)
 
 
-def test_prefix_tuning_rejected(llama_config, tmp_path):
+def test_prefix_tuning_checked_against_kv_heads_and_round_trips(llama_config, tmp_path):
     d = tmp_path / "prefix"
-    _save_peft(llama_config, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), d)
-    with pytest.raises(PromptValidationError) as ei:
+    original = _save_peft(llama_config, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), d)
+    # MODEL leaves out the KV heads (so assumes 4, no GQA): PEFT's tensor for 2 KV heads does not fit it.
+    with pytest.raises(PromptValidationError, match=r"128 columns; .* = 2 \* 2 \* 4 \* 16 = 256") as ei:
         parse_upload(*_files(d), MODEL)
     assert ei.value.status_code == 422
-    # Same check with a tensor that passes the shape checks, to hit the peft_type rule itself.
-    _reject(_st({"prompt_embeddings": torch.randn(4, H)}), _cfg(peft_type="PREFIX_TUNING"), 422, "unsupported peft_type PREFIX_TUNING")
+    gqa = dataclasses.replace(MODEL, num_key_value_heads=2)
+    store = PromptStore(MemoryBackend(), gqa)
+    meta, _ = store.put("acme", "prefix", *_files(d), None)
+    assert (meta.peft_type, meta.kind, meta.num_virtual_tokens, meta.token_dim) == ("PREFIX_TUNING", "prefix_tuning", 4, 128)
+    loaded = _export_and_load(llama_config, store, meta, tmp_path / "out")
+    assert torch.equal(loaded.prompt_encoder["default"].embedding.weight.detach(), original)
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (cfg["token_dim"], cfg["num_attention_heads"], cfg["num_layers"]) == (32, 2, 2)  # what PEFT writes for GQA
+
+
+def test_unsupported_peft_type_rejected():
+    _reject(_st({"prompt_embeddings": torch.randn(4, H)}), _cfg(peft_type="LORA"), 422, "unsupported peft_type LORA")
 
 
 # ---- one test per rule -------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def test_upload_validation_errors(env):
     cases = [
         (env.upload("a", "x", st_save({"prompt_embeddings": torch.randn(4, 32)})), 422, "hidden_size"),
         (env.upload("a", "x", b"garbage" * 10), 400, "safetensors"),
-        (env.upload("a", "x", blob(1), config=b'{"peft_type": "PREFIX_TUNING"}'), 422, "unsupported peft_type"),
+        (env.upload("a", "x", blob(1), config=b'{"peft_type": "LORA"}'), 422, "unsupported peft_type"),
+        (env.upload("a", "x", blob(1), config=b'{"peft_type": "PREFIX_TUNING"}'), 422, "prefix tensor has"),
         (env.upload("a", "bad name!", blob(1)), 400, "invalid"),
         (env.upload("a", "x@abc", blob(1)), 400, "versions are assigned"),
         (env.upload("a", "x", b"\0" * (70 * 1024), config=None), 413, "limit"),

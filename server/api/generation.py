@@ -20,7 +20,8 @@ from starlette.requests import Request as HTTPRequest
 from prompt_store.types import PromptStoreError
 from server.api.errors import APIError
 from server.api.state import ServiceState
-from server.auth import Principal, tenant_for_model
+from server.api.composition import INVALID_COMPOSITION, resolve_reference
+from server.auth import Principal
 from server.logs import log_request
 from server.engine.async_engine import EngineDeadError
 from server.engine.guided import GuidedSpecError, validate as validate_guided
@@ -34,7 +35,8 @@ from server.engine.scheduler import QueueFullError
 class ResolvedModel:
     label: str  # what we echo back in `model`
     soft_prompt: SoftPrompt | None
-    meta: object | None = None  # PromptMeta, for pinning
+    meta: object | None = None  # PromptMeta, for pinning (a composition's own meta for "a+b")
+    parts: tuple = ()  # the PromptMetas of a composition, in order; () for a single prompt
 
 
 @dataclass
@@ -66,13 +68,14 @@ def resolve_model(state: ServiceState, principal: Principal, model_field: str) -
     if model_field == state.served_model_name:
         return ResolvedModel(label=model_field, soft_prompt=None)
     try:
-        namespace, name, version = tenant_for_model(principal, model_field)
-        meta = state.store.resolve(namespace, name, version)
+        meta, parts = resolve_reference(state.store, principal, model_field)
     except PromptStoreError as exc:
+        if exc.code == INVALID_COMPOSITION:  # too many parts / tokens, mixed kinds: say so
+            raise APIError(400, exc.message, param="model", code=INVALID_COMPOSITION) from exc
         if exc.status_code == 400:  # malformed reference: still "no such model" to the client
             raise APIError(404, f"model {model_field!r} not found", param="model", code="model_not_found") from exc
         raise store_error(exc) from exc
-    return ResolvedModel(label=model_field, soft_prompt=None, meta=meta)
+    return ResolvedModel(label=model_field, soft_prompt=None, meta=meta, parts=parts)
 
 
 async def pin_soft_prompt(state: ServiceState, resolved: ResolvedModel) -> SoftPrompt | None:
@@ -80,12 +83,12 @@ async def pin_soft_prompt(state: ServiceState, resolved: ResolvedModel) -> SoftP
     if resolved.meta is None:
         return None
     try:
-        loaded = await run_in_threadpool(state.cache.acquire, resolved.meta)
+        loaded = await run_in_threadpool(state.cache.acquire, resolved.meta, resolved.parts)
     except PromptStoreError as exc:
         raise store_error(exc) from exc
     meta = loaded.meta
     ref = SoftPromptRef(name=meta.name, version=meta.version, sha256=meta.sha256, num_virtual_tokens=meta.num_virtual_tokens)
-    return SoftPrompt(ref=ref, embeddings=loaded.embeddings)
+    return SoftPrompt(ref=ref, embeddings=loaded.embeddings, kind=meta.kind)
 
 
 def check_length(state: ServiceState, num_virtual: int, num_prompt: int, max_tokens: int | None) -> int:

@@ -144,7 +144,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
         for prefix, meta in metas:
             cards.append(S.ModelCard(id=f"{prefix}{meta.name}", created=meta.created_at, owned_by=meta.tenant,
                                      root=state.served_model_name, parent=state.served_model_name,
-                                     num_virtual_tokens=meta.num_virtual_tokens))
+                                     num_virtual_tokens=meta.num_virtual_tokens, kind=meta.kind))
         return S.ModelList(data=cards)
 
     @router.post("/v1/completions")

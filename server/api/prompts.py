@@ -21,6 +21,7 @@ from prompt_store.store import PUBLIC_TENANT, PromptStore
 from prompt_store.types import PromptMeta, PromptStoreError
 
 from ..auth import Principal, can_write, tenant_for_model
+from .composition import is_composition, resolve_reference
 from .errors import APIError
 
 __all__ = ["build_prompts_router", "PromptInfo", "PromptUploadResponse", "PromptList", "PromptVersionList", "PromptDeleted"]
@@ -41,8 +42,10 @@ class PromptInfo(BaseModel):
     token_dim: int
     dtype: str
     peft_type: str
+    kind: str  # "prompt_tuning" (PROMPT_TUNING, P_TUNING) or "prefix_tuning" (PREFIX_TUNING)
     created_at: int
     description: str | None = None
+    parts: list[str] | None = None  # a composition ("a+b"): its parts' pinned refs, in order
 
 
 class PromptUploadResponse(PromptInfo):
@@ -80,9 +83,15 @@ def _info(meta: PromptMeta, principal: Principal) -> dict[str, Any]:
         token_dim=meta.token_dim,
         dtype=meta.dtype,
         peft_type=meta.peft_type,
+        kind=meta.kind,
         created_at=meta.created_at,
         description=meta.description,
     )
+
+
+def _composition_info(meta: PromptMeta, parts: tuple[PromptMeta, ...], principal: Principal) -> dict[str, Any]:
+    refs = [_info(p, principal)["ref"] for p in parts]
+    return {**_info(meta, principal), "id": meta.name, "public": False, "ref": "+".join(refs), "parts": refs}
 
 
 @contextlib.contextmanager
@@ -194,6 +203,10 @@ def build_prompts_router(
 
     @router.get("/v1/prompts/{name:path}", response_model=PromptInfo)
     def get_prompt(name: str, principal: Principal = Depends(get_principal)) -> dict[str, Any]:
+        if is_composition(name):  # "a+b": every part checked like a single reference (foreign = missing)
+            with _store_errors("name"):
+                meta, parts = resolve_reference(get_store(), principal, name)
+            return _composition_info(meta, parts, principal)
         ns, pname, version = _parse_ref(principal, name)
         with _store_errors("name"):
             meta = get_store().resolve(ns, pname, version)

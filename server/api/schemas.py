@@ -287,6 +287,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     num_virtual_tokens: int = 0
+    kind: str | None = None  # soft prompts: "prompt_tuning" or "prefix_tuning"; None for the base model
 
 
 class ModelList(BaseModel):

@@ -75,13 +75,15 @@ class ServiceState:
                 hidden_size=text_config.hidden_size,
                 num_layers=text_config.num_hidden_layers,
                 num_attention_heads=text_config.num_attention_heads,
+                num_key_value_heads=getattr(text_config, "num_key_value_heads", None),
+                head_dim=getattr(text_config, "head_dim", None),
             )
             backend = open_backend(s.store, s3_endpoint_url=s.s3_endpoint_url)  # a directory or s3://bucket/prefix
             log.info("prompt store %s (%s)", s.store, type(backend).__name__)
             self.store = PromptStore(
                 backend, info,
                 max_virtual_tokens=s.max_virtual_tokens, max_upload_bytes=s.max_upload_bytes,
-                revalidate_seconds=s.store_revalidate_seconds,
+                revalidate_seconds=s.store_revalidate_seconds, max_prompt_parts=s.max_prompt_parts,
             )
             self.cache = PromptCache(self.store, device=param.device, dtype=param.dtype, budget_bytes=s.prompt_cache_bytes)
             config = EngineConfig(

@@ -19,7 +19,9 @@ __all__ = ["model_info", "adapter_files", "save_adapter", "push_to_store"]
 def model_info(model, name: str) -> ModelInfo:
     text_config = model.config.get_text_config()
     return ModelInfo(name=name, hidden_size=text_config.hidden_size, num_layers=text_config.num_hidden_layers,
-                     num_attention_heads=text_config.num_attention_heads)
+                     num_attention_heads=text_config.num_attention_heads,
+                     num_key_value_heads=getattr(text_config, "num_key_value_heads", None),
+                     head_dim=getattr(text_config, "head_dim", None))
 
 
 def adapter_files(embeddings: torch.Tensor, config: TuningConfig, info: ModelInfo, *,
