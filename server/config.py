@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     kv_prefix_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device cache of soft-prompt KV prefixes")
     api_keys: str | None = Field(None, description="YAML/JSON file of hashed API keys; unset = no auth, one 'default' tenant")
     max_n: int = Field(16, ge=1, description="largest `n` a request may ask for")
+    max_choices_per_request: int = Field(128, ge=1, description="largest len(prompt) x n of one request: the sequences it may start (400 beyond)")
+    max_request_tokens: int = Field(131072, ge=1, description="largest prompt tokens x n of one request, summed over its prompts (400 beyond)")
     max_tokens_limit: int = Field(4096, ge=1, description="cap on a request's max_tokens")
     max_queue_per_tenant: int = Field(0, ge=0, description="waiting requests per tenant before 429 (0 = only --max-queue)")
     request_timeout: float = Field(600.0, ge=0, description="seconds before a request is failed (0 = never)")

@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from server.api import schemas as S
 from server.api.errors import APIError, error_body
 from server.api.generation import (
-    Choice, Tracker, apply_delta, build_requests, collect, finish_reason_str, require_ready, resolve_model,
-    stream_outputs,
+    Choice, Tracker, apply_delta, build_requests, check_fan_out, collect, finish_reason_str, num_prompts,
+    require_ready, resolve_model, stream_outputs,
 )
 from server.api.state import ServiceState
 from server.auth import Principal
@@ -111,6 +111,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
                           principal: Principal = Depends(get_principal)):
         state = get_state()
         require_ready(state)
+        check_fan_out(state, num_prompts(body.prompt), body.n)  # before any work that grows with the request
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo", code="unsupported_parameter")
         if body.suffix:
@@ -165,6 +166,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
                                principal: Principal = Depends(get_principal)):
         state = get_state()
         require_ready(state)
+        check_fan_out(state, 1, body.n)
         resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
         prompt_ids = await run_in_threadpool(_apply_chat_template, state.tokenizer, body.messages, state.max_model_len * 64)
         prompts = [prompt_ids]

@@ -10,6 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 256
 MAX_LOGPROBS = 20
+# Hard caps of the schema, checked before the union of prompt shapes is validated item by item (which
+# costs seconds and hundreds of MB on a body of a million tiny lists). --max-choices-per-request and
+# --max-request-tokens are the tighter, configurable limits applied next.
+MAX_PROMPTS = 2048
+MAX_PROMPT_TOKEN_IDS = 131072
+MAX_MESSAGES = 4096
 
 
 class _Lenient(BaseModel):
@@ -60,6 +66,17 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _cap_prompt_lists(cls, value):
+        if isinstance(value, list) and value:
+            token_ids = isinstance(value[0], int)
+            cap = MAX_PROMPT_TOKEN_IDS if token_ids else MAX_PROMPTS
+            if len(value) > cap:
+                what = "token ids in one prompt" if token_ids else "prompts in one request"
+                raise ValueError(f"at most {cap} {what}, got {len(value)}")
+        return value
+
 
 class ChatContentPart(_Lenient):
     type: Literal["text"]
@@ -81,6 +98,13 @@ class ChatMessage(_Lenient):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _cap_messages(cls, value):
+        if isinstance(value, list) and len(value) > MAX_MESSAGES:
+            raise ValueError(f"at most {MAX_MESSAGES} messages, got {len(value)}")
+        return value
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
