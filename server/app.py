@@ -15,6 +15,7 @@ from server.api.openai_routes import build_openai_router
 from server.api.prompts import build_prompts_router
 from server.api.tuning import build_tuning_router
 from server.api.state import LoadedModel, ServiceState
+from server.api.admission import AdmissionGate
 from server.api.middleware import RequestContextMiddleware
 from server.auth import ApiKeyRegistry, Principal, principal_dependency
 from server.config import Settings
@@ -52,8 +53,11 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
                   description="Many soft prompts on one frozen LLM, OpenAI-compatible.")
     app.state.service = state
     install_error_handlers(app)
+    gate = AdmissionGate(lambda: state.registry, max_uploads=settings.max_concurrent_uploads,
+                         max_uploads_per_tenant=settings.max_concurrent_uploads_per_tenant)
+    app.state.admission = gate
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
-                       max_upload_bytes=settings.max_upload_bytes + 2 * 1024 * 1024, metrics=state.metrics)
+                       max_upload_bytes=settings.max_upload_bytes + 2 * 1024 * 1024, metrics=state.metrics, gate=gate)
 
     def get_state() -> ServiceState:
         return state
@@ -66,7 +70,9 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     authenticate = principal_dependency(lambda: state.registry)
 
     def get_principal(request: Request) -> Principal:
-        principal = authenticate(request)
+        principal = request.scope.get("state", {}).get("principal")  # the admission gate checked the key
+        if principal is None:
+            principal = authenticate(request)
         request.scope.setdefault("state", {})["tenant"] = principal.tenant  # for request metrics
         return principal
     app.include_router(build_openai_router(get_state, get_principal))

@@ -34,7 +34,9 @@ _SERVE_FLAGS = [
     ("--max-tokens-limit", "max_tokens_limit", int), ("--max-n", "max_n", int),
     ("--max-choices-per-request", "max_choices_per_request", int), ("--max-request-tokens", "max_request_tokens", int), ("--max-queue-per-tenant", "max_queue_per_tenant", int),
     ("--request-timeout", "request_timeout", float), ("--shutdown-timeout", "shutdown_timeout", float),
-    ("--max-body-bytes", "max_body_bytes", int), ("--torch-threads", "torch_threads", int), ("--json-logs", "json_logs", _bool),
+    ("--max-body-bytes", "max_body_bytes", int),
+    ("--max-concurrent-uploads", "max_concurrent_uploads", int),
+    ("--max-concurrent-uploads-per-tenant", "max_concurrent_uploads_per_tenant", int), ("--torch-threads", "torch_threads", int), ("--json-logs", "json_logs", _bool),
     ("--log-level", "log_level", str),
 ]
 

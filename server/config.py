@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     max_queue_per_tenant: int = Field(0, ge=0, description="waiting requests per tenant before 429 (0 = only --max-queue)")
     request_timeout: float = Field(600.0, ge=0, description="seconds before a request is failed (0 = never)")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    max_concurrent_uploads: int = Field(8, ge=1, description="uploads (prompts, files) received at once, all tenants together (429 beyond)")
+    max_concurrent_uploads_per_tenant: int = Field(2, ge=1, description="uploads one tenant may have in progress at once (429 beyond)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
     json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")

@@ -67,3 +67,114 @@ def test_fan_out_is_checked_before_the_prompt_is_resolved_or_tokenized(client, m
 def test_requests_within_the_limits_still_work(client):
     r = client.post("/v1/completions", json={"model": "p1", "prompt": ["a", "b"], "n": 3, "max_tokens": 1})
     assert r.status_code == 200 and len(r.json()["choices"]) == 6
+
+
+# ---- 2. the key is checked before any body byte; uploads are capped ---------------------------------------
+class RawCall:
+    """Drives the ASGI app directly, to see exactly how much of a body the server reads."""
+
+    def __init__(self, app, method: str, path: str, headers: dict[str, str], chunks, *, hang: bool = False) -> None:
+        self.app, self.method, self.path = app, method, path
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        self.chunks, self.hang = list(chunks), hang
+        self.received = 0
+        self.status: int | None = None
+        self.body = b""
+
+    async def receive(self):
+        import asyncio
+
+        if self.received < len(self.chunks):
+            self.received += 1
+            return {"type": "http.request", "body": self.chunks[self.received - 1],
+                    "more_body": self.received < len(self.chunks) or self.hang}
+        await asyncio.Event().wait()  # a client that never finishes sending
+
+    async def send(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self.body += message.get("body", b"")
+
+    async def run(self):
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": self.method,
+                 "path": self.path, "raw_path": self.path.encode(), "query_string": b"", "root_path": "",
+                 "headers": self.headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http"}
+        await self.app(scope, self.receive, self.send)
+        return self
+
+
+@pytest.fixture()
+def keyed_app(tiny_model, tokenizer, tmp_path):
+    from server.auth import add_key
+
+    keyfile = tmp_path / "keys.yaml"
+    keys = {"a": add_key(keyfile, "acme"), "a2": add_key(keyfile, "acme"), "b": add_key(keyfile, "beta")}
+    app = _app(tiny_model, tokenizer, tmp_path, api_keys=str(keyfile), max_concurrent_uploads=3,
+               max_concurrent_uploads_per_tenant=2)
+    return app, keys
+
+
+MB = b"x" * (1024 * 1024)
+
+
+@pytest.mark.parametrize("method, path, ctype", [
+    ("PUT", "/v1/prompts/p", "multipart/form-data; boundary=zzz"),
+    ("POST", "/v1/files", "multipart/form-data; boundary=zzz"),
+    ("POST", "/v1/completions", "application/json"),
+    ("POST", "/v1/tuning/jobs", "application/json"),
+])
+@pytest.mark.parametrize("key", [None, "sk-ss-wrong"])
+def test_no_key_is_401_before_any_body_byte_is_read(keyed_app, method, path, ctype, key):
+    import asyncio
+
+    app, _ = keyed_app
+    headers = {"content-type": ctype, **({"authorization": f"Bearer {key}"} if key else {})}
+    for chunked in (True, False):  # chunked: the middleware used to buffer all of it before the 401
+        hdrs = headers if chunked else {**headers, "content-length": str(64 * len(MB))}
+        call = asyncio.run(RawCall(app, method, path, hdrs, [MB] * 64).run())
+        assert call.status == 401, call.body
+        assert call.received == 0, f"read {call.received} MB of an unauthenticated body"
+        assert b"invalid_api_key" in call.body
+
+
+def test_malformed_json_without_a_key_is_401_not_400(keyed_app):
+    app, keys = keyed_app
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert _error(r, 401, "invalid_api_key") and r.headers["www-authenticate"] == "Bearer"
+        r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json",
+                                                                    "authorization": f"Bearer {keys['a']}"})
+        _error(r, 400, "invalid_json")
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+
+
+def test_concurrent_uploads_are_capped_per_tenant_and_in_total(keyed_app):
+    import asyncio
+
+    app, keys = keyed_app
+
+    def upload(who: str, hang: bool = True) -> RawCall:
+        return RawCall(app, "PUT", "/v1/prompts/p", {"authorization": f"Bearer {keys[who]}",
+                                                     "content-type": "multipart/form-data; boundary=zzz"},
+                       [b"--zzz\r\n"], hang=hang)
+
+    async def scenario():
+        slow = [upload("a"), upload("a2")]  # two keys of one tenant: the tenant's two slots
+        tasks = [asyncio.ensure_future(c.run()) for c in slow]
+        await asyncio.sleep(0.05)
+        assert all(c.received == 1 and c.status is None for c in slow)  # in progress, holding slots
+        third = await asyncio.wait_for(upload("a").run(), 5)  # answered from the headers, never waits for a body
+        assert third.status == 429 and third.received == 0 and b"too_many_uploads" in third.body
+        other = upload("b")  # another tenant still gets the last of the 3 total slots...
+        tasks.append(asyncio.ensure_future(other.run()))
+        await asyncio.sleep(0.05)
+        assert other.status is None and other.received == 1
+        fourth = await asyncio.wait_for(upload("b").run(), 5)  # ...and then the total cap answers
+        assert fourth.status == 429 and b"--max-concurrent-uploads" in fourth.body
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert app.state.admission.uploads.in_use == 0  # slots come back when the upload ends, however
+
+    asyncio.run(scenario())
