@@ -8,14 +8,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, start_http_server
 
 from server.api.errors import APIError, error_body, install_error_handlers
 from server.api.openai_routes import build_openai_router
 from server.api.prompts import build_prompts_router
 from server.api.tuning import build_tuning_router
 from server.api.state import LoadedModel, ServiceState
-from server.api.admission import AdmissionGate
+from server.api.admission import AdmissionGate, unauthorized
 from server.api.middleware import RequestContextMiddleware
 from server.auth import ApiKeyRegistry, Principal, principal_dependency
 from server.config import Settings
@@ -35,16 +35,25 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
         log.warning("no --api-keys file: authentication is OFF, every request acts as tenant 'default' (local development only)")
     state = ServiceState(settings=settings, registry=registry)
     tuning = TuningService(state)  # prompt-tuning jobs on the resident model
-    state.metrics = Metrics()
+    state.metrics = Metrics(tenant_labels=settings.metrics_tenant_labels)
     state.metrics.bind(state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        metrics_server = None
+        if settings.metrics_port:
+            # A separate listener for Prometheus: no key, on an address the operator chooses (loopback by default).
+            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host,
+                                                  registry=state.metrics.registry)
+            log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         if loaded is not None or not background_load:
             state.build(loaded)
         else:
             threading.Thread(target=state.build, name="softserve-load", daemon=True).start()
         yield
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         state.shutting_down = True
         tuning.close()
         state.close()
@@ -80,7 +89,15 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     app.include_router(build_tuning_router(tuning.get_manager, get_principal, lambda: state.settings))
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics():
+    async def metrics(request: Request):
+        # With API keys, only admins read the metrics here (they show every tenant's traffic); a
+        # Prometheus without a key scrapes --metrics-port instead.
+        if state.registry.enabled:
+            principal = state.registry.authenticate(request.headers.get("authorization"))
+            if principal is None:
+                raise unauthorized()
+            if not principal.is_admin:
+                raise APIError(403, "/metrics needs an admin key (or scrape --metrics-port)", code="forbidden")
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")

@@ -32,11 +32,14 @@ _SERVE_FLAGS = [
     ("--max-upload-bytes", "max_upload_bytes", int), ("--prompt-cache-bytes", "prompt_cache_bytes", int),
     ("--kv-prefix-cache-bytes", "kv_prefix_cache_bytes", int), ("--api-keys", "api_keys", str),
     ("--max-tokens-limit", "max_tokens_limit", int), ("--max-n", "max_n", int),
-    ("--max-choices-per-request", "max_choices_per_request", int), ("--max-request-tokens", "max_request_tokens", int), ("--max-queue-per-tenant", "max_queue_per_tenant", int),
+    ("--max-choices-per-request", "max_choices_per_request", int), ("--max-request-tokens", "max_request_tokens", int),
+    ("--max-queue-per-tenant", "max_queue_per_tenant", int),
     ("--request-timeout", "request_timeout", float), ("--shutdown-timeout", "shutdown_timeout", float),
-    ("--max-body-bytes", "max_body_bytes", int),
-    ("--max-concurrent-uploads", "max_concurrent_uploads", int),
-    ("--max-concurrent-uploads-per-tenant", "max_concurrent_uploads_per_tenant", int), ("--torch-threads", "torch_threads", int), ("--json-logs", "json_logs", _bool),
+    ("--max-body-bytes", "max_body_bytes", int), ("--max-concurrent-uploads", "max_concurrent_uploads", int),
+    ("--max-concurrent-uploads-per-tenant", "max_concurrent_uploads_per_tenant", int),
+    ("--metrics-port", "metrics_port", int), ("--metrics-host", "metrics_host", str),
+    ("--metrics-tenant-labels", "metrics_tenant_labels", _bool),
+    ("--torch-threads", "torch_threads", int), ("--json-logs", "json_logs", _bool),
     ("--log-level", "log_level", str),
 ]
 

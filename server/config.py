@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(8, ge=1, description="uploads (prompts, files) received at once, all tenants together (429 beyond)")
     max_concurrent_uploads_per_tenant: int = Field(2, ge=1, description="uploads one tenant may have in progress at once (429 beyond)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body")
+    metrics_port: int = Field(0, ge=0, le=65535, description="also serve /metrics without a key on this port (0 = off)")
+    metrics_host: str = Field("127.0.0.1", description="listen address of --metrics-port")
+    metrics_tenant_labels: bool = Field(False, description="label request and token counters with the tenant name")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
     json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")
     log_level: str = "info"

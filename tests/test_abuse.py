@@ -178,3 +178,52 @@ def test_concurrent_uploads_are_capped_per_tenant_and_in_total(keyed_app):
         assert app.state.admission.uploads.in_use == 0  # slots come back when the upload ends, however
 
     asyncio.run(scenario())
+
+
+# ---- 3. /metrics: admin only on the API port, tenant names only when asked for --------------------------
+def test_metrics_need_an_admin_key_and_name_no_tenant_by_default(tiny_model, tokenizer, tmp_path):
+    from server.auth import add_key
+
+    keyfile = tmp_path / "keys.yaml"
+    user, admin = add_key(keyfile, "acme-secret-customer"), add_key(keyfile, "ops", role="admin")
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, api_keys=str(keyfile))) as c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                   headers={"Authorization": f"Bearer {user}"})
+        assert r.status_code == 200, r.text
+        _error(c.get("/metrics"), 401, "invalid_api_key")
+        _error(c.get("/metrics", headers={"Authorization": f"Bearer {user}"}), 403, "forbidden")
+        r = c.get("/metrics", headers={"Authorization": f"Bearer {admin}"})
+        assert r.status_code == 200
+        assert 'softserve_requests_total{endpoint="/v1/completions",status="200"} 1.0' in r.text
+        assert "softserve_generation_tokens_total 2.0" in r.text
+        assert "acme-secret-customer" not in r.text and "tenant=" not in r.text
+
+
+def test_metrics_tenant_labels_are_opt_in(tiny_model, tokenizer, tmp_path):
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, metrics_tenant_labels=True)) as c:
+        c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        text = c.get("/metrics").text  # no --api-keys: everything is open, /metrics too
+        assert 'softserve_requests_total{endpoint="/v1/completions",status="200",tenant="default"} 1.0' in text
+
+
+def test_metrics_port_serves_prometheus_without_a_key_on_loopback(tiny_model, tokenizer, tmp_path):
+    import httpx
+
+    from server.auth import add_key
+    from tests.live_server import free_port
+
+    keyfile = tmp_path / "keys.yaml"
+    add_key(keyfile, "ops", role="admin")
+    port = free_port()
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, api_keys=str(keyfile), metrics_port=port)) as c:
+        assert c.get("/metrics").status_code == 401
+        r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert r.status_code == 200 and "softserve_ready 1.0" in r.text
+    with pytest.raises(httpx.TransportError):  # stopped with the app
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_every_limit_has_a_serve_flag():
+    from server.cli import _SERVE_FLAGS
+
+    assert set(Settings.model_fields) == {field for _, field, _ in _SERVE_FLAGS}

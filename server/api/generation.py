@@ -242,10 +242,8 @@ class Tracker:
         metrics = self.state.metrics
         if metrics is not None:
             metrics.latency.observe(latency)
-            metrics.prompt_tokens.labels(self.tenant).inc(self.num_prompt_tokens)
-            metrics.generation_tokens.labels(self.tenant).inc(self.completion_tokens)
-            if self.meta is not None:
-                metrics.virtual_tokens.labels(self.tenant).inc(self.meta.num_virtual_tokens)
+            metrics.count_tokens(self.tenant, prompt=self.num_prompt_tokens, generated=self.completion_tokens,
+                                 virtual=self.meta.num_virtual_tokens if self.meta is not None else 0)
         log_request(
             request_id=self.request_id, tenant=self.tenant, endpoint=self.endpoint, model=self.model,
             prompt=self.meta.name if self.meta is not None else None,

@@ -103,7 +103,7 @@ class RequestContextMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
         tenant = scope.get("state", {}).get("tenant", "-")
-        self.metrics.requests.labels(tenant, endpoint, str(status)).inc()
+        self.metrics.count_request(tenant, endpoint, status)
 
     @staticmethod
     async def _reject(send, status: int, message: str) -> None:
