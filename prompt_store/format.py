@@ -24,6 +24,7 @@ __all__ = [
     "ParsedPrompt",
     "parse_upload",
     "content_sha256",
+    "version_id",
     "encode_blob",
     "decode_blob",
     "export_adapter",
@@ -265,6 +266,16 @@ def content_sha256(tensor: torch.Tensor) -> str:
     h = hashlib.sha256()
     h.update(f"softserve-prompt-v1\0{_DTYPE_NAMES[t.dtype]}\0{list(t.shape)}\0".encode())
     h.update(raw)
+    return h.hexdigest()
+
+
+def version_id(sha256: str, adapter_config: dict[str, Any]) -> str:
+    """Hex id of a version: the tensor's content hash AND the stored config (what serving and a
+    download use), so the same tensor uploaded with another config (e.g. P_TUNING settings) is a new
+    version rather than silently keeping the first config. Versions stored before this scheme have
+    id `sha256[:12]`; they stay valid and are reused when the same tensor and config come again."""
+    h = hashlib.sha256(b"softserve-version-v2\0" + sha256.encode("ascii") + b"\0")
+    h.update(json.dumps(adapter_config, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     return h.hexdigest()
 
 

@@ -227,3 +227,71 @@ def test_every_limit_has_a_serve_flag():
     from server.cli import _SERVE_FLAGS
 
     assert set(Settings.model_fields) == {field for _, field, _ in _SERVE_FLAGS}
+
+
+# ---- 4. a cut multipart body is refused; the version covers the tensor and the config -------------------
+def _multipart(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> tuple[bytes, dict]:
+    out = bytearray()
+    for field, data in parts:
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{field}"\r\n'.encode()
+        out += b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+P_TUNING = b'{"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "encoder_hidden_size": 32}'
+
+
+@pytest.mark.parametrize("cut", [len(b"--\r\n"), len(b"-\r\n"), 40])
+def test_multipart_body_without_its_closing_boundary_is_refused(client, tiny_model, cut):
+    blob = save({"prompt_embeddings": torch.randn(4, tiny_model.config.hidden_size)})
+    body, headers = _multipart([("adapter_model", blob), ("adapter_config", P_TUNING)])
+    r = client.put("/v1/prompts/cut", content=body[:-cut], headers=headers)  # Content-Length matches what is sent
+    assert "closing boundary" in _error(r, 400, "invalid_multipart")["message"]
+    _error(client.get("/v1/prompts/cut"), 404)  # nothing stored
+    r = client.post("/v1/files", content=_multipart([("file", b'{"prompt": "a", "completion": "b"}\n')])[0][:-4],
+                    headers={"content-type": "multipart/form-data; boundary=b0undary"})
+    _error(r, 400, "invalid_multipart")
+    assert client.put("/v1/prompts/cut", content=body, headers=headers).status_code == 201  # the whole body is fine
+
+
+def test_same_tensor_with_another_config_is_a_new_version(client, tiny_model):
+    import io
+    import json
+    import zipfile
+
+    blob = save({"prompt_embeddings": torch.randn(4, tiny_model.config.hidden_size)})
+    first = client.put("/v1/prompts/pt", files={"adapter_model": ("a", blob)}).json()
+    assert first["peft_type"] == "PROMPT_TUNING"
+    second = client.put("/v1/prompts/pt", files={"adapter_model": ("a", blob), "adapter_config": ("c", P_TUNING)}).json()
+    assert second["peft_type"] == "P_TUNING" and second["version"] != first["version"]
+    assert second["sha256"] == first["sha256"]  # one tensor, stored once
+    zf = zipfile.ZipFile(io.BytesIO(client.get("/v1/prompts/pt/download").content))
+    cfg = json.loads(zf.read("adapter_config.json"))
+    assert cfg["peft_type"] == "P_TUNING" and cfg["encoder_hidden_size"] == 32
+    again = client.put("/v1/prompts/pt", files={"adapter_model": ("a", blob), "adapter_config": ("c", P_TUNING)}).json()
+    assert again["version"] == second["version"] and again["created_at"] == second["created_at"]  # same bytes, same version
+    back = client.put("/v1/prompts/pt", files={"adapter_model": ("a", blob)}).json()
+    assert back["version"] == first["version"]  # rolling back still works
+    assert client.get(f"/v1/prompts/pt@{first['version']}").json()["peft_type"] == "PROMPT_TUNING"
+
+
+def test_versions_stored_before_config_aware_ids_still_resolve_and_are_reused(tmp_path, monkeypatch):
+    import prompt_store.format as fmt
+    from prompt_store.backend import LocalBackend
+    from prompt_store.store import PromptStore
+    from prompt_store.types import ModelInfo
+
+    store = PromptStore(LocalBackend(tmp_path / "data"), ModelInfo("tiny", 64, 2, 4))
+    blob = save({"prompt_embeddings": torch.randn(4, 64)})
+    with monkeypatch.context() as m:
+        m.setattr(fmt, "version_id", lambda sha, _cfg: sha)  # the old scheme: id = sha256[:12]
+        legacy, _ = store.put("acme", "p", blob, None)
+    assert legacy.version == legacy.sha256[:12]
+    assert store.resolve("acme", "p", legacy.version) == legacy
+    again, _ = store.put("acme", "p", blob, None)  # same tensor, same config: the stored version, not a twin
+    assert again.version == legacy.version and [v.version for v in store.versions("acme", "p")] == [legacy.version]
+    changed, _ = store.put("acme", "p", blob, P_TUNING)
+    assert changed.version != legacy.version and changed.peft_type == "P_TUNING"
+    assert store.resolve("acme", "p", legacy.version).peft_type == "PROMPT_TUNING"
+    assert store.load_tensor(changed).equal(store.load_tensor(legacy))
