@@ -79,7 +79,7 @@ def _read_header(data: bytes) -> dict[str, Any]:
         raise _bad("adapter_model is not a valid safetensors file (header is not JSON)")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise _bad("adapter_model is not a valid safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise _bad("adapter_model is not a valid safetensors file (header is not a JSON object)")
@@ -111,6 +111,8 @@ def _parse_config(adapter_config: bytes) -> dict[str, Any]:
         cfg = json.loads(adapter_config.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(f"adapter_config is not valid JSON: {e}") from None
+    except RecursionError:
+        raise _bad("adapter_config is nested too deeply") from None
     if not isinstance(cfg, dict):
         raise _bad("adapter_config must be a JSON object")
     return cfg

@@ -295,3 +295,66 @@ def test_versions_stored_before_config_aware_ids_still_resolve_and_are_reused(tm
     assert changed.version != legacy.version and changed.peft_type == "P_TUNING"
     assert store.resolve("acme", "p", legacy.version).peft_type == "PROMPT_TUNING"
     assert store.load_tensor(changed).equal(store.load_tensor(legacy))
+
+
+# ---- 6. hostile input is a 4xx, never a 500 ----------------------------------------------------------------
+def _st_with_header(header: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(header)) + header
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+BIG_INT = b"1" * 4300 + b"1"
+
+
+@pytest.mark.parametrize("model, config", [
+    (_st_with_header(b'{"a": ' + DEEP + b"}"), None),  # nested header
+    (_st_with_header(b'{"__metadata__": ' + DEEP + b"}"), None),
+    (None, b'{"peft_type": "PROMPT_TUNING", "x": ' + DEEP + b"}"),  # nested adapter_config
+    (None, b'{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": ' + BIG_INT + b"}"),
+])
+def test_hostile_adapter_files_are_4xx(client, tiny_model, model, config):
+    good = save({"prompt_embeddings": torch.randn(4, tiny_model.config.hidden_size)})
+    files = {"adapter_model": ("a", model if model is not None else good)}
+    if config is not None:
+        files["adapter_config"] = ("c", config)
+    r = client.put("/v1/prompts/hostile", files=files)
+    assert 400 <= r.status_code < 500, r.text
+    _error(r, r.status_code)
+
+
+@pytest.mark.parametrize("line", [
+    DEEP,  # nested 100,000 deep
+    b'{"prompt": "a", "completion": "b", "n": ' + BIG_INT + b"}",  # a 4,301-digit integer
+    b'{"prompt": "\\ud800", "completion": "b"}',  # a lone surrogate
+    b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\udfff"}]}',
+])
+def test_hostile_jsonl_lines_are_400_with_the_line_number(client, line):
+    data = b'{"prompt": "ok", "completion": " fine"}\n' + line + b"\n"
+    r = client.post("/v1/files", files={"file": ("t.jsonl", data)}, data={"purpose": "tune"})
+    assert "line 2" in _error(r, 400, "invalid_training_data")["message"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "p1", "prompt": "\ud800 hi"}),
+    ("/v1/completions", {"model": "p1", "prompt": ["ok", "\udc00"]}),
+    ("/v1/chat/completions", {"model": "p1", "messages": [{"role": "user", "content": "a\ud800b"}]}),
+    ("/v1/chat/completions", {"model": "p1", "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}),
+    ("/v1/completions", {"model": "p1", "prompt": "x", "stop": ["\ud800"]}),
+    ("/v1/tuning/jobs", {"name": "t", "training_data": [{"prompt": "\ud800", "completion": "b"}]}),
+    ("/v1/tuning/jobs", {"name": "t", "training_data": [{"prompt": "a", "completion": "b"}], "init_text": "\ud800"}),
+])
+def test_lone_surrogates_are_400(client, path, body):
+    import json
+
+    raw = json.dumps(body).encode()  # ensure_ascii: the surrogate travels as a valid JSON escape
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    _error(r, 400)
+    assert client.get("/health").status_code == 200
+
+
+def test_huge_integer_in_a_json_body_is_400(client):
+    r = client.post("/v1/completions", content=b'{"model": "p1", "prompt": "x", "seed": ' + BIG_INT + b"}",
+                    headers={"content-type": "application/json"})
+    _error(r, 400)

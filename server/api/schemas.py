@@ -18,6 +18,25 @@ MAX_PROMPT_TOKEN_IDS = 131072
 MAX_MESSAGES = 4096
 
 
+def _valid_unicode(value: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"): valid JSON, not valid text; the tokenizer would fail."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _texts_valid(value):
+    if isinstance(value, str):
+        _valid_unicode(value)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, str):
+                _valid_unicode(item)
+    return value
+
+
 class _Lenient(BaseModel):
     # Unknown OpenAI fields (e.g. frequency_penalty=0) are ignored, as vLLM does, so clients keep working.
     model_config = ConfigDict(extra="ignore")
@@ -46,6 +65,7 @@ class _SamplingFields(_Lenient):
     def _check_stop(cls, value):
         if value is None:
             return value
+        _texts_valid(value)
         stops = [value] if isinstance(value, str) else value
         if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
@@ -77,16 +97,31 @@ class CompletionRequest(_SamplingFields):
                 raise ValueError(f"at most {cap} {what}, got {len(value)}")
         return value
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value):
+        return _texts_valid(value)
+
 
 class ChatContentPart(_Lenient):
     type: Literal["text"]
     text: str
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        return _valid_unicode(value)
 
 
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", "name")
+    @classmethod
+    def _text_valid(cls, value):
+        return _valid_unicode(value) if isinstance(value, str) else value
 
     def text(self) -> str:
         if self.content is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -56,6 +56,16 @@ class TuningJobRequest(BaseModel):
     eval_every: int = Field(0, ge=0)
     eval_max_new_tokens: int | None = Field(None, ge=1, le=1024)
     description: str | None = Field(None, max_length=1024)
+
+    @field_validator("init_text", "description")
+    @classmethod
+    def _valid_unicode(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text is not valid Unicode (a lone surrogate)") from None
+        return value
 
 
 def _dataset_error(exc: DatasetError, param: str) -> APIError:
