@@ -358,3 +358,16 @@ def test_huge_integer_in_a_json_body_is_400(client):
     r = client.post("/v1/completions", content=b'{"model": "p1", "prompt": "x", "seed": ' + BIG_INT + b"}",
                     headers={"content-type": "application/json"})
     _error(r, 400)
+
+
+# ---- 7. JSONL splits on "\n" only ---------------------------------------------------------------------------
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\r"])
+def test_jsonl_strings_may_hold_unicode_line_separators(separator):
+    import json
+
+    from server.tuning.data import parse_jsonl
+
+    lines = [json.dumps({"prompt": f"a{separator}b", "completion": f" c{separator}d"}, ensure_ascii=False),
+             json.dumps({"prompt": "x", "completion": " y"}), ""]
+    examples = parse_jsonl("\r\n".join(lines) if separator != "\r" else "\n".join(lines))
+    assert [(e.line, e.prompt) for e in examples] == [(1, f"a{separator}b"), (2, "x")]
