@@ -73,10 +73,11 @@ def test_requests_within_the_limits_still_work(client):
 class RawCall:
     """Drives the ASGI app directly, to see exactly how much of a body the server reads."""
 
-    def __init__(self, app, method: str, path: str, headers: dict[str, str], chunks, *, hang: bool = False) -> None:
+    def __init__(self, app, method: str, path: str, headers: dict[str, str], chunks, *, hang: bool = False,
+                 disconnect: bool = False) -> None:
         self.app, self.method, self.path = app, method, path
         self.headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        self.chunks, self.hang = list(chunks), hang
+        self.chunks, self.hang, self.disconnect = list(chunks), hang, disconnect
         self.received = 0
         self.status: int | None = None
         self.body = b""
@@ -87,7 +88,9 @@ class RawCall:
         if self.received < len(self.chunks):
             self.received += 1
             return {"type": "http.request", "body": self.chunks[self.received - 1],
-                    "more_body": self.received < len(self.chunks) or self.hang}
+                    "more_body": self.received < len(self.chunks) or self.hang or self.disconnect}
+        if self.disconnect:
+            return {"type": "http.disconnect"}
         await asyncio.Event().wait()  # a client that never finishes sending
 
     async def send(self, message):
@@ -371,3 +374,18 @@ def test_jsonl_strings_may_hold_unicode_line_separators(separator):
              json.dumps({"prompt": "x", "completion": " y"}), ""]
     examples = parse_jsonl("\r\n".join(lines) if separator != "\r" else "\n".join(lines))
     assert [(e.line, e.prompt) for e in examples] == [(1, f"a{separator}b"), (2, "x")]
+
+
+# ---- 8. a client that goes away mid-upload is a client abort, not a server error ---------------------------
+@pytest.mark.parametrize("path, chunked", [("/v1/prompts/p", False), ("/v1/prompts/p", True), ("/v1/files", False)])
+def test_disconnect_mid_upload_counts_as_client_abort(client, caplog, path, chunked):
+    import asyncio
+
+    caplog.set_level("INFO", logger="softserve.api")
+    method = "PUT" if path.startswith("/v1/prompts") else "POST"
+    headers = {"content-type": "multipart/form-data; boundary=zzz", **({} if chunked else {"content-length": "100000"})}
+    asyncio.run(RawCall(client.app, method, path, headers, [b"--zzz\r\n" + b"x" * 1000], disconnect=True).run())
+    text = client.get("/metrics").text
+    assert 'status="499"} 1.0' in text, [l for l in text.splitlines() if l.startswith("softserve_requests_total")]
+    assert 'status="500"' not in text
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text

@@ -70,7 +70,8 @@ class RequestContextMiddleware:
             chunks, total = [], 0
             while True:
                 message = await receive()
-                if message["type"] == "http.disconnect":
+                if message["type"] == "http.disconnect":  # gone mid-body: the client's doing, not a 500
+                    self._count(scope, 499)
                     return
                 body = message.get("body", b"")
                 total += len(body)

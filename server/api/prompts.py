@@ -16,13 +16,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from prompt_store.cache import PromptCache
 from prompt_store.store import PUBLIC_TENANT, PromptStore
 from prompt_store.types import PromptMeta, PromptStoreError
 
 from ..auth import Principal, can_write, tenant_for_model
-from .errors import APIError
+from .errors import APIError, client_gone
 
 __all__ = ["build_prompts_router", "PromptInfo", "PromptUploadResponse", "PromptList", "PromptVersionList", "PromptDeleted"]
 
@@ -112,10 +113,13 @@ async def _read_body_limited(request: Request, limit: int) -> bytes:
     if cl is not None and cl.isdigit() and int(cl) > limit:
         raise APIError(413, f"request body is larger than the limit ({limit} bytes)", code="upload_too_large")
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise APIError(413, f"request body is larger than the limit ({limit} bytes)", code="upload_too_large")
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise APIError(413, f"request body is larger than the limit ({limit} bytes)", code="upload_too_large")
+    except ClientDisconnect:
+        raise client_gone() from None
     return bytes(buf)
 
 
