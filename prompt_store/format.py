@@ -199,6 +199,8 @@ def parse_upload(
         td = _as_int(cfg, "token_dim")
         if td is not None and td != dim:
             raise _bad(f"adapter_config token_dim {td} does not match the tensor ({dim} columns)", 422)
+        if peft_type == "P_TUNING":
+            _check_p_tuning(cfg)
         base = cfg.get("base_model_name_or_path")
         if isinstance(base, str) and base and not _same_model(base, model.name):
             warnings.append(
@@ -212,6 +214,28 @@ def parse_upload(
         adapter_config=normalise_config(original, peft_type, k, dim, model),
         warnings=warnings,
     )
+
+
+_MAX_ENCODER_HIDDEN = 65536
+_MAX_ENCODER_LAYERS = 64
+
+
+def _check_p_tuning(cfg: dict[str, Any]) -> None:
+    """P_TUNING settings as PEFT's PromptEncoder builds them: a value it would refuse (or that would
+    build an absurd encoder) makes the downloaded adapter fail to load, so refuse it at upload."""
+    kind = cfg.get("encoder_reparameterization_type")
+    if kind is not None and kind not in ("MLP", "LSTM"):
+        raise _bad(f"adapter_config.encoder_reparameterization_type must be 'MLP' or 'LSTM', got {kind!r}", 422)
+    hidden = _as_int(cfg, "encoder_hidden_size")
+    if hidden is not None and not 1 <= hidden <= _MAX_ENCODER_HIDDEN:
+        raise _bad(f"adapter_config.encoder_hidden_size must be between 1 and {_MAX_ENCODER_HIDDEN}, got {hidden}", 422)
+    layers = _as_int(cfg, "encoder_num_layers")
+    if layers is not None and not 1 <= layers <= _MAX_ENCODER_LAYERS:
+        raise _bad(f"adapter_config.encoder_num_layers must be between 1 and {_MAX_ENCODER_LAYERS}, got {layers}", 422)
+    dropout = cfg.get("encoder_dropout")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0.0 <= dropout < 1.0):
+        raise _bad(f"adapter_config.encoder_dropout must be a number in [0, 1), got {dropout!r}", 422)
 
 
 def normalise_config(original: dict[str, Any], peft_type: str, k: int, dim: int, model: ModelInfo) -> dict[str, Any]:
@@ -250,11 +274,10 @@ def normalise_config(original: dict[str, Any], peft_type: str, k: int, dim: int,
             )
     else:
         defaults = {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": dim, "encoder_num_layers": 2, "encoder_dropout": 0.0}
-        for key in _P_TUNING_KEYS:
-            v = original.get(key, defaults[key])
-            out[key] = v if isinstance(v, (str, int, float)) and not isinstance(v, bool) else defaults[key]
-        if out["encoder_reparameterization_type"] not in ("MLP", "LSTM"):
-            out["encoder_reparameterization_type"] = "MLP"
+        for key in _P_TUNING_KEYS:  # values checked by _check_p_tuning; None means PEFT's default
+            v = original.get(key)
+            out[key] = defaults[key] if v is None else v
+        out["encoder_dropout"] = float(out["encoder_dropout"])
     return out
 
 

@@ -389,3 +389,41 @@ def test_disconnect_mid_upload_counts_as_client_abort(client, caplog, path, chun
     assert 'status="499"} 1.0' in text, [l for l in text.splitlines() if l.startswith("softserve_requests_total")]
     assert 'status="500"' not in text
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
+# ---- 9. P_TUNING settings are validated -------------------------------------------------------------------
+@pytest.mark.parametrize("settings", [
+    {"encoder_hidden_size": "big"}, {"encoder_hidden_size": 0}, {"encoder_hidden_size": 10**9},
+    {"encoder_hidden_size": 3.5}, {"encoder_num_layers": -1}, {"encoder_num_layers": True},
+    {"encoder_dropout": 1.5}, {"encoder_dropout": "0.1"}, {"encoder_dropout": -0.1},
+    {"encoder_reparameterization_type": "GRU"}, {"encoder_reparameterization_type": 3},
+])
+def test_bad_p_tuning_settings_are_422(client, tiny_model, settings):
+    import json
+
+    blob = save({"prompt_embeddings": torch.randn(4, tiny_model.config.hidden_size)})
+    cfg = json.dumps({"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", **settings}).encode()
+    r = client.put("/v1/prompts/pt", files={"adapter_model": ("a", blob), "adapter_config": ("c", cfg)})
+    assert next(iter(settings)) in _error(r, 422)["message"]
+
+
+def test_valid_p_tuning_settings_download_as_a_config_peft_builds(client, tiny_model, tmp_path):
+    import io
+    import json
+    import zipfile
+
+    from peft import PeftConfig
+    from peft.tuners.p_tuning import PromptEncoder
+
+    blob = save({"prompt_embeddings": torch.randn(4, tiny_model.config.hidden_size)})
+    cfg = json.dumps({"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "encoder_hidden_size": 16,
+                      "encoder_num_layers": 1, "encoder_dropout": 0, "encoder_reparameterization_type": "LSTM"}).encode()
+    assert client.put("/v1/prompts/pt", files={"adapter_model": ("a", blob), "adapter_config": ("c", cfg)}).status_code == 201
+    zipfile.ZipFile(io.BytesIO(client.get("/v1/prompts/pt/download").content)).extractall(tmp_path / "pt")
+    stored = json.loads((tmp_path / "pt" / "adapter_config.json").read_text())
+    assert (stored["encoder_hidden_size"], stored["encoder_num_layers"], stored["encoder_dropout"],
+            stored["encoder_reparameterization_type"]) == (16, 1, 0.0, "LSTM")
+    config = PeftConfig.from_pretrained(str(tmp_path / "pt"))
+    config.inference_mode = False  # build the full encoder, as PEFT does to train from these settings
+    encoder = PromptEncoder(config)
+    assert encoder.lstm_head.hidden_size == 16
