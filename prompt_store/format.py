@@ -238,9 +238,19 @@ def _check_p_tuning(cfg: dict[str, Any]) -> None:
         raise _bad(f"adapter_config.encoder_dropout must be a number in [0, 1), got {dropout!r}", 422)
 
 
+def _is_local_path(value: str) -> bool:
+    """A filesystem path (of the server or of whoever uploaded), as opposed to a hub id "org/name"."""
+    return value.startswith(("/", ".", "~")) or "\\" in value or (len(value) > 1 and value[1] == ":")
+
+
+def _public_ref(value: Any, model: ModelInfo) -> str:
+    """What a stored and downloaded config names as model/tokenizer: the given hub id, else the served
+    model's public name, never a local path."""
+    return value if isinstance(value, str) and value.strip() and not _is_local_path(value.strip()) else model.name
+
+
 def normalise_config(original: dict[str, Any], peft_type: str, k: int, dim: int, model: ModelInfo) -> dict[str, Any]:
     """The config we store and export: a complete PEFT config, keeping only known, valid keys."""
-    base = original.get("base_model_name_or_path")
     out: dict[str, Any] = {
         "peft_type": peft_type,
         "task_type": "CAUSAL_LM",
@@ -249,7 +259,7 @@ def normalise_config(original: dict[str, Any], peft_type: str, k: int, dim: int,
         "num_transformer_submodules": 1,
         "num_attention_heads": model.num_attention_heads,
         "num_layers": model.num_layers,
-        "base_model_name_or_path": base if isinstance(base, str) and base else model.name,
+        "base_model_name_or_path": _public_ref(original.get("base_model_name_or_path"), model),
         "inference_mode": True,
         "modules_to_save": None,
         "auto_mapping": None,
@@ -262,7 +272,7 @@ def normalise_config(original: dict[str, Any], peft_type: str, k: int, dim: int,
         # TEXT init is only meaningful with its text and tokenizer; otherwise fall back to RANDOM,
         # which never makes PEFT fetch a tokenizer.
         if init == "TEXT" and isinstance(text, str) and isinstance(tok, str):
-            out.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path=tok)
+            out.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path=_public_ref(tok, model))
             kw = original.get("tokenizer_kwargs")
             out["tokenizer_kwargs"] = kw if isinstance(kw, dict) else None
         else:

@@ -427,3 +427,48 @@ def test_valid_p_tuning_settings_download_as_a_config_peft_builds(client, tiny_m
     config.inference_mode = False  # build the full encoder, as PEFT does to train from these settings
     encoder = PromptEncoder(config)
     assert encoder.lstm_head.hidden_size == 16
+
+
+# ---- 11. no server paths in stored or downloaded adapter configs -------------------------------------------
+def _download_config(client, ref: str) -> dict:
+    import io
+    import json
+    import zipfile
+
+    r = client.get(f"/v1/prompts/{ref}/download")
+    assert r.status_code == 200, r.text
+    return json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("adapter_config.json"))
+
+
+def test_tuned_adapter_config_names_the_public_model_not_the_install_path(client, tokenizer):
+    import time
+
+    assert tokenizer.name_or_path.startswith("/")  # the server's install path: must not leak
+    body = {"name": "tuned", "training_data": [{"prompt": "a", "completion": " b"}] * 4, "steps": 1, "batch_size": 2,
+            "init": "text", "init_text": "Say b", "num_virtual_tokens": 2}
+    job = client.post("/v1/tuning/jobs", json=body).json()
+    deadline = time.monotonic() + 120
+    while job["status"] not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = client.get(f"/v1/tuning/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job
+    cfg = _download_config(client, job["fine_tuned_model"])
+    assert cfg["prompt_tuning_init"] == "TEXT"
+    assert cfg["tokenizer_name_or_path"] == cfg["base_model_name_or_path"] == "tiny"
+    assert tokenizer.name_or_path not in str(cfg)
+
+
+@pytest.mark.parametrize("path", ["/srv/models/llama", "./models/llama", "~/llama", "C:\\models\\llama", "..\\llama"])
+def test_uploaded_local_paths_are_replaced_by_the_public_model_name(client, tiny_model, path):
+    import json
+
+    blob = save({"prompt_embeddings": torch.randn(4, tiny_model.config.hidden_size)})
+    cfg = json.dumps({"peft_type": "PROMPT_TUNING", "base_model_name_or_path": path, "prompt_tuning_init": "TEXT",
+                      "prompt_tuning_init_text": "hi", "tokenizer_name_or_path": path}).encode()
+    r = client.put("/v1/prompts/up", files={"adapter_model": ("a", blob), "adapter_config": ("c", cfg)})
+    assert r.status_code == 201, r.text
+    out = _download_config(client, "up")
+    assert out["base_model_name_or_path"] == out["tokenizer_name_or_path"] == "tiny"
+    hub = json.dumps({"peft_type": "PROMPT_TUNING", "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M"}).encode()
+    client.put("/v1/prompts/hub", files={"adapter_model": ("a", blob), "adapter_config": ("c", hub)})
+    assert _download_config(client, "hub")["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M"  # hub ids stay

@@ -330,8 +330,7 @@ class TuningManager:
                                 step_lock=self.step_lock, on_progress=job.on_progress,
                                 should_stop=job.cancel_event.is_set, yield_fn=self._yield)
             result = tuner.run()
-            files = adapter_files(result.embeddings, job.config, self.info,
-                                  tokenizer_name_or_path=getattr(self.tokenizer, "name_or_path", None) or None)
+            files = adapter_files(result.embeddings, job.config, self.info)  # tokenizer: the public model name, not its install path
             meta, warnings = push_to_store(self.store, job.namespace, job.name, files,
                                            description=job.description or f"prompt tuning job {job.id}")
             job.result, job.warnings = meta, warnings
