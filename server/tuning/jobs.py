@@ -215,6 +215,7 @@ class TuningManager:
         is_busy: Callable[[], bool] = lambda: False,
         max_concurrent: int = 1,
         max_queued: int = 16,
+        max_active_per_tenant: int = 2,
         train_share_when_busy: float = 0.5,
         keep_finished: int = 200,
     ) -> None:
@@ -226,6 +227,7 @@ class TuningManager:
         self.step_lock = step_lock if step_lock is not None else threading.Lock()
         self.is_busy = is_busy
         self.max_queued = max_queued
+        self.max_active_per_tenant = max_active_per_tenant  # queued + running, so one tenant cannot fill the queue
         self.train_share_when_busy = min(1.0, max(0.01, train_share_when_busy))
         self.keep_finished = keep_finished
         self.files = FileRegistry(store.backend, store.max_upload_bytes)
@@ -242,9 +244,13 @@ class TuningManager:
     # ---- public -------------------------------------------------------------------------------
     def submit(self, job: TuningJob) -> TuningJob:
         with self._lock:
+            active = sum(1 for j in self._jobs.values() if j.tenant == job.tenant and j.status in ("queued", "running"))
+            if active >= self.max_active_per_tenant:
+                raise QueueFull(f"this tenant has {active} tuning jobs queued or running, the limit "
+                                f"(--max-tuning-jobs-per-tenant); wait for one to finish or cancel one")
             queued = sum(1 for j in self._jobs.values() if j.status == "queued")
             if queued >= self.max_queued:
-                raise QueueFull(f"too many queued tuning jobs ({queued}); try again later")
+                raise QueueFull(f"too many queued tuning jobs ({queued}, --max-tuning-queue); try again later")
             self._jobs[job.id] = job
             self._order.append(job.id)
             self._trim()

@@ -1,0 +1,74 @@
+"""Per-tenant quotas (tiny model, in process): one tenant cannot take what the others need."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api.state import LoadedModel
+from server.app import create_app
+from server.auth import add_key
+from server.config import Settings
+
+
+def _app(tiny_model, tokenizer, tmp_path, **overrides):
+    settings = Settings(**{"store": str(tmp_path / "store"), "max_model_len": 256, **overrides})
+    return create_app(settings, loaded=LoadedModel(tiny_model, tokenizer, "tiny"))
+
+
+@pytest.fixture()
+def two_tenants(tiny_model, tokenizer, tmp_path):
+    keyfile = tmp_path / "keys.yaml"
+    keys = {"a": add_key(keyfile, "acme"), "b": add_key(keyfile, "beta")}
+    app = _app(tiny_model, tokenizer, tmp_path, api_keys=str(keyfile))
+    with TestClient(app) as c:
+        yield c, {who: {"Authorization": f"Bearer {key}"} for who, key in keys.items()}
+
+
+# ---- 5. tuning jobs per tenant; the inference queue per tenant is on by default -----------------------------
+def test_one_tenant_cannot_fill_the_tuning_queue(two_tenants):
+    c, h = two_tenants
+    job = {"name": "t", "training_data": [{"prompt": "a", "completion": " b"}] * 2, "steps": 50, "batch_size": 2,
+           "num_virtual_tokens": 2}
+    engine = c.app.state.service.engine
+    created = []
+    with engine.step_lock:  # the trainer needs this lock for every unit of work: nothing finishes meanwhile
+        for _ in range(2):
+            r = c.post("/v1/tuning/jobs", json=job, headers=h["a"])
+            assert r.status_code == 200, r.text
+            created.append(r.json()["id"])
+        r = c.post("/v1/tuning/jobs", json=job, headers=h["a"])
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full" and r.headers["retry-after"]
+        assert "--max-tuning-jobs-per-tenant" in r.json()["error"]["message"]
+        r = c.post("/v1/tuning/jobs", json=job, headers=h["b"])  # the other tenant still gets in
+        assert r.status_code == 200, r.text
+        created.append(r.json()["id"])
+        for job_id, who in zip(created, "aab"):
+            assert c.post(f"/v1/tuning/jobs/{job_id}/cancel", headers=h[who]).status_code == 200
+
+
+def test_per_tenant_inference_queue_limit_is_on_by_default(tiny_model, tokenizer, tmp_path):
+    from server.engine.request import Request, SamplingParams
+    from server.engine.scheduler import QueueFullError
+
+    defaults = Settings()
+    assert 0 < defaults.max_queue_per_tenant < defaults.max_queue
+    with TestClient(_app(tiny_model, tokenizer, tmp_path)) as c:
+        engine = c.app.state.service.engine
+        limit = defaults.max_queue_per_tenant
+        flood = [Request(f"f{i}", [1, 2], SamplingParams(), tenant="greedy") for i in range(limit)]
+
+        async def fill():
+            for request in flood:
+                engine.submit(request)
+            with pytest.raises(QueueFullError, match="tenant"):
+                engine.submit(Request("over", [1, 2], SamplingParams(), tenant="greedy"))
+            flood.append(Request("polite", [1, 2], SamplingParams(), tenant="polite"))
+            engine.submit(flood[-1])  # another tenant is still admitted
+
+        with engine.step_lock:
+            asyncio.run(fill())
+            for request in flood:
+                engine.abort(request.request_id)
