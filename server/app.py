@@ -17,6 +17,7 @@ from server.api.tuning import build_tuning_router
 from server.api.state import LoadedModel, ServiceState
 from server.api.admission import AdmissionGate, unauthorized
 from server.api.middleware import RequestContextMiddleware
+from server.api.ratelimit import RateLimiter
 from server.auth import ApiKeyRegistry, Principal, principal_dependency
 from server.config import Settings
 from server.tuning.service import TuningService
@@ -63,8 +64,10 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
                   description="Many soft prompts on one frozen LLM, OpenAI-compatible.")
     app.state.service = state
     install_error_handlers(app)
+    state.rate_limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_tokens_per_minute,
+                                     on_reject=lambda reason: state.metrics.rejected.labels(reason).inc())
     gate = AdmissionGate(lambda: state.registry, max_uploads=settings.max_concurrent_uploads,
-                         max_uploads_per_tenant=settings.max_concurrent_uploads_per_tenant)
+                         max_uploads_per_tenant=settings.max_concurrent_uploads_per_tenant, rate_limiter=state.rate_limiter)
     app.state.admission = gate
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes + 2 * 1024 * 1024, metrics=state.metrics, gate=gate)

@@ -35,6 +35,7 @@ _SERVE_FLAGS = [
     ("--max-choices-per-request", "max_choices_per_request", int), ("--max-request-tokens", "max_request_tokens", int),
     ("--max-queue-per-tenant", "max_queue_per_tenant", int), ("--max-tuning-queue", "max_tuning_queue", int),
     ("--max-tuning-jobs-per-tenant", "max_tuning_jobs_per_tenant", int),
+    ("--rate-limit-rps", "rate_limit_rps", float), ("--rate-limit-tokens-per-minute", "rate_limit_tokens_per_minute", int),
     ("--request-timeout", "request_timeout", float), ("--shutdown-timeout", "shutdown_timeout", float),
     ("--max-body-bytes", "max_body_bytes", int), ("--max-concurrent-uploads", "max_concurrent_uploads", int),
     ("--max-concurrent-uploads-per-tenant", "max_concurrent_uploads_per_tenant", int),

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_tuning_jobs_per_tenant: int = Field(2, ge=1, description="tuning jobs one tenant may have queued or running (429 beyond)")
     request_timeout: float = Field(600.0, ge=0, description="seconds before a request is failed (0 = never)")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    rate_limit_rps: float = Field(0.0, ge=0, description="requests per second per tenant, burst of one second's worth (0 = off; 429 beyond)")
+    rate_limit_tokens_per_minute: int = Field(0, ge=0, description="prompt + max_tokens per minute per tenant (0 = off; 429 beyond)")
     max_concurrent_uploads: int = Field(8, ge=1, description="uploads (prompts, files) received at once, all tenants together (429 beyond)")
     max_concurrent_uploads_per_tenant: int = Field(2, ge=1, description="uploads one tenant may have in progress at once (429 beyond)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body")

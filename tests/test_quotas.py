@@ -72,3 +72,47 @@ def test_per_tenant_inference_queue_limit_is_on_by_default(tiny_model, tokenizer
             asyncio.run(fill())
             for request in flood:
                 engine.abort(request.request_id)
+
+
+# ---- 12. rate limits per tenant: requests/s and tokens/min, 429 with Retry-After, in the metrics -----------
+def test_token_bucket_refills_at_its_rate():
+    from server.api.ratelimit import TokenBucket
+
+    bucket = TokenBucket(rate=2.0, capacity=4.0, now=0.0)
+    assert [bucket.take(1, 0.0) for _ in range(4)] == [0.0] * 4
+    assert bucket.take(1, 0.0) == pytest.approx(0.5)  # empty: one unit in 1/rate s
+    assert bucket.take(1, 0.5) == 0.0
+    assert bucket.take(3, 1.0) == pytest.approx(1.0)  # 1 unit there, 2 more take 1 s; nothing taken
+    assert bucket.take(3, 100.0) == 0.0 and bucket.level == pytest.approx(1.0)  # refill stops at capacity
+
+
+def _metric(text: str, line_start: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_requests_per_second_per_tenant(tiny_model, tokenizer, tmp_path):
+    keyfile = tmp_path / "keys.yaml"
+    keys = {"a": add_key(keyfile, "acme"), "b": add_key(keyfile, "beta"), "ops": add_key(keyfile, "ops", role="admin")}
+    h = {who: {"Authorization": f"Bearer {key}"} for who, key in keys.items()}
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, api_keys=str(keyfile), rate_limit_rps=0.2)) as c:
+        assert c.get("/v1/models", headers=h["a"]).status_code == 200  # burst: 1
+        r = c.get("/v1/models", headers=h["a"])
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(r.headers["retry-after"]) <= 5 and "--rate-limit-rps" in r.json()["error"]["message"]
+        assert c.get("/v1/models", headers=h["b"]).status_code == 200  # another tenant has its own bucket
+        assert c.get("/health").status_code == 200  # probes are not limited
+        text = c.get("/metrics", headers=h["ops"]).text
+        assert _metric(text, 'softserve_rejected_requests_total{reason="rate_limit_requests"}') == 1.0
+
+
+def test_tokens_per_minute_per_tenant(tiny_model, tokenizer, tmp_path):
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, rate_limit_tokens_per_minute=100)) as c:
+        body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 40}  # costs 42
+        assert c.post("/v1/completions", json=body).status_code == 200
+        assert c.post("/v1/completions", json=body).status_code == 200
+        r = c.post("/v1/completions", json=body)  # 16 left: 26 short, refilled at 100/60 per second
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(r.headers["retry-after"]) <= 16  # less if the first two took a while
+        r = c.post("/v1/completions", json={**body, "max_tokens": 99})  # could never fit: not a retry
+        assert r.status_code == 400 and "--rate-limit-tokens-per-minute" in r.json()["error"]["message"]
+        assert _metric(c.get("/metrics").text, 'softserve_rejected_requests_total{reason="rate_limit_tokens"}') == 1.0

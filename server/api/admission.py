@@ -69,9 +69,11 @@ class UploadSlots:
 
 
 class AdmissionGate:
-    def __init__(self, get_registry: Callable[[], ApiKeyRegistry], *, max_uploads: int, max_uploads_per_tenant: int) -> None:
+    def __init__(self, get_registry: Callable[[], ApiKeyRegistry], *, max_uploads: int, max_uploads_per_tenant: int,
+                 rate_limiter=None) -> None:
         self.get_registry = get_registry
         self.uploads = UploadSlots(max_uploads, max_uploads_per_tenant)
+        self.rate_limiter = rate_limiter  # RateLimiter: requests per second per tenant
 
     def admit(self, scope, headers: dict[str, str]) -> Callable[[], None] | None:
         """Raises APIError (401, 429); on success records the principal in the request state and
@@ -85,6 +87,8 @@ class AdmissionGate:
         state = scope.setdefault("state", {})
         state["principal"] = principal
         state["tenant"] = principal.tenant
+        if self.rate_limiter is not None:
+            self.rate_limiter.check_request(principal.tenant)
         if is_upload(scope["method"], path):
             return self.uploads.acquire(principal.tenant)
         return None

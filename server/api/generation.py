@@ -168,6 +168,8 @@ async def build_requests(
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens must be <= {limit} (--max-tokens-limit)", param="max_tokens", code="invalid_parameter")
     effective = [min(e, limit) for e in effective]
+    if state.rate_limiter is not None:  # what the request may cost: its prompt tokens and all it may generate
+        state.rate_limiter.charge_tokens(principal.tenant, sum(len(p) + e for p, e in zip(prompts, effective)) * body.n)
     requests: list[Request] = []
     choices: list[Choice] = []
     base_id = f"{request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses X-Request-ID

@@ -43,6 +43,7 @@ class ServiceState:
     shutting_down: bool = False
     loaded: threading.Event = field(default_factory=threading.Event)
     metrics: object = None
+    rate_limiter: object = None  # RateLimiter (server.api.ratelimit)
     max_model_len: int = 0  # --max-model-len, capped at the model's position limit
     exit_on_engine_death: bool = False  # the CLI sets it; in-process tests keep their interpreter
 
