@@ -116,3 +116,26 @@ def test_tokens_per_minute_per_tenant(tiny_model, tokenizer, tmp_path):
         r = c.post("/v1/completions", json={**body, "max_tokens": 99})  # could never fit: not a retry
         assert r.status_code == 400 and "--rate-limit-tokens-per-minute" in r.json()["error"]["message"]
         assert _metric(c.get("/metrics").text, 'softserve_rejected_requests_total{reason="rate_limit_tokens"}') == 1.0
+
+
+# ---- 10 (part). temp files left by a writer killed mid-write are removed after a grace period ---------------
+def test_stale_temp_files_are_removed_at_start_fresh_ones_kept(tiny_model, tokenizer, tmp_path):
+    import os
+    import time
+
+    from prompt_store.backend import LocalBackend
+
+    store = tmp_path / "store"
+    blobs = store / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    stale, fresh = blobs / ".tmp-killed", blobs / ".tmp-writing"
+    stale.write_bytes(b"x" * 1000)
+    fresh.write_bytes(b"y")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    (blobs / "abc.safetensors").write_bytes(b"z")
+    os.utime(blobs / "abc.safetensors", (old, old))  # only temp files go, however old a real key is
+    with TestClient(_app(tiny_model, tokenizer, tmp_path)) as c:
+        assert c.get("/ready").status_code == 200
+    assert not stale.exists() and fresh.exists() and (blobs / "abc.safetensors").exists()
+    assert LocalBackend(store).remove_stale_temp_files(older_than_s=0.0, now=time.time() + 1) == 1  # the fresh one, later
