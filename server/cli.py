@@ -30,7 +30,8 @@ _SERVE_FLAGS = [
     ("--max-model-len", "max_model_len", int), ("--max-queue", "max_queue", int),
     ("--max-prefill-tokens", "max_prefill_tokens", int), ("--max-virtual-tokens", "max_virtual_tokens", int),
     ("--max-upload-bytes", "max_upload_bytes", int), ("--prompt-cache-bytes", "prompt_cache_bytes", int),
-    ("--kv-prefix-cache-bytes", "kv_prefix_cache_bytes", int), ("--api-keys", "api_keys", str),
+    ("--kv-prefix-cache-bytes", "kv_prefix_cache_bytes", int), ("--kv-cache-bytes", "kv_cache_bytes", int),
+    ("--api-keys", "api_keys", str),
     ("--max-tokens-limit", "max_tokens_limit", int), ("--max-n", "max_n", int),
     ("--max-choices-per-request", "max_choices_per_request", int), ("--max-request-tokens", "max_request_tokens", int),
     ("--max-queue-per-tenant", "max_queue_per_tenant", int), ("--max-tuning-queue", "max_tuning_queue", int),
@@ -145,6 +146,22 @@ def cmd_prompts(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from server.evaluation import EvalDataError, evaluate, load_eval_data
+
+    try:
+        items = load_eval_data(args.data)
+    except (OSError, EvalDataError) as exc:
+        raise SystemExit(f"error: {exc}")
+    with _client(args) as client:
+        try:
+            result = evaluate(client, args.model, items, max_tokens=args.max_tokens)
+        except RuntimeError as exc:
+            raise SystemExit(f"error: {exc}")
+    print(json.dumps({"model": args.model, "data": args.data, **result.summary()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softserve", description="Serve many soft prompts on one frozen LLM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
     pull.add_argument("dir")
 
+    ev = sub.add_parser("eval", help="accuracy of a model or soft prompt on a JSONL file, scored by a running server",
+                        description="Multiple choice lines ({prompt, choices, answer}) are scored by log-likelihood "
+                                    "(echo + logprobs, max_tokens 0); {prompt, completion} lines by exact match of "
+                                    "greedy generation. Prints a JSON summary with the accuracy.")
+    ev.add_argument("--model", required=True, help="served model name or soft prompt (as in the API's `model`)")
+    ev.add_argument("--data", required=True, help="JSONL file")
+    ev.add_argument("--max-tokens", type=int, default=32, help="generation length for exact-match lines")
+    ev.add_argument("--url", default=os.environ.get("SOFTSERVE_URL", "http://127.0.0.1:8000"))
+    ev.add_argument("--api-key", default=os.environ.get("SOFTSERVE_API_KEY"))
+
     from server.tuning.cli import add_tune_parser
 
     add_tune_parser(sub)
@@ -183,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "keys":
         return cmd_keys_add(args)
+    if args.command == "eval":
+        return cmd_eval(args)
     if args.command == "tune":
         from server.tuning.cli import cmd_tune
 

@@ -66,7 +66,15 @@ class _StateCollector:
             return
         yield _metric(GaugeMetricFamily, "softserve_queue_depth", "Requests waiting for a batch row", engine.num_waiting)
         yield _metric(GaugeMetricFamily, "softserve_running_requests", "Requests in the running batch", engine.num_running)
-        prefix = engine.engine.prefix_cache
+        core = engine.engine
+        yield _metric(CounterMetricFamily, "softserve_engine_steps", "Engine steps that ran the model", core.steps_run)
+        yield _metric(CounterMetricFamily, "softserve_forward_passes", "Model forward passes (one per engine step)",
+                      core.runner.forward_passes)
+        kv = core.scheduler.kv
+        yield _metric(GaugeMetricFamily, "softserve_kv_pool_tokens", "Token slots in the KV pool", kv.capacity)
+        yield _metric(GaugeMetricFamily, "softserve_kv_pool_used_tokens", "KV pool slots reserved by running requests",
+                      kv.used_tokens)
+        prefix = core.prefix_cache
         yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_hits", "Soft-prompt KV prefix cache hits", prefix.hits)
         yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_misses", "Soft-prompt KV prefix cache misses", prefix.misses)
         yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_evictions", "Soft-prompt KV prefix cache evictions",

@@ -116,10 +116,13 @@ def test_abort_frees_the_row_at_the_next_step(tiny_model, tokenizer):
     engine.add_request(b)
     engine.step()
     engine.step()
-    assert engine.runner.batch_size == 2
+    kv = engine.scheduler.kv
+    used_by_two = kv.used_tokens
+    assert engine.num_running == 2 and kv.owns(a.request_id) and kv.owns(b.request_id)
     assert engine.abort_request(a.request_id)
     outs = engine.step()
-    assert engine.runner.batch_size == 1 and engine.num_running == 1
+    assert engine.num_running == 1 and not kv.owns(a.request_id) and kv.owns(b.request_id)
+    assert kv.used_tokens == used_by_two - a.kv_reservation and set(engine.runner.generators) == {b.request_id}
     assert any(o.request_id == a.request_id and o.finish_reason == FinishReason.ABORT for o in outs)
 
 

@@ -183,7 +183,11 @@ BAD_REQUESTS = {
     "empty-prompt-in-batch": (C, _json({"model": SMOLLM_NAME, "prompt": ["hi", ""]}), 400, "empty_prompt", "prompt"),
     "token-id-out-of-vocab": (C, _json({"model": SMOLLM_NAME, "prompt": [10**9]}), 400, "invalid_token_id", "prompt"),
     "negative-token-id": (C, _json({"model": SMOLLM_NAME, "prompt": [1, -3]}), 400, "invalid_token_id", "prompt"),
-    "echo-unsupported": (C, _json({"model": SMOLLM_NAME, "prompt": "hi", "echo": True}), 400, "unsupported_parameter", "echo"),
+    "suffix-unsupported": (C, _json({"model": SMOLLM_NAME, "prompt": "hi", "suffix": "x"}), 400, "unsupported_parameter", "suffix"),
+    "tools-unsupported": (CHAT, _json({"model": SMOLLM_NAME, "messages": USER, "tools": [{"type": "function"}]}), 400,
+                          "unsupported_parameter", "tools"),
+    "unknown-field": (C, _json({"model": SMOLLM_NAME, "prompt": "hi", "frobnicate": 1}), 400, "unsupported_parameter",
+                      "frobnicate"),
 }
 
 

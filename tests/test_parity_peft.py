@@ -95,12 +95,17 @@ def test_server_greedy_equals_peft_reference(smollm, peft_adapters, references, 
             assert r.json()["usage"]["virtual_tokens"] == int(name[2:])
 
 
-def test_mixed_batch_equals_peft_reference(smollm, peft_adapters, references):
-    """8 rows, 3 adapters of different k plus rows with no prompt, different input lengths, one batch."""
+@pytest.mark.parametrize("max_prefill_tokens", [4096, 5], ids=["whole-prompts", "chunked-prefill"])
+def test_mixed_batch_equals_peft_reference(smollm, peft_adapters, references, max_prefill_tokens):
+    """8 rows, 3 adapters of different k plus rows with no prompt, different input lengths, one batch.
+
+    Every prompt is cold at first, so its KV is computed inline; with a budget of 5 tokens per step the
+    k=20 prompt and every input are split over several steps while earlier rows already decode.
+    """
     from safetensors.torch import load
 
     model, tok = smollm
-    engine = make_engine(model, tok)
+    engine = make_engine(model, tok, max_prefill_tokens=max_prefill_tokens)
     prompts = {}
     for name, directory in peft_adapters.items():
         emb = load((directory / "adapter_model.safetensors").read_bytes())["prompt_embeddings"]

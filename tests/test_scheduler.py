@@ -53,14 +53,65 @@ def test_batch_size_limit_admits_waiting_when_a_row_frees():
     assert c.first_scheduled_step == a.finished_step + 1
 
 
-def test_prefill_token_budget_always_admits_one():
+def test_long_prompt_is_chunked_under_the_token_budget():
     s = Scheduler(SchedulerConfig(max_batch_size=8, max_prefill_tokens=10), {EOS})
-    s.add(req("big", n_prompt=50))
+    running = req("running", n_prompt=2, max_tokens=50)
+    s.add(running)
+    fake_step(s)
+    s.add(req("big", n_prompt=25))
     s.add(req("small", n_prompt=3))
+    chunks = []
+    for _ in range(3):
+        out = s.schedule()
+        chunks.append({row.request.request_id: (row.start, row.num_tokens, row.samples) for row in out.rows})
+        s.update(out, RunnerOutput([7] * len(out.scheduled)))
+    # The decode row runs every step outside the budget; big's prompt goes 10 + 10 + 5 and samples at the end;
+    # small waits until the budget has room, then is admitted and prefilled whole in the same step.
+    assert chunks[0] == {"running": (2, 1, True), "big": (0, 10, False)}
+    assert chunks[1] == {"running": (3, 1, True), "big": (10, 10, False)}
+    assert chunks[2] == {"running": (4, 1, True), "big": (20, 5, True), "small": (0, 3, True)}
+
+
+def test_full_kv_pool_makes_admission_wait_and_finishing_frees_it():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, kv_cache_tokens=20), {EOS})
+    a, b, c = req("a", n_prompt=4, max_tokens=7), req("b", n_prompt=4, max_tokens=7), req("c", n_prompt=4, max_tokens=3)
+    for r in (a, b, c):
+        s.add(r)  # each reserves prompt + max_tokens - 1 = 10 or 6 slots
+    out = fake_step(s)
+    assert [r.request_id for r in out.prefill] == ["a", "b"] and s.kv.free_tokens == 0
+    while not a.is_finished:
+        assert c.first_scheduled_step is None  # no slot for c while a and b hold the pool
+        fake_step(s)
+    out = fake_step(s)
+    assert out.prefill == [c] and not s.kv.owns("a") and s.kv.owns("c")
+    with pytest.raises(ValueError, match="KV slots"):
+        s.add(req("huge", n_prompt=15, max_tokens=10))  # could never fit: refused at once, not queued forever
+
+
+def _prompted(rid: str, sha: str, k: int = 4, **sampling) -> Request:
+    from server.engine.request import SoftPrompt, SoftPromptRef
+
+    r = req(rid, **sampling)
+    r.soft_prompt = SoftPrompt(SoftPromptRef(name="p", version="v", sha256=sha, num_virtual_tokens=k), embeddings=None)
+    return r
+
+
+def test_cold_prompt_is_computed_once_and_others_wait_for_the_cache():
+    cached: set[str] = set()
+    s = Scheduler(SchedulerConfig(max_batch_size=8), {EOS}, prefix_lookup=lambda r: "kv" if r.prompt_sha256 in cached else None)
+    first, second, other = _prompted("first", "x"), _prompted("second", "x"), _prompted("other", "y", k=2)
+    for r in (first, second, other):
+        s.add(r)
     out = s.schedule()
-    assert [r.request_id for r in out.prefill] == ["big"]  # over budget but alone: admitted
+    rows = {row.request.request_id: row for row in out.rows}
+    assert set(rows) == {"first"}  # second shares first's cold prompt: it waits (other is behind it in FIFO)
+    assert rows["first"].computes_prefix and (rows["first"].start, rows["first"].num_tokens) == (0, 4 + 4)
     s.update(out, RunnerOutput([7]))
-    assert [r.request_id for r in s.schedule().prefill] == ["small"]
+    cached.add("x")  # the runner filed the prompt's KV during that forward
+    out = s.schedule()
+    rows = {row.request.request_id: row for row in out.rows}
+    assert (rows["second"].start, rows["second"].num_tokens, rows["second"].computes_prefix) == (4, 4, False)
+    assert rows["other"].computes_prefix and (rows["other"].start, rows["other"].num_tokens) == (0, 2 + 4)
 
 
 def test_eos_stops_unless_ignored_and_min_tokens():

@@ -8,6 +8,7 @@ cancellation when the client goes away.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +23,10 @@ from server.api.state import ServiceState
 from server.auth import Principal, tenant_for_model
 from server.logs import log_request
 from server.engine.async_engine import EngineDeadError
-from server.engine.request import FinishReason, Request, RequestOutput, SamplingParams, SoftPrompt, SoftPromptRef
+from server.engine.guided import GuidedSpecError, validate as validate_guided
+from server.engine.request import (
+    FinishReason, GuidedSpec, Request, RequestOutput, SamplingParams, SoftPrompt, SoftPromptRef,
+)
 from server.engine.scheduler import QueueFullError
 
 
@@ -40,6 +44,7 @@ class Choice:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: tuple | None = None
     finish_reason: str | None = None
     num_output_tokens: int = 0
 
@@ -138,7 +143,69 @@ def check_length(state: ServiceState, num_virtual: int, num_prompt: int, max_tok
     return max_tokens
 
 
-def sampling_params(body, max_tokens: int, *, seed_offset: int, logprobs: int | None) -> SamplingParams:
+def check_supported(body) -> None:
+    """400 naming the first request field we do not implement (instead of silently ignoring it)."""
+    found = body.unsupported_field()
+    if found is not None:
+        param, message = found
+        raise APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def guided_spec(body) -> tuple[str, GuidedSpec] | None:
+    """(param, constraint) from response_format / guided_* / structured_outputs; at most one may be set."""
+    found: list[tuple[str, GuidedSpec]] = []
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", GuidedSpec("json_object")))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise APIError(400, "response_format.json_schema is required for type json_schema",
+                           param="response_format.json_schema", code="invalid_parameter")
+        found.append(("response_format.json_schema.schema", GuidedSpec("json_schema", json.dumps(fmt.json_schema.schema_))))
+    so = body.structured_outputs
+    candidates = [
+        ("guided_json", "json_schema", body.guided_json),
+        ("guided_regex", "regex", body.guided_regex),
+        ("guided_choice", "choice", body.guided_choice),
+        ("guided_grammar", "grammar", body.guided_grammar),
+        ("structured_outputs.json", "json_schema", so.json_ if so else None),
+        ("structured_outputs.regex", "regex", so.regex if so else None),
+        ("structured_outputs.choice", "choice", so.choice if so else None),
+        ("structured_outputs.grammar", "grammar", so.grammar if so else None),
+    ]
+    for param, kind, value in candidates:
+        if value is not None:
+            found.append((param, GuidedSpec(kind, value if isinstance(value, str) else json.dumps(value))))
+    if so is not None and so.json_object:
+        found.append(("structured_outputs.json_object", GuidedSpec("json_object")))
+    if len(found) > 1:
+        raise APIError(400, f"only one constraint may be set; got {found[0][0]} and {found[1][0]}",
+                       param=found[1][0], code="invalid_parameter")
+    if not found:
+        return None
+    param, spec = found[0]
+    if body.ignore_eos or body.min_tokens:
+        bad = "ignore_eos" if body.ignore_eos else "min_tokens"
+        raise APIError(400, f"{bad} cannot be combined with {param}: the grammar decides where the answer ends",
+                       param=bad, code="invalid_parameter")
+    return param, spec
+
+
+async def checked_guided_spec(state: ServiceState, body) -> GuidedSpec | None:
+    """The request's constraint, compiled once here so a bad schema is a 400 before the engine."""
+    found = guided_spec(body)
+    if found is None:
+        return None
+    param, spec = found
+    try:
+        await run_in_threadpool(validate_guided, spec, state.tokenizer)
+    except GuidedSpecError as exc:
+        raise APIError(400, f"{param}: {exc}", param=param, code="invalid_grammar") from exc
+    return spec
+
+
+def sampling_params(body, max_tokens: int, *, seed_offset: int, logprobs: int | None,
+                    guided: GuidedSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     seed = body.seed
     if seed is not None:
         seed = (seed + seed_offset) % (2**63)
@@ -152,12 +219,17 @@ def sampling_params(body, max_tokens: int, *, seed_offset: int, logprobs: int | 
         ignore_eos=body.ignore_eos,
         min_tokens=min(body.min_tokens, max_tokens),
         logprobs=logprobs,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        skip_special_tokens=body.skip_special_tokens,
+        guided=guided,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
 async def build_requests(
     state: ServiceState, principal: Principal, resolved: ResolvedModel, prompts: list[list[int]], body,
-    max_tokens: int | None, logprobs: int | None, request_id: str = "req",
+    max_tokens: int | None, logprobs: int | None, request_id: str = "req", *,
+    guided: GuidedSpec | None = None, prompt_logprobs: int | None = None,
 ) -> tuple[list[Request], list[Choice]]:
     check_fan_out(state, len(prompts), body.n)  # callers check earlier too; this is the last line of defence
     check_request_tokens(state, prompts, body.n)
@@ -182,7 +254,8 @@ async def build_requests(
                 requests.append(Request(
                     request_id=f"{base_id}-{index}",
                     prompt_ids=prompt_ids,
-                    sampling=sampling_params(body, effective[p_index], seed_offset=j, logprobs=logprobs),
+                    sampling=sampling_params(body, effective[p_index], seed_offset=j, logprobs=logprobs,
+                                             guided=guided, prompt_logprobs=prompt_logprobs),
                     soft_prompt=soft_prompt,
                     tenant=principal.tenant,
                     on_finish=release,
@@ -355,6 +428,8 @@ def apply_delta(choice: Choice, output: RequestOutput) -> None:
     choice.text += output.text
     choice.token_ids.extend(output.token_ids)
     choice.logprobs.extend(output.logprobs)
+    if output.prompt_logprobs is not None:
+        choice.prompt_logprobs = output.prompt_logprobs
     choice.num_output_tokens = output.num_output_tokens or choice.num_output_tokens
     if output.finished:
         choice.finish_reason = finish_reason_str(output.finish_reason)

@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from server.api import schemas as S
 from server.api.errors import APIError, error_body
 from server.api.generation import (
-    Choice, Tracker, apply_delta, build_requests, check_fan_out, collect, finish_reason_str, num_prompts,
+    Choice, Tracker, apply_delta, build_requests, check_fan_out, check_supported, checked_guided_spec, collect,
+    finish_reason_str, num_prompts,
     require_ready, resolve_model, stream_outputs,
 )
 from server.api.state import ServiceState
@@ -29,15 +30,49 @@ def _usage(prompts: list[list[int]], choices: list[Choice], num_virtual: int) ->
                    total_tokens=prompt_tokens + completion_tokens, virtual_tokens=num_virtual * len(prompts))
 
 
-def _completion_logprobs(items: list[TokenLogprob], start_offset: int = 0) -> S.CompletionLogprobs:
+def _completion_logprobs(items: list[TokenLogprob], start_offset: int = 0,
+                         echoed: list[tuple[str, float | None, dict | None]] = ()) -> S.CompletionLogprobs:
+    """OpenAI's completion logprobs; `echoed` (token, logprob, top) rows for the prompt come first."""
     out = S.CompletionLogprobs()
+    rows = list(echoed) + [(i.token, i.logprob, {tok: lp for _, tok, lp in i.top} if i.top else None) for i in items]
     offset = start_offset
-    for item in items:
-        out.tokens.append(item.token)
-        out.token_logprobs.append(item.logprob)
-        out.top_logprobs.append({tok: lp for _, tok, lp in item.top} if item.top else None)
+    for token, logprob, top in rows:
+        out.tokens.append(token)
+        out.token_logprobs.append(logprob)
+        out.top_logprobs.append(top)
         out.text_offset.append(offset)
-        offset += len(item.token)
+        offset += len(token)
+    return out
+
+
+def _echoed_rows(tokenizer, prompt_ids: list[int], entries, top_n: int) -> list[tuple[str, float | None, dict | None]]:
+    """Prompt rows for echo + logprobs: the first token has no logprob (nothing precedes it)."""
+    rows = []
+    for token_id, entry in zip(prompt_ids, entries or [None] * len(prompt_ids)):
+        if entry is None:
+            text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            rows.append((text, None, None))
+        else:
+            rows.append((entry.token, entry.logprob, {tok: lp for _, tok, lp in entry.top[:top_n]} if top_n else None))
+    return rows
+
+
+def _vllm_prompt_logprobs(entries, top_n: int) -> list[dict[str, S.PromptLogprob] | None] | None:
+    """vLLM's prompt_logprobs: per position {token_id: {logprob, rank, decoded_token}}, the token itself + top-N."""
+    if entries is None:
+        return None
+    out: list[dict[str, S.PromptLogprob] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        position = {str(tid): S.PromptLogprob(logprob=lp, rank=rank, decoded_token=tok)
+                    for rank, (tid, tok, lp) in enumerate(entry.top[:top_n], start=1)}
+        if str(entry.token_id) not in position:
+            ranks = [tid for tid, _, _ in entry.top]
+            rank = ranks.index(entry.token_id) + 1 if entry.token_id in ranks else None
+            position[str(entry.token_id)] = S.PromptLogprob(logprob=entry.logprob, rank=rank, decoded_token=entry.token)
+        out.append(position)
     return out
 
 
@@ -112,15 +147,30 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
         state = get_state()
         require_ready(state)
         check_fan_out(state, num_prompts(body.prompt), body.n)  # before any work that grows with the request
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo", code="unsupported_parameter")
-        if body.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
+        check_supported(body)
+        guided = await checked_guided_spec(state, body)
         resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
         prompts = await run_in_threadpool(_tokenize_prompts, state.tokenizer, body.prompt, state.max_model_len * 64)
+        echo_logprobs = body.echo and body.logprobs is not None
+        wanted = [n for n in (body.prompt_logprobs, body.logprobs if echo_logprobs else None) if n is not None]
+        prompt_top = max(wanted) if wanted else None
+        prompt_texts = _prompt_texts(state.tokenizer, body.prompt, prompts) if body.echo else None
         request_id = http_request.state.request_id
         requests, choices = await build_requests(state, principal, resolved, prompts, body, body.max_tokens,
-                                                 body.logprobs, request_id)
+                                                 body.logprobs, request_id, guided=guided, prompt_logprobs=prompt_top)
+
+        def echoed(choice: Choice) -> list:
+            if not echo_logprobs:
+                return []
+            return _echoed_rows(state.tokenizer, prompts[choice.prompt_index], choice.prompt_logprobs, body.logprobs)
+
+        def echo_text(choice: Choice) -> str:
+            return prompt_texts[choice.prompt_index] if prompt_texts is not None else ""
+
+        def vllm_prompt_logprobs(choice: Choice):
+            if body.prompt_logprobs is None:
+                return None
+            return _vllm_prompt_logprobs(choice.prompt_logprobs, body.prompt_logprobs)
         tracker = Tracker(state, request_id=request_id, tenant=principal.tenant, endpoint="completions",
                           model=body.model, resolved=resolved, num_prompt_tokens=sum(len(p) for p in prompts))
         num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
@@ -133,17 +183,27 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
             async def events() -> AsyncIterator[str]:
                 try:
                     offsets = [0] * len(choices)
+                    started: set[int] = set()
                     async for index, output in stream_outputs(state, requests, tracker):
-                        apply_delta(choices[index], output)
+                        choice = choices[index]
+                        apply_delta(choice, output)
+                        first = index not in started
+                        started.add(index)
+                        text = (echo_text(choice) if first else "") + output.text
                         lp = None
-                        if body.logprobs is not None and output.logprobs:
-                            lp = _completion_logprobs(list(output.logprobs), offsets[index]).model_dump()
-                            offsets[index] += sum(len(x.token) for x in output.logprobs)
-                        if not output.text and not output.finished and lp is None:
+                        rows = echoed(choice) if first else []
+                        if body.logprobs is not None and (output.logprobs or rows):
+                            lp = _completion_logprobs(list(output.logprobs), offsets[index], rows).model_dump()
+                            offsets[index] += sum(len(t) for t in lp["tokens"])
+                        if not text and not output.finished and lp is None:
                             continue
+                        payload = {"index": index, "text": text, "logprobs": lp,
+                                   "finish_reason": finish_reason_str(output.finish_reason) if output.finished else None}
+                        if first and body.prompt_logprobs is not None:
+                            payload["prompt_logprobs"] = [None if p is None else {k: v.model_dump() for k, v in p.items()}
+                                                          for p in vllm_prompt_logprobs(choice) or []]
                         yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                                    "choices": [{"index": index, "text": output.text, "logprobs": lp,
-                                                 "finish_reason": finish_reason_str(output.finish_reason) if output.finished else None}]})
+                                    "choices": [payload]})
                     if include_usage:
                         yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
                                     "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
@@ -155,8 +215,9 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
         await collect(state, http_request, requests, choices, tracker)
         return S.CompletionResponse(
             id=response_id, created=created, model=body.model,
-            choices=[S.CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                                        logprobs=_completion_logprobs(c.logprobs) if body.logprobs is not None else None)
+            choices=[S.CompletionChoice(index=c.index, text=echo_text(c) + c.text, finish_reason=c.finish_reason,
+                                        logprobs=_completion_logprobs(c.logprobs, 0, echoed(c)) if body.logprobs is not None else None,
+                                        prompt_logprobs=vllm_prompt_logprobs(c))
                      for c in choices],
             usage=_usage(prompts, choices, num_virtual),
         )
@@ -167,13 +228,16 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
         state = get_state()
         require_ready(state)
         check_fan_out(state, 1, body.n)
+        check_supported(body)
+        guided = await checked_guided_spec(state, body)
         resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
         prompt_ids = await run_in_threadpool(_apply_chat_template, state.tokenizer, body.messages, state.max_model_len * 64)
         prompts = [prompt_ids]
         max_tokens = body.max_completion_tokens or body.max_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         request_id = http_request.state.request_id
-        requests, choices = await build_requests(state, principal, resolved, prompts, body, max_tokens, top_n, request_id)
+        requests, choices = await build_requests(state, principal, resolved, prompts, body, max_tokens, top_n, request_id,
+                                                 guided=guided)
         tracker = Tracker(state, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
                           model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids))
         num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
@@ -219,8 +283,17 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
     return router
 
 
+def _prompt_texts(tokenizer, prompt, prompts: list[list[int]]) -> list[str]:
+    """What echo repeats: the prompt strings as sent, or the decoded token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) for ids in prompts]
+
+
 def _apply_chat_template(tokenizer, messages: list[S.ChatMessage], max_chars: int) -> list[int]:
-    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    plain = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in messages]
     if sum(len(m["content"]) for m in plain) > max_chars:
         raise APIError(400, "messages are too long", param="messages", code="context_length_exceeded")
     if getattr(tokenizer, "chat_template", None) is None:

@@ -35,18 +35,106 @@ def _texts_valid(value):
             if isinstance(item, str):
                 _valid_unicode(item)
     return value
+MAX_GRAMMAR_CHARS = 100_000
 
 
 class _Lenient(BaseModel):
-    # Unknown OpenAI fields (e.g. frequency_penalty=0) are ignored, as vLLM does, so clients keep working.
     model_config = ConfigDict(extra="ignore")
+
+
+# OpenAI / vLLM request fields we do not implement. A request may still send one at its neutral value
+# (what clients send when the feature is off: frequency_penalty=0, tools=[], ...); any other value is
+# a 400 naming the field, and a field nobody defines is a 400 too (as OpenAI answers), never silence.
+NEUTRAL_VALUES: dict[str, tuple] = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "length_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "include_stop_str_in_output": (None, False),
+    "spaces_between_special_tokens": (None, True),
+    "guided_decoding_backend": (None, "guidance", "llguidance"),
+    "guided_whitespace_pattern": (None,),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "truncate_prompt_tokens": (None,),
+    "add_special_tokens": (None,),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "documents": (None,),
+    # Message fields (tool use is not supported).
+    "tool_calls": (None, []),
+    "tool_call_id": (None,),
+    "refusal": (None,),
+}
+
+
+class _Strict(BaseModel):
+    """Keeps unknown fields so `unsupported_field` can name them instead of dropping them."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def unsupported_field(self, prefix: str = "") -> tuple[str, str] | None:
+        """(param, message) for the first field we would otherwise ignore (nested models too), or None."""
+        for name, value in (self.model_extra or {}).items():
+            param = f"{prefix}{name}"
+            if name not in NEUTRAL_VALUES:
+                return param, f"unrecognized request argument: {param}"
+            if not any(type(value) is type(v) and value == v for v in NEUTRAL_VALUES[name]):
+                return param, f"{param} is not supported by this server"
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, item in items:
+                if isinstance(item, _Strict):
+                    found = item.unsupported_field(f"{prefix}{name}." if i is None else f"{prefix}{name}.{i}.")
+                    if found:
+                        return found
+        return None
 
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _SamplingFields(_Lenient):
+class JSONSchemaFormat(_Strict):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's newer `structured_outputs` object; exactly one constraint may be set."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class _SamplingFields(_Strict):
     model: str = Field(..., min_length=1, max_length=200)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -59,6 +147,15 @@ class _SamplingFields(_Lenient):
     user: str | None = Field(None, max_length=256)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    skip_special_tokens: bool = True
+    # Structured output: OpenAI's response_format, or one of vLLM's guided_* / structured_outputs.
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=1000)
+    guided_grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -81,10 +178,10 @@ class _SamplingFields(_Lenient):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: score the prompt only (with echo / prompt_logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -113,7 +210,7 @@ class ChatContentPart(_Lenient):
         return _valid_unicode(value)
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
@@ -161,11 +258,19 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None  # 1 = most likely; None when the token is outside the requested top-N
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM: per prompt token, {token_id: logprob} for the token itself and the top-N; None for the first.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

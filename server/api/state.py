@@ -97,6 +97,7 @@ class ServiceState:
                     max_queue_per_tenant=s.max_queue_per_tenant, request_timeout_s=s.request_timeout,
                 ),
                 kv_prefix_cache_bytes=s.kv_prefix_cache_bytes,
+                kv_cache_bytes=s.kv_cache_bytes,
                 model_id=f"{self.served_model_name}:{param.dtype}",
             )
             self.tokenizer = tokenizer

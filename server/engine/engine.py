@@ -5,11 +5,13 @@ Synchronous and single-threaded; `AsyncEngine` (async_engine.py) runs it in its 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import DetokState, Detokenizer
-from server.engine.kv_cache import PrefixKVCache
+from server.engine.guided import attach_guided_state
+from server.engine.kv_cache import KVPool, PrefixKVCache, default_kv_cache_bytes
 from server.engine.model_runner import ModelRunner, RowLogprobs
 from server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from server.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
@@ -28,6 +30,18 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def kv_cache_tokens(model, config: EngineConfig) -> int:
+    """Token slots of the KV pool: `kv_cache_bytes`, or a default derived from free memory."""
+    text_config = model.config.get_text_config()
+    kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    param = next(model.parameters())
+    per_token = KVPool.bytes_per_token(text_config.num_hidden_layers, kv_heads, head_dim, param.dtype)
+    sched = config.scheduler
+    budget = config.kv_cache_bytes or default_kv_cache_bytes(param.device, per_token, sched.max_batch_size, sched.max_model_len)
+    return budget // per_token
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
@@ -39,14 +53,25 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids or {0})
         self.prefix_cache = PrefixKVCache(config.kv_prefix_cache_bytes)
+        sched_config = config.scheduler
+        kv_tokens = kv_cache_tokens(model, config)
+        if kv_tokens < sched_config.max_model_len:
+            raise ValueError(
+                f"the KV pool holds {kv_tokens} tokens, less than one request of max_model_len "
+                f"{sched_config.max_model_len}: raise kv_cache_bytes or lower max_model_len"
+            )
         self.runner = ModelRunner(
             model,
             model_id=config.model_id,
             pad_token_id=pad_id,
             eos_token_ids=self.eos_token_ids,
             prefix_cache=self.prefix_cache,
+            kv_cache_tokens=kv_tokens,
         )
-        self.scheduler = Scheduler(config.scheduler, self.eos_token_ids)
+        self.scheduler = Scheduler(
+            dataclasses.replace(sched_config, kv_cache_tokens=kv_tokens), self.eos_token_ids, self.runner.lookup_prefix
+        )
+        self.steps_run = 0  # steps that ran a forward (the scheduler also counts empty ones)
         self.detokenizer = Detokenizer(tokenizer)
         self._detok: dict[str, DetokState] = {}
         self.on_out_of_memory = None  # set by the service: trim other device caches after an OOM
@@ -59,10 +84,25 @@ class LLMEngine:
             raise ValueError(f"request needs {needed} tokens, max_model_len is {limit}")
         if not request.prompt_ids:
             raise ValueError("prompt must contain at least one token")
+        if request.soft_prompt is not None:
+            self._check_prompt_shape(request.soft_prompt)
+        attach_guided_state(request, self.tokenizer, self.eos_token_ids)  # ValueError if the grammar is bad
         self.scheduler.add(request)
         self._detok[request.request_id] = self.detokenizer.new_state(
             request.prompt_ids, request.sampling.stop, request.sampling.skip_special_tokens
         )
+
+    def _check_prompt_shape(self, prompt) -> None:
+        """The store validates shapes at upload; this keeps one wrong tensor from failing a whole batch."""
+        runner = self.runner
+        width = prompt.embeddings.shape[-1]
+        if prompt.is_prefix:
+            expected = runner.num_layers * 2 * runner.num_kv_heads * runner.head_dim
+        else:
+            expected = runner.embed.embedding_dim
+        if prompt.embeddings.ndim != 2 or width != expected or prompt.embeddings.shape[0] != prompt.ref.num_virtual_tokens:
+            raise ValueError(f"soft prompt {prompt.ref.name!r} has shape {tuple(prompt.embeddings.shape)}, "
+                             f"expected [{prompt.ref.num_virtual_tokens}, {expected}] for this model")
 
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id) is not None
@@ -84,6 +124,7 @@ class LLMEngine:
         outputs = [self._final_output(r, "") for r in sched.finished]
         if sched.is_empty:
             return outputs
+        self.steps_run += 1
         try:
             result = self.runner.run(sched)
         except Exception as exc:  # one bad step must not kill the loop: fail its rows, keep serving
@@ -93,7 +134,7 @@ class LLMEngine:
                 self.runner.trim_memory()
                 if self.on_out_of_memory is not None:
                     self.on_out_of_memory()
-            failed = list(sched.scheduled)
+            failed = [row.request for row in sched.rows]  # mid-prefill rows too: their KV is incomplete
             self.scheduler.fail(failed, f"engine error: {type(exc).__name__}")
             return outputs + [self._final_output(r, "") for r in failed]
         return outputs + self.postprocess(sched, result)
@@ -111,6 +152,9 @@ class LLMEngine:
         return outputs
 
     def _request_delta(self, request: Request, result: RunnerOutput, row: int) -> RequestOutput:
+        prompt_logprobs = self._prompt_logprobs(request)
+        if not request.output_ids:  # max_tokens == 0: scored, nothing generated
+            return self._final_output(request, "", prompt_logprobs=prompt_logprobs)
         state = self._detok[request.request_id]
         token_id = request.output_ids[-1]
         text, hit_stop = self.detokenizer.step(state, token_id, is_last=request.is_finished)
@@ -122,12 +166,13 @@ class LLMEngine:
             logprobs = (self._token_logprob(token_id, row_logprobs),)
         if request.is_finished:
             text += self.detokenizer.finish(state)
-            return self._final_output(request, text, (token_id,), logprobs)
+            return self._final_output(request, text, (token_id,), logprobs, prompt_logprobs)
         return RequestOutput(
             request_id=request.request_id,
             text=text,
             token_ids=(token_id,),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             num_prompt_tokens=request.num_prompt_tokens,
             num_virtual_tokens=request.num_virtual_tokens,
             num_output_tokens=request.num_output_tokens,
@@ -142,8 +187,18 @@ class LLMEngine:
             top=tuple((tid, decode(tid), lp) for tid, lp in row.top),
         )
 
-    def _final_output(self, request: Request, text: str, token_ids=(), logprobs=()) -> RequestOutput:
+    def _prompt_logprobs(self, request: Request) -> tuple[TokenLogprob | None, ...] | None:
+        """The prefill's prompt logprobs with token text, once (for the request's first delta)."""
+        entries, request.prompt_logprobs = request.prompt_logprobs, None
+        if entries is None:
+            return None
+        decode = self.detokenizer.token_text
+        return tuple(None if e is None else TokenLogprob(e[0], decode(e[0]), e[1], tuple((t, decode(t), lp) for t, lp in e[2]))
+                     for e in entries)
+
+    def _final_output(self, request: Request, text: str, token_ids=(), logprobs=(), prompt_logprobs=None) -> RequestOutput:
         self._detok.pop(request.request_id, None)
+        self.runner.release(request.request_id)
         if request.on_finish is not None:
             callback, request.on_finish = request.on_finish, None
             try:
@@ -155,6 +210,7 @@ class LLMEngine:
             text=text,
             token_ids=tuple(token_ids),
             logprobs=tuple(logprobs),
+            prompt_logprobs=prompt_logprobs,
             finished=True,
             finish_reason=request.finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,

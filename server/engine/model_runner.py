@@ -1,23 +1,31 @@
-"""Flattens scheduled requests into tensors, runs the frozen model, samples. Nothing else.
+"""Flattens the step's rows into one packed batch, runs the frozen model ONCE, samples. Nothing else.
 
-The runner owns the running batch's device state (KV cache, attention mask, positions, last tokens);
-the scheduler owns the decisions. Row order always equals `SchedulerOutput.scheduled` (decode rows,
-then new prefill rows), so outputs line up with requests without any lookup.
+The scheduler decides which positions of which requests run; the runner turns that into tensors:
+
+    token axis:  | row 0: 1 decode token | row 1: chunk of P_1 + prompt | row 2: 1 decode token | ...
+    input        | embed(token ids), with the virtual positions overwritten by rows of P_i            |
+    positions    | each row counts from 0 in its own sequence [P_i | prompt | generated]             |
+    KV           | written to / read from the row's own extent of the pool (packed_attention.py)     |
+
+Logits are computed only at each sampling row's last token. The runner also owns the prompt-KV
+prefix cache: a hit is copied into the row's extent at admission, and a prompt computed inline is
+filed in the cache right after the forward that computed it.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 
 import torch
 
-from server.engine.cpu_attention import avoid_native_gqa_on_cpu
-from server.engine.kv_cache import BatchCache, GrowableLayer, PrefixKV, PrefixKVCache, left_pad
+from server.engine.guided import advance_guided
+from server.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache
+from server.engine.packed_attention import BATCH_KWARG, NO_MASK, PackedBatch, PackedRow, causal_mask, install
 from server.engine.request import Request, SamplingParams
-from server.engine.sampler import SampleResult, make_generator, sample
-from server.engine.scheduler import RunnerOutput, SchedulerOutput
+from server.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
+from server.engine.scheduler import RunnerOutput, ScheduledRow, SchedulerOutput
+from server.engine.scoring import PromptLogitsSpan, record_prompt_logprobs, scored_positions, start_prompt_logprobs
 
 log = logging.getLogger("softserve.runner")
 
@@ -28,193 +36,181 @@ class RowLogprobs:
     top: tuple[tuple[int, float], ...]  # (token_id, logprob), best first
 
 
+@dataclass
+class FlatBatch:
+    """One step's inputs on the host, before they become tensors."""
+
+    token_ids: list[int]  # [total_tokens]; 0 at virtual positions (overwritten by P rows)
+    positions: list[int]  # [total_tokens]
+    write_slots: list[int]  # [total_tokens]
+    virtual_index: list[int]  # packed indices that take soft-prompt rows
+    virtual_rows: list[torch.Tensor]  # slices of P, in virtual_index order: each [m, hidden]
+    rows: list[PackedRow]
+    logits_index: list[int]  # the last token of every sampling row
+    prompt_logits_index: list[int]  # prompt positions scored for rows that asked (after logits_index)
+    prompt_spans: list[PromptLogitsSpan]
+
+
+def _real_tokens(request: Request, begin: int, end: int) -> list[int]:
+    """Token ids at real positions begin..end-1 of prompt + generated (without building the concatenation)."""
+    prompt, n = request.prompt_ids, len(request.prompt_ids)
+    if begin >= n:
+        return request.output_ids[begin - n : end - n]
+    if end <= n:
+        return prompt[begin:end]
+    return prompt[begin:] + request.output_ids[: end - n]
+
+
 class ModelRunner:
     def __init__(
-        self, model, *, model_id: str, pad_token_id: int, eos_token_ids: set[int], prefix_cache: PrefixKVCache
+        self,
+        model,
+        *,
+        model_id: str,
+        pad_token_id: int,
+        eos_token_ids: set[int],
+        prefix_cache: PrefixKVCache,
+        kv_cache_tokens: int,
     ) -> None:
         self.model = model
-        avoid_native_gqa_on_cpu()
+        text_config = model.config.get_text_config()
+        if getattr(text_config, "attn_logit_softcapping", None):
+            raise ValueError("models with attention logit softcapping (e.g. Gemma 2) are not supported by the packed engine")
+        install(model)
         self._eos_ids = tuple(sorted(eos_token_ids))
-        # transformers 5.x renamed `past_key_values` to `cache`; accept both so any HF model works.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.model_id = model_id
         self.pad_token_id = pad_token_id
         self.prefix_cache = prefix_cache
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        text_config = model.config.get_text_config()
+        self.embed = model.get_input_embeddings()
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
         self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        self._reset_batch()
-
-    # ---- batch state -------------------------------------------------------------------------
-    def _reset_batch(self) -> None:
-        self.row_ids: list[str] = []
-        self.cache: BatchCache | None = None
-        self.mask: torch.Tensor | None = None  # [batch, seq] int64, 0 on padding
-        self.next_pos: torch.Tensor | None = None  # [batch] int64: position of the next token
-        self.last_tokens: torch.Tensor | None = None  # [batch] int64: token to feed at the next decode
+        self.pool = KVPool(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                           capacity=kv_cache_tokens, dtype=self.dtype, device=self.device)
+        self._no_mask = NO_MASK.to(self.device)
         self.generators: dict[str, torch.Generator] = {}
-        self.params: dict[str, SamplingParams] = {}
+        self.forward_passes = 0  # model calls; equals the engine's non-empty steps (one forward per step)
+
+    def release(self, request_id: str) -> None:
+        """The request left the engine: forget its per-request state (its KV extent is the scheduler's)."""
+        self.generators.pop(request_id, None)
 
     def reset(self) -> None:
-        """Drop every row (after a failed step) — the scheduler fails those requests."""
-        self._reset_batch()
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.row_ids)
-
-    @property
-    def seq_len(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
-    def _keep_rows(self, keep_ids: list[str]) -> None:
-        """Keep exactly `keep_ids`, in that order; then trim columns that are padding in every row."""
-        if keep_ids == self.row_ids:
-            return
-        for rid in set(self.row_ids) - set(keep_ids):
-            self.generators.pop(rid, None)
-            self.params.pop(rid, None)
-        if not keep_ids:
-            self._reset_batch()
-            return
-        where = {rid: i for i, rid in enumerate(self.row_ids)}
-        index = torch.tensor([where[rid] for rid in keep_ids], device=self.device)
-        mask = self.mask.index_select(0, index)
-        # One host sync, only when rows leave: find the first column any remaining row uses.
-        first_used = int(mask.any(dim=0).to(torch.int8).argmax().item())
-        mask = mask[:, first_used:]
-        self.cache.select_rows(index, first_used)
-        self.mask = mask
-        self.next_pos = self.next_pos.index_select(0, index)
-        self.last_tokens = self.last_tokens.index_select(0, index)
-        self.row_ids = list(keep_ids)
+        """After a failed step nothing in the runner needs undoing: rows own no device state but pool slots."""
 
     # ---- soft-prompt KV prefixes -------------------------------------------------------------
-    def _prefix_kv(self, request: Request) -> PrefixKV:
-        key = (self.model_id, str(self.dtype), request.prompt_sha256)
-        entry = self.prefix_cache.get(key)
-        if entry is not None:
-            return entry
-        embeddings = request.soft_prompt.embeddings.to(self.device, self.dtype)  # [k, hidden]
-        k = embeddings.shape[0]
-        cache = BatchCache.empty(self.num_layers)
-        self.model(
-            inputs_embeds=embeddings.unsqueeze(0),  # [1, k, hidden]
-            attention_mask=torch.ones(1, k, dtype=torch.long, device=self.device),
-            position_ids=torch.arange(k, device=self.device).unsqueeze(0),
-            **{self._cache_kwarg: cache},
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        layers = [(kk.clone(), vv.clone()) for kk, vv in cache.kv()]  # compact copies: [1, H, k, D]
-        nbytes = sum(kk.numel() * kk.element_size() * 2 for kk, _ in layers)
-        entry = PrefixKV(layers=layers, num_tokens=k, nbytes=nbytes)
-        self.prefix_cache.put(key, entry)
-        return entry
+    def _prefix_key(self, request: Request) -> tuple[str, str, str]:
+        return (self.model_id, str(self.dtype), request.prompt_sha256)
 
-    # ---- forward passes ----------------------------------------------------------------------
-    def _decode(self) -> torch.Tensor:
-        mask = torch.cat([self.mask, self.mask.new_ones(self.batch_size, 1)], dim=1)  # [batch, seq + 1]
+    def lookup_prefix(self, request: Request) -> PrefixKV | None:
+        """Called by the scheduler at admission: the handle keeps the KV alive even if evicted later."""
+        if request.soft_prompt.is_prefix:  # prefix tuning: the tensor IS the KV, nothing to compute
+            return self._prefix_tuning_kv(request)
+        return self.prefix_cache.get(self._prefix_key(request))
+
+    def _prefix_tuning_kv(self, request: Request) -> PrefixKV:
+        """PEFT's [k, layers * 2 * kv_heads * head_dim] -> the pool layout [layers, 2, kv_heads, k, head_dim].
+
+        PEFT reads it as view(k, 2 * layers, kv_heads, head_dim).permute(1, 2, 0, 3), K = [2l], V = [2l + 1];
+        the keys are used as stored (no rotary is applied to them), and real tokens count from position k.
+        """
+        tensor = request.soft_prompt.embeddings
+        k = tensor.shape[0]
+        kv = tensor.to(self.device, self.dtype).view(k, self.num_layers, 2, self.num_kv_heads, self.head_dim)
+        return PrefixKV(kv.permute(1, 2, 3, 0, 4))  # [layers, 2, kv_heads, k, head_dim] (a view; copied at admission)
+
+    def _copy_prefix_in(self, request: Request) -> None:
+        prefix: PrefixKV = request.cached_prefix
+        k, start = prefix.num_tokens, request.kv_offset
+        self.pool.storage[:, :, :, start : start + k] = prefix.kv  # [layers, 2, kv_heads, k, head_dim]
+
+    def _file_prefix(self, request: Request) -> None:
+        k, start = request.num_virtual_tokens, request.kv_offset
+        kv = self.pool.storage[:, :, :, start : start + k].clone()  # compact: [layers, 2, kv_heads, k, head_dim]
+        self.prefix_cache.put(self._prefix_key(request), PrefixKV(kv))
+
+    # ---- flatten ------------------------------------------------------------------------------
+    def _flatten(self, rows: list[ScheduledRow]) -> FlatBatch:
+        flat = FlatBatch([], [], [], [], [], [], [], [], [])
+        q = 0
+        for row in rows:
+            request = row.request
+            k, offset = request.num_virtual_tokens, request.kv_offset
+            begin, end = row.start, row.start + row.num_tokens
+            if begin < k:  # virtual tokens of a prompt whose KV is not cached: computed inline
+                v_end = min(end, k)
+                flat.virtual_index.extend(range(q, q + v_end - begin))
+                flat.virtual_rows.append(request.soft_prompt.embeddings[begin:v_end])
+                flat.token_ids.extend([0] * (v_end - begin))
+            if end > k:
+                flat.token_ids.extend(_real_tokens(request, max(begin, k) - k, end - k))
+            flat.positions.extend(range(begin, end))
+            flat.write_slots.extend(range(offset + begin, offset + end))
+            flat.rows.append(PackedRow(q, end - begin, offset, end, causal_mask(end - begin, end, self.device)))
+            if row.samples:
+                flat.logits_index.append(q + end - begin - 1)
+            scored = scored_positions(request, begin, end)
+            if scored:
+                flat.prompt_logits_index.extend(range(q + scored.start - begin, q + scored.stop - begin))
+                flat.prompt_spans.append(PromptLogitsSpan(request, scored.start + 1 - k, len(scored)))
+            q += end - begin
+        return flat
+
+    def _forward(self, flat: FlatBatch) -> torch.Tensor:
+        def to_device(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+        input_ids, positions, slots, logits_index = map(
+            to_device, (flat.token_ids, flat.positions, flat.write_slots, flat.logits_index + flat.prompt_logits_index)
+        )
+        embeds = self.embed(input_ids)  # [total_tokens, hidden]
+        if flat.virtual_index:
+            virtual = torch.cat(flat.virtual_rows).to(self.device, embeds.dtype)  # [num_virtual, hidden]
+            embeds.index_copy_(0, to_device(flat.virtual_index), virtual)
+        batch = PackedBatch(pool=self.pool, write_slots=slots, rows=tuple(flat.rows))
         out = self.model(
-            input_ids=self.last_tokens.unsqueeze(1),  # [batch, 1]
-            attention_mask=mask,
-            position_ids=self.next_pos.unsqueeze(1),  # [batch, 1]
-            **{self._cache_kwarg: self.cache},
-            use_cache=True,
+            inputs_embeds=embeds.unsqueeze(0),  # [1, total_tokens, hidden]
+            position_ids=positions.unsqueeze(0),  # [1, total_tokens]
+            attention_mask=self._no_mask,
+            use_cache=False,
+            logits_to_keep=logits_index,
+            **{BATCH_KWARG: batch},
         )
-        self.mask = mask
-        self.next_pos = self.next_pos + 1
-        return out.logits[:, -1, :]  # [batch, vocab]
-
-    def _prefill(self, requests: list[Request]) -> torch.Tensor:
-        """Prefill new rows against their cached prompt KV and merge them into the running batch."""
-        prefixes = [self._prefix_kv(r) if r.soft_prompt is not None else None for r in requests]
-        ks = [p.num_tokens if p else 0 for p in prefixes]
-        ns = [len(r.prompt_ids) for r in requests]
-        rows, max_k, max_n = len(requests), max(ks), max(ns)
-
-        input_ids = torch.full((rows, max_n), self.pad_token_id, dtype=torch.long)  # [rows, max_n]
-        mask = torch.zeros(rows, max_k + max_n, dtype=torch.long)  # [rows, max_k + max_n]
-        positions = torch.zeros(rows, max_n, dtype=torch.long)  # [rows, max_n]
-        for i, (request, k, n) in enumerate(zip(requests, ks, ns)):
-            input_ids[i, max_n - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
-            mask[i, max_k - k : max_k] = 1
-            mask[i, max_k + max_n - n :] = 1
-            positions[i, max_n - n :] = torch.arange(k, k + n)
-        input_ids, mask, positions = (t.to(self.device, non_blocking=True) for t in (input_ids, mask, positions))
-
-        past = BatchCache.empty(self.num_layers)
-        if max_k > 0:
-            layers = []
-            for layer in range(self.num_layers):
-                # Prefix KV written straight into buffers with room for the prompt tokens: one copy.
-                shape = (rows, self.num_kv_heads, max_k + max_n + 64, self.head_dim)
-                buf_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                buf_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                for i, prefix in enumerate(prefixes):
-                    if prefix is not None:
-                        k_l, v_l = prefix.layers[layer]  # [1, H, k_i, D]
-                        buf_k[i, :, max_k - prefix.num_tokens : max_k] = k_l[0]
-                        buf_v[i, :, max_k - prefix.num_tokens : max_k] = v_l[0]
-                layers.append(GrowableLayer.adopt(buf_k, buf_v, 0, max_k))
-            past = BatchCache(layers)
-
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            **{self._cache_kwarg: past},
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        next_pos = torch.tensor([k + n for k, n in zip(ks, ns)], device=self.device)
-        self._merge(requests, past, mask, next_pos)
-        return out.logits[:, -1, :]  # [rows, vocab]
-
-    def _merge(self, requests: list[Request], new_cache: BatchCache, new_mask: torch.Tensor, new_pos: torch.Tensor):
-        new_ids = [r.request_id for r in requests]
-        for r in requests:
-            self.generators[r.request_id] = make_generator(r.sampling.seed, self.device)
-            self.params[r.request_id] = r.sampling
-        placeholder = torch.full((len(requests),), self.pad_token_id, dtype=torch.long, device=self.device)
-        if not self.row_ids:
-            self.cache, self.mask, self.next_pos = new_cache, new_mask, new_pos
-            self.last_tokens = placeholder
-            self.row_ids = new_ids
-            return
-        width = max(self.seq_len, new_mask.shape[1])
-        self.cache.append_rows(new_cache)
-        self.mask = torch.cat([left_pad(self.mask, width, 1), left_pad(new_mask, width, 1)])
-        self.next_pos = torch.cat([self.next_pos, new_pos])
-        self.last_tokens = torch.cat([self.last_tokens, placeholder])
-        self.row_ids = self.row_ids + new_ids
+        self.forward_passes += 1
+        logits = out.logits[0]  # [sampling rows + scored prompt positions, vocab]
+        if flat.prompt_spans:
+            record_prompt_logprobs(flat.prompt_spans, logits[len(flat.logits_index) :])
+        return logits[: len(flat.logits_index)]  # [sampling rows, vocab]
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> RunnerOutput:
-        self._keep_rows([r.request_id for r in sched.decode])
-        logits = []
-        if sched.decode:
-            logits.append(self._decode())
-        if sched.prefill:
-            logits.append(self._prefill(sched.prefill))
-        all_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # [batch, vocab]
+        for request in sched.prefill:
+            self.generators[request.request_id] = make_generator(request.sampling.seed, self.device)
+            start_prompt_logprobs(request)
+            if request.cached_prefix is not None:
+                self._copy_prefix_in(request)
+        all_logits = self._forward(self._flatten(sched.rows))
+        for row in sched.rows:
+            if row.computes_prefix and row.start + row.num_tokens >= row.request.num_virtual_tokens:
+                self._file_prefix(row.request)
+        if not sched.scheduled:
+            return RunnerOutput(sampled_token_ids=[])
 
         scheduled = sched.scheduled
         banned = [_banned_ids(r, self._eos_ids) for r in scheduled]
         params = [r.sampling for r in scheduled]
         generators = [self.generators[r.request_id] for r in scheduled]
         failed_rows: dict[int, str] = {}
+        apply_guided_masks(all_logits, scheduled)
         try:
             result = sample(all_logits, params, generators, banned)
         except Exception:
             result, failed_rows = self._sample_rows_separately(all_logits, params, generators, banned)
-        self.last_tokens = result.token_ids
         token_ids = result.token_ids.tolist()  # the one device->host copy per step
+        advance_guided(scheduled, token_ids)
         row_logprobs: list[RowLogprobs | None] | None = None
         if result.chosen_logprobs is not None:
             chosen = result.chosen_logprobs.tolist()

@@ -26,6 +26,14 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class GuidedSpec:
+    """A structured-output constraint the generated text must match (enforced in server/engine/guided.py)."""
+
+    kind: str  # "json_schema" | "json_object" | "regex" | "choice" | "grammar" (Lark)
+    value: str = ""  # the JSON schema as JSON text, the regex, the Lark grammar, or the choices as a JSON list
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 means greedy
@@ -38,6 +46,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # top-N alternatives per generated token; None = off
     skip_special_tokens: bool = True
+    guided: GuidedSpec | None = None
+    # Top-N alternatives per prompt position (vLLM's prompt_logprobs); the first real token has none.
+    prompt_logprobs: int | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -60,8 +71,21 @@ class SoftPromptRef:
 
 @dataclass(frozen=True)
 class SoftPrompt:
+    """The tensor behind a request's prompt. Two kinds, served in the same batch:
+
+    - prompt tuning / P-tuning: `embeddings` [num_virtual_tokens, hidden], prepended to the input
+      embeddings; its KV is computed by the model (once per content hash, then cached).
+    - prefix tuning (P-tuning v2): `embeddings` is PEFT's `[num_virtual_tokens, layers * 2 * kv_heads *
+      head_dim]`: the keys and values of every layer, used as the row's KV at positions 0..k-1 as is.
+    """
+
     ref: SoftPromptRef
-    embeddings: Any  # torch.Tensor [num_virtual_tokens, hidden] on the model's device and dtype
+    embeddings: Any  # torch.Tensor on the model's device and dtype; shape as above
+    kind: str = "prompt_tuning"  # or "prefix_tuning"
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.kind == "prefix_tuning"
 
 
 @dataclass(frozen=True)
@@ -82,6 +106,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     # Called exactly once when the request leaves the engine (release prompt-cache pins, metrics).
     on_finish: Callable[["Request"], None] | None = None
+    guided_state: Any = None  # grammar matcher for sampling.guided (server/engine/guided.py)
+    # Set by the prefill when sampling.prompt_logprobs is set: per prompt position, None or
+    # (token_id, logprob, ((top_id, top_logprob), ...)).
+    prompt_logprobs: list | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -90,6 +118,11 @@ class Request:
     # Step counters, used by tests to prove scheduling properties without wall-clock timing.
     first_scheduled_step: int | None = None
     finished_step: int | None = None
+    # KV bookkeeping (engine v2). The request's sequence is [virtual tokens | prompt | generated];
+    # positions 0..num_computed_tokens-1 have their KV in the pool extent starting at kv_offset.
+    num_computed_tokens: int = 0
+    kv_offset: int | None = None
+    cached_prefix: Any = None  # the prompt's cached KV (opaque to the scheduler), copied in at admission
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -113,6 +146,16 @@ class Request:
         return self.num_virtual_tokens + len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def num_uncomputed_tokens(self) -> int:
+        """Known positions whose KV is not in the pool yet (1 for a decoding row: its last sampled token)."""
+        return self.total_len - self.num_computed_tokens
+
+    @property
+    def kv_reservation(self) -> int:
+        """Pool slots this request can ever need: every position but the last sampled token's."""
+        return self.num_virtual_tokens + len(self.prompt_ids) + max(self.sampling.max_tokens - 1, 0)
+
+    @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
@@ -133,6 +176,7 @@ class RequestOutput:
     text: str  # new text since the previous delta (stop strings already cut)
     token_ids: tuple[int, ...]  # new token ids since the previous delta
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # in the first delta only
     finished: bool = False
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0

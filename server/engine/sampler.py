@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.request import SamplingParams
+from server.engine.guided import fill_bitmask
+from server.engine.request import Request, SamplingParams
 
 
 @dataclass
@@ -68,6 +69,28 @@ def sample(
         if want_logprobs > 0:
             top_lp, top_ids = raw_logprobs.topk(min(want_logprobs, vocab), dim=-1)
     return SampleResult(token_ids, chosen, top_lp, top_ids)
+
+
+def apply_guided_masks(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Mask, in place, every token a constrained row's grammar forbids. logits: [rows, vocab].
+
+    One host->device copy of a packed bitmask for all constrained rows; no device->host sync.
+    Unconstrained rows are not touched.
+    """
+    rows = [i for i, r in enumerate(requests) if r.guided_state is not None]
+    if not rows:
+        return
+    device, vocab = logits.device, logits.shape[1]
+    bitmask = fill_bitmask([requests[i].guided_state for i in rows]).to(device, non_blocking=True)  # [r, words]
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # [r, words * 32]
+    if allowed.shape[1] >= vocab:
+        allowed = allowed[:, :vocab]
+    else:  # the model has padding columns past the tokenizer's vocabulary: never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    index = torch.tensor(rows, device=device)
+    masked = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))
+    logits.index_copy_(0, index, masked)
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -1,7 +1,16 @@
-"""Plain-Python scheduler: who prefills, who decodes, who is done. No torch here.
+"""Plain-Python scheduler: which tokens of which requests go into this step's one forward. No torch.
 
-Iteration-level (continuous) batching: every step each running request gets exactly one new token,
-waiting requests are admitted as soon as a row is free, and a finished request leaves at once.
+Token-level continuous batching (engine v2). Every step builds ONE packed batch:
+- one token for every decoding row (its last sampled token);
+- a chunk of the prompt of every row still prefilling, and of newly admitted rows, under a per-step
+  token budget (`max_prefill_tokens`): a long prompt is split over several steps (chunked prefill);
+- the virtual tokens of a soft prompt whose KV is not cached yet are computed as part of the row's
+  first chunk (positions 0..k-1), and the runner files their KV in the prefix cache from that same
+  forward. A request whose prompt is being computed by another row waits one step and then hits.
+A row samples a token only in the step whose chunk reaches the end of its known tokens.
+
+KV: each running request owns one contiguous extent of the KV pool (see kv_allocator.py) from
+admission to finish. Admission stops when no extent fits, so a full pool means waiting, never OOM.
 
 Fairness between tenants follows S-LoRA's virtual token counter (VTC): each tenant has a counter of
 the service it received (prompt tokens x input cost + generated tokens x output cost); a free row
@@ -14,8 +23,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from server.engine.config import SchedulerConfig
+from server.engine.kv_allocator import KVAllocator
 from server.engine.request import FinishReason, Request, RequestStatus
 
 
@@ -23,21 +34,37 @@ class QueueFullError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class ScheduledRow:
+    """One request's slice of the packed batch: positions start .. start+num_tokens-1 of its sequence."""
+
+    request: Request
+    start: int  # first position computed this step (== request.num_computed_tokens at schedule time)
+    num_tokens: int
+    samples: bool  # the chunk reaches the end of the known tokens: sample the next token
+    computes_prefix: bool  # the chunk covers the soft prompt's virtual tokens (cache miss)
+
+
 @dataclass
 class SchedulerOutput:
     step: int
-    prefill: list[Request] = field(default_factory=list)  # new rows: prefill, then first token
-    decode: list[Request] = field(default_factory=list)  # rows already in the batch: one token each
+    rows: list[ScheduledRow] = field(default_factory=list)  # packed order: decode, continued prefill, new
+    prefill: list[Request] = field(default_factory=list)  # admitted this step
+    decode: list[Request] = field(default_factory=list)  # already running, one token each
     finished: list[Request] = field(default_factory=list)  # left since the last step (aborted, timed out)
 
     @property
     def is_empty(self) -> bool:
-        return not self.prefill and not self.decode
+        return not self.rows
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(row.num_tokens for row in self.rows)
 
     @property
     def scheduled(self) -> list[Request]:
-        """Runner output order: decode rows first, then prefill rows."""
-        return self.decode + self.prefill
+        """Rows that get a token this step, in packed order: the runner's outputs line up with these."""
+        return [row.request for row in self.rows if row.samples]
 
 
 @dataclass(frozen=True)
@@ -50,12 +77,21 @@ class RunnerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, eos_token_ids: set[int]) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        eos_token_ids: set[int],
+        prefix_lookup: Callable[[Request], Any] | None = None,
+    ) -> None:
         self.config = config
         self.eos_token_ids = set(eos_token_ids)
+        # Returns the prompt's cached KV (any non-None handle) or None; given by the engine.
+        self.prefix_lookup = prefix_lookup or (lambda request: None)
         self.waiting: dict[str, deque[Request]] = {}  # tenant -> FIFO of its waiting requests
         self.running: list[Request] = []
         self.tenant_counters: dict[str, float] = {}  # VTC: service received per tenant
+        self.kv = KVAllocator(config.kv_cache_tokens) if config.kv_cache_tokens else None
+        self._prefix_in_progress: dict[str, str] = {}  # prompt sha256 -> request computing its KV
         self._left: list[Request] = []  # finished outside a step (abort, timeout), reported next step
         self.step_count = 0
 
@@ -71,7 +107,12 @@ class Scheduler:
     def num_waiting_for(self, tenant: str) -> int:
         return len(self.waiting.get(tenant, ()))
 
+    def reservation(self, request: Request) -> int:
+        return max(1, min(request.kv_reservation, self.config.max_model_len))
+
     def add(self, request: Request) -> None:
+        if self.kv is not None and self.reservation(request) > self.kv.capacity:
+            raise ValueError(f"request needs {self.reservation(request)} KV slots, the pool holds {self.kv.capacity}")
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"queue is full ({self.config.max_queue} waiting requests)")
         per_tenant = self.config.max_queue_per_tenant
@@ -99,9 +140,20 @@ class Scheduler:
                 if request.request_id == request_id:
                     request.finish(reason, self.step_count, error=error)
                     queue.remove(request)
+                    self._release(request)
                     self._left.append(request)
                     return request
         return None
+
+    def _release(self, request: Request) -> None:
+        """Give back the request's KV extent and any claim on computing its prompt's KV."""
+        if self.kv is not None:
+            self.kv.free(request.request_id)
+        request.kv_offset = None
+        request.cached_prefix = None
+        sha = request.prompt_sha256
+        if sha is not None and self._prefix_in_progress.get(sha) == request.request_id:
+            del self._prefix_in_progress[sha]
 
     def fail(self, requests: list[Request], error: str) -> None:
         for request in requests:
@@ -125,25 +177,63 @@ class Scheduler:
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         self.expire(now)
         self.step_count += 1
-        out = SchedulerOutput(step=self.step_count, decode=list(self.running), finished=self._left)
+        out = SchedulerOutput(step=self.step_count, finished=self._left)
         self._left = []
         budget = self.config.max_prefill_tokens
-        while len(self.running) + len(out.prefill) < self.config.max_batch_size:
+        prefilling = []
+        for request in self.running:
+            if request.num_uncomputed_tokens == 1 and request.num_computed_tokens >= self._prompt_end(request):
+                out.decode.append(request)
+                out.rows.append(ScheduledRow(request, request.num_computed_tokens, 1, True, False))
+            else:
+                prefilling.append(request)
+        for request in prefilling:  # rows admitted earlier whose prompt is not done: next chunk first
+            if budget <= 0:
+                break
+            budget -= self._schedule_chunk(out, request, budget)
+        while budget > 0 and len(self.running) < self.config.max_batch_size:
             tenant = self._next_tenant()
             if tenant is None:
                 break
             request = self.waiting[tenant][0]
-            cost = len(request.prompt_ids)
-            if out.prefill and cost > budget:
-                break  # the rest waits one step; the first is always admitted so nothing starves
+            sha = request.prompt_sha256
+            if sha is not None and sha in self._prefix_in_progress:
+                break  # another row is computing this prompt's KV: wait one step and hit the cache
+            if self.kv is not None:
+                offset = self.kv.allocate(request.request_id, self.reservation(request))
+                if offset is None:
+                    break  # the pool is full: wait for a row to finish (never over-commit memory)
+                request.kv_offset = offset
             self.waiting[tenant].popleft()
-            budget -= cost
-            self.tenant_counters[tenant] = self.tenant_counters.get(tenant, 0.0) + cost * self.config.input_token_cost
             request.status = RequestStatus.RUNNING
             request.first_scheduled_step = self.step_count
+            request.num_computed_tokens = 0
+            if request.soft_prompt is not None:
+                request.cached_prefix = self.prefix_lookup(request)
+                if request.cached_prefix is not None:
+                    request.num_computed_tokens = request.num_virtual_tokens
+                else:
+                    self._prefix_in_progress[sha] = request.request_id
+            self.running.append(request)
             out.prefill.append(request)
-        self.running.extend(out.prefill)
+            budget -= self._schedule_chunk(out, request, budget)
         return out
+
+    @staticmethod
+    def _prompt_end(request: Request) -> int:
+        return request.num_virtual_tokens + len(request.prompt_ids)
+
+    def _schedule_chunk(self, out: SchedulerOutput, request: Request, budget: int) -> int:
+        start = request.num_computed_tokens
+        num_tokens = min(request.num_uncomputed_tokens, budget)
+        samples = start + num_tokens == request.total_len
+        computes_prefix = request.cached_prefix is None and start < request.num_virtual_tokens
+        out.rows.append(ScheduledRow(request, start, num_tokens, samples, computes_prefix))
+        prompt_tokens = max(0, min(start + num_tokens, self._prompt_end(request)) - max(start, request.num_virtual_tokens))
+        self.tenant_counters[request.tenant] = (
+            self.tenant_counters.get(request.tenant, 0.0) + prompt_tokens * self.config.input_token_cost
+        )
+        return num_tokens
 
     def _next_tenant(self) -> str | None:
         candidates = [t for t, q in self.waiting.items() if q]
@@ -154,20 +244,33 @@ class Scheduler:
 
     # ---- update -------------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[tuple[int, Request]]:
-        """Append each row's token; finish on EOS/stop token/max_tokens/max_model_len.
+        """Advance every row's computed tokens; append sampled tokens; finish on EOS/stop/length.
 
-        Returns (row index, request) for the requests that got a token this step. Stop *strings* need text and are checked by
-        the engine's detokenizer, which then calls `finish_by_stop_string`.
+        Returns (index into `sched.scheduled`, request) for the requests that got a token this step.
+        Stop *strings* need text and are checked by the engine's detokenizer, which then calls
+        `finish_by_stop_string`.
         """
         scheduled = sched.scheduled
         assert len(result.sampled_token_ids) == len(scheduled), "runner output does not match the schedule"
+        for row in sched.rows:
+            request = row.request
+            if not request.is_finished:
+                request.num_computed_tokens = row.start + row.num_tokens
+                sha = request.prompt_sha256
+                if row.computes_prefix and request.num_computed_tokens >= request.num_virtual_tokens:
+                    if self._prefix_in_progress.get(sha) == request.request_id:
+                        del self._prefix_in_progress[sha]  # its KV is in the prefix cache now
         stepped = []
-        for row, (request, token_id) in enumerate(zip(scheduled, result.sampled_token_ids)):
+        for index, (request, token_id) in enumerate(zip(scheduled, result.sampled_token_ids)):
             if request.is_finished:  # aborted while the step ran
                 continue
-            if row in result.failed_rows:
-                request.finish(FinishReason.ERROR, self.step_count, error=result.failed_rows[row])
+            if index in result.failed_rows:
+                request.finish(FinishReason.ERROR, self.step_count, error=result.failed_rows[index])
                 self._left.append(request)
+                continue
+            if request.sampling.max_tokens == 0:  # score only: the prefill was for its prompt logprobs
+                request.finish(FinishReason.LENGTH, self.step_count)
+                stepped.append((index, request))
                 continue
             request.output_ids.append(token_id)
             self.tenant_counters[request.tenant] = self.tenant_counters.get(request.tenant, 0.0) + self.config.output_token_cost
@@ -181,7 +284,7 @@ class Scheduler:
                 request.finish(FinishReason.LENGTH, self.step_count)
             elif request.total_len >= self.config.max_model_len:
                 request.finish(FinishReason.LENGTH, self.step_count)
-            stepped.append((row, request))
+            stepped.append((index, request))
         return stepped
 
     def finish_by_stop_string(self, request: Request) -> None:
@@ -194,4 +297,6 @@ class Scheduler:
         done = [r for r in self.running if r.is_finished]
         if done:
             self.running = [r for r in self.running if not r.is_finished]
+            for request in done:
+                self._release(request)
         return done
