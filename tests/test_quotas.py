@@ -95,10 +95,11 @@ def test_requests_per_second_per_tenant(tiny_model, tokenizer, tmp_path):
     keys = {"a": add_key(keyfile, "acme"), "b": add_key(keyfile, "beta"), "ops": add_key(keyfile, "ops", role="admin")}
     h = {who: {"Authorization": f"Bearer {key}"} for who, key in keys.items()}
     with TestClient(_app(tiny_model, tokenizer, tmp_path, api_keys=str(keyfile), rate_limit_rps=0.2)) as c:
+        c.app.state.service.rate_limiter.clock = lambda: 1000.0  # frozen: no refill, however slow the machine
         assert c.get("/v1/models", headers=h["a"]).status_code == 200  # burst: 1
         r = c.get("/v1/models", headers=h["a"])
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
-        assert 1 <= int(r.headers["retry-after"]) <= 5 and "--rate-limit-rps" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "5" and "--rate-limit-rps" in r.json()["error"]["message"]  # 1 / 0.2 s
         assert c.get("/v1/models", headers=h["b"]).status_code == 200  # another tenant has its own bucket
         assert c.get("/health").status_code == 200  # probes are not limited
         text = c.get("/metrics", headers=h["ops"]).text
@@ -107,12 +108,13 @@ def test_requests_per_second_per_tenant(tiny_model, tokenizer, tmp_path):
 
 def test_tokens_per_minute_per_tenant(tiny_model, tokenizer, tmp_path):
     with TestClient(_app(tiny_model, tokenizer, tmp_path, rate_limit_tokens_per_minute=100)) as c:
+        c.app.state.service.rate_limiter.clock = lambda: 1000.0  # frozen: no refill, however slow the machine
         body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 40}  # costs 42
         assert c.post("/v1/completions", json=body).status_code == 200
         assert c.post("/v1/completions", json=body).status_code == 200
         r = c.post("/v1/completions", json=body)  # 16 left: 26 short, refilled at 100/60 per second
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
-        assert 1 <= int(r.headers["retry-after"]) <= 16  # less if the first two took a while
+        assert r.headers["retry-after"] == "16"  # 26 tokens at 100/60 per second: 15.6 s
         r = c.post("/v1/completions", json={**body, "max_tokens": 99})  # could never fit: not a retry
         assert r.status_code == 400 and "--rate-limit-tokens-per-minute" in r.json()["error"]["message"]
         assert _metric(c.get("/metrics").text, 'softserve_rejected_requests_total{reason="rate_limit_tokens"}') == 1.0
