@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.softserve-installed
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all bench lint clean demo
+.PHONY: install serve test test-all bench lint clean demo lmeval-venv lmeval-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,22 @@ test: install
 # Slow and GPU checks too (skipped by `make test`).
 test-all: install
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+# The EleutherAI harness in its own venv (it pins its own dependency ranges); it reuses this venv's
+# torch/transformers through a .pth file instead of installing a second torch.
+LMEVAL_VENV ?= .venv-lmeval
+$(LMEVAL_VENV)/.installed: $(STAMP)
+	test -x $(LMEVAL_VENV)/bin/python || $(PYTHON) -m venv $(LMEVAL_VENV)
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" \
+	  > "$$($(LMEVAL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/softserve-base.pth"
+	$(LMEVAL_VENV)/bin/pip install -q "lm-eval[api]==0.4.13"
+	touch $@
+
+lmeval-venv: $(LMEVAL_VENV)/.installed
+
+# lm_eval's accuracy on a local multiple-choice task == `softserve eval`'s (a few minutes).
+lmeval-test: lmeval-venv
+	$(BIN)/python -m pytest -q -m lmeval tests/test_lm_eval.py
 
 bench: install
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'

@@ -52,11 +52,15 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
             state.build(loaded)
         else:
             threading.Thread(target=state.build, name="softserve-load", daemon=True).start()
+        if console is not None:
+            console.start()
         yield
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
         state.shutting_down = True
+        if console is not None:
+            console.close()
         tuning.close()
         state.close()
 
@@ -91,6 +95,12 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     app.include_router(build_openai_router(get_state, get_principal))
     app.include_router(build_prompts_router(get_store, get_principal, lambda: state.cache))
     app.include_router(build_tuning_router(tuning.get_manager, get_principal, lambda: state.settings))
+
+    console = None
+    if settings.ui:
+        from server.ui import install_console
+
+        console = install_console(app, state, get_principal, get_store)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request):

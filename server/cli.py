@@ -59,10 +59,14 @@ def _serve_parser(sub) -> None:
         if field == "dtype":
             kwargs["choices"] = ["auto", "float32", "bfloat16", "float16"]
         p.add_argument(flag, **kwargs)
+    p.add_argument("--no-ui", dest="ui", action="store_false", default=None,
+                   help="do not serve the web console at /ui (env SOFTSERVE_UI=false; default: served)")
 
 
 def cmd_serve(args) -> int:
     overrides = {field: getattr(args, field) for _, field, _ in _SERVE_FLAGS if getattr(args, field) is not None}
+    if args.ui is not None:
+        overrides["ui"] = args.ui
     settings = Settings(**overrides)
     from server.logs import configure_logging
 

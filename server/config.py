@@ -51,3 +51,4 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
     json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")
     log_level: str = "info"
+    ui: bool = Field(True, description="serve the web console at /ui (--no-ui turns it off)")

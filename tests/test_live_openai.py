@@ -146,7 +146,8 @@ BAD_REQUESTS = {
     "unknown-prompt-chat": (CHAT, _json({"model": "no-such-prompt", "messages": USER}), 404, "model_not_found", "model"),
     "unknown-prompt-stream": (C, _json({"model": "nope", "prompt": "hi", "stream": True}), 404, "model_not_found", "model"),
     "negative-max-tokens": (C, _json({"model": SMOLLM_NAME, "prompt": "hi", "max_tokens": -5}), 400, None, "max_tokens"),
-    "zero-max-tokens": (C, _json({"model": SMOLLM_NAME, "prompt": "hi", "max_tokens": 0}), 400, None, "max_tokens"),
+    # max_tokens 0 is valid on /v1/completions (score the prompt only), not on chat.
+    "zero-max-tokens-chat": (CHAT, _json({"model": SMOLLM_NAME, "messages": USER, "max_tokens": 0}), 400, None, "max_tokens"),
     "negative-max-tokens-chat": (CHAT, _json({"model": SMOLLM_NAME, "messages": USER, "max_tokens": -1}), 400, None, "max_tokens"),
     "max-tokens-over-context": (C, _json({"model": SMOLLM_NAME, "prompt": "hi", "max_tokens": 2 * MAX_MODEL_LEN}), 400,
                                 "context_length_exceeded", "max_tokens"),

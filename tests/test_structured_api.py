@@ -128,6 +128,18 @@ def test_vllm_guided_fields(client, field, value, check):
     assert all(check(t) for t in texts), texts
 
 
+def test_logprobs_with_a_constraint_list_only_allowed_tokens(client):
+    """Past the grammar's end only EOS is allowed: the other top-N alternatives are -inf and are left out."""
+    r = client.post(C, json={"model": "tiny", "prompt": "hi", "max_tokens": 5, "logprobs": 5, "guided_choice": ["ab"]})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert all(len(top) >= 1 for top in lp["top_logprobs"])
+    assert len(lp["top_logprobs"][-1]) == 1  # the EOS step
+    r = client.post(CHAT, json={"model": "tiny", "messages": USER, "max_tokens": 5, "logprobs": True, "top_logprobs": 5,
+                                "guided_choice": ["ab"]})
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("extra,param", [
     ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "x"}}, "structured_outputs.regex"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,7 +35,7 @@ def _completion_logprobs(items: list[TokenLogprob], start_offset: int = 0,
                          echoed: list[tuple[str, float | None, dict | None]] = ()) -> S.CompletionLogprobs:
     """OpenAI's completion logprobs; `echoed` (token, logprob, top) rows for the prompt come first."""
     out = S.CompletionLogprobs()
-    rows = list(echoed) + [(i.token, i.logprob, {tok: lp for _, tok, lp in i.top} if i.top else None) for i in items]
+    rows = list(echoed) + [(i.token, i.logprob, _top_dict(i.top)) for i in items]
     offset = start_offset
     for token, logprob, top in rows:
         out.tokens.append(token)
@@ -43,6 +44,11 @@ def _completion_logprobs(items: list[TokenLogprob], start_offset: int = 0,
         out.text_offset.append(offset)
         offset += len(token)
     return out
+
+
+def _top_dict(top) -> dict[str, float] | None:
+    # A grammar mask leaves forbidden tokens at -inf: they are not alternatives (and not valid JSON).
+    return {tok: lp for _, tok, lp in top if math.isfinite(lp)} if top else None
 
 
 def _echoed_rows(tokenizer, prompt_ids: list[int], entries, top_n: int) -> list[tuple[str, float | None, dict | None]]:
@@ -80,7 +86,8 @@ def _chat_logprobs(items: list[TokenLogprob]) -> S.ChatLogprobs:
     return S.ChatLogprobs(content=[
         S.ChatTokenLogprob(
             token=i.token, logprob=i.logprob, bytes=list(i.token.encode()),
-            top_logprobs=[S.ChatTopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for _, t, lp in i.top],
+            top_logprobs=[S.ChatTopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for _, t, lp in i.top
+                          if math.isfinite(lp)],
         )
         for i in items
     ])

@@ -51,7 +51,6 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids or {0})
         self.prefix_cache = PrefixKVCache(config.kv_prefix_cache_bytes)
         sched_config = config.scheduler
         kv_tokens = kv_cache_tokens(model, config)
@@ -63,7 +62,6 @@ class LLMEngine:
         self.runner = ModelRunner(
             model,
             model_id=config.model_id,
-            pad_token_id=pad_id,
             eos_token_ids=self.eos_token_ids,
             prefix_cache=self.prefix_cache,
             kv_cache_tokens=kv_tokens,

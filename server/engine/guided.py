@@ -89,10 +89,18 @@ def tokenizer_info(tokenizer) -> llguidance.LLTokenizer:
 
 def validate(spec: GuidedSpec, tokenizer) -> None:
     """Check a spec at the edge (and warm the tokenizer cache off the engine thread)."""
+    _new_matcher(spec, tokenizer)
+
+
+def _new_matcher(spec: GuidedSpec, tokenizer) -> llguidance.LLMatcher:
     grammar = grammar_for(spec)
-    matcher = llguidance.LLMatcher(tokenizer_info(tokenizer), grammar)
+    try:
+        matcher = llguidance.LLMatcher(tokenizer_info(tokenizer), grammar)
+    except Exception as exc:  # whatever the library raises, a bad constraint stays a ValueError
+        raise GuidedSpecError(str(exc)) from exc
     if matcher.is_error():
         raise GuidedSpecError(matcher.get_error())
+    return matcher
 
 
 def attach_guided_state(request: Request, tokenizer, eos_ids) -> None:
@@ -101,9 +109,7 @@ def attach_guided_state(request: Request, tokenizer, eos_ids) -> None:
     if spec is None or request.guided_state is not None:
         return
     eos = tuple(sorted(eos_ids))
-    matcher = llguidance.LLMatcher(tokenizer_info(tokenizer), grammar_for(spec))
-    if matcher.is_error():
-        raise GuidedSpecError(matcher.get_error())
+    matcher = _new_matcher(spec, tokenizer)
     request.guided_state = GuidedState(matcher=matcher, eos_ids=eos, vocab_size=len(tokenizer))
 
 

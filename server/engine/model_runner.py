@@ -67,7 +67,6 @@ class ModelRunner:
         model,
         *,
         model_id: str,
-        pad_token_id: int,
         eos_token_ids: set[int],
         prefix_cache: PrefixKVCache,
         kv_cache_tokens: int,
@@ -79,7 +78,6 @@ class ModelRunner:
         install(model)
         self._eos_ids = tuple(sorted(eos_token_ids))
         self.model_id = model_id
-        self.pad_token_id = pad_token_id
         self.prefix_cache = prefix_cache
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -179,10 +177,7 @@ class ModelRunner:
             **{BATCH_KWARG: batch},
         )
         self.forward_passes += 1
-        logits = out.logits[0]  # [sampling rows + scored prompt positions, vocab]
-        if flat.prompt_spans:
-            record_prompt_logprobs(flat.prompt_spans, logits[len(flat.logits_index) :])
-        return logits[: len(flat.logits_index)]  # [sampling rows, vocab]
+        return out.logits[0]  # [sampling rows + scored prompt positions, vocab]
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -192,7 +187,11 @@ class ModelRunner:
             start_prompt_logprobs(request)
             if request.cached_prefix is not None:
                 self._copy_prefix_in(request)
-        all_logits = self._forward(self._flatten(sched.rows))
+        flat = self._flatten(sched.rows)
+        logits = self._forward(flat)
+        if flat.prompt_spans:
+            record_prompt_logprobs(flat.prompt_spans, logits[len(flat.logits_index) :])
+        all_logits = logits[: len(flat.logits_index)]  # [sampling rows, vocab]
         for row in sched.rows:
             if row.computes_prefix and row.start + row.num_tokens >= row.request.num_virtual_tokens:
                 self._file_prefix(row.request)

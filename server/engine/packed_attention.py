@@ -72,7 +72,8 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     _, q_heads, total, head_dim = query.shape  # [1, q_heads, total_tokens, head_dim]
     kv_heads = keys.shape[0]
     groups = q_heads // kv_heads
-    out = query.new_empty(total, q_heads, head_dim)  # [total_tokens, q_heads, head_dim]
+    tokens_first = query[0].transpose(0, 1).contiguous()  # [total_tokens, q_heads, head_dim]: one copy
+    outputs = []
     for row in batch.rows:
         n = row.q_len
         kv_from, mask = row.kv_start, row.mask
@@ -81,20 +82,25 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
             if n == 1:
                 kv_from = kv_to - sliding_window
             else:
-                visible = causal_mask(n, row.kv_len, query.device)
                 cols = torch.arange(row.kv_len, device=query.device).unsqueeze(0)
                 rows = torch.arange(n, device=query.device).unsqueeze(1) + (row.kv_len - n)
-                mask = visible & (cols > rows - sliding_window)
+                mask = mask & (cols > rows - sliding_window)
         k = keys[:, kv_from:kv_to]  # [kv_heads, kv_len, head_dim], a view of the pool
         v = values[:, kv_from:kv_to]
         # The query heads of one KV group ride on the sequence axis ([kv_heads, groups * n, head_dim]),
         # so grouped-query attention needs no copy of K/V (the CPU path of native GQA is very slow).
-        q = query[0, :, row.q_start : row.q_start + n].reshape(kv_heads, groups * n, head_dim)
-        if mask is not None and groups > 1:
+        if n == 1:  # decode: a view, no mask (the one query sees every key of its row)
+            q = tokens_first[row.q_start].view(kv_heads, groups, head_dim)
+            o = F.scaled_dot_product_attention(q, k, v, scale=scaling)  # [kv_heads, groups, head_dim]
+            outputs.append(o.view(1, q_heads, head_dim))
+            continue
+        q = tokens_first[row.q_start : row.q_start + n].view(n, kv_heads, groups, head_dim)
+        q = q.permute(1, 2, 0, 3).reshape(kv_heads, groups * n, head_dim)
+        if groups > 1:
             mask = mask.repeat(groups, 1)  # [groups * n, kv_len]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [kv_heads, groups * n, head_dim]
-        out[row.q_start : row.q_start + n] = o.reshape(q_heads, n, head_dim).transpose(0, 1)
-    return out.unsqueeze(0), None  # [1, total_tokens, q_heads, head_dim]
+        outputs.append(o.view(kv_heads, groups, n, head_dim).permute(2, 0, 1, 3).reshape(n, q_heads, head_dim))
+    return torch.cat(outputs).unsqueeze(0), None  # [1, total_tokens, q_heads, head_dim]
 
 
 def install(model) -> None:
