@@ -46,7 +46,7 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
         if settings.metrics_port:
             # A separate listener for Prometheus: no key, on an address the operator chooses (loopback by default).
             metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host,
-                                                  registry=state.metrics.registry)
+                                                  registry=state.metrics.scraped)
             log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         if loaded is not None or not background_load:
             state.build(loaded)

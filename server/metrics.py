@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
 class Metrics:
-    """`tenant_labels` (--metrics-tenant-labels) adds a `tenant` label to the per-request counters. Off by
-    default: tenant names are customer data, and whoever scrapes the metrics would see every one."""
+    """Counters keep a `tenant` label internally (the web console's per-tenant stats read them), but
+    what is scraped (`render`, --metrics-port) drops it unless `tenant_labels` (--metrics-tenant-labels):
+    tenant names are customer data, and whoever scrapes the metrics would see every one."""
 
     def __init__(self, tenant_labels: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.tenant_labels = tenant_labels
         r = self.registry
-        t = ["tenant"] if tenant_labels else []
-        self.requests = Counter("softserve_requests", "Finished API requests", t + ["endpoint", "status"], registry=r)
-        self.prompt_tokens = Counter("softserve_prompt_tokens", "Prompt tokens processed", t, registry=r)
-        self.virtual_tokens = Counter("softserve_virtual_tokens", "Soft-prompt tokens in requests", t, registry=r)
-        self.generation_tokens = Counter("softserve_generation_tokens", "Tokens generated", t, registry=r)
+        self.requests = Counter("softserve_requests", "Finished API requests", ["tenant", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("softserve_prompt_tokens", "Prompt tokens processed", ["tenant"], registry=r)
+        self.virtual_tokens = Counter("softserve_virtual_tokens", "Soft-prompt tokens in requests", ["tenant"], registry=r)
+        self.generation_tokens = Counter("softserve_generation_tokens", "Tokens generated", ["tenant"], registry=r)
         self.ttft = Histogram("softserve_time_to_first_token_seconds", "Time to first token", registry=r, buckets=_LATENCY_BUCKETS)
         self.itl = Histogram("softserve_inter_token_latency_seconds", "Time between tokens", registry=r, buckets=_TOKEN_BUCKETS)
         self.latency = Histogram("softserve_request_latency_seconds", "End-to-end request latency", registry=r, buckets=_LATENCY_BUCKETS)
@@ -30,20 +30,19 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.rejected = Counter("softserve_rejected_requests", "Requests refused at admission", ["reason"], registry=r)
         self._state = None
-
-    def _of(self, counter, tenant: str, *labels: str):
-        if self.tenant_labels:
-            return counter.labels(tenant, *labels)
-        return counter.labels(*labels) if labels else counter
+        self.scraped = r
+        if not tenant_labels:
+            self.scraped = CollectorRegistry(auto_describe=False)
+            self.scraped.register(_WithoutTenant(r))
 
     def count_request(self, tenant: str, endpoint: str, status: int) -> None:
-        self._of(self.requests, tenant, endpoint, str(status)).inc()
+        self.requests.labels(tenant, endpoint, str(status)).inc()
 
     def count_tokens(self, tenant: str, *, prompt: int, generated: int, virtual: int) -> None:
-        self._of(self.prompt_tokens, tenant).inc(prompt)
-        self._of(self.generation_tokens, tenant).inc(generated)
+        self.prompt_tokens.labels(tenant).inc(prompt)
+        self.generation_tokens.labels(tenant).inc(generated)
         if virtual:
-            self._of(self.virtual_tokens, tenant).inc(virtual)
+            self.virtual_tokens.labels(tenant).inc(virtual)
 
     def bind(self, state) -> None:
         """Gauges that read live state at scrape time (queue, batch, caches, tuning)."""
@@ -51,7 +50,31 @@ class Metrics:
         self.registry.register(_StateCollector(state))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scraped)
+
+
+class _WithoutTenant:
+    """The registry with the `tenant` label summed away."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            if not any("tenant" in sample.labels for sample in family.samples):
+                yield family
+                continue
+            merged: dict[tuple, float] = {}
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "tenant")))
+                if sample.name.endswith("_created"):
+                    merged[key] = min(merged.get(key, sample.value), sample.value)
+                else:
+                    merged[key] = merged.get(key, 0.0) + sample.value
+            out = Metric(family.name, family.documentation, family.type)
+            for (name, labels), value in merged.items():
+                out.add_sample(name, dict(labels), value)
+            yield out
 
 
 class _StateCollector:
