@@ -13,8 +13,11 @@ from collections.abc import Callable
 from server.api.errors import APIError
 from server.auth import ApiKeyRegistry, Principal
 
-# Paths that answer without a key: probes, the API description. /metrics guards itself (admin key).
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+# Paths that answer without a key: probes, the API description, the web console's page and assets
+# (its /ui/api/* calls carry the key). /metrics guards itself (admin key).
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect",
+                        "/ui", "/ui/"})
+OPEN_PREFIXES = ("/ui/assets/",)
 
 
 def is_upload(method: str, path: str) -> bool:
@@ -79,7 +82,7 @@ class AdmissionGate:
         """Raises APIError (401, 429); on success records the principal in the request state and
         returns the release callback of an upload slot (None when nothing is held)."""
         path = scope["path"]
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return None
         principal: Principal | None = self.get_registry().authenticate(headers.get("authorization"))
         if principal is None:
