@@ -388,7 +388,8 @@ class Server:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--store", str(self.store), "--device", self.device, "--dtype", self.dtype, "--log-level", "warning"]
+               "--store", str(self.store), "--device", self.device, "--dtype", self.dtype, "--log-level", "warning",
+               "--max-concurrent-uploads-per-tenant", "16", "--max-concurrent-uploads", "16"]  # upload_prompts sends 8 at once
         if self.model is not None:
             cmd += ["--model", str(self.model)]
         return cmd + self.extra_args

@@ -54,7 +54,7 @@ async def _flood(url: str, key: str, model: str, clients: int, inputs, max_token
 async def _running(url: str, key: str) -> float:
     import httpx
 
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=10, headers={"Authorization": f"Bearer {key}"}) as client:
         text = (await client.get("/metrics")).text
     for line in text.splitlines():
         if line.startswith("softserve_running_requests "):
@@ -70,7 +70,7 @@ async def measure(url: str, keys: dict[str, str], model: str, args) -> dict:
     stop, done = asyncio.Event(), [0]
     flood = asyncio.create_task(_flood(url, keys["A"], model, args.flood, a_inputs, args.a_max_tokens, stop, done))
     deadline = time.monotonic() + 120
-    while await _running(url, keys["A"]) < min(args.flood, args.max_batch_size) and time.monotonic() < deadline:
+    while await _running(url, keys["ops"]) < min(args.flood, args.max_batch_size) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     loaded = await _b_requests(url, keys["B"], model, b_inputs, args.max_tokens)
     stop.set()
@@ -89,6 +89,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         keys_file = Path(tmp) / "keys.yaml"
         keys = {t: add_key(keys_file, t, "user") for t in ("A", "B")}
+        keys["ops"] = add_key(keys_file, "ops", "admin")  # /metrics needs an admin key
         server = Server(Path(tmp) / "store", model=model_path(args.model), device=args.device, dtype=args.dtype,
                         extra_args=["--api-keys", str(keys_file), "--max-batch-size", str(args.max_batch_size),
                                     "--max-queue", "1000", "--torch-threads", str(args.threads or 0)])

@@ -144,7 +144,7 @@ async def soak(url: str, pid: int, keys: dict, base_model: str, hidden: int, arg
     tasks.append(_admin_loop(url, keys, hidden, stats, stop, random.Random(rng.random())))
     tasks.append(_rss_loop(pid, rss, stop, max(1.0, args.minutes * 60 / 40)))
     await asyncio.gather(*tasks)
-    async with httpx.AsyncClient(base_url=url) as c:
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {keys['ops']}"}) as c:
         healthy = (await c.get("/ready")).status_code == 200
         metrics = (await c.get("/metrics")).text
     running = next((float(l.split()[1]) for l in metrics.splitlines() if l.startswith("softserve_running_requests ")), None)
@@ -163,6 +163,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         keys_file = Path(tmp) / "keys.yaml"
         keys = {t: add_key(keys_file, t, "user") for t in TENANTS}
+        keys["ops"] = add_key(keys_file, "ops", "admin")  # /metrics needs an admin key
         server = Server(Path(tmp) / "store", model=model_path(args.model), device=args.device, dtype=args.dtype,
                         extra_args=["--api-keys", str(keys_file), "--max-queue", "1000", "--max-model-len", "512",
                                     "--torch-threads", str(args.threads or 1),

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,6 +98,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+STALE_TEMP_SECONDS = 3600.0
+
+
 class LocalBackend:
     """Files under `root`. Each put: temp file in the target dir, fsync, os.replace (or os.link for
     if_absent, which fails atomically when the target exists), fsync the dir. A crash leaves either
@@ -108,6 +112,26 @@ class LocalBackend:
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*validate_key(key).split("/"))
+
+    def remove_stale_temp_files(self, older_than_s: float = STALE_TEMP_SECONDS, *, now: float | None = None) -> int:
+        """Delete `.tmp-*` files that a writer killed between writing and renaming (kill -9) left behind.
+        Only files older than the grace period: a live writer's temp file, also one of another process
+        sharing the directory, is seconds old. Returns how many were removed."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        removed = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if not name.startswith(".tmp-"):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:  # its writer finished (or another cleaner got it) meanwhile
+                    continue
+        return removed
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         path = self._path(key)

@@ -24,6 +24,7 @@ __all__ = [
     "ParsedPrompt",
     "parse_upload",
     "content_sha256",
+    "version_id",
     "encode_blob",
     "decode_blob",
     "export_adapter",
@@ -80,7 +81,7 @@ def _read_header(data: bytes) -> dict[str, Any]:
         raise _bad("adapter_model is not a valid safetensors file (header is not JSON)")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise _bad("adapter_model is not a valid safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise _bad("adapter_model is not a valid safetensors file (header is not a JSON object)")
@@ -112,6 +113,8 @@ def _parse_config(adapter_config: bytes) -> dict[str, Any]:
         cfg = json.loads(adapter_config.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(f"adapter_config is not valid JSON: {e}") from None
+    except RecursionError:
+        raise _bad("adapter_config is nested too deeply") from None
     if not isinstance(cfg, dict):
         raise _bad("adapter_config must be a JSON object")
     return cfg
@@ -200,6 +203,8 @@ def parse_upload(
         td = _as_int(cfg, "token_dim")
         if td is not None and td != dim:
             raise _bad(f"adapter_config token_dim {td} does not match the tensor ({dim} columns)", 422)
+        if peft_type == "P_TUNING":
+            _check_p_tuning(cfg)
         base = cfg.get("base_model_name_or_path")
         if isinstance(base, str) and base and not _same_model(base, model.name):
             warnings.append(
@@ -215,9 +220,41 @@ def parse_upload(
     )
 
 
+_MAX_ENCODER_HIDDEN = 65536
+_MAX_ENCODER_LAYERS = 64
+
+
+def _check_p_tuning(cfg: dict[str, Any]) -> None:
+    """P_TUNING settings as PEFT's PromptEncoder builds them: a value it would refuse (or that would
+    build an absurd encoder) makes the downloaded adapter fail to load, so refuse it at upload."""
+    kind = cfg.get("encoder_reparameterization_type")
+    if kind is not None and kind not in ("MLP", "LSTM"):
+        raise _bad(f"adapter_config.encoder_reparameterization_type must be 'MLP' or 'LSTM', got {kind!r}", 422)
+    hidden = _as_int(cfg, "encoder_hidden_size")
+    if hidden is not None and not 1 <= hidden <= _MAX_ENCODER_HIDDEN:
+        raise _bad(f"adapter_config.encoder_hidden_size must be between 1 and {_MAX_ENCODER_HIDDEN}, got {hidden}", 422)
+    layers = _as_int(cfg, "encoder_num_layers")
+    if layers is not None and not 1 <= layers <= _MAX_ENCODER_LAYERS:
+        raise _bad(f"adapter_config.encoder_num_layers must be between 1 and {_MAX_ENCODER_LAYERS}, got {layers}", 422)
+    dropout = cfg.get("encoder_dropout")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0.0 <= dropout < 1.0):
+        raise _bad(f"adapter_config.encoder_dropout must be a number in [0, 1), got {dropout!r}", 422)
+
+
+def _is_local_path(value: str) -> bool:
+    """A filesystem path (of the server or of whoever uploaded), as opposed to a hub id "org/name"."""
+    return value.startswith(("/", ".", "~")) or "\\" in value or (len(value) > 1 and value[1] == ":")
+
+
+def _public_ref(value: Any, model: ModelInfo) -> str:
+    """What a stored and downloaded config names as model/tokenizer: the given hub id, else the served
+    model's public name, never a local path."""
+    return value if isinstance(value, str) and value.strip() and not _is_local_path(value.strip()) else model.name
+
+
 def normalise_config(original: dict[str, Any], peft_type: str, k: int, dim: int, model: ModelInfo) -> dict[str, Any]:
     """The config we store and export: a complete PEFT config, keeping only known, valid keys."""
-    base = original.get("base_model_name_or_path")
     out: dict[str, Any] = {
         "peft_type": peft_type,
         "task_type": "CAUSAL_LM",
@@ -226,7 +263,7 @@ def normalise_config(original: dict[str, Any], peft_type: str, k: int, dim: int,
         "num_transformer_submodules": 1,
         "num_attention_heads": model.num_attention_heads,
         "num_layers": model.num_layers,
-        "base_model_name_or_path": base if isinstance(base, str) and base else model.name,
+        "base_model_name_or_path": _public_ref(original.get("base_model_name_or_path"), model),
         "inference_mode": True,
         "modules_to_save": None,
         "auto_mapping": None,
@@ -239,7 +276,7 @@ def normalise_config(original: dict[str, Any], peft_type: str, k: int, dim: int,
         # TEXT init is only meaningful with its text and tokenizer; otherwise fall back to RANDOM,
         # which never makes PEFT fetch a tokenizer.
         if init == "TEXT" and isinstance(text, str) and isinstance(tok, str):
-            out.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path=tok)
+            out.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path=_public_ref(tok, model))
             kw = original.get("tokenizer_kwargs")
             out["tokenizer_kwargs"] = kw if isinstance(kw, dict) else None
         else:
@@ -251,11 +288,10 @@ def normalise_config(original: dict[str, Any], peft_type: str, k: int, dim: int,
             )
     else:
         defaults = {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": dim, "encoder_num_layers": 2, "encoder_dropout": 0.0}
-        for key in _P_TUNING_KEYS:
-            v = original.get(key, defaults[key])
-            out[key] = v if isinstance(v, (str, int, float)) and not isinstance(v, bool) else defaults[key]
-        if out["encoder_reparameterization_type"] not in ("MLP", "LSTM"):
-            out["encoder_reparameterization_type"] = "MLP"
+        for key in _P_TUNING_KEYS:  # values checked by _check_p_tuning; None means PEFT's default
+            v = original.get(key)
+            out[key] = defaults[key] if v is None else v
+        out["encoder_dropout"] = float(out["encoder_dropout"])
     return out
 
 
@@ -269,6 +305,16 @@ def content_sha256(tensor: torch.Tensor) -> str:
     h = hashlib.sha256()
     h.update(f"softserve-prompt-v1\0{_DTYPE_NAMES[t.dtype]}\0{list(t.shape)}\0".encode())
     h.update(raw)
+    return h.hexdigest()
+
+
+def version_id(sha256: str, adapter_config: dict[str, Any]) -> str:
+    """Hex id of a version: the tensor's content hash AND the stored config (what serving and a
+    download use), so the same tensor uploaded with another config (e.g. P_TUNING settings) is a new
+    version rather than silently keeping the first config. Versions stored before this scheme have
+    id `sha256[:12]`; they stay valid and are reused when the same tensor and config come again."""
+    h = hashlib.sha256(b"softserve-version-v2\0" + sha256.encode("ascii") + b"\0")
+    h.update(json.dumps(adapter_config, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     return h.hexdigest()
 
 

@@ -271,17 +271,15 @@ class PromptStore:
             max_bytes=self.max_upload_bytes,
         )
         sha = fmt.content_sha256(parsed.tensor)
-        version = sha[:_VERSION_LEN]
+        version = fmt.version_id(sha, parsed.adapter_config)[:_VERSION_LEN]
         with self._lock:
             blob_written = False
             for attempt in range(_CAS_ATTEMPTS):
                 head, etag = self._read_head_fresh(tenant, name)
-                existing = None
-                if head is not None and version in head.versions:
-                    existing = self._read_version(tenant, name, version)
-                if existing is not None and existing.sha256 == sha:
+                existing = self._same_version(tenant, name, head, version, sha, parsed.adapter_config)
+                if existing is not None:
                     meta = existing
-                    history = tuple(v for v in head.versions if v != version) + (version,)
+                    history = tuple(v for v in head.versions if v != existing.version) + (existing.version,)
                 else:
                     meta = PromptMeta(
                         tenant=tenant,
@@ -320,6 +318,20 @@ class PromptStore:
                 )
             self._wrote_head(tenant, name, new_head)
         return meta, parsed.warnings
+
+    def _same_version(self, tenant: str, name: str, head: _Head | None, version: str, sha: str,
+                      adapter_config: dict) -> PromptMeta | None:
+        """The live version of this name with this tensor and config, if any: under its id, or under
+        the pre-v2 id `sha[:12]` (stored before version ids covered the config)."""
+        if head is None:
+            return None
+        for candidate in (version, sha[:_VERSION_LEN]):
+            if candidate not in head.versions:
+                continue
+            meta = self._read_version(tenant, name, candidate)
+            if meta is not None and meta.sha256 == sha and meta.adapter_config == adapter_config:
+                return meta
+        return None
 
     def _write_version(self, meta: PromptMeta) -> PromptMeta:
         """Write a version manifest unless one exists; return the manifest that is stored.

@@ -8,14 +8,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, start_http_server
 
 from server.api.errors import APIError, error_body, install_error_handlers
 from server.api.openai_routes import build_openai_router
 from server.api.prompts import build_prompts_router
 from server.api.tuning import build_tuning_router
 from server.api.state import LoadedModel, ServiceState
+from server.api.admission import AdmissionGate, unauthorized
 from server.api.middleware import RequestContextMiddleware
+from server.api.ratelimit import RateLimiter
 from server.auth import ApiKeyRegistry, Principal, principal_dependency
 from server.config import Settings
 from server.tuning.service import TuningService
@@ -33,12 +35,19 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
         registry = ApiKeyRegistry.disabled()
         log.warning("no --api-keys file: authentication is OFF, every request acts as tenant 'default' (local development only)")
     state = ServiceState(settings=settings, registry=registry)
-    tuning = TuningService(state)  # prompt-tuning jobs on the resident model
-    state.metrics = Metrics()
+    tuning = TuningService(state, max_queued=settings.max_tuning_queue,  # prompt-tuning jobs on the resident model
+                           max_active_per_tenant=settings.max_tuning_jobs_per_tenant)
+    state.metrics = Metrics(tenant_labels=settings.metrics_tenant_labels)
     state.metrics.bind(state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        metrics_server = None
+        if settings.metrics_port:
+            # A separate listener for Prometheus: no key, on an address the operator chooses (loopback by default).
+            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host,
+                                                  registry=state.metrics.scraped)
+            log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         if loaded is not None or not background_load:
             state.build(loaded)
         else:
@@ -47,6 +56,9 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
             console.start()
         tuning.start_when_loaded()  # resumes unfinished jobs found in the store
         yield
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         state.shutting_down = True
         if console is not None:
             console.close()
@@ -57,8 +69,13 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
                   description="Many soft prompts on one frozen LLM, OpenAI-compatible.")
     app.state.service = state
     install_error_handlers(app)
+    state.rate_limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_tokens_per_minute,
+                                     on_reject=lambda reason: state.metrics.rejected.labels(reason).inc())
+    gate = AdmissionGate(lambda: state.registry, max_uploads=settings.max_concurrent_uploads,
+                         max_uploads_per_tenant=settings.max_concurrent_uploads_per_tenant, rate_limiter=state.rate_limiter)
+    app.state.admission = gate
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
-                       max_upload_bytes=settings.max_upload_bytes + 2 * 1024 * 1024, metrics=state.metrics)
+                       max_upload_bytes=settings.max_upload_bytes + 2 * 1024 * 1024, metrics=state.metrics, gate=gate)
 
     def get_state() -> ServiceState:
         return state
@@ -71,7 +88,9 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     authenticate = principal_dependency(lambda: state.registry)
 
     def get_principal(request: Request) -> Principal:
-        principal = authenticate(request)
+        principal = request.scope.get("state", {}).get("principal")  # the admission gate checked the key
+        if principal is None:
+            principal = authenticate(request)
         request.scope.setdefault("state", {})["tenant"] = principal.tenant  # for request metrics
         return principal
     app.include_router(build_openai_router(get_state, get_principal))
@@ -85,7 +104,15 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
         console = install_console(app, state, get_principal, get_store)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics():
+    async def metrics(request: Request):
+        # With API keys, only admins read the metrics here (they show every tenant's traffic); a
+        # Prometheus without a key scrapes --metrics-port instead.
+        if state.registry.enabled:
+            principal = state.registry.authenticate(request.headers.get("authorization"))
+            if principal is None:
+                raise unauthorized()
+            if not principal.is_admin:
+                raise APIError(403, "/metrics needs an admin key (or scrape --metrics-port)", code="forbidden")
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")

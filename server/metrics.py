@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """Counters keep a `tenant` label internally (the web console's per-tenant stats read them), but
+    what is scraped (`render`, --metrics-port) drops it unless `tenant_labels` (--metrics-tenant-labels):
+    tenant names are customer data, and whoever scrapes the metrics would see every one."""
+
+    def __init__(self, tenant_labels: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.tenant_labels = tenant_labels
         r = self.registry
         self.requests = Counter("softserve_requests", "Finished API requests", ["tenant", "endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("softserve_prompt_tokens", "Prompt tokens processed", ["tenant"], registry=r)
@@ -25,6 +30,19 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.rejected = Counter("softserve_rejected_requests", "Requests refused at admission", ["reason"], registry=r)
         self._state = None
+        self.scraped = r
+        if not tenant_labels:
+            self.scraped = CollectorRegistry(auto_describe=False)
+            self.scraped.register(_WithoutTenant(r))
+
+    def count_request(self, tenant: str, endpoint: str, status: int) -> None:
+        self.requests.labels(tenant, endpoint, str(status)).inc()
+
+    def count_tokens(self, tenant: str, *, prompt: int, generated: int, virtual: int) -> None:
+        self.prompt_tokens.labels(tenant).inc(prompt)
+        self.generation_tokens.labels(tenant).inc(generated)
+        if virtual:
+            self.virtual_tokens.labels(tenant).inc(virtual)
 
     def bind(self, state) -> None:
         """Gauges that read live state at scrape time (queue, batch, caches, tuning)."""
@@ -32,7 +50,31 @@ class Metrics:
         self.registry.register(_StateCollector(state))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scraped)
+
+
+class _WithoutTenant:
+    """The registry with the `tenant` label summed away."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            if not any("tenant" in sample.labels for sample in family.samples):
+                yield family
+                continue
+            merged: dict[tuple, float] = {}
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "tenant")))
+                if sample.name.endswith("_created"):
+                    merged[key] = min(merged.get(key, sample.value), sample.value)
+                else:
+                    merged[key] = merged.get(key, 0.0) + sample.value
+            out = Metric(family.name, family.documentation, family.type)
+            for (name, labels), value in merged.items():
+                out.add_sample(name, dict(labels), value)
+            yield out
 
 
 class _StateCollector:

@@ -16,7 +16,8 @@ from server.config import Settings
 
 @pytest.fixture()
 def client(tiny_model, tokenizer, tmp_path):
-    settings = Settings(store=str(tmp_path / "store"), max_model_len=256, max_body_bytes=64 * 1024, max_tokens_limit=100)
+    settings = Settings(store=str(tmp_path / "store"), max_model_len=256, max_body_bytes=64 * 1024, max_tokens_limit=100,
+                        metrics_tenant_labels=True)
     app = create_app(settings, loaded=LoadedModel(tiny_model, tokenizer, "tiny"))
     with TestClient(app) as c:
         blob = save({"prompt_embeddings": torch.randn(4, tiny_model.config.hidden_size)})

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from prompt_store import format as fmt
 from prompt_store.backend import LocalBackend, MemoryBackend
 from prompt_store.store import PromptStore
 from prompt_store.types import ModelInfo, PromptIntegrityError, PromptNotFound, PromptValidationError
@@ -66,7 +67,7 @@ def test_good_names(store):
 
 def test_versions_latest_and_pinning(store):
     m1, _ = store.put("acme", "p", blob(1), CFG, "first")
-    assert m1.version == m1.sha256[:12] and m1.ref == f"p@{m1.version}" and m1.description == "first"
+    assert m1.version == fmt.version_id(m1.sha256, m1.adapter_config)[:12] and m1.ref == f"p@{m1.version}" and m1.description == "first"
     again, _ = store.put("acme", "p", blob(1), None, "ignored")
     assert again == m1 and again.description == "first"  # same bytes: same version, no duplicate
     assert [m.version for m in store.versions("acme", "p")] == [m1.version]

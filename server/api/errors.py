@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("softserve.api")
 
@@ -51,6 +52,12 @@ class APIError(Exception):
         return error_body(self.status_code, self.message, param=self.param, code=self.code)
 
 
+def client_gone() -> APIError:
+    """The client went away before it finished its request: nobody reads the answer; 499 ("client
+    closed request", as nginx logs it) counts it as the client's doing, not a server error."""
+    return APIError(499, "client closed the connection", code="client_closed")
+
+
 def error_body(status_code: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
     return {
         "error": {
@@ -87,6 +94,11 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        log.info("client disconnected before its request body was complete")
+        return JSONResponse(client_gone().to_body(), status_code=499)
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

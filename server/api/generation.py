@@ -59,6 +59,37 @@ def require_ready(state: ServiceState) -> None:
         raise APIError(503, reason, code="not_ready", headers={"Retry-After": "5"})
 
 
+def num_prompts(prompt) -> int:
+    """How many prompts a `prompt` field holds, in O(1): the schema already made lists homogeneous."""
+    if isinstance(prompt, str):
+        return 1
+    if not prompt or isinstance(prompt[0], int):
+        return 1 if prompt else 0
+    return len(prompt)
+
+
+def check_fan_out(state: ServiceState, prompts: int, n: int) -> None:
+    """Admission in O(1), before anything is tokenized or built: one request may start at most
+    --max-choices-per-request sequences (len(prompt) x n)."""
+    settings = state.settings
+    if n > settings.max_n:
+        raise APIError(400, f"n must be <= {settings.max_n} (--max-n)", param="n", code="invalid_parameter")
+    limit = settings.max_choices_per_request
+    if prompts * n > limit:
+        raise APIError(400, f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} sequences; the limit "
+                       f"is {limit} per request (--max-choices-per-request). Split it into smaller requests.",
+                       param="prompt" if prompts > 1 else "n", code="too_many_choices")
+
+
+def check_request_tokens(state: ServiceState, prompts: list[list[int]], n: int) -> None:
+    """Prompt tokens the request makes the server prefill (x n): at most --max-request-tokens."""
+    limit = state.settings.max_request_tokens
+    total = sum(len(p) for p in prompts) * n
+    if total > limit:
+        raise APIError(400, f"this request has {total} prompt tokens (summed over its prompts, x n={n}); the limit is "
+                       f"{limit} per request (--max-request-tokens)", param="prompt", code="request_too_large")
+
+
 def store_error(exc: PromptStoreError) -> APIError:
     return APIError(exc.status_code, exc.message, param="model", code="prompt_error" if exc.status_code != 404 else "model_not_found")
 
@@ -203,8 +234,8 @@ async def build_requests(
     max_tokens: int | None, logprobs: int | None, request_id: str = "req", *,
     guided: GuidedSpec | None = None, prompt_logprobs: int | None = None,
 ) -> tuple[list[Request], list[Choice]]:
-    if body.n > state.settings.max_n:
-        raise APIError(400, f"n must be <= {state.settings.max_n}", param="n", code="invalid_parameter")
+    check_fan_out(state, len(prompts), body.n)  # callers check earlier too; this is the last line of defence
+    check_request_tokens(state, prompts, body.n)
     num_virtual = resolved.meta.num_virtual_tokens if resolved.meta is not None else 0
     # The context check first: its message names the numbers that matter; the cap applies after.
     effective = [check_length(state, num_virtual, len(p), max_tokens) for p in prompts]
@@ -212,6 +243,8 @@ async def build_requests(
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens must be <= {limit} (--max-tokens-limit)", param="max_tokens", code="invalid_parameter")
     effective = [min(e, limit) for e in effective]
+    if state.rate_limiter is not None:  # what the request may cost: its prompt tokens and all it may generate
+        state.rate_limiter.charge_tokens(principal.tenant, sum(len(p) + e for p, e in zip(prompts, effective)) * body.n)
     requests: list[Request] = []
     choices: list[Choice] = []
     base_id = f"{request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses X-Request-ID
@@ -287,10 +320,8 @@ class Tracker:
         metrics = self.state.metrics
         if metrics is not None:
             metrics.latency.observe(latency)
-            metrics.prompt_tokens.labels(self.tenant).inc(self.num_prompt_tokens)
-            metrics.generation_tokens.labels(self.tenant).inc(self.completion_tokens)
-            if self.meta is not None:
-                metrics.virtual_tokens.labels(self.tenant).inc(self.meta.num_virtual_tokens)
+            metrics.count_tokens(self.tenant, prompt=self.num_prompt_tokens, generated=self.completion_tokens,
+                                 virtual=self.meta.num_virtual_tokens if self.meta is not None else 0)
         log_request(
             request_id=self.request_id, tenant=self.tenant, endpoint=self.endpoint, model=self.model,
             prompt=self.meta.name if self.meta is not None else None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from server.api.errors import error_body
+from server.api.errors import APIError, error_body
 from server.logs import request_id_from
 
 
@@ -15,8 +15,9 @@ class RequestContextMiddleware:
     """Sets `request.state.request_id` (from X-Request-ID or new), echoes it back, caps body size,
     and counts finished requests by endpoint and status."""
 
-    def __init__(self, app, *, max_body_bytes: int, max_upload_bytes: int, metrics=None) -> None:
+    def __init__(self, app, *, max_body_bytes: int, max_upload_bytes: int, metrics=None, gate=None) -> None:
         self.app = app
+        self.gate = gate  # AdmissionGate: 401/429 from the headers, before any body byte is read
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics
@@ -43,6 +44,21 @@ class RequestContextMiddleware:
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
+        release = None
+        if self.gate is not None:
+            try:
+                release = self.gate.admit(scope, headers)
+            except APIError as exc:
+                await self._send_error(send_with_id, exc)
+                self._count(scope, exc.status_code)
+                return
+        try:
+            await self._forward(scope, receive, send_with_id, headers, status_holder)
+        finally:
+            if release is not None:
+                release()
+
+    async def _forward(self, scope, receive, send_with_id, headers, status_holder: dict) -> None:
         limit = self._limit_for(scope)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -54,7 +70,8 @@ class RequestContextMiddleware:
             chunks, total = [], 0
             while True:
                 message = await receive()
-                if message["type"] == "http.disconnect":
+                if message["type"] == "http.disconnect":  # gone mid-body: the client's doing, not a 500
+                    self._count(scope, 499)
                     return
                 body = message.get("body", b"")
                 total += len(body)
@@ -87,11 +104,16 @@ class RequestContextMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
         tenant = scope.get("state", {}).get("tenant", "-")
-        self.metrics.requests.labels(tenant, endpoint, str(status)).inc()
+        self.metrics.count_request(tenant, endpoint, status)
 
     @staticmethod
     async def _reject(send, status: int, message: str) -> None:
-        body = json.dumps(error_body(status, message, code="body_too_large")).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await RequestContextMiddleware._send_error(send, APIError(status, message, code="body_too_large"))
+
+    @staticmethod
+    async def _send_error(send, exc: APIError) -> None:
+        body = json.dumps(exc.to_body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
+        await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -15,7 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from server.api import schemas as S
 from server.api.errors import APIError, error_body
 from server.api.generation import (
-    Choice, Tracker, apply_delta, build_requests, check_supported, checked_guided_spec, collect, finish_reason_str,
+    Choice, Tracker, apply_delta, build_requests, check_fan_out, check_supported, checked_guided_spec, collect,
+    finish_reason_str, num_prompts,
     require_ready, resolve_model, stream_outputs,
 )
 from server.api.state import ServiceState
@@ -152,6 +153,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
                           principal: Principal = Depends(get_principal)):
         state = get_state()
         require_ready(state)
+        check_fan_out(state, num_prompts(body.prompt), body.n)  # before any work that grows with the request
         check_supported(body)
         guided = await checked_guided_spec(state, body)
         resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
@@ -232,6 +234,7 @@ def build_openai_router(get_state: Callable[[], ServiceState], get_principal) ->
                                principal: Principal = Depends(get_principal)):
         state = get_state()
         require_ready(state)
+        check_fan_out(state, 1, body.n)
         check_supported(body)
         guided = await checked_guided_spec(state, body)
         resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store

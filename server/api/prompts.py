@@ -8,6 +8,7 @@ writes its own tenant, and writes `public` only if admin. Anything in another te
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Callable, Iterator, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -15,6 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from prompt_store.cache import PromptCache
 from prompt_store.store import PUBLIC_TENANT, PromptStore
@@ -22,7 +24,7 @@ from prompt_store.types import PromptMeta, PromptStoreError
 
 from ..auth import Principal, can_write, tenant_for_model
 from .composition import is_composition, resolve_reference
-from .errors import APIError
+from .errors import APIError, client_gone
 
 __all__ = ["build_prompts_router", "PromptInfo", "PromptUploadResponse", "PromptList", "PromptVersionList", "PromptDeleted"]
 
@@ -120,15 +122,36 @@ async def _read_body_limited(request: Request, limit: int) -> bytes:
     if cl is not None and cl.isdigit() and int(cl) > limit:
         raise APIError(413, f"request body is larger than the limit ({limit} bytes)", code="upload_too_large")
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise APIError(413, f"request body is larger than the limit ({limit} bytes)", code="upload_too_large")
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise APIError(413, f"request body is larger than the limit ({limit} bytes)", code="upload_too_large")
+    except ClientDisconnect:
+        raise client_gone() from None
     return bytes(buf)
 
 
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
+
+
+def _check_complete(body: bytes, content_type: str) -> None:
+    """A body cut short (a dropped connection with a matching Content-Length, a broken client) must
+    not be stored as if it were whole: the parser would silently drop the parts it never saw (e.g.
+    adapter_config, turning a P_TUNING upload into PROMPT_TUNING). The last delimiter must close."""
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        raise APIError(400, "multipart/form-data needs a boundary parameter", code="invalid_multipart")
+    delimiter = b"--" + (match.group(1) or match.group(2)).encode("latin-1")
+    last = body.rfind(delimiter)
+    if last < 0 or body[last + len(delimiter): last + len(delimiter) + 2] != b"--":
+        raise APIError(400, "multipart body is incomplete: it does not end with the closing boundary; "
+                       "nothing was stored, send the whole upload again", code="invalid_multipart")
+
+
 async def _parse_multipart(request: Request, body: bytes) -> Any:
-    """Parse an already size-checked body with Starlette's multipart parser."""
+    """Parse an already size-checked, complete body with Starlette's multipart parser."""
+    _check_complete(body, request.headers.get("content-type", ""))
     sent = False
 
     async def receive() -> dict[str, Any]:

@@ -10,6 +10,31 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 256
 MAX_LOGPROBS = 20
+# Hard caps of the schema, checked before the union of prompt shapes is validated item by item (which
+# costs seconds and hundreds of MB on a body of a million tiny lists). --max-choices-per-request and
+# --max-request-tokens are the tighter, configurable limits applied next.
+MAX_PROMPTS = 2048
+MAX_PROMPT_TOKEN_IDS = 131072
+MAX_MESSAGES = 4096
+
+
+def _valid_unicode(value: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"): valid JSON, not valid text; the tokenizer would fail."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _texts_valid(value):
+    if isinstance(value, str):
+        _valid_unicode(value)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, str):
+                _valid_unicode(item)
+    return value
 MAX_GRAMMAR_CHARS = 100_000
 
 
@@ -137,6 +162,7 @@ class _SamplingFields(_Strict):
     def _check_stop(cls, value):
         if value is None:
             return value
+        _texts_valid(value)
         stops = [value] if isinstance(value, str) else value
         if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
@@ -157,16 +183,42 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _cap_prompt_lists(cls, value):
+        if isinstance(value, list) and value:
+            token_ids = isinstance(value[0], int)
+            cap = MAX_PROMPT_TOKEN_IDS if token_ids else MAX_PROMPTS
+            if len(value) > cap:
+                what = "token ids in one prompt" if token_ids else "prompts in one request"
+                raise ValueError(f"at most {cap} {what}, got {len(value)}")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value):
+        return _texts_valid(value)
+
 
 class ChatContentPart(_Lenient):
     type: Literal["text"]
     text: str
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        return _valid_unicode(value)
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", "name")
+    @classmethod
+    def _text_valid(cls, value):
+        return _valid_unicode(value) if isinstance(value, str) else value
 
     def text(self) -> str:
         if self.content is None:
@@ -178,6 +230,13 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _cap_messages(cls, value):
+        if isinstance(value, list) and len(value) > MAX_MESSAGES:
+            raise ValueError(f"at most {MAX_MESSAGES} messages, got {len(value)}")
+        return value
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

@@ -43,6 +43,7 @@ class ServiceState:
     shutting_down: bool = False
     loaded: threading.Event = field(default_factory=threading.Event)
     metrics: object = None
+    rate_limiter: object = None  # RateLimiter (server.api.ratelimit)
     max_model_len: int = 0  # --max-model-len, capped at the model's position limit
     exit_on_engine_death: bool = False  # the CLI sets it; in-process tests keep their interpreter
 
@@ -80,6 +81,11 @@ class ServiceState:
             )
             backend = open_backend(s.store, s3_endpoint_url=s.s3_endpoint_url)  # a directory or s3://bucket/prefix
             log.info("prompt store %s (%s)", s.store, type(backend).__name__)
+            cleanup = getattr(backend, "remove_stale_temp_files", None)
+            if callable(cleanup):  # leftovers of writers killed mid-write (kill -9); never a live writer's
+                removed = cleanup()
+                if removed:
+                    log.info("removed %d stale temp files from the prompt store", removed)
             self.store = PromptStore(
                 backend, info,
                 max_virtual_tokens=s.max_virtual_tokens, max_upload_bytes=s.max_upload_bytes,

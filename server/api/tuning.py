@@ -21,7 +21,7 @@ import json
 from typing import Any, Callable, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -72,6 +72,16 @@ class TuningJobRequest(BaseModel):
     early_stopping_min_delta: float = Field(0.0, ge=0)
     result_prompt: Literal["last", "best"] | None = Field(None, description="which prompt the job publishes (default: best with early stopping, else last)")
     description: str | None = Field(None, max_length=1024)
+
+    @field_validator("init_text", "description")
+    @classmethod
+    def _valid_unicode(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text is not valid Unicode (a lone surrogate)") from None
+        return value
 
 
 def _check_range(name: str, value, lo, hi) -> None:

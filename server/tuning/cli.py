@@ -121,8 +121,7 @@ def cmd_tune(args) -> int:
     assert _param_digest(model) == before, "model weights changed during tuning"  # cheap guard, never expected
 
     info = model_info(model, source.name)
-    files = adapter_files(result.embeddings, config, info,
-                          tokenizer_name_or_path=getattr(tokenizer, "name_or_path", None) or None)
+    files = adapter_files(result.embeddings, config, info)  # tokenizer: the public model name, not its install path
     summary = {"name": args.name, "num_virtual_tokens": config.num_virtual_tokens, "steps": config.steps,
                "final_loss": result.history[-1].loss if result.history else None,
                "eval_loss": result.eval_loss, "eval_accuracy": result.eval_accuracy,

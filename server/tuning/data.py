@@ -54,6 +54,23 @@ class TokenizedExample:
     num_target_tokens: int = field(default=0)
 
 
+def _is_text(value: Any) -> bool:
+    """A str that is valid Unicode: JSON can carry lone surrogates ("\\ud800") that no tokenizer takes."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(obj: dict, line: int, source: str) -> None:
+    for field in ("prompt", "completion"):
+        if isinstance(obj.get(field), str) and not _is_text(obj[field]):
+            raise DatasetError(f"'{field}' is not valid Unicode (a lone surrogate)", line=line, source=source)
+
+
 def _check_record(obj: Any, line: int, source: str) -> Example:
     if not isinstance(obj, dict):
         raise DatasetError(f"expected a JSON object, got {type(obj).__name__}", line=line, source=source)
@@ -73,6 +90,8 @@ def _check_record(obj: Any, line: int, source: str) -> Example:
                 raise DatasetError(f"messages[{i}].role must be one of {list(_ROLES)}, got {role!r}", line=line, source=source)
             if not isinstance(content, str):
                 raise DatasetError(f"messages[{i}].content must be a string", line=line, source=source)
+            if not _is_text(content):
+                raise DatasetError(f"messages[{i}].content is not valid Unicode (a lone surrogate)", line=line, source=source)
             out.append((role, content))
         if not any(r == "assistant" and c.strip() for r, c in out):
             raise DatasetError("'messages' has no non-empty assistant turn to learn from", line=line, source=source)
@@ -84,6 +103,7 @@ def _check_record(obj: Any, line: int, source: str) -> Example:
         raise DatasetError(
             f"missing field(s) {missing}: each line needs 'prompt' and 'completion', or 'messages'", line=line, source=source
         )
+    _check_text(obj, line, source)
     prompt, completion = obj["prompt"], obj["completion"]
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise DatasetError("'prompt' and 'completion' must be strings", line=line, source=source)
@@ -95,13 +115,18 @@ def _check_record(obj: Any, line: int, source: str) -> Example:
 def parse_jsonl(text: str, *, source: str = "data") -> list[Example]:
     """Parse JSONL text; blank lines are skipped. Raises DatasetError naming the line."""
     examples = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines would also split inside strings at U+2028, U+0085, ...
+    for lineno, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
             raise DatasetError(f"invalid JSON ({e.msg} at column {e.colno})", line=lineno, source=source) from None
+        except ValueError as e:  # e.g. an integer beyond Python's digit limit
+            raise DatasetError(f"invalid JSON ({e})", line=lineno, source=source) from None
+        except RecursionError:
+            raise DatasetError("invalid JSON (nested too deeply)", line=lineno, source=source) from None
         examples.append(_check_record(obj, lineno, source))
     if not examples:
         raise DatasetError("no examples (the file is empty)", source=source)

@@ -92,6 +92,7 @@ class TuningManager:
         is_busy: Callable[[], bool] = lambda: False,
         max_concurrent: int = 1,
         max_queued: int = 16,
+        max_active_per_tenant: int = 2,
         train_share_when_busy: float = 0.5,
         lease_seconds: float = 30.0,
         scan_seconds: float = 5.0,
@@ -105,6 +106,7 @@ class TuningManager:
         self.step_lock = step_lock if step_lock is not None else threading.Lock()
         self.is_busy = is_busy
         self.max_queued = max_queued
+        self.max_active_per_tenant = max_active_per_tenant  # queued + running, so one tenant cannot fill the queue
         self.train_share_when_busy = min(1.0, max(0.01, train_share_when_busy))
         self.replica_id = replica_id or new_replica_id()
         self.jobs = JobStore(store.backend, owner=self.replica_id, lease_seconds=lease_seconds)
@@ -127,9 +129,15 @@ class TuningManager:
     def submit(self, record: dict[str, Any], texts: dict[str, str]) -> TuningJob:
         """Persist a new job (status validating_files) and validate it in the background."""
         with self._lock:
+            tenant = record["tenant"]
+            active = sum(1 for j in self._local.values()
+                         if j.tenant == tenant and j.status in ("validating_files", "queued", "running"))
+            if active >= self.max_active_per_tenant:
+                raise QueueFull(f"this tenant has {active} tuning jobs queued or running, the limit "
+                                f"(--max-tuning-jobs-per-tenant); wait for one to finish or cancel one")
             waiting = sum(1 for j in self._local.values() if j.status in ("validating_files", "queued"))
             if waiting >= self.max_queued:
-                raise QueueFull(f"too many queued tuning jobs ({waiting}); try again later")
+                raise QueueFull(f"too many queued tuning jobs ({waiting}, --max-tuning-queue); try again later")
             job = TuningJob(record=record, texts=texts)
             self._local[job.id] = job
             self._claimed.add(job.id)
@@ -454,8 +462,7 @@ class TuningManager:
                            yield_fn=self._yield)
 
     def push_prompt(self, job: TuningJob, name: str, embeddings, description: str):
-        files = adapter_files(embeddings, config_from_record(job.record), self.info,
-                              tokenizer_name_or_path=getattr(self.tokenizer, "name_or_path", None) or None)
+        files = adapter_files(embeddings, config_from_record(job.record), self.info)  # tokenizer: the public model name, not its install path
         return push_to_store(self.store, job.record["namespace"], name, files, description=description)
 
 

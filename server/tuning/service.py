@@ -19,9 +19,11 @@ __all__ = ["TuningService"]
 
 
 class TuningService:
-    def __init__(self, state, *, max_concurrent: int = 1, max_queued: int = 16, train_share_when_busy: float = 0.5) -> None:
+    def __init__(self, state, *, max_concurrent: int = 1, max_queued: int = 16, max_active_per_tenant: int = 2,
+                 train_share_when_busy: float = 0.5) -> None:
         self.state = state
-        self.kwargs = dict(max_concurrent=max_concurrent, max_queued=max_queued, train_share_when_busy=train_share_when_busy)
+        self.kwargs = dict(max_concurrent=max_concurrent, max_queued=max_queued, max_active_per_tenant=max_active_per_tenant,
+                           train_share_when_busy=train_share_when_busy)
         self._manager: TuningManager | None = None
         self._lock = threading.Lock()
         self._closed = False
