@@ -350,9 +350,11 @@ class TuningManager:
             if job.status == "cancelled" or job.record["cancel_requested"]:
                 self._forget(job)
                 return
-            self._queue.put((job.tenant, job.id))
         finally:
             self.jobs.release(lease)
+        # Only after the lease is released: a worker that picked the job up while we still held it
+        # would find it leased, drop it as "another replica's", and it would wait for the next scan.
+        self._queue.put((job.tenant, job.id))
 
     # ---- scanner ------------------------------------------------------------------------------
     def _scanner(self) -> None:
