@@ -170,16 +170,7 @@ def parse_upload(
     if not 1 <= k <= max_virtual_tokens:
         raise _bad(f"num_virtual_tokens {k} out of range: must be between 1 and {max_virtual_tokens}", 422)
 
-    try:
-        tensors = st_load(adapter_model)
-    except Exception as e:  # safetensors raises its own error types; all mean "malformed"
-        raise _bad(f"adapter_model is not a valid safetensors file: {e}") from None
-    tensor = tensors[keys[0]]
-    if tuple(tensor.shape) != (k, dim) or tensor.dtype != _ST_DTYPES[info["dtype"]]:
-        raise _bad("adapter_model header does not match its tensor data")
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise _bad(f"prompt tensor contains {bad} non-finite values (NaN or Inf)", 422)
+    tensor = _load_tensor(adapter_model, keys[0], (k, dim), info["dtype"], "prompt")
 
     warnings: list[str] = []
     peft_type = "PROMPT_TUNING"
@@ -405,15 +396,7 @@ def parse_prefix_upload(adapter_model: bytes, cfg: dict[str, Any], model: ModelI
         if got is not None and got != want:
             raise _bad(f"adapter_config {key} {got} does not match: {why}", 422)
 
-    try:
-        tensor = st_load(adapter_model)[TENSOR_KEY]
-    except Exception as e:  # safetensors raises its own error types; all mean "malformed"
-        raise _bad(f"adapter_model is not a valid safetensors file: {e}") from None
-    if tuple(tensor.shape) != (k, width) or tensor.dtype != _ST_DTYPES[info["dtype"]]:
-        raise _bad("adapter_model header does not match its tensor data")
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise _bad(f"prefix tensor contains {bad} non-finite values (NaN or Inf)", 422)
+    tensor = _load_tensor(adapter_model, TENSOR_KEY, (k, width), info["dtype"], "prefix")
 
     warnings: list[str] = []
     base = cfg.get("base_model_name_or_path")
@@ -447,3 +430,17 @@ def prefix_config(original: dict[str, Any], k: int, model: ModelInfo) -> dict[st
         "auto_mapping": None,
         "revision": original.get("revision") if isinstance(original.get("revision"), str) else None,
     }
+
+
+def _load_tensor(adapter_model: bytes, key: str, shape: tuple[int, int], dtype_name: str, what: str) -> torch.Tensor:
+    """The tensor, checked against the header already validated: same shape and dtype, all finite."""
+    try:
+        tensor = st_load(adapter_model)[key]
+    except Exception as e:  # safetensors raises its own error types; all mean "malformed"
+        raise _bad(f"adapter_model is not a valid safetensors file: {e}") from None
+    if tuple(tensor.shape) != shape or tensor.dtype != _ST_DTYPES[dtype_name]:
+        raise _bad("adapter_model header does not match its tensor data")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise _bad(f"{what} tensor contains {bad} non-finite values (NaN or Inf)", 422)
+    return tensor
