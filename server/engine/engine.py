@@ -126,8 +126,7 @@ class LLMEngine:
         try:
             result = self.runner.run(sched)
         except Exception as exc:  # one bad step must not kill the loop: fail its rows, keep serving
-            log.exception("engine step failed")
-            self.runner.reset()
+            log.exception("engine step failed")  # nothing to undo in the runner: rows own only pool slots
             if _is_out_of_memory(exc):
                 self.runner.trim_memory()
                 if self.on_out_of_memory is not None:

@@ -95,9 +95,6 @@ class ModelRunner:
         """The request left the engine: forget its per-request state (its KV extent is the scheduler's)."""
         self.generators.pop(request_id, None)
 
-    def reset(self) -> None:
-        """After a failed step nothing in the runner needs undoing: rows own no device state but pool slots."""
-
     # ---- soft-prompt KV prefixes -------------------------------------------------------------
     def _prefix_key(self, request: Request) -> tuple[str, str, str]:
         return (self.model_id, str(self.dtype), request.prompt_sha256)

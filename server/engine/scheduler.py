@@ -58,10 +58,6 @@ class SchedulerOutput:
         return not self.rows
 
     @property
-    def num_tokens(self) -> int:
-        return sum(row.num_tokens for row in self.rows)
-
-    @property
     def scheduled(self) -> list[Request]:
         """Rows that get a token this step, in packed order: the runner's outputs line up with these."""
         return [row.request for row in self.rows if row.samples]
