@@ -159,12 +159,7 @@ def parse_upload(
     elif len(keys) != 1:
         raise _bad(f"expected exactly one tensor '{TENSOR_KEY}', found {keys}")
     info = header[keys[0]]
-    if info["dtype"] not in _ST_DTYPES:
-        raise _bad(f"unsupported tensor dtype {info['dtype']}; expected F32, F16 or BF16", 422)
-    shape = info["shape"]
-    if len(shape) != 2:
-        raise _bad(f"prompt tensor must be 2-D [num_virtual_tokens, token_dim], got shape {shape}", 422)
-    k, dim = shape
+    k, dim = _tensor_shape(info, "prompt tensor", "[num_virtual_tokens, token_dim]")
     if dim != model.hidden_size:
         raise _bad(f"prompt token_dim {dim} does not match the model hidden_size {model.hidden_size}", 422)
     if not 1 <= k <= max_virtual_tokens:
@@ -367,12 +362,7 @@ def parse_prefix_upload(adapter_model: bytes, cfg: dict[str, Any], model: ModelI
     if keys != [TENSOR_KEY]:
         raise _bad(f"expected exactly one tensor '{TENSOR_KEY}', found {keys}")
     info = header[TENSOR_KEY]
-    if info["dtype"] not in _ST_DTYPES:
-        raise _bad(f"unsupported tensor dtype {info['dtype']}; expected F32, F16 or BF16", 422)
-    shape = info["shape"]
-    if len(shape) != 2:
-        raise _bad(f"prefix tensor must be 2-D [num_virtual_tokens, num_layers * 2 * kv_heads * head_dim], got shape {shape}", 422)
-    k, width = shape
+    k, width = _tensor_shape(info, "prefix tensor", "[num_virtual_tokens, num_layers * 2 * kv_heads * head_dim]")
     layers, kv_heads, head_dim = model.num_layers, model.kv_heads, model.kv_head_dim
     if width != model.prefix_width:
         raise _bad(
@@ -444,3 +434,13 @@ def _load_tensor(adapter_model: bytes, key: str, shape: tuple[int, int], dtype_n
         bad = int((~torch.isfinite(tensor)).sum())
         raise _bad(f"{what} tensor contains {bad} non-finite values (NaN or Inf)", 422)
     return tensor
+
+
+def _tensor_shape(info: dict[str, Any], what: str, layout: str) -> tuple[int, int]:
+    """(rows, columns) from a tensor's header entry; 422 for an unsupported dtype or a non-2-D shape."""
+    if info["dtype"] not in _ST_DTYPES:
+        raise _bad(f"unsupported tensor dtype {info['dtype']}; expected F32, F16 or BF16", 422)
+    shape = info["shape"]
+    if len(shape) != 2:
+        raise _bad(f"{what} must be 2-D {layout}, got shape {shape}", 422)
+    return shape[0], shape[1]
