@@ -11,7 +11,7 @@ import logging
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import DetokState, Detokenizer
 from server.engine.guided import attach_guided_state
-from server.engine.kv_cache import KVPool, PrefixKVCache, default_kv_cache_bytes
+from server.engine.kv_cache import KVPool, PrefixKVCache, default_kv_cache_bytes, kv_shape
 from server.engine.model_runner import ModelRunner, RowLogprobs
 from server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from server.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
@@ -32,11 +32,8 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 def kv_cache_tokens(model, config: EngineConfig) -> int:
     """Token slots of the KV pool: `kv_cache_bytes`, or a default derived from free memory."""
-    text_config = model.config.get_text_config()
-    kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     param = next(model.parameters())
-    per_token = KVPool.bytes_per_token(text_config.num_hidden_layers, kv_heads, head_dim, param.dtype)
+    per_token = KVPool.bytes_per_token(*kv_shape(model), param.dtype)
     sched = config.scheduler
     budget = config.kv_cache_bytes or default_kv_cache_bytes(param.device, per_token, sched.max_batch_size, sched.max_model_len)
     return budget // per_token

@@ -19,6 +19,14 @@ import torch
 log = logging.getLogger("softserve.kv")
 
 
+def kv_shape(model) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) of a causal LM: what one token's KV holds per layer."""
+    text_config = model.config.get_text_config()
+    kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return text_config.num_hidden_layers, kv_heads, head_dim
+
+
 class KVPool:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
         self.capacity = capacity

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.guided import advance_guided
-from server.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache
+from server.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache, kv_shape
 from server.engine.packed_attention import BATCH_KWARG, NO_MASK, PackedBatch, PackedRow, causal_mask, install
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
@@ -82,9 +82,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.embed = model.get_input_embeddings()
-        self.num_layers = text_config.num_hidden_layers
-        self.num_kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
-        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_shape(model)
         self.pool = KVPool(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                            capacity=kv_cache_tokens, dtype=self.dtype, device=self.device)
         self._no_mask = NO_MASK.to(self.device)
