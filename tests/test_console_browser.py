@@ -264,7 +264,7 @@ def test_tuning_errors_live_curve_cancel_and_open_result(open_console, tmp_path,
     page.get_by_role("button", name="Start tuning").click()
     expect(page.locator("#tune-errors")).to_be_empty()
     status = page.locator("#tune-detail [data-role=job-status]")
-    expect(status).to_have_text("running")
+    expect(status).to_have_text("running", timeout=30_000)  # validating_files, then the queue, first
     chart = page.locator("#tune-chart")
 
     def points() -> int:  # the chart's accessible summary says how many points it draws
