@@ -1,7 +1,7 @@
 """Bytes-in, bytes-out key/value storage that maps onto an object store (S3, GCS) later.
 
 Only operations an object store has natively are exposed: put (optionally create-if-absent),
-get, exists, prefix list, delete. No rename, no directories, and the store never needs `list`
+get, exists, prefix list, delete, and (for the garbage collector) a key's modification time and size. No rename, no directories, and the store never needs `list`
 to look something up (listing is eventually consistent or slow on some object stores).
 """
 
@@ -16,9 +16,10 @@ import time
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterator, NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["StorageBackend", "ConditionalBackend", "LocalBackend", "MemoryBackend", "validate_key", "open_backend"]
+__all__ = ["StorageBackend", "ConditionalBackend", "LocalBackend", "MemoryBackend", "ObjectInfo", "validate_key",
+           "open_backend"]
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@=-]*$")
 
@@ -35,6 +36,12 @@ def validate_key(key: str) -> str:
         if not _COMPONENT.fullmatch(part):
             raise ValueError(f"invalid storage key {key!r}")
     return key
+
+
+class ObjectInfo(NamedTuple):
+    key: str
+    mtime: float  # unix seconds of the last write, by the backend's clock (S3: LastModified)
+    size: int  # bytes
 
 
 @runtime_checkable
@@ -55,6 +62,15 @@ class StorageBackend(Protocol):
 
     def delete(self, key: str) -> None:
         """Missing key is not an error."""
+        ...
+
+    def list_with_mtime(self, prefix: str) -> list[ObjectInfo]:
+        """Like `list`, with each key's modification time and size (S3 ListObjectsV2 has both).
+        For the garbage collector, which never deletes anything younger than its grace period."""
+        ...
+
+    def info(self, key: str) -> ObjectInfo | None:
+        """Modification time and size of one key (S3 HeadObject); None if missing. Never cached."""
         ...
 
 
@@ -117,8 +133,13 @@ class LocalBackend:
         """Delete `.tmp-*` files that a writer killed between writing and renaming (kill -9) left behind.
         Only files older than the grace period: a live writer's temp file, also one of another process
         sharing the directory, is seconds old. Returns how many were removed."""
+        return self.stale_temp_files(older_than_s, now=now)[0]
+
+    def stale_temp_files(self, older_than_s: float = STALE_TEMP_SECONDS, *, now: float | None = None,
+                         dry_run: bool = False) -> tuple[int, int]:
+        """`remove_stale_temp_files` that also reports the bytes freed (and can only count): (files, bytes)."""
         cutoff = (time.time() if now is None else now) - older_than_s
-        removed = 0
+        removed = freed = 0
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
@@ -126,12 +147,15 @@ class LocalBackend:
                     continue
                 path = Path(dirpath) / name
                 try:
-                    if path.stat().st_mtime < cutoff:
-                        path.unlink()
+                    st = path.stat()
+                    if st.st_mtime < cutoff:
+                        if not dry_run:
+                            path.unlink()
                         removed += 1
+                        freed += st.st_size
                 except FileNotFoundError:  # its writer finished (or another cleaner got it) meanwhile
                     continue
-        return removed
+        return removed, freed
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         path = self._path(key)
@@ -204,16 +228,83 @@ class LocalBackend:
             return
         _fsync_dir(path.parent)
 
+    def list_with_mtime(self, prefix: str) -> list[ObjectInfo]:
+        out = []
+        for key in self.list(prefix):
+            found = self.info(key)
+            if found is not None:  # deleted between the walk and the stat
+                out.append(found)
+        return out
+
+    def info(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return ObjectInfo(key, st.st_mtime, st.st_size)
+
+    def remove_stale_lock_files(self, older_than_s: float = STALE_TEMP_SECONDS, *, now: float | None = None,
+                                dry_run: bool = False) -> tuple[int, int]:
+        """Delete `.lock-<name>` files whose key `<name>` no longer exists (a deleted prompt, a finished
+        lease) and that are older than the grace period. Each is deleted while holding its flock, and
+        `_locked` re-checks after locking that its file is still the one at the path, so a writer that
+        opened a lock file just before it was unlinked retries on a fresh one instead of locking a
+        ghost. Returns (files, bytes)."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        removed = freed = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if not name.startswith(".lock-"):
+                    continue
+                lock = Path(dirpath) / name
+                if (Path(dirpath) / name[len(".lock-"):]).exists():
+                    continue  # its key is live: the lock file is reused by the next update
+                try:
+                    fd = os.open(lock, os.O_RDWR)
+                except FileNotFoundError:
+                    continue
+                try:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # someone is updating that key right now
+                    st = os.fstat(fd)
+                    if st.st_mtime >= cutoff or (Path(dirpath) / name[len(".lock-"):]).exists():
+                        continue
+                    if not dry_run:
+                        os.unlink(lock)
+                    removed += 1
+                    freed += st.st_size
+                except FileNotFoundError:
+                    continue
+                finally:
+                    os.close(fd)
+        return removed, freed
+
     # ---- compare-and-swap (ConditionalBackend) ---------------------------------------------------
     # etag = sha256 of the file's bytes. The compare and the swap happen under an exclusive flock on
     # a hidden per-key lock file, so processes sharing this directory (one host, or a filesystem with
     # working POSIX locks) serialise their updates of one key. Plain put/delete do not take the lock.
     @contextmanager
     def _locked(self, path: Path) -> Iterator[None]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.parent / f".lock-{path.name}", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = path.parent / f".lock-{path.name}"
+        while True:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)  # the garbage collector unlinked this lock file meanwhile: lock the new one
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -247,9 +338,11 @@ class LocalBackend:
 class MemoryBackend:
     """In-process backend for tests and ephemeral dev servers."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.time) -> None:
         self._data: dict[str, bytes] = {}
+        self._mtimes: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.clock = clock  # tests move it to age objects past the GC's grace period
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         validate_key(key)
@@ -257,7 +350,25 @@ class MemoryBackend:
             if if_absent and key in self._data:
                 return False
             self._data[key] = bytes(data)
+            self._mtimes[key] = self.clock()
             return True
+
+    def set_mtime(self, key: str, mtime: float) -> None:
+        """Test hook: pretend `key` was last written at `mtime`."""
+        with self._lock:
+            if key in self._data:
+                self._mtimes[key] = mtime
+
+    def list_with_mtime(self, prefix: str) -> list[ObjectInfo]:
+        with self._lock:
+            return [ObjectInfo(k, self._mtimes[k], len(self._data[k])) for k in sorted(self._data) if k.startswith(prefix)]
+
+    def info(self, key: str) -> ObjectInfo | None:
+        validate_key(key)
+        with self._lock:
+            if key not in self._data:
+                return None
+            return ObjectInfo(key, self._mtimes[key], len(self._data[key]))
 
     def get(self, key: str) -> bytes:
         validate_key(key)
@@ -277,6 +388,7 @@ class MemoryBackend:
         validate_key(key)
         with self._lock:
             self._data.pop(key, None)
+            self._mtimes.pop(key, None)
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
         data = self.get(key)
@@ -289,6 +401,7 @@ class MemoryBackend:
             if (None if cur is None else _etag(cur)) != etag:
                 return False
             self._data[key] = bytes(data)
+            self._mtimes[key] = self.clock()
             return True
 
     def delete_if_match(self, key: str, etag: str) -> bool:
@@ -298,6 +411,7 @@ class MemoryBackend:
             if cur is None or _etag(cur) != etag:
                 return False
             del self._data[key]
+            self._mtimes.pop(key, None)
             return True
 
 

@@ -26,7 +26,8 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from .backend import validate_key
+from . import keys
+from .backend import ObjectInfo, validate_key
 from .types import PromptStoreError
 
 __all__ = ["S3Backend", "StorageUnavailable"]
@@ -230,9 +231,12 @@ class S3Backend:
             raise StorageUnavailable(f"object store error on head: {exc}") from exc
 
     def list(self, prefix: str) -> list[str]:
+        return [item.key for item in self.list_with_mtime(prefix)]
+
+    def list_with_mtime(self, prefix: str) -> list[ObjectInfo]:
         if prefix and (prefix.startswith("/") or ".." in prefix.split("/")):
             raise ValueError(f"invalid prefix {prefix!r}")
-        out: list[str] = []
+        out: list[ObjectInfo] = []
         token = None
         while True:
             kwargs: dict[str, Any] = {"Prefix": self.prefix + prefix, "MaxKeys": 1000}
@@ -245,13 +249,24 @@ class S3Backend:
                     validate_key(key)
                 except ValueError:
                     continue  # foreign objects (e.g. dot-names) are never exposed
-                out.append(key)
+                out.append(ObjectInfo(key, item["LastModified"].timestamp(), int(item.get("Size", 0))))
             if not resp.get("IsTruncated"):
                 break
             token = resp.get("NextContinuationToken")
             if not token:
                 break
         return sorted(out)
+
+    def info(self, key: str) -> ObjectInfo | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            resp = self._call("head_object", Key=self._key(key))
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise StorageUnavailable(f"object store error on head: {exc}") from exc
+        return ObjectInfo(key, resp["LastModified"].timestamp(), int(resp.get("ContentLength", 0)))
 
     def delete(self, key: str) -> None:
         from botocore.exceptions import ClientError
@@ -320,7 +335,7 @@ class S3Backend:
 
         Writes and deletes one small object under `<prefix>/_softserve/`. Sets and returns
         `self.conditional_writes`; logs a warning when unsupported."""
-        probe = f"_softserve/probe-{uuid.uuid4().hex}"
+        probe = f"{keys.PROBE_PREFIX}probe-{uuid.uuid4().hex}"
         supported = False
         try:
             self.put(probe, b"1")

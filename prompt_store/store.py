@@ -28,8 +28,10 @@ from typing import Any
 import torch
 
 from . import format as fmt
+from . import keys
 from .backend import ConditionalBackend, StorageBackend
 from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptStoreError, PromptValidationError
+from .usage import UsageLedger
 
 __all__ = ["PromptStore", "validate_name", "PUBLIC_TENANT", "NAME_RE"]
 
@@ -70,6 +72,8 @@ class PromptStore:
         max_upload_bytes: int = fmt.DEFAULT_MAX_BYTES,
         revalidate_seconds: float = 0.0,
         max_prompt_parts: int = 4,
+        max_prompts_per_tenant: int = 0,
+        max_store_bytes_per_tenant: int = 0,
     ) -> None:
         self.backend = backend
         self.model = model
@@ -85,21 +89,15 @@ class PromptStore:
         self._heads: OrderedDict[str, tuple[float, _Head | None]] = OrderedDict()
         self._heads_lock = threading.Lock()
         self._writes = 0  # bumped by every local head write: a slower concurrent read must not cache an older head
+        # Per-tenant usage records and quotas (0 = unlimited); see usage.py.
+        self.usage = UsageLedger(backend, max_prompts=max_prompts_per_tenant, max_bytes=max_store_bytes_per_tenant)
 
     # ---- keys -------------------------------------------------------------------------------
-    @staticmethod
-    def blob_key(sha256: str) -> str:
-        return f"blobs/sha256/{sha256}.safetensors"
-
-    @staticmethod
-    def _prompt_prefix(tenant: str) -> str:
-        return f"tenants/{tenant}/prompts/"
-
-    def _head_key(self, tenant: str, name: str) -> str:
-        return f"{self._prompt_prefix(tenant)}{name}/head.json"
-
-    def _version_key(self, tenant: str, name: str, version: str) -> str:
-        return f"{self._prompt_prefix(tenant)}{name}/versions/{version}.json"
+    # Built by prompt_store.keys (the one module that knows every keyspace; see LAYOUT.md).
+    blob_key = staticmethod(keys.blob)
+    _prompt_prefix = staticmethod(keys.prompts_prefix)
+    _head_key = staticmethod(keys.prompt_head)
+    _version_key = staticmethod(keys.prompt_version)
 
     # ---- reads ------------------------------------------------------------------------------
     @staticmethod
@@ -277,6 +275,7 @@ class PromptStore:
             for attempt in range(_CAS_ATTEMPTS):
                 head, etag = self._read_head_fresh(tenant, name)
                 existing = self._same_version(tenant, name, head, version, sha, parsed.adapter_config)
+                added = (0 if head is not None else 1, 0)  # (names, tensor bytes) this upload adds
                 if existing is not None:
                     meta = existing
                     history = tuple(v for v in head.versions if v != existing.version) + (existing.version,)
@@ -296,9 +295,15 @@ class PromptStore:
                     )
                     prior = tuple(v for v in head.versions if v != version) if head else ()
                     history = prior + (version,)
+                    added = (added[0], meta.nbytes)
+                    self.usage.check(tenant, new_prompts=added[0], new_bytes=added[1])  # before anything is written
                     # 1. blob (content-addressed: an existing one already holds these exact bytes)
                     if not blob_written:
-                        self.backend.put(self.blob_key(sha), fmt.encode_blob(parsed.tensor), if_absent=True)
+                        blob = fmt.encode_blob(parsed.tensor)
+                        if not self.backend.put(self.blob_key(sha), blob, if_absent=True):
+                            # Re-used (maybe an old, unreferenced one the GC is about to collect): rewrite
+                            # it so its mtime is fresh and the GC's grace period covers this upload.
+                            self.backend.put(self.blob_key(sha), blob)
                         blob_written = True
                     # 2. version manifest (invisible until the head lists it)
                     meta = self._write_version(meta)
@@ -317,7 +322,19 @@ class PromptStore:
                     f"prompt {name!r} is being changed concurrently; retry", status_code=409, code="conflict"
                 )
             self._wrote_head(tenant, name, new_head)
+            if blob_written and existing is None:
+                self._verify_after_commit(meta, blob)
+            self.usage.add(tenant, prompts=added[0], prompt_bytes=added[1])
         return meta, parsed.warnings
+
+    def _verify_after_commit(self, meta: PromptMeta, blob: bytes) -> None:
+        """A garbage collector that listed the store before this head was written may have deleted
+        the blob or manifest this upload re-used, between our finding it and our head write (see
+        LAYOUT.md, "Garbage collection"): put back what is missing. Never cached (info is a HEAD)."""
+        if self.backend.info(self.blob_key(meta.sha256)) is None:
+            self.backend.put(self.blob_key(meta.sha256), blob, if_absent=True)
+        if self.backend.info(self._version_key(meta.tenant, meta.name, meta.version)) is None:
+            self.backend.put(self._version_key(meta.tenant, meta.name, meta.version), _json(meta.to_dict()), if_absent=True)
 
     def _same_version(self, tenant: str, name: str, head: _Head | None, version: str, sha: str,
                       adapter_config: dict) -> PromptMeta | None:
@@ -346,8 +363,13 @@ class PromptStore:
             return meta
         if self.backend.put(key, raw, if_absent=True):
             return meta
-        stored = self._read_version(meta.tenant, meta.name, meta.version)
+        try:
+            stored_raw = self.backend.get(key)
+            stored = PromptMeta.from_dict(json.loads(stored_raw))
+        except (KeyError, ValueError, TypeError):
+            stored = None
         if stored is not None and stored.sha256 == meta.sha256:
+            self.backend.put(key, stored_raw)  # adopted leftover: freshen its mtime for the GC's grace period
             return stored
         self.backend.put(key, raw)  # unreadable or foreign leftover: replace it
         return meta
@@ -366,6 +388,10 @@ class PromptStore:
                 if head is None:
                     self._wrote_head(tenant, name, None)
                     raise PromptNotFound(f"prompt {name!r} not found")
+                sizes = {head.latest.version: head.latest.nbytes}  # what the delete frees, for the usage record
+                for v in head.versions:
+                    if v not in sizes and (m := self._read_version(tenant, name, v)) is not None:
+                        sizes[v] = m.nbytes
                 if not self._cas:
                     self.backend.delete(self._head_key(tenant, name))
                     break
@@ -379,5 +405,14 @@ class PromptStore:
                     f"prompt {name!r} is being changed concurrently; retry", status_code=409, code="conflict"
                 )
             self._wrote_head(tenant, name, None)
+            self.usage.add(tenant, prompts=-1, prompt_bytes=-sum(sizes.values()))
             for v in head.versions:
                 self.backend.delete(self._version_key(tenant, name, v))
+
+    # ---- maintenance ------------------------------------------------------------------------
+    def collect_garbage(self, grace_seconds: float, dry_run: bool = False):
+        """Delete unreferenced blobs, orphan version manifests and stale temp files older than the grace
+        period, and repair the per-tenant usage records. Returns a GCReport. See gc.py / LAYOUT.md."""
+        from .gc import collect_garbage
+
+        return collect_garbage(self.backend, grace_seconds, dry_run=dry_run)

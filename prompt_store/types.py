@@ -20,6 +20,9 @@ __all__ = [
     "PromptValidationError",
     "PromptCacheFull",
     "PromptIntegrityError",
+    "QuotaExceeded",
+    "PromptQuotaExceeded",
+    "StorageQuotaExceeded",
 ]
 
 
@@ -155,3 +158,29 @@ class PromptIntegrityError(PromptStoreError):
 
     status_code = 500
     code = "prompt_integrity_error"
+
+
+class QuotaExceeded(PromptStoreError):
+    """A tenant's storage quota would be exceeded; nothing was written. `limit` and `usage` are in
+    the quota's unit (prompt names, or bytes), `usage` before the refused write."""
+
+    def __init__(self, message: str, *, limit: int, usage: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.usage = usage
+
+
+class PromptQuotaExceeded(QuotaExceeded):
+    """The tenant already has `--max-prompts-per-tenant` prompt names (a new version of an existing
+    name is always allowed by this quota). Free one with DELETE."""
+
+    status_code = 429
+    code = "prompt_quota_exceeded"
+
+
+class StorageQuotaExceeded(QuotaExceeded):
+    """The tenant's stored bytes (prompt tensors of all live versions + uploaded files) would pass
+    `--max-store-bytes-per-tenant`."""
+
+    status_code = 413
+    code = "storage_quota_exceeded"

@@ -46,6 +46,10 @@ _SERVE_FLAGS = [
     ("--torch-threads", "torch_threads", int), ("--json-logs", "json_logs", _bool),
     ("--log-level", "log_level", str), ("--tuning-lease-seconds", "tuning_lease_seconds", float),
     ("--tuning-scan-seconds", "tuning_scan_seconds", float), ("--tuning-replica-id", "tuning_replica_id", str),
+    ("--max-prompts-per-tenant", "max_prompts_per_tenant", int),
+    ("--max-store-bytes-per-tenant", "max_store_bytes_per_tenant", int),
+    ("--store-gc-interval-seconds", "store_gc_interval_seconds", float),
+    ("--store-gc-grace-seconds", "store_gc_grace_seconds", float),
 ]
 
 
@@ -168,6 +172,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_store(args) -> int:
+    from prompt_store.backend import open_backend
+    from prompt_store.gc import collect_garbage
+
+    overrides = {"store": args.store, "s3_endpoint_url": args.s3_endpoint_url}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    backend = open_backend(settings.store, s3_endpoint_url=settings.s3_endpoint_url)
+    grace = args.grace_seconds if args.grace_seconds is not None else settings.store_gc_grace_seconds
+    report = collect_garbage(backend, grace, dry_run=args.dry_run)
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softserve", description="Serve many soft prompts on one frozen LLM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--url", default=os.environ.get("SOFTSERVE_URL", "http://127.0.0.1:8000"))
     ev.add_argument("--api-key", default=os.environ.get("SOFTSERVE_API_KEY"))
 
+    store = sub.add_parser("store", help="maintain the prompt store directly (no server needed)")
+    ssub = store.add_subparsers(dest="store_cmd", required=True)
+    gc = ssub.add_parser("gc", help="delete unreferenced blobs, orphan manifests and stale temp files; recount usage",
+                         description="Safe while servers run and upload (also several replicas on one S3 store): "
+                                     "nothing younger than the grace period is deleted. Prints a JSON report.")
+    gc.add_argument("--store", help="a directory or s3://bucket/prefix (default: env SOFTSERVE_STORE, else ./data/prompts)")
+    gc.add_argument("--s3-endpoint-url", help="S3 endpoint (default: env SOFTSERVE_S3_ENDPOINT_URL)")
+    gc.add_argument("--grace-seconds", type=float, help="keep anything younger than this "
+                                                        "(default: env SOFTSERVE_STORE_GC_GRACE_SECONDS, else 3600)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
+
     from server.tuning.cli import add_tune_parser
 
     add_tune_parser(sub)
@@ -218,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_keys_add(args)
     if args.command == "eval":
         return cmd_eval(args)
+    if args.command == "store":
+        return cmd_store(args)
     if args.command == "tune":
         from server.tuning.cli import cmd_tune
 

@@ -56,3 +56,7 @@ class Settings(BaseSettings):
     tuning_lease_seconds: float = Field(30.0, gt=0, description="a tuning job's lease in the store: a replica that stops renewing it (died) loses the job to another replica after this long")
     tuning_replica_id: str | None = Field(None, description="this replica's name in tuning-job leases (default: random per process); unique among live replicas, stable across restarts (e.g. the pod name) lets a restarted replica resume its own jobs at once")
     tuning_scan_seconds: float = Field(5.0, gt=0, description="how often a replica looks in the store for unfinished tuning jobs nobody runs")
+    max_prompts_per_tenant: int = Field(10_000, ge=0, description="prompt names one tenant may have, '-ckpt' names of tuning jobs included (0 = unlimited; 429 prompt_quota_exceeded beyond)")
+    max_store_bytes_per_tenant: int = Field(1024**3, ge=0, description="bytes one tenant may store: prompt tensors of every live version plus uploaded files (0 = unlimited; 413 storage_quota_exceeded beyond)")
+    store_gc_interval_seconds: float = Field(0.0, ge=0, description="run the store's garbage collection every this many seconds on this replica (0 = off; or run `softserve store gc`)")
+    store_gc_grace_seconds: float = Field(3600.0, ge=60, description="garbage collection deletes nothing younger than this: longer than any upload takes")

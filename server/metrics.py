@@ -29,6 +29,8 @@ class Metrics:
         self.batch_size = Histogram("softserve_engine_batch_size", "Rows per engine step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.rejected = Counter("softserve_rejected_requests", "Requests refused at admission", ["reason"], registry=r)
+        self.store_gc_objects = Counter("softserve_store_gc_objects", "Store objects deleted by garbage collection", registry=r)
+        self.store_gc_bytes = Counter("softserve_store_gc_bytes", "Store bytes freed by garbage collection", registry=r)
         self._state = None
         self.scraped = r
         if not tenant_labels:
@@ -43,6 +45,10 @@ class Metrics:
         self.generation_tokens.labels(tenant).inc(generated)
         if virtual:
             self.virtual_tokens.labels(tenant).inc(virtual)
+
+    def count_store_gc(self, report) -> None:
+        self.store_gc_objects.inc(report.objects_deleted)
+        self.store_gc_bytes.inc(report.bytes_freed)
 
     def bind(self, state) -> None:
         """Gauges that read live state at scrape time (queue, batch, caches, tuning)."""

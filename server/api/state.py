@@ -11,6 +11,7 @@ import torch
 
 from prompt_store.backend import open_backend
 from prompt_store.cache import PromptCache
+from prompt_store.gc import PeriodicGC
 from prompt_store.store import PromptStore
 from prompt_store.types import ModelInfo
 from server.auth import ApiKeyRegistry
@@ -46,6 +47,7 @@ class ServiceState:
     rate_limiter: object = None  # RateLimiter (server.api.ratelimit)
     max_model_len: int = 0  # --max-model-len, capped at the model's position limit
     exit_on_engine_death: bool = False  # the CLI sets it; in-process tests keep their interpreter
+    store_gc: PeriodicGC | None = None  # --store-gc-interval-seconds
 
     @property
     def is_ready(self) -> bool:
@@ -90,7 +92,11 @@ class ServiceState:
                 backend, info,
                 max_virtual_tokens=s.max_virtual_tokens, max_upload_bytes=s.max_upload_bytes,
                 revalidate_seconds=s.store_revalidate_seconds, max_prompt_parts=s.max_prompt_parts,
+                max_prompts_per_tenant=s.max_prompts_per_tenant, max_store_bytes_per_tenant=s.max_store_bytes_per_tenant,
             )
+            if s.store_gc_interval_seconds > 0:
+                self.store_gc = PeriodicGC(backend, s.store_gc_interval_seconds, s.store_gc_grace_seconds,
+                                           on_report=getattr(self.metrics, "count_store_gc", None)).start()
             self.cache = PromptCache(self.store, device=param.device, dtype=param.dtype, budget_bytes=s.prompt_cache_bytes)
             config = EngineConfig(
                 scheduler=SchedulerConfig(
@@ -131,5 +137,7 @@ class ServiceState:
             threading.Timer(1.0, os._exit, args=(70,)).start()
 
     def close(self) -> None:
+        if self.store_gc is not None:
+            self.store_gc.stop()
         if self.engine is not None:
             self.engine.stop()

@@ -123,6 +123,9 @@ def build_tuning_router(get_manager: Callable[[], TuningManager], get_principal:
         except DatasetError as exc:
             raise APIError(400, str(exc), param="purpose" if exc.source == "purpose" else "file",
                            code="invalid_training_data") from None
+        except PromptStoreError as exc:  # StorageQuotaExceeded: 413
+            raise APIError(exc.status_code, exc.message, param="file" if exc.status_code < 500 else None,
+                           code=exc.code) from None
         return meta.to_dict()
 
     @router.get("/v1/files")

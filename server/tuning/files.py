@@ -1,5 +1,6 @@
-"""Uploaded training files (`POST /v1/files`), stored in the prompt store's backend:
-`tenants/<tenant>/files/<id>.jsonl` + `.json`, so they persist like prompts."""
+"""Uploaded training files (`POST /v1/files`), stored in the prompt store's backend under keys
+that `prompt_store.keys` builds (`tenants/<tenant>/files/<id>.jsonl` + `.json`, see
+prompt_store/LAYOUT.md), so they persist like prompts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from prompt_store import keys
 from prompt_store.store import validate_name
+from prompt_store.usage import UsageLedger
 from server.tuning.data import DatasetError, parse_jsonl
 
 __all__ = ["TuningFile", "FileRegistry", "FILE_PURPOSES"]
@@ -37,13 +40,14 @@ class TuningFile:
 class FileRegistry:
     """Uploaded JSONL files, validated (JSON + record shape, with line numbers) at upload."""
 
-    def __init__(self, backend, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, backend, max_bytes: int = 64 * 1024 * 1024, usage: UsageLedger | None = None) -> None:
         self.backend = backend
         self.max_bytes = max_bytes
+        self.usage = usage  # the store's per-tenant usage and quota (files count against the bytes quota)
 
     @staticmethod
     def _key(tenant: str, file_id: str, ext: str) -> str:
-        return f"tenants/{tenant}/files/{file_id}.{ext}"
+        return keys.file_data(tenant, file_id) if ext == "jsonl" else keys.file_meta(tenant, file_id)
 
     def create(self, tenant: str, filename: str, purpose: str, data: bytes) -> TuningFile:
         validate_name(tenant, "tenant")
@@ -56,11 +60,15 @@ class FileRegistry:
         except UnicodeDecodeError:
             raise DatasetError("file is not UTF-8 text", source=filename or "file") from None
         examples = parse_jsonl(text, source=filename or "file")
+        if self.usage is not None:
+            self.usage.check(tenant, new_bytes=len(data))  # StorageQuotaExceeded (413) before anything is written
         file_id = "file-" + uuid.uuid4().hex[:24]
         meta = TuningFile(id=file_id, tenant=tenant, filename=(filename or "data.jsonl")[:255], purpose=purpose,
                           bytes=len(data), num_examples=len(examples), created_at=int(time.time()))
         self.backend.put(self._key(tenant, file_id, "jsonl"), data)
         self.backend.put(self._key(tenant, file_id, "json"), json.dumps(meta.__dict__).encode())
+        if self.usage is not None:
+            self.usage.add(tenant, file_bytes=len(data))
         return meta
 
     def get(self, tenant: str, file_id: str) -> TuningFile:
@@ -79,7 +87,7 @@ class FileRegistry:
     def list(self, tenant: str) -> list[TuningFile]:
         validate_name(tenant, "tenant")
         out = []
-        for key in self.backend.list(f"tenants/{tenant}/files/"):
+        for key in self.backend.list(keys.files_prefix(tenant)):
             if key.endswith(".json"):
                 try:
                     out.append(TuningFile(**json.loads(self.backend.get(key))))
@@ -88,6 +96,8 @@ class FileRegistry:
         return sorted(out, key=lambda f: (f.created_at, f.id), reverse=True)
 
     def delete(self, tenant: str, file_id: str) -> None:
-        self.get(tenant, file_id)
+        meta = self.get(tenant, file_id)
         self.backend.delete(self._key(tenant, file_id, "jsonl"))
         self.backend.delete(self._key(tenant, file_id, "json"))
+        if self.usage is not None:
+            self.usage.add(tenant, file_bytes=-meta.bytes)

@@ -111,7 +111,7 @@ class TuningManager:
         self.replica_id = replica_id or new_replica_id()
         self.jobs = JobStore(store.backend, owner=self.replica_id, lease_seconds=lease_seconds)
         self.scan_seconds = scan_seconds
-        self.files = FileRegistry(store.backend, store.max_upload_bytes)
+        self.files = FileRegistry(store.backend, store.max_upload_bytes, usage=store.usage)
         self._local: dict[str, TuningJob] = {}
         self._claimed: set[str] = set()  # ids queued here, being validated or run here
         self._queue: queue.Queue = queue.Queue()

@@ -1,7 +1,7 @@
 """Tuning jobs in the store backend: records, events, resume checkpoints and a run lease.
 
-Every replica on one store (a directory or an S3 bucket) sees the same jobs. Keys (see
-prompt_store/LAYOUT.md, "Tuning jobs"):
+Every replica on one store (a directory or an S3 bucket) sees the same jobs. Keys (built by
+`prompt_store.keys`; see prompt_store/LAYOUT.md, "Tuning jobs"):
 
     tuning/active/<job_id>.json                            marker while a job is not finished
     tenants/<t>/tuning/jobs/<job_id>/record.json           the job (source of truth), updated by CAS
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from prompt_store import keys
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -76,30 +77,25 @@ class JobStore:
         self.clock = clock
 
     # ---- keys ---------------------------------------------------------------------------------
-    @staticmethod
-    def job_prefix(tenant: str, job_id: str) -> str:
-        return f"tenants/{tenant}/tuning/jobs/{job_id}/"
-
-    def _key(self, tenant: str, job_id: str, rest: str) -> str:
-        return self.job_prefix(tenant, job_id) + rest
+    job_prefix = staticmethod(keys.job_prefix)
 
     # ---- records ------------------------------------------------------------------------------
     def create(self, record: dict[str, Any], data: dict[str, str]) -> None:
         tenant, job_id = record["tenant"], record["id"]
         for which, text in data.items():
-            self.backend.put(self._key(tenant, job_id, f"data/{which}.jsonl"), text.encode("utf-8"))
-        if not self.backend.put(self._key(tenant, job_id, "record.json"), _dumps(record), if_absent=True):
+            self.backend.put(keys.job_data(tenant, job_id, which), text.encode("utf-8"))
+        if not self.backend.put(keys.job_record(tenant, job_id), _dumps(record), if_absent=True):
             raise RecordConflict(f"tuning job {job_id} already exists")
-        self.backend.put(f"tuning/active/{job_id}.json", _dumps({"tenant": tenant}))
+        self.backend.put(keys.active_job(job_id), _dumps({"tenant": tenant}))
 
     def read(self, tenant: str, job_id: str) -> dict[str, Any]:
-        data, _ = self.backend.get_with_etag(self._key(tenant, job_id, "record.json"))
+        data, _ = self.backend.get_with_etag(keys.job_record(tenant, job_id))
         return json.loads(data)
 
     def update(self, tenant: str, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
         """Read-modify-write under compare-and-swap: `change(record)` returns the new record (or
         None: leave it). Re-read and redo on a conflict, so no writer loses another's fields."""
-        key = self._key(tenant, job_id, "record.json")
+        key = keys.job_record(tenant, job_id)
         for _ in range(_CAS_ATTEMPTS):
             raw, etag = self.backend.get_with_etag(key)
             current = json.loads(raw)
@@ -113,7 +109,7 @@ class JobStore:
 
     def list(self, tenant: str) -> list[dict[str, Any]]:
         out = []
-        for key in self.backend.list(f"tenants/{tenant}/tuning/jobs/"):
+        for key in self.backend.list(keys.jobs_prefix(tenant)):
             if key.endswith("/record.json"):
                 try:
                     out.append(json.loads(self.backend.get(key)))
@@ -124,8 +120,10 @@ class JobStore:
     def active(self) -> list[tuple[str, str]]:
         """(tenant, job_id) of every job not known to be finished, oldest id order irrelevant."""
         out = []
-        for key in self.backend.list("tuning/active/"):
-            job_id = key[len("tuning/active/"):-len(".json")]
+        for key in self.backend.list(keys.ACTIVE_JOBS_PREFIX):
+            job_id = keys.active_job_id(key)
+            if job_id is None:
+                continue
             try:
                 out.append((json.loads(self.backend.get(key))["tenant"], job_id))
             except (KeyError, ValueError):
@@ -133,11 +131,11 @@ class JobStore:
         return out
 
     def deactivate(self, job_id: str) -> None:
-        self.backend.delete(f"tuning/active/{job_id}.json")
+        self.backend.delete(keys.active_job(job_id))
 
     def read_data(self, tenant: str, job_id: str, which: str) -> str | None:
         try:
-            return self.backend.get(self._key(tenant, job_id, f"data/{which}.jsonl")).decode("utf-8")
+            return self.backend.get(keys.job_data(tenant, job_id, which)).decode("utf-8")
         except KeyError:
             return None
 
@@ -147,14 +145,14 @@ class JobStore:
         lists the chunk in the record afterwards."""
         first = events[0]["seq"]
         body = b"".join(_dumps(e) + b"\n" for e in events)
-        self.backend.put(self._key(tenant, job_id, f"events/{first:010d}.jsonl"), body)
+        self.backend.put(keys.job_events(tenant, job_id, first), body)
         return first
 
     def read_events(self, tenant: str, job_id: str, chunks: list[int], next_seq: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for first in chunks:
             try:
-                raw = self.backend.get(self._key(tenant, job_id, f"events/{first:010d}.jsonl"))
+                raw = self.backend.get(keys.job_events(tenant, job_id, first))
             except KeyError:
                 continue
             out.extend(json.loads(line) for line in raw.splitlines() if line.strip())
@@ -164,7 +162,7 @@ class JobStore:
     # ---- checkpoints --------------------------------------------------------------------------
     def write_checkpoint(self, tenant: str, job_id: str, step: int, tensors: dict[str, torch.Tensor],
                          meta: dict[str, Any]) -> str:
-        key = self._key(tenant, job_id, f"checkpoints/{step:010d}.safetensors")
+        key = keys.job_checkpoint(tenant, job_id, step)
         self.backend.put(key, encode_state(tensors, meta))
         return key
 
@@ -175,7 +173,7 @@ class JobStore:
     def acquire(self, tenant: str, job_id: str) -> Lease | None:
         """Take the job's lease if nobody holds a live one (or we already do). CAS: of two replicas
         racing for an expired lease exactly one wins."""
-        key = self._key(tenant, job_id, "lease.json")
+        key = keys.job_lease(tenant, job_id)
         try:
             raw, etag = self.backend.get_with_etag(key)
             held = json.loads(raw)
@@ -192,7 +190,7 @@ class JobStore:
 
     def renew(self, lease: Lease) -> bool:
         """Extend our lease; False if it is no longer ours (it expired and another replica took it)."""
-        key = self._key(lease.tenant, lease.job_id, "lease.json")
+        key = keys.job_lease(lease.tenant, lease.job_id)
         expires = self.clock() + self.lease_seconds
         if not self.backend.put_if_match(key, _dumps({"owner": self.owner, "expires_at": expires}), lease.etag):
             return False
@@ -204,12 +202,12 @@ class JobStore:
         return True
 
     def release(self, lease: Lease) -> None:
-        self.backend.delete_if_match(self._key(lease.tenant, lease.job_id, "lease.json"), lease.etag)
+        self.backend.delete_if_match(keys.job_lease(lease.tenant, lease.job_id), lease.etag)
 
     def lease_holder(self, tenant: str, job_id: str) -> str | None:
         """Owner of a live lease, or None."""
         try:
-            held = json.loads(self.backend.get(self._key(tenant, job_id, "lease.json")))
+            held = json.loads(self.backend.get(keys.job_lease(tenant, job_id)))
         except KeyError:
             return None
         return held.get("owner") if held.get("expires_at", 0) > self.clock() else None

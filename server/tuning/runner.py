@@ -13,6 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from prompt_store.types import QuotaExceeded
 from server.tuning.data import DatasetError
 from server.tuning.records import config_from_record
 from server.tuning.trainer import StepInfo, TuningCancelled
@@ -56,6 +57,9 @@ class JobRun:
         except DatasetError as exc:
             m._finish(job, "failed", f"Data validation failed: {exc}", level="error",
                       error={"code": "invalid_training_data", "message": str(exc), "param": "training_file"})
+        except QuotaExceeded as exc:  # the tenant's prompt or byte quota: no result (or checkpoint) prompt stored
+            m._finish(job, "failed", f"Job failed: {exc.message}", level="error",
+                      error={"code": exc.code, "message": exc.message, "param": None})
         except Exception as exc:
             if m.interrupted(job):
                 return
