@@ -141,3 +141,77 @@ def test_stale_temp_files_are_removed_at_start_fresh_ones_kept(tiny_model, token
         assert c.get("/ready").status_code == 200
     assert not stale.exists() and fresh.exists() and (blobs / "abc.safetensors").exists()
     assert LocalBackend(store).remove_stale_temp_files(older_than_s=0.0, now=time.time() + 1) == 1  # the fresh one, later
+
+
+# ---- 10. per-tenant storage quotas: prompt names (429) and stored bytes (413), freed by deletes -----------
+def _prompt_files(seed: int, k: int = 4) -> dict:
+    import json
+
+    import torch
+    from safetensors.torch import save as st_save
+
+    tensor = torch.randn(k, 64, generator=torch.Generator().manual_seed(seed))  # the tiny model's hidden size
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": k}
+    return {"adapter_model": ("adapter_model.safetensors", st_save({"prompt_embeddings": tensor}, metadata={"format": "pt"})),
+            "adapter_config": ("adapter_config.json", json.dumps(config).encode())}
+
+
+def test_prompt_count_quota_answers_429_and_delete_frees_it(tiny_model, tokenizer, tmp_path):
+    assert Settings().max_prompts_per_tenant > 0  # on by default
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, max_prompts_per_tenant=2)) as c:
+        assert c.put("/v1/prompts/a", files=_prompt_files(1)).status_code == 201
+        assert c.put("/v1/prompts/b", files=_prompt_files(2)).status_code == 201
+        r = c.put("/v1/prompts/c", files=_prompt_files(3))
+        assert r.status_code == 429, r.text
+        error = r.json()["error"]
+        assert error["code"] == "prompt_quota_exceeded" and "--max-prompts-per-tenant" in error["message"]
+        assert "has 2 prompts" in error["message"] and "is 2" in error["message"]
+        assert c.get("/health").status_code == 200
+        assert [p["name"] for p in c.get("/v1/prompts").json()["data"]] == ["a", "b"]  # nothing half-written
+        assert c.put("/v1/prompts/a", files=_prompt_files(4)).status_code == 201  # a new version of a name is fine
+        assert c.delete("/v1/prompts/b").status_code == 200
+        assert c.put("/v1/prompts/c", files=_prompt_files(3)).status_code == 201
+
+
+def test_storage_bytes_quota_answers_413_for_prompts_and_files(tiny_model, tokenizer, tmp_path):
+    # Each prompt: 4 x 64 float32 = 1024 tensor bytes.
+    assert Settings().max_store_bytes_per_tenant > 0
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, max_store_bytes_per_tenant=2500)) as c:
+        assert c.put("/v1/prompts/a", files=_prompt_files(1)).status_code == 201
+        assert c.put("/v1/prompts/b", files=_prompt_files(2)).status_code == 201
+        r = c.put("/v1/prompts/c", files=_prompt_files(3))
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["code"] == "storage_quota_exceeded" and "--max-store-bytes-per-tenant" in error["message"]
+        assert "stores 2048 bytes" in error["message"] and "2500" in error["message"]
+        line = b'{"prompt": "a", "completion": " b"}\n'
+        r = c.post("/v1/files", files={"file": ("d.jsonl", line * 20)}, data={"purpose": "tune"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "storage_quota_exceeded", r.text
+        r = c.post("/v1/files", files={"file": ("d.jsonl", line * 5)}, data={"purpose": "tune"})
+        assert r.status_code == 200, r.text
+        file_id = r.json()["id"]
+        assert c.get("/health").status_code == 200
+        assert c.delete("/v1/prompts/a").status_code == 200  # frees its 1024 bytes
+        assert c.put("/v1/prompts/c", files=_prompt_files(3)).status_code == 201
+        assert c.put("/v1/prompts/d", files=_prompt_files(5)).status_code == 413
+        assert c.delete(f"/v1/files/{file_id}").status_code == 200
+        store = c.app.state.service.store
+        assert store.usage.get("default").bytes == 2048
+
+
+def test_tuning_job_over_the_prompt_quota_fails_with_the_quota_error(tiny_model, tokenizer, tmp_path):
+    import time
+
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, max_prompts_per_tenant=1)) as c:
+        assert c.put("/v1/prompts/x", files=_prompt_files(1)).status_code == 201
+        job = {"name": "t", "training_data": [{"prompt": "a", "completion": " b"}] * 2, "steps": 2, "batch_size": 2,
+               "num_virtual_tokens": 2}
+        r = c.post("/v1/tuning/jobs", json=job)
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 120
+        while (state := c.get(f"/v1/tuning/jobs/{r.json()['id']}").json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+        assert state["status"] == "failed" and state["error"]["code"] == "prompt_quota_exceeded", state
+        assert [p["name"] for p in c.get("/v1/prompts").json()["data"]] == ["x"]
+        assert c.get("/health").status_code == 200
