@@ -202,16 +202,21 @@ def test_storage_bytes_quota_answers_413_for_prompts_and_files(tiny_model, token
 def test_tuning_job_over_the_prompt_quota_fails_with_the_quota_error(tiny_model, tokenizer, tmp_path):
     import time
 
-    with TestClient(_app(tiny_model, tokenizer, tmp_path, max_prompts_per_tenant=1)) as c:
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, max_prompts_per_tenant=2)) as c:
         assert c.put("/v1/prompts/x", files=_prompt_files(1)).status_code == 201
+        assert c.put("/v1/prompts/y", files=_prompt_files(2)).status_code == 201
         job = {"name": "t", "training_data": [{"prompt": "a", "completion": " b"}] * 2, "steps": 2, "batch_size": 2,
                "num_virtual_tokens": 2}
-        r = c.post("/v1/tuning/jobs", json=job)
+        r = c.post("/v1/tuning/jobs", json=job)  # its result would be a third name: refused before it runs
+        assert r.status_code == 429 and r.json()["error"]["code"] == "prompt_quota_exceeded", r.text
+        assert c.delete("/v1/prompts/y").status_code == 200
+        r = c.post("/v1/tuning/jobs", json=job)  # 't' fits, but its first checkpoint takes 't-ckpt' (2 of 2)
         assert r.status_code == 200, r.text
         deadline = time.monotonic() + 120
         while (state := c.get(f"/v1/tuning/jobs/{r.json()['id']}").json())["status"] not in ("succeeded", "failed"):
             assert time.monotonic() < deadline, state
             time.sleep(0.2)
         assert state["status"] == "failed" and state["error"]["code"] == "prompt_quota_exceeded", state
-        assert [p["name"] for p in c.get("/v1/prompts").json()["data"]] == ["x"]
+        assert [p["name"] for p in c.get("/v1/prompts").json()["data"]] == ["t-ckpt", "x"]  # no result 't'
+        assert "--max-prompts-per-tenant" in state["error"]["message"]
         assert c.get("/health").status_code == 200

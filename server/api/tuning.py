@@ -241,6 +241,8 @@ def build_tuning_router(get_manager: Callable[[], TuningManager], get_principal:
             job = manager.submit(record, texts)
         except QueueFull as exc:
             raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "30"}) from None
+        except PromptStoreError as exc:  # PromptQuotaExceeded: 429
+            raise APIError(exc.status_code, exc.message, param="name", code=exc.code) from None
         return manager.view(manager.get(principal.tenant, job.id))
 
     def _job(manager: TuningManager, principal: Principal, job_id: str) -> dict[str, Any]:

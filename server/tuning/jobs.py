@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from prompt_store.store import PromptStore
+from prompt_store.types import PromptNotFound
 from server.tuning.data import DatasetError, TokenizedExample, parse_jsonl, tokenize_examples
 from server.tuning.export import adapter_files, model_info, push_to_store
 from server.tuning.files import FileRegistry, TuningFile
@@ -127,7 +128,13 @@ class TuningManager:
 
     # ---- public -------------------------------------------------------------------------------
     def submit(self, record: dict[str, Any], texts: dict[str, str]) -> TuningJob:
-        """Persist a new job (status validating_files) and validate it in the background."""
+        """Persist a new job (status validating_files) and validate it in the background. A job whose
+        result would be a new prompt name past the tenant's quota is refused now (PromptQuotaExceeded),
+        not after its training; its checkpoint name is checked when the first checkpoint is stored."""
+        try:
+            self.store.resolve(record["namespace"], record["name"])
+        except PromptNotFound:
+            self.store.usage.check(record["namespace"], new_prompts=1)
         with self._lock:
             tenant = record["tenant"]
             active = sum(1 for j in self._local.values()
