@@ -289,3 +289,32 @@ def test_gc_on_s3(seaweed):
     assert (report.blobs_deleted, report.blobs_young, report.blobs_referenced) == (1, 1, 1)
     assert not backend.exists(keys.blob("0" * 64)) and backend.exists(keys.blob("1" * 64))
     assert store.load_tensor(live).shape == (4, H) and shared.sha256 == live.sha256
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("gc_runs", ["after_finding_the_blob", "after_rewriting_the_blob"])
+def test_upload_reusing_an_old_blob_while_gc_runs_on_s3(seaweed, gc_runs):
+    """The re-used-old-blob race on a real S3 server: the GC runs (grace 2 s) inside B's upload."""
+    from prompt_store.s3_backend import S3Backend
+
+    runs = []
+
+    class Racy(S3Backend):
+        def put(self, key, data, *, if_absent=False):
+            wrote = super().put(key, data, if_absent=if_absent)
+            if keys.blob_sha(key) is not None and not runs and (
+                (gc_runs == "after_finding_the_blob" and if_absent and not wrote)
+                or (gc_runs == "after_rewriting_the_blob" and not if_absent)
+            ):
+                runs.append(collect_garbage(self, 2.0))
+            return wrote
+
+    backend = Racy(seaweed.bucket, f"gc-race/{uuid.uuid4().hex[:16]}", client=seaweed.client())
+    store = PromptStore(backend, MODEL)
+    old, _ = store.put("acme", "old", blob(7), CFG)
+    store.delete("acme", "old")
+    time.sleep(3.2)  # older than the grace period (S3 times have one-second resolution)
+    new, _ = store.put("beta", "new", blob(7), CFG)
+    assert len(runs) == 1 and new.sha256 == old.sha256
+    assert backend.info(keys.blob(new.sha256)) is not None
+    assert store.load_tensor(store.resolve("beta", "new")).shape == (4, H)
