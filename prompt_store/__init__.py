@@ -12,7 +12,10 @@ from .types import (
     PromptMeta,
     PromptNotFound,
     PromptStoreError,
+    PromptQuotaExceeded,
     PromptValidationError,
+    QuotaExceeded,
+    StorageQuotaExceeded,
 )
 
 __all__ = [
@@ -30,7 +33,10 @@ __all__ = [
     "PromptNotFound",
     "PromptStore",
     "PromptStoreError",
+    "PromptQuotaExceeded",
     "PromptValidationError",
+    "QuotaExceeded",
+    "StorageQuotaExceeded",
     "StorageBackend",
     "content_sha256",
     "export_adapter",

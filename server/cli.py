@@ -180,6 +180,8 @@ def cmd_store(args) -> int:
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     backend = open_backend(settings.store, s3_endpoint_url=settings.s3_endpoint_url)
     grace = args.grace_seconds if args.grace_seconds is not None else settings.store_gc_grace_seconds
+    if grace < 0:
+        raise SystemExit("error: --grace-seconds must be >= 0")
     report = collect_garbage(backend, grace, dry_run=args.dry_run)
     print(json.dumps(report.to_dict()))
     return 0
