@@ -318,3 +318,25 @@ def test_upload_reusing_an_old_blob_while_gc_runs_on_s3(seaweed, gc_runs):
     assert len(runs) == 1 and new.sha256 == old.sha256
     assert backend.info(keys.blob(new.sha256)) is not None
     assert store.load_tensor(store.resolve("beta", "new")).shape == (4, H)
+
+
+def test_server_runs_gc_periodically_and_counts_it_in_metrics(tiny_model, tokenizer, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.api.state import LoadedModel
+    from server.app import create_app
+    from server.config import Settings
+
+    assert Settings().store_gc_interval_seconds == 0  # off unless asked for: one replica (or cron) is enough
+    backend = LocalBackend(tmp_path / "store")
+    backend.put(keys.blob("0" * 64), blob(3))
+    age_all(backend)
+    settings = Settings(store=str(tmp_path / "store"), max_model_len=256, store_gc_interval_seconds=0.2,
+                        store_gc_grace_seconds=60)
+    with TestClient(create_app(settings, loaded=LoadedModel(tiny_model, tokenizer, "tiny"))) as c:
+        deadline = time.monotonic() + 30
+        while "softserve_store_gc_objects_total 1.0" not in (text := c.get("/metrics").text):
+            assert time.monotonic() < deadline, "the periodic GC never ran (or did not count it)"
+            time.sleep(0.1)
+        assert not backend.exists(keys.blob("0" * 64))
+        assert f"softserve_store_gc_bytes_total {float(len(blob(3)))}" in text
