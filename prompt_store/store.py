@@ -271,7 +271,7 @@ class PromptStore:
         sha = fmt.content_sha256(parsed.tensor)
         version = fmt.version_id(sha, parsed.adapter_config)[:_VERSION_LEN]
         with self._lock:
-            blob_written = False
+            blob_written = blob_reused = False
             for attempt in range(_CAS_ATTEMPTS):
                 head, etag = self._read_head_fresh(tenant, name)
                 existing = self._same_version(tenant, name, head, version, sha, parsed.adapter_config)
@@ -304,9 +304,10 @@ class PromptStore:
                             # Re-used (maybe an old, unreferenced one the GC is about to collect): rewrite
                             # it so its mtime is fresh and the GC's grace period covers this upload.
                             self.backend.put(self.blob_key(sha), blob)
+                            blob_reused = True
                         blob_written = True
                     # 2. version manifest (invisible until the head lists it)
-                    meta = self._write_version(meta)
+                    meta, adopted = self._write_version(meta)
                 # 3. head last: the single atomic switch to the new latest
                 new_head = _Head(latest=meta, versions=history)
                 raw = _json({"latest": meta.to_dict(), "versions": list(history), "updated_at": int(time.time())})
@@ -322,8 +323,8 @@ class PromptStore:
                     f"prompt {name!r} is being changed concurrently; retry", status_code=409, code="conflict"
                 )
             self._wrote_head(tenant, name, new_head)
-            if blob_written and existing is None:
-                self._verify_after_commit(meta, blob)
+            if existing is None and (blob_reused or adopted):
+                self._verify_after_commit(meta, blob)  # a fresh blob/manifest is younger than any GC's cutoff
             self.usage.add(tenant, prompts=added[0], prompt_bytes=added[1])
         return meta, parsed.warnings
 
@@ -350,8 +351,9 @@ class PromptStore:
                 return meta
         return None
 
-    def _write_version(self, meta: PromptMeta) -> PromptMeta:
-        """Write a version manifest unless one exists; return the manifest that is stored.
+    def _write_version(self, meta: PromptMeta) -> tuple[PromptMeta, bool]:
+        """Write a version manifest unless one exists; return the manifest that is stored, and whether
+        one was there already (adopted: the caller re-checks it after its head write, see GC).
 
         Version manifests are immutable once written: when two replicas upload the same new tensor
         at once, both publish the first writer's metadata (created_at, description), so the inline
@@ -360,9 +362,9 @@ class PromptStore:
         raw = _json(meta.to_dict())
         if not self._cas:
             self.backend.put(key, raw)
-            return meta
+            return meta, True  # maybe over a leftover: check it after the head write
         if self.backend.put(key, raw, if_absent=True):
-            return meta
+            return meta, False
         try:
             stored_raw = self.backend.get(key)
             stored = PromptMeta.from_dict(json.loads(stored_raw))
@@ -370,9 +372,9 @@ class PromptStore:
             stored = None
         if stored is not None and stored.sha256 == meta.sha256:
             self.backend.put(key, stored_raw)  # adopted leftover: freshen its mtime for the GC's grace period
-            return stored
+            return stored, True
         self.backend.put(key, raw)  # unreadable or foreign leftover: replace it
-        return meta
+        return meta, True
 
     def delete(self, tenant: str, name: str) -> None:
         """Remove a name with all its versions from listing and resolution.

@@ -340,3 +340,30 @@ def test_server_runs_gc_periodically_and_counts_it_in_metrics(tiny_model, tokeni
             time.sleep(0.1)
         assert not backend.exists(keys.blob("0" * 64))
         assert f"softserve_store_gc_bytes_total {float(len(blob(3)))}" in text
+
+
+@pytest.mark.parametrize("kind", ["memory", "local"])
+def test_upload_adopting_an_old_leftover_manifest_while_gc_runs(tmp_path, kind):
+    """A crash left a blob and a version manifest without a head; later the same tensor is uploaded to the
+    same name (the upload adopts the manifest) while a GC runs: the manifest the new head lists survives."""
+    base = MemoryBackend if kind == "memory" else LocalBackend
+    runs = []
+
+    class Racy(base):
+        def put(self, key, data, *, if_absent=False):
+            wrote = super().put(key, data, if_absent=if_absent)
+            if "/versions/" in key and if_absent and not wrote and not runs:
+                runs.append(collect_garbage(self, GRACE))
+            return wrote
+
+    backend = Racy() if kind == "memory" else Racy(tmp_path / "s")
+    store = PromptStore(backend, MODEL)
+    first, _ = store.put("acme", "p", blob(1), CFG)
+    backend.delete(keys.prompt_head("acme", "p"))  # as if killed before its head write
+    age_all(backend)
+    again, _ = store.put("acme", "p", blob(1), CFG)
+    assert len(runs) == 1 and runs[0].manifests_deleted == 1  # the GC did take the leftover meanwhile
+    assert again.version == first.version
+    assert backend.exists(keys.prompt_version("acme", "p", again.version))
+    assert store.resolve("acme", "p", again.version[:8]).sha256 == again.sha256
+    assert store.load_tensor(again).shape == (4, H)
