@@ -13,7 +13,7 @@ from server.engine.detokenizer import DetokState, Detokenizer
 from server.engine.guided import attach_guided_state
 from server.engine.kv_cache import KVPool, PrefixKVCache, default_kv_cache_bytes, kv_shape
 from server.engine.model_runner import ModelRunner, RowLogprobs
-from server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
+from server.engine.request import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
 from server.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 
 log = logging.getLogger("softserve.engine")
@@ -106,6 +106,10 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     @property
+    def model(self):
+        return self.runner.model
+
+    @property
     def num_running(self) -> int:
         return self.scheduler.num_running
 
@@ -116,7 +120,7 @@ class LLMEngine:
     # ---- step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        outputs = [self._final_output(r, "") for r in sched.finished]
+        outputs = [self.final_output(r, "") for r in sched.finished]
         if sched.is_empty:
             return outputs
         self.steps_run += 1
@@ -130,7 +134,7 @@ class LLMEngine:
                     self.on_out_of_memory()
             failed = [row.request for row in sched.rows]  # mid-prefill rows too: their KV is incomplete
             self.scheduler.fail(failed, f"engine error: {type(exc).__name__}")
-            return outputs + [self._final_output(r, "") for r in failed]
+            return outputs + [self.final_output(r, "") for r in failed]
         return outputs + self.postprocess(sched, result)
 
     def postprocess(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
@@ -140,15 +144,16 @@ class LLMEngine:
                 outputs.append(self._request_delta(request, result, row))
             except Exception as exc:  # a bad corner case in one request fails only that request
                 log.exception("postprocess failed for %s", request.request_id)
-                request.finish(FinishReason.ERROR, self.scheduler.step_count, error=f"{type(exc).__name__}: {exc}")
-                outputs.append(self._final_output(request, ""))
+                request.finish(FinishReason.ERROR, self.scheduler.step_count, error=f"{type(exc).__name__}: {exc}",
+                               error_kind=ErrorKind.ENGINE_ERROR)
+                outputs.append(self.final_output(request, ""))
         self.scheduler.drop_finished()
         return outputs
 
     def _request_delta(self, request: Request, result: RunnerOutput, row: int) -> RequestOutput:
         prompt_logprobs = self._prompt_logprobs(request)
         if not request.output_ids:  # max_tokens == 0: scored, nothing generated
-            return self._final_output(request, "", prompt_logprobs=prompt_logprobs)
+            return self.final_output(request, "", prompt_logprobs=prompt_logprobs)
         state = self._detok[request.request_id]
         token_id = request.output_ids[-1]
         text, hit_stop = self.detokenizer.step(state, token_id, is_last=request.is_finished)
@@ -160,7 +165,7 @@ class LLMEngine:
             logprobs = (self._token_logprob(token_id, row_logprobs),)
         if request.is_finished:
             text += self.detokenizer.finish(state)
-            return self._final_output(request, text, (token_id,), logprobs, prompt_logprobs)
+            return self.final_output(request, text, (token_id,), logprobs, prompt_logprobs)
         return RequestOutput(
             request_id=request.request_id,
             text=text,
@@ -190,7 +195,8 @@ class LLMEngine:
         return tuple(None if e is None else TokenLogprob(e[0], decode(e[0]), e[1], tuple((t, decode(t), lp) for t, lp in e[2]))
                      for e in entries)
 
-    def _final_output(self, request: Request, text: str, token_ids=(), logprobs=(), prompt_logprobs=None) -> RequestOutput:
+    def final_output(self, request: Request, text: str = "", token_ids=(), logprobs=(), prompt_logprobs=None) -> RequestOutput:
+        """The last delta of a finished request; frees what it held in the engine and runs its on_finish."""
         self._detok.pop(request.request_id, None)
         self.runner.release(request.request_id)
         if request.on_finish is not None:
@@ -211,6 +217,7 @@ class LLMEngine:
             num_virtual_tokens=request.num_virtual_tokens,
             num_output_tokens=request.num_output_tokens,
             error=request.error,
+            error_kind=request.error_kind,
         )
 
     def generate_sync(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
