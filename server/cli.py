@@ -94,7 +94,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_keys_add(args) -> int:
-    from server.auth import add_key
+    from server.service.auth import add_key
 
     key = add_key(args.file, args.tenant, args.role)
     print(key)

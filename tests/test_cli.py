@@ -21,7 +21,7 @@ def test_keys_add_prints_a_key_once_and_stores_only_its_hash(tmp_path):
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip()
     assert key.startswith("sk-ss-") and key not in keys.read_text()
-    from server.auth import ApiKeyRegistry
+    from server.service.auth import ApiKeyRegistry
 
     principal = ApiKeyRegistry.load(keys).authenticate(f"Bearer {key}")
     assert principal is not None and principal.tenant == "acme" and not principal.is_admin

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
-from server.auth import add_key
+from server.service.auth import add_key
 from server.config import Settings
 
 
@@ -76,7 +76,7 @@ def test_per_tenant_inference_queue_limit_is_on_by_default(tiny_model, tokenizer
 
 # ---- 12. rate limits per tenant: requests/s and tokens/min, 429 with Retry-After, in the metrics -----------
 def test_token_bucket_refills_at_its_rate():
-    from server.api.ratelimit import TokenBucket
+    from server.service.ratelimit import TokenBucket
 
     bucket = TokenBucket(rate=2.0, capacity=4.0, now=0.0)
     assert [bucket.take(1, 0.0) for _ in range(4)] == [0.0] * 4

@@ -264,9 +264,9 @@ def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_model, tokenizer
 # ---- API ------------------------------------------------------------------------------------------
 @pytest.fixture
 def api(tiny_model, tokenizer, tmp_path):
-    from server.api.state import LoadedModel
+    from server.service.runtime import LoadedModel
     from server.app import create_app
-    from server.auth import add_key
+    from server.service.auth import add_key
     from server.config import Settings
 
     keyfile = tmp_path / "keys.yaml"

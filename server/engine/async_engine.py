@@ -10,6 +10,7 @@ the batch at the next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -17,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.engine.engine import LLMEngine
+from server.engine.engine import EngineStats, LLMEngine
 from server.engine.request import ErrorKind, FinishReason, Request, RequestOutput
 from server.engine.scheduler import QueueFullError
 
@@ -73,6 +74,10 @@ class AsyncEngine:
     @property
     def num_running(self) -> int:
         return self.engine.num_running
+
+    def stats(self) -> EngineStats:
+        """Counts queued requests the engine thread has not taken in yet as waiting."""
+        return dataclasses.replace(self.engine.stats(), num_waiting=self.num_waiting)
 
     @property
     def num_waiting(self) -> int:

@@ -43,6 +43,22 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics, read without the step lock (each number is current, not all from one step)."""
+
+    num_waiting: int
+    num_running: int
+    steps_run: int  # steps that ran the model
+    forward_passes: int  # model calls: equal to steps_run (one forward per step)
+    kv_pool_tokens: int
+    kv_pool_used_tokens: int
+    prefix_cache_hits: int
+    prefix_cache_misses: int
+    prefix_cache_evictions: int
+    prefix_cache_bytes: int
+
+
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()) -> None:
         self.config = config
@@ -108,6 +124,15 @@ class LLMEngine:
     @property
     def model(self):
         return self.runner.model
+
+    def stats(self) -> EngineStats:
+        kv, prefix = self.scheduler.kv, self.prefix_cache
+        return EngineStats(
+            num_waiting=self.num_waiting, num_running=self.num_running, steps_run=self.steps_run,
+            forward_passes=self.runner.forward_passes, kv_pool_tokens=kv.capacity, kv_pool_used_tokens=kv.used_tokens,
+            prefix_cache_hits=prefix.hits, prefix_cache_misses=prefix.misses, prefix_cache_evictions=prefix.evictions,
+            prefix_cache_bytes=prefix.bytes,
+        )
 
     @property
     def num_running(self) -> int:

@@ -1,40 +1,40 @@
-"""Turns validated API requests into engine Requests and engine deltas into results.
+"""Generation without HTTP: turns checked inputs into engine Requests and engine deltas into results.
 
-Shared by /v1/completions and /v1/chat/completions: soft-prompt resolution (tenant-scoped, pinned in
-the device cache until the request leaves the engine), length checks, fan-out for `n`, and
-cancellation when the client goes away.
+Shared by completions and chat completions: soft-prompt resolution (tenant-scoped, pinned in the
+device cache until the request leaves the engine), the request-size and length checks, fan-out for
+`n`, and cancellation when the caller goes away. Errors are typed (server.service.errors).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request as HTTPRequest
+from anyio.to_thread import run_sync as run_in_threadpool
 
 from prompt_store.types import PromptStoreError
-from server.api.errors import APIError
-from server.api.state import ServiceState
-from server.api.composition import INVALID_COMPOSITION, resolve_reference
-from server.auth import Principal
-from server.logs import log_request
 from server.engine.async_engine import EngineDeadError
 from server.engine.guided import GuidedSpecError, validate as validate_guided
 from server.engine.request import (
-    FinishReason, GuidedSpec, Request, RequestOutput, SamplingParams, SoftPrompt, SoftPromptRef,
+    ErrorKind, FinishReason, GuidedSpec, Request, RequestOutput, SamplingParams, SoftPrompt, SoftPromptRef,
 )
 from server.engine.scheduler import QueueFullError
+from server.logs import log_request
+from server.service.auth import Principal
+from server.service.errors import (
+    ClientGone, InternalError, InvalidRequest, NotFound, NotReady, Overloaded, Timeout, from_store_error,
+)
+from server.service.runtime import Runtime
+from server.service.tenancy import INVALID_COMPOSITION, resolve_reference
 
 
 @dataclass
 class ResolvedModel:
     label: str  # what we echo back in `model`
-    soft_prompt: SoftPrompt | None
     meta: object | None = None  # PromptMeta, for pinning (a composition's own meta for "a+b")
     parts: tuple = ()  # the PromptMetas of a composition, in order; () for a single prompt
 
@@ -51,65 +51,50 @@ class Choice:
     num_output_tokens: int = 0
 
 
-def require_ready(state: ServiceState) -> None:
-    if not state.is_ready:
-        reason = "server is shutting down" if state.shutting_down else "model is loading, not ready yet"
-        if state.load_error:
-            reason = "model failed to load"
-        raise APIError(503, reason, code="not_ready", headers={"Retry-After": "5"})
-
-
-def num_prompts(prompt) -> int:
-    """How many prompts a `prompt` field holds, in O(1): the schema already made lists homogeneous."""
-    if isinstance(prompt, str):
-        return 1
-    if not prompt or isinstance(prompt[0], int):
-        return 1 if prompt else 0
-    return len(prompt)
-
-
-def check_fan_out(state: ServiceState, prompts: int, n: int) -> None:
+def check_fan_out(state: Runtime, prompts: int, n: int) -> None:
     """Admission in O(1), before anything is tokenized or built: one request may start at most
     --max-choices-per-request sequences (len(prompt) x n)."""
     settings = state.settings
     if n > settings.max_n:
-        raise APIError(400, f"n must be <= {settings.max_n} (--max-n)", param="n", code="invalid_parameter")
+        raise InvalidRequest(f"n must be <= {settings.max_n} (--max-n)", param="n", code="invalid_parameter")
     limit = settings.max_choices_per_request
     if prompts * n > limit:
-        raise APIError(400, f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} sequences; the limit "
+        raise InvalidRequest(f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} sequences; the limit "
                        f"is {limit} per request (--max-choices-per-request). Split it into smaller requests.",
                        param="prompt" if prompts > 1 else "n", code="too_many_choices")
 
 
-def check_request_tokens(state: ServiceState, prompts: list[list[int]], n: int) -> None:
+def check_request_tokens(state: Runtime, prompts: list[list[int]], n: int) -> None:
     """Prompt tokens the request makes the server prefill (x n): at most --max-request-tokens."""
     limit = state.settings.max_request_tokens
     total = sum(len(p) for p in prompts) * n
     if total > limit:
-        raise APIError(400, f"this request has {total} prompt tokens (summed over its prompts, x n={n}); the limit is "
+        raise InvalidRequest(f"this request has {total} prompt tokens (summed over its prompts, x n={n}); the limit is "
                        f"{limit} per request (--max-request-tokens)", param="prompt", code="request_too_large")
 
 
-def store_error(exc: PromptStoreError) -> APIError:
-    return APIError(exc.status_code, exc.message, param="model", code="prompt_error" if exc.status_code != 404 else "model_not_found")
+def store_error(exc: PromptStoreError):
+    error = from_store_error(exc, param="model")
+    error.code = "model_not_found" if isinstance(error, NotFound) else "prompt_error"
+    return error
 
 
-def resolve_model(state: ServiceState, principal: Principal, model_field: str) -> ResolvedModel:
+def resolve_model(state: Runtime, principal: Principal, model_field: str) -> ResolvedModel:
     """`model` is the base model's served name (no soft prompt) or a prompt reference."""
     if model_field == state.served_model_name:
-        return ResolvedModel(label=model_field, soft_prompt=None)
+        return ResolvedModel(label=model_field)
     try:
         meta, parts = resolve_reference(state.store, principal, model_field)
     except PromptStoreError as exc:
         if exc.code == INVALID_COMPOSITION:  # too many parts / tokens, mixed kinds: say so
-            raise APIError(400, exc.message, param="model", code=INVALID_COMPOSITION) from exc
+            raise InvalidRequest(exc.message, param="model", code=INVALID_COMPOSITION) from exc
         if exc.status_code == 400:  # malformed reference: still "no such model" to the client
-            raise APIError(404, f"model {model_field!r} not found", param="model", code="model_not_found") from exc
+            raise NotFound(f"model {model_field!r} not found", param="model", code="model_not_found") from exc
         raise store_error(exc) from exc
-    return ResolvedModel(label=model_field, soft_prompt=None, meta=meta, parts=parts)
+    return ResolvedModel(label=model_field, meta=meta, parts=parts)
 
 
-async def pin_soft_prompt(state: ServiceState, resolved: ResolvedModel) -> SoftPrompt | None:
+async def pin_soft_prompt(state: Runtime, resolved: ResolvedModel) -> SoftPrompt | None:
     """Pin the prompt's tensor on the device (one pin per engine request); released on finish."""
     if resolved.meta is None:
         return None
@@ -122,21 +107,20 @@ async def pin_soft_prompt(state: ServiceState, resolved: ResolvedModel) -> SoftP
     return SoftPrompt(ref=ref, embeddings=loaded.embeddings, kind=meta.kind)
 
 
-def check_length(state: ServiceState, num_virtual: int, num_prompt: int, max_tokens: int | None) -> int:
+def check_length(state: Runtime, num_virtual: int, num_prompt: int, max_tokens: int | None) -> int:
     """Returns the effective max_tokens; 400 naming the numbers when the request cannot fit."""
     limit = state.max_model_len
     if num_prompt == 0:
-        raise APIError(400, "prompt is empty: at least one token is required", param="prompt", code="empty_prompt")
+        raise InvalidRequest("prompt is empty: at least one token is required", param="prompt", code="empty_prompt")
     room = limit - num_virtual - num_prompt
     if max_tokens is None:
         if room < 1:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens; the request uses "
+            raise InvalidRequest(f"this model's maximum context length is {limit} tokens; the request uses "
                            f"{num_virtual} virtual + {num_prompt} prompt tokens, leaving no room to generate",
                            param="messages", code="context_length_exceeded")
         return room
     if max_tokens > room:
-        raise APIError(
-            400,
+        raise InvalidRequest(
             f"this model's maximum context length is {limit} tokens; the request needs "
             f"{num_virtual + num_prompt + max_tokens} ({num_virtual} virtual + {num_prompt} prompt + "
             f"{max_tokens} max_tokens). Reduce the prompt or max_tokens.",
@@ -146,119 +130,53 @@ def check_length(state: ServiceState, num_virtual: int, num_prompt: int, max_tok
     return max_tokens
 
 
-def check_supported(body) -> None:
-    """400 naming the first request field we do not implement (instead of silently ignoring it)."""
-    found = body.unsupported_field()
-    if found is not None:
-        param, message = found
-        raise APIError(400, message, param=param, code="unsupported_parameter")
-
-
-def guided_spec(body) -> tuple[str, GuidedSpec] | None:
-    """(param, constraint) from response_format / guided_* / structured_outputs; at most one may be set."""
-    found: list[tuple[str, GuidedSpec]] = []
-    fmt = body.response_format
-    if fmt is not None and fmt.type == "json_object":
-        found.append(("response_format", GuidedSpec("json_object")))
-    elif fmt is not None and fmt.type == "json_schema":
-        if fmt.json_schema is None:
-            raise APIError(400, "response_format.json_schema is required for type json_schema",
-                           param="response_format.json_schema", code="invalid_parameter")
-        found.append(("response_format.json_schema.schema", GuidedSpec("json_schema", json.dumps(fmt.json_schema.schema_))))
-    so = body.structured_outputs
-    candidates = [
-        ("guided_json", "json_schema", body.guided_json),
-        ("guided_regex", "regex", body.guided_regex),
-        ("guided_choice", "choice", body.guided_choice),
-        ("guided_grammar", "grammar", body.guided_grammar),
-        ("structured_outputs.json", "json_schema", so.json_ if so else None),
-        ("structured_outputs.regex", "regex", so.regex if so else None),
-        ("structured_outputs.choice", "choice", so.choice if so else None),
-        ("structured_outputs.grammar", "grammar", so.grammar if so else None),
-    ]
-    for param, kind, value in candidates:
-        if value is not None:
-            found.append((param, GuidedSpec(kind, value if isinstance(value, str) else json.dumps(value))))
-    if so is not None and so.json_object:
-        found.append(("structured_outputs.json_object", GuidedSpec("json_object")))
-    if len(found) > 1:
-        raise APIError(400, f"only one constraint may be set; got {found[0][0]} and {found[1][0]}",
-                       param=found[1][0], code="invalid_parameter")
-    if not found:
-        return None
-    param, spec = found[0]
-    if body.ignore_eos or body.min_tokens:
-        bad = "ignore_eos" if body.ignore_eos else "min_tokens"
-        raise APIError(400, f"{bad} cannot be combined with {param}: the grammar decides where the answer ends",
-                       param=bad, code="invalid_parameter")
-    return param, spec
-
-
-async def checked_guided_spec(state: ServiceState, body) -> GuidedSpec | None:
-    """The request's constraint, compiled once here so a bad schema is a 400 before the engine."""
-    found = guided_spec(body)
-    if found is None:
-        return None
-    param, spec = found
+async def compile_guided(runtime: Runtime, param: str, spec: GuidedSpec) -> GuidedSpec:
+    """Compile the constraint once here, so a bad schema is an InvalidRequest before the engine sees it."""
     try:
-        await run_in_threadpool(validate_guided, spec, state.tokenizer)
+        await run_in_threadpool(validate_guided, spec, runtime.tokenizer)
     except GuidedSpecError as exc:
-        raise APIError(400, f"{param}: {exc}", param=param, code="invalid_grammar") from exc
+        raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_grammar") from exc
     return spec
 
 
-def sampling_params(body, max_tokens: int, *, seed_offset: int, logprobs: int | None,
-                    guided: GuidedSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
-    seed = body.seed
+def per_choice_sampling(template: SamplingParams, max_tokens: int, seed_offset: int) -> SamplingParams:
+    """Choice j of a request with n > 1 gets seed + j, so its n samples differ yet each is reproducible."""
+    seed = template.seed
     if seed is not None:
         seed = (seed + seed_offset) % (2**63)
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        seed=seed,
-        stop=body.stop_list(),
-        ignore_eos=body.ignore_eos,
-        min_tokens=min(body.min_tokens, max_tokens),
-        logprobs=logprobs,
-        stop_token_ids=tuple(body.stop_token_ids or ()),
-        skip_special_tokens=body.skip_special_tokens,
-        guided=guided,
-        prompt_logprobs=prompt_logprobs,
-    )
+    return dataclasses.replace(template, max_tokens=max_tokens, seed=seed, min_tokens=min(template.min_tokens, max_tokens))
 
 
 async def build_requests(
-    state: ServiceState, principal: Principal, resolved: ResolvedModel, prompts: list[list[int]], body,
-    max_tokens: int | None, logprobs: int | None, request_id: str = "req", *,
-    guided: GuidedSpec | None = None, prompt_logprobs: int | None = None,
+    state: Runtime, principal: Principal, resolved: ResolvedModel, prompts: list[list[int]],
+    sampling: SamplingParams, n: int, max_tokens: int | None, request_id: str = "req",
 ) -> tuple[list[Request], list[Choice]]:
-    check_fan_out(state, len(prompts), body.n)  # callers check earlier too; this is the last line of defence
-    check_request_tokens(state, prompts, body.n)
+    """One engine Request per (prompt, choice). `sampling` is the request's template: max_tokens (None:
+    fill the context), seed and min_tokens are set per choice here."""
+    check_fan_out(state, len(prompts), n)  # callers check earlier too; this is the last line of defence
+    check_request_tokens(state, prompts, n)
     num_virtual = resolved.meta.num_virtual_tokens if resolved.meta is not None else 0
     # The context check first: its message names the numbers that matter; the cap applies after.
     effective = [check_length(state, num_virtual, len(p), max_tokens) for p in prompts]
     limit = state.settings.max_tokens_limit
     if max_tokens is not None and max_tokens > limit:
-        raise APIError(400, f"max_tokens must be <= {limit} (--max-tokens-limit)", param="max_tokens", code="invalid_parameter")
+        raise InvalidRequest(f"max_tokens must be <= {limit} (--max-tokens-limit)", param="max_tokens", code="invalid_parameter")
     effective = [min(e, limit) for e in effective]
     if state.rate_limiter is not None:  # what the request may cost: its prompt tokens and all it may generate
-        state.rate_limiter.charge_tokens(principal.tenant, sum(len(p) + e for p, e in zip(prompts, effective)) * body.n)
+        state.rate_limiter.charge_tokens(principal.tenant, sum(len(p) + e for p, e in zip(prompts, effective)) * n)
     requests: list[Request] = []
     choices: list[Choice] = []
     base_id = f"{request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses X-Request-ID
     try:
         for p_index, prompt_ids in enumerate(prompts):
-            for j in range(body.n):
+            for j in range(n):
                 soft_prompt = await pin_soft_prompt(state, resolved)
                 release = _releaser(state, resolved) if soft_prompt is not None else None
-                index = p_index * body.n + j
+                index = p_index * n + j
                 requests.append(Request(
                     request_id=f"{base_id}-{index}",
                     prompt_ids=prompt_ids,
-                    sampling=sampling_params(body, effective[p_index], seed_offset=j, logprobs=logprobs,
-                                             guided=guided, prompt_logprobs=prompt_logprobs),
+                    sampling=per_choice_sampling(sampling, effective[p_index], seed_offset=j),
                     soft_prompt=soft_prompt,
                     tenant=principal.tenant,
                     on_finish=release,
@@ -270,7 +188,7 @@ async def build_requests(
     return requests, choices
 
 
-def _releaser(state: ServiceState, resolved: ResolvedModel):
+def _releaser(state: Runtime, resolved: ResolvedModel):
     sha = resolved.meta.sha256
 
     def release(_request: Request) -> None:
@@ -289,7 +207,7 @@ def release_all(requests: list[Request]) -> None:
 class Tracker:
     """Latency metrics and the one structured log line per API request."""
 
-    def __init__(self, state: ServiceState, *, request_id: str, tenant: str, endpoint: str, model: str,
+    def __init__(self, state: Runtime, *, request_id: str, tenant: str, endpoint: str, model: str,
                  resolved: ResolvedModel, num_prompt_tokens: int) -> None:
         self.state, self.request_id, self.tenant, self.endpoint, self.model = state, request_id, tenant, endpoint, model
         self.meta = resolved.meta
@@ -333,7 +251,7 @@ class Tracker:
 
 
 async def stream_outputs(
-    state: ServiceState, requests: list[Request], tracker: Tracker | None = None
+    state: Runtime, requests: list[Request], tracker: Tracker | None = None
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every request and yield (request index, delta) as they arrive, interleaved."""
     engine = state.engine
@@ -350,10 +268,10 @@ async def stream_outputs(
                 status = "rejected"
                 if state.metrics is not None:
                     state.metrics.rejected.labels("queue_full").inc()
-                raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
+                raise Overloaded(str(exc), code="queue_full", retry_after=1) from exc
             except EngineDeadError as exc:
                 status = "unavailable"
-                raise APIError(503, "engine is not running", code="not_ready") from exc
+                raise NotReady("engine is not running") from exc
             submitted += 1
             pumps.append(asyncio.ensure_future(_pump(index, out_queue, merged)))
         while len(finished) < len(requests):
@@ -387,16 +305,19 @@ async def _pump(index: int, source: asyncio.Queue, sink: asyncio.Queue) -> None:
             return
 
 
-async def collect(state: ServiceState, http_request: HTTPRequest, requests: list[Request], choices: list[Choice],
-                  tracker: Tracker | None = None) -> None:
-    """Run to completion, aborting everything if the client disconnects first."""
+async def collect(state: Runtime, requests: list[Request], choices: list[Choice], tracker: Tracker | None = None, *,
+                  disconnected: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run to completion; if `disconnected()` returns first (the caller went away), abort everything."""
 
     async def consume() -> None:
         async for index, output in stream_outputs(state, requests, tracker):
             apply_delta(choices[index], output)
 
     consumer = asyncio.ensure_future(consume())
-    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+    if disconnected is None:
+        await consumer
+        return
+    watcher = asyncio.ensure_future(disconnected())
     try:
         done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -404,30 +325,18 @@ async def collect(state: ServiceState, http_request: HTTPRequest, requests: list
             if not task.done():
                 task.cancel()
     if consumer in done:
-        consumer.result()  # re-raise APIError etc.
+        consumer.result()  # re-raise a ServiceError etc.
     else:
         try:
             await consumer
         except (asyncio.CancelledError, Exception):
             pass
-        # The client is gone: nobody reads this; 499 ("client closed request") keeps logs quiet.
-        raise APIError(499, "client closed the connection", code="client_closed")
-
-
-async def _wait_disconnect(http_request: HTTPRequest) -> None:
-    while True:
-        message = await http_request.receive()
-        if message["type"] == "http.disconnect":
-            return
+        raise ClientGone("client closed the connection")
 
 
 def apply_delta(choice: Choice, output: RequestOutput) -> None:
     if output.finished and output.finish_reason == FinishReason.ERROR:
-        if output.error and "timed out" in output.error:
-            raise APIError(504, output.error, code="timeout")
-        if output.error and "queue is full" in output.error:  # lost a race with the admission check
-            raise APIError(429, output.error, code="queue_full", headers={"Retry-After": "1"})
-        raise APIError(500, f"generation failed: {output.error or 'internal error'}", code="generation_error")
+        raise generation_error(output)
     choice.text += output.text
     choice.token_ids.extend(output.token_ids)
     choice.logprobs.extend(output.logprobs)
@@ -436,6 +345,18 @@ def apply_delta(choice: Choice, output: RequestOutput) -> None:
     choice.num_output_tokens = output.num_output_tokens or choice.num_output_tokens
     if output.finished:
         choice.finish_reason = finish_reason_str(output.finish_reason)
+
+
+def generation_error(output: RequestOutput):
+    """The typed error of a request the engine finished with FinishReason.ERROR."""
+    kind = output.error_kind
+    if kind == ErrorKind.TIMEOUT:
+        return Timeout(output.error or "request timed out")
+    if kind == ErrorKind.QUEUE_FULL:  # lost a race with the admission check
+        return Overloaded(output.error or "queue is full", code="queue_full", retry_after=1)
+    if kind == ErrorKind.ENGINE_DEAD:
+        return NotReady("engine is not running")
+    return InternalError(f"generation failed: {output.error or 'internal error'}", code="generation_error")
 
 
 def finish_reason_str(reason: FinishReason | None) -> str | None:
