@@ -14,12 +14,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store.store import PUBLIC_TENANT
 from prompt_store.types import PromptMeta
 from server.service import prompts as service
 from server.service.auth import Principal
 from server.service.errors import InvalidRequest, UnsupportedMediaType
-from server.service.tenancy import display_prefix
+from server.service.tenancy import PUBLIC_TENANT, display_prefix
 
 from .deps import CacheDep, PrincipalDep, StoreDep
 from .uploads import parse_multipart, part_bytes, read_body_limited

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from prompt_store.compose import compose_meta
-from prompt_store.store import NAME_RE, PUBLIC_TENANT, PromptStore
+from prompt_store.store import NAME_RE, PromptStore
 from prompt_store.types import PromptMeta, PromptNotFound, PromptValidationError
 
 from .auth import Principal
@@ -25,6 +25,7 @@ __all__ = [
     "parse_reference", "is_composition", "resolve_reference", "visible_prompts", "display_prefix",
 ]
 
+PUBLIC_TENANT = "public"  # the shared namespace: everyone reads it, admins write it
 INVALID_COMPOSITION = "invalid_composition"  # a 400 the client can act on (not "no such model")
 SEPARATOR = "+"  # never part of a prompt name (store.NAME_RE), so the split is unambiguous
 
