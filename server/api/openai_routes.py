@@ -101,12 +101,16 @@ def _sse(payload: dict | str) -> str:
 
 
 def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    """An SSE stream that always ends with `data: [DONE]` (also after an error event)."""
+    """An SSE stream that always ends with `data: [DONE]`; an error after the first event (the status is
+    sent by then) becomes an error event."""
 
     async def with_done() -> AsyncIterator[str]:
         try:
-            async for event in events:
-                yield event
+            try:
+                async for event in events:
+                    yield event
+            except ServiceError as exc:
+                yield _sse(service_error_body(exc))
             yield _sse("[DONE]")
         finally:  # client gone: close the inner stream now, which aborts its engine requests
             await events.aclose()
@@ -202,35 +206,31 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, stat
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
-            try:
-                offsets = [0] * len(choices)
-                started: set[int] = set()
-                async for index, output in stream_outputs(state, requests, tracker):
-                    choice = choices[index]
-                    apply_delta(choice, output)
-                    first = index not in started
-                    started.add(index)
-                    text = (echo_text(choice) if first else "") + output.text
-                    lp = None
-                    rows = echoed(choice) if first else []
-                    if body.logprobs is not None and (output.logprobs or rows):
-                        lp = _completion_logprobs(list(output.logprobs), offsets[index], rows).model_dump()
-                        offsets[index] += sum(len(t) for t in lp["tokens"])
-                    if not text and not output.finished and lp is None:
-                        continue
-                    payload = {"index": index, "text": text, "logprobs": lp,
-                               "finish_reason": finish_reason_str(output.finish_reason) if output.finished else None}
-                    if first and body.prompt_logprobs is not None:
-                        payload["prompt_logprobs"] = [None if p is None else {k: v.model_dump() for k, v in p.items()}
-                                                      for p in vllm_prompt_logprobs(choice) or []]
-                    yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                                "choices": [payload]})
-                if include_usage:
-                    yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                                "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
-            except ServiceError as exc:
-                yield _sse(service_error_body(exc))
-
+            offsets = [0] * len(choices)
+            started: set[int] = set()
+            async for index, output in stream_outputs(state, requests, tracker):
+                choice = choices[index]
+                apply_delta(choice, output)
+                first = index not in started
+                started.add(index)
+                text = (echo_text(choice) if first else "") + output.text
+                lp = None
+                rows = echoed(choice) if first else []
+                if body.logprobs is not None and (output.logprobs or rows):
+                    lp = _completion_logprobs(list(output.logprobs), offsets[index], rows).model_dump()
+                    offsets[index] += sum(len(t) for t in lp["tokens"])
+                if not text and not output.finished and lp is None:
+                    continue
+                payload = {"index": index, "text": text, "logprobs": lp,
+                           "finish_reason": finish_reason_str(output.finish_reason) if output.finished else None}
+                if first and body.prompt_logprobs is not None:
+                    payload["prompt_logprobs"] = [None if p is None else {k: v.model_dump() for k, v in p.items()}
+                                                  for p in vllm_prompt_logprobs(choice) or []]
+                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                            "choices": [payload]})
+            if include_usage:
+                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                            "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
         return _sse_response(events())
 
     await collect(state, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
@@ -273,22 +273,18 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
                                               choices=choices_payload, usage=usage).model_dump(exclude_none=True))
 
         async def events() -> AsyncIterator[str]:
-            try:
-                for c in choices:
-                    yield chunk([S.ChatStreamChoice(index=c.index, delta=S.ChatDelta(role="assistant", content=""))])
-                async for index, output in stream_outputs(state, requests, tracker):
-                    apply_delta(choices[index], output)
-                    lp = _chat_logprobs(list(output.logprobs)) if body.logprobs and output.logprobs else None
-                    if output.text or lp is not None:
-                        yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(content=output.text), logprobs=lp)])
-                    if output.finished:
-                        yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(),
-                                                        finish_reason=finish_reason_str(output.finish_reason))])
-                if include_usage:
-                    yield chunk([], usage=_usage(prompts, choices, num_virtual))
-            except ServiceError as exc:
-                yield _sse(service_error_body(exc))
-
+            for c in choices:
+                yield chunk([S.ChatStreamChoice(index=c.index, delta=S.ChatDelta(role="assistant", content=""))])
+            async for index, output in stream_outputs(state, requests, tracker):
+                apply_delta(choices[index], output)
+                lp = _chat_logprobs(list(output.logprobs)) if body.logprobs and output.logprobs else None
+                if output.text or lp is not None:
+                    yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(content=output.text), logprobs=lp)])
+                if output.finished:
+                    yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(),
+                                                    finish_reason=finish_reason_str(output.finish_reason))])
+            if include_usage:
+                yield chunk([], usage=_usage(prompts, choices, num_virtual))
         return _sse_response(events())
 
     await collect(state, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
