@@ -147,47 +147,47 @@ async def _disconnected(http_request: HTTPRequest) -> None:
             return
 
 
-async def _guided(state: Runtime, body) -> GuidedSpec | None:
+async def _guided(runtime: Runtime, body) -> GuidedSpec | None:
     found = guided_spec(body)
-    return None if found is None else await compile_guided(state, *found)
+    return None if found is None else await compile_guided(runtime, *found)
 
 
 router = APIRouter()
 
 
 @router.get("/v1/models", response_model=S.ModelList)
-async def list_models(state: RuntimeDep, principal: PrincipalDep) -> S.ModelList:
-    state.require_ready()
-    cards = [S.ModelCard(id=state.served_model_name, root=state.served_model_name)]
-    metas = await run_in_threadpool(visible_prompts, state.store, principal)
+async def list_models(runtime: RuntimeDep, principal: PrincipalDep) -> S.ModelList:
+    runtime.require_ready()
+    cards = [S.ModelCard(id=runtime.served_model_name, root=runtime.served_model_name)]
+    metas = await run_in_threadpool(visible_prompts, runtime.store, principal)
     for meta in metas:
         cards.append(S.ModelCard(id=f"{display_prefix(meta, principal)}{meta.name}", created=meta.created_at, owned_by=meta.tenant,
-                                 root=state.served_model_name, parent=state.served_model_name,
+                                 root=runtime.served_model_name, parent=runtime.served_model_name,
                                  num_virtual_tokens=meta.num_virtual_tokens, kind=meta.kind))
     return S.ModelList(data=cards)
 
 @router.post("/v1/completions")
-async def completions(body: S.CompletionRequest, http_request: HTTPRequest, state: RuntimeDep,
+async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
                       principal: PrincipalDep):
-    state.require_ready()
-    check_fan_out(state, num_prompts(body.prompt), body.n)  # before any work that grows with the request
+    runtime.require_ready()
+    check_fan_out(runtime, num_prompts(body.prompt), body.n)  # before any work that grows with the request
     check_supported(body)
-    guided = await _guided(state, body)
-    resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
-    prompts = await run_in_threadpool(_tokenize_prompts, state.tokenizer, body.prompt, state.max_model_len * 64)
+    guided = await _guided(runtime, body)
+    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
+    prompts = await run_in_threadpool(_tokenize_prompts, runtime.tokenizer, body.prompt, runtime.max_model_len * 64)
     echo_logprobs = body.echo and body.logprobs is not None
     wanted = [n for n in (body.prompt_logprobs, body.logprobs if echo_logprobs else None) if n is not None]
     prompt_top = max(wanted) if wanted else None
-    prompt_texts = _prompt_texts(state.tokenizer, body.prompt, prompts) if body.echo else None
+    prompt_texts = _prompt_texts(runtime.tokenizer, body.prompt, prompts) if body.echo else None
     request_id = http_request.state.request_id
     sampling = sampling_template(body, logprobs=body.logprobs, guided=guided, prompt_logprobs=prompt_top)
-    requests, choices = await build_requests(state, principal, resolved, prompts, sampling, body.n, body.max_tokens,
+    requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, body.max_tokens,
                                              request_id)
 
     def echoed(choice: Choice) -> list:
         if not echo_logprobs:
             return []
-        return _echoed_rows(state.tokenizer, prompts[choice.prompt_index], choice.prompt_logprobs, body.logprobs)
+        return _echoed_rows(runtime.tokenizer, prompts[choice.prompt_index], choice.prompt_logprobs, body.logprobs)
 
     def echo_text(choice: Choice) -> str:
         return prompt_texts[choice.prompt_index] if prompt_texts is not None else ""
@@ -196,7 +196,7 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, stat
         if body.prompt_logprobs is None:
             return None
         return _vllm_prompt_logprobs(choice.prompt_logprobs, body.prompt_logprobs)
-    tracker = Tracker(state, request_id=request_id, tenant=principal.tenant, endpoint="completions",
+    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="completions",
                       model=body.model, resolved=resolved, num_prompt_tokens=sum(len(p) for p in prompts))
     num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
     response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -208,7 +208,7 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, stat
         async def events() -> AsyncIterator[str]:
             offsets = [0] * len(choices)
             started: set[int] = set()
-            async for index, output in stream_outputs(state, requests, tracker):
+            async for index, output in stream_outputs(runtime, requests, tracker):
                 choice = choices[index]
                 apply_delta(choice, output)
                 first = index not in started
@@ -233,7 +233,7 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, stat
                             "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
         return _sse_response(events())
 
-    await collect(state, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
     return S.CompletionResponse(
         id=response_id, created=created, model=body.model,
         choices=[S.CompletionChoice(index=c.index, text=echo_text(c) + c.text, finish_reason=c.finish_reason,
@@ -244,22 +244,22 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, stat
     )
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest, state: RuntimeDep,
+async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
                            principal: PrincipalDep):
-    state.require_ready()
-    check_fan_out(state, 1, body.n)
+    runtime.require_ready()
+    check_fan_out(runtime, 1, body.n)
     check_supported(body)
-    guided = await _guided(state, body)
-    resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
-    prompt_ids = await run_in_threadpool(_apply_chat_template, state.tokenizer, body.messages, state.max_model_len * 64)
+    guided = await _guided(runtime, body)
+    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
+    prompt_ids = await run_in_threadpool(_apply_chat_template, runtime.tokenizer, body.messages, runtime.max_model_len * 64)
     prompts = [prompt_ids]
     max_tokens = body.max_completion_tokens or body.max_tokens
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     request_id = http_request.state.request_id
     sampling = sampling_template(body, logprobs=top_n, guided=guided)
-    requests, choices = await build_requests(state, principal, resolved, prompts, sampling, body.n, max_tokens,
+    requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, max_tokens,
                                              request_id)
-    tracker = Tracker(state, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
+    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
                       model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids))
     num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -275,7 +275,7 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
         async def events() -> AsyncIterator[str]:
             for c in choices:
                 yield chunk([S.ChatStreamChoice(index=c.index, delta=S.ChatDelta(role="assistant", content=""))])
-            async for index, output in stream_outputs(state, requests, tracker):
+            async for index, output in stream_outputs(runtime, requests, tracker):
                 apply_delta(choices[index], output)
                 lp = _chat_logprobs(list(output.logprobs)) if body.logprobs and output.logprobs else None
                 if output.text or lp is not None:
@@ -287,7 +287,7 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
                 yield chunk([], usage=_usage(prompts, choices, num_virtual))
         return _sse_response(events())
 
-    await collect(state, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
     return S.ChatCompletionResponse(
         id=response_id, created=created, model=body.model,
         choices=[S.ChatChoice(index=c.index, message=S.ChatResponseMessage(content=c.text),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from anyio.to_thread import run_sync as run_in_threadpool
 
-from prompt_store.types import PromptStoreError
+from prompt_store.types import PromptMeta, PromptStoreError
 from server.engine.async_engine import EngineDeadError
 from server.engine.guided import GuidedSpecError, validate as validate_guided
 from server.engine.request import (
@@ -35,8 +35,8 @@ from server.service.tenancy import INVALID_COMPOSITION, resolve_reference
 @dataclass
 class ResolvedModel:
     label: str  # what we echo back in `model`
-    meta: object | None = None  # PromptMeta, for pinning (a composition's own meta for "a+b")
-    parts: tuple = ()  # the PromptMetas of a composition, in order; () for a single prompt
+    meta: PromptMeta | None = None  # None: the base model; a composition's own meta for "a+b"
+    parts: tuple[PromptMeta, ...] = ()  # the parts of a composition, in order; () for a single prompt
 
 
 @dataclass
@@ -51,10 +51,10 @@ class Choice:
     num_output_tokens: int = 0
 
 
-def check_fan_out(state: Runtime, prompts: int, n: int) -> None:
+def check_fan_out(runtime: Runtime, prompts: int, n: int) -> None:
     """Admission in O(1), before anything is tokenized or built: one request may start at most
     --max-choices-per-request sequences (len(prompt) x n)."""
-    settings = state.settings
+    settings = runtime.settings
     if n > settings.max_n:
         raise InvalidRequest(f"n must be <= {settings.max_n} (--max-n)", param="n", code="invalid_parameter")
     limit = settings.max_choices_per_request
@@ -64,9 +64,9 @@ def check_fan_out(state: Runtime, prompts: int, n: int) -> None:
                        param="prompt" if prompts > 1 else "n", code="too_many_choices")
 
 
-def check_request_tokens(state: Runtime, prompts: list[list[int]], n: int) -> None:
+def check_request_tokens(runtime: Runtime, prompts: list[list[int]], n: int) -> None:
     """Prompt tokens the request makes the server prefill (x n): at most --max-request-tokens."""
-    limit = state.settings.max_request_tokens
+    limit = runtime.settings.max_request_tokens
     total = sum(len(p) for p in prompts) * n
     if total > limit:
         raise InvalidRequest(f"this request has {total} prompt tokens (summed over its prompts, x n={n}); the limit is "
@@ -79,12 +79,12 @@ def store_error(exc: PromptStoreError):
     return error
 
 
-def resolve_model(state: Runtime, principal: Principal, model_field: str) -> ResolvedModel:
+def resolve_model(runtime: Runtime, principal: Principal, model_field: str) -> ResolvedModel:
     """`model` is the base model's served name (no soft prompt) or a prompt reference."""
-    if model_field == state.served_model_name:
+    if model_field == runtime.served_model_name:
         return ResolvedModel(label=model_field)
     try:
-        meta, parts = resolve_reference(state.store, principal, model_field)
+        meta, parts = resolve_reference(runtime.store, principal, model_field)
     except PromptStoreError as exc:
         if exc.code == INVALID_COMPOSITION:  # too many parts / tokens, mixed kinds: say so
             raise InvalidRequest(exc.message, param="model", code=INVALID_COMPOSITION) from exc
@@ -94,12 +94,12 @@ def resolve_model(state: Runtime, principal: Principal, model_field: str) -> Res
     return ResolvedModel(label=model_field, meta=meta, parts=parts)
 
 
-async def pin_soft_prompt(state: Runtime, resolved: ResolvedModel) -> SoftPrompt | None:
+async def pin_soft_prompt(runtime: Runtime, resolved: ResolvedModel) -> SoftPrompt | None:
     """Pin the prompt's tensor on the device (one pin per engine request); released on finish."""
     if resolved.meta is None:
         return None
     try:
-        loaded = await run_in_threadpool(state.cache.acquire, resolved.meta, resolved.parts)
+        loaded = await run_in_threadpool(runtime.cache.acquire, resolved.meta, resolved.parts)
     except PromptStoreError as exc:
         raise store_error(exc) from exc
     meta = loaded.meta
@@ -107,9 +107,9 @@ async def pin_soft_prompt(state: Runtime, resolved: ResolvedModel) -> SoftPrompt
     return SoftPrompt(ref=ref, embeddings=loaded.embeddings, kind=meta.kind)
 
 
-def check_length(state: Runtime, num_virtual: int, num_prompt: int, max_tokens: int | None) -> int:
+def check_length(runtime: Runtime, num_virtual: int, num_prompt: int, max_tokens: int | None) -> int:
     """Returns the effective max_tokens; 400 naming the numbers when the request cannot fit."""
-    limit = state.max_model_len
+    limit = runtime.max_model_len
     if num_prompt == 0:
         raise InvalidRequest("prompt is empty: at least one token is required", param="prompt", code="empty_prompt")
     room = limit - num_virtual - num_prompt
@@ -148,30 +148,30 @@ def per_choice_sampling(template: SamplingParams, max_tokens: int, seed_offset: 
 
 
 async def build_requests(
-    state: Runtime, principal: Principal, resolved: ResolvedModel, prompts: list[list[int]],
+    runtime: Runtime, principal: Principal, resolved: ResolvedModel, prompts: list[list[int]],
     sampling: SamplingParams, n: int, max_tokens: int | None, request_id: str = "req",
 ) -> tuple[list[Request], list[Choice]]:
     """One engine Request per (prompt, choice). `sampling` is the request's template: max_tokens (None:
     fill the context), seed and min_tokens are set per choice here."""
-    check_fan_out(state, len(prompts), n)  # callers check earlier too; this is the last line of defence
-    check_request_tokens(state, prompts, n)
+    check_fan_out(runtime, len(prompts), n)  # callers check earlier too; this is the last line of defence
+    check_request_tokens(runtime, prompts, n)
     num_virtual = resolved.meta.num_virtual_tokens if resolved.meta is not None else 0
     # The context check first: its message names the numbers that matter; the cap applies after.
-    effective = [check_length(state, num_virtual, len(p), max_tokens) for p in prompts]
-    limit = state.settings.max_tokens_limit
+    effective = [check_length(runtime, num_virtual, len(p), max_tokens) for p in prompts]
+    limit = runtime.settings.max_tokens_limit
     if max_tokens is not None and max_tokens > limit:
         raise InvalidRequest(f"max_tokens must be <= {limit} (--max-tokens-limit)", param="max_tokens", code="invalid_parameter")
     effective = [min(e, limit) for e in effective]
-    if state.rate_limiter is not None:  # what the request may cost: its prompt tokens and all it may generate
-        state.rate_limiter.charge_tokens(principal.tenant, sum(len(p) + e for p, e in zip(prompts, effective)) * n)
+    if runtime.rate_limiter is not None:  # what the request may cost: its prompt tokens and all it may generate
+        runtime.rate_limiter.charge_tokens(principal.tenant, sum(len(p) + e for p, e in zip(prompts, effective)) * n)
     requests: list[Request] = []
     choices: list[Choice] = []
     base_id = f"{request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses X-Request-ID
     try:
         for p_index, prompt_ids in enumerate(prompts):
             for j in range(n):
-                soft_prompt = await pin_soft_prompt(state, resolved)
-                release = _releaser(state, resolved) if soft_prompt is not None else None
+                soft_prompt = await pin_soft_prompt(runtime, resolved)
+                release = _releaser(runtime, resolved) if soft_prompt is not None else None
                 index = p_index * n + j
                 requests.append(Request(
                     request_id=f"{base_id}-{index}",
@@ -188,11 +188,11 @@ async def build_requests(
     return requests, choices
 
 
-def _releaser(state: Runtime, resolved: ResolvedModel):
+def _releaser(runtime: Runtime, resolved: ResolvedModel):
     sha = resolved.meta.sha256
 
     def release(_request: Request) -> None:
-        state.cache.release(sha)
+        runtime.cache.release(sha)
 
     return release
 
@@ -207,9 +207,9 @@ def release_all(requests: list[Request]) -> None:
 class Tracker:
     """Latency metrics and the one structured log line per API request."""
 
-    def __init__(self, state: Runtime, *, request_id: str, tenant: str, endpoint: str, model: str,
+    def __init__(self, runtime: Runtime, *, request_id: str, tenant: str, endpoint: str, model: str,
                  resolved: ResolvedModel, num_prompt_tokens: int) -> None:
-        self.state, self.request_id, self.tenant, self.endpoint, self.model = state, request_id, tenant, endpoint, model
+        self.runtime, self.request_id, self.tenant, self.endpoint, self.model = runtime, request_id, tenant, endpoint, model
         self.meta = resolved.meta
         self.num_prompt_tokens = num_prompt_tokens
         self.started = time.monotonic()
@@ -221,7 +221,7 @@ class Tracker:
         if not output.token_ids:
             return
         now = time.monotonic()
-        metrics = self.state.metrics
+        metrics = self.runtime.metrics
         previous = self.last_token_at.get(index)
         if previous is None:
             if self.first_token_at is None:
@@ -235,7 +235,7 @@ class Tracker:
 
     def finish(self, status: str) -> None:
         latency = time.monotonic() - self.started
-        metrics = self.state.metrics
+        metrics = self.runtime.metrics
         if metrics is not None:
             metrics.latency.observe(latency)
             metrics.count_tokens(self.tenant, prompt=self.num_prompt_tokens, generated=self.completion_tokens,
@@ -251,10 +251,10 @@ class Tracker:
 
 
 async def stream_outputs(
-    state: Runtime, requests: list[Request], tracker: Tracker | None = None
+    runtime: Runtime, requests: list[Request], tracker: Tracker | None = None
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every request and yield (request index, delta) as they arrive, interleaved."""
-    engine = state.engine
+    engine = runtime.engine
     status = "cancelled"
     merged: asyncio.Queue = asyncio.Queue()
     pumps: list[asyncio.Task] = []
@@ -266,8 +266,8 @@ async def stream_outputs(
                 out_queue = engine.submit(request)
             except QueueFullError as exc:
                 status = "rejected"
-                if state.metrics is not None:
-                    state.metrics.rejected.labels("queue_full").inc()
+                if runtime.metrics is not None:
+                    runtime.metrics.rejected.labels("queue_full").inc()
                 raise Overloaded(str(exc), code="queue_full", retry_after=1) from exc
             except EngineDeadError as exc:
                 status = "unavailable"
@@ -305,12 +305,12 @@ async def _pump(index: int, source: asyncio.Queue, sink: asyncio.Queue) -> None:
             return
 
 
-async def collect(state: Runtime, requests: list[Request], choices: list[Choice], tracker: Tracker | None = None, *,
+async def collect(runtime: Runtime, requests: list[Request], choices: list[Choice], tracker: Tracker | None = None, *,
                   disconnected: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run to completion; if `disconnected()` returns first (the caller went away), abort everything."""
 
     async def consume() -> None:
-        async for index, output in stream_outputs(state, requests, tracker):
+        async for index, output in stream_outputs(runtime, requests, tracker):
             apply_delta(choices[index], output)
 
     consumer = asyncio.ensure_future(consume())
