@@ -1,4 +1,6 @@
-"""The service's configuration: the one place that reads environment variables (SOFTSERVE_*)."""
+"""Configuration: the one place that reads environment variables (SOFTSERVE_*). `Settings` is the
+server's (every field is also a `softserve serve` flag, generated in server/cli.py); `ClientSettings`
+the client side's."""
 
 from __future__ import annotations
 
@@ -14,20 +16,20 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     gguf_file: str | None = Field(None, description="GGUF file name inside --model DIR")
     served_model_name: str | None = Field(None, description="name of the base model in the API (default: the model's name)")
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(8000, ge=0, le=65535, description="listen port")
     store: str = Field("./data/prompts", description="prompt store: a directory, or s3://bucket/prefix")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for s3:// stores (SeaweedFS, MinIO, ...); credentials and region from AWS_* env")
     store_revalidate_seconds: float = Field(1.0, ge=0, le=60, description="seconds a name -> version resolution is cached before the store is re-read (replicas see each other's changes within this)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_size: int = Field(32, ge=1, le=1024)
-    max_model_len: int = Field(2048, ge=16)
-    max_queue: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: cuda when available)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="rows decoding together")
+    max_model_len: int = Field(2048, ge=16, description="virtual + prompt + generated tokens per request (capped at the model's positions)")
+    max_queue: int = Field(256, ge=1, description="waiting requests, all tenants together, before 429")
     max_prefill_tokens: int = Field(4096, ge=16, description="prompt and soft-prompt tokens computed per engine step; longer prompts are split over steps (chunked prefill)")
     max_virtual_tokens: int = Field(256, ge=1, description="most virtual tokens of one prompt, or of all parts of a composed prompt (model a+b) together")
     max_prompt_parts: int = Field(4, ge=1, le=64, description="most prompts one composed model (a+b+c) may name")
-    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload (prompt or training file)")
     prompt_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device cache of soft-prompt tensors")
     kv_prefix_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device cache of soft-prompt KV prefixes")
     kv_cache_bytes: int = Field(0, ge=0, description="KV pool of the running requests, preallocated (0 = every row at full length, capped at 30 percent of free RAM on CPU, 50 percent of free GPU memory); when full, new requests wait")
@@ -51,8 +53,19 @@ class Settings(BaseSettings):
     metrics_tenant_labels: bool = Field(False, description="label request and token counters with the tenant name")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
     json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")
-    log_level: str = "info"
-    ui: bool = Field(True, description="serve the web console at /ui (--no-ui turns it off)")
+    log_level: str = Field("info", description="debug, info, warning, error or critical")
+    ui: bool = Field(True, description="serve the web console at /ui")
     tuning_lease_seconds: float = Field(30.0, gt=0, description="a tuning job's lease in the store: a replica that stops renewing it (died) loses the job to another replica after this long")
     tuning_replica_id: str | None = Field(None, description="this replica's name in tuning-job leases (default: random per process); unique among live replicas, stable across restarts (e.g. the pod name) lets a restarted replica resume its own jobs at once")
     tuning_scan_seconds: float = Field(5.0, gt=0, description="how often a replica looks in the store for unfinished tuning jobs nobody runs")
+
+
+class ClientSettings(BaseSettings):
+    """What the client side (`softserve prompts`, `eval`, `keys` and `server.client`) reads from the
+    environment; their flags override it."""
+
+    model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", extra="ignore")
+
+    url: str = Field("http://127.0.0.1:8000", description="base URL of a running server")
+    api_key: str | None = Field(None, description="API key sent as a bearer token")
+    api_keys: str = Field("api_keys.yaml", description="the key file `softserve keys add` writes (the server's --api-keys)")
