@@ -35,8 +35,7 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
         registry = ApiKeyRegistry.disabled()
         log.warning("no --api-keys file: authentication is OFF, every request acts as tenant 'default' (local development only)")
     state = Runtime(settings=settings, registry=registry)
-    tuning = TuningService(state, max_queued=settings.max_tuning_queue,  # prompt-tuning jobs on the resident model
-                           max_active_per_tenant=settings.max_tuning_jobs_per_tenant)
+    tuning = TuningService(state)  # prompt-tuning jobs on the resident model
     state.tuning = tuning
     state.metrics = Metrics(tenant_labels=settings.metrics_tenant_labels)
     state.metrics.bind(state)

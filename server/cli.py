@@ -42,10 +42,13 @@ def _flag_help(name: str, info) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[Settings] = Settings) -> None:
-    """One flag per Settings field (`max_model_len` -> `--max-model-len`); an unset flag stays None, so
-    Settings falls back to SOFTSERVE_<FIELD> and then its default."""
+def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[Settings] = Settings,
+                       only: tuple[str, ...] | None = None) -> None:
+    """One flag per Settings field (`max_model_len` -> `--max-model-len`), or per field in `only`; an
+    unset flag stays None, so Settings falls back to SOFTSERVE_<FIELD> and then its default."""
     for name, info in settings_cls.model_fields.items():
+        if only is not None and name not in only:
+            continue
         flag = "--" + name.replace("_", "-")
         typ, choices = _flag_type(name, info.annotation)
         if typ is bool:  # --x, --x true|false, --no-x

@@ -69,3 +69,9 @@ class ClientSettings(BaseSettings):
     url: str = Field("http://127.0.0.1:8000", description="base URL of a running server")
     api_key: str | None = Field(None, description="API key sent as a bearer token")
     api_keys: str = Field("api_keys.yaml", description="the key file `softserve keys add` writes (the server's --api-keys)")
+
+
+def setting_default(name: str):
+    """A `Settings` field's default, for the lower layers' own defaults (engine, tuning), so a value is
+    written once."""
+    return Settings.model_fields[name].default

@@ -135,3 +135,33 @@ def test_client_commands_read_url_and_key_from_client_settings(monkeypatch):
         assert (args.url, args.api_key) == ("http://10.0.0.1:9000", "sk-ss-test")
     assert parse(["keys", "add", "--tenant", "t"]).file == "/tmp/k.yaml"
     assert parse(["prompts", "--url", "http://h:1", "list"]).url == "http://h:1"
+
+
+def test_engine_defaults_are_the_settings_defaults():
+    from server.engine.config import EngineConfig, SchedulerConfig
+
+    defaults = Settings()
+    scheduler = SchedulerConfig()
+    for name in ("max_batch_size", "max_queue", "max_prefill_tokens", "max_model_len"):
+        assert getattr(scheduler, name) == getattr(defaults, name), name
+    engine = EngineConfig()
+    assert (engine.kv_prefix_cache_bytes, engine.kv_cache_bytes) == (defaults.kv_prefix_cache_bytes, defaults.kv_cache_bytes)
+
+
+def test_tuning_defaults_are_one_set_for_the_cli_and_the_api():
+    import dataclasses
+
+    from server.service.tuning import TuningJobRequest
+    from server.tuning.config import TuningConfig
+
+    config = TuningConfig()
+    api_fields = TuningJobRequest.model_fields
+    shared = [f.name for f in dataclasses.fields(TuningConfig) if f.name in api_fields and f.name not in ("init", "result_prompt")]
+    assert len(shared) >= 10
+    for name in shared:
+        assert api_fields[name].default == getattr(config, name), name
+    tune = build_parser().parse_args(["tune", "--data", "d.jsonl", "--name", "n"])
+    cli_names = {"lr": "learning_rate"}
+    for flag in ("num_virtual_tokens", "steps", "lr", "batch_size", "warmup_steps", "lr_schedule", "weight_decay",
+                 "eval_every", "early_stopping_patience", "max_length", "seed"):
+        assert getattr(tune, flag) == getattr(config, cli_names.get(flag, flag)), flag

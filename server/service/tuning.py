@@ -29,7 +29,7 @@ from server.tuning.data import DatasetError, parse_jsonl, parse_records
 from server.tuning.jobs import QueueFull, TuningManager, new_job_id
 from server.tuning.records import new_record, resolve_auto
 from server.tuning.runner import CHECKPOINT_SUFFIX
-from server.tuning.trainer import TuningConfig
+from server.tuning.config import INIT_METHODS, LR_SCHEDULES, RESULT_PROMPTS, TuningConfig, default_init, default_result_prompt
 
 log = logging.getLogger("softserve.tuning")
 
@@ -38,6 +38,7 @@ __all__ = ["TuningService", "TuningJobRequest", "create_job", "get_job", "cancel
 
 
 Auto = Literal["auto"]
+_d = TuningConfig  # the defaults (a dataclass's class attributes)
 
 
 class TuningJobRequest(BaseModel):
@@ -51,24 +52,24 @@ class TuningJobRequest(BaseModel):
     validation_file: str | None = None
     validation_data: list[Any] | None = Field(None, max_length=100_000)
     model: str | None = Field(None, description="must be the served base model if given")
-    num_virtual_tokens: int = Field(8, ge=1)
-    init: Literal["text", "random", "vocab"] | None = Field(None, description="default: text if init_text, else vocab")
+    num_virtual_tokens: int = Field(_d.num_virtual_tokens, ge=1)
+    init: Literal[INIT_METHODS] | None = Field(None, description="default: text if init_text, else vocab")
     init_text: str | None = Field(None, max_length=4096)
-    steps: int | Auto = Field(100, description='training steps, or "auto" (3 epochs, clamped to [50, 1000])')
-    learning_rate: float | Auto = Field(3e-2, description='AdamW learning rate, or "auto" (3e-2)')
-    batch_size: int | Auto = Field(8, description='examples per step, or "auto" (min(8, examples))')
+    steps: int | Auto = Field(_d.steps, description='training steps, or "auto" (3 epochs, clamped to [50, 1000])')
+    learning_rate: float | Auto = Field(_d.learning_rate, description=f'AdamW learning rate, or "auto" ({_d.learning_rate:g})')
+    batch_size: int | Auto = Field(_d.batch_size, description='examples per step, or "auto" (min(8, examples))')
     micro_batch_size: int | None = Field(None, ge=1, le=512, description="default min(batch_size, 4)")
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["linear", "constant"] = "linear"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    eval_every: int = Field(0, ge=0)
+    warmup_steps: int = Field(_d.warmup_steps, ge=0)
+    lr_schedule: Literal[LR_SCHEDULES] = _d.lr_schedule
+    weight_decay: float = Field(_d.weight_decay, ge=0)
+    max_grad_norm: float | None = Field(_d.max_grad_norm, gt=0)
+    seed: int = Field(_d.seed, ge=0, le=2**63 - 1)
+    eval_every: int = Field(_d.eval_every, ge=0)
     eval_max_new_tokens: int | None = Field(None, ge=1, le=1024)
     checkpoint_every: int | Auto = Field("auto", description='steps between checkpoints, or "auto" (eval_every, else steps/10)')
-    early_stopping_patience: int = Field(0, ge=0, description="stop after this many evals without eval-loss improvement (0: off; needs eval_every)")
-    early_stopping_min_delta: float = Field(0.0, ge=0)
-    result_prompt: Literal["last", "best"] | None = Field(None, description="which prompt the job publishes (default: best with early stopping, else last)")
+    early_stopping_patience: int = Field(_d.early_stopping_patience, ge=0, description="stop after this many evals without eval-loss improvement (0: off; needs eval_every)")
+    early_stopping_min_delta: float = Field(_d.early_stopping_min_delta, ge=0)
+    result_prompt: Literal[RESULT_PROMPTS] | None = Field(None, description="which prompt the job publishes (default: best with early stopping, else last)")
     description: str | None = Field(None, max_length=1024)
 
     @field_validator("init_text", "description")
@@ -142,7 +143,7 @@ def create_job(manager: TuningManager, principal: Principal, body: TuningJobRequ
     _check_range("checkpoint_every", body.checkpoint_every, 1, 100_000)
     if body.learning_rate != "auto" and not (0 < body.learning_rate <= 10):
         raise InvalidRequest("learning_rate must be 'auto' or in (0, 10]", param="learning_rate", code="invalid_parameter")
-    init = body.init or ("text" if body.init_text else "vocab")
+    init = default_init(body.init, body.init_text)
     if init == "text" and not (body.init_text and body.init_text.strip()):
         raise InvalidRequest("init 'text' needs a non-empty init_text", param="init_text")
     if body.training_file is None and body.training_data is None:
@@ -166,7 +167,7 @@ def create_job(manager: TuningManager, principal: Principal, body: TuningJobRequ
         seed=body.seed, eval_every=body.eval_every, eval_max_new_tokens=body.eval_max_new_tokens,
         max_length=max_length, early_stopping_patience=body.early_stopping_patience,
         early_stopping_min_delta=body.early_stopping_min_delta,
-        result_prompt=body.result_prompt or ("best" if body.early_stopping_patience else "last"),
+        result_prompt=default_result_prompt(body.result_prompt, body.early_stopping_patience),
     )
     try:
         config.validate()
@@ -223,11 +224,9 @@ def delete_file(manager: TuningManager, principal: Principal, file_id: str) -> N
 
 
 class TuningService:
-    def __init__(self, state, *, max_concurrent: int = 1, max_queued: int = 16, max_active_per_tenant: int = 2,
-                 train_share_when_busy: float = 0.5) -> None:
+    def __init__(self, state, *, max_concurrent: int = 1, train_share_when_busy: float = 0.5) -> None:
         self.state = state
-        self.kwargs = dict(max_concurrent=max_concurrent, max_queued=max_queued, max_active_per_tenant=max_active_per_tenant,
-                           train_share_when_busy=train_share_when_busy)
+        self.kwargs = dict(max_concurrent=max_concurrent, train_share_when_busy=train_share_when_busy)
         self._manager: TuningManager | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -259,6 +258,7 @@ class TuningService:
                     model_name=state.served_model_name,
                     step_lock=getattr(async_engine, "step_lock", None),
                     is_busy=lambda: async_engine.num_running + async_engine.num_waiting > 0,
+                    max_queued=s.max_tuning_queue, max_active_per_tenant=s.max_tuning_jobs_per_tenant,
                     lease_seconds=s.tuning_lease_seconds, scan_seconds=s.tuning_scan_seconds,
                     replica_id=s.tuning_replica_id,
                     **self.kwargs,
