@@ -37,7 +37,7 @@ class TuningFile:
 class FileRegistry:
     """Uploaded JSONL files, validated (JSON + record shape, with line numbers) at upload."""
 
-    def __init__(self, backend, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, backend, max_bytes: int) -> None:
         self.backend = backend
         self.max_bytes = max_bytes
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from prompt_store.store import PromptStore
+from server.config import setting_default
 from server.tuning.data import DatasetError, TokenizedExample, parse_jsonl, tokenize_examples
 from server.tuning.export import adapter_files, model_info, push_to_store
 from server.tuning.files import FileRegistry, TuningFile
@@ -91,11 +92,11 @@ class TuningManager:
         step_lock=None,
         is_busy: Callable[[], bool] = lambda: False,
         max_concurrent: int = 1,
-        max_queued: int = 16,
-        max_active_per_tenant: int = 2,
+        max_queued: int = setting_default("max_tuning_queue"),
+        max_active_per_tenant: int = setting_default("max_tuning_jobs_per_tenant"),
         train_share_when_busy: float = 0.5,
-        lease_seconds: float = 30.0,
-        scan_seconds: float = 5.0,
+        lease_seconds: float = setting_default("tuning_lease_seconds"),
+        scan_seconds: float = setting_default("tuning_scan_seconds"),
         replica_id: str | None = None,
     ) -> None:
         self.model = model
