@@ -278,14 +278,14 @@ def api(tiny_model, tokenizer, tmp_path):
         yield client
 
 
-def _wait(client, job_id, headers, statuses, timeout=40.0):
+def _wait(client, job_id, headers, statuses, timeout=40.0, until=lambda job: True):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/tuning/jobs/{job_id}", headers=headers).json()
-        if job["status"] in statuses:
+        if job["status"] in statuses and until(job):
             return job
         time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
+    raise AssertionError(f"job {job_id} still {job['status']} (step {job['step']}) after {timeout}s")
 
 
 def test_api_job_lifecycle(api, tokenizer):
@@ -369,15 +369,17 @@ def test_api_queue_and_cancel_while_serving(api):
     body = {"name": "long", "training_data": toy_records(8), "init": "vocab", "steps": 100_000, "batch_size": 2}
     first = api.post("/v1/tuning/jobs", headers=a, json=body).json()
     second = api.post("/v1/tuning/jobs", headers=a, json={**body, "name": "next"}).json()
-    running = _wait(api, first["id"], a, ("running",))
-    assert running["eta_seconds"] is None or running["eta_seconds"] >= 0
+    running = _wait(api, first["id"], a, ("running",), until=lambda job: job["step"] >= 1)
+    # After a step the ETA is known: the remaining ~100k steps take well over a second.
+    assert running["eta_seconds"] > 1 and running["estimated_finish"] > running["started_at"]
     queued = _wait(api, second["id"], a, ("queued",))  # after validating_files
     assert queued["queue_position"] == 0
     # Serving continues while the job trains on the same model.
     r = api.post("/v1/completions", headers=a, json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-    _wait(api, first["id"], a, ("running",))
-    assert api.get(f"/v1/tuning/jobs/{first['id']}", headers=a).json()["step"] >= 0
+    # ... and training goes on after it.
+    served_at = api.get(f"/v1/tuning/jobs/{first['id']}", headers=a).json()["step"]
+    _wait(api, first["id"], a, ("running",), until=lambda job: job["step"] > served_at)
     r = api.post(f"/v1/tuning/jobs/{second['id']}/cancel", headers=a)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     r = api.post(f"/v1/tuning/jobs/{first['id']}/cancel", headers=a)
