@@ -29,7 +29,6 @@ class Metrics:
         self.batch_size = Histogram("softserve_engine_batch_size", "Rows per engine step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.rejected = Counter("softserve_rejected_requests", "Requests refused at admission", ["reason"], registry=r)
-        self._state = None
         self.scraped = r
         if not tenant_labels:
             self.scraped = CollectorRegistry(auto_describe=False)
@@ -46,7 +45,6 @@ class Metrics:
 
     def bind(self, state) -> None:
         """Gauges that read live state at scrape time (queue, batch, caches, tuning)."""
-        self._state = state
         self.registry.register(_StateCollector(state))
 
     def render(self) -> bytes:
@@ -114,7 +112,8 @@ class _StateCollector:
             yield _metric(GaugeMetricFamily, "softserve_prompt_cache_entries", "Prompt tensors on the device", stats.entries)
         counts = state.tuning.job_counts() if state.tuning is not None else None
         if counts is not None:
-            g = GaugeMetricFamily("softserve_tuning_jobs", "Tuning jobs by status", labels=["status"])
+            g = GaugeMetricFamily("softserve_tuning_jobs", "Unfinished tuning jobs on this replica by status",
+                                  labels=["status"])
             for status, count in counts.items():
                 g.add_metric([status], count)
             yield g

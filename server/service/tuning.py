@@ -268,7 +268,7 @@ class TuningService:
         return self._manager
 
     def job_counts(self) -> dict[str, int] | None:
-        """Jobs by status, once the manager runs (None before)."""
+        """Unfinished jobs on this replica by status, once the manager runs (None before)."""
         manager = self._manager
         return manager.job_counts() if manager is not None else None
 

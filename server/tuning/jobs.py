@@ -232,11 +232,14 @@ class TuningManager:
             t.join(10)
 
     def job_counts(self) -> dict[str, int]:
+        """Unfinished jobs this replica holds, by status (a finished job is forgotten here at once, so
+        finished counts would always read 0; the store keeps the records)."""
         with self._lock:
             jobs = list(self._local.values())
-        counts = dict.fromkeys(JOB_STATUSES, 0)
+        counts = {status: 0 for status in JOB_STATUSES if status not in FINISHED}
         for job in jobs:
-            counts[job.status] = counts.get(job.status, 0) + 1
+            if job.status in counts:
+                counts[job.status] += 1
         return counts
 
     # ---- persistence helpers ------------------------------------------------------------------
