@@ -1,4 +1,5 @@
-"""`softserve` command line: serve (flags generated from `Settings`), keys, prompts and eval (through\n`server.client.Client`), tune (server/tuning/cli.py)."""
+"""`softserve` command line: serve (flags generated from `Settings`), keys, prompts and eval (through
+`server.client.Client`), tune (server/tuning/cli.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import typing
 from pydantic import ValidationError
 
 from server.config import ClientSettings, Settings
+
 
 def _bool(value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
@@ -37,7 +39,11 @@ def _flag_type(name: str, annotation) -> tuple[type, list | None]:
 
 
 def _flag_help(name: str, info) -> str:
-    default = "unset" if info.default is None else str(info.default).lower() if isinstance(info.default, bool) else info.default
+    default = info.default
+    if default is None:
+        default = "unset"
+    elif isinstance(default, bool):
+        default = str(default).lower()
     text = f"{info.description or name.replace('_', ' ')} (env SOFTSERVE_{name.upper()}, default {default})"
     return text.replace("%", "%%")  # argparse formats help with %
 
@@ -177,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = keys.add_parser("add", help="create a key for a tenant and print it once")
     add.add_argument("--tenant", required=True)
     add.add_argument("--role", choices=["user", "admin"], default="user")
-    add.add_argument("--file", default=env.api_keys, help="key file to add to (env SOFTSERVE_API_KEYS, default api_keys.yaml)")
+    add.add_argument("--file", default=env.api_keys, help="key file to add to (env SOFTSERVE_API_KEYS, default "
+                                                          f"{ClientSettings.model_fields['api_keys'].default})")
 
     prompts = sub.add_parser("prompts", help="push/list/rm/pull soft prompts on a running server")
     _client_flags(prompts, env)

@@ -12,6 +12,8 @@ import pytest
 
 from tests.live_server import LiveServer, assert_openai_error, tiny_model_dir
 
+pytestmark = pytest.mark.process  # a live server subprocess
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer):

@@ -99,6 +99,7 @@ def test_bad_eval_data_names_the_line(tmp_path, line, message):
         load_eval_data(path)
 
 
+@pytest.mark.process
 def test_eval_cli_help_and_bad_file(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "server", "eval", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--data" in help_text.stdout and "log-likelihood" in help_text.stdout

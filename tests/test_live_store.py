@@ -21,6 +21,8 @@ from tests.live_server import (
     tiny_model_dir, upload,
 )
 
+pytestmark = pytest.mark.process  # a live server subprocess
+
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
