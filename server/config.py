@@ -1,9 +1,12 @@
 """Configuration: the one place that reads environment variables (SOFTSERVE_*). `Settings` is the
-server's (every field is also a `softserve serve` flag, generated in server/cli.py); `ClientSettings`
+server's (every field is also a `softserve serve` flag: `add_settings_flags` below); `ClientSettings`
 the client side's."""
 
 from __future__ import annotations
 
+import argparse
+import types
+import typing
 from typing import Literal
 
 from pydantic import Field
@@ -75,3 +78,57 @@ def setting_default(name: str):
     """A `Settings` field's default, for the lower layers' own defaults (engine, tuning), so a value is
     written once."""
     return Settings.model_fields[name].default
+
+
+# ---- the command-line form of Settings (`softserve serve`, and the model flags of `softserve tune`) ----
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _flag_type(name: str, annotation) -> tuple[type, list | None]:
+    """(argparse type, choices) of a Settings field: str/int/float/bool, a Literal, or one of them | None."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = list(typing.get_args(annotation))
+        return type(choices[0]), choices
+    if annotation in (str, int, float, bool):
+        return annotation, None
+    raise TypeError(f"Settings.{name}: no command-line type for {annotation!r}")
+
+
+def _flag_help(name: str, info) -> str:
+    default = info.default
+    if default is None:
+        default = "unset"
+    elif isinstance(default, bool):
+        default = str(default).lower()
+    text = f"{info.description or name.replace('_', ' ')} (env SOFTSERVE_{name.upper()}, default {default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[Settings] = Settings,
+                       only: tuple[str, ...] | None = None) -> None:
+    """One flag per Settings field (`max_model_len` -> `--max-model-len`), or per field in `only`; an
+    unset flag stays None, so Settings falls back to SOFTSERVE_<FIELD> and then its default."""
+    for name, info in settings_cls.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        flag = "--" + name.replace("_", "-")
+        typ, choices = _flag_type(name, info.annotation)
+        if typ is bool:  # --x, --x true|false, --no-x
+            parser.add_argument(flag, dest=name, nargs="?", const=True, type=_bool, default=None,
+                                metavar="true|false", help=_flag_help(name, info) + f"; --no-{flag[2:]} = false")
+            parser.add_argument(f"--no-{flag[2:]}", dest=name, action="store_false", default=None, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=name, type=typ, choices=choices, default=None, help=_flag_help(name, info))
+
+
+def settings_from_args(args: argparse.Namespace, settings_cls: type[Settings] = Settings) -> Settings:
+    given = {name: getattr(args, name) for name in settings_cls.model_fields}
+    return settings_cls(**{name: value for name, value in given.items() if value is not None})

@@ -229,7 +229,7 @@ def test_metrics_port_serves_prometheus_without_a_key_on_loopback(tiny_model, to
 def test_every_limit_has_a_serve_flag():
     import argparse
 
-    from server.cli import add_settings_flags
+    from server.config import add_settings_flags
 
     parser = argparse.ArgumentParser()
     add_settings_flags(parser)

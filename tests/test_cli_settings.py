@@ -9,8 +9,8 @@ from typing import Literal
 import pytest
 from pydantic import Field
 
-from server.cli import add_settings_flags, build_parser, settings_from_args
-from server.config import ClientSettings, Settings
+from server.cli import build_parser
+from server.config import ClientSettings, Settings, add_settings_flags, settings_from_args
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

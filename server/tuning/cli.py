@@ -20,7 +20,7 @@ MODEL_SETTINGS = ("model", "gguf_file", "device", "dtype")  # flags (and SOFTSER
 
 
 def add_tune_parser(sub) -> argparse.ArgumentParser:
-    from server.cli import add_settings_flags
+    from server.config import add_settings_flags
     from server.tuning.config import INIT_METHODS, LR_SCHEDULES, RESULT_PROMPTS, TuningConfig
 
     d = TuningConfig  # a dataclass's class attributes are its field defaults
