@@ -22,7 +22,7 @@ def softserve(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer):
-    from server.auth import add_key
+    from server.service.auth import add_key
 
     root = tmp_path_factory.mktemp("cli")
     keys = root / "keys.yaml"
