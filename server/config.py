@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(16, ge=1, description="uploads (prompts, files) received at once, all tenants together (429 beyond)")
     max_concurrent_uploads_per_tenant: int = Field(4, ge=1, description="uploads one tenant may have in progress at once (429 beyond)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body")
+    max_connections: int = Field(1024, ge=1, description="open client connections (idle keep-alive ones included) "
+                                 "before new ones are answered 503 at once; bounds what many slow or idle clients can hold")
     metrics_port: int = Field(0, ge=0, le=65535, description="also serve /metrics without a key on this port (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="listen address of --metrics-port")
     metrics_tenant_labels: bool = Field(False, description="label request and token counters with the tenant name")
