@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.softserve-installed
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all bench lint clean demo lmeval-venv lmeval-test
+.PHONY: install serve test test-fast test-all bench lint clean demo lmeval-venv lmeval-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Only the tests that start no process (no server/CLI subprocess, SeaweedFS, nginx, linters, browser).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not process and not slow and not gpu and not lmeval and not docker" $(PYTEST_ARGS)
 
 # Slow and GPU checks too (skipped by `make test`).
 test-all: install

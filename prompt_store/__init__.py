@@ -3,7 +3,7 @@
 from .backend import LocalBackend, MemoryBackend, StorageBackend
 from .cache import CacheStats, PromptCache
 from .format import ParsedPrompt, content_sha256, export_adapter, export_zip, parse_upload
-from .store import PUBLIC_TENANT, PromptStore, validate_name
+from .store import PromptStore, validate_name
 from .types import (
     LoadedPrompt,
     ModelInfo,
@@ -24,7 +24,6 @@ __all__ = [
     "LocalBackend",
     "MemoryBackend",
     "ModelInfo",
-    "PUBLIC_TENANT",
     "ParsedPrompt",
     "PromptCache",
     "PromptCacheFull",

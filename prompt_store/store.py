@@ -33,10 +33,9 @@ from .backend import ConditionalBackend, StorageBackend
 from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptStoreError, PromptValidationError
 from .usage import UsageLedger
 
-__all__ = ["PromptStore", "validate_name", "PUBLIC_TENANT", "NAME_RE"]
+__all__ = ["PromptStore", "validate_name", "NAME_RE"]
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
-PUBLIC_TENANT = "public"
 _VERSION_LEN = 12
 _MIN_PREFIX = 6
 _HEX = re.compile(r"^[0-9a-f]+$")

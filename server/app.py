@@ -1,4 +1,4 @@
-"""FastAPI application: wires settings, auth, the prompt store and the engine together."""
+"""The FastAPI application: the runtime (server/service) behind routes, middleware and error mapping."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, start_http_server
 
-from server.api.errors import APIError, error_body, install_error_handlers
-from server.api.openai_routes import build_openai_router
-from server.api.prompts import build_prompts_router
-from server.api.tuning import build_tuning_router
-from server.api.state import LoadedModel, ServiceState
-from server.api.admission import AdmissionGate, unauthorized
+from server.api import openai_routes, prompts, tuning as tuning_routes
+from server.api.admission import AdmissionGate
+from server.api.deps import authenticate
+from server.api.errors import error_body, install_error_handlers
 from server.api.middleware import RequestContextMiddleware
-from server.api.ratelimit import RateLimiter
-from server.auth import ApiKeyRegistry, Principal, principal_dependency
 from server.config import Settings
-from server.tuning.service import TuningService
 from server.metrics import Metrics
+from server.service.auth import ApiKeyRegistry
+from server.service.errors import PermissionDenied
+from server.service.ratelimit import RateLimiter
+from server.service.runtime import LoadedModel, Runtime
+from server.service.tuning import TuningService
 
 log = logging.getLogger("softserve")
 
@@ -34,9 +34,9 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     else:
         registry = ApiKeyRegistry.disabled()
         log.warning("no --api-keys file: authentication is OFF, every request acts as tenant 'default' (local development only)")
-    state = ServiceState(settings=settings, registry=registry)
-    tuning = TuningService(state, max_queued=settings.max_tuning_queue,  # prompt-tuning jobs on the resident model
-                           max_active_per_tenant=settings.max_tuning_jobs_per_tenant)
+    state = Runtime(settings=settings, registry=registry)
+    tuning = TuningService(state)  # prompt-tuning jobs on the resident model
+    state.tuning = tuning
     state.metrics = Metrics(tenant_labels=settings.metrics_tenant_labels)
     state.metrics.bind(state)
 
@@ -77,42 +77,24 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes + 2 * 1024 * 1024, metrics=state.metrics, gate=gate)
 
-    def get_state() -> ServiceState:
-        return state
-
-    def get_store():
-        if state.store is None:
-            raise APIError(503, "model is loading, not ready yet", code="not_ready", headers={"Retry-After": "5"})
-        return state.store
-
-    authenticate = principal_dependency(lambda: state.registry)
-
-    def get_principal(request: Request) -> Principal:
-        principal = request.scope.get("state", {}).get("principal")  # the admission gate checked the key
-        if principal is None:
-            principal = authenticate(request)
-        request.scope.setdefault("state", {})["tenant"] = principal.tenant  # for request metrics
-        return principal
-    app.include_router(build_openai_router(get_state, get_principal))
-    app.include_router(build_prompts_router(get_store, get_principal, lambda: state.cache))
-    app.include_router(build_tuning_router(tuning.get_manager, get_principal, lambda: state.settings))
+    app.include_router(openai_routes.router)
+    app.include_router(prompts.router)
+    app.include_router(tuning_routes.router)
 
     console = None
     if settings.ui:
         from server.ui import install_console
 
-        console = install_console(app, state, get_principal, get_store)
+        console = install_console(app, state)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request):
         # With API keys, only admins read the metrics here (they show every tenant's traffic); a
         # Prometheus without a key scrapes --metrics-port instead.
         if state.registry.enabled:
-            principal = state.registry.authenticate(request.headers.get("authorization"))
-            if principal is None:
-                raise unauthorized()
+            principal = authenticate(state.registry, request.headers.get("authorization"))
             if not principal.is_admin:
-                raise APIError(403, "/metrics needs an admin key (or scrape --metrics-port)", code="forbidden")
+                raise PermissionDenied("/metrics needs an admin key (or scrape --metrics-port)")
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
@@ -123,12 +105,6 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     async def ready():
         if state.is_ready:
             return {"status": "ready", "model": state.served_model_name}
-        if state.load_error:
-            reason = f"model failed to load: {state.load_error}"
-        elif state.engine is not None and not state.engine.is_alive:
-            reason = "engine loop is not running"
-        else:
-            reason = "shutting down" if state.shutting_down else "loading"
-        return JSONResponse(error_body(503, reason, code="not_ready"), status_code=503)
+        return JSONResponse(error_body(503, state.not_ready_reason(), code="not_ready"), status_code=503)
 
     return app

@@ -1,79 +1,32 @@
-"""`softserve` command line: serve, keys, prompts (a thin HTTP client for the prompt API)."""
+"""`softserve` command line: serve (flags generated from `Settings`), keys, prompts and eval (through
+`server.client.Client`), tune (server/tuning/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
 import json
 import os
 import sys
 import threading
-import zipfile
-from pathlib import Path
 
-from server.config import Settings
+from pydantic import ValidationError
 
-def _bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
-
-
-# CLI flag -> Settings field. Every flag also reads SOFTSERVE_<FIELD> (via Settings) when not given.
-_SERVE_FLAGS = [
-    ("--model", "model", str), ("--gguf-file", "gguf_file", str), ("--served-model-name", "served_model_name", str),
-    ("--host", "host", str), ("--port", "port", int), ("--store", "store", str),
-    ("--s3-endpoint-url", "s3_endpoint_url", str), ("--store-revalidate-seconds", "store_revalidate_seconds", float),
-    ("--device", "device", str), ("--dtype", "dtype", str), ("--max-batch-size", "max_batch_size", int),
-    ("--max-model-len", "max_model_len", int), ("--max-queue", "max_queue", int),
-    ("--max-prefill-tokens", "max_prefill_tokens", int), ("--max-virtual-tokens", "max_virtual_tokens", int),
-    ("--max-prompt-parts", "max_prompt_parts", int),
-    ("--max-upload-bytes", "max_upload_bytes", int), ("--prompt-cache-bytes", "prompt_cache_bytes", int),
-    ("--kv-prefix-cache-bytes", "kv_prefix_cache_bytes", int), ("--kv-cache-bytes", "kv_cache_bytes", int),
-    ("--api-keys", "api_keys", str),
-    ("--max-tokens-limit", "max_tokens_limit", int), ("--max-n", "max_n", int),
-    ("--max-choices-per-request", "max_choices_per_request", int), ("--max-request-tokens", "max_request_tokens", int),
-    ("--max-queue-per-tenant", "max_queue_per_tenant", int), ("--max-tuning-queue", "max_tuning_queue", int),
-    ("--max-tuning-jobs-per-tenant", "max_tuning_jobs_per_tenant", int),
-    ("--rate-limit-rps", "rate_limit_rps", float), ("--rate-limit-tokens-per-minute", "rate_limit_tokens_per_minute", int),
-    ("--request-timeout", "request_timeout", float), ("--shutdown-timeout", "shutdown_timeout", float),
-    ("--max-body-bytes", "max_body_bytes", int), ("--max-concurrent-uploads", "max_concurrent_uploads", int),
-    ("--max-concurrent-uploads-per-tenant", "max_concurrent_uploads_per_tenant", int),
-    ("--metrics-port", "metrics_port", int), ("--metrics-host", "metrics_host", str),
-    ("--metrics-tenant-labels", "metrics_tenant_labels", _bool),
-    ("--torch-threads", "torch_threads", int), ("--json-logs", "json_logs", _bool),
-    ("--log-level", "log_level", str), ("--tuning-lease-seconds", "tuning_lease_seconds", float),
-    ("--tuning-scan-seconds", "tuning_scan_seconds", float), ("--tuning-replica-id", "tuning_replica_id", str),
-    ("--max-prompts-per-tenant", "max_prompts_per_tenant", int),
-    ("--max-store-bytes-per-tenant", "max_store_bytes_per_tenant", int),
-    ("--store-gc-interval-seconds", "store_gc_interval_seconds", float),
-    ("--store-gc-grace-seconds", "store_gc_grace_seconds", float),
-]
+from server.config import ClientSettings, Settings, add_settings_flags, settings_from_args
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="start the OpenAI-compatible server")
-    for flag, field, typ in _SERVE_FLAGS:
-        info = Settings.model_fields[field]
-        default = info.default
-        help_text = (info.description or field.replace("_", " ")) + f" (env SOFTSERVE_{field.upper()}, default {default})"
-        kwargs = {"type": typ, "default": None, "help": help_text}
-        if field == "device":
-            kwargs["choices"] = ["auto", "cpu", "cuda"]
-        if field == "dtype":
-            kwargs["choices"] = ["auto", "float32", "bfloat16", "float16"]
-        p.add_argument(flag, **kwargs)
-    p.add_argument("--no-ui", dest="ui", action="store_false", default=None,
-                   help="do not serve the web console at /ui (env SOFTSERVE_UI=false; default: served)")
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server",
+                       description="Every flag also reads SOFTSERVE_<FLAG> from the environment (e.g. "
+                                   "SOFTSERVE_MAX_MODEL_LEN); a flag given wins.")
+    add_settings_flags(p)
 
 
 def cmd_serve(args) -> int:
-    overrides = {field: getattr(args, field) for _, field, _ in _SERVE_FLAGS if getattr(args, field) is not None}
-    if args.ui is not None:
-        overrides["ui"] = args.ui
-    settings = Settings(**overrides)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        raise SystemExit(f"softserve serve: {exc}") from None
     from server.logs import configure_logging
 
     configure_logging(settings.log_level, settings.json_logs)
@@ -98,7 +51,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_keys_add(args) -> int:
-    from server.auth import add_key
+    from server.service.auth import add_key
 
     key = add_key(args.file, args.tenant, args.role)
     print(key)
@@ -107,51 +60,38 @@ def cmd_keys_add(args) -> int:
 
 
 def _client(args):
-    import httpx
+    from server.client import Client
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    return httpx.Client(base_url=args.url, headers=headers, timeout=60)
+    return Client(args.url, api_key=args.api_key or "", timeout=60)
 
 
-def _check(resp) -> dict | bytes:
-    if resp.status_code >= 400:
-        try:
-            message = resp.json()["error"]["message"]
-        except Exception:
-            message = resp.text
-        raise SystemExit(f"error {resp.status_code}: {message}")
-    return resp
+@contextlib.contextmanager
+def _errors_exit():
+    """Client errors end the command with `error <status>: <message>` on stderr."""
+    from server.client import SoftserveError
+
+    try:
+        yield
+    except SoftserveError as exc:
+        raise SystemExit(f"error {exc.status_code}: {exc.message}" if exc.status_code else f"error: {exc.message}") from None
 
 
 def cmd_prompts(args) -> int:
-    with _client(args) as client:
+    with _client(args) as client, _errors_exit():
         if args.prompts_cmd == "push":
-            directory = Path(args.dir)
-            files = {}
-            if directory.is_file():
-                files["adapter_model"] = ("adapter_model.safetensors", directory.read_bytes(), "application/octet-stream")
-            else:
-                files["adapter_model"] = ("adapter_model.safetensors", (directory / "adapter_model.safetensors").read_bytes(),
-                                          "application/octet-stream")
-                config = directory / "adapter_config.json"
-                if config.exists():
-                    files["adapter_config"] = ("adapter_config.json", config.read_bytes(), "application/json")
-            data = {"description": args.description} if args.description else {}
-            resp = _check(client.put(f"/v1/prompts/{args.name}", files=files, data=data))
-            print(json.dumps(resp.json(), indent=2))
+            try:
+                pushed = client.prompts.push(args.dir, args.name, description=args.description)
+            except FileNotFoundError as exc:
+                raise SystemExit(f"error: {exc}") from None
+            print(json.dumps(pushed.model_dump(mode="json"), indent=2))
         elif args.prompts_cmd == "list":
-            for item in _check(client.get("/v1/prompts")).json()["data"]:
-                print(f"{item['id']:40s} {item['version']}  k={item['num_virtual_tokens']}  {item['dtype']}")
+            for item in client.prompts.list():
+                print(f"{item.id:40s} {item.version}  k={item.num_virtual_tokens}  {item.dtype}")
         elif args.prompts_cmd == "rm":
-            _check(client.delete(f"/v1/prompts/{args.name}"))
+            client.prompts.delete(args.name)
             print(f"deleted {args.name}")
         elif args.prompts_cmd == "pull":
-            resp = _check(client.get(f"/v1/prompts/{args.name}/download"))
-            out = Path(args.dir)
-            out.mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(io.BytesIO(resp.content)) as zf:
-                for member in ("adapter_config.json", "adapter_model.safetensors"):
-                    (out / member).write_bytes(zf.read(member))
+            out = client.prompts.pull(args.name, args.dir)
             print(f"wrote PEFT adapter to {out}")
     return 0
 
@@ -185,9 +125,14 @@ def cmd_store(args) -> int:
     report = collect_garbage(backend, grace, dry_run=args.dry_run)
     print(json.dumps(report.to_dict()))
     return 0
+def _client_flags(parser: argparse.ArgumentParser, env: ClientSettings) -> None:
+    fields = ClientSettings.model_fields
+    parser.add_argument("--url", default=env.url, help=f"{fields['url'].description} (env SOFTSERVE_URL, default {fields['url'].default})")
+    parser.add_argument("--api-key", default=env.api_key, help=f"{fields['api_key'].description} (env SOFTSERVE_API_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    env = ClientSettings()
     parser = argparse.ArgumentParser(prog="softserve", description="Serve many soft prompts on one frozen LLM.")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
@@ -196,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = keys.add_parser("add", help="create a key for a tenant and print it once")
     add.add_argument("--tenant", required=True)
     add.add_argument("--role", choices=["user", "admin"], default="user")
-    add.add_argument("--file", default=os.environ.get("SOFTSERVE_API_KEYS", "api_keys.yaml"))
+    add.add_argument("--file", default=env.api_keys, help="key file to add to (env SOFTSERVE_API_KEYS, default "
+                                                          f"{ClientSettings.model_fields['api_keys'].default})")
 
     prompts = sub.add_parser("prompts", help="push/list/rm/pull soft prompts on a running server")
-    prompts.add_argument("--url", default=os.environ.get("SOFTSERVE_URL", "http://127.0.0.1:8000"))
-    prompts.add_argument("--api-key", default=os.environ.get("SOFTSERVE_API_KEY"))
+    _client_flags(prompts, env)
     psub = prompts.add_subparsers(dest="prompts_cmd", required=True)
     push = psub.add_parser("push", help="upload a PEFT adapter directory (or a bare .safetensors file)")
     push.add_argument("dir")
@@ -220,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="served model name or soft prompt (as in the API's `model`)")
     ev.add_argument("--data", required=True, help="JSONL file")
     ev.add_argument("--max-tokens", type=int, default=32, help="generation length for exact-match lines")
-    ev.add_argument("--url", default=os.environ.get("SOFTSERVE_URL", "http://127.0.0.1:8000"))
-    ev.add_argument("--api-key", default=os.environ.get("SOFTSERVE_API_KEY"))
+    _client_flags(ev, env)
 
     store = sub.add_parser("store", help="maintain the prompt store directly (no server needed)")
     ssub = store.add_subparsers(dest="store_cmd", required=True)

@@ -21,7 +21,8 @@
   `{"error": {"message", "type", "param", "code"}}`, including errors sent inside an SSE stream.
 
 Importing this module needs only httpx and pydantic (the prompt-store models are imported on first use
-of `client.prompts`, because their module lives next to the server's torch-based store).
+of `client.prompts`, because their module lives next to the server's torch-based store). $SOFTSERVE_URL
+and $SOFTSERVE_API_KEY are read through `server.config.ClientSettings` when a client is made.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ __all__ = [
     "CompletionResponse", "ChatCompletionResponse", "ModelList",
 ]
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 120.0
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled", "canceled"})
 _NOT_GIVEN: Any = object()
@@ -220,8 +220,14 @@ def _parse_retry_after(value: str | None) -> float | None:
 
 
 # ---- shared request building ------------------------------------------------------------------------
+def _environment():
+    from server.config import ClientSettings  # SOFTSERVE_URL, SOFTSERVE_API_KEY (env vars are read there only)
+
+    return ClientSettings()
+
+
 def _normalize_base_url(base_url: str | None) -> str:
-    url = (base_url or os.environ.get("SOFTSERVE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    url = (base_url or _environment().url).rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url  # accept the OpenAI-style ".../v1" too
 
 
@@ -299,7 +305,7 @@ class _Base:
     def __init__(self, base_url: str | None, api_key: str | None, timeout: float | httpx.Timeout,
                  max_retries: int, retry: RetryPolicy | None, headers: Mapping[str, str] | None) -> None:
         self.base_url = _normalize_base_url(base_url)
-        self.api_key = api_key if api_key is not None else os.environ.get("SOFTSERVE_API_KEY")
+        self.api_key = api_key if api_key is not None else _environment().api_key
         self.timeout = timeout
         self.retry = retry or RetryPolicy(max_retries=max_retries)
         self._default_headers = {"User-Agent": "softserve-client/0.1", **(headers or {})}

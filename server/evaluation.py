@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from server.client import Client, CompletionResponse, SoftserveError
 
 
 class EvalDataError(ValueError):
@@ -81,37 +81,34 @@ def load_eval_data(path: str | Path) -> list[EvalItem]:
     return items
 
 
-def _post(client: httpx.Client, body: dict) -> dict:
-    resp = client.post("/v1/completions", json=body)
-    if resp.status_code != 200:
-        try:
-            message = resp.json()["error"]["message"]
-        except Exception:
-            message = resp.text[:500]
-        raise RuntimeError(f"server answered {resp.status_code}: {message}")
-    return resp.json()
+def _complete(client: Client, model: str, prompt: str | list[str], **params) -> CompletionResponse:
+    try:
+        return client.complete(model, prompt, **params)
+    except SoftserveError as exc:
+        if exc.status_code is None:
+            raise RuntimeError(f"no answer from the server: {exc.message}") from None
+        raise RuntimeError(f"server answered {exc.status_code}: {exc.message}") from None
 
 
-def choice_scores(client: httpx.Client, model: str, item: EvalItem) -> list[float]:
+def choice_scores(client: Client, model: str, item: EvalItem) -> list[float]:
     """Sum of logprobs of each choice given the prompt (one request for all choices)."""
     context = item.prompt.rstrip()
     moved = item.prompt[len(context):]
     texts = [context + moved + choice for choice in item.choices]
-    data = _post(client, {"model": model, "prompt": texts, "echo": True, "logprobs": 0, "max_tokens": 0,
-                          "temperature": 0})
+    response = _complete(client, model, texts, echo=True, logprobs=0, max_tokens=0, temperature=0)
     scores = [0.0] * len(texts)
-    for choice in data["choices"]:
-        lp = choice["logprobs"]
+    for choice in response.choices:
+        lp = choice.logprobs
         boundary = len(context)
         total = 0.0
-        for token, logprob, offset in zip(lp["tokens"], lp["token_logprobs"], lp["text_offset"]):
+        for token, logprob, offset in zip(lp.tokens, lp.token_logprobs, lp.text_offset):
             if offset + len(token) > boundary and logprob is not None:
                 total += logprob
-        scores[choice["index"]] = total
+        scores[choice.index] = total
     return scores
 
 
-def evaluate(client: httpx.Client, model: str, items: list[EvalItem], max_tokens: int = 32) -> EvalResult:
+def evaluate(client: Client, model: str, items: list[EvalItem], max_tokens: int = 32) -> EvalResult:
     from server.tuning.trainer import exact_match
 
     correct, predictions = 0, []
@@ -125,8 +122,7 @@ def evaluate(client: httpx.Client, model: str, items: list[EvalItem], max_tokens
             correct += int(best == item.answer)
         else:
             kinds.add("exact_match")
-            data = _post(client, {"model": model, "prompt": item.prompt, "max_tokens": max_tokens, "temperature": 0})
-            text = data["choices"][0]["text"]
+            text = _complete(client, model, item.prompt, max_tokens=max_tokens, temperature=0).choices[0].text
             predictions.append(text)
             correct += int(exact_match(text, item.completion))
     mode = kinds.pop() if len(kinds) == 1 else "mixed"

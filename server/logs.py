@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 import uuid
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -48,7 +47,3 @@ def request_id_from(header: str | None) -> str:
 
 def log_request(**fields) -> None:
     request_log.info("request", extra={"fields": fields})
-
-
-def now() -> float:
-    return time.monotonic()

@@ -31,7 +31,6 @@ class Metrics:
         self.rejected = Counter("softserve_rejected_requests", "Requests refused at admission", ["reason"], registry=r)
         self.store_gc_objects = Counter("softserve_store_gc_objects", "Store objects deleted by garbage collection", registry=r)
         self.store_gc_bytes = Counter("softserve_store_gc_bytes", "Store bytes freed by garbage collection", registry=r)
-        self._state = None
         self.scraped = r
         if not tenant_labels:
             self.scraped = CollectorRegistry(auto_describe=False)
@@ -52,7 +51,6 @@ class Metrics:
 
     def bind(self, state) -> None:
         """Gauges that read live state at scrape time (queue, batch, caches, tuning)."""
-        self._state = state
         self.registry.register(_StateCollector(state))
 
     def render(self) -> bytes:
@@ -93,22 +91,23 @@ class _StateCollector:
         yield _metric(GaugeMetricFamily, "softserve_ready", "1 when the server accepts requests", 1.0 if state.is_ready else 0.0)
         if engine is None:
             return
-        yield _metric(GaugeMetricFamily, "softserve_queue_depth", "Requests waiting for a batch row", engine.num_waiting)
-        yield _metric(GaugeMetricFamily, "softserve_running_requests", "Requests in the running batch", engine.num_running)
-        core = engine.engine
-        yield _metric(CounterMetricFamily, "softserve_engine_steps", "Engine steps that ran the model", core.steps_run)
+        stats = engine.stats()
+        yield _metric(GaugeMetricFamily, "softserve_queue_depth", "Requests waiting for a batch row", stats.num_waiting)
+        yield _metric(GaugeMetricFamily, "softserve_running_requests", "Requests in the running batch", stats.num_running)
+        yield _metric(CounterMetricFamily, "softserve_engine_steps", "Engine steps that ran the model", stats.steps_run)
         yield _metric(CounterMetricFamily, "softserve_forward_passes", "Model forward passes (one per engine step)",
-                      core.runner.forward_passes)
-        kv = core.scheduler.kv
-        yield _metric(GaugeMetricFamily, "softserve_kv_pool_tokens", "Token slots in the KV pool", kv.capacity)
+                      stats.forward_passes)
+        yield _metric(GaugeMetricFamily, "softserve_kv_pool_tokens", "Token slots in the KV pool", stats.kv_pool_tokens)
         yield _metric(GaugeMetricFamily, "softserve_kv_pool_used_tokens", "KV pool slots reserved by running requests",
-                      kv.used_tokens)
-        prefix = core.prefix_cache
-        yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_hits", "Soft-prompt KV prefix cache hits", prefix.hits)
-        yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_misses", "Soft-prompt KV prefix cache misses", prefix.misses)
+                      stats.kv_pool_used_tokens)
+        yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_hits", "Soft-prompt KV prefix cache hits",
+                      stats.prefix_cache_hits)
+        yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_misses", "Soft-prompt KV prefix cache misses",
+                      stats.prefix_cache_misses)
         yield _metric(CounterMetricFamily, "softserve_kv_prefix_cache_evictions", "Soft-prompt KV prefix cache evictions",
-                      prefix.evictions)
-        yield _metric(GaugeMetricFamily, "softserve_kv_prefix_cache_bytes", "Bytes of cached soft-prompt KV", prefix.bytes)
+                      stats.prefix_cache_evictions)
+        yield _metric(GaugeMetricFamily, "softserve_kv_prefix_cache_bytes", "Bytes of cached soft-prompt KV",
+                      stats.prefix_cache_bytes)
         if state.cache is not None:
             stats = state.cache.stats()
             yield _metric(CounterMetricFamily, "softserve_prompt_cache_hits", "Prompt tensor cache hits", stats.hits)
@@ -117,10 +116,11 @@ class _StateCollector:
             yield _metric(CounterMetricFamily, "softserve_prompt_cache_evictions", "Prompt tensor cache evictions", stats.evictions)
             yield _metric(GaugeMetricFamily, "softserve_prompt_cache_bytes", "Bytes of prompt tensors on the device", stats.bytes)
             yield _metric(GaugeMetricFamily, "softserve_prompt_cache_entries", "Prompt tensors on the device", stats.entries)
-        jobs = getattr(state, "tuning_job_counts", None)
-        if callable(jobs):
-            g = GaugeMetricFamily("softserve_tuning_jobs", "Tuning jobs by status", labels=["status"])
-            for status, count in jobs().items():
+        counts = state.tuning.job_counts() if state.tuning is not None else None
+        if counts is not None:
+            g = GaugeMetricFamily("softserve_tuning_jobs", "Unfinished tuning jobs on this replica by status",
+                                  labels=["status"])
+            for status, count in counts.items():
                 g.add_metric([status], count)
             yield g
 

@@ -48,5 +48,6 @@ def run_server(app, settings: Settings) -> None:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)), access_log=False,
+        limit_concurrency=settings.max_connections,
     )
     DrainingServer(config, app.state.service, settings.shutdown_timeout).run()

@@ -1,6 +1,14 @@
-"""Shared fixtures: a tiny random Llama (fast unit tests) and the real SmolLM2 (a few parity tests)."""
+"""Shared fixtures: a tiny random Llama (fast unit tests) and the real SmolLM2 (a few parity tests).
+
+Tests that start a process (a server or the CLI as a subprocess, SeaweedFS, nginx, a linter, chromium,
+docker) carry `@pytest.mark.process`, so `-m 'not process'` is the in-process suite. An unmarked test
+that starts one fails at once (`pytest_runtest_protocol` below), so the marker cannot drift.
+"""
 
 from __future__ import annotations
+
+import platform
+import subprocess
 
 import pytest
 import torch
@@ -68,3 +76,27 @@ def seaweed(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+class UnmarkedProcessError(AssertionError):
+    pass
+
+
+platform.processor()  # runs `uname -p` once and caches it, before the guard below is on (bench scripts ask)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("process") is not None:
+        yield
+        return
+    start = subprocess.Popen._execute_child
+
+    def refuse(self, args, *rest, **kwargs):
+        raise UnmarkedProcessError(f"{item.nodeid} starts a process ({args!r}): mark it @pytest.mark.process")
+
+    subprocess.Popen._execute_child = refuse  # every subprocess.run/Popen/check_output ends here
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child = start

@@ -7,7 +7,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
 from server.config import Settings
 
@@ -109,7 +109,7 @@ class RawCall:
 
 @pytest.fixture()
 def keyed_app(tiny_model, tokenizer, tmp_path):
-    from server.auth import add_key
+    from server.service.auth import add_key
 
     keyfile = tmp_path / "keys.yaml"
     keys = {"a": add_key(keyfile, "acme"), "a2": add_key(keyfile, "acme"), "b": add_key(keyfile, "beta")}
@@ -185,7 +185,7 @@ def test_concurrent_uploads_are_capped_per_tenant_and_in_total(keyed_app):
 
 # ---- 3. /metrics: admin only on the API port, tenant names only when asked for --------------------------
 def test_metrics_need_an_admin_key_and_name_no_tenant_by_default(tiny_model, tokenizer, tmp_path):
-    from server.auth import add_key
+    from server.service.auth import add_key
 
     keyfile = tmp_path / "keys.yaml"
     user, admin = add_key(keyfile, "acme-secret-customer"), add_key(keyfile, "ops", role="admin")
@@ -212,7 +212,7 @@ def test_metrics_tenant_labels_are_opt_in(tiny_model, tokenizer, tmp_path):
 def test_metrics_port_serves_prometheus_without_a_key_on_loopback(tiny_model, tokenizer, tmp_path):
     import httpx
 
-    from server.auth import add_key
+    from server.service.auth import add_key
     from tests.live_server import free_port
 
     keyfile = tmp_path / "keys.yaml"
@@ -227,9 +227,13 @@ def test_metrics_port_serves_prometheus_without_a_key_on_loopback(tiny_model, to
 
 
 def test_every_limit_has_a_serve_flag():
-    from server.cli import _SERVE_FLAGS
+    import argparse
 
-    assert set(Settings.model_fields) == {field for _, field, _ in _SERVE_FLAGS} | {"ui"}  # ui: --no-ui
+    from server.config import add_settings_flags
+
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser)
+    assert set(Settings.model_fields) <= {action.dest for action in parser._actions}
 
 
 # ---- 4. a cut multipart body is refused; the version covers the tensor and the config -------------------

@@ -12,6 +12,8 @@ import pytest
 
 from tests.live_server import LiveServer, assert_openai_error, tiny_model_dir
 
+pytestmark = pytest.mark.process  # a live server subprocess
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer):
@@ -67,3 +69,37 @@ def test_amplified_completion_is_rejected_at_once_and_health_answers(server, num
     with server.client(timeout=30) as c:  # and the server still serves
         r = c.post("/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+def test_idle_connections_are_bounded_and_released(tmp_path_factory, tokenizer):
+    """--max-connections: idle clients (slowloris) cannot hold the server; past the limit a new
+    connection gets 503 at once, and the server answers again as soon as they leave."""
+    import socket
+
+    root = tmp_path_factory.mktemp("conn-limit")
+    srv = LiveServer(root / "store", model=tiny_model_dir(tmp_path_factory, tokenizer), max_model_len=256,
+                     log_dir=root, extra_args=["--max-connections", "4"]).start()
+    idle: list[socket.socket] = []
+    try:
+        with srv.client(timeout=5) as c:
+            assert c.get("/health").status_code == 200
+        for _ in range(4):  # connected, never send a byte
+            idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=5))
+        time.sleep(0.5)
+        with httpx.Client(base_url=srv.url, timeout=5) as c:
+            r = c.get("/health")
+        assert r.status_code == 503
+        for s in idle:
+            s.close()
+        idle.clear()
+        deadline = time.monotonic() + 10
+        while True:
+            with httpx.Client(base_url=srv.url, timeout=5) as c:
+                if c.get("/health").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server did not recover after the idle connections closed"
+            time.sleep(0.2)
+    finally:
+        for s in idle:
+            s.close()
+        srv.stop()

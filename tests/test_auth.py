@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from prompt_store.types import PromptNotFound, PromptValidationError
-from server.auth import ApiKeyRegistry, Principal, add_key, can_write, tenant_for_model
+from server.service.auth import ApiKeyRegistry, Principal, add_key
+from server.service.tenancy import can_write, parse_reference as tenant_for_model
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -80,7 +81,7 @@ def test_empty_registry_rejects_everything(tmp_path):
     assert ApiKeyRegistry.load(path).authenticate("Bearer x") is None
 
 
-def test_tenant_for_model():
+def test_parse_reference():
     user = Principal("acme", "user")
     assert tenant_for_model(user, "p") == ("acme", "p", None)
     assert tenant_for_model(user, "p@abc123def456") == ("acme", "p", "abc123def456")

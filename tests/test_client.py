@@ -15,7 +15,7 @@ import torch
 from server import client as C
 from server.api.prompts import PromptDeleted, PromptInfo, PromptUploadResponse
 from server.api.schemas import ChatCompletionResponse, CompletionResponse, ModelList
-from server.auth import add_key
+from server.service.auth import add_key
 from tests.live_server import TINY_HIDDEN, LiveServer, adapter_config, free_port, prompt_tensor, tiny_model_dir
 
 K = 4
@@ -54,6 +54,7 @@ def ss(live):
         yield client
 
 
+@pytest.mark.process
 def test_complete_chat_and_streams_sync(ss):
     r = ss.complete(NAME, TEXT, **GEN)
     assert isinstance(r, CompletionResponse) and r.model == NAME
@@ -70,6 +71,7 @@ def test_complete_chat_and_streams_sync(ss):
     assert ss.ready()
 
 
+@pytest.mark.process
 def test_async_client(live, ss):
     srv, key, _ = live
     expected = ss.complete(NAME, TEXT, **GEN).choices[0].text
@@ -93,6 +95,7 @@ def test_async_client(live, ss):
     assert NAME in {p.id for p in infos} and got.name == NAME
 
 
+@pytest.mark.process
 def test_prompts_roundtrip_and_peft_load(live, ss, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
@@ -126,6 +129,7 @@ def test_prompts_roundtrip_and_peft_load(live, ss, tmp_path):
         ss.prompts.get(name2)
 
 
+@pytest.mark.process
 def test_typed_errors(live, ss):
     srv, _, _ = live
     with pytest.raises(C.NotFoundError) as e:
@@ -146,6 +150,7 @@ def test_typed_errors(live, ss):
         assert e.value.status_code == 401 and e.value.type == "authentication_error"
 
 
+@pytest.mark.process
 def test_tuning_if_available(ss):
     paths = httpx.get(ss.base_url + "/openapi.json").json()["paths"]
     if "/v1/tuning/jobs" not in paths:
@@ -381,6 +386,7 @@ def test_tuning_methods_against_stub(stub):
     assert stub.calls[0][2]["X-Request-ID"] == "r1"
 
 
+@pytest.mark.process
 def test_import_is_light():
     import subprocess
     import sys

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from safetensors.torch import save
 
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
-from server.auth import add_key
+from server.service.auth import add_key
 from server.cli import build_parser
 from server.config import Settings
 from server.ui.routes import STATIC_DIR

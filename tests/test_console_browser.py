@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import add_key
+from server.service.auth import add_key
 from tests.live_server import TINY_HIDDEN, LiveServer, adapter_config, prompt_bytes, tiny_model_dir, upload
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.process,  # chromium and a live server
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)"),
 ]
 expect = sync_api.expect

@@ -33,6 +33,7 @@ def _tool(name: str) -> str | None:
 # ---- Dockerfiles ----------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint(dockerfile):
     hadolint = _tool("hadolint")
@@ -98,6 +99,7 @@ def _script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.process
 def test_build_offline_script_lints():
     shellcheck = _tool("shellcheck")
     if shellcheck is None:
@@ -107,6 +109,7 @@ def test_build_offline_script_lints():
     assert os.access(SCRIPT, os.X_OK)
 
 
+@pytest.mark.process
 def test_build_offline_script_checks_arguments_first():
     """Mistakes are reported before anything needs root, dockerd or a mirror."""
     r = _script("--no-such-option")
@@ -117,6 +120,7 @@ def test_build_offline_script_checks_arguments_first():
     assert r.returncode == 1 and "not a directory" in r.stderr
 
 
+@pytest.mark.process
 def test_docs_use_only_options_the_script_has():
     """Every option that README.md and deploy/README.md pass to build-offline.sh is in its --help."""
     r = _script("--help")
@@ -193,6 +197,7 @@ def _find(docs: list[dict], kind: str, name: str) -> dict:
     return matches[0]
 
 
+@pytest.mark.process
 def test_k8s_base_renders():
     docs = _kustomize("base")
     dep = _find(docs, "Deployment", "softserve")
@@ -218,6 +223,7 @@ def test_k8s_base_renders():
     assert vol["configMap"]["name"] == _find(docs, "ConfigMap", "softserve-router")["metadata"]["name"]
 
 
+@pytest.mark.process
 def test_k8s_gpu_overlay_renders():
     docs = _kustomize("overlays/gpu")
     c = _find(docs, "Deployment", "softserve")["spec"]["template"]["spec"]["containers"][0]
@@ -232,6 +238,7 @@ def test_k8s_every_kustomization_is_tested():
     assert found == sorted(KUSTOMIZATIONS)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_k8s_validates_strict(kustomization, tmp_path):
     """The rendered manifests against the Kubernetes OpenAPI schemas, rejecting unknown fields."""
@@ -253,6 +260,7 @@ def test_k8s_validates_strict(kustomization, tmp_path):
             assert doc["metadata"].get("namespace") == "softserve", (doc["kind"], doc["metadata"]["name"])
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_k8s_drains_before_kill(kustomization):
     """preStop keeps serving while the pod leaves the endpoints; the grace period covers that plus
@@ -269,6 +277,7 @@ def test_k8s_drains_before_kill(kustomization):
     assert pdb["spec"]["selector"] == dep["spec"]["selector"]  # the PDB guards these pods
 
 
+@pytest.mark.process
 def test_k8s_cpu_overlay_renders():
     docs = _kustomize("overlays/cpu")
     dep = _find(docs, "Deployment", "softserve")
@@ -306,6 +315,7 @@ def test_deploy_readme_linked():
     assert "(../README.md)" in (K8S / "README.md").read_text()
 
 
+@pytest.mark.process
 def test_k8s_seaweedfs_overlay_renders():
     docs = _kustomize("overlays/seaweedfs")
     svc = _find(docs, "Service", "seaweedfs")
@@ -355,12 +365,14 @@ def _nginx_t(conf_text: str, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.process
 def test_nginx_conf_syntax(tmp_path):
     from test_multi_replica import nginx_conf
 
     _nginx_t(nginx_conf([18001, 18002], 18003, tmp_path), tmp_path)
 
 
+@pytest.mark.process
 def test_k8s_router_conf_syntax(tmp_path):
     """The k8s router config minus what needs a cluster (kube-dns; `resolve` needs nginx >= 1.27.3)."""
     conf = (K8S / "base" / "router-nginx.conf").read_text()

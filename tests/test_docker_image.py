@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.process]
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "deploy" / "build-offline.sh"

@@ -11,8 +11,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
+from server.client import Client
 from server.config import Settings
 from server.evaluation import EvalDataError, evaluate, load_eval_data
 
@@ -37,6 +38,7 @@ def client(tiny_model, tokenizer, soft, tmp_path_factory):
     app = create_app(settings, loaded=LoadedModel(tiny_model, tokenizer, "tiny"))
     with TestClient(app) as c:
         assert c.put("/v1/prompts/clf", files={"adapter_model": ("a.safetensors", save({"prompt_embeddings": soft}))}).status_code == 201
+        c.softserve = Client(str(c.base_url), http_client=c)  # what `evaluate` takes, over the same in-process app
         yield c
 
 
@@ -63,7 +65,7 @@ def test_choice_accuracy_equals_reference(client, tiny_model, tokenizer, soft, t
     path = tmp_path / "eval.jsonl"
     path.write_text("\n".join(json.dumps(i) for i in ITEMS) + "\n")
     items = load_eval_data(path)
-    result = evaluate(client, model, items)
+    result = evaluate(client.softserve, model, items)
     expected = [_reference_choice(tiny_model, tokenizer, soft if model == "clf" else None, i) for i in ITEMS]
     assert result.predictions == [i["choices"][e] for i, e in zip(ITEMS, expected)]
     answers = [item.answer for item in items]
@@ -78,7 +80,7 @@ def test_exact_match_lines(client, tmp_path):
     path.write_text(json.dumps({"prompt": "Say:", "completion": f"  {text.strip()} "}) + "\n"
                     + json.dumps({"prompt": "Say:", "completion": "certainly not this"}) + "\n"
                     + json.dumps(ITEMS[0]) + "\n")
-    result = evaluate(client, "clf", load_eval_data(path), max_tokens=5)
+    result = evaluate(client.softserve, "clf", load_eval_data(path), max_tokens=5)
     assert result.summary() == {"accuracy": pytest.approx(result.correct / 3), "correct": result.correct, "total": 3,
                                 "mode": "mixed"}
     assert result.predictions[0] == text and result.correct >= 1
@@ -97,6 +99,7 @@ def test_bad_eval_data_names_the_line(tmp_path, line, message):
         load_eval_data(path)
 
 
+@pytest.mark.process
 def test_eval_cli_help_and_bad_file(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "server", "eval", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--data" in help_text.stdout and "log-likelihood" in help_text.stdout

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from live_server import LiveServer, tiny_model_dir  # noqa: E402
 
+pytestmark = pytest.mark.process  # a live server subprocess
+
 EXAMPLES = int(os.environ.get("SOFTSERVE_FUZZ_EXAMPLES", "8"))
 
 

@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
 from server.config import Settings
 
@@ -52,6 +52,33 @@ def test_metrics_expose_requests_tokens_latency_and_caches(client):
                  "softserve_prompt_cache_hits_total 1.0", "softserve_prompt_cache_misses_total 1.0",
                  "softserve_kv_prefix_cache_hits_total 1.0", "softserve_kv_prefix_cache_bytes", "softserve_ready 1.0"):
         assert name in text, name
+
+
+def test_metrics_count_unfinished_tuning_jobs_by_status(client):
+    import time
+
+    def gauge() -> dict[str, float]:
+        lines = [l for l in client.get("/metrics").text.splitlines() if l.startswith("softserve_tuning_jobs{")]
+        return {l.split('"')[1]: float(l.rsplit(" ", 1)[1]) for l in lines}
+
+    def wait(job_id: str, status: str) -> None:
+        deadline = time.monotonic() + 30
+        while client.get(f"/v1/tuning/jobs/{job_id}").json()["status"] != status:
+            assert time.monotonic() < deadline, f"tuning job not {status}"
+            time.sleep(0.05)
+
+    r = client.post("/v1/tuning/jobs", json={"name": "m", "steps": 100_000, "init": "vocab", "num_virtual_tokens": 2,
+                                             "training_data": [{"prompt": "a", "completion": " b"}]})
+    assert r.status_code == 200, r.text
+    wait(r.json()["id"], "running")
+    assert gauge() == {"validating_files": 0, "queued": 0, "running": 1}
+    assert client.post(f"/v1/tuning/jobs/{r.json()['id']}/cancel").status_code == 200
+    wait(r.json()["id"], "cancelled")
+    deadline = time.monotonic() + 10
+    while gauge()["running"] != 0:  # the worker lets go of the job just after the record says cancelled
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert gauge() == {"validating_files": 0, "queued": 0, "running": 0}
 
 
 def test_request_id_is_echoed_or_created(client):

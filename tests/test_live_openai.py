@@ -12,6 +12,8 @@ from tests.live_server import (
     SMOLLM_HIDDEN, SMOLLM_NAME, LiveServer, adapter_config, assert_openai_error, iter_sse, prompt_bytes, upload,
 )
 
+pytestmark = pytest.mark.process  # a live server subprocess
+
 MAX_MODEL_LEN = 1024
 PROMPT = "greeter"
 K = 5

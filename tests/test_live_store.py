@@ -15,11 +15,13 @@ import httpx
 import openai
 import pytest
 
-from server.auth import add_key
+from server.service.auth import add_key
 from tests.live_server import (
     TINY_HIDDEN, LiveServer, adapter_config, assert_openai_error, iter_sse, multipart_body, prompt_bytes,
     tiny_model_dir, upload,
 )
+
+pytestmark = pytest.mark.process  # a live server subprocess
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 

@@ -19,7 +19,7 @@ from live_server import TINY_HIDDEN, LiveServer, prompt_bytes, tiny_model_dir, u
 from server.evaluation import evaluate, load_eval_data
 from tests.live_server import REPO_ROOT
 
-pytestmark = pytest.mark.lmeval
+pytestmark = [pytest.mark.lmeval, pytest.mark.process]
 
 LM_EVAL = REPO_ROOT / os.environ.get("LMEVAL_VENV", ".venv-lmeval") / "bin" / "lm_eval"
 SENTIMENT = [("I loved every minute of it", 0), ("A boring, tedious mess", 1), ("Wonderful acting and a great story", 0),

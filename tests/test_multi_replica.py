@@ -23,7 +23,7 @@ import pytest
 
 from s3_server import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.process]
 
 REPO = Path(__file__).resolve().parent.parent
 REVALIDATE_S = 1.0

@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from engine_utils import make_engine, run
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
 from server.config import Settings
 from server.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef

@@ -18,7 +18,7 @@ from safetensors.torch import load, save_file
 
 from engine_utils import make_engine, run
 from prompt_store.compose import composed_sha256
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
 from server.config import Settings
 from server.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef

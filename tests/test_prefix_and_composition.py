@@ -19,9 +19,9 @@ from safetensors.torch import load, save
 from prompt_store.compose import compose_meta, composed_sha256
 from prompt_store.format import parse_upload
 from prompt_store.types import ModelInfo, PromptMeta, PromptValidationError
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
-from server.auth import add_key
+from server.service.auth import add_key
 from server.config import Settings
 
 # The tiny model: 2 layers, hidden 64, 4 query heads, 2 KV heads -> head_dim 16, prefix width 2*2*2*16 = 128.

@@ -26,7 +26,7 @@ def blob(seed: int, k: int = 4) -> bytes:
     return st_save({"prompt_embeddings": torch.randn(k, H, generator=g)}, metadata={"format": "pt"})
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.process)])
 def make_backend(request, tmp_path):
     """Factory of backends that all see the same data: calling it again is "a fresh process".
     `s3` is a real S3 server (SeaweedFS, see tests/s3_server.py), one fresh prefix per test."""

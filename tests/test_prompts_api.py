@@ -17,9 +17,10 @@ from prompt_store.backend import LocalBackend
 from prompt_store.cache import PromptCache
 from prompt_store.store import PromptStore
 from prompt_store.types import ModelInfo
+from server.api import deps
 from server.api.errors import install_error_handlers
-from server.api.prompts import build_prompts_router
-from server.auth import ApiKeyRegistry, add_key, principal_dependency
+from server.api.prompts import router as prompts_router
+from server.service.auth import ApiKeyRegistry, add_key
 
 H = 64
 MODEL = ModelInfo(name="tiny-llama", hidden_size=H, num_layers=2, num_attention_heads=4)
@@ -47,7 +48,10 @@ class Env:
         self.cache = PromptCache(self.store, device="cpu", dtype=torch.float32, budget_bytes=1 << 20)
         app = FastAPI()
         install_error_handlers(app)
-        app.include_router(build_prompts_router(lambda: self.store, principal_dependency(lambda: registry), lambda: self.cache))
+        app.include_router(prompts_router)  # on a store and cache of its own, without a model or engine
+        app.dependency_overrides[deps.get_store] = lambda: self.store
+        app.dependency_overrides[deps.get_cache] = lambda: self.cache
+        app.dependency_overrides[deps.get_registry] = lambda: registry
         self.client = TestClient(app)
 
     def h(self, who: str) -> dict[str, str]:

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
-from server.auth import add_key
+from server.service.auth import add_key
 from server.config import Settings
 
 
@@ -76,7 +76,7 @@ def test_per_tenant_inference_queue_limit_is_on_by_default(tiny_model, tokenizer
 
 # ---- 12. rate limits per tenant: requests/s and tokens/min, 429 with Retry-After, in the metrics -----------
 def test_token_bucket_refills_at_its_rate():
-    from server.api.ratelimit import TokenBucket
+    from server.service.ratelimit import TokenBucket
 
     bucket = TokenBucket(rate=2.0, capacity=4.0, now=0.0)
     assert [bucket.take(1, 0.0) for _ in range(4)] == [0.0] * 4
@@ -166,6 +166,7 @@ def test_prompt_count_quota_answers_429_and_delete_frees_it(tiny_model, tokenize
         error = r.json()["error"]
         assert error["code"] == "prompt_quota_exceeded" and "--max-prompts-per-tenant" in error["message"]
         assert "has 2 prompts" in error["message"] and "is 2" in error["message"]
+        assert "retry-after" not in r.headers  # retrying does not help: deleting a prompt does
         assert c.get("/health").status_code == 200
         assert [p["name"] for p in c.get("/v1/prompts").json()["data"]] == ["a", "b"]  # nothing half-written
         assert c.put("/v1/prompts/a", files=_prompt_files(4)).status_code == 201  # a new version of a name is fine

@@ -71,6 +71,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.process
 def test_readme_examples_run(server, tmp_path):
     text = _readme()
     # 1) Quickstart bash block(s) with curl (they upload the `demo` prompt the Python snippets use).

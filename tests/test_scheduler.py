@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine.config import SchedulerConfig
-from server.engine.request import FinishReason, Request, SamplingParams
+from server.engine.request import ErrorKind, FinishReason, Request, SamplingParams
 from server.engine.scheduler import QueueFullError, RunnerOutput, Scheduler
 
 EOS = 2
@@ -237,4 +237,5 @@ def test_request_timeout_fails_waiting_and_running():
     s.update(out, RunnerOutput([7]))
     out = s.schedule(now=11.0)  # r is 11 s old: timed out; w (6 s) takes its row
     assert running.finish_reason == FinishReason.ERROR and "timed out" in running.error
+    assert running.error_kind == ErrorKind.TIMEOUT  # callers branch on the kind, never on the text
     assert out.finished == [running] and out.prefill == [waiting]

@@ -13,6 +13,8 @@ import pytest
 
 from live_server import LiveServer, tiny_model_dir
 
+pytestmark = pytest.mark.process  # a live server subprocess
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):

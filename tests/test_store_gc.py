@@ -272,7 +272,7 @@ def test_cli_store_gc_dry_run_and_run(tmp_path, capsys):
     assert not backend.exists(keys.blob("0" * 64))
 
 
-@pytest.mark.integration
+@pytest.mark.process
 def test_gc_on_s3(seaweed):
     """The same on a real S3 server (LastModified from ListObjectsV2, HeadObject before each delete)."""
     from prompt_store.s3_backend import S3Backend
@@ -291,7 +291,7 @@ def test_gc_on_s3(seaweed):
     assert store.load_tensor(live).shape == (4, H) and shared.sha256 == live.sha256
 
 
-@pytest.mark.integration
+@pytest.mark.process
 @pytest.mark.parametrize("gc_runs", ["after_finding_the_blob", "after_rewriting_the_blob"])
 def test_upload_reusing_an_old_blob_while_gc_runs_on_s3(seaweed, gc_runs):
     """The re-used-old-blob race on a real S3 server: the GC runs (grace 2 s) inside B's upload."""
@@ -323,7 +323,7 @@ def test_upload_reusing_an_old_blob_while_gc_runs_on_s3(seaweed, gc_runs):
 def test_server_runs_gc_periodically_and_counts_it_in_metrics(tiny_model, tokenizer, tmp_path):
     from fastapi.testclient import TestClient
 
-    from server.api.state import LoadedModel
+    from server.service.runtime import LoadedModel
     from server.app import create_app
     from server.config import Settings
 

@@ -27,7 +27,7 @@ def blob(seed: int, k: int = 4) -> bytes:
     return st_save({"prompt_embeddings": torch.randn(k, H, generator=g)}, metadata={"format": "pt"})
 
 
-@pytest.fixture(params=["memory", "local", "s3"])
+@pytest.fixture(params=["memory", "local", pytest.param("s3", marks=pytest.mark.process)])
 def make_backend(request, tmp_path):
     """Each call is a new backend instance on the same data, as a separate replica would open."""
     if request.param == "memory":
@@ -272,6 +272,7 @@ def test_open_backend_urls(tmp_path):
         open_backend("gs://bucket/x")
 
 
+@pytest.mark.process
 def test_open_backend_s3(seaweed, monkeypatch):
     from prompt_store.s3_backend import S3Backend
 
@@ -304,6 +305,7 @@ def test_s3_unreachable_is_503(monkeypatch):
     assert ei.value.status_code == 503
 
 
+@pytest.mark.process
 def test_s3_wrong_credentials_is_503(seaweed):
     from prompt_store.s3_backend import S3Backend, StorageUnavailable
 

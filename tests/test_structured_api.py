@@ -10,7 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from server.api.state import LoadedModel
+from server.service.runtime import LoadedModel
 from server.app import create_app
 from server.config import Settings
 

@@ -264,9 +264,9 @@ def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_model, tokenizer
 # ---- API ------------------------------------------------------------------------------------------
 @pytest.fixture
 def api(tiny_model, tokenizer, tmp_path):
-    from server.api.state import LoadedModel
+    from server.service.runtime import LoadedModel
     from server.app import create_app
-    from server.auth import add_key
+    from server.service.auth import add_key
     from server.config import Settings
 
     keyfile = tmp_path / "keys.yaml"
@@ -278,14 +278,14 @@ def api(tiny_model, tokenizer, tmp_path):
         yield client
 
 
-def _wait(client, job_id, headers, statuses, timeout=40.0):
+def _wait(client, job_id, headers, statuses, timeout=40.0, until=lambda job: True):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/tuning/jobs/{job_id}", headers=headers).json()
-        if job["status"] in statuses:
+        if job["status"] in statuses and until(job):
             return job
         time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
+    raise AssertionError(f"job {job_id} still {job['status']} (step {job['step']}) after {timeout}s")
 
 
 def test_api_job_lifecycle(api, tokenizer):
@@ -333,20 +333,53 @@ def test_api_job_lifecycle(api, tokenizer):
     assert again["result_prompt"]["version"] == result["version"]
 
 
+def test_api_tuning_examples_fit_the_served_context_not_the_flag(tokenizer, tmp_path):
+    """--max-model-len beyond the model's positions is capped for serving; tuning must size examples by
+    the same cap (it used the uncapped flag, so examples the model cannot hold were trained on)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server.service.runtime import LoadedModel
+    from server.app import create_app
+    from server.config import Settings
+
+    torch.manual_seed(0)
+    short = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)).eval()
+    short.requires_grad_(False)
+    settings = Settings(store=str(tmp_path / "store"), max_model_len=2048)
+    assert settings.max_model_len > 64
+    with TestClient(create_app(settings, loaded=LoadedModel(short, tokenizer, "short"))) as client:
+        record = {"prompt": "word " * 70 + "\nLabel:", "completion": " ok"}
+        [example] = tokenize_examples(tokenizer, parse_records([record]))
+        assert 64 - 4 < len(example.input_ids) < 2048 - 4
+        served = client.post("/v1/completions", json={"model": "short", "prompt": record["prompt"], "max_tokens": 1})
+        assert served.status_code == 400  # serving refuses it: the model has 64 positions
+        body = {"name": "t", "training_data": [record], "num_virtual_tokens": 4, "init": "vocab", "steps": 1}
+        r = client.post("/v1/tuning/jobs", json=body)
+        assert r.status_code == 200, r.text
+        job = _wait(client, r.json()["id"], {}, ("succeeded", "failed", "cancelled"))
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "invalid_training_data" and "the limit is 60" in job["error"]["message"]
+
+
 def test_api_queue_and_cancel_while_serving(api):
     a = api.h["a"]
     body = {"name": "long", "training_data": toy_records(8), "init": "vocab", "steps": 100_000, "batch_size": 2}
     first = api.post("/v1/tuning/jobs", headers=a, json=body).json()
     second = api.post("/v1/tuning/jobs", headers=a, json={**body, "name": "next"}).json()
-    running = _wait(api, first["id"], a, ("running",))
-    assert running["eta_seconds"] is None or running["eta_seconds"] >= 0
+    running = _wait(api, first["id"], a, ("running",), until=lambda job: job["step"] >= 1)
+    # After a step the ETA is known: the remaining ~100k steps take well over a second.
+    assert running["eta_seconds"] > 1 and running["estimated_finish"] > running["started_at"]
     queued = _wait(api, second["id"], a, ("queued",))  # after validating_files
     assert queued["queue_position"] == 0
     # Serving continues while the job trains on the same model.
     r = api.post("/v1/completions", headers=a, json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-    _wait(api, first["id"], a, ("running",))
-    assert api.get(f"/v1/tuning/jobs/{first['id']}", headers=a).json()["step"] >= 0
+    # ... and training goes on after it.
+    served_at = api.get(f"/v1/tuning/jobs/{first['id']}", headers=a).json()["step"]
+    _wait(api, first["id"], a, ("running",), until=lambda job: job["step"] > served_at)
     r = api.post(f"/v1/tuning/jobs/{second['id']}/cancel", headers=a)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     r = api.post(f"/v1/tuning/jobs/{first['id']}/cancel", headers=a)

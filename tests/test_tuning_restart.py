@@ -14,6 +14,8 @@ import pytest
 from live_server import LiveServer, tiny_model_dir
 from test_tuning import toy_records
 
+pytestmark = pytest.mark.process  # a live server subprocess
+
 STEPS = 300
 LEASE_S = 2.0
 FAST_LEASE = ["--tuning-lease-seconds", str(LEASE_S), "--tuning-scan-seconds", "0.3", "--max-model-len", "256",

@@ -10,8 +10,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from server.api.errors import APIError
-from server.auth import ApiKeyRegistry, Principal
+from server.service.auth import ApiKeyRegistry, Principal
+from server.service.errors import Overloaded
+
+from .deps import authenticate
 
 # Paths that answer without a key: probes, the API description, the web console's page and assets
 # (its /ui/api/* calls carry the key). /metrics guards itself (admin key).
@@ -22,10 +24,6 @@ OPEN_PREFIXES = ("/ui/assets/",)
 
 def is_upload(method: str, path: str) -> bool:
     return (method == "PUT" and path.startswith("/v1/prompts/")) or (method == "POST" and path.rstrip("/") == "/v1/files")
-
-
-def unauthorized() -> APIError:
-    return APIError(401, "invalid or missing API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 class UploadSlots:
@@ -41,12 +39,12 @@ class UploadSlots:
         with self._lock:
             mine = self._by_tenant.get(tenant, 0)
             if mine >= self.per_tenant:
-                raise APIError(429, f"too many concurrent uploads for this tenant ({self.per_tenant}, "
+                raise Overloaded(f"too many concurrent uploads for this tenant ({self.per_tenant}, "
                                "--max-concurrent-uploads-per-tenant); retry when one has finished",
-                               code="too_many_uploads", headers={"Retry-After": "1"})
+                               code="too_many_uploads", retry_after=1)
             if self._in_use >= self.total:
-                raise APIError(429, f"the server is receiving {self.total} uploads already (--max-concurrent-uploads); "
-                               "retry shortly", code="too_many_uploads", headers={"Retry-After": "1"})
+                raise Overloaded(f"the server is receiving {self.total} uploads already (--max-concurrent-uploads); "
+                               "retry shortly", code="too_many_uploads", retry_after=1)
             self._by_tenant[tenant] = mine + 1
             self._in_use += 1
         released = False
@@ -79,14 +77,12 @@ class AdmissionGate:
         self.rate_limiter = rate_limiter  # RateLimiter: requests per second per tenant
 
     def admit(self, scope, headers: dict[str, str]) -> Callable[[], None] | None:
-        """Raises APIError (401, 429); on success records the principal in the request state and
+        """Raises Unauthenticated or Overloaded; on success records the principal in the request state and
         returns the release callback of an upload slot (None when nothing is held)."""
         path = scope["path"]
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return None
-        principal: Principal | None = self.get_registry().authenticate(headers.get("authorization"))
-        if principal is None:
-            raise unauthorized()
+        principal: Principal = authenticate(self.get_registry(), headers.get("authorization"))
         state = scope.setdefault("state", {})
         state["principal"] = principal
         state["tenant"] = principal.tenant

@@ -1,11 +1,13 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}}.
+"""The one place where errors become HTTP: status codes, headers and OpenAI-shaped bodies
+{"error": {"message", "type", "param", "code"}}.
 
-Every 4xx/5xx the API returns goes through `APIError` so clients (including the official `openai`
-package, which maps status codes to exception classes) see one shape, and no stack trace leaks.
+Code below the HTTP layer raises typed domain errors (`server.service.errors`); clients (the official
+`openai` package maps status codes to exception classes) see one shape, and no stack trace leaks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -14,7 +16,20 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from prompt_store.types import PromptStoreError
+from server.service.errors import (
+    ClientGone, Conflict, InternalError, InvalidRequest, NotFound, NotReady, Overloaded, PermissionDenied,
+    ServiceError, Timeout, TooLarge, Unauthenticated, Unprocessable, UnsupportedMediaType, from_store_error,
+)
+
 log = logging.getLogger("softserve.api")
+
+STATUS_BY_ERROR: dict[type[ServiceError], int] = {
+    InvalidRequest: 400, Unauthenticated: 401, PermissionDenied: 403, NotFound: 404, Conflict: 409, TooLarge: 413,
+    UnsupportedMediaType: 415, Unprocessable: 422, Overloaded: 429,
+    ClientGone: 499,  # "client closed request", as nginx logs it
+    InternalError: 500, NotReady: 503, Timeout: 504,
+}
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -31,31 +46,20 @@ _TYPE_BY_STATUS = {
 }
 
 
-class APIError(Exception):
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def to_body(self) -> dict:
-        return error_body(self.status_code, self.message, param=self.param, code=self.code)
+def http_status(exc: ServiceError) -> int:
+    for kind in type(exc).__mro__:
+        if kind in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[kind]
+    return 500
 
 
-def client_gone() -> APIError:
-    """The client went away before it finished its request: nobody reads the answer; 499 ("client
-    closed request", as nginx logs it) counts it as the client's doing, not a server error."""
-    return APIError(499, "client closed the connection", code="client_closed")
+def http_headers(exc: ServiceError) -> dict[str, str]:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(exc.retry_after)))
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
 
 
 def error_body(status_code: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
@@ -69,10 +73,31 @@ def error_body(status_code: int, message: str, *, param: str | None = None, code
     }
 
 
+def service_error_body(exc: ServiceError) -> dict:
+    return error_body(http_status(exc), exc.message, param=exc.param, code=exc.code)
+
+
+def service_error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse(service_error_body(exc), status_code=http_status(exc), headers=http_headers(exc))
+
+
+async def send_service_error(send, exc: ServiceError) -> None:
+    """The same answer from plain ASGI code (middleware), before any route runs."""
+    body = json.dumps(service_error_body(exc)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in http_headers(exc).items()]
+    await send({"type": "http.response.start", "status": http_status(exc), "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers)
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return service_error_response(exc)
+
+    @app.exception_handler(PromptStoreError)
+    async def _store_error(_: Request, exc: PromptStoreError) -> JSONResponse:
+        return service_error_response(from_store_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,7 +123,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnect)
     async def _client_disconnect(_: Request, exc: ClientDisconnect) -> JSONResponse:
         log.info("client disconnected before its request body was complete")
-        return JSONResponse(client_gone().to_body(), status_code=499)
+        return service_error_response(ClientGone("client closed the connection"))
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

@@ -5,10 +5,9 @@ Pure ASGI (not BaseHTTPMiddleware) so streaming responses and disconnects pass s
 
 from __future__ import annotations
 
-import json
-
-from server.api.errors import APIError, error_body
+from server.api.errors import http_status, send_service_error
 from server.logs import request_id_from
+from server.service.errors import ServiceError, TooLarge
 
 
 class RequestContextMiddleware:
@@ -48,9 +47,9 @@ class RequestContextMiddleware:
         if self.gate is not None:
             try:
                 release = self.gate.admit(scope, headers)
-            except APIError as exc:
-                await self._send_error(send_with_id, exc)
-                self._count(scope, exc.status_code)
+            except ServiceError as exc:
+                await send_service_error(send_with_id, exc)
+                self._count(scope, http_status(exc))
                 return
         try:
             await self._forward(scope, receive, send_with_id, headers, status_holder)
@@ -62,7 +61,7 @@ class RequestContextMiddleware:
         limit = self._limit_for(scope)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send_with_id, 413, f"request body is larger than {limit} bytes")
+            await self._reject(send_with_id, f"request body is larger than {limit} bytes")
             self._count(scope, 413)
             return
         if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
@@ -76,7 +75,7 @@ class RequestContextMiddleware:
                 body = message.get("body", b"")
                 total += len(body)
                 if total > limit:
-                    await self._reject(send_with_id, 413, f"request body is larger than {limit} bytes")
+                    await self._reject(send_with_id, f"request body is larger than {limit} bytes")
                     self._count(scope, 413)
                     return
                 chunks.append(body)
@@ -107,13 +106,5 @@ class RequestContextMiddleware:
         self.metrics.count_request(tenant, endpoint, status)
 
     @staticmethod
-    async def _reject(send, status: int, message: str) -> None:
-        await RequestContextMiddleware._send_error(send, APIError(status, message, code="body_too_large"))
-
-    @staticmethod
-    async def _send_error(send, exc: APIError) -> None:
-        body = json.dumps(exc.to_body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
-        await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(send, message: str) -> None:
+        await send_service_error(send, TooLarge(message, code="body_too_large"))

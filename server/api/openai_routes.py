@@ -6,22 +6,24 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request as HTTPRequest
+from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.api import schemas as S
-from server.api.errors import APIError, error_body
-from server.api.generation import (
-    Choice, Tracker, apply_delta, build_requests, check_fan_out, check_supported, checked_guided_spec, collect,
-    finish_reason_str, num_prompts,
-    require_ready, resolve_model, stream_outputs,
+from server.api.deps import PrincipalDep, RuntimeDep
+from server.api.errors import service_error_body
+from server.api.openai_params import check_supported, guided_spec, num_prompts, sampling_template
+from server.engine.request import GuidedSpec, TokenLogprob
+from server.service.errors import InvalidRequest, ServiceError
+from server.service.generation import (
+    Choice, Tracker, apply_delta, build_requests, check_fan_out, collect, compile_guided, finish_reason_str,
+    resolve_model, stream_outputs,
 )
-from server.api.state import ServiceState
-from server.auth import Principal
-from server.engine.request import TokenLogprob
+from server.service.runtime import Runtime
+from server.service.tenancy import display_prefix, visible_prompts
 
 
 def _usage(prompts: list[list[int]], choices: list[Choice], num_virtual: int) -> S.Usage:
@@ -99,12 +101,16 @@ def _sse(payload: dict | str) -> str:
 
 
 def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    """An SSE stream that always ends with `data: [DONE]` (also after an error event)."""
+    """An SSE stream that always ends with `data: [DONE]`; an error after the first event (the status is
+    sent by then) becomes an error event."""
 
     async def with_done() -> AsyncIterator[str]:
         try:
-            async for event in events:
-                yield event
+            try:
+                async for event in events:
+                    yield event
+            except ServiceError as exc:
+                yield _sse(service_error_body(exc))
             yield _sse("[DONE]")
         finally:  # client gone: close the inner stream now, which aborts its engine requests
             await events.aclose()
@@ -116,7 +122,7 @@ def _tokenize_prompts(tokenizer, prompt, max_chars: int) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
+        raise InvalidRequest("prompt must not be empty", param="prompt", code="empty_prompt")
     if all(isinstance(x, int) for x in prompt):
         prompt = [prompt]
     out = []
@@ -124,170 +130,173 @@ def _tokenize_prompts(tokenizer, prompt, max_chars: int) -> list[list[int]]:
     for item in prompt:
         if isinstance(item, str):
             if len(item) > max_chars:
-                raise APIError(400, f"prompt is too long ({len(item)} characters)", param="prompt", code="context_length_exceeded")
+                raise InvalidRequest(f"prompt is too long ({len(item)} characters)", param="prompt", code="context_length_exceeded")
             out.append(tokenizer(item).input_ids)
         else:
             if any(t < 0 or t >= vocab for t in item):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_token_id")
+                raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_token_id")
             out.append(list(item))
     return out
 
 
-def build_openai_router(get_state: Callable[[], ServiceState], get_principal) -> APIRouter:
-    router = APIRouter()
+async def _disconnected(http_request: HTTPRequest) -> None:
+    """Returns when the client has gone away (its connection closed)."""
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
-    @router.get("/v1/models", response_model=S.ModelList)
-    async def list_models(principal: Principal = Depends(get_principal)) -> S.ModelList:
-        state = get_state()
-        require_ready(state)
-        cards = [S.ModelCard(id=state.served_model_name, root=state.served_model_name)]
-        metas = await run_in_threadpool(_visible_prompts, state, principal)
-        for prefix, meta in metas:
-            cards.append(S.ModelCard(id=f"{prefix}{meta.name}", created=meta.created_at, owned_by=meta.tenant,
-                                     root=state.served_model_name, parent=state.served_model_name,
-                                     num_virtual_tokens=meta.num_virtual_tokens, kind=meta.kind))
-        return S.ModelList(data=cards)
 
-    @router.post("/v1/completions")
-    async def completions(body: S.CompletionRequest, http_request: HTTPRequest,
-                          principal: Principal = Depends(get_principal)):
-        state = get_state()
-        require_ready(state)
-        check_fan_out(state, num_prompts(body.prompt), body.n)  # before any work that grows with the request
-        check_supported(body)
-        guided = await checked_guided_spec(state, body)
-        resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
-        prompts = await run_in_threadpool(_tokenize_prompts, state.tokenizer, body.prompt, state.max_model_len * 64)
-        echo_logprobs = body.echo and body.logprobs is not None
-        wanted = [n for n in (body.prompt_logprobs, body.logprobs if echo_logprobs else None) if n is not None]
-        prompt_top = max(wanted) if wanted else None
-        prompt_texts = _prompt_texts(state.tokenizer, body.prompt, prompts) if body.echo else None
-        request_id = http_request.state.request_id
-        requests, choices = await build_requests(state, principal, resolved, prompts, body, body.max_tokens,
-                                                 body.logprobs, request_id, guided=guided, prompt_logprobs=prompt_top)
+async def _guided(runtime: Runtime, body) -> GuidedSpec | None:
+    found = guided_spec(body)
+    return None if found is None else await compile_guided(runtime, *found)
 
-        def echoed(choice: Choice) -> list:
-            if not echo_logprobs:
-                return []
-            return _echoed_rows(state.tokenizer, prompts[choice.prompt_index], choice.prompt_logprobs, body.logprobs)
 
-        def echo_text(choice: Choice) -> str:
-            return prompt_texts[choice.prompt_index] if prompt_texts is not None else ""
+router = APIRouter()
 
-        def vllm_prompt_logprobs(choice: Choice):
-            if body.prompt_logprobs is None:
-                return None
-            return _vllm_prompt_logprobs(choice.prompt_logprobs, body.prompt_logprobs)
-        tracker = Tracker(state, request_id=request_id, tenant=principal.tenant, endpoint="completions",
-                          model=body.model, resolved=resolved, num_prompt_tokens=sum(len(p) for p in prompts))
-        num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
-        response_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
 
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+@router.get("/v1/models", response_model=S.ModelList)
+async def list_models(runtime: RuntimeDep, principal: PrincipalDep) -> S.ModelList:
+    runtime.require_ready()
+    cards = [S.ModelCard(id=runtime.served_model_name, root=runtime.served_model_name)]
+    metas = await run_in_threadpool(visible_prompts, runtime.store, principal)
+    for meta in metas:
+        cards.append(S.ModelCard(id=f"{display_prefix(meta, principal)}{meta.name}", created=meta.created_at, owned_by=meta.tenant,
+                                 root=runtime.served_model_name, parent=runtime.served_model_name,
+                                 num_virtual_tokens=meta.num_virtual_tokens, kind=meta.kind))
+    return S.ModelList(data=cards)
 
-            async def events() -> AsyncIterator[str]:
-                try:
-                    offsets = [0] * len(choices)
-                    started: set[int] = set()
-                    async for index, output in stream_outputs(state, requests, tracker):
-                        choice = choices[index]
-                        apply_delta(choice, output)
-                        first = index not in started
-                        started.add(index)
-                        text = (echo_text(choice) if first else "") + output.text
-                        lp = None
-                        rows = echoed(choice) if first else []
-                        if body.logprobs is not None and (output.logprobs or rows):
-                            lp = _completion_logprobs(list(output.logprobs), offsets[index], rows).model_dump()
-                            offsets[index] += sum(len(t) for t in lp["tokens"])
-                        if not text and not output.finished and lp is None:
-                            continue
-                        payload = {"index": index, "text": text, "logprobs": lp,
-                                   "finish_reason": finish_reason_str(output.finish_reason) if output.finished else None}
-                        if first and body.prompt_logprobs is not None:
-                            payload["prompt_logprobs"] = [None if p is None else {k: v.model_dump() for k, v in p.items()}
-                                                          for p in vllm_prompt_logprobs(choice) or []]
-                        yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                                    "choices": [payload]})
-                    if include_usage:
-                        yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                                    "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
-                except APIError as exc:
-                    yield _sse(exc.to_body())
+@router.post("/v1/completions")
+async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
+                      principal: PrincipalDep):
+    runtime.require_ready()
+    check_fan_out(runtime, num_prompts(body.prompt), body.n)  # before any work that grows with the request
+    check_supported(body)
+    guided = await _guided(runtime, body)
+    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
+    prompts = await run_in_threadpool(_tokenize_prompts, runtime.tokenizer, body.prompt, runtime.max_model_len * 64)
+    echo_logprobs = body.echo and body.logprobs is not None
+    wanted = [n for n in (body.prompt_logprobs, body.logprobs if echo_logprobs else None) if n is not None]
+    prompt_top = max(wanted) if wanted else None
+    prompt_texts = _prompt_texts(runtime.tokenizer, body.prompt, prompts) if body.echo else None
+    request_id = http_request.state.request_id
+    sampling = sampling_template(body, logprobs=body.logprobs, guided=guided, prompt_logprobs=prompt_top)
+    requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, body.max_tokens,
+                                             request_id)
 
-            return _sse_response(events())
+    def echoed(choice: Choice) -> list:
+        if not echo_logprobs:
+            return []
+        return _echoed_rows(runtime.tokenizer, prompts[choice.prompt_index], choice.prompt_logprobs, body.logprobs)
 
-        await collect(state, http_request, requests, choices, tracker)
-        return S.CompletionResponse(
-            id=response_id, created=created, model=body.model,
-            choices=[S.CompletionChoice(index=c.index, text=echo_text(c) + c.text, finish_reason=c.finish_reason,
-                                        logprobs=_completion_logprobs(c.logprobs, 0, echoed(c)) if body.logprobs is not None else None,
-                                        prompt_logprobs=vllm_prompt_logprobs(c))
-                     for c in choices],
-            usage=_usage(prompts, choices, num_virtual),
-        )
+    def echo_text(choice: Choice) -> str:
+        return prompt_texts[choice.prompt_index] if prompt_texts is not None else ""
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest,
-                               principal: Principal = Depends(get_principal)):
-        state = get_state()
-        require_ready(state)
-        check_fan_out(state, 1, body.n)
-        check_supported(body)
-        guided = await checked_guided_spec(state, body)
-        resolved = await run_in_threadpool(resolve_model, state, principal, body.model)  # may read the store
-        prompt_ids = await run_in_threadpool(_apply_chat_template, state.tokenizer, body.messages, state.max_model_len * 64)
-        prompts = [prompt_ids]
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        top_n = (body.top_logprobs or 0) if body.logprobs else None
-        request_id = http_request.state.request_id
-        requests, choices = await build_requests(state, principal, resolved, prompts, body, max_tokens, top_n, request_id,
-                                                 guided=guided)
-        tracker = Tracker(state, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
-                          model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids))
-        num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
-        response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+    def vllm_prompt_logprobs(choice: Choice):
+        if body.prompt_logprobs is None:
+            return None
+        return _vllm_prompt_logprobs(choice.prompt_logprobs, body.prompt_logprobs)
+    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="completions",
+                      model=body.model, resolved=resolved, num_prompt_tokens=sum(len(p) for p in prompts))
+    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
 
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(choices_payload, usage=None) -> str:
-                return _sse(S.ChatCompletionChunk(id=response_id, created=created, model=body.model,
-                                                  choices=choices_payload, usage=usage).model_dump(exclude_none=True))
+        async def events() -> AsyncIterator[str]:
+            offsets = [0] * len(choices)
+            started: set[int] = set()
+            async for index, output in stream_outputs(runtime, requests, tracker):
+                choice = choices[index]
+                apply_delta(choice, output)
+                first = index not in started
+                started.add(index)
+                text = (echo_text(choice) if first else "") + output.text
+                lp = None
+                rows = echoed(choice) if first else []
+                if body.logprobs is not None and (output.logprobs or rows):
+                    lp = _completion_logprobs(list(output.logprobs), offsets[index], rows).model_dump()
+                    offsets[index] += sum(len(t) for t in lp["tokens"])
+                if not text and not output.finished and lp is None:
+                    continue
+                payload = {"index": index, "text": text, "logprobs": lp,
+                           "finish_reason": finish_reason_str(output.finish_reason) if output.finished else None}
+                if first and body.prompt_logprobs is not None:
+                    payload["prompt_logprobs"] = [None if p is None else {k: v.model_dump() for k, v in p.items()}
+                                                  for p in vllm_prompt_logprobs(choice) or []]
+                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                            "choices": [payload]})
+            if include_usage:
+                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                            "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
+        return _sse_response(events())
 
-            async def events() -> AsyncIterator[str]:
-                try:
-                    for c in choices:
-                        yield chunk([S.ChatStreamChoice(index=c.index, delta=S.ChatDelta(role="assistant", content=""))])
-                    async for index, output in stream_outputs(state, requests, tracker):
-                        apply_delta(choices[index], output)
-                        lp = _chat_logprobs(list(output.logprobs)) if body.logprobs and output.logprobs else None
-                        if output.text or lp is not None:
-                            yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(content=output.text), logprobs=lp)])
-                        if output.finished:
-                            yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(),
-                                                            finish_reason=finish_reason_str(output.finish_reason))])
-                    if include_usage:
-                        yield chunk([], usage=_usage(prompts, choices, num_virtual))
-                except APIError as exc:
-                    yield _sse(exc.to_body())
+    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    return S.CompletionResponse(
+        id=response_id, created=created, model=body.model,
+        choices=[S.CompletionChoice(index=c.index, text=echo_text(c) + c.text, finish_reason=c.finish_reason,
+                                    logprobs=_completion_logprobs(c.logprobs, 0, echoed(c)) if body.logprobs is not None else None,
+                                    prompt_logprobs=vllm_prompt_logprobs(c))
+                 for c in choices],
+        usage=_usage(prompts, choices, num_virtual),
+    )
 
-            return _sse_response(events())
+@router.post("/v1/chat/completions")
+async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
+                           principal: PrincipalDep):
+    runtime.require_ready()
+    check_fan_out(runtime, 1, body.n)
+    check_supported(body)
+    guided = await _guided(runtime, body)
+    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
+    prompt_ids = await run_in_threadpool(_apply_chat_template, runtime.tokenizer, body.messages, runtime.max_model_len * 64)
+    prompts = [prompt_ids]
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+    request_id = http_request.state.request_id
+    sampling = sampling_template(body, logprobs=top_n, guided=guided)
+    requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, max_tokens,
+                                             request_id)
+    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
+                      model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids))
+    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
 
-        await collect(state, http_request, requests, choices, tracker)
-        return S.ChatCompletionResponse(
-            id=response_id, created=created, model=body.model,
-            choices=[S.ChatChoice(index=c.index, message=S.ChatResponseMessage(content=c.text),
-                                  finish_reason=c.finish_reason,
-                                  logprobs=_chat_logprobs(c.logprobs) if body.logprobs else None)
-                     for c in choices],
-            usage=_usage(prompts, choices, num_virtual),
-        )
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    return router
+        def chunk(choices_payload, usage=None) -> str:
+            return _sse(S.ChatCompletionChunk(id=response_id, created=created, model=body.model,
+                                              choices=choices_payload, usage=usage).model_dump(exclude_none=True))
+
+        async def events() -> AsyncIterator[str]:
+            for c in choices:
+                yield chunk([S.ChatStreamChoice(index=c.index, delta=S.ChatDelta(role="assistant", content=""))])
+            async for index, output in stream_outputs(runtime, requests, tracker):
+                apply_delta(choices[index], output)
+                lp = _chat_logprobs(list(output.logprobs)) if body.logprobs and output.logprobs else None
+                if output.text or lp is not None:
+                    yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(content=output.text), logprobs=lp)])
+                if output.finished:
+                    yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(),
+                                                    finish_reason=finish_reason_str(output.finish_reason))])
+            if include_usage:
+                yield chunk([], usage=_usage(prompts, choices, num_virtual))
+        return _sse_response(events())
+
+    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    return S.ChatCompletionResponse(
+        id=response_id, created=created, model=body.model,
+        choices=[S.ChatChoice(index=c.index, message=S.ChatResponseMessage(content=c.text),
+                              finish_reason=c.finish_reason,
+                              logprobs=_chat_logprobs(c.logprobs) if body.logprobs else None)
+                 for c in choices],
+        usage=_usage(prompts, choices, num_virtual),
+    )
+
 
 
 def _prompt_texts(tokenizer, prompt, prompts: list[list[int]]) -> list[str]:
@@ -302,18 +311,11 @@ def _prompt_texts(tokenizer, prompt, prompts: list[list[int]]) -> list[str]:
 def _apply_chat_template(tokenizer, messages: list[S.ChatMessage], max_chars: int) -> list[int]:
     plain = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in messages]
     if sum(len(m["content"]) for m in plain) > max_chars:
-        raise APIError(400, "messages are too long", param="messages", code="context_length_exceeded")
+        raise InvalidRequest("messages are too long", param="messages", code="context_length_exceeded")
     if getattr(tokenizer, "chat_template", None) is None:
-        raise APIError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
+        raise InvalidRequest("this model has no chat template; use /v1/completions", code="no_chat_template")
     text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _visible_prompts(state: ServiceState, principal: Principal):
-    seen = [("", m) for m in state.store.list(principal.tenant)]
-    if principal.tenant != "public":
-        seen += [("public/", m) for m in state.store.list("public")]
-    return seen
-
-
-__all__ = ["build_openai_router", "error_body"]
+__all__ = ["router"]

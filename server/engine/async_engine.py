@@ -10,6 +10,7 @@ the batch at the next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -17,8 +18,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.engine.engine import LLMEngine
-from server.engine.request import FinishReason, Request, RequestOutput
+from server.engine.engine import EngineStats, LLMEngine
+from server.engine.request import ErrorKind, FinishReason, Request, RequestOutput
 from server.engine.scheduler import QueueFullError
 
 log = logging.getLogger("softserve.engine")
@@ -66,8 +67,17 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
 
     @property
+    def model(self):
+        """The frozen model the engine serves (tuning jobs train soft prompts on it, under step_lock)."""
+        return self.engine.model
+
+    @property
     def num_running(self) -> int:
         return self.engine.num_running
+
+    def stats(self) -> EngineStats:
+        """Counts queued requests the engine thread has not taken in yet as waiting."""
+        return dataclasses.replace(self.engine.stats(), num_waiting=self.num_waiting)
 
     @property
     def num_waiting(self) -> int:
@@ -110,8 +120,9 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(payload)
                 except (QueueFullError, ValueError) as exc:
-                    payload.finish(FinishReason.ERROR, error=str(exc))
-                    self._deliver(self.engine._final_output(payload, ""))
+                    kind = ErrorKind.QUEUE_FULL if isinstance(exc, QueueFullError) else ErrorKind.REJECTED
+                    payload.finish(FinishReason.ERROR, error=str(exc), error_kind=kind)
+                    self._deliver(self.engine.final_output(payload))
             elif kind == "abort":
                 self.engine.abort_request(payload)
             try:
@@ -135,7 +146,7 @@ class AsyncEngine:
             streams, self._streams = self._streams, {}
         for request_id, stream in streams.items():
             out = RequestOutput(request_id=request_id, text="", token_ids=(), finished=True,
-                                finish_reason=FinishReason.ERROR, error=reason)
+                                finish_reason=FinishReason.ERROR, error=reason, error_kind=ErrorKind.ENGINE_DEAD)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
     # ---- asyncio side -------------------------------------------------------------------------
@@ -143,13 +154,9 @@ class AsyncEngine:
         """Queue a request; raises QueueFullError (-> 429) or EngineDeadError (-> 503) at once."""
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "engine is not running")
-        config = self.engine.config.scheduler
-        if self.num_waiting >= config.max_queue:
-            raise QueueFullError(f"queue is full ({config.max_queue} waiting requests)")
-        per_tenant = config.max_queue_per_tenant
-        waiting_for_tenant = self.engine.scheduler.num_waiting_for(request.tenant) + self._pending_by_tenant.get(request.tenant, 0)
-        if per_tenant and waiting_for_tenant >= per_tenant:
-            raise QueueFullError(f"tenant queue is full ({per_tenant} waiting requests)")
+        # Read without the engine's lock: a request that loses the race is failed with QUEUE_FULL at add.
+        self.engine.scheduler.check_admission(request.tenant, also_waiting=self._pending,
+                                              also_waiting_for_tenant=self._pending_by_tenant.get(request.tenant, 0))
         stream = _Stream(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
         with self._streams_lock:
             self._streams[request.request_id] = stream

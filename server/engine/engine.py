@@ -13,7 +13,7 @@ from server.engine.detokenizer import DetokState, Detokenizer
 from server.engine.guided import attach_guided_state
 from server.engine.kv_cache import KVPool, PrefixKVCache, default_kv_cache_bytes, kv_shape
 from server.engine.model_runner import ModelRunner, RowLogprobs
-from server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
+from server.engine.request import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
 from server.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 
 log = logging.getLogger("softserve.engine")
@@ -41,6 +41,22 @@ def kv_cache_tokens(model, config: EngineConfig) -> int:
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics, read without the step lock (each number is current, not all from one step)."""
+
+    num_waiting: int
+    num_running: int
+    steps_run: int  # steps that ran the model
+    forward_passes: int  # model calls: equal to steps_run (one forward per step)
+    kv_pool_tokens: int
+    kv_pool_used_tokens: int
+    prefix_cache_hits: int
+    prefix_cache_misses: int
+    prefix_cache_evictions: int
+    prefix_cache_bytes: int
 
 
 class LLMEngine:
@@ -106,6 +122,19 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     @property
+    def model(self):
+        return self.runner.model
+
+    def stats(self) -> EngineStats:
+        kv, prefix = self.scheduler.kv, self.prefix_cache
+        return EngineStats(
+            num_waiting=self.num_waiting, num_running=self.num_running, steps_run=self.steps_run,
+            forward_passes=self.runner.forward_passes, kv_pool_tokens=kv.capacity, kv_pool_used_tokens=kv.used_tokens,
+            prefix_cache_hits=prefix.hits, prefix_cache_misses=prefix.misses, prefix_cache_evictions=prefix.evictions,
+            prefix_cache_bytes=prefix.bytes,
+        )
+
+    @property
     def num_running(self) -> int:
         return self.scheduler.num_running
 
@@ -116,7 +145,7 @@ class LLMEngine:
     # ---- step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        outputs = [self._final_output(r, "") for r in sched.finished]
+        outputs = [self.final_output(r, "") for r in sched.finished]
         if sched.is_empty:
             return outputs
         self.steps_run += 1
@@ -130,7 +159,7 @@ class LLMEngine:
                     self.on_out_of_memory()
             failed = [row.request for row in sched.rows]  # mid-prefill rows too: their KV is incomplete
             self.scheduler.fail(failed, f"engine error: {type(exc).__name__}")
-            return outputs + [self._final_output(r, "") for r in failed]
+            return outputs + [self.final_output(r, "") for r in failed]
         return outputs + self.postprocess(sched, result)
 
     def postprocess(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
@@ -140,15 +169,16 @@ class LLMEngine:
                 outputs.append(self._request_delta(request, result, row))
             except Exception as exc:  # a bad corner case in one request fails only that request
                 log.exception("postprocess failed for %s", request.request_id)
-                request.finish(FinishReason.ERROR, self.scheduler.step_count, error=f"{type(exc).__name__}: {exc}")
-                outputs.append(self._final_output(request, ""))
+                request.finish(FinishReason.ERROR, self.scheduler.step_count, error=f"{type(exc).__name__}: {exc}",
+                               error_kind=ErrorKind.ENGINE_ERROR)
+                outputs.append(self.final_output(request, ""))
         self.scheduler.drop_finished()
         return outputs
 
     def _request_delta(self, request: Request, result: RunnerOutput, row: int) -> RequestOutput:
         prompt_logprobs = self._prompt_logprobs(request)
         if not request.output_ids:  # max_tokens == 0: scored, nothing generated
-            return self._final_output(request, "", prompt_logprobs=prompt_logprobs)
+            return self.final_output(request, "", prompt_logprobs=prompt_logprobs)
         state = self._detok[request.request_id]
         token_id = request.output_ids[-1]
         text, hit_stop = self.detokenizer.step(state, token_id, is_last=request.is_finished)
@@ -160,7 +190,7 @@ class LLMEngine:
             logprobs = (self._token_logprob(token_id, row_logprobs),)
         if request.is_finished:
             text += self.detokenizer.finish(state)
-            return self._final_output(request, text, (token_id,), logprobs, prompt_logprobs)
+            return self.final_output(request, text, (token_id,), logprobs, prompt_logprobs)
         return RequestOutput(
             request_id=request.request_id,
             text=text,
@@ -190,7 +220,8 @@ class LLMEngine:
         return tuple(None if e is None else TokenLogprob(e[0], decode(e[0]), e[1], tuple((t, decode(t), lp) for t, lp in e[2]))
                      for e in entries)
 
-    def _final_output(self, request: Request, text: str, token_ids=(), logprobs=(), prompt_logprobs=None) -> RequestOutput:
+    def final_output(self, request: Request, text: str = "", token_ids=(), logprobs=(), prompt_logprobs=None) -> RequestOutput:
+        """The last delta of a finished request; frees what it held in the engine and runs its on_finish."""
         self._detok.pop(request.request_id, None)
         self.runner.release(request.request_id)
         if request.on_finish is not None:
@@ -211,6 +242,7 @@ class LLMEngine:
             num_virtual_tokens=request.num_virtual_tokens,
             num_output_tokens=request.num_output_tokens,
             error=request.error,
+            error_kind=request.error_kind,
         )
 
     def generate_sync(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:

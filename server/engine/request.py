@@ -22,7 +22,17 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or max_model_len reached
     ABORT = "abort"  # client went away / cancelled
-    ERROR = "error"  # this request failed inside the engine
+    ERROR = "error"  # this request failed inside the engine; RequestOutput.error_kind says why
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a request finished with FinishReason.ERROR: callers branch on this, never on message text."""
+
+    TIMEOUT = "timeout"  # older than request_timeout_s
+    QUEUE_FULL = "queue_full"  # lost a race with the admission check (another request took the last place)
+    REJECTED = "rejected"  # the engine refused it at add (e.g. it could never fit the KV pool)
+    ENGINE_ERROR = "engine_error"  # its step (or its postprocessing) raised
+    ENGINE_DEAD = "engine_dead"  # the engine loop itself died
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_kind: ErrorKind | None = None
     # Step counters, used by tests to prove scheduling properties without wall-clock timing.
     first_scheduled_step: int | None = None
     finished_step: int | None = None
@@ -159,12 +170,16 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    def finish(self, reason: FinishReason, step: int | None = None, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, step: int | None = None, error: str | None = None,
+               error_kind: ErrorKind | None = None) -> None:
         if self.is_finished:
             return
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.error = error
+        self.error_kind = error_kind if reason == FinishReason.ERROR else None
+        if reason == FinishReason.ERROR and error_kind is None:
+            self.error_kind = ErrorKind.ENGINE_ERROR
         self.finished_step = step
 
 
@@ -183,3 +198,4 @@ class RequestOutput:
     num_virtual_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    error_kind: ErrorKind | None = None  # set when finish_reason is ERROR

@@ -27,11 +27,15 @@ from typing import Any, Callable
 
 from server.engine.config import SchedulerConfig
 from server.engine.kv_allocator import KVAllocator
-from server.engine.request import FinishReason, Request, RequestStatus
+from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus
 
 
 class QueueFullError(Exception):
-    pass
+    """The waiting queue (all tenants, or this tenant's share) is full: retry later."""
+
+    def __init__(self, message: str, *, per_tenant: bool) -> None:
+        super().__init__(message)
+        self.per_tenant = per_tenant
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,19 @@ class Scheduler:
     def reservation(self, request: Request) -> int:
         return max(1, min(request.kv_reservation, self.config.max_model_len))
 
+    def check_admission(self, tenant: str, *, also_waiting: int = 0, also_waiting_for_tenant: int = 0) -> None:
+        """The one queue check: raises QueueFullError when the queue, or the tenant's share of it, is
+        full. `also_*` count requests handed over but not added yet (the async engine's pending)."""
+        if self.num_waiting + also_waiting >= self.config.max_queue:
+            raise QueueFullError(f"queue is full ({self.config.max_queue} waiting requests)", per_tenant=False)
+        per_tenant = self.config.max_queue_per_tenant
+        if per_tenant and self.num_waiting_for(tenant) + also_waiting_for_tenant >= per_tenant:
+            raise QueueFullError(f"tenant queue is full ({per_tenant} waiting requests)", per_tenant=True)
+
     def add(self, request: Request) -> None:
         if self.kv is not None and self.reservation(request) > self.kv.capacity:
             raise ValueError(f"request needs {self.reservation(request)} KV slots, the pool holds {self.kv.capacity}")
-        if self.num_waiting >= self.config.max_queue:
-            raise QueueFullError(f"queue is full ({self.config.max_queue} waiting requests)")
-        per_tenant = self.config.max_queue_per_tenant
-        if per_tenant and self.num_waiting_for(request.tenant) >= per_tenant:
-            raise QueueFullError(f"tenant queue is full ({per_tenant} waiting requests)")
+        self.check_admission(request.tenant)
         if not self._is_active(request.tenant):
             active = [self.tenant_counters.get(t, 0.0) for t in self._active_tenants()]
             floor = min(active) if active else 0.0
@@ -130,11 +139,12 @@ class Scheduler:
     def abort(self, request_id: str) -> Request | None:
         return self._remove(request_id, FinishReason.ABORT)
 
-    def _remove(self, request_id: str, reason: FinishReason, error: str | None = None) -> Request | None:
+    def _remove(self, request_id: str, reason: FinishReason, error: str | None = None,
+                error_kind: ErrorKind | None = None) -> Request | None:
         for queue in list(self.waiting.values()) + [self.running]:
             for request in queue:
                 if request.request_id == request_id:
-                    request.finish(reason, self.step_count, error=error)
+                    request.finish(reason, self.step_count, error=error, error_kind=error_kind)
                     queue.remove(request)
                     self._release(request)
                     self._left.append(request)
@@ -153,7 +163,7 @@ class Scheduler:
 
     def fail(self, requests: list[Request], error: str) -> None:
         for request in requests:
-            request.finish(FinishReason.ERROR, self.step_count, error=error)
+            request.finish(FinishReason.ERROR, self.step_count, error=error, error_kind=ErrorKind.ENGINE_ERROR)
         self._drop_finished()
 
     def has_unfinished(self) -> bool:
@@ -167,7 +177,8 @@ class Scheduler:
         now = time.monotonic() if now is None else now
         for queue in list(self.waiting.values()) + [self.running]:
             for request in [r for r in queue if now - r.arrival_time > timeout]:
-                self._remove(request.request_id, FinishReason.ERROR, f"request timed out after {timeout:g} s")
+                self._remove(request.request_id, FinishReason.ERROR, f"request timed out after {timeout:g} s",
+                             ErrorKind.TIMEOUT)
 
     # ---- schedule -----------------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> SchedulerOutput:

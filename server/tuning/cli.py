@@ -16,36 +16,39 @@ from pathlib import Path
 
 __all__ = ["add_tune_parser", "cmd_tune"]
 
+MODEL_SETTINGS = ("model", "gguf_file", "device", "dtype")  # flags (and SOFTSERVE_* env) shared with `serve`
+
 
 def add_tune_parser(sub) -> argparse.ArgumentParser:
+    from server.config import add_settings_flags
+    from server.tuning.config import INIT_METHODS, LR_SCHEDULES, RESULT_PROMPTS, TuningConfig
+
+    d = TuningConfig  # a dataclass's class attributes are its field defaults
     p = sub.add_parser("tune", help="learn a soft prompt (prompt tuning) on the frozen model",
                        description="Train a PEFT prompt-tuning soft prompt on JSONL data "
                                    '({"prompt","completion"} or {"messages"} lines).')
     p.add_argument("--data", required=True, help="training JSONL")
     p.add_argument("--eval", help="held-out JSONL: eval loss and exact-match accuracy (greedy)")
     p.add_argument("--name", required=True, help="prompt name")
-    p.add_argument("--num-virtual-tokens", type=int, default=8, help="k, rows of the soft prompt (default 8)")
-    p.add_argument("--init", choices=["text", "random", "vocab"], help="initialisation (default: text if --init-text, else vocab)")
+    p.add_argument("--num-virtual-tokens", type=int, default=d.num_virtual_tokens, help="k, rows of the soft prompt (default %(default)s)")
+    p.add_argument("--init", choices=INIT_METHODS, help="initialisation (default: text if --init-text, else vocab)")
     p.add_argument("--init-text", help="text whose token embeddings initialise the prompt (repeated/truncated to k)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate (default 3e-2)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (default %(default)s)")
     p.add_argument("--micro-batch-size", type=int, help="gradient-accumulation unit (default: batch size)")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--lr-schedule", choices=["linear", "constant"], default="linear")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps (default %(default)s)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule, help="(default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps (default: at the end)")
     p.add_argument("--eval-at-start", action="store_true", help="also evaluate the initial prompt")
-    p.add_argument("--early-stopping-patience", type=int, default=0,
+    p.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience,
                    help="stop after N evals (every --eval-every steps) without eval-loss improvement (default 0: off)")
-    p.add_argument("--result-prompt", choices=["last", "best"],
+    p.add_argument("--result-prompt", choices=RESULT_PROMPTS,
                    help="write the last prompt or the one of the lowest eval loss (default: best with early stopping)")
-    p.add_argument("--max-length", type=int, default=1024, help="longest example in real tokens")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--gguf-file", help="GGUF file inside --model DIR")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="longest example in real tokens (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    add_settings_flags(p, only=MODEL_SETTINGS)
     p.add_argument("--out", help="write the PEFT adapter directory here")
     p.add_argument("--store", help="push a new version into this prompt store directory")
     p.add_argument("--tenant", default="default", help="store tenant (default 'default', the no-auth tenant)")
@@ -60,31 +63,35 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_tune(args) -> int:
+    from server.config import Settings
     from server.model_loader import load_model, resolve_device, resolve_dtype, resolve_source
     from server.tuning.data import DatasetError, load_examples, tokenize_examples
     from server.tuning.export import adapter_files, model_info, push_to_store, save_adapter
-    from server.tuning.trainer import PromptTuner, TuningConfig
+    from server.config import setting_default
+    from server.tuning.config import TuningConfig, default_init, default_result_prompt
+    from server.tuning.trainer import PromptTuner
 
     if not args.out and not args.store:
         raise SystemExit("softserve tune: give --out DIR and/or --store DIR")
-    init = args.init or ("text" if args.init_text else "vocab")
+    init = default_init(args.init, args.init_text)
     config = TuningConfig(
         num_virtual_tokens=args.num_virtual_tokens, init=init, init_text=args.init_text if init == "text" else None,
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
         seed=args.seed, eval_every=args.eval_every, eval_at_start=args.eval_at_start, max_length=args.max_length,
         early_stopping_patience=args.early_stopping_patience,
-        result_prompt=args.result_prompt or ("best" if args.early_stopping_patience else "last"),
+        result_prompt=default_result_prompt(args.result_prompt, args.early_stopping_patience),
     )
     try:
         config.validate()
     except ValueError as exc:
         raise SystemExit(f"softserve tune: {exc}") from None
 
-    source = resolve_source(args.model, args.gguf_file)
-    device = resolve_device(args.device)
+    settings = Settings(**{name: getattr(args, name) for name in MODEL_SETTINGS if getattr(args, name) is not None})
+    source = resolve_source(settings.model, settings.gguf_file)
+    device = resolve_device(settings.device)
     print(f"loading {source.name} on {device} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device))
+    model, tokenizer = load_model(source, device, resolve_dtype(settings.dtype, device))
     try:
         train = tokenize_examples(tokenizer, load_examples(args.data), max_length=args.max_length, source=args.data)
         evals = tokenize_examples(tokenizer, load_examples(args.eval), max_length=args.max_length, source=args.eval) if args.eval else []
@@ -134,7 +141,7 @@ def cmd_tune(args) -> int:
         from prompt_store.store import PromptStore
 
         Path(args.store).mkdir(parents=True, exist_ok=True)
-        store = PromptStore(LocalBackend(Path(args.store)), info, max_virtual_tokens=max(256, config.num_virtual_tokens))
+        store = PromptStore(LocalBackend(Path(args.store)), info, max_virtual_tokens=max(setting_default("max_virtual_tokens"), config.num_virtual_tokens))
         meta, warnings = push_to_store(store, args.tenant, args.name, files, description=args.description)
         summary.update(store=args.store, tenant=args.tenant, version=meta.version, ref=meta.ref, warnings=warnings)
     print(json.dumps(summary, indent=2), flush=True)

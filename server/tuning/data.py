@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from server.tuning.config import TuningConfig
+
 __all__ = ["DatasetError", "Example", "TokenizedExample", "parse_jsonl", "parse_records", "load_examples", "tokenize_examples"]
 
 _ROLES = ("system", "user", "assistant")
@@ -217,7 +219,7 @@ def tokenize_examples(
     tokenizer,
     examples: list[Example],
     *,
-    max_length: int = 1024,
+    max_length: int = TuningConfig.max_length,
     append_eos: bool = True,
     source: str = "data",
 ) -> list[TokenizedExample]:

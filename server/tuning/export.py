@@ -11,7 +11,7 @@ from prompt_store import format as fmt
 from prompt_store.store import PromptStore
 from prompt_store.types import ModelInfo, PromptMeta
 from server.tuning.init import PEFT_INIT_NAMES
-from server.tuning.trainer import TuningConfig
+from server.tuning.config import TuningConfig
 
 __all__ = ["model_info", "adapter_files", "save_adapter", "push_to_store"]
 

@@ -40,7 +40,7 @@ class TuningFile:
 class FileRegistry:
     """Uploaded JSONL files, validated (JSON + record shape, with line numbers) at upload."""
 
-    def __init__(self, backend, max_bytes: int = 64 * 1024 * 1024, usage: UsageLedger | None = None) -> None:
+    def __init__(self, backend, max_bytes: int, usage: UsageLedger | None = None) -> None:
         self.backend = backend
         self.max_bytes = max_bytes
         self.usage = usage  # the store's per-tenant usage and quota (files count against the bytes quota)

@@ -13,9 +13,10 @@ import math
 
 import torch
 
+from server.tuning.config import INIT_METHODS
+
 __all__ = ["INIT_METHODS", "PEFT_INIT_NAMES", "init_prompt", "text_init_ids"]
 
-INIT_METHODS = ("text", "random", "vocab")
 PEFT_INIT_NAMES = {"text": "TEXT", "random": "RANDOM", "vocab": "SAMPLE_VOCAB"}
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from prompt_store.store import PromptStore
 from prompt_store.types import PromptNotFound
+from server.config import setting_default
 from server.tuning.data import DatasetError, TokenizedExample, parse_jsonl, tokenize_examples
 from server.tuning.export import adapter_files, model_info, push_to_store
 from server.tuning.files import FileRegistry, TuningFile
@@ -92,11 +93,11 @@ class TuningManager:
         step_lock=None,
         is_busy: Callable[[], bool] = lambda: False,
         max_concurrent: int = 1,
-        max_queued: int = 16,
-        max_active_per_tenant: int = 2,
+        max_queued: int = setting_default("max_tuning_queue"),
+        max_active_per_tenant: int = setting_default("max_tuning_jobs_per_tenant"),
         train_share_when_busy: float = 0.5,
-        lease_seconds: float = 30.0,
-        scan_seconds: float = 5.0,
+        lease_seconds: float = setting_default("tuning_lease_seconds"),
+        scan_seconds: float = setting_default("tuning_scan_seconds"),
         replica_id: str | None = None,
     ) -> None:
         self.model = model
@@ -238,11 +239,14 @@ class TuningManager:
             t.join(10)
 
     def job_counts(self) -> dict[str, int]:
+        """Unfinished jobs this replica holds, by status (a finished job is forgotten here at once, so
+        finished counts would always read 0; the store keeps the records)."""
         with self._lock:
             jobs = list(self._local.values())
-        counts = dict.fromkeys(JOB_STATUSES, 0)
+        counts = {status: 0 for status in JOB_STATUSES if status not in FINISHED}
         for job in jobs:
-            counts[job.status] = counts.get(job.status, 0) + 1
+            if job.status in counts:
+                counts[job.status] += 1
         return counts
 
     # ---- persistence helpers ------------------------------------------------------------------

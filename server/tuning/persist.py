@@ -28,6 +28,8 @@ from prompt_store import keys
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from server.config import setting_default
+
 __all__ = ["JobStore", "Lease", "RecordConflict", "new_replica_id", "encode_state", "decode_state"]
 
 _CAS_ATTEMPTS = 32
@@ -67,7 +69,7 @@ def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 class JobStore:
-    def __init__(self, backend, *, owner: str, lease_seconds: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, backend, *, owner: str, lease_seconds: float = setting_default("tuning_lease_seconds"), clock: Callable[[], float] = time.time) -> None:
         for op in ("get_with_etag", "put_if_match", "delete_if_match"):
             if not callable(getattr(backend, op, None)):
                 raise TypeError(f"tuning jobs need a backend with compare-and-swap; {type(backend).__name__} has no {op}")

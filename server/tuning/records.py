@@ -8,7 +8,7 @@ import math
 import time
 from typing import Any
 
-from server.tuning.trainer import TuningConfig
+from server.tuning.config import TuningConfig
 
 __all__ = ["JOB_STATUSES", "FINISHED", "new_record", "job_view", "event_view", "checkpoint_view", "make_event",
            "config_from_record", "resolve_auto", "AUTO_RULES"]
@@ -34,7 +34,7 @@ def resolve_auto(n_train: int, *, batch_size, steps, learning_rate, checkpoint_e
     if steps == "auto":
         steps = min(1000, max(50, math.ceil(3 * n_train / batch_size)))
     if learning_rate == "auto":
-        learning_rate = 3e-2
+        learning_rate = TuningConfig.learning_rate
     if checkpoint_every == "auto":
         checkpoint_every = eval_every or max(1, math.ceil(steps / 10))
     values = {"batch_size": int(batch_size), "steps": int(steps), "learning_rate": float(learning_rate),

@@ -28,9 +28,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from server.tuning.config import TuningConfig
 from server.tuning.data import TokenizedExample
 from server.tuning.generate import greedy_generate
-from server.tuning.init import INIT_METHODS, init_prompt
+from server.tuning.init import init_prompt
 
 log = logging.getLogger("softserve.tuning")
 
@@ -39,53 +40,6 @@ __all__ = ["TuningConfig", "StepInfo", "TuningResult", "TuningCancelled", "Promp
 
 class TuningCancelled(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class TuningConfig:
-    num_virtual_tokens: int = 8
-    init: str = "text"  # text | random | vocab
-    init_text: str | None = None
-    steps: int = 100
-    learning_rate: float = 3e-2
-    batch_size: int = 8
-    micro_batch_size: int | None = None  # gradient accumulation unit (and lock-holding unit); None = batch_size
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "linear"  # linear (decay to 0 after warm-up) | constant
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    eval_every: int = 0  # 0: evaluate at the end only (when there is eval data)
-    eval_at_start: bool = False
-    eval_batch_size: int = 16
-    eval_max_new_tokens: int | None = None  # default: longest eval target + 4 tokens
-    max_length: int = 1024  # real tokens per example
-    early_stopping_patience: int = 0  # stop after this many evals without eval-loss improvement (0: off)
-    early_stopping_min_delta: float = 0.0  # an eval improves when eval_loss < best - min_delta
-    result_prompt: str = "last"  # last | best (the prompt of the lowest eval loss seen)
-
-    def validate(self) -> None:
-        if self.init not in INIT_METHODS:
-            raise ValueError(f"init must be one of {list(INIT_METHODS)}, got {self.init!r}")
-        if self.init == "text" and not (self.init_text and self.init_text.strip()):
-            raise ValueError("init 'text' needs init_text")
-        for name in ("num_virtual_tokens", "steps", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError("micro_batch_size must be >= 1")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError("learning_rate must be a positive number")
-        if self.lr_schedule not in ("linear", "constant"):
-            raise ValueError("lr_schedule must be 'linear' or 'constant'")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0:
-            raise ValueError("warmup_steps, eval_every and weight_decay must be >= 0")
-        if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
-            raise ValueError("early_stopping_patience and early_stopping_min_delta must be >= 0")
-        if self.early_stopping_patience and not self.eval_every:
-            raise ValueError("early stopping needs eval_every > 0 (and validation data)")
-        if self.result_prompt not in ("last", "best"):
-            raise ValueError("result_prompt must be 'last' or 'best'")
 
 
 @dataclass(frozen=True)

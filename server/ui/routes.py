@@ -14,17 +14,18 @@ the rest of the API and is scoped the same way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
-from server.api.errors import APIError
-from server.api.prompts import PromptInfo, _info, _store_errors
-from server.auth import Principal, can_write, tenant_for_model
+from server.api.deps import PrincipalDep, StoreDep
+from server.api.prompts import PromptInfo, prompt_info
+from server.service import prompts as prompt_service
+from server.service.runtime import Runtime
 from server.ui.stats import StatsHistory
 
 __all__ = ["Console", "install_console", "STATIC_DIR", "SECURITY_HEADERS"]
@@ -68,8 +69,7 @@ class Console:
         self.stats.close()
 
 
-def install_console(app: FastAPI, state, get_principal: Callable[..., Principal], get_store: Callable[[], Any],
-                    *, stats_interval_s: float = 2.0) -> Console:
+def install_console(app: FastAPI, state: Runtime, *, stats_interval_s: float = 2.0) -> Console:
     console = Console(StatsHistory(state.metrics.registry, interval_s=stats_interval_s))
     router = APIRouter(include_in_schema=False)
 
@@ -82,7 +82,7 @@ def install_console(app: FastAPI, state, get_principal: Callable[..., Principal]
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=SECURITY_HEADERS)
 
     @router.get("/ui/api/session")
-    def session(principal: Principal = Depends(get_principal)) -> dict[str, Any]:
+    def session(principal: PrincipalDep) -> dict[str, Any]:
         store = state.store
         return {
             "tenant": principal.tenant,
@@ -97,31 +97,14 @@ def install_console(app: FastAPI, state, get_principal: Callable[..., Principal]
         }
 
     @router.get("/ui/api/stats")
-    def stats(since: float | None = Query(None, ge=0), principal: Principal = Depends(get_principal)) -> dict[str, Any]:
+    def stats(principal: PrincipalDep, since: float | None = Query(None, ge=0)) -> dict[str, Any]:
         # Admins see every tenant's traffic; a user key only its own tenant's (like the rest of the API).
         return console.stats.view(None if principal.is_admin else principal.tenant, since=since)
 
     @router.post("/ui/api/prompts/{name:path}/rollback", response_model=PromptInfo)
-    async def rollback(name: str, body: RollbackRequest, principal: Principal = Depends(get_principal)) -> dict[str, Any]:
-        with _store_errors("name"):
-            namespace, prompt_name, ref_version = tenant_for_model(principal, name)
-        if ref_version is not None:
-            raise APIError(400, "give the bare prompt name in the path and the version in the body", param="name")
-        store = get_store()
-
-        def promote():
-            meta = store.resolve(namespace, prompt_name, body.version)  # 404 before 403, as in DELETE
-            if not can_write(principal, namespace):
-                raise APIError(403, f"only admins may modify the '{namespace}' namespace", code="forbidden")
-            files = store.export_files(meta)
-            # Re-storing a version's own bytes makes it the latest again (the store's rollback).
-            new_meta, _ = store.put(namespace, prompt_name, files["adapter_model.safetensors"],
-                                    files["adapter_config.json"], meta.description)
-            return new_meta
-
-        with _store_errors("version"):
-            meta = await run_in_threadpool(promote)
-        return _info(meta, principal)
+    async def rollback(name: str, body: RollbackRequest, store: StoreDep, principal: PrincipalDep) -> dict[str, Any]:
+        meta = await run_in_threadpool(prompt_service.rollback, store, principal, name, body.version)
+        return prompt_info(meta, principal)
 
     app.include_router(router)
     app.mount("/ui/assets", _ConsoleStatic(directory=STATIC_DIR), name="console-assets")

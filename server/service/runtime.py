@@ -1,4 +1,5 @@
-"""Everything the HTTP layer needs, built once at start-up (the model loads in the background)."""
+"""The running product, built once at start-up: the model, the prompt store and its device cache, the
+engine thread, the limits and the tuning jobs. HTTP is one way in (server/api); nothing here knows it."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from prompt_store.cache import PromptCache
 from prompt_store.gc import PeriodicGC
 from prompt_store.store import PromptStore
 from prompt_store.types import ModelInfo
-from server.auth import ApiKeyRegistry
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.engine.config import EngineConfig, SchedulerConfig
 from server.engine.engine import LLMEngine
 from server.model_loader import load_model, resolve_device, resolve_dtype, resolve_source
+from server.service.auth import ApiKeyRegistry
+from server.service.errors import not_ready
 
 log = logging.getLogger("softserve")
 
@@ -32,7 +34,7 @@ class LoadedModel:
 
 
 @dataclass
-class ServiceState:
+class Runtime:
     settings: Settings
     registry: ApiKeyRegistry
     served_model_name: str = ""
@@ -44,7 +46,8 @@ class ServiceState:
     shutting_down: bool = False
     loaded: threading.Event = field(default_factory=threading.Event)
     metrics: object = None
-    rate_limiter: object = None  # RateLimiter (server.api.ratelimit)
+    rate_limiter: object = None  # RateLimiter (server.service.ratelimit)
+    tuning: object = None  # TuningService (server.service.tuning)
     max_model_len: int = 0  # --max-model-len, capped at the model's position limit
     exit_on_engine_death: bool = False  # the CLI sets it; in-process tests keep their interpreter
     store_gc: PeriodicGC | None = None  # --store-gc-interval-seconds
@@ -52,6 +55,25 @@ class ServiceState:
     @property
     def is_ready(self) -> bool:
         return self.engine is not None and self.engine.is_alive and not self.shutting_down
+
+    def not_ready_reason(self) -> str:
+        if self.load_error:
+            return f"model failed to load: {self.load_error}"
+        if self.engine is not None and not self.engine.is_alive:
+            return "engine loop is not running"
+        return "shutting down" if self.shutting_down else "loading"
+
+    def require_ready(self) -> None:
+        if not self.is_ready:
+            if self.load_error:
+                raise not_ready("model failed to load")
+            raise not_ready("server is shutting down" if self.shutting_down else "model is loading, not ready yet")
+
+    def require_store(self):
+        """The prompt store, which opens with the model: not ready until then."""
+        if self.store is None:
+            raise not_ready()
+        return self.store
 
     def build(self, loaded: LoadedModel | None = None) -> None:
         """Load the model (unless given), open the store, start the engine thread."""

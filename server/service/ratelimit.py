@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from server.api.errors import APIError
+from server.service.errors import InvalidRequest, Overloaded
 
 __all__ = ["TokenBucket", "RateLimiter"]
 
@@ -62,8 +62,8 @@ class RateLimiter:
             wait = self._bucket(self._requests, tenant, rps, max(1.0, rps), now).take(1.0, now)
         if wait:
             self.on_reject("rate_limit_requests")
-            raise APIError(429, f"rate limit: more than {rps:g} requests per second for this tenant (--rate-limit-rps)",
-                           code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            raise Overloaded(f"rate limit: more than {rps:g} requests per second for this tenant (--rate-limit-rps)",
+                           code="rate_limit_exceeded", retry_after=max(1, math.ceil(wait)))
 
     def charge_tokens(self, tenant: str, tokens: int) -> None:
         """Prompt tokens + max_tokens of a generation request (--rate-limit-tokens-per-minute; burst: one
@@ -72,7 +72,7 @@ class RateLimiter:
         if tpm <= 0:
             return
         if tokens > tpm:
-            raise APIError(400, f"this request may use {tokens} tokens (prompt + max_tokens), more than this tenant's "
+            raise InvalidRequest(f"this request may use {tokens} tokens (prompt + max_tokens), more than this tenant's "
                            f"{tpm} tokens per minute (--rate-limit-tokens-per-minute); lower max_tokens or split it",
                            param="max_tokens", code="request_too_large")
         with self._lock:
@@ -80,6 +80,6 @@ class RateLimiter:
             wait = self._bucket(self._tokens, tenant, tpm / 60.0, float(tpm), now).take(float(tokens), now)
         if wait:
             self.on_reject("rate_limit_tokens")
-            raise APIError(429, f"rate limit: more than {tpm} tokens per minute for this tenant "
+            raise Overloaded(f"rate limit: more than {tpm} tokens per minute for this tenant "
                            "(--rate-limit-tokens-per-minute)", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
+                           retry_after=max(1, math.ceil(wait)))

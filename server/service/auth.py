@@ -16,25 +16,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
-from fastapi import Request
-
-from prompt_store.store import NAME_RE, PUBLIC_TENANT
-from prompt_store.types import PromptNotFound, PromptValidationError
-
-from .api.errors import APIError
+from prompt_store.store import NAME_RE
 
 __all__ = [
     "Principal",
     "ApiKeyRegistry",
     "add_key",
     "hash_key",
-    "tenant_for_model",
-    "can_read",
-    "can_write",
-    "principal_dependency",
     "KEY_PREFIX",
     "ROLES",
 ]
@@ -175,53 +166,3 @@ def add_key(path: str | os.PathLike[str], tenant: str, role: str = "user") -> st
     _parse_entries(data, str(p))  # never write a file we could not load
     _write_file(p, data)
     return key
-
-
-def can_read(principal: Principal, namespace: str) -> bool:
-    return namespace == principal.tenant or namespace == PUBLIC_TENANT
-
-
-def can_write(principal: Principal, namespace: str) -> bool:
-    if namespace == PUBLIC_TENANT:
-        return principal.is_admin
-    return namespace == principal.tenant
-
-
-def tenant_for_model(principal: Principal, model_field: str) -> tuple[str, str, str | None]:
-    """Parse a `model` / prompt reference: "name", "name@version", "public/name[@version]" (also
-    "<own tenant>/name"). Returns (namespace_tenant, prompt_name, version or None).
-
-    A namespace the principal may not read raises PromptNotFound (404, never 403: existence of
-    other tenants' prompts is not revealed). Malformed references raise PromptValidationError.
-    Read access only; writers must also check `can_write`."""
-    if not isinstance(model_field, str) or not model_field:
-        raise PromptValidationError("empty prompt reference")
-    ref = model_field
-    namespace = principal.tenant
-    if "/" in ref:
-        namespace, _, ref = ref.partition("/")
-        if "/" in ref:
-            raise PromptValidationError(f"invalid prompt reference {model_field!r}")
-    name, sep, version = ref.partition("@")
-    if not NAME_RE.fullmatch(name) or (sep and not version) or "@" in version:
-        raise PromptValidationError(f"invalid prompt reference {model_field!r}")
-    if not NAME_RE.fullmatch(namespace) or not can_read(principal, namespace):
-        raise PromptNotFound(f"prompt {model_field!r} not found")
-    return namespace, name, (version or None)
-
-
-def principal_dependency(get_registry: Callable[[], ApiKeyRegistry]) -> Callable[[Request], Principal]:
-    """FastAPI dependency: 401 (OpenAI-shaped) unless the bearer key is valid."""
-
-    def _dep(request: Request) -> Principal:
-        principal = get_registry().authenticate(request.headers.get("authorization"))
-        if principal is None:
-            raise APIError(
-                401,
-                "invalid or missing API key",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return principal
-
-    return _dep
