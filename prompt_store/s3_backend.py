@@ -85,7 +85,7 @@ class S3Backend:
         if prefix:
             validate_key(prefix)
         self.prefix = f"{prefix}/" if prefix else ""
-        self.endpoint_url = endpoint_url or os.environ.get("SOFTSERVE_S3_ENDPOINT_URL") or None
+        self.endpoint_url = endpoint_url or None  # the server's settings pass SOFTSERVE_S3_ENDPOINT_URL here
         self._client = client if client is not None else self._make_client(self.endpoint_url, region_name)
         self.immutable_prefixes = tuple(immutable_prefixes)
         self.immutable_cache_bytes = int(immutable_cache_bytes)

@@ -72,3 +72,13 @@ def test_the_check_sees_a_violation(tmp_path):
         ROOT = saved
     assert found == ["server/engine/bad.py imports server.api", "server/engine/bad.py imports server.api.deps",
                      "server/engine/bad.py imports server.api.errors", "server/engine/bad.py imports server.api.errors.error_body"]
+
+
+def test_service_settings_are_read_from_the_environment_in_one_place():
+    """SOFTSERVE_* variables are read only by server/config.py (pydantic settings), never ad hoc."""
+    import re
+
+    pattern = re.compile(r"(environ|getenv)\W[^\n]*SOFTSERVE_")
+    readers = [str(p.relative_to(ROOT)) for package in ("server", "prompt_store") for p in (ROOT / package).rglob("*.py")
+               if pattern.search(p.read_text(encoding="utf-8"))]
+    assert readers == []

@@ -284,9 +284,11 @@ def test_open_backend_s3(seaweed, monkeypatch):
     store = PromptStore(b, MODEL)
     m, _ = store.put("acme", "p", blob(1), CFG)
     assert store.resolve("acme", "p") == m
-    # Endpoint from SOFTSERVE_S3_ENDPOINT_URL, as the docs say.
+    # Endpoint from SOFTSERVE_S3_ENDPOINT_URL, as the docs say (read by the settings, the one place env is read).
+    from server.config import Settings
+
     monkeypatch.setenv("SOFTSERVE_S3_ENDPOINT_URL", seaweed.endpoint_url)
-    b2 = open_backend(f"s3://{seaweed.bucket}/{b.prefix}")
+    b2 = open_backend(f"s3://{seaweed.bucket}/{b.prefix}", s3_endpoint_url=Settings().s3_endpoint_url)
     assert PromptStore(b2, MODEL).resolve("acme", "p") == m
 
 
