@@ -213,7 +213,7 @@ def test_metrics_port_serves_prometheus_without_a_key_on_loopback(tiny_model, to
     import httpx
 
     from server.service.auth import add_key
-    from tests.live_server import free_port
+    from tests.support.live_server import free_port
 
     keyfile = tmp_path / "keys.yaml"
     add_key(keyfile, "ops", role="admin")

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.live_server import LiveServer, assert_openai_error, tiny_model_dir
+from tests.support.live_server import LiveServer, assert_openai_error, tiny_model_dir
 
 pytestmark = pytest.mark.process  # a live server subprocess
 

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import torch
 
-from engine_utils import make_engine, make_prompt, make_request
+from tests.support.engine_utils import make_engine, make_prompt, make_request
 from server.engine.guided import GuidedSpecError, advance_guided, attach_guided_state, grammar_for
 from server.engine.request import GuidedSpec
 from server.engine.sampler import apply_guided_masks

@@ -2,7 +2,7 @@
 its last checkpoint, and it ends with the same prompt as an uninterrupted run (same seed), with a
 complete, ordered event list. And two replicas on one S3 store never run the same job.
 
-Live servers (tiny model, one torch thread each) are started and stopped by PID (tests/live_server.py).
+Live servers (tiny model, one torch thread each) are started and stopped by PID (tests/support/live_server.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from live_server import LiveServer, tiny_model_dir
+from tests.support.live_server import LiveServer, tiny_model_dir
 from test_tuning import toy_records
 
 pytestmark = pytest.mark.process  # a live server subprocess

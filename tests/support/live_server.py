@@ -22,7 +22,7 @@ from typing import Iterator
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120.0
 TINY_HIDDEN = 64
 SMOLLM_HIDDEN = 576
@@ -193,8 +193,8 @@ TINY_DIR_NAME = "tiny-llama-shared"
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """Save a tiny random Llama (SmolLM2 vocabulary, GQA) + tokenizer once per session.
 
-    The directory lives at a fixed place under the session's base temp dir, so it is built once even
-    when this module is imported twice (as `tests.live_server` and as `live_server`)."""
+    The directory lives at a fixed place under the session's base temp dir, so it is built once per
+    session whichever test asks first."""
     directory = Path(tmp_path_factory.getbasetemp()) / TINY_DIR_NAME
     if (directory / "config.json").exists():
         return directory

@@ -16,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load, save_file
 
-from engine_utils import make_engine, run
+from tests.support.engine_utils import make_engine, run
 from prompt_store.compose import composed_sha256
 from server.service.runtime import LoadedModel
 from server.app import create_app

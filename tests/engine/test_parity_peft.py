@@ -11,7 +11,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from engine_utils import make_engine, run
+from tests.support.engine_utils import make_engine, run
 from server.service.runtime import LoadedModel
 from server.app import create_app
 from server.config import Settings

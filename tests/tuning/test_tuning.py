@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from engine_utils import make_engine
+from tests.support.engine_utils import make_engine
 from server.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
 from server.tuning.data import DatasetError, parse_jsonl, parse_records, tokenize_examples
 from server.tuning.export import adapter_files, model_info, save_adapter
@@ -408,7 +408,7 @@ def test_api_rejects_bad_requests(api):
 
 # ---- CLI ------------------------------------------------------------------------------------------
 def test_cli_tune_writes_adapter_and_store_version(tokenizer, tmp_path, tmp_path_factory, capsys):
-    from live_server import tiny_model_dir
+    from tests.support.live_server import tiny_model_dir
     from peft import PeftConfig
 
     from prompt_store.backend import LocalBackend

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine_utils import make_engine, make_prompt, make_request, reference_greedy, run
+from tests.support.engine_utils import make_engine, make_prompt, make_request, reference_greedy, run
 from server.engine.request import FinishReason
 
 HIDDEN = 64

@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from s3_server import free_port
+from tests.support.s3_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.process]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 REVALIDATE_S = 1.0
 HIDDEN = 64
 READY_TIMEOUT_S = 180.0

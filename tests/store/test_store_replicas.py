@@ -294,7 +294,7 @@ def test_open_backend_s3(seaweed, monkeypatch):
 
 def test_s3_unreachable_is_503(monkeypatch):
     pytest.importorskip("boto3")
-    from s3_server import free_port
+    from tests.support.s3_server import free_port
 
     from prompt_store.s3_backend import S3Backend, StorageUnavailable
 

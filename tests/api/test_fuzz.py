@@ -1,7 +1,7 @@
 """Property-based fuzzing of our own OpenAPI schema with schemathesis: no 500s, server healthy after.
 
 `make test` runs a short pass (a few examples per operation); the long run:
-    SOFTSERVE_FUZZ_EXAMPLES=500 .venv/bin/python -m pytest tests/test_fuzz.py -m slow -p no:cacheprovider
+    SOFTSERVE_FUZZ_EXAMPLES=500 .venv/bin/python -m pytest tests/api/test_fuzz.py -m slow -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from live_server import LiveServer, tiny_model_dir  # noqa: E402
+from tests.support.live_server import LiveServer, tiny_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.process  # a live server subprocess
 

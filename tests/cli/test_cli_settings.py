@@ -12,7 +12,7 @@ from pydantic import Field
 from server.cli import build_parser
 from server.config import ClientSettings, Settings, add_settings_flags, settings_from_args
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _flag(name: str) -> str:

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from live_server import LiveServer, tiny_model_dir
+from tests.support.live_server import LiveServer, tiny_model_dir
 
 pytestmark = pytest.mark.process  # a live server subprocess
 

@@ -5,7 +5,7 @@ Skipped where the `playwright` package or a `chromium` binary is missing (`.ci/r
 never `playwright install`, which downloads browsers). With UI_SCREENSHOT_DIR=docs/ui the tests also
 write the README's screenshots there (they always take them, into the test's tmp dir otherwise):
 
-    UI_SCREENSHOT_DIR=docs/ui .venv/bin/python -m pytest tests/test_console_browser.py
+    UI_SCREENSHOT_DIR=docs/ui .venv/bin/python -m pytest tests/ui/test_console_browser.py
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from server.service.auth import add_key
-from tests.live_server import TINY_HIDDEN, LiveServer, adapter_config, prompt_bytes, tiny_model_dir, upload
+from tests.support.live_server import TINY_HIDDEN, LiveServer, adapter_config, prompt_bytes, tiny_model_dir, upload
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

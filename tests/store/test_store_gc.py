@@ -79,7 +79,7 @@ def test_every_key_is_built_by_prompt_store_keys_with_the_existing_strings():
 
 def test_no_module_outside_prompt_store_keys_spells_a_store_key():
     """files.py and persist.py (and the store) build keys through prompt_store.keys only."""
-    root = os.path.dirname(os.path.dirname(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     for rel in ("prompt_store/store.py", "server/tuning/files.py", "server/tuning/persist.py", "server/tuning/jobs.py"):
         code = "\n".join(line for line in open(os.path.join(root, rel)).read().splitlines()
                          if not line.lstrip().startswith(("#", "tenants/", "tuning/active")))

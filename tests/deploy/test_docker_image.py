@@ -3,7 +3,7 @@
 import, docker build), starts the image with `--network none`, and gets a completion through
 `docker exec` with the image's own python (the image has no curl).
 
-    .venv/bin/python -m pytest -m docker tests/test_docker_image.py
+    .venv/bin/python -m pytest -m docker tests/deploy/test_docker_image.py
 
 Needs root, a running dockerd, debootstrap, the Debian and PyPI mirrors this host's apt and pip
 use, and a CPU torch wheel in one of pip's find-links directories; skips otherwise."""
@@ -23,7 +23,7 @@ import pytest
 
 pytestmark = [pytest.mark.docker, pytest.mark.process]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "build-offline.sh"
 TAG = "softserve:docker-test"
 BASE_TAG = "softserve-base:docker-test"

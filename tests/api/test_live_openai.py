@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from tests.live_server import (
+from tests.support.live_server import (
     SMOLLM_HIDDEN, SMOLLM_NAME, LiveServer, adapter_config, assert_openai_error, iter_sse, prompt_bytes, upload,
 )
 

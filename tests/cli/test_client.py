@@ -16,7 +16,7 @@ from server import client as C
 from server.api.prompts import PromptDeleted, PromptInfo, PromptUploadResponse
 from server.api.schemas import ChatCompletionResponse, CompletionResponse, ModelList
 from server.service.auth import add_key
-from tests.live_server import TINY_HIDDEN, LiveServer, adapter_config, free_port, prompt_tensor, tiny_model_dir
+from tests.support.live_server import TINY_HIDDEN, LiveServer, adapter_config, free_port, prompt_tensor, tiny_model_dir
 
 K = 4
 NAME = "client-task"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from live_server import TINY_HIDDEN, LiveServer, adapter_config, prompt_bytes, tiny_model_dir
+from tests.support.live_server import TINY_HIDDEN, LiveServer, adapter_config, prompt_bytes, tiny_model_dir
 
 pytestmark = pytest.mark.process
 

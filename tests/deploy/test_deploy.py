@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILES = [REPO / "Dockerfile", DEPLOY / "seaweedfs.Dockerfile"]
@@ -90,7 +90,7 @@ def test_image_warmup_rejects_the_wrong_torch():
         assert importlib.util.find_spec(name) is not None, name
 
 
-# ---- the offline build script (its end-to-end run is tests/test_docker_image.py, marker docker) --
+# ---- the offline build script (its end-to-end run is tests/deploy/test_docker_image.py, marker docker) --
 
 SCRIPT = DEPLOY / "build-offline.sh"
 
@@ -148,7 +148,7 @@ def test_docker_docs_match_what_was_run():
     deploy = (DEPLOY / "README.md").read_text()
     assert "sudo " not in deploy  # the recipe runs as root; there may be no sudo
     assert "untested" not in deploy and "docker exec" in deploy
-    assert "tests/test_docker_image.py" in deploy
+    assert "tests/deploy/test_docker_image.py" in deploy
 
 
 # ---- YAML -----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_utils import make_prompt, make_request, reference_greedy, run
+from tests.support.engine_utils import make_prompt, make_request, reference_greedy, run
 from server.engine.config import EngineConfig, SchedulerConfig
 from server.engine.engine import LLMEngine
 from server.engine.kv_cache import KVPool

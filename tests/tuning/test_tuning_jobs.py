@@ -272,7 +272,7 @@ def test_manager_restart_resumes_to_the_same_prompt(tiny_model, tokenizer, tmp_p
 
 # ---- CLI: softserve tune --resume ---------------------------------------------------------------------
 def test_cli_tune_resume_equals_uninterrupted(tokenizer, tmp_path, tmp_path_factory, capsys):
-    from live_server import tiny_model_dir
+    from tests.support.live_server import tiny_model_dir
     from safetensors.torch import load_file
 
     from server.cli import main
@@ -297,3 +297,4 @@ def test_cli_tune_resume_equals_uninterrupted(tokenizer, tmp_path, tmp_path_fact
         main([a if a != "0.1" else "0.2" for a in base] + ["--out", str(tmp_path / "x"), "--checkpoint-dir", str(ckpts), "--resume"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         main(base + ["--out", str(tmp_path / "y"), "--resume"])
+

@@ -29,7 +29,7 @@ def blob(seed: int, k: int = 4) -> bytes:
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.process)])
 def make_backend(request, tmp_path):
     """Factory of backends that all see the same data: calling it again is "a fresh process".
-    `s3` is a real S3 server (SeaweedFS, see tests/s3_server.py), one fresh prefix per test."""
+    `s3` is a real S3 server (SeaweedFS, see tests/support/s3_server.py), one fresh prefix per test."""
     if request.param == "local":
         return lambda: LocalBackend(tmp_path / "d")
     seaweed = request.getfixturevalue("seaweed")

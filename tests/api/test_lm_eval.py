@@ -2,7 +2,7 @@
 local multiple-choice task equals `softserve eval`'s on the same data.
 
 Needs the harness in its own venv: `make lmeval-venv` (then `make lmeval-test`, or
-`.venv/bin/python -m pytest -m lmeval tests/test_lm_eval.py`). Skipped when that venv is missing.
+`.venv/bin/python -m pytest -m lmeval tests/api/test_lm_eval.py`). Skipped when that venv is missing.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import textwrap
 import httpx
 import pytest
 
-from live_server import TINY_HIDDEN, LiveServer, prompt_bytes, tiny_model_dir, upload
+from tests.support.live_server import TINY_HIDDEN, LiveServer, prompt_bytes, tiny_model_dir, upload
 from server.evaluation import evaluate, load_eval_data
-from tests.live_server import REPO_ROOT
+from tests.support.live_server import REPO_ROOT
 
 pytestmark = [pytest.mark.lmeval, pytest.mark.process]
 
