@@ -298,3 +298,26 @@ def test_cli_tune_resume_equals_uninterrupted(tokenizer, tmp_path, tmp_path_fact
     with pytest.raises(SystemExit, match="no checkpoint"):
         main(base + ["--out", str(tmp_path / "y"), "--resume"])
 
+
+def test_a_reader_that_sees_the_final_status_also_sees_the_final_event(api):
+    """Between applying a job's final status and persisting its record, the announcing event must
+    stay readable: a poller that saw `succeeded` once read the events without "Job succeeded"."""
+    a = api.h["a"]
+    manager = api.app.state.service.tuning.get_manager()
+    seen: list[tuple[str, str]] = []
+    real_update = manager.jobs.update
+
+    def update_and_look(tenant, job_id, merge):
+        # Exactly the window: the local record has the new status, the store does not list the chunk yet.
+        record = manager.get(tenant, job_id)
+        messages = [e["message"] for e in manager.events(tenant, job_id) if e["type"] == "message"]
+        seen.append((record["status"], messages[-1] if messages else ""))
+        return real_update(tenant, job_id, merge)
+
+    manager.jobs.update = update_and_look
+    body = {"name": "win", "training_data": toy_records(4), "init": "vocab", "steps": 2, "batch_size": 2, "seed": 1}
+    job = api.post("/v1/tuning/jobs", headers=a, json=body).json()
+    done = _wait(api, job["id"], a, ("succeeded", "failed", "cancelled"))
+    assert done["status"] == "succeeded", done["error"]
+    finals = [message for status, message in seen if status == "succeeded"]
+    assert finals and all(m.startswith("Job succeeded") for m in finals), seen
