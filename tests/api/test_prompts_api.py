@@ -16,23 +16,11 @@ from safetensors.torch import save as st_save
 from prompt_store.backend import LocalBackend
 from prompt_store.cache import PromptCache
 from prompt_store.store import PromptStore
-from prompt_store.types import ModelInfo
 from server.api import deps
 from server.api.errors import install_error_handlers
 from server.api.prompts import router as prompts_router
 from server.service.auth import ApiKeyRegistry, add_key
-
-H = 64
-MODEL = ModelInfo(name="tiny-llama", hidden_size=H, num_layers=2, num_attention_heads=4)
-CFG = json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4}).encode()
-
-
-def tensor(seed: int, k: int = 4) -> torch.Tensor:
-    return torch.randn(k, H, generator=torch.Generator().manual_seed(seed))
-
-
-def blob(seed: int, k: int = 4) -> bytes:
-    return st_save({"prompt_embeddings": tensor(seed, k)}, metadata={"format": "pt"})
+from tests.support.prompts import CFG, H, MODEL, blob, tensor
 
 
 class Env:

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from tests.support.s3_server import free_port
+from tests.support.processes import http_probe, stop_process, wait_until_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.process]
 
@@ -56,14 +57,7 @@ class Proc:
         return self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
+        stop_process(self.proc, sig, timeout)
 
     def kill9(self) -> None:
         if self.proc.poll() is None:
@@ -78,21 +72,8 @@ class Proc:
 
 
 def wait_http(url: str, proc: Proc, timeout: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
     with httpx.Client(timeout=2.0) as c:
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}\n{proc.logs()}")
-            try:
-                r = c.get(url)
-                if r.status_code == 200:
-                    return
-                last = f"{r.status_code} {r.text[:200]}"
-            except httpx.TransportError as exc:
-                last = repr(exc)
-            time.sleep(0.2)
-    raise RuntimeError(f"{proc.name} not ready after {timeout:.0f} s ({last})\n{proc.logs()}")
+        wait_until_ready(http_probe(c, url), proc.proc, proc.name, proc.logs, timeout, interval=0.2)
 
 
 def nginx_conf(upstream_ports: list[int], listen_port: int, prefix: Path) -> str:

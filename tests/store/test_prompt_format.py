@@ -17,14 +17,12 @@ from safetensors.torch import save as st_save
 from prompt_store.backend import MemoryBackend
 from prompt_store.format import content_sha256, export_adapter, parse_upload
 from prompt_store.store import PromptStore
-from prompt_store.types import ModelInfo, PromptValidationError
+from prompt_store.types import PromptValidationError
+from tests.support.prompts import H, MODEL
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-H = 64
-MODEL = ModelInfo(name="tiny-llama", hidden_size=H, num_layers=2, num_attention_heads=4)
 
 
 @pytest.fixture(scope="module")

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import uuid
 
 import pytest
 import torch
-from safetensors.torch import save as st_save
 
 from prompt_store import format as fmt
 from prompt_store.backend import LocalBackend, MemoryBackend
 from prompt_store.store import PromptStore
-from prompt_store.types import ModelInfo, PromptIntegrityError, PromptNotFound, PromptValidationError
-
-H = 64
-MODEL = ModelInfo(name="tiny-llama", hidden_size=H, num_layers=2, num_attention_heads=4)
-CFG = json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4}).encode()
-
-
-def blob(seed: int, k: int = 4) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    return st_save({"prompt_embeddings": torch.randn(k, H, generator=g)}, metadata={"format": "pt"})
+from prompt_store.types import PromptIntegrityError, PromptNotFound, PromptValidationError
+from tests.support.prompts import CFG, MODEL, blob
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.process)])
@@ -243,25 +233,6 @@ def test_crash_during_delete_cleanup(make_backend):
 
 
 # ---- LocalBackend --------------------------------------------------------------------------------
-
-
-def test_local_backend_basics(tmp_path):
-    b = LocalBackend(tmp_path)
-    assert b.put("a/b/c.json", b"1")
-    assert b.get("a/b/c.json") == b"1" and b.exists("a/b/c.json")
-    assert b.put("a/b/c.json", b"2") and b.get("a/b/c.json") == b"2"
-    assert b.put("a/b/c.json", b"3", if_absent=True) is False and b.get("a/b/c.json") == b"2"
-    assert b.put("a/d.json", b"x", if_absent=True) is True
-    assert b.list("a/") == ["a/b/c.json", "a/d.json"]
-    assert b.list("a/b") == ["a/b/c.json"]
-    assert b.list("zzz/") == []
-    b.delete("a/d.json")
-    b.delete("a/d.json")  # missing is fine
-    with pytest.raises(KeyError):
-        b.get("a/d.json")
-    assert not b.exists("a/d.json")
-    with pytest.raises(KeyError):
-        b.get("a/b")  # a "directory" is not a key
 
 
 @pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a/../b", "a//b", "a/.tmp-1", ".x", "", "a\\b", "a/"])

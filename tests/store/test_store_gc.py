@@ -10,25 +10,15 @@ import time
 import uuid
 
 import pytest
-import torch
-from safetensors.torch import save as st_save
 
 from prompt_store import keys
 from prompt_store.backend import LocalBackend, MemoryBackend
 from prompt_store.gc import collect_garbage
 from prompt_store.store import PromptStore
-from prompt_store.types import ModelInfo
 from prompt_store.usage import Usage
+from tests.support.prompts import CFG, H, MODEL, blob
 
-H = 64
-MODEL = ModelInfo(name="tiny-llama", hidden_size=H, num_layers=2, num_attention_heads=4)
-CFG = json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4}).encode()
 GRACE = 3600.0
-
-
-def blob(seed: int, k: int = 4) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    return st_save({"prompt_embeddings": torch.randn(k, H, generator=g)}, metadata={"format": "pt"})
 
 
 def _memory(tmp_path):

@@ -3,28 +3,18 @@ head updates that never lose an upload, and TTL revalidation of name -> version 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
 
 import pytest
-import torch
-from safetensors.torch import save as st_save
 
 from prompt_store.backend import ConditionalBackend, LocalBackend, MemoryBackend, open_backend
 from prompt_store.store import PromptStore
-from prompt_store.types import ModelInfo, PromptNotFound
+from prompt_store.types import PromptNotFound
+from tests.support.prompts import CFG, MODEL, blob
 
-H = 64
-MODEL = ModelInfo(name="tiny-llama", hidden_size=H, num_layers=2, num_attention_heads=4)
-CFG = json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4}).encode()
 TTL = 0.6
-
-
-def blob(seed: int, k: int = 4) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    return st_save({"prompt_embeddings": torch.randn(k, H, generator=g)}, metadata={"format": "pt"})
 
 
 @pytest.fixture(params=["memory", "local", pytest.param("s3", marks=pytest.mark.process)])
@@ -61,6 +51,8 @@ def test_backend_contract(make_backend):
     with pytest.raises(KeyError):
         b.get("a/d.json")
     assert not b.exists("a/d.json")
+    with pytest.raises(KeyError):
+        b.get("a/b")  # a "directory" is not a key
     for bad in ["../x", "/etc/passwd", "a/../b", "a//b", "a/.tmp-1", ""]:
         with pytest.raises(ValueError):
             b.get(bad)

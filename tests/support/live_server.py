@@ -22,6 +22,8 @@ from typing import Iterator
 
 import httpx
 
+from tests.support.processes import http_probe, stop_process, wait_until_ready
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120.0
 TINY_HIDDEN = 64
@@ -128,35 +130,13 @@ class LiveServer:
         return self
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer"
         with httpx.Client(timeout=2.0) as c:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise ServerStartError(f"server exited with {self.proc.returncode} before ready\n{self.logs()}")
-                try:
-                    r = c.get(f"{self.url}/ready")
-                    if r.status_code == 200:
-                        return
-                    last = f"{r.status_code} {r.text[:200]}"
-                except httpx.TransportError as exc:
-                    last = repr(exc)
-                time.sleep(0.1)
-        raise ServerStartError(f"server not ready after {timeout:.0f} s (last /ready: {last})\n{self.logs()}")
+            wait_until_ready(http_probe(c, f"{self.url}/ready"), self.proc, "server", self.logs, timeout,
+                             error=ServerStartError)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """Stop exactly the process we started (by PID). Returns its exit code."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM to proc.pid only
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()  # SIGKILL to proc.pid only
-                proc.wait(timeout)
-        return proc.returncode
+        return stop_process(self.proc, timeout=timeout)
 
     def kill9(self) -> int:
         """SIGKILL our server (a crash: no shutdown handlers run) and reap it."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
+
+from tests.support.processes import stop_process, wait_until_ready
 
 ACCESS_KEY = "softserve-test-key"
 SECRET_KEY = "softserve-test-secret-0123456789"
@@ -122,33 +122,23 @@ class SeaweedS3:
         )
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer"
         client = self._new_client()
-        probe = f"_ready/{uuid.uuid4().hex}"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}\n{self.logs()}")
+        probe_key = f"_ready/{uuid.uuid4().hex}"
+
+        def probe() -> str | None:
             try:
-                client.put_object(Bucket=self.bucket, Key=probe, Body=b"ok")
-                if client.get_object(Bucket=self.bucket, Key=probe)["Body"].read() == b"ok":
-                    client.delete_object(Bucket=self.bucket, Key=probe)
-                    return
+                client.put_object(Bucket=self.bucket, Key=probe_key, Body=b"ok")
+                if client.get_object(Bucket=self.bucket, Key=probe_key)["Body"].read() == b"ok":
+                    client.delete_object(Bucket=self.bucket, Key=probe_key)
+                    return None
+                return "read back something else"
             except Exception as exc:  # not up yet / bucket not created yet
-                last = repr(exc)
-            time.sleep(0.25)
-        raise RuntimeError(f"SeaweedFS S3 not ready after {timeout:.0f} s (last: {last})\n{self.logs()}")
+                return repr(exc)
+
+        wait_until_ready(probe, self.proc, "SeaweedFS S3", self.logs, timeout, interval=0.25)
 
     def stop(self, timeout: float = 20.0) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # this PID only
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+        stop_process(self.proc, timeout=timeout)
 
     def logs(self, tail: int = 4000) -> str:
         try:
