@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.live_server import TINY_HIDDEN, tiny_model_dir
 from tests.support.s3_server import free_port
 from tests.support.processes import http_probe, stop_process, wait_until_ready
 
@@ -28,7 +29,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.process]
 
 REPO = Path(__file__).resolve().parents[2]
 REVALIDATE_S = 1.0
-HIDDEN = 64
 READY_TIMEOUT_S = 180.0
 
 
@@ -102,20 +102,7 @@ def nginx_conf(upstream_ports: list[int], listen_port: int, prefix: Path) -> str
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, tokenizer) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny-llama-replicas")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return tiny_model_dir(tmp_path_factory, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +155,7 @@ def prompt_bytes(seed: int, k: int = 4) -> bytes:
     import torch
     from safetensors.torch import save as st_save
 
-    t = torch.randn(k, HIDDEN, generator=torch.Generator().manual_seed(seed))
+    t = torch.randn(k, TINY_HIDDEN, generator=torch.Generator().manual_seed(seed))
     return st_save({"prompt_embeddings": t}, metadata={"format": "pt"})
 
 
