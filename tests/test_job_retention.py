@@ -49,6 +49,17 @@ def wait_for(check, timeout: float = 120.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def test_finished_index_keys():
+    key = keys.finished_job("t.x", "tunejob-ab12", 1_700_000_000)
+    assert key == "tuning/finished/t.x/tunejob-ab12-1700000000.json"
+    assert keys.parse_finished_job(key) == ("t.x", "tunejob-ab12", 1_700_000_000)
+    for junk in ("tuning/finished/t/x.json", "tuning/finished/tunejob-1-5.json", "tuning/active/j.json",
+                 "tuning/finished/t/a/tunejob-1-5.json"):
+        assert keys.parse_finished_job(junk) is None, junk
+    assert keys.job_checkpoint("t", "j", 5).startswith(keys.job_checkpoints_prefix("t", "j"))
+    assert not keys.FINISHED_INDEX_READY.startswith(keys.FINISHED_JOBS_PREFIX)
+
+
 # ---- through the manager (no HTTP) ---------------------------------------------------------------------
 def make_manager(model, tokenizer, root, **kw):
     from server.tuning.export import model_info
