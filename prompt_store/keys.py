@@ -15,6 +15,8 @@ __all__ = [
     "files_prefix", "file_data", "file_meta",
     "jobs_prefix", "job_prefix", "job_record", "job_data", "job_events", "job_checkpoint", "job_lease",
     "active_job", "active_job_id", "usage", "TenantKey", "parse_tenant_key",
+    "FINISHED_JOBS_PREFIX", "FINISHED_INDEX_READY", "job_checkpoints_prefix", "finished_job", "FinishedJobKey",
+    "parse_finished_job",
 ]
 
 BLOBS_PREFIX = "blobs/sha256/"
@@ -93,6 +95,11 @@ def job_lease(tenant: str, job_id: str) -> str:
     return f"{job_prefix(tenant, job_id)}lease.json"
 
 
+def job_checkpoints_prefix(tenant: str, job_id: str) -> str:
+    """Every `job_checkpoint` of one job (its resume state, deleted when the job finishes)."""
+    return f"{job_prefix(tenant, job_id)}checkpoints/"
+
+
 def active_job(job_id: str) -> str:
     return f"{ACTIVE_JOBS_PREFIX}{job_id}.json"
 
@@ -101,6 +108,33 @@ def active_job_id(key: str) -> str | None:
     if key.startswith(ACTIVE_JOBS_PREFIX) and key.endswith(".json"):
         return key[len(ACTIVE_JOBS_PREFIX):-len(".json")] or None
     return None
+
+
+# ---- finished tuning jobs, by the time they finished (the retention sweep lists only these) -----------
+FINISHED_JOBS_PREFIX = "tuning/finished/"
+FINISHED_INDEX_READY = "tuning/finished-index.json"  # written once every job finished before the index has a key
+
+
+def finished_job(tenant: str, job_id: str, finished_at: float) -> str:
+    return f"{FINISHED_JOBS_PREFIX}{tenant}/{job_id}-{int(finished_at):010d}.json"
+
+
+class FinishedJobKey(NamedTuple):
+    tenant: str
+    job_id: str
+    finished_at: int
+
+
+def parse_finished_job(key: str) -> FinishedJobKey | None:
+    if not key.startswith(FINISHED_JOBS_PREFIX) or not key.endswith(".json"):
+        return None
+    parts = key[len(FINISHED_JOBS_PREFIX):-len(".json")].split("/")
+    if len(parts) != 2:
+        return None
+    job_id, _, when = parts[1].rpartition("-")
+    if not parts[0] or not job_id or not when.isdigit():
+        return None
+    return FinishedJobKey(parts[0], job_id, int(when))
 
 
 # ---- per-tenant storage usage (prompt_store/usage.py) ----------------------------------------------

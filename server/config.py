@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     max_store_bytes_per_tenant: int = Field(1024**3, ge=0, description="bytes one tenant may store: prompt tensors of every live version plus uploaded files (0 = unlimited; 413 storage_quota_exceeded beyond)")
     store_gc_interval_seconds: float = Field(0.0, ge=0, description="run the store's garbage collection every this many seconds on this replica (0 = off; or run `softserve store gc`)")
     store_gc_grace_seconds: float = Field(3600.0, ge=60, description="garbage collection deletes nothing younger than this: longer than any upload takes")
+    tuning_job_retention_seconds: float = Field(30 * 86400.0, ge=0, description="a finished tuning job (record, events, data copy) is deleted this long after it finished and disappears from the job list (0 = keep forever); its published prompts stay")
 
 
 class ClientSettings(BaseSettings):

@@ -260,7 +260,7 @@ class TuningService:
                     is_busy=lambda: async_engine.num_running + async_engine.num_waiting > 0,
                     max_queued=s.max_tuning_queue, max_active_per_tenant=s.max_tuning_jobs_per_tenant,
                     lease_seconds=s.tuning_lease_seconds, scan_seconds=s.tuning_scan_seconds,
-                    replica_id=s.tuning_replica_id,
+                    replica_id=s.tuning_replica_id, retention_seconds=s.tuning_job_retention_seconds,
                     **self.kwargs,
                 )
         if self._manager is None:

@@ -11,6 +11,11 @@ of its lifetime); a replica that dies stops renewing, the lease expires, and any
 (every `scan_seconds`, and once at start-up) picks the job up again and resumes it from its last
 checkpoint. Events after that checkpoint were never persisted, so the resumed run re-emits them:
 the stored event list stays complete, ordered and free of duplicates.
+
+A finished job's resume state (checkpoints/, the optimizer moments) is deleted by whoever wrote the
+finished record, right after it; one that crashed in between leaves the job in tuning/active/, and a
+scan finishes the clean-up. `retention_seconds` after it finished, a sweep (in the scanner, on any
+replica, idempotent) deletes the job entirely; the prompts it published stay.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from server.tuning.trainer import PromptTuner, StepInfo
 log = logging.getLogger("softserve.tuning")
 
 __all__ = ["TuningFile", "FileRegistry", "TuningJob", "TuningManager", "QueueFull", "JOB_STATUSES", "new_job_id"]
+
+
+SWEEP_SECONDS = 60.0  # retention sweeps at most this often (each lists tuning/finished/)
 
 
 class QueueFull(Exception):
@@ -99,6 +107,8 @@ class TuningManager:
         lease_seconds: float = setting_default("tuning_lease_seconds"),
         scan_seconds: float = setting_default("tuning_scan_seconds"),
         replica_id: str | None = None,
+        retention_seconds: float = setting_default("tuning_job_retention_seconds"),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -113,6 +123,10 @@ class TuningManager:
         self.replica_id = replica_id or new_replica_id()
         self.jobs = JobStore(store.backend, owner=self.replica_id, lease_seconds=lease_seconds)
         self.scan_seconds = scan_seconds
+        self.retention_seconds = float(retention_seconds)  # 0: finished jobs are kept forever
+        self.clock = clock  # finished_at and the retention sweep (tests move it; leases use the wall clock)
+        self._index_ready = False  # this process saw the finished index complete (FINISHED_INDEX_READY)
+        self._next_sweep = 0.0
         self.files = FileRegistry(store.backend, store.max_upload_bytes, usage=store.usage)
         self._local: dict[str, TuningJob] = {}
         self._claimed: set[str] = set()  # ids queued here, being validated or run here
@@ -210,7 +224,7 @@ class TuningManager:
                 return None
             rec["cancel_requested"] = True
             if rec["status"] in ("validating_files", "queued"):
-                rec.update(status="cancelled", finished_at=int(time.time()))
+                rec.update(status="cancelled", finished_at=int(self.clock()))
             return rec
 
         record = self.jobs.update(tenant, job_id, request)
@@ -224,8 +238,8 @@ class TuningManager:
                     job.record.update(status="cancelled", finished_at=record["finished_at"])
             if job.status == "running":
                 job.done_event.wait(wait_s)
-        if record["status"] == "cancelled":
-            self.jobs.deactivate(job_id)
+        if record["status"] == "cancelled" and self.jobs.lease_holder(tenant, job_id) is None:
+            self._finalize(tenant, job_id, record["finished_at"])  # else the lease holder (or a scan) does
         return self.get(tenant, job_id)
 
     def close(self) -> None:
@@ -288,9 +302,24 @@ class TuningManager:
     def _finish(self, job: TuningJob, status: str, message: str, *, level: str = "info", **fields) -> None:
         """Final status (the caller holds the lease)."""
         job.event(message, level=level)
-        self._flush(job, fenced=True, change=lambda r: r.update(status=status, finished_at=int(time.time()),
+        self._flush(job, fenced=True, change=lambda r: r.update(status=status, finished_at=int(self.clock()),
                                                                 estimated_finish=None, **fields))
-        self.jobs.deactivate(job.id)
+        self._finalize(job.tenant, job.id, job.record["finished_at"])
+
+    def _finalize(self, tenant: str, job_id: str, finished_at: float | None) -> bool:
+        """After the finished record is written: delete the resume state, index the job as finished,
+        and only then drop it from tuning/active/, so a crash (or a store error) in between leaves
+        it there for a scan to finish. Never raises: the job's outcome is already recorded."""
+        try:
+            freed = self.jobs.delete_resume_state(tenant, job_id)
+            self.jobs.mark_finished(tenant, job_id, finished_at if finished_at is not None else self.clock())
+            self.jobs.deactivate(job_id)
+        except Exception:
+            log.exception("tuning job %s: deleting its resume state failed; a later scan retries", job_id)
+            return False
+        if freed:
+            log.info("tuning job %s finished: deleted %d bytes of resume state", job_id, freed)
+        return True
 
     def _load_job(self, tenant: str, job_id: str) -> TuningJob:
         with self._lock:
@@ -347,6 +376,8 @@ class TuningManager:
         try:
             job = self._load_job(tenant, job_id)
             if job.status != "validating_files":
+                if job.status in FINISHED:  # cancelled before we took it: cancel() left the clean-up to us
+                    self._finalize(tenant, job_id, job.record["finished_at"])
                 self._forget(job)
                 return
             try:
@@ -363,6 +394,8 @@ class TuningManager:
             job.event(f"Validated {len(job.train)} training and {len(job.eval)} validation examples")
             self._flush(job, fenced=True, change=lambda r: r.update(status="queued"))
             if job.status == "cancelled" or job.record["cancel_requested"]:
+                if job.status in FINISHED:
+                    self._finalize(job.tenant, job.id, job.record["finished_at"])
                 self._forget(job)
                 return
         finally:
@@ -378,6 +411,12 @@ class TuningManager:
                 self.scan()
             except Exception:
                 log.exception("tuning job scan failed")
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + max(self.scan_seconds, SWEEP_SECONDS)
+                try:
+                    self.sweep()
+                except Exception:
+                    log.exception("tuning job retention sweep failed")
             self._stop.wait(self.scan_seconds)
 
     def scan(self) -> None:
@@ -390,10 +429,10 @@ class TuningManager:
                 record = self.jobs.read(tenant, job_id)
             except KeyError:
                 continue
-            if record["status"] in FINISHED:
-                self.jobs.deactivate(job_id)
-                continue
             if self.jobs.lease_holder(tenant, job_id) is not None:
+                continue  # its runner finishes it, or cleans up after finishing it
+            if record["status"] in FINISHED:  # its finisher died before the clean-up
+                self._finalize(tenant, job_id, record["finished_at"])
                 continue
             with self._lock:
                 if job_id in self._claimed:
@@ -404,6 +443,22 @@ class TuningManager:
                 self._validate.put((tenant, job_id))
             else:
                 self._queue.put((tenant, job_id))
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete every finished job that finished more than `retention_seconds` before `now` (default:
+        the clock): record, data copy, events, lease. Any number of replicas may sweep at once.
+        Returns the number of jobs removed. The first sweep on a store also indexes (and drops the
+        resume state of) jobs that finished before the finished index existed."""
+        if not self._index_ready:
+            self._index_ready = self.jobs.index_legacy_finished()
+        if self.retention_seconds <= 0:
+            return 0
+        cutoff = (self.clock() if now is None else now) - self.retention_seconds
+        removed, freed = self.jobs.remove_finished_before(cutoff)
+        if removed:
+            log.info("tuning job retention: removed %d jobs finished over %.0f s ago (%d bytes)", removed,
+                     self.retention_seconds, freed)
+        return removed
 
     # ---- worker -------------------------------------------------------------------------------
     def _yield(self, busy_s: float) -> None:
@@ -454,7 +509,7 @@ class TuningManager:
         with job.lock:
             job.record.update(status=fresh["status"], cancel_requested=fresh["cancel_requested"])
         if job.status in FINISHED:
-            self.jobs.deactivate(job.id)
+            self._finalize(job.tenant, job.id, fresh["finished_at"])
             return
         if job.record["cancel_requested"]:
             self._finish(job, "cancelled", "Job cancelled before it started")

@@ -9,6 +9,10 @@ Every replica on one store (a directory or an S3 bucket) sees the same jobs. Key
     tenants/<t>/tuning/jobs/<job_id>/events/<first_seq>.jsonl        event chunks (record lists them)
     tenants/<t>/tuning/jobs/<job_id>/checkpoints/<step>.safetensors  trainer state to resume from
     tenants/<t>/tuning/jobs/<job_id>/lease.json            {"owner", "expires_at"}: who runs it
+    tuning/finished/<t>/<job_id>-<finished_at>.json        a finished job whose resume state is gone
+
+A finished job keeps no resume state: its checkpoints/ objects are deleted once the finished record is
+written, then the job moves from tuning/active/ to tuning/finished/ (which the retention sweep lists).
 
 Objects are written before the record that references them, so a crash leaves unreferenced
 objects (ignored, overwritten on resume), never a record pointing at nothing. Nothing is pickled:
@@ -29,6 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from server.config import setting_default
+from server.tuning.records import FINISHED
 
 __all__ = ["JobStore", "Lease", "RecordConflict", "new_replica_id", "encode_state", "decode_state"]
 
@@ -170,6 +175,79 @@ class JobStore:
 
     def read_checkpoint(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return decode_state(self.backend.get(key))
+
+    # ---- finished jobs: resume state, the finished index, retention -----------------------------------
+    def delete_resume_state(self, tenant: str, job_id: str) -> int:
+        """Delete every checkpoints/ object of a job (only ever of a finished one); returns the bytes freed.
+        The `<name>-ckpt` prompt versions the record lists are ordinary prompts and stay."""
+        freed = 0
+        for item in self.backend.list_with_mtime(keys.job_checkpoints_prefix(tenant, job_id)):
+            self.backend.delete(item.key)
+            freed += item.size
+        return freed
+
+    def mark_finished(self, tenant: str, job_id: str, finished_at: float) -> None:
+        self.backend.put(keys.finished_job(tenant, job_id, finished_at),
+                         _dumps({"tenant": tenant, "job_id": job_id, "finished_at": int(finished_at)}))
+
+    def finished(self) -> list[keys.FinishedJobKey]:
+        """Every finished job in the index (tenant, id and finish time come from the key: no reads)."""
+        out = []
+        for key in self.backend.list(keys.FINISHED_JOBS_PREFIX):
+            parsed = keys.parse_finished_job(key)
+            if parsed is not None:
+                out.append(parsed)
+        return out
+
+    def remove(self, entry: keys.FinishedJobKey) -> int:
+        """Delete a finished job entirely: the record first (from then on it is 404 and unlisted), then
+        the rest of its keys, then its index entry, so a remove cut short is redone by the next sweep.
+        Idempotent: several replicas may remove one job at once. Returns the bytes freed."""
+        tenant, job_id = entry.tenant, entry.job_id
+        try:
+            record = json.loads(self.backend.get(keys.job_record(tenant, job_id)))
+        except KeyError:
+            record = None
+        if record is not None and record.get("status") not in FINISHED:
+            self.backend.delete(keys.finished_job(tenant, job_id, entry.finished_at))  # not ours to remove
+            return 0
+        freed = 0
+        self.backend.delete(keys.job_record(tenant, job_id))
+        for item in self.backend.list_with_mtime(keys.job_prefix(tenant, job_id)):
+            self.backend.delete(item.key)
+            freed += item.size
+        self.backend.delete(keys.active_job(job_id))
+        self.backend.delete(keys.finished_job(tenant, job_id, entry.finished_at))
+        return freed
+
+    def remove_finished_before(self, cutoff: float) -> tuple[int, int]:
+        """Remove every indexed job that finished before `cutoff`: (jobs removed, bytes freed)."""
+        removed = freed = 0
+        for entry in sorted(self.finished(), key=lambda e: e.finished_at):
+            if entry.finished_at < cutoff:
+                freed += self.remove(entry)
+                removed += 1
+        return removed, freed
+
+    def index_legacy_finished(self) -> bool:
+        """Once per store: jobs that finished before tuning/finished/ existed get an entry there (and
+        lose their resume state), so retention reaches them too; one walk of tenants/, then
+        `FINISHED_INDEX_READY` says it is done. Idempotent (several replicas may do it at once)."""
+        if self.backend.exists(keys.FINISHED_INDEX_READY):
+            return True
+        for key in self.backend.list(keys.TENANTS_PREFIX):
+            parsed = keys.parse_tenant_key(key)
+            if parsed is None or parsed.kind != "job" or key != keys.job_record(parsed.tenant, parsed.name):
+                continue
+            try:
+                record = json.loads(self.backend.get(key))
+            except (KeyError, ValueError):
+                continue
+            if record.get("status") in FINISHED:
+                self.delete_resume_state(parsed.tenant, parsed.name)
+                self.mark_finished(parsed.tenant, parsed.name, record.get("finished_at") or self.clock())
+        self.backend.put(keys.FINISHED_INDEX_READY, _dumps({"version": 1}))
+        return True
 
     # ---- lease --------------------------------------------------------------------------------
     def acquire(self, tenant: str, job_id: str) -> Lease | None:
