@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     from prompt_store.store import PromptStore
     from server.tuning.config import TuningConfig
     from server.tuning.export import model_info
-    from server.tuning.jobs import TuningManager, new_job_id
+    from server.tuning.job import new_job_id
+    from server.tuning.jobs import TuningManager
     from server.tuning.records import new_record
 
     model, tok = load(args.smollm)

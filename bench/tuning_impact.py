@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     from prompt_store.backend import LocalBackend
     from prompt_store.store import PromptStore
     from server.tuning.export import model_info
-    from server.tuning.jobs import TuningManager, new_job_id
+    from server.tuning.job import new_job_id
+    from server.tuning.jobs import TuningManager
     from server.tuning.records import new_record
     from server.tuning.trainer import TuningConfig
 

@@ -26,7 +26,8 @@ from server.service.errors import (
 )
 from server.service.tenancy import parse_reference, require_write
 from server.tuning.data import DatasetError, parse_jsonl, parse_records
-from server.tuning.jobs import QueueFull, TuningManager, new_job_id
+from server.tuning.job import QueueFull, new_job_id
+from server.tuning.jobs import TuningManager
 from server.tuning.records import new_record, resolve_auto
 from server.tuning.runner import CHECKPOINT_SUFFIX
 from server.tuning.config import INIT_METHODS, LR_SCHEDULES, RESULT_PROMPTS, TuningConfig, default_init, default_result_prompt

@@ -68,9 +68,9 @@ def _is_text(value: Any) -> bool:
 
 
 def _check_text(obj: dict, line: int, source: str) -> None:
-    for field in ("prompt", "completion"):
-        if isinstance(obj.get(field), str) and not _is_text(obj[field]):
-            raise DatasetError(f"'{field}' is not valid Unicode (a lone surrogate)", line=line, source=source)
+    for key in ("prompt", "completion"):
+        if isinstance(obj.get(key), str) and not _is_text(obj[key]):
+            raise DatasetError(f"'{key}' is not valid Unicode (a lone surrogate)", line=line, source=source)
 
 
 def _check_record(obj: Any, line: int, source: str) -> Example:

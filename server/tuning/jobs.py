@@ -24,8 +24,6 @@ import logging
 import queue
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from prompt_store.store import PromptStore
@@ -33,58 +31,18 @@ from prompt_store.types import PromptNotFound
 from server.config import setting_default
 from server.tuning.data import DatasetError, TokenizedExample, parse_jsonl, tokenize_examples
 from server.tuning.export import adapter_files, model_info, push_to_store
-from server.tuning.files import FileRegistry, TuningFile
+from server.tuning.files import FileRegistry
+from server.tuning.job import LeaseLost, QueueFull, TuningJob
 from server.tuning.persist import JobStore, Lease, new_replica_id
-from server.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view, make_event
+from server.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view
 from server.tuning.trainer import PromptTuner, StepInfo
 
 log = logging.getLogger("softserve.tuning")
 
-__all__ = ["TuningFile", "FileRegistry", "TuningJob", "TuningManager", "QueueFull", "JOB_STATUSES", "new_job_id"]
+__all__ = ["TuningManager"]
 
 
 SWEEP_SECONDS = 60.0  # retention sweeps at most this often (each lists tuning/finished/)
-
-
-class QueueFull(Exception):
-    pass
-
-
-class LeaseLost(Exception):
-    """This replica no longer holds the job's lease: another one runs it now."""
-
-
-@dataclass
-class TuningJob:
-    """A job this replica is validating or running; `record` is its (persisted) state."""
-
-    record: dict[str, Any]
-    train: list[TokenizedExample] | None = None
-    eval: list[TokenizedExample] | None = None
-    texts: dict[str, str] = field(default_factory=dict)  # data as submitted (before it is read back)
-    pending: list[dict[str, Any]] = field(default_factory=list)  # events not persisted yet
-    seq: int = 0
-    cancel_event: threading.Event = field(default_factory=threading.Event)
-    lost_lease: threading.Event = field(default_factory=threading.Event)
-    done_event: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def id(self) -> str:
-        return self.record["id"]
-
-    @property
-    def tenant(self) -> str:
-        return self.record["tenant"]
-
-    @property
-    def status(self) -> str:
-        return self.record["status"]
-
-    def event(self, message: str, **kw) -> None:
-        with self.lock:
-            self.pending.append(make_event(self.id, self.seq, message, **kw))
-            self.seq += 1
 
 
 class TuningManager:
@@ -536,8 +494,3 @@ class TuningManager:
     def push_prompt(self, job: TuningJob, name: str, embeddings, description: str):
         files = adapter_files(embeddings, config_from_record(job.record), self.info)  # tokenizer: the public model name, not its install path
         return push_to_store(self.store, job.record["namespace"], name, files, description=description)
-
-
-def new_job_id() -> str:
-    return "tunejob-" + uuid.uuid4().hex[:24]
-

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 from prompt_store.types import QuotaExceeded
 from server.tuning.data import DatasetError
+from server.tuning.job import LeaseLost, TuningJob
 from server.tuning.records import config_from_record
 from server.tuning.trainer import StepInfo, TuningCancelled
 
 if TYPE_CHECKING:
-    from server.tuning.jobs import TuningJob, TuningManager
+    from server.tuning.jobs import TuningManager
 
 log = logging.getLogger("softserve.tuning")
 
@@ -33,14 +34,12 @@ def _round(x: float | None) -> float | None:
 
 
 class JobRun:
-    def __init__(self, manager: "TuningManager", job: "TuningJob") -> None:
+    def __init__(self, manager: "TuningManager", job: TuningJob) -> None:
         self.m, self.job = manager, job
         self.config = config_from_record(job.record)
         self.tuner = None
 
     def run(self) -> None:
-        from server.tuning.jobs import LeaseLost
-
         m, job = self.m, self.job
         try:
             self._run()

@@ -212,7 +212,7 @@ def _manager(model, tokenizer, root, **kw):
 
 
 def _submit(manager, steps: int):
-    from server.tuning.jobs import new_job_id
+    from server.tuning.job import new_job_id
     from server.tuning.records import new_record
 
     cfg = TuningConfig(num_virtual_tokens=3, init="vocab", steps=steps, batch_size=4, micro_batch_size=2,

@@ -71,7 +71,7 @@ def make_manager(model, tokenizer, root, **kw):
 
 
 def submit(manager, *, tenant: str = "acme", name: str = "kept", steps: int = 6, checkpoint_every: int = 2) -> str:
-    from server.tuning.jobs import new_job_id
+    from server.tuning.job import new_job_id
     from server.tuning.records import new_record
 
     cfg = TuningConfig(num_virtual_tokens=3, init="vocab", steps=steps, batch_size=4, micro_batch_size=2,
