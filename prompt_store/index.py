@@ -192,7 +192,7 @@ class ListingIndex:
                 entries[name] = record
             if self._write(key, doc, etag, existed=True):
                 return True
-            time.sleep(random.uniform(0.0, 0.005 * (attempt + 1)))
+            time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
         return False
 
     # ---- build and repair --------------------------------------------------------------------------
@@ -211,7 +211,7 @@ class ListingIndex:
             new = {"format": FORMAT, "shards": SHARDS, "shard": shard, "entries": fresh}
             if self._write(key, new, etag, existed=doc is not None):
                 return fresh, True
-            time.sleep(random.uniform(0.0, 0.005 * (attempt + 1)))
+            time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
         raise PromptStoreError(f"listing index of tenant {tenant!r} kept changing; retry", status_code=409,
                                code="conflict")
 

@@ -428,3 +428,32 @@ def test_clients_iterate_every_page(api):
                 return [p.id for p in await client.prompts.list(page_size=3)]
 
     assert asyncio.run(run()) == ACME_ORDER
+
+
+def test_sixteen_replicas_uploading_at_once_all_succeed(tmp_path):
+    """16 store objects on one directory upload at once: no upload ends in a 409 from the usage record's or
+    the index's compare-and-swap loop (a fixed retry sleep made colliding writers retry in lock-step), and
+    the index and the usage record both count every prompt."""
+    backend = LocalBackend(tmp_path / "store")
+    stores = [PromptStore(LocalBackend(tmp_path / "store"), MODEL) for _ in range(16)]
+    stores[0].put("acme", "seed", blob(0), CFG)
+    stores[0].list("acme")
+    errors = []
+
+    def work(w: int) -> None:
+        try:
+            for i in range(w, 320, 16):
+                stores[w].put("acme", f"n{i:03d}", blob(10_000 + i), CFG)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    reader = PromptStore(backend, MODEL)
+    assert len(reader.list("acme")) == 321
+    assert_index_matches_heads(reader, "acme")
+    assert reader.usage.get("acme").prompts == 321
