@@ -51,7 +51,10 @@ def listing_record(meta: PromptMeta) -> dict[str, Any]:
 
 
 def meta_from_record(tenant: str, name: str, record: dict[str, Any]) -> PromptMeta:
-    return PromptMeta.from_dict({**record, "tenant": tenant, "name": name})
+    # Positional, without from_dict's conversions: this runs once per listed name (10,000 per listing).
+    r = record
+    return PromptMeta(tenant, name, r["version"], r["sha256"], r["num_virtual_tokens"], r["token_dim"], r["dtype"],
+                      r["peft_type"], r["created_at"], r.get("description"))
 
 
 def _dumps(obj: Any) -> bytes:
@@ -82,6 +85,13 @@ class ListingIndex:
         except KeyError:
             return None, None
         return json.loads(raw), etag
+
+    def _read_plain(self, key: str) -> dict | None:
+        """A document without its etag (listing: no swap follows, and a LocalBackend etag hashes the file)."""
+        try:
+            return json.loads(self.backend.get(key))
+        except KeyError:
+            return None
 
     def _write(self, key: str, doc: dict, etag: str | None, *, existed: bool) -> bool:
         """Put `doc` iff the key is unchanged since it was read with `etag` (absent if not `existed`)."""
@@ -128,7 +138,7 @@ class ListingIndex:
         manifest, _ = self._read(keys.index_manifest(tenant))
         if manifest is None or manifest.get("shards") != SHARDS:
             return None
-        docs = self._map(lambda s: self._read(keys.index_shard(tenant, s))[0], range(SHARDS))
+        docs = self._map(lambda s: self._read_plain(keys.index_shard(tenant, s)), range(SHARDS))
         if any(d is None for d in docs):
             return None
         return [d.get("entries", {}) for d in docs]
