@@ -41,6 +41,10 @@ _RECORD_FIELDS = ("version", "sha256", "num_virtual_tokens", "token_dim", "dtype
                   "description")
 
 
+_pool: ThreadPoolExecutor | None = None  # shared by every index of the process
+_pool_lock = threading.Lock()
+
+
 def shard_of(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "big") % SHARDS
 
@@ -71,8 +75,6 @@ class ListingIndex:
         # lists the tenant again, and until they succeed its listings walk the heads instead.
         self._pending: dict[str, set[str]] = {}
         self._pending_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
 
     # ---- backend access ----------------------------------------------------------------------------
     def _read(self, key: str) -> tuple[dict | None, str | None]:
@@ -111,11 +113,14 @@ class ListingIndex:
             return None
         return PromptMeta.from_dict(head["latest"])
 
-    def _map(self, fn, items):
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="softserve-index")
-        return list(self._pool.map(fn, items))
+    @staticmethod
+    def _map(fn, items):
+        """fn over items on the shared reader threads (fn must not call _map: no nesting, no deadlock)."""
+        global _pool
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="softserve-index")
+        return list(_pool.map(fn, items))
 
     def head_names(self, tenant: str) -> list[str]:
         """Every name with a head (one prefix listing, no reads)."""
