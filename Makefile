@@ -46,7 +46,7 @@ lmeval-venv: $(LMEVAL_VENV)/.installed
 
 # lm_eval's accuracy on a local multiple-choice task == `softserve eval`'s (a few minutes).
 lmeval-test: lmeval-venv
-	$(BIN)/python -m pytest -q -m lmeval tests/test_lm_eval.py
+	$(BIN)/python -m pytest -q -m lmeval tests/api/test_lm_eval.py
 
 bench: install
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'

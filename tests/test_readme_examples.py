@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.live_server import REPO_ROOT, LiveServer
+from tests.support.live_server import REPO_ROOT, LiveServer
 
 README = REPO_ROOT / "README.md"
 README_URL = "http://127.0.0.1:8000"

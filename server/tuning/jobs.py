@@ -255,7 +255,9 @@ class TuningManager:
         to both the local and the stored record. `fenced`: only while this replica holds the lease
         (a replica that lost it must not overwrite the new runner's record)."""
         with job.lock:
-            events, job.pending = job.pending, []
+            # Pending events stay readable (events()) until the record lists their chunk: a reader that
+            # already sees the new status (e.g. succeeded) must also see the event that announces it.
+            events = list(job.pending)
             if change is not None:
                 change(job.record)
             local = dict(job.record)
@@ -269,7 +271,8 @@ class TuningManager:
             new = {**local, "cancel_requested": cancel or local["cancel_requested"]}
             if stored["status"] == "cancelled":  # cancelled while queued (maybe on another replica)
                 new.update(status="cancelled", finished_at=stored["finished_at"])
-            new["event_chunks"] = list(stored["event_chunks"]) + ([chunk] if chunk is not None else [])
+            listed = list(stored["event_chunks"])
+            new["event_chunks"] = listed + ([chunk] if chunk is not None and chunk not in listed else [])
             new["next_event_seq"] = events[-1]["seq"] + 1 if events else stored["next_event_seq"]
             return new
 
@@ -278,6 +281,7 @@ class TuningManager:
             job.record.update(event_chunks=stored["event_chunks"], next_event_seq=stored["next_event_seq"],
                               cancel_requested=stored["cancel_requested"], status=stored["status"],
                               finished_at=stored["finished_at"])
+            job.pending = [e for e in job.pending if e["seq"] >= stored["next_event_seq"]]
         if stored["cancel_requested"]:
             job.cancel_event.set()
 

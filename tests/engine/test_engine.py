@@ -1,0 +1,181 @@
+"""Engine behaviour on a tiny random model: batch invariance, continuous batching, sampling, caches."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.support.engine_utils import make_engine, make_prompt, make_request, reference_greedy, run
+from server.engine.request import FinishReason
+
+HIDDEN = 64
+
+
+def _mixed_specs():
+    """8 requests, 4 prompts of different lengths, one with no prompt, different input lengths."""
+    p = [make_prompt("a", 4, HIDDEN, 1), make_prompt("b", 9, HIDDEN, 2), make_prompt("c", 1, HIDDEN, 3),
+         make_prompt("d", 16, HIDDEN, 4)]
+    return [
+        (list(range(100, 110)), p[0]), (list(range(200, 203)), p[1]), (list(range(300, 320)), None),
+        ([5], p[2]), (list(range(400, 407)), p[3]), (list(range(500, 512)), p[0]),
+        (list(range(600, 602)), p[1]), (list(range(700, 730)), p[3]),
+    ]
+
+
+def test_mixed_batch_equals_solo_and_reference(tiny_model, tokenizer):
+    specs = _mixed_specs()
+    requests = [make_request(ids, soft_prompt=sp, max_tokens=12, ignore_eos=True) for ids, sp in specs]
+    batched = run(make_engine(tiny_model, tokenizer), requests)
+    for request, (ids, sp) in zip(requests, specs):
+        solo = run(make_engine(tiny_model, tokenizer), [make_request(ids, soft_prompt=sp, max_tokens=12, ignore_eos=True)])
+        reference = reference_greedy(tiny_model, ids, sp, 12)
+        assert batched[request.request_id] == list(solo.values())[0] == reference
+
+
+def test_requests_joining_and_leaving_mid_flight_keep_their_outputs(tiny_model, tokenizer):
+    """Continuous batching: rows join at different steps and leave at different steps."""
+    specs = _mixed_specs()
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=4)
+    requests = [make_request(ids, soft_prompt=sp, max_tokens=4 + 3 * i, ignore_eos=True) for i, (ids, sp) in enumerate(specs)]
+    got: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    pending = list(requests)
+    step = 0
+    while pending or engine.has_unfinished():
+        if pending and step % 2 == 0:
+            engine.add_request(pending.pop(0))  # one arrival every other step
+        for out in engine.step():
+            got[out.request_id].extend(out.token_ids)
+        step += 1
+    for request, (ids, sp) in zip(requests, specs):
+        assert got[request.request_id] == reference_greedy(tiny_model, ids, sp, request.sampling.max_tokens)
+
+
+def test_long_request_does_not_delay_later_short_one(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    long = make_request(range(10, 20), max_tokens=60, ignore_eos=True)
+    engine.add_request(long)
+    for _ in range(5):
+        engine.step()
+    short = make_request(range(30, 33), max_tokens=3, ignore_eos=True)
+    engine.add_request(short)
+    while not short.is_finished:
+        engine.step()
+    assert short.first_scheduled_step == long.first_scheduled_step + 5  # admitted at the very next step
+    assert short.finished_step - short.first_scheduled_step + 1 == 3  # one token per step, no waiting
+    assert not long.is_finished and engine.num_running == 1  # the short one left; the long one goes on
+
+
+def test_seeded_sampling_is_independent_of_batch_mates(tiny_model, tokenizer):
+    sp = make_prompt("s", 6, HIDDEN, 9)
+    kwargs = dict(soft_prompt=sp, max_tokens=15, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = run(make_engine(tiny_model, tokenizer), [make_request(range(40, 48), **kwargs)])
+    mates = [make_request(range(i, i + 5 + i % 7), temperature=1.0, max_tokens=9, ignore_eos=True) for i in range(60, 66)]
+    target = make_request(range(40, 48), **kwargs)
+    crowded = run(make_engine(tiny_model, tokenizer), mates[:3] + [target] + mates[3:])
+    assert crowded[target.request_id] == list(alone.values())[0]
+    other_seed = run(make_engine(tiny_model, tokenizer), [make_request(range(40, 48), **{**kwargs, "seed": 99})])
+    assert list(other_seed.values())[0] != crowded[target.request_id]
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(tiny_model, tokenizer):
+    greedy = reference_greedy(tiny_model, list(range(7, 15)), None, 8)
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}):
+        out = run(make_engine(tiny_model, tokenizer), [make_request(range(7, 15), temperature=1.5, seed=3, max_tokens=8, ignore_eos=True, **kwargs)])
+        assert list(out.values())[0] == greedy
+
+
+def test_stop_string_is_cut_and_not_emitted(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    full = engine.generate_sync([make_request(range(100, 110), max_tokens=20, ignore_eos=True)])
+    text = "".join(o.text for o in list(full.values())[0])
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text[: text.index(stop)]
+    outs = list(engine.generate_sync([make_request(range(100, 110), max_tokens=20, ignore_eos=True, stop=(stop,))]).values())[0]
+    assert "".join(o.text for o in outs) == cut
+    assert outs[-1].finished and outs[-1].finish_reason == FinishReason.STOP
+
+
+def test_logprobs_match_reference_log_softmax(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    sp = make_prompt("l", 3, HIDDEN, 5)
+    outs = list(engine.generate_sync([make_request(range(20, 26), soft_prompt=sp, max_tokens=1, logprobs=3)]).values())[0]
+    item = outs[0].logprobs[0]
+    with torch.inference_mode():
+        x = torch.cat([sp.embeddings.unsqueeze(0), tiny_model.get_input_embeddings()(torch.tensor([list(range(20, 26))]))], 1)
+        ref = torch.log_softmax(tiny_model(inputs_embeds=x).logits[0, -1].float(), -1)
+    top = ref.topk(3)
+    assert [t[0] for t in item.top] == top.indices.tolist()
+    assert abs(item.logprob - ref[item.token_id].item()) < 1e-4
+    assert item.token_id == top.indices[0].item()
+
+
+def test_abort_frees_the_row_at_the_next_step(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    a = make_request(range(10, 15), max_tokens=50, ignore_eos=True)
+    b = make_request(range(20, 25), max_tokens=50, ignore_eos=True)
+    engine.add_request(a)
+    engine.add_request(b)
+    engine.step()
+    engine.step()
+    kv = engine.scheduler.kv
+    used_by_two = kv.used_tokens
+    assert engine.num_running == 2 and kv.owns(a.request_id) and kv.owns(b.request_id)
+    assert engine.abort_request(a.request_id)
+    outs = engine.step()
+    assert engine.num_running == 1 and not kv.owns(a.request_id) and kv.owns(b.request_id)
+    assert kv.used_tokens == used_by_two - a.kv_reservation and set(engine.runner.generators) == {b.request_id}
+    assert any(o.request_id == a.request_id and o.finish_reason == FinishReason.ABORT for o in outs)
+
+
+def test_prefix_cache_is_keyed_by_content_not_name(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    v1 = make_prompt("same-name", 5, HIDDEN, 11)
+    v2 = make_prompt("same-name", 5, HIDDEN, 12)  # same name and length, different content
+    ids = list(range(50, 58))
+    out1 = run(engine, [make_request(ids, soft_prompt=v1, max_tokens=6, ignore_eos=True)])
+    out2 = run(engine, [make_request(ids, soft_prompt=v2, max_tokens=6, ignore_eos=True)])
+    out1_again = run(engine, [make_request(ids, soft_prompt=v1, max_tokens=6, ignore_eos=True)])
+    assert list(out2.values())[0] == reference_greedy(tiny_model, ids, v2, 6)
+    assert list(out1_again.values())[0] == list(out1.values())[0] == reference_greedy(tiny_model, ids, v1, 6)
+    cache = engine.prefix_cache
+    assert len(cache) == 2 and cache.misses == 2 and cache.hits == 1
+
+
+def test_prefix_cache_respects_byte_budget(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    engine.prefix_cache.budget_bytes = 3 * 8 * 2 * 2 * 16 * 4 * 2  # room for ~3 prompts of k=8 (2 layers, 2 heads, 16 dim)
+    for seed in range(6):
+        run(engine, [make_request([5, 6, 7], soft_prompt=make_prompt(f"p{seed}", 8, HIDDEN, 100 + seed), max_tokens=1)])
+        assert engine.prefix_cache.bytes <= engine.prefix_cache.budget_bytes
+    assert engine.prefix_cache.evictions > 0
+
+
+def test_failed_step_fails_its_requests_and_engine_keeps_serving(tiny_model, tokenizer, monkeypatch):
+    engine = make_engine(tiny_model, tokenizer)
+    bad = make_request(range(10, 15), max_tokens=5)
+    original = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda sched: (_ for _ in ()).throw(RuntimeError("boom")))
+    outs = list(engine.generate_sync([bad]).values())[0]
+    assert outs[-1].finish_reason == FinishReason.ERROR and "RuntimeError" in outs[-1].error
+    monkeypatch.setattr(engine.runner, "run", original)
+    good = run(engine, [make_request(range(10, 15), max_tokens=5, ignore_eos=True)])
+    assert list(good.values())[0] == reference_greedy(tiny_model, list(range(10, 15)), None, 5)
+
+
+def test_sampling_error_fails_only_that_request(tiny_model, tokenizer, monkeypatch):
+    import server.engine.model_runner as runner_module
+
+    real_sample = runner_module.sample
+
+    def flaky_sample(logits, params, generators, banned):
+        if any(p.top_k == 777 for p in params):
+            raise FloatingPointError("bad corner case")
+        return real_sample(logits, params, generators, banned)
+
+    monkeypatch.setattr(runner_module, "sample", flaky_sample)
+    engine = make_engine(tiny_model, tokenizer)
+    bad = make_request(range(10, 16), max_tokens=6, temperature=0.7, top_k=777, seed=1)
+    good = [make_request(range(20 + i, 26 + i), max_tokens=6, ignore_eos=True) for i in range(3)]
+    outs = engine.generate_sync(good[:1] + [bad] + good[1:])
+    assert outs[bad.request_id][-1].finish_reason == FinishReason.ERROR
+    for g in good:
+        assert [t for o in outs[g.request_id] for t in o.token_ids] == reference_greedy(tiny_model, list(g.prompt_ids), None, 6)
