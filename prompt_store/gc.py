@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import keys
 from .backend import StorageBackend
+from .index import ListingIndex
+from .types import PromptMeta
 from .usage import Usage, UsageLedger, head_metas
 
 __all__ = ["GCReport", "collect_garbage", "DEFAULT_GRACE_SECONDS"]
@@ -36,6 +38,8 @@ class GCReport:
     temp_files_deleted: int = 0  # LocalBackend's `.tmp-*` and `.lock-*` leftovers
     temp_bytes_freed: int = 0
     usage_repaired: list[str] = field(default_factory=list)  # tenants whose usage record was corrected
+    indexes_built: list[str] = field(default_factory=list)  # tenants whose listing index was missing
+    indexes_repaired: list[str] = field(default_factory=list)  # tenants whose listing index disagreed with the heads
     seconds: float = 0.0
 
     @property
@@ -81,11 +85,13 @@ def collect_garbage(backend: StorageBackend, grace_seconds: float = DEFAULT_GRAC
     referenced: set[str] = set()
     live: set[tuple[str, str, str]] = set()
     counted = {t: Usage() for t in tenants}
+    latest: dict[str, dict[str, PromptMeta]] = {t: {} for t in tenants}  # for the listing index check
     for h in heads:
         try:
             head = json.loads(backend.get(keys.prompt_head(h.tenant, h.name)))
         except KeyError:
             continue  # deleted meanwhile
+        latest[h.tenant][h.name] = PromptMeta.from_dict(head["latest"])
         for v in head.get("versions", []):
             live.add((h.tenant, h.name, v))
         metas = head_metas(backend, h.tenant, h.name, head)
@@ -153,6 +159,17 @@ def collect_garbage(backend: StorageBackend, grace_seconds: float = DEFAULT_GRAC
             report.usage_repaired.append(tenant)
             if recorded is not None:
                 log.info("usage of tenant %s was %s, recounted %s", tenant, recorded, counted[tenant])
+
+    # 6. Listing indexes: build missing ones, repair shards that disagree with the heads (a writer killed
+    #    between its head write and its index update). Shards are re-read and compared-and-swapped.
+    index = ListingIndex(backend)
+    for tenant in sorted(tenants):
+        outcome = index.check(tenant, latest[tenant], dry_run=dry_run)
+        if outcome == "built":
+            report.indexes_built.append(tenant)
+        elif outcome == "repaired":
+            report.indexes_repaired.append(tenant)
+            log.info("listing index of tenant %s disagreed with its heads: repaired", tenant)
 
     report.seconds = round(time.monotonic() - started, 3)
     log.info("store gc%s: %d objects, %d bytes freed (%d blobs, %d manifests, %d temp files); %d blobs referenced, "

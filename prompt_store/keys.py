@@ -14,7 +14,8 @@ __all__ = [
     "blob", "blob_sha", "prompts_prefix", "prompt_head", "prompt_version",
     "files_prefix", "file_data", "file_meta",
     "jobs_prefix", "job_prefix", "job_record", "job_data", "job_events", "job_checkpoint", "job_lease",
-    "active_job", "active_job_id", "usage", "TenantKey", "parse_tenant_key",
+    "active_job", "active_job_id", "usage", "index_prefix", "index_manifest", "index_shard",
+    "TenantKey", "parse_tenant_key",
     "FINISHED_JOBS_PREFIX", "FINISHED_INDEX_READY", "job_checkpoints_prefix", "finished_job", "FinishedJobKey",
     "parse_finished_job",
 ]
@@ -142,11 +143,25 @@ def usage(tenant: str) -> str:
     return f"{TENANTS_PREFIX}{tenant}/usage.json"
 
 
+# ---- the per-tenant listing index (prompt_store/index.py) -----------------------------------------
+def index_prefix(tenant: str) -> str:
+    return f"{TENANTS_PREFIX}{tenant}/index/"
+
+
+def index_manifest(tenant: str) -> str:
+    return f"{index_prefix(tenant)}manifest.json"
+
+
+def index_shard(tenant: str, shard: int) -> str:
+    return f"{index_prefix(tenant)}{shard:02d}.json"
+
+
 # ---- parsing (the garbage collector and the usage rebuild walk `tenants/`) --------------------------
 class TenantKey(NamedTuple):
     """A key under `tenants/<tenant>/`: kind is "head", "version", "file_data", "file_meta", "usage",
-    "job" (anything of a tuning job) or "other"; `name`/`version` are set for prompt keys,
-    `name` is the file id for file keys and the job id for job keys."""
+    "job" (anything of a tuning job), "index" (the listing index) or "other"; `name`/`version` are set
+    for prompt keys, `name` is the file id for file keys, the job id for job keys and the file name
+    ("manifest.json", "07.json") for index keys."""
 
     tenant: str
     kind: str
@@ -171,6 +186,8 @@ def parse_tenant_key(key: str) -> TenantKey | None:
             return TenantKey(tenant, "file_data", rest[1][:-len(".jsonl")])
         if rest[1].endswith(".json"):
             return TenantKey(tenant, "file_meta", rest[1][:-len(".json")])
+    if len(rest) == 2 and rest[0] == "index":
+        return TenantKey(tenant, "index", rest[1])
     if len(rest) >= 4 and rest[0] == "tuning" and rest[1] == "jobs":
         return TenantKey(tenant, "job", rest[2])
     return TenantKey(tenant, "other")

@@ -30,6 +30,7 @@ import torch
 from . import format as fmt
 from . import keys
 from .backend import ConditionalBackend, StorageBackend
+from .index import ListingIndex
 from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptStoreError, PromptValidationError
 from .usage import UsageLedger
 
@@ -90,6 +91,8 @@ class PromptStore:
         self._writes = 0  # bumped by every local head write: a slower concurrent read must not cache an older head
         # Per-tenant usage records and quotas (0 = unlimited); see usage.py.
         self.usage = UsageLedger(backend, max_prompts=max_prompts_per_tenant, max_bytes=max_store_bytes_per_tenant)
+        # Per-tenant listing index, updated after every head write (index.py; LAYOUT.md, "Listing index").
+        self.index = ListingIndex(backend)
 
     # ---- keys -------------------------------------------------------------------------------
     # Built by prompt_store.keys (the one module that knows every keyspace; see LAYOUT.md).
@@ -193,18 +196,11 @@ class PromptStore:
         return meta
 
     def list(self, tenant: str) -> list[PromptMeta]:
-        """Latest version of every live name of a tenant, sorted by name."""
+        """Latest version of every live name of a tenant, sorted by name, from the listing index (no
+        head is read; the metas carry no adapter_config: resolve a name for that). Reflects every
+        put/delete this process completed, and other replicas' completed ones (see LAYOUT.md)."""
         validate_name(tenant, "tenant")
-        prefix = self._prompt_prefix(tenant)
-        out: list[PromptMeta] = []
-        for key in self.backend.list(prefix):
-            parts = key[len(prefix) :].split("/")
-            if len(parts) != 2 or parts[1] != "head.json":
-                continue
-            head = self._read_head(tenant, parts[0])  # re-read: may have been deleted meanwhile
-            if head is not None:
-                out.append(head.latest)
-        return sorted(out, key=lambda m: m.name)
+        return self.index.list(tenant)
 
     def versions(self, tenant: str, name: str) -> list[PromptMeta]:
         """All live versions of a name, latest first. Always read from the backend (management
@@ -322,6 +318,7 @@ class PromptStore:
                     f"prompt {name!r} is being changed concurrently; retry", status_code=409, code="conflict"
                 )
             self._wrote_head(tenant, name, new_head)
+            self.index.updated(tenant, name)
             if existing is None and (blob_reused or adopted):
                 self._verify_after_commit(meta, blob)  # a fresh blob/manifest is younger than any GC's cutoff
             self.usage.add(tenant, prompts=added[0], prompt_bytes=added[1])
@@ -388,6 +385,7 @@ class PromptStore:
                 head, etag = self._read_head_fresh(tenant, name)
                 if head is None:
                     self._wrote_head(tenant, name, None)
+                    self.index.updated(tenant, name)  # drops an entry a crashed delete left behind
                     raise PromptNotFound(f"prompt {name!r} not found")
                 sizes = {head.latest.version: head.latest.nbytes}  # what the delete frees, for the usage record
                 for v in head.versions:
@@ -406,6 +404,7 @@ class PromptStore:
                     f"prompt {name!r} is being changed concurrently; retry", status_code=409, code="conflict"
                 )
             self._wrote_head(tenant, name, None)
+            self.index.updated(tenant, name)
             self.usage.add(tenant, prompts=-1, prompt_bytes=-sum(sizes.values()))
             for v in head.versions:
                 self.backend.delete(self._version_key(tenant, name, v))

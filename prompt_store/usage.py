@@ -18,6 +18,7 @@ rebuilt by walking the tenant once; the garbage collector recomputes every recor
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass
 
@@ -145,7 +146,7 @@ class UsageLedger:
         if not (prompts or prompt_bytes or file_bytes):
             return
         key = keys.usage(tenant)
-        for _ in range(_CAS_ATTEMPTS):
+        for attempt in range(_CAS_ATTEMPTS):
             usage, etag = self.read(tenant)
             if usage is None:
                 # No record yet: the walk already sees the change being recorded.
@@ -158,7 +159,9 @@ class UsageLedger:
                 return
             if self.backend.put_if_match(key, new, etag):  # type: ignore[attr-defined]
                 return
-            time.sleep(0.005)
+            # Jittered, growing back-off: with a fixed sleep, writers that collided retry in lock-step and
+            # keep colliding (16 concurrent uploaders exhausted the attempts).
+            time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
         raise PromptStoreError(f"usage record of tenant {tenant!r} kept changing; retry", status_code=409, code="conflict")
 
     def repair(self, tenant: str, computed: Usage, etag: str | None, *, existed: bool) -> bool:

@@ -46,7 +46,7 @@ import httpx
 from server.api.schemas import ChatCompletionResponse, CompletionResponse, ModelList
 
 if TYPE_CHECKING:  # imported lazily at run time (see the module docstring)
-    from server.api.prompts import PromptDeleted, PromptInfo, PromptUploadResponse, PromptVersionList
+    from server.api.prompts import PromptDeleted, PromptInfo, PromptList, PromptUploadResponse, PromptVersionList
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy",
@@ -466,8 +466,21 @@ class Prompts:
         out = self._c._json("PUT", _prompt_path(name), files=_push_files(dir_or_file), data=data, **kw)
         return _prompt_models().PromptUploadResponse.model_validate(out)
 
-    def list(self, **kw) -> "list[PromptInfo]":
-        return _prompt_models().PromptList.model_validate(self._c._json("GET", "/v1/prompts", **kw)).data
+    def list(self, *, page_size: int | None = None, **kw) -> "list[PromptInfo]":
+        """Every prompt you can use (your own by name, then the public ones), fetched page by page."""
+        out: list = []
+        after = None
+        while True:
+            page = self.list_page(after=after, limit=page_size, **kw)
+            out += page.data
+            if not page.has_more or not page.data:
+                return out
+            after = page.last_id
+
+    def list_page(self, *, after: str | None = None, limit: int | None = None, **kw) -> "PromptList":
+        """One page of GET /v1/prompts (`has_more`, `last_id`: pass it as `after` for the next)."""
+        out = self._c._json("GET", "/v1/prompts", params=_page_params(after=after, limit=limit), **kw)
+        return _prompt_models().PromptList.model_validate(out)
 
     def get(self, name: str, **kw) -> "PromptInfo":
         return _prompt_models().PromptInfo.model_validate(self._c._json("GET", _prompt_path(name), **kw))
@@ -669,8 +682,19 @@ class AsyncPrompts:
         out = await self._c._json("PUT", _prompt_path(name), files=_push_files(dir_or_file), data=data, **kw)
         return _prompt_models().PromptUploadResponse.model_validate(out)
 
-    async def list(self, **kw) -> "list[PromptInfo]":
-        return _prompt_models().PromptList.model_validate(await self._c._json("GET", "/v1/prompts", **kw)).data
+    async def list(self, *, page_size: int | None = None, **kw) -> "list[PromptInfo]":
+        out: list = []
+        after = None
+        while True:
+            page = await self.list_page(after=after, limit=page_size, **kw)
+            out += page.data
+            if not page.has_more or not page.data:
+                return out
+            after = page.last_id
+
+    async def list_page(self, *, after: str | None = None, limit: int | None = None, **kw) -> "PromptList":
+        out = await self._c._json("GET", "/v1/prompts", params=_page_params(after=after, limit=limit), **kw)
+        return _prompt_models().PromptList.model_validate(out)
 
     async def get(self, name: str, **kw) -> "PromptInfo":
         return _prompt_models().PromptInfo.model_validate(await self._c._json("GET", _prompt_path(name), **kw))

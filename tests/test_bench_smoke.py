@@ -26,6 +26,8 @@ CASES = {
     "engine_step": (["--batch", "1,2", "--steps", "2", "--context", "8"], ["### Engine decode step vs bare HF forward", "| batch | engine ms/step"]),
     "guided_cost": (["--concurrency", "2", "--steps", "2"], ["### Guided decoding cost", "| rows constrained | output tok/s"]),
     "tuning_speed": (["--steps", "2", "--batch-size", "2"], ["tuning speed", "| ours (PromptTuner) |", "| PEFT loop |", "ratio ours/PEFT"]),
+    "listing": (["--num-prompts", "40", "--rounds", "1", "--puts", "2"],
+                ["### Listing 40 prompts", "| measurement | walk (before) ms | index ms"]),
     "adapter_kinds": (["--concurrency", "3", "--k", "4", "--prompt-tokens", "8", "--max-tokens", "4", "--repeats", "1"],
                       ["### Adapter kinds in one batch", "| rows | output tok/s | ratio to plain", "| prefix_tuning |"]),
 }

@@ -55,6 +55,9 @@ class PromptUploadResponse(PromptInfo):
 class PromptList(BaseModel):
     object: Literal["list"] = "list"
     data: list[PromptInfo]
+    has_more: bool = False  # more prompts after last_id: ask again with ?after=<last_id>
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class PromptVersionList(BaseModel):
@@ -98,8 +101,14 @@ router = APIRouter(tags=["prompts"])
 
 
 @router.get("/v1/prompts", response_model=PromptList)
-def list_prompts(store: StoreDep, principal: PrincipalDep) -> dict[str, Any]:
-    return {"data": [prompt_info(m, principal) for m in service.list_prompts(store, principal)]}
+def list_prompts(store: StoreDep, principal: PrincipalDep,
+                 limit: int = Query(service.DEFAULT_PAGE_SIZE, ge=1, le=service.MAX_PAGE_SIZE),
+                 after: str | None = Query(None, description="an id from an earlier page: list what follows it")
+                 ) -> dict[str, Any]:
+    page, has_more = service.list_prompts_page(store, principal, after=after, limit=limit)
+    data = [prompt_info(m, principal) for m in page]
+    return {"data": data, "has_more": has_more, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
 
 
 # Specific suffix routes first: `{name:path}` would otherwise swallow "/versions".

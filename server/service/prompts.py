@@ -6,18 +6,20 @@ as a typed ServiceError naming the request field at fault; tenancy decides what 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from collections.abc import Iterator
 
 from prompt_store.cache import PromptCache
-from prompt_store.store import PromptStore
+from prompt_store.store import NAME_RE, PromptStore
 from prompt_store.types import PromptMeta, PromptStoreError
 
 from .auth import Principal
 from .errors import InvalidRequest, from_store_error
-from .tenancy import PromptRef, is_composition, parse_reference, require_write, resolve_reference, visible_prompts
+from .tenancy import (PUBLIC_TENANT, PromptRef, is_composition, parse_reference, require_write, resolve_reference,
+                      visible_prompts)
 
-__all__ = ["store_errors", "parse", "list_prompts", "get_prompt", "list_versions", "export", "upload", "delete",
+__all__ = ["store_errors", "parse", "list_prompts", "list_prompts_page", "DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "get_prompt", "list_versions", "export", "upload", "delete",
            "rollback", "check_upload_target"]
 
 
@@ -38,6 +40,36 @@ def parse(principal: Principal, reference: str, param: str = "name") -> PromptRe
 def list_prompts(store: PromptStore, principal: Principal) -> list[PromptMeta]:
     with store_errors():
         return visible_prompts(store, principal)
+
+
+DEFAULT_PAGE_SIZE = 1000  # GET /v1/prompts without ?limit=: every prompt of a tenant with fewer names
+MAX_PAGE_SIZE = 10_000
+
+
+def _listing_position(principal: Principal, meta: PromptMeta) -> tuple[int, str]:
+    """Where a prompt sits in a listing: the principal's own names in order, then the public ones."""
+    return (0 if meta.tenant == principal.tenant else 1, meta.name)
+
+
+def _cursor_position(principal: Principal, after: str) -> tuple[int, str]:
+    """The listing position of an id from an earlier page ("name" or "public/name"); the prompt itself
+    may have been deleted since."""
+    namespace, _, name = after.rpartition("/")
+    if namespace in ("", principal.tenant) and NAME_RE.fullmatch(name):
+        return (0, name)
+    if namespace == PUBLIC_TENANT and NAME_RE.fullmatch(name):
+        return (1, name)
+    raise InvalidRequest(f"after must be a prompt id from an earlier page, got {after!r}", param="after")
+
+
+def list_prompts_page(store: PromptStore, principal: Principal, *, after: str | None = None,
+                      limit: int = DEFAULT_PAGE_SIZE) -> tuple[list[PromptMeta], bool]:
+    """(page, has_more): up to `limit` prompts of visible_prompts' order (own names sorted, then the
+    public ones sorted) that come after the id `after`."""
+    start = _cursor_position(principal, after) if after is not None else None
+    metas = list_prompts(store, principal)
+    first = 0 if start is None else bisect.bisect_right([_listing_position(principal, m) for m in metas], start)
+    return metas[first:first + limit], first + limit < len(metas)
 
 
 def get_prompt(store: PromptStore, principal: Principal, reference: str) -> tuple[PromptMeta, tuple[PromptMeta, ...]]:

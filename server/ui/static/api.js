@@ -47,6 +47,19 @@ export async function api(path, { method, json, form, signal, raw = false } = {}
   return raw ? response : response.json();
 }
 
+// A paged list endpoint (`has_more`, `last_id`, `?after=`), every page concatenated into one `data`.
+export async function apiAll(path) {
+  const data = [];
+  let after = null;
+  for (;;) {
+    const sep = path.includes("?") ? "&" : "?";
+    const page = await api(after === null ? path : `${path}${sep}after=${encodeURIComponent(after)}`);
+    data.push(...page.data);
+    if (!page.has_more || !page.data.length) return { ...page, data, has_more: false };
+    after = page.last_id;
+  }
+}
+
 // Yields each `data:` payload of a server-sent event stream until `[DONE]`.
 export async function* streamEvents(path, payload, signal) {
   const response = await api(path, { json: payload, signal, raw: true });

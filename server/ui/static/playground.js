@@ -1,7 +1,7 @@
 // Playground: one input, up to four columns (base model, prompts, pinned versions) streamed side by side
 // with the same sampling settings; time to first token, tokens/s and virtual tokens per column.
 
-import { api, el, fmt, session, streamEvents } from "./api.js";
+import { api, apiAll, el, fmt, session, streamEvents } from "./api.js";
 
 const MAX_COLUMNS = 4;
 let columns = [];  // {model: input, output, stats: {...}, controller}
@@ -14,7 +14,7 @@ function baseModel() {
 async function loadModels() {
   const list = document.getElementById("play-models");
   try {
-    const [models, prompts] = await Promise.all([api("/v1/models"), api("/v1/prompts")]);
+    const [models, prompts] = await Promise.all([api("/v1/models"), apiAll("/v1/prompts")]);
     const options = new Set(models.data.map((m) => m.id));
     for (const p of prompts.data) options.add(p.ref);  // pinned latest version too
     list.replaceChildren(...[...options].map((id) => el("option", { value: id })));

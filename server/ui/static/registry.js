@@ -1,6 +1,6 @@
 // Registry page: list (tenant + public), upload, versions with roll-back, download, delete.
 
-import { api, confirmDialog, download, el, formatBytes, formatTime, session, toast } from "./api.js";
+import { api, apiAll, confirmDialog, download, el, formatBytes, formatTime, session, toast } from "./api.js";
 
 const DTYPE_BYTES = { float32: 4, float16: 2, bfloat16: 2 };
 let chosenFiles = [];
@@ -111,7 +111,7 @@ export async function refresh() {
   const tbody = document.querySelector("#registry-table tbody");
   status.textContent = "Loading…";
   try {
-    const list = await api("/v1/prompts");
+    const list = await apiAll("/v1/prompts");
     tbody.replaceChildren(...list.data.map(renderRow));
     if (!list.data.length) tbody.append(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "No prompts yet: upload one above, or tune one.")));
     status.textContent = `${list.data.length} prompt${list.data.length === 1 ? "" : "s"}`;
