@@ -367,7 +367,7 @@ def _nginx_t(conf_text: str, tmp_path: Path) -> None:
 
 @pytest.mark.process
 def test_nginx_conf_syntax(tmp_path):
-    from test_multi_replica import nginx_conf
+    from tests.support.nginx import nginx_conf
 
     _nginx_t(nginx_conf([18001, 18002], 18003, tmp_path), tmp_path)
 

@@ -12,13 +12,13 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests.support.engine_utils import make_engine, run
+from tests.support.peft_reference import PROMPTS, peft_greedy
 from server.service.runtime import LoadedModel
 from server.app import create_app
 from server.config import Settings
 from server.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
 
 MAX_TOKENS = 12
-PROMPTS = ["The capital of France is", "Translate to French: good morning", "1, 2, 3, 4,", "Write a haiku about the sea"]
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +42,6 @@ def peft_adapters(smollm, tmp_path_factory):
     return adapters
 
 
-@torch.inference_mode()
-def peft_greedy(base_model, adapter_dir, input_ids: list[int], max_tokens: int, eos_ids: set[int]) -> list[int]:
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(base_model, adapter_dir).eval()
-    ids = list(input_ids)
-    out: list[int] = []
-    for _ in range(max_tokens):
-        logits = peft_model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if token in eos_ids:
-            break
-        ids.append(token)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from server.service.runtime import LoadedModel
 from server.app import create_app
 from server.config import Settings
 from server.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
-from test_parity_peft import PROMPTS, peft_greedy
+from tests.support.peft_reference import PROMPTS, peft_greedy
 
 N_TOKENS = 8  # greedy tokens per row (the PEFT reference recomputes the whole sequence per token)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import time
 
 import pytest
 import torch
@@ -21,17 +20,7 @@ from server.tuning.data import DatasetError, parse_jsonl, parse_records, tokeniz
 from server.tuning.export import adapter_files, model_info, save_adapter
 from server.tuning.init import init_prompt, text_init_ids
 from server.tuning.trainer import PromptTuner, TuningConfig, greedy_generate
-
-WORDS = "apple river stone cloud tiger lemon violin candle forest mirror pepper rocket".split()
-
-
-def toy_records(n: int = 12, answer=lambda i: " yes" if i % 2 else " no") -> list[dict]:
-    return [{"prompt": f"Word: {WORDS[i % len(WORDS)]}\nLabel:", "completion": answer(i)} for i in range(n)]
-
-
-def toy_data(tokenizer, n: int = 12, **kw):
-    return tokenize_examples(tokenizer, parse_records(toy_records(n, **kw)))
-
+from tests.support.tuning import toy_data, toy_records, wait_for_job
 
 def param_digest(model) -> str:
     h = hashlib.sha256()
@@ -262,32 +251,6 @@ def test_exported_adapter_loads_in_peft_and_matches_engine(tiny_model, tokenizer
 
 
 # ---- API ------------------------------------------------------------------------------------------
-@pytest.fixture
-def api(tiny_model, tokenizer, tmp_path):
-    from server.service.runtime import LoadedModel
-    from server.app import create_app
-    from server.service.auth import add_key
-    from server.config import Settings
-
-    keyfile = tmp_path / "keys.yaml"
-    keys = {"a": add_key(keyfile, "acme"), "b": add_key(keyfile, "beta")}
-    app = create_app(Settings(store=str(tmp_path / "store"), api_keys=str(keyfile), max_model_len=256),
-                     loaded=LoadedModel(tiny_model, tokenizer, "tiny-llama"))
-    with TestClient(app) as client:
-        client.h = {w: {"Authorization": f"Bearer {k}"} for w, k in keys.items()}
-        yield client
-
-
-def _wait(client, job_id, headers, statuses, timeout=40.0, until=lambda job: True):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/tuning/jobs/{job_id}", headers=headers).json()
-        if job["status"] in statuses and until(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {job['status']} (step {job['step']}) after {timeout}s")
-
-
 def test_api_job_lifecycle(api, tokenizer):
     a, b = api.h["a"], api.h["b"]
     bad = "\n".join([json.dumps(r) for r in toy_records(2)] + ['{"prompt": "x"'])
@@ -311,7 +274,7 @@ def test_api_job_lifecycle(api, tokenizer):
     job = r.json()
     assert job["object"] == "tuning.job" and job["status"] in ("validating_files", "queued", "running") and job["model"] == "tiny-llama"
     assert api.get(f"/v1/tuning/jobs/{job['id']}", headers=b).status_code == 404
-    done = _wait(api, job["id"], a, ("succeeded", "failed", "cancelled"))
+    done = wait_for_job(api, job["id"], a, ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done["error"]
     assert done["step"] == 4 and [p["step"] for p in done["loss_curve"]] == [1, 2, 3, 4]
     assert done["metrics"]["eval_accuracy"] is not None and done["metrics"]["eval_loss"] > 0
@@ -329,7 +292,7 @@ def test_api_job_lifecycle(api, tokenizer):
         assert r.json()["usage"]["virtual_tokens"] == 4
     assert api.post("/v1/completions", headers=b, json={"model": "tuned", "prompt": "x", "max_tokens": 1}).status_code == 404
     # Same data, same seed: a second job yields the same version (content-addressed), still "succeeded".
-    again = _wait(api, api.post("/v1/tuning/jobs", headers=a, json=body).json()["id"], a, ("succeeded", "failed"))
+    again = wait_for_job(api, api.post("/v1/tuning/jobs", headers=a, json=body).json()["id"], a, ("succeeded", "failed"))
     assert again["result_prompt"]["version"] == result["version"]
 
 
@@ -359,7 +322,7 @@ def test_api_tuning_examples_fit_the_served_context_not_the_flag(tokenizer, tmp_
         body = {"name": "t", "training_data": [record], "num_virtual_tokens": 4, "init": "vocab", "steps": 1}
         r = client.post("/v1/tuning/jobs", json=body)
         assert r.status_code == 200, r.text
-        job = _wait(client, r.json()["id"], {}, ("succeeded", "failed", "cancelled"))
+        job = wait_for_job(client, r.json()["id"], {}, ("succeeded", "failed", "cancelled"))
         assert job["status"] == "failed", job
         assert job["error"]["code"] == "invalid_training_data" and "the limit is 60" in job["error"]["message"]
 
@@ -369,17 +332,17 @@ def test_api_queue_and_cancel_while_serving(api):
     body = {"name": "long", "training_data": toy_records(8), "init": "vocab", "steps": 100_000, "batch_size": 2}
     first = api.post("/v1/tuning/jobs", headers=a, json=body).json()
     second = api.post("/v1/tuning/jobs", headers=a, json={**body, "name": "next"}).json()
-    running = _wait(api, first["id"], a, ("running",), until=lambda job: job["step"] >= 1)
+    running = wait_for_job(api, first["id"], a, ("running",), until=lambda job: job["step"] >= 1)
     # After a step the ETA is known: the remaining ~100k steps take well over a second.
     assert running["eta_seconds"] > 1 and running["estimated_finish"] > running["started_at"]
-    queued = _wait(api, second["id"], a, ("queued",))  # after validating_files
+    queued = wait_for_job(api, second["id"], a, ("queued",))  # after validating_files
     assert queued["queue_position"] == 0
     # Serving continues while the job trains on the same model.
     r = api.post("/v1/completions", headers=a, json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     # ... and training goes on after it.
     served_at = api.get(f"/v1/tuning/jobs/{first['id']}", headers=a).json()["step"]
-    _wait(api, first["id"], a, ("running",), until=lambda job: job["step"] > served_at)
+    wait_for_job(api, first["id"], a, ("running",), until=lambda job: job["step"] > served_at)
     r = api.post(f"/v1/tuning/jobs/{second['id']}/cancel", headers=a)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     r = api.post(f"/v1/tuning/jobs/{first['id']}/cancel", headers=a)

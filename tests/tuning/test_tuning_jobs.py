@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from test_tuning import _wait, api, toy_data, toy_records  # noqa: F401  (api is a fixture)
+from tests.support.tuning import toy_data, toy_records, wait_for_job
 
 from prompt_store.backend import LocalBackend, MemoryBackend
 from prompt_store.store import PromptStore
@@ -147,7 +147,7 @@ def test_api_events_and_checkpoints(api):
             "eval_every": 3, "checkpoint_every": 2, "seed": 2}
     job = api.post("/v1/tuning/jobs", headers=a, json=body).json()
     assert job["name"] == "ev-v1" and job["metadata"] == {"team": "nlp"} and job["suffix"] == "v1"
-    done = _wait(api, job["id"], a, ("succeeded", "failed", "cancelled"))
+    done = wait_for_job(api, job["id"], a, ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done["error"]
     assert done["trained_tokens"] > 0 and done["estimated_finish"] is None and done["error"] is None
 
@@ -195,7 +195,7 @@ def test_api_auto_hyperparameters_and_async_validation(api):
     long = [{"prompt": "word " * 400, "completion": " ok"}]
     job = api.post("/v1/tuning/jobs", headers=a, json={"name": "long", "training_data": toy_records(2),
                                                          "validation_data": long, "init": "vocab", "steps": 2}).json()
-    failed = _wait(api, job["id"], a, ("failed", "succeeded"))
+    failed = wait_for_job(api, job["id"], a, ("failed", "succeeded"))
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_training_data"
     assert failed["error"]["param"] == "validation_data" and "line 1" in failed["error"]["message"]
     assert api.post("/v1/tuning/jobs", headers=a, json={"name": "x", "training_data": toy_records(2), "eval_every": 0,
@@ -317,7 +317,7 @@ def test_a_reader_that_sees_the_final_status_also_sees_the_final_event(api):
     manager.jobs.update = update_and_look
     body = {"name": "win", "training_data": toy_records(4), "init": "vocab", "steps": 2, "batch_size": 2, "seed": 1}
     job = api.post("/v1/tuning/jobs", headers=a, json=body).json()
-    done = _wait(api, job["id"], a, ("succeeded", "failed", "cancelled"))
+    done = wait_for_job(api, job["id"], a, ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done["error"]
     finals = [message for status, message in seen if status == "succeeded"]
     assert finals and all(m.startswith("Job succeeded") for m in finals), seen

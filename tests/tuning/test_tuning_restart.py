@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 from tests.support.live_server import LiveServer, tiny_model_dir
-from test_tuning import toy_records
+from tests.support.tuning import toy_records
 
 pytestmark = pytest.mark.process  # a live server subprocess
 
@@ -28,7 +28,7 @@ def _body(name: str) -> dict:
             "seed": 11, "checkpoint_every": 20, "eval_every": 100}
 
 
-def _wait(client: httpx.Client, job_id: str, check, timeout: float = 240.0) -> dict:
+def wait_for_job(client: httpx.Client, job_id: str, check, timeout: float = 240.0) -> dict:
     deadline = time.monotonic() + timeout
     job = {}
     while time.monotonic() < deadline:
@@ -65,17 +65,17 @@ def test_kill9_mid_job_resumes_to_the_same_prompt(tmp_path, tmp_path_factory, to
     store = tmp_path / "store"
     with LiveServer(store, model=model, extra_args=FAST_LEASE, log_dir=tmp_path) as server, server.client() as c:
         ref = c.post("/v1/tuning/jobs", json=_body("reference")).json()
-        reference = _wait(c, ref["id"], _finished)
+        reference = wait_for_job(c, ref["id"], _finished)
         assert reference["status"] == "succeeded", reference["error"]
         job = c.post("/v1/tuning/jobs", json=_body("crashed")).json()
         # Kill once a checkpoint exists and well before the end.
-        running = _wait(c, job["id"], lambda j: j["step"] >= 50 or _finished(j))
+        running = wait_for_job(c, job["id"], lambda j: j["step"] >= 50 or _finished(j))
         assert not _finished(running), "the job finished before the kill; raise STEPS"
         server.kill9()
     assert running["step"] < STEPS
 
     with LiveServer(store, model=model, extra_args=FAST_LEASE, log_dir=tmp_path) as server, server.client() as c:
-        done = _wait(c, job["id"], _finished)
+        done = wait_for_job(c, job["id"], _finished)
         events = _events(c, job["id"])
         checkpoints = c.get(f"/v1/tuning/jobs/{job['id']}/checkpoints", params={"limit": 1000}).json()["data"]
     assert done["status"] == "succeeded", done["error"]
@@ -123,7 +123,7 @@ def test_two_replicas_on_one_s3_store_never_run_the_same_job(seaweed, monkeypatc
                 time.sleep(0.05)
             assert victim is not None, "replica a never ran a job"
             a.kill9()
-            jobs = [_wait(cb, i, _finished, timeout=300) for i in ids]
+            jobs = [wait_for_job(cb, i, _finished, timeout=300) for i in ids]
             events = {i: _events(cb, i) for i in ids}
     finally:
         a.stop()
