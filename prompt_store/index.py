@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import keys
-from .backend import ConditionalBackend, StorageBackend
+from . import cas, keys
+from .backend import StorageBackend
 from .types import PromptMeta, PromptStoreError
 
 __all__ = ["ListingIndex", "SHARDS", "shard_of", "listing_record", "meta_from_record"]
@@ -35,7 +34,6 @@ log = logging.getLogger("softserve.store.index")
 
 SHARDS = 32  # on-disk format: a manifest with another count is rebuilt
 FORMAT = 1
-_CAS_ATTEMPTS = 32
 _READ_THREADS = 8  # shards are read concurrently: 32 sequential round trips would dominate on S3
 _RECORD_FIELDS = ("version", "sha256", "num_virtual_tokens", "token_dim", "dtype", "peft_type", "created_at",
                   "description")
@@ -70,7 +68,7 @@ class ListingIndex:
 
     def __init__(self, backend: StorageBackend) -> None:
         self.backend = backend
-        self._cas = isinstance(backend, ConditionalBackend) and bool(getattr(backend, "conditional_writes", True))
+        self._cas = cas.has_compare_and_swap(backend)
         # Names whose shard update failed in this process (tenant -> names): retried before this process
         # lists the tenant again, and until they succeed its listings walk the heads instead.
         self._pending: dict[str, set[str]] = {}
@@ -80,10 +78,7 @@ class ListingIndex:
     def _read(self, key: str) -> tuple[dict | None, str | None]:
         """(document, etag), (None, None) when absent; etag is None without compare-and-swap."""
         try:
-            if self._cas:
-                raw, etag = self.backend.get_with_etag(key)  # type: ignore[attr-defined]
-            else:
-                raw, etag = self.backend.get(key), None
+            raw, etag = cas.read(self.backend, key, self._cas)
         except KeyError:
             return None, None
         return json.loads(raw), etag
@@ -98,12 +93,9 @@ class ListingIndex:
     def _write(self, key: str, doc: dict, etag: str | None, *, existed: bool) -> bool:
         """Put `doc` iff the key is unchanged since it was read with `etag` (absent if not `existed`)."""
         data = _dumps(doc)
-        if self._cas:
-            return bool(self.backend.put_if_match(key, data, etag if existed else None))  # type: ignore[attr-defined]
-        if not existed:
+        if not existed and not self._cas:
             return self.backend.put(key, data, if_absent=True)
-        self.backend.put(key, data)  # no compare-and-swap: last writer wins (LAYOUT.md)
-        return True
+        return cas.swap(self.backend, key, data, etag if existed else None, self._cas)  # else last writer wins
 
     def _latest(self, tenant: str, name: str) -> PromptMeta | None:
         """The name's latest version, read from its head (never cached); None if it has no head."""
@@ -192,7 +184,7 @@ class ListingIndex:
         """Put the name's current head into its shard: read the shard, then the head, then swap. Whoever
         swaps last read the head after every earlier swap, so the shard ends with the newest head."""
         key = keys.index_shard(tenant, shard_of(name))
-        for attempt in range(_CAS_ATTEMPTS):
+        for attempt in range(cas.ATTEMPTS):
             doc, etag = self._read(key)
             if doc is None:
                 return True  # no index (yet): the listing that builds it walks the heads, this one included
@@ -207,7 +199,7 @@ class ListingIndex:
                 entries[name] = record
             if self._write(key, doc, etag, existed=True):
                 return True
-            time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
+            cas.backoff(attempt)
         return False
 
     # ---- build and repair --------------------------------------------------------------------------
@@ -215,7 +207,7 @@ class ListingIndex:
         """Recompute one shard from the heads of `names` and of the names it lists (re-read now), and
         swap it in. Returns (entries, whether the stored shard changed)."""
         key = keys.index_shard(tenant, shard)
-        for attempt in range(_CAS_ATTEMPTS):
+        for attempt in range(cas.ATTEMPTS):
             doc, etag = self._read(key)
             current = (doc or {}).get("entries", {})
             candidates = sorted(n for n in set(names) | set(current) if shard_of(n) == shard)
@@ -226,9 +218,8 @@ class ListingIndex:
             new = {"format": FORMAT, "shards": SHARDS, "shard": shard, "entries": fresh}
             if self._write(key, new, etag, existed=doc is not None):
                 return fresh, True
-            time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
-        raise PromptStoreError(f"listing index of tenant {tenant!r} kept changing; retry", status_code=409,
-                               code="conflict")
+            cas.backoff(attempt)
+        raise cas.conflict(f"listing index of tenant {tenant!r}")
 
     def build(self, tenant: str) -> list[PromptMeta]:
         """Build (or rebuild) a tenant's index from its heads; returns the listing it wrote. A tenant

@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import json
-import random
 import re
 import threading
 import time
@@ -27,11 +26,12 @@ from typing import Any
 
 import torch
 
+from . import cas
 from . import format as fmt
 from . import keys
-from .backend import ConditionalBackend, StorageBackend
+from .backend import StorageBackend
 from .index import ListingIndex
-from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptStoreError, PromptValidationError
+from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptValidationError
 from .usage import UsageLedger
 
 __all__ = ["PromptStore", "validate_name", "NAME_RE"]
@@ -40,7 +40,6 @@ NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 _VERSION_LEN = 12
 _MIN_PREFIX = 6
 _HEX = re.compile(r"^[0-9a-f]+$")
-_CAS_ATTEMPTS = 32  # head read-modify-write retries before giving up (409)
 _HEAD_CACHE_ENTRIES = 10_000
 
 
@@ -83,7 +82,7 @@ class PromptStore:
         # One lock serialises the read-modify-write of head manifests within this process; across
         # processes the backend's compare-and-swap does (when it has one).
         self._lock = threading.RLock()
-        self._cas = isinstance(backend, ConditionalBackend) and bool(getattr(backend, "conditional_writes", True))
+        self._cas = cas.has_compare_and_swap(backend)
         # name -> version resolution cache: head key -> (expires at, head or None). 0 = no cache.
         self.revalidate_seconds = float(revalidate_seconds)
         self._heads: OrderedDict[str, tuple[float, _Head | None]] = OrderedDict()
@@ -109,12 +108,8 @@ class PromptStore:
 
     def _read_head_fresh(self, tenant: str, name: str) -> tuple[_Head | None, str | None]:
         """(head, etag) straight from the backend; etag is None without compare-and-swap."""
-        key = self._head_key(tenant, name)
         try:
-            if self._cas:
-                raw, etag = self.backend.get_with_etag(key)  # type: ignore[attr-defined]
-            else:
-                raw, etag = self.backend.get(key), None
+            raw, etag = cas.read(self.backend, self._head_key(tenant, name), self._cas)
         except KeyError:
             return None, None
         return self._parse_head(raw), etag
@@ -267,7 +262,7 @@ class PromptStore:
         version = fmt.version_id(sha, parsed.adapter_config)[:_VERSION_LEN]
         with self._lock:
             blob_written = blob_reused = False
-            for attempt in range(_CAS_ATTEMPTS):
+            for attempt in range(cas.ATTEMPTS):
                 head, etag = self._read_head_fresh(tenant, name)
                 existing = self._same_version(tenant, name, head, version, sha, parsed.adapter_config)
                 added = (0 if head is not None else 1, 0)  # (names, tensor bytes) this upload adds
@@ -306,17 +301,11 @@ class PromptStore:
                 # 3. head last: the single atomic switch to the new latest
                 new_head = _Head(latest=meta, versions=history)
                 raw = _json({"latest": meta.to_dict(), "versions": list(history), "updated_at": int(time.time())})
-                if not self._cas:
-                    self.backend.put(self._head_key(tenant, name), raw)
+                if cas.swap(self.backend, self._head_key(tenant, name), raw, etag, self._cas):
                     break
-                if self.backend.put_if_match(self._head_key(tenant, name), raw, etag):  # type: ignore[attr-defined]
-                    break
-                # Another replica changed the head since we read it: re-read and redo.
-                time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
+                cas.backoff(attempt)  # another replica changed the head since we read it: re-read and redo
             else:
-                raise PromptStoreError(
-                    f"prompt {name!r} is being changed concurrently; retry", status_code=409, code="conflict"
-                )
+                raise cas.conflict(f"prompt {name!r}")
             self._wrote_head(tenant, name, new_head)
             self.index.updated(tenant, name)
             if existing is None and (blob_reused or adopted):
@@ -381,7 +370,7 @@ class PromptStore:
         validate_name(tenant, "tenant")
         validate_name(name)
         with self._lock:
-            for attempt in range(_CAS_ATTEMPTS):
+            for attempt in range(cas.ATTEMPTS):
                 head, etag = self._read_head_fresh(tenant, name)
                 if head is None:
                     self._wrote_head(tenant, name, None)
@@ -398,11 +387,9 @@ class PromptStore:
                 # behind with its version manifests deleted under it; we re-read and delete it too.
                 if self.backend.delete_if_match(self._head_key(tenant, name), etag):  # type: ignore[attr-defined]
                     break
-                time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
+                cas.backoff(attempt)
             else:
-                raise PromptStoreError(
-                    f"prompt {name!r} is being changed concurrently; retry", status_code=409, code="conflict"
-                )
+                raise cas.conflict(f"prompt {name!r}")
             self._wrote_head(tenant, name, None)
             self.index.updated(tenant, name)
             self.usage.add(tenant, prompts=-1, prompt_bytes=-sum(sizes.values()))

@@ -18,17 +18,15 @@ rebuilt by walking the tenant once; the garbage collector recomputes every recor
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass
 
-from . import keys
-from .backend import ConditionalBackend, StorageBackend
-from .types import PromptMeta, PromptQuotaExceeded, PromptStoreError, StorageQuotaExceeded
+from . import cas, keys
+from .backend import StorageBackend
+from .types import PromptMeta, PromptQuotaExceeded, StorageQuotaExceeded
 
 __all__ = ["Usage", "UsageLedger", "compute_usage", "head_metas"]
 
-_CAS_ATTEMPTS = 32
 
 
 @dataclass(frozen=True)
@@ -102,16 +100,12 @@ class UsageLedger:
         self.backend = backend
         self.max_prompts = int(max_prompts)
         self.max_bytes = int(max_bytes)
-        self._cas = isinstance(backend, ConditionalBackend) and bool(getattr(backend, "conditional_writes", True))
+        self._cas = cas.has_compare_and_swap(backend)
 
     def read(self, tenant: str) -> tuple[Usage | None, str | None]:
         """(record, etag); (None, None) when the tenant has no record yet."""
-        key = keys.usage(tenant)
         try:
-            if self._cas:
-                raw, etag = self.backend.get_with_etag(key)  # type: ignore[attr-defined]
-            else:
-                raw, etag = self.backend.get(key), None
+            raw, etag = cas.read(self.backend, keys.usage(tenant), self._cas)
         except KeyError:
             return None, None
         return Usage.from_json(raw), etag
@@ -146,23 +140,17 @@ class UsageLedger:
         if not (prompts or prompt_bytes or file_bytes):
             return
         key = keys.usage(tenant)
-        for attempt in range(_CAS_ATTEMPTS):
+        for attempt in range(cas.ATTEMPTS):
             usage, etag = self.read(tenant)
             if usage is None:
                 # No record yet: the walk already sees the change being recorded.
                 if self.backend.put(key, compute_usage(self.backend, tenant).to_json(), if_absent=True):
                     return
                 continue
-            new = usage.plus(prompts, prompt_bytes, file_bytes).to_json()
-            if not self._cas:
-                self.backend.put(key, new)
+            if cas.swap(self.backend, key, usage.plus(prompts, prompt_bytes, file_bytes).to_json(), etag, self._cas):
                 return
-            if self.backend.put_if_match(key, new, etag):  # type: ignore[attr-defined]
-                return
-            # Jittered, growing back-off: with a fixed sleep, writers that collided retry in lock-step and
-            # keep colliding (16 concurrent uploaders exhausted the attempts).
-            time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
-        raise PromptStoreError(f"usage record of tenant {tenant!r} kept changing; retry", status_code=409, code="conflict")
+            cas.backoff(attempt)  # (a fixed sleep made 16 concurrent uploaders collide until they gave up)
+        raise cas.conflict(f"usage record of tenant {tenant!r}")
 
     def repair(self, tenant: str, computed: Usage, etag: str | None, *, existed: bool) -> bool:
         """Write `computed` unless the record changed since it was read with `etag` (a write landed
