@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.live_server import LiveServer  # noqa: E402
+from bench import common as C  # noqa: E402
+from tests.support.live_server import LiveServer  # noqa: E402
 
 
 def _rss(pid: int) -> int:
@@ -25,20 +26,6 @@ def _rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def _tiny_model(directory: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from server.model_loader import embedded_model_source
-
-    source = embedded_model_source()
-    tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
 
 
 def measure(server: LiveServer, model: str, prompts: int, n: int) -> dict:
@@ -73,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        with LiveServer(root / "store", model=_tiny_model(root / "tiny"), max_model_len=256, log_dir=root) as server:
+        with LiveServer(root / "store", model=C.tiny_dir(), max_model_len=256, log_dir=root) as server:
             model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
             for prompts in args.prompts:
                 print(json.dumps(measure(server, model, prompts, args.n)), flush=True)

@@ -150,6 +150,17 @@ def tiny_dir() -> Path:
     return _atomic_dir(MODELS_DIR / TINY_NAME, build)
 
 
+def load_tiny():
+    """(model, tokenizer) of `tiny_dir()` in this process, fp32 on the CPU, frozen."""
+    import torch
+
+    from server.model_loader import load_model, resolve_source
+
+    model, tokenizer = load_model(resolve_source(str(tiny_dir()), None), torch.device("cpu"), torch.float32)
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
 def model_path(spec: str | None) -> Path:
     """What `--model` names, as a path the server's `--model` flag accepts."""
     if spec in (None, "", "smollm2", "embedded"):

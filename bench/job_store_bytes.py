@@ -25,6 +25,9 @@ from collections import Counter
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common as C  # noqa: E402
+
 
 def load(smollm: bool):
     from server.model_loader import embedded_model_source, load_model
@@ -33,15 +36,7 @@ def load(smollm: bool):
     if smollm:
         model, tok = load_model(source, torch.device("cpu"), torch.float32)
         return model, tok
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    model.requires_grad_(False)
+    model, tok = C.load_tiny()
     return model, tok
 
 

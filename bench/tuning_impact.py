@@ -1,4 +1,4 @@
-"""How much does a running tuning job slow serving down? (standalone; no other bench/ module needed)
+"""How much does a running tuning job slow serving down?
 
     .venv/bin/python bench/tuning_impact.py                 # SmolLM2-135M-Instruct (embedded), CPU
     .venv/bin/python bench/tuning_impact.py --tiny --quick  # seconds, tiny random Llama (smoke)
@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import common as C  # noqa: E402
+
 import torch  # noqa: E402
 
 from server.engine.async_engine import AsyncEngine  # noqa: E402
@@ -60,15 +62,7 @@ def load(args):
     if not args.tiny:
         model, tok = load_model(source, torch.device("cpu"), torch.float32)
         return model, tok, source.name
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    model.requires_grad_(False)
+    model, tok = C.load_tiny()
     return model, tok, "tiny-llama"
 
 
