@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from safetensors.torch import save as st_save
 
 from prompt_store import index as index_mod
 from prompt_store import keys
@@ -23,22 +20,16 @@ from prompt_store.backend import LocalBackend, MemoryBackend
 from prompt_store.gc import collect_garbage
 from prompt_store.index import SHARDS, listing_record, shard_of
 from prompt_store.store import PromptStore
-from prompt_store.types import ModelInfo, PromptNotFound
+from prompt_store.types import PromptNotFound
 from server.api import deps
 from server.api.errors import install_error_handlers
 from server.api.prompts import router as prompts_router
 from server.client import AsyncClient, Client
 from server.service.auth import ApiKeyRegistry, add_key
+from tests.support.concurrency import run_together
+from tests.support.prompts import CFG, MODEL, blob
 
-H = 64
-MODEL = ModelInfo(name="tiny-llama", hidden_size=H, num_layers=2, num_attention_heads=4)
-CFG = json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4}).encode()
 GRACE = 3600.0
-
-
-def blob(seed: int, k: int = 4) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    return st_save({"prompt_embeddings": torch.randn(k, H, generator=g)}, metadata={"format": "pt"})
 
 
 @pytest.fixture(params=["memory", "local"])
@@ -188,24 +179,15 @@ def test_concurrent_writers_never_lose_an_entry(backend, replicas):
     stores[0].list("acme")  # the index exists, so every writer below updates it
     names = same_shard_names(36, shard_of("seed"))
     per_writer = [names[t::6] for t in range(6)]
-    errors = []
 
     def writer(t: int) -> None:
         store = stores[t % replicas]
-        try:
-            for i, name in enumerate(per_writer[t]):
-                store.put("acme", name, blob(1000 + t * 100 + i), CFG)
-                if i % 3 == 2:
-                    store.delete("acme", per_writer[t][i - 1])
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i, name in enumerate(per_writer[t]):
+            store.put("acme", name, blob(1000 + t * 100 + i), CFG)
+            if i % 3 == 2:
+                store.delete("acme", per_writer[t][i - 1])
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors
+    assert run_together(lambda t=t: writer(t) for t in range(6)) == []
     deleted = {w[i] for w in per_writer for i in (1, 4)}
     expected = {"seed"} | set(names) - deleted
     reader = PromptStore(backend, MODEL)  # another replica, without any pending state
@@ -438,21 +420,12 @@ def test_sixteen_replicas_uploading_at_once_all_succeed(tmp_path):
     stores = [PromptStore(LocalBackend(tmp_path / "store"), MODEL) for _ in range(16)]
     stores[0].put("acme", "seed", blob(0), CFG)
     stores[0].list("acme")
-    errors = []
 
     def work(w: int) -> None:
-        try:
-            for i in range(w, 320, 16):
-                stores[w].put("acme", f"n{i:03d}", blob(10_000 + i), CFG)
-        except Exception as e:
-            errors.append(e)
+        for i in range(w, 320, 16):
+            stores[w].put("acme", f"n{i:03d}", blob(10_000 + i), CFG)
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(16)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert errors == []
+    assert run_together(lambda w=w: work(w) for w in range(16)) == []
     reader = PromptStore(backend, MODEL)
     assert len(reader.list("acme")) == 321
     assert_index_matches_heads(reader, "acme")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 
 import pytest
@@ -13,6 +12,7 @@ from prompt_store import format as fmt
 from prompt_store.backend import LocalBackend, MemoryBackend
 from prompt_store.store import PromptStore
 from prompt_store.types import PromptIntegrityError, PromptNotFound, PromptValidationError
+from tests.support.concurrency import run_together
 from tests.support.prompts import CFG, MODEL, blob
 
 
@@ -144,20 +144,7 @@ def test_meta_survives_reopen(make_backend):
 
 
 def test_concurrent_puts(store):
-    errors = []
-
-    def work(i: int) -> None:
-        try:
-            store.put("acme", "p", blob(i % 3), CFG)
-        except Exception as e:  # pragma: no cover
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert run_together(lambda i=i: store.put("acme", "p", blob(i % 3), CFG) for i in range(12)) == []
     assert len(store.versions("acme", "p")) == 3
 
 
