@@ -15,9 +15,9 @@ import textwrap
 import httpx
 import pytest
 
-from tests.support.live_server import TINY_HIDDEN, LiveServer, prompt_bytes, tiny_model_dir, upload
+from server.client import Client
 from server.evaluation import evaluate, load_eval_data
-from tests.support.live_server import REPO_ROOT
+from tests.support.live_server import REPO_ROOT, TINY_HIDDEN, LiveServer, prompt_bytes, tiny_model_dir, upload
 
 pytestmark = [pytest.mark.lmeval, pytest.mark.process]
 
@@ -61,7 +61,7 @@ def test_lm_eval_accuracy_equals_softserve_eval(tmp_path, tmp_path_factory, toke
     with LiveServer(tmp_path / "store", model=model_dir) as server:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             assert upload(client, "clf", prompt_bytes(11, 6, TINY_HIDDEN)).status_code == 201
-            ours = evaluate(client, "clf", load_eval_data(data))
+            ours = evaluate(Client(server.url, http_client=client), "clf", load_eval_data(data))
         out = tmp_path / "results"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HOME": str(tmp_path / "hf")}
