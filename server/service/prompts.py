@@ -11,16 +11,15 @@ import contextlib
 from collections.abc import Iterator
 
 from prompt_store.cache import PromptCache
-from prompt_store.store import NAME_RE, PromptStore
+from prompt_store.store import PromptStore
 from prompt_store.types import PromptMeta, PromptStoreError
 
 from .auth import Principal
 from .errors import InvalidRequest, from_store_error
-from .tenancy import (PUBLIC_TENANT, PromptRef, is_composition, parse_reference, require_write, resolve_reference,
-                      visible_prompts)
+from .tenancy import PromptRef, parse_reference, require_write, resolve_reference, visible_prompts
 
-__all__ = ["store_errors", "parse", "list_prompts", "list_prompts_page", "DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "get_prompt", "list_versions", "export", "upload", "delete",
-           "rollback", "check_upload_target"]
+__all__ = ["store_errors", "parse", "list_prompts", "list_prompts_page", "DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE",
+           "get_prompt", "list_versions", "export", "upload", "delete", "rollback", "check_upload_target"]
 
 
 @contextlib.contextmanager
@@ -54,12 +53,13 @@ def _listing_position(principal: Principal, meta: PromptMeta) -> tuple[int, str]
 def _cursor_position(principal: Principal, after: str) -> tuple[int, str]:
     """The listing position of an id from an earlier page ("name" or "public/name"); the prompt itself
     may have been deleted since."""
-    namespace, _, name = after.rpartition("/")
-    if namespace in ("", principal.tenant) and NAME_RE.fullmatch(name):
-        return (0, name)
-    if namespace == PUBLIC_TENANT and NAME_RE.fullmatch(name):
-        return (1, name)
-    raise InvalidRequest(f"after must be a prompt id from an earlier page, got {after!r}", param="after")
+    try:
+        ref = parse_reference(principal, after)
+    except PromptStoreError:  # malformed, or a namespace this principal cannot read
+        ref = None
+    if ref is None or ref.version is not None:
+        raise InvalidRequest(f"after must be a prompt id from an earlier page, got {after!r}", param="after")
+    return (0 if ref.namespace == principal.tenant else 1, ref.name)
 
 
 def list_prompts_page(store: PromptStore, principal: Principal, *, after: str | None = None,
@@ -75,10 +75,7 @@ def list_prompts_page(store: PromptStore, principal: Principal, *, after: str | 
 def get_prompt(store: PromptStore, principal: Principal, reference: str) -> tuple[PromptMeta, tuple[PromptMeta, ...]]:
     """(meta, parts): a single prompt (parts == ()) or a composition "a+b" (every part checked alike)."""
     with store_errors("name"):
-        if is_composition(reference):
-            return resolve_reference(store, principal, reference)
-        ref = parse_reference(principal, reference)
-        return store.resolve(ref.namespace, ref.name, ref.version), ()
+        return resolve_reference(store, principal, reference)
 
 
 def list_versions(store: PromptStore, principal: Principal, reference: str) -> list[PromptMeta]:
