@@ -140,22 +140,25 @@ class LocalBackend:
         """`remove_stale_temp_files` that also reports the bytes freed (and can only count): (files, bytes)."""
         cutoff = (time.time() if now is None else now) - older_than_s
         removed = freed = 0
+        for path in self._hidden_files(".tmp-"):
+            try:
+                st = path.stat()
+                if st.st_mtime < cutoff:
+                    if not dry_run:
+                        path.unlink()
+                    removed += 1
+                    freed += st.st_size
+            except FileNotFoundError:  # its writer finished (or another cleaner got it) meanwhile
+                continue
+        return removed, freed
+
+    def _hidden_files(self, marker: str) -> Iterator[Path]:
+        """Our hidden files (`.tmp-*`, `.lock-*`) anywhere under the root; never part of a key."""
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
-                if not name.startswith(".tmp-"):
-                    continue
-                path = Path(dirpath) / name
-                try:
-                    st = path.stat()
-                    if st.st_mtime < cutoff:
-                        if not dry_run:
-                            path.unlink()
-                        removed += 1
-                        freed += st.st_size
-                except FileNotFoundError:  # its writer finished (or another cleaner got it) meanwhile
-                    continue
-        return removed, freed
+                if name.startswith(marker):
+                    yield Path(dirpath) / name
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         path = self._path(key)
@@ -252,34 +255,30 @@ class LocalBackend:
         ghost. Returns (files, bytes)."""
         cutoff = (time.time() if now is None else now) - older_than_s
         removed = freed = 0
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if not name.startswith(".lock-"):
-                    continue
-                lock = Path(dirpath) / name
-                if (Path(dirpath) / name[len(".lock-"):]).exists():
-                    continue  # its key is live: the lock file is reused by the next update
+        for lock in self._hidden_files(".lock-"):
+            target = lock.with_name(lock.name[len(".lock-"):])
+            if target.exists():
+                continue  # its key is live: the lock file is reused by the next update
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
                 try:
-                    fd = os.open(lock, os.O_RDWR)
-                except FileNotFoundError:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # someone is updating that key right now
+                st = os.fstat(fd)
+                if st.st_mtime >= cutoff or target.exists():
                     continue
-                try:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # someone is updating that key right now
-                    st = os.fstat(fd)
-                    if st.st_mtime >= cutoff or (Path(dirpath) / name[len(".lock-"):]).exists():
-                        continue
-                    if not dry_run:
-                        os.unlink(lock)
-                    removed += 1
-                    freed += st.st_size
-                except FileNotFoundError:
-                    continue
-                finally:
-                    os.close(fd)
+                if not dry_run:
+                    os.unlink(lock)
+                removed += 1
+                freed += st.st_size
+            except FileNotFoundError:
+                continue
+            finally:
+                os.close(fd)
         return removed, freed
 
     # ---- compare-and-swap (ConditionalBackend) ---------------------------------------------------
