@@ -76,8 +76,8 @@ def delete_file(file_id: str, manager: TuningDep, principal: PrincipalDep) -> di
 
 # ---- jobs -----------------------------------------------------------------------------------------
 @router.post("/v1/tuning/jobs")
-async def create_job(body: TuningJobRequest, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
-    manager = runtime.tuning.get_manager()
+async def create_job(body: TuningJobRequest, manager: TuningDep, runtime: RuntimeDep,
+                     principal: PrincipalDep) -> dict[str, Any]:
     # Reading files and the store can take a moment: off the event loop.
     return await run_in_threadpool(lambda: service.create_job(manager, principal, body, max_model_len=runtime.max_model_len))
 
