@@ -11,6 +11,7 @@ from server.service.runtime import LoadedModel
 from server.app import create_app
 from server.service.auth import add_key
 from server.config import Settings
+from tests.support.prompts import CFG, blob
 
 
 def _app(tiny_model, tokenizer, tmp_path, **overrides):
@@ -144,16 +145,9 @@ def test_stale_temp_files_are_removed_at_start_fresh_ones_kept(tiny_model, token
 
 
 # ---- 10. per-tenant storage quotas: prompt names (429) and stored bytes (413), freed by deletes -----------
-def _prompt_files(seed: int, k: int = 4) -> dict:
-    import json
-
-    import torch
-    from safetensors.torch import save as st_save
-
-    tensor = torch.randn(k, 64, generator=torch.Generator().manual_seed(seed))  # the tiny model's hidden size
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": k}
-    return {"adapter_model": ("adapter_model.safetensors", st_save({"prompt_embeddings": tensor}, metadata={"format": "pt"})),
-            "adapter_config": ("adapter_config.json", json.dumps(config).encode())}
+def _prompt_files(seed: int) -> dict:
+    """A 4-token prompt for the tiny model (hidden 64) as multipart files."""
+    return {"adapter_model": ("adapter_model.safetensors", blob(seed)), "adapter_config": ("adapter_config.json", CFG)}
 
 
 def test_prompt_count_quota_answers_429_and_delete_frees_it(tiny_model, tokenizer, tmp_path):
