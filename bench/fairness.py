@@ -84,7 +84,7 @@ async def measure(url: str, keys: dict[str, str], model: str, args) -> dict:
 
 
 def run(args) -> dict:
-    from server.service.auth import add_key
+    from softserve.service.auth import add_key
 
     with tempfile.TemporaryDirectory() as tmp:
         keys_file = Path(tmp) / "keys.yaml"

@@ -38,7 +38,7 @@ DOCUMENT = json.dumps({"name": "Ada Lovelace", "age": 36, "tags": ["math", "poet
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    from server.model_loader import embedded_model_source
+    from softserve.model_loader import embedded_model_source
 
     source = embedded_model_source()
     return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)

@@ -25,7 +25,7 @@ GRAMMARS = [("regex", r'\["[a-z ]+"(,"[a-z ]+")*'), ("regex", r"[a-z][a-z ,.]*")
 
 
 def run(args) -> dict:
-    from server.engine.request import GuidedSpec
+    from softserve.engine.request import GuidedSpec
 
     C.setup_torch(args)
     model, tok, name, device, dtype = C.load(args.model, args.device, args.dtype)

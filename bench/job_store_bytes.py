@@ -30,7 +30,7 @@ from bench import common as C  # noqa: E402
 
 
 def load(smollm: bool):
-    from server.model_loader import embedded_model_source, load_model
+    from softserve.model_loader import embedded_model_source, load_model
 
     source = embedded_model_source()
     if smollm:
@@ -77,13 +77,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
 
-    from prompt_store.backend import LocalBackend
-    from prompt_store.store import PromptStore
-    from server.tuning.config import TuningConfig
-    from server.tuning.export import model_info
-    from server.tuning.job import new_job_id
-    from server.tuning.jobs import TuningManager
-    from server.tuning.records import new_record
+    from softserve.store.backend import LocalBackend
+    from softserve.store.store import PromptStore
+    from softserve.tuning.config import TuningConfig
+    from softserve.tuning.export import model_info
+    from softserve.tuning.job import new_job_id
+    from softserve.tuning.jobs import TuningManager
+    from softserve.tuning.records import new_record
 
     model, tok = load(args.smollm)
     root = tempfile.mkdtemp(prefix="job-store-bytes-")

@@ -1,5 +1,5 @@
 """Listing a tenant's prompts with N prompts: the walk over every head (the code before the listing index)
-vs the listing index (prompt_store/index.py), side by side in one run; no model is loaded.
+vs the listing index (softserve/store/index.py), side by side in one run; no model is loaded.
 
 1. Create N prompts (k=16, SmolLM2's hidden size) with PromptStore + LocalBackend from 16 threads, each
    with its own store object (16 "replicas" contending for the index shards), after the index exists.
@@ -31,7 +31,7 @@ TENANT = "default"
 
 def old_list(store, tenant: str):
     """PromptStore.list before the index (as in main at e2e2d45): every head, one after another."""
-    from prompt_store import keys
+    from softserve.store import keys
 
     prefix = keys.prompts_prefix(tenant)
     out = []
@@ -58,11 +58,11 @@ def http_app(store):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from server.api import deps
-    from server.api.errors import install_error_handlers
-    from server.api.openai_routes import router as openai_router
-    from server.api.prompts import router as prompts_router
-    from server.service.auth import ApiKeyRegistry
+    from softserve.api import deps
+    from softserve.api.errors import install_error_handlers
+    from softserve.api.openai_routes import router as openai_router
+    from softserve.api.prompts import router as prompts_router
+    from softserve.service.auth import ApiKeyRegistry
 
     app = FastAPI()
     install_error_handlers(app)
@@ -76,9 +76,9 @@ def http_app(store):
 
 
 def run(args) -> dict:
-    from prompt_store.backend import LocalBackend
-    from prompt_store.store import PromptStore
-    from prompt_store.types import ModelInfo
+    from softserve.store.backend import LocalBackend
+    from softserve.store.store import PromptStore
+    from softserve.store.types import ModelInfo
 
     n = args.num_prompts or (200 if args.quick else 10_000)
     rounds = args.rounds or (2 if args.quick else 5)
@@ -117,7 +117,7 @@ def run(args) -> dict:
             indexed.append(timed(lambda: store.list(TENANT), 1))
         result["list_ms"] = {"walk": C.median(walk), "parallel_walk": C.median(parallel), "index": C.median(indexed)}
 
-        from prompt_store import keys
+        from softserve.store import keys
 
         saved = {k: store.backend.get(k) for k in store.backend.list(keys.index_prefix(TENANT))}
         builds = []

@@ -1,6 +1,6 @@
 """Heterogeneity tax: closed-loop streaming load against a live server, one prompt vs many.
 
-Starts `python -m server serve` on a free 127.0.0.1 port (stops exactly that PID at the end), uploads
+Starts `python -m softserve serve` on a free 127.0.0.1 port (stops exactly that PID at the end), uploads
 soft prompts through `PUT /v1/prompts/{name}`, then for each concurrency C runs C closed-loop clients
 (each sends a request, reads the SSE stream to the end, sends the next) in three configurations:
 

@@ -44,8 +44,8 @@ def run(args) -> dict:
 
     from transformers.modeling_utils import AttentionInterface
 
-    import server.engine.model_runner as mr
-    import server.engine.packed_attention as pa
+    import softserve.engine.model_runner as mr
+    import softserve.engine.packed_attention as pa
 
     C.setup_torch(args)
     if args.flush_denormal:

@@ -1,7 +1,7 @@
 """Prompt scale: a store with 10,000 prompts behind a live server.
 
 1. Create N prompts directly with PromptStore + LocalBackend (threads, one store object each).
-2. Start `python -m server serve` on that store with a device prompt cache (`--prompt-cache-bytes`)
+2. Start `python -m softserve serve` on that store with a device prompt cache (`--prompt-cache-bytes`)
    and a prompt-KV cache (`--kv-prefix-cache-bytes`) that hold only a few dozen prompts.
 3. Listing: `PromptStore.list` directly, `GET /v1/prompts`, `GET /v1/models`.
 4. Cold first use: sequential non-streaming requests (48 prompt tokens, 1 output token), each with a
@@ -28,8 +28,8 @@ from bench import load as L  # noqa: E402
 
 
 def create_store(root: Path, n: int, k: int, hidden: int, info, workers: int = 16) -> float:
-    from prompt_store.backend import LocalBackend
-    from prompt_store.store import PromptStore
+    from softserve.store.backend import LocalBackend
+    from softserve.store.store import PromptStore
 
     stores = [PromptStore(LocalBackend(root), info) for _ in range(workers)]
 
@@ -46,7 +46,7 @@ def create_store(root: Path, n: int, k: int, hidden: int, info, workers: int = 1
 def model_info(model_dir: Path):
     import json
 
-    from prompt_store.types import ModelInfo
+    from softserve.store.types import ModelInfo
 
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
@@ -85,8 +85,8 @@ def run(args) -> dict:
         store = Path(tmp) / "store"
         result["create_s"] = create_store(store, n, k, hidden, info)
         print(f"created {n} prompts in {result['create_s']:.1f} s", file=sys.stderr, flush=True)
-        from prompt_store.backend import LocalBackend
-        from prompt_store.store import PromptStore
+        from softserve.store.backend import LocalBackend
+        from softserve.store.store import PromptStore
 
         direct = PromptStore(LocalBackend(store), info)
         times = []

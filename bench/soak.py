@@ -158,7 +158,7 @@ async def soak(url: str, pid: int, keys: dict, base_model: str, hidden: int, arg
 
 
 def run(args) -> dict:
-    from server.service.auth import add_key
+    from softserve.service.auth import add_key
 
     with tempfile.TemporaryDirectory() as tmp:
         keys_file = Path(tmp) / "keys.yaml"

@@ -24,11 +24,11 @@ from safetensors.torch import save as st_save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prompt_store import keys  # noqa: E402
-from prompt_store.backend import LocalBackend  # noqa: E402
-from prompt_store.gc import collect_garbage  # noqa: E402
-from prompt_store.store import PromptStore  # noqa: E402
-from prompt_store.types import ModelInfo  # noqa: E402
+from softserve.store import keys  # noqa: E402
+from softserve.store.backend import LocalBackend  # noqa: E402
+from softserve.store.gc import collect_garbage  # noqa: E402
+from softserve.store.store import PromptStore  # noqa: E402
+from softserve.store.types import ModelInfo  # noqa: E402
 
 H = 64
 MODEL = ModelInfo(name="tiny", hidden_size=H, num_layers=2, num_attention_heads=4)

@@ -38,10 +38,10 @@ from bench import common as C  # noqa: E402
 
 import torch  # noqa: E402
 
-from server.engine.async_engine import AsyncEngine  # noqa: E402
-from server.engine.config import EngineConfig, SchedulerConfig  # noqa: E402
-from server.engine.engine import LLMEngine  # noqa: E402
-from server.engine.request import Request, SamplingParams  # noqa: E402
+from softserve.engine.async_engine import AsyncEngine  # noqa: E402
+from softserve.engine.config import EngineConfig, SchedulerConfig  # noqa: E402
+from softserve.engine.engine import LLMEngine  # noqa: E402
+from softserve.engine.request import Request, SamplingParams  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -56,7 +56,7 @@ PROMPTS = [
 
 
 def load(args):
-    from server.model_loader import embedded_model_source, load_model
+    from softserve.model_loader import embedded_model_source, load_model
 
     source = embedded_model_source()
     if not args.tiny:
@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from prompt_store.backend import LocalBackend
-    from prompt_store.store import PromptStore
-    from server.tuning.export import model_info
-    from server.tuning.job import new_job_id
-    from server.tuning.jobs import TuningManager
-    from server.tuning.records import new_record
-    from server.tuning.trainer import TuningConfig
+    from softserve.store.backend import LocalBackend
+    from softserve.store.store import PromptStore
+    from softserve.tuning.export import model_info
+    from softserve.tuning.job import new_job_id
+    from softserve.tuning.jobs import TuningManager
+    from softserve.tuning.records import new_record
+    from softserve.tuning.trainer import TuningConfig
 
     model, tok, name = load(args)
     llm = LLMEngine(model, tok, EngineConfig(scheduler=SchedulerConfig(max_batch_size=32), model_id=name))

@@ -81,7 +81,7 @@ def _tick(who: str, step: int, seconds: float) -> None:
 
 
 def run_ours(model, tok, data, init, args) -> dict:
-    from server.tuning.trainer import PromptTuner, TuningConfig
+    from softserve.tuning.trainer import PromptTuner, TuningConfig
 
     cfg = TuningConfig(num_virtual_tokens=args.num_virtual_tokens, init="random", steps=args.steps,
                        learning_rate=3e-2, batch_size=args.batch_size, micro_batch_size=args.batch_size,
@@ -154,8 +154,8 @@ def _summary(step_s: list[float], cpu_s: list[float] | None = None) -> dict:
 def run(args) -> dict:
     import torch
 
-    from server.tuning.data import parse_records, tokenize_examples
-    from server.tuning.init import init_prompt
+    from softserve.tuning.data import parse_records, tokenize_examples
+    from softserve.tuning.init import init_prompt
 
     setup_torch(args)
     if args.quick:

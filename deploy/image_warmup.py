@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 # Imported on paths the completion below does not take: the real HTTP server, the S3 store, the CLI.
-ALWAYS_COMPILED = ["server", "prompt_store", "uvicorn", "boto3", "botocore", "s3transfer", "h11", "click"]
+ALWAYS_COMPILED = ["softserve", "uvicorn", "boto3", "botocore", "s3transfer", "h11", "click"]
 
 
 def check_torch(expect: str) -> None:
@@ -35,8 +35,8 @@ def check_torch(expect: str) -> None:
 def serve_one_completion() -> None:
     from fastapi.testclient import TestClient
 
-    from server.app import create_app
-    from server.config import Settings
+    from softserve.app import create_app
+    from softserve.config import Settings
 
     with tempfile.TemporaryDirectory() as store:
         app = create_app(Settings(store=store, device="cpu"), background_load=False)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     store = args.store or os.path.join(tmp, "store")
     port = args.port or free_port()
     log = Path(tmp) / "server.log"
-    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--store", store, "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "softserve", "serve", "--port", str(port), "--store", store, "--log-level", "warning"]
     print(f"starting: {' '.join(cmd[1:])}  (log: {log})", flush=True)
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import torch
 
-from server.model_loader import embedded_model_source, load_model
+from softserve.model_loader import embedded_model_source, load_model
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 """The layers stay one-way: HTTP at the edge, nothing below imports it (checked on the source, not by convention).
 
-    server/api, server/ui, server/app.py      HTTP: routes, schemas, deps, middleware, error mapping
-    server/service                            the product without HTTP (runtime, generation, tenancy, errors)
-    server/tuning, server/engine              tuning jobs; the engine
-    prompt_store                              storage and format of prompts (imports nothing from server)
+    softserve/api, softserve/ui, softserve/app.py      HTTP: routes, schemas, deps, middleware, error mapping
+    softserve/service                            the product without HTTP (runtime, generation, tenancy, errors)
+    softserve/tuning, softserve/engine              tuning jobs; the engine
+    softserve/store                              storage and format of prompts (imports nothing else from softserve)
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HTTP = ("server.api", "server.app", "server.ui", "server.serving", "server.cli", "fastapi", "starlette", "uvicorn")
+HTTP = ("softserve.api", "softserve.app", "softserve.ui", "softserve.serving", "softserve.cli", "fastapi", "starlette", "uvicorn")
 
 # package -> module prefixes it must never import
 FORBIDDEN = {
-    "prompt_store": ("server",) + HTTP,
-    "server/engine": HTTP + ("server.service", "server.tuning"),
-    "server/tuning": HTTP + ("server.service",),
-    "server/service": HTTP,
+    "softserve/store": ("softserve",) + HTTP,  # nothing of softserve but itself
+    "softserve/engine": HTTP + ("softserve.service", "softserve.tuning"),
+    "softserve/tuning": HTTP + ("softserve.service",),
+    "softserve/service": HTTP,
 }
 
 
@@ -46,8 +46,11 @@ def imports_of(path: Path) -> set[str]:
 
 def violations(package: str) -> list[str]:
     bad = []
+    own = package.replace("/", ".")
     for path in sorted((ROOT / package).rglob("*.py")):
         for module in sorted(imports_of(path)):
+            if module == own or module.startswith(own + "."):
+                continue
             for prefix in FORBIDDEN[package]:
                 if module == prefix or module.startswith(prefix + "."):
                     bad.append(f"{path.relative_to(ROOT)} imports {module}")
@@ -62,23 +65,23 @@ def test_lower_layers_never_import_upper_ones(package):
 def test_the_check_sees_a_violation(tmp_path):
     """The checker itself can fail: a file below the edge that imports the API is reported."""
     fake_root = tmp_path
-    (fake_root / "server" / "engine").mkdir(parents=True)
-    (fake_root / "server" / "engine" / "bad.py").write_text("from server.api.errors import error_body\nfrom ..api import deps\n")
+    (fake_root / "softserve" / "engine").mkdir(parents=True)
+    (fake_root / "softserve" / "engine" / "bad.py").write_text("from softserve.api.errors import error_body\nfrom ..api import deps\n")
     global ROOT
     saved, ROOT = ROOT, fake_root
     try:
-        found = violations("server/engine")
+        found = violations("softserve/engine")
     finally:
         ROOT = saved
-    assert found == ["server/engine/bad.py imports server.api", "server/engine/bad.py imports server.api.deps",
-                     "server/engine/bad.py imports server.api.errors", "server/engine/bad.py imports server.api.errors.error_body"]
+    assert found == ["softserve/engine/bad.py imports softserve.api", "softserve/engine/bad.py imports softserve.api.deps",
+                     "softserve/engine/bad.py imports softserve.api.errors", "softserve/engine/bad.py imports softserve.api.errors.error_body"]
 
 
 def test_service_settings_are_read_from_the_environment_in_one_place():
-    """SOFTSERVE_* variables are read only by server/config.py (pydantic settings), never ad hoc."""
+    """SOFTSERVE_* variables are read only by softserve/config.py (pydantic settings), never ad hoc."""
     import re
 
     pattern = re.compile(r"(environ|getenv)\W[^\n]*SOFTSERVE_")
-    readers = [str(p.relative_to(ROOT)) for package in ("server", "prompt_store") for p in (ROOT / package).rglob("*.py")
+    readers = [str(p.relative_to(ROOT)) for package in ("softserve",) for p in (ROOT / package).rglob("*.py")
                if pattern.search(p.read_text(encoding="utf-8"))]
     assert readers == []

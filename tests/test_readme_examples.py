@@ -1,6 +1,6 @@
 """README examples run as written against a live server on the real embedded model (SmolLM2, ~20 s
 to load): the Quickstart's bash block(s) with `curl` lines, then every Python block that talks to
-http://127.0.0.1:8000 (the `openai` snippet, the `server.client` snippet), with only the address and
+http://127.0.0.1:8000 (the `openai` snippet, the `softserve.client` snippet), with only the address and
 the interpreter path replaced."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_readme_has_the_examples():
     quick = _section(text, "## Quickstart")
     assert [b for b in _blocks(quick, "bash") if "curl" in b]
     py = [b for b in _blocks(text, "python") if README_URL in b]
-    assert any("from openai import OpenAI" in b for b in py) and any("server.client" in b for b in py)
+    assert any("from openai import OpenAI" in b for b in py) and any("softserve.client" in b for b in py)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from server.service.runtime import LoadedModel
-from server.app import create_app
-from server.config import Settings
+from softserve.service.runtime import LoadedModel
+from softserve.app import create_app
+from softserve.config import Settings
 
 
 def _app(tiny_model, tokenizer, tmp_path, **overrides):
@@ -51,7 +51,7 @@ def test_request_size_limits_name_the_limit(client, prompt, n, code, names):
 
 
 def test_fan_out_is_checked_before_the_prompt_is_resolved_or_tokenized(client, monkeypatch):
-    import server.api.openai_routes as routes
+    import softserve.api.openai_routes as routes
 
     def boom(*_a, **_k):
         raise AssertionError("work done for a request that is refused")
@@ -109,7 +109,7 @@ class RawCall:
 
 @pytest.fixture()
 def keyed_app(tiny_model, tokenizer, tmp_path):
-    from server.service.auth import add_key
+    from softserve.service.auth import add_key
 
     keyfile = tmp_path / "keys.yaml"
     keys = {"a": add_key(keyfile, "acme"), "a2": add_key(keyfile, "acme"), "b": add_key(keyfile, "beta")}
@@ -185,7 +185,7 @@ def test_concurrent_uploads_are_capped_per_tenant_and_in_total(keyed_app):
 
 # ---- 3. /metrics: admin only on the API port, tenant names only when asked for --------------------------
 def test_metrics_need_an_admin_key_and_name_no_tenant_by_default(tiny_model, tokenizer, tmp_path):
-    from server.service.auth import add_key
+    from softserve.service.auth import add_key
 
     keyfile = tmp_path / "keys.yaml"
     user, admin = add_key(keyfile, "acme-secret-customer"), add_key(keyfile, "ops", role="admin")
@@ -212,7 +212,7 @@ def test_metrics_tenant_labels_are_opt_in(tiny_model, tokenizer, tmp_path):
 def test_metrics_port_serves_prometheus_without_a_key_on_loopback(tiny_model, tokenizer, tmp_path):
     import httpx
 
-    from server.service.auth import add_key
+    from softserve.service.auth import add_key
     from tests.support.live_server import free_port
 
     keyfile = tmp_path / "keys.yaml"
@@ -229,7 +229,7 @@ def test_metrics_port_serves_prometheus_without_a_key_on_loopback(tiny_model, to
 def test_every_limit_has_a_serve_flag():
     import argparse
 
-    from server.config import add_settings_flags
+    from softserve.config import add_settings_flags
 
     parser = argparse.ArgumentParser()
     add_settings_flags(parser)
@@ -284,10 +284,10 @@ def test_same_tensor_with_another_config_is_a_new_version(client, tiny_model):
 
 
 def test_versions_stored_before_config_aware_ids_still_resolve_and_are_reused(tmp_path, monkeypatch):
-    import prompt_store.format as fmt
-    from prompt_store.backend import LocalBackend
-    from prompt_store.store import PromptStore
-    from prompt_store.types import ModelInfo
+    import softserve.store.format as fmt
+    from softserve.store.backend import LocalBackend
+    from softserve.store.store import PromptStore
+    from softserve.store.types import ModelInfo
 
     store = PromptStore(LocalBackend(tmp_path / "data"), ModelInfo("tiny", 64, 2, 4))
     blob = save({"prompt_embeddings": torch.randn(4, 64)})
@@ -372,7 +372,7 @@ def test_huge_integer_in_a_json_body_is_400(client):
 def test_jsonl_strings_may_hold_unicode_line_separators(separator):
     import json
 
-    from server.tuning.data import parse_jsonl
+    from softserve.tuning.data import parse_jsonl
 
     lines = [json.dumps({"prompt": f"a{separator}b", "completion": f" c{separator}d"}, ensure_ascii=False),
              json.dumps({"prompt": "x", "completion": " y"}), ""]

@@ -9,9 +9,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from server.service.runtime import LoadedModel
-from server.app import create_app
-from server.config import Settings
+from softserve.service.runtime import LoadedModel
+from softserve.app import create_app
+from softserve.config import Settings
 
 
 @pytest.fixture()
@@ -170,8 +170,8 @@ def test_engine_loop_death_turns_ready_503_and_reports(client):
 def test_queue_limits_return_429_with_retry_after(tiny_model, tokenizer, tmp_path):
     import asyncio
 
-    from server.engine.request import Request, SamplingParams
-    from server.engine.scheduler import QueueFullError
+    from softserve.engine.request import Request, SamplingParams
+    from softserve.engine.scheduler import QueueFullError
 
     settings = Settings(store=str(tmp_path / "s"), max_queue=4, max_queue_per_tenant=2, max_model_len=256)
     app = create_app(settings, loaded=LoadedModel(tiny_model, tokenizer, "tiny"))

@@ -1,4 +1,4 @@
-"""Live end-to-end tests: the real embedded SmolLM2 behind `python -m server serve`, driven by the
+"""Live end-to-end tests: the real embedded SmolLM2 behind `python -m softserve serve`, driven by the
 official `openai` client and raw httpx. One server for the whole module (~20 s to load on CPU)."""
 
 from __future__ import annotations

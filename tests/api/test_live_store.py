@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from server.service.auth import add_key
+from softserve.service.auth import add_key
 from tests.support.live_server import (
     TINY_HIDDEN, LiveServer, adapter_config, assert_openai_error, iter_sse, multipart_body, prompt_bytes,
     tiny_model_dir, upload,

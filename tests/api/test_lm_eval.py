@@ -15,8 +15,8 @@ import textwrap
 import httpx
 import pytest
 
-from server.client import Client
-from server.evaluation import evaluate, load_eval_data
+from softserve.client import Client
+from softserve.evaluation import evaluate, load_eval_data
 from tests.support.live_server import REPO_ROOT, TINY_HIDDEN, LiveServer, prompt_bytes, tiny_model_dir, upload
 
 pytestmark = [pytest.mark.lmeval, pytest.mark.process]

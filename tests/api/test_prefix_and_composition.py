@@ -16,13 +16,13 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load, save
 
-from prompt_store.compose import compose_meta, composed_sha256
-from prompt_store.format import parse_upload
-from prompt_store.types import ModelInfo, PromptMeta, PromptValidationError
-from server.service.runtime import LoadedModel
-from server.app import create_app
-from server.service.auth import add_key
-from server.config import Settings
+from softserve.store.compose import compose_meta, composed_sha256
+from softserve.store.format import parse_upload
+from softserve.store.types import ModelInfo, PromptMeta, PromptValidationError
+from softserve.service.runtime import LoadedModel
+from softserve.app import create_app
+from softserve.service.auth import add_key
+from softserve.config import Settings
 
 # The tiny model: 2 layers, hidden 64, 4 query heads, 2 KV heads -> head_dim 16, prefix width 2*2*2*16 = 128.
 TINY = ModelInfo(name="tiny", hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=None)

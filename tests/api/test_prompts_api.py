@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from prompt_store.backend import LocalBackend
-from prompt_store.cache import PromptCache
-from prompt_store.store import PromptStore
-from server.api import deps
-from server.api.errors import install_error_handlers
-from server.api.prompts import router as prompts_router
-from server.service.auth import ApiKeyRegistry, add_key
+from softserve.store.backend import LocalBackend
+from softserve.store.cache import PromptCache
+from softserve.store.store import PromptStore
+from softserve.api import deps
+from softserve.api.errors import install_error_handlers
+from softserve.api.prompts import router as prompts_router
+from softserve.service.auth import ApiKeyRegistry, add_key
 from tests.support.prompts import CFG, H, MODEL, blob, tensor
 
 

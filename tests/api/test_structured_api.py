@@ -10,9 +10,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from server.service.runtime import LoadedModel
-from server.app import create_app
-from server.config import Settings
+from softserve.service.runtime import LoadedModel
+from softserve.app import create_app
+from softserve.config import Settings
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "Classify: great film"}]

@@ -16,13 +16,13 @@ pytestmark = pytest.mark.process
 
 def softserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SOFTSERVE_")}
-    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "softserve", *args], capture_output=True, text=True, timeout=120,
                           env={**clean, **(env or {})})
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer):
-    from server.service.auth import add_key
+    from softserve.service.auth import add_key
 
     root = tmp_path_factory.mktemp("cli")
     keys = root / "keys.yaml"
@@ -47,7 +47,7 @@ def test_keys_add_prints_a_key_once_and_stores_only_its_hash(tmp_path):
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip()
     assert key.startswith("sk-ss-") and key not in keys.read_text()
-    from server.service.auth import ApiKeyRegistry
+    from softserve.service.auth import ApiKeyRegistry
 
     principal = ApiKeyRegistry.load(keys).authenticate(f"Bearer {key}")
     assert principal is not None and principal.tenant == "acme" and not principal.is_admin
@@ -97,8 +97,8 @@ def test_push_of_a_directory_without_the_adapter_file_says_so(server, tmp_path):
 
 
 def test_eval_against_the_server_equals_the_library(server, adapter, tmp_path):
-    from server.client import Client
-    from server.evaluation import evaluate, load_eval_data
+    from softserve.client import Client
+    from softserve.evaluation import evaluate, load_eval_data
 
     url = ["--url", server.url, "--api-key", server.key]
     assert softserve("prompts", *url, "push", str(adapter), "--name", "eval-task").returncode == 0

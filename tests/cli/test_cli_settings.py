@@ -9,8 +9,8 @@ from typing import Literal
 import pytest
 from pydantic import Field
 
-from server.cli import build_parser
-from server.config import ClientSettings, Settings, add_settings_flags, settings_from_args
+from softserve.cli import build_parser
+from softserve.config import ClientSettings, Settings, add_settings_flags, settings_from_args
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -88,7 +88,7 @@ def test_bad_values_are_refused_by_the_parser(argv, capsys):
 
 
 def test_out_of_range_value_exits_with_the_field_named(capsys):
-    from server.cli import main
+    from softserve.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--max-batch-size", "0"])
@@ -138,7 +138,7 @@ def test_client_commands_read_url_and_key_from_client_settings(monkeypatch):
 
 
 def test_engine_defaults_are_the_settings_defaults():
-    from server.engine.config import EngineConfig, SchedulerConfig
+    from softserve.engine.config import EngineConfig, SchedulerConfig
 
     defaults = Settings()
     scheduler = SchedulerConfig()
@@ -151,8 +151,8 @@ def test_engine_defaults_are_the_settings_defaults():
 def test_tuning_defaults_are_one_set_for_the_cli_and_the_api():
     import dataclasses
 
-    from server.service.tuning import TuningJobRequest
-    from server.tuning.config import TuningConfig
+    from softserve.service.tuning import TuningJobRequest
+    from softserve.tuning.config import TuningConfig
 
     config = TuningConfig()
     api_fields = TuningJobRequest.model_fields

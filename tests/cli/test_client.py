@@ -1,4 +1,4 @@
-"""`server.client`: against a live tiny-model server (sync + async, prompts, typed errors, auth) and
+"""`softserve.client`: against a live tiny-model server (sync + async, prompts, typed errors, auth) and
 against a local stub HTTP server (retries, Retry-After, headers, timeouts, in-stream errors, tuning)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import httpx
 import pytest
 import torch
 
-from server import client as C
-from server.api.prompts import PromptDeleted, PromptInfo, PromptUploadResponse
-from server.api.schemas import ChatCompletionResponse, CompletionResponse, ModelList
-from server.service.auth import add_key
+from softserve import client as C
+from softserve.api.prompts import PromptDeleted, PromptInfo, PromptUploadResponse
+from softserve.api.schemas import ChatCompletionResponse, CompletionResponse, ModelList
+from softserve.service.auth import add_key
 from tests.support.live_server import TINY_HIDDEN, LiveServer, adapter_config, free_port, prompt_tensor, tiny_model_dir
 
 K = 4
@@ -391,5 +391,5 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, server.client; assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
+    code = "import sys, softserve.client; assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

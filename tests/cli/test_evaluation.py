@@ -11,11 +11,11 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save
 
-from server.service.runtime import LoadedModel
-from server.app import create_app
-from server.client import Client
-from server.config import Settings
-from server.evaluation import EvalDataError, evaluate, load_eval_data
+from softserve.service.runtime import LoadedModel
+from softserve.app import create_app
+from softserve.client import Client
+from softserve.config import Settings
+from softserve.evaluation import EvalDataError, evaluate, load_eval_data
 
 ITEMS = [
     {"prompt": "Review: I loved it.\nSentiment:", "choices": [" positive", " negative"], "answer": 0},
@@ -101,10 +101,10 @@ def test_bad_eval_data_names_the_line(tmp_path, line, message):
 
 @pytest.mark.process
 def test_eval_cli_help_and_bad_file(tmp_path):
-    help_text = subprocess.run([sys.executable, "-m", "server", "eval", "--help"], capture_output=True, text=True)
+    help_text = subprocess.run([sys.executable, "-m", "softserve", "eval", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--data" in help_text.stdout and "log-likelihood" in help_text.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{}\n")
-    run = subprocess.run([sys.executable, "-m", "server", "eval", "--model", "m", "--data", str(bad)],
+    run = subprocess.run([sys.executable, "-m", "softserve", "eval", "--model", "m", "--data", str(bad)],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "line 1" in run.stderr

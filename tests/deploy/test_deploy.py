@@ -306,7 +306,7 @@ def test_k8s_queue_depth_hpa_example():
     assert hpa["metadata"]["namespace"] == "softserve"  # the gpu overlay adds no namespace of its own
     assert hpa["spec"]["scaleTargetRef"]["name"] == "softserve"
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "softserve_queue_depth"
-    assert "softserve_queue_depth" in (REPO / "server" / "metrics.py").read_text()  # the gauge exists
+    assert "softserve_queue_depth" in (REPO / "softserve" / "metrics.py").read_text()  # the gauge exists
 
 
 def test_deploy_readme_linked():

@@ -101,7 +101,7 @@ def cluster(seaweed, tiny_model, tmp_path_factory):
     try:
         for name in ("a", "b"):
             port = free_port()
-            cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
+            cmd = [sys.executable, "-m", "softserve", "serve", "--host", "127.0.0.1", "--port", str(port),
                    "--model", str(tiny_model), "--store", store, "--s3-endpoint-url", seaweed.endpoint_url,
                    "--store-revalidate-seconds", str(REVALIDATE_S), "--max-model-len", "256",
                    "--max-batch-size", "4", "--log-level", "warning"]

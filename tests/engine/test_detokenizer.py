@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.engine.detokenizer import Detokenizer
+from softserve.engine.detokenizer import Detokenizer
 
 TEXT = "Café 😀 — 中文字符 and emoji 🎉🎉 done."
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tests.support.engine_utils import make_engine, make_prompt, make_request, reference_greedy, run
-from server.engine.request import FinishReason
+from softserve.engine.request import FinishReason
 
 HIDDEN = 64
 
@@ -162,7 +162,7 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(tiny_model, tok
 
 
 def test_sampling_error_fails_only_that_request(tiny_model, tokenizer, monkeypatch):
-    import server.engine.model_runner as runner_module
+    import softserve.engine.model_runner as runner_module
 
     real_sample = runner_module.sample
 

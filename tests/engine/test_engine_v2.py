@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from tests.support.engine_utils import make_prompt, make_request, reference_greedy, run
-from server.engine.config import EngineConfig, SchedulerConfig
-from server.engine.engine import LLMEngine
-from server.engine.kv_cache import KVPool
+from softserve.engine.config import EngineConfig, SchedulerConfig
+from softserve.engine.engine import LLMEngine
+from softserve.engine.kv_cache import KVPool
 
 HIDDEN = 64
 
@@ -158,7 +158,7 @@ def test_prefix_tuning_rows_equal_peft_in_a_mixed_batch(tiny_model, tokenizer, t
     from peft import PeftModel, PrefixTuningConfig, get_peft_model
     from safetensors.torch import load_file
 
-    from server.engine.request import SoftPrompt, SoftPromptRef
+    from softserve.engine.request import SoftPrompt, SoftPromptRef
 
     base = copy.deepcopy(tiny_model)
     adapters = {}
@@ -199,7 +199,7 @@ def test_prefix_tuning_rows_equal_peft_in_a_mixed_batch(tiny_model, tokenizer, t
 def test_wrong_prompt_shape_is_refused_at_add_not_in_the_batch(tiny_model, tokenizer):
     import torch
 
-    from server.engine.request import SoftPrompt, SoftPromptRef
+    from softserve.engine.request import SoftPrompt, SoftPromptRef
 
     engine = engine_with(tiny_model, tokenizer)
     bad = SoftPrompt(SoftPromptRef("bad", "v", "sha-bad", 4), torch.zeros(4, 63), kind="prefix_tuning")

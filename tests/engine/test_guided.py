@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.support.engine_utils import make_engine, make_prompt, make_request
-from server.engine.guided import GuidedSpecError, advance_guided, attach_guided_state, grammar_for
-from server.engine.request import GuidedSpec
-from server.engine.sampler import apply_guided_masks
+from softserve.engine.guided import GuidedSpecError, advance_guided, attach_guided_state, grammar_for
+from softserve.engine.request import GuidedSpec
+from softserve.engine.sampler import apply_guided_masks
 
 SCHEMA = {
     "type": "object",

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from server.engine.kv_allocator import KVAllocator
+from softserve.engine.kv_allocator import KVAllocator
 
 
 def test_first_fit_and_coalescing_restore_one_free_run():

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 
 from tests.support.engine_utils import make_engine, run
 from tests.support.peft_reference import PROMPTS, peft_greedy
-from server.service.runtime import LoadedModel
-from server.app import create_app
-from server.config import Settings
-from server.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
+from softserve.service.runtime import LoadedModel
+from softserve.app import create_app
+from softserve.config import Settings
+from softserve.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
 
 MAX_TOKENS = 12
 

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load, save_file
 
 from tests.support.engine_utils import make_engine, run
-from prompt_store.compose import composed_sha256
-from server.service.runtime import LoadedModel
-from server.app import create_app
-from server.config import Settings
-from server.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
+from softserve.store.compose import composed_sha256
+from softserve.service.runtime import LoadedModel
+from softserve.app import create_app
+from softserve.config import Settings
+from softserve.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
 from tests.support.peft_reference import PROMPTS, peft_greedy
 
 N_TOKENS = 8  # greedy tokens per row (the PEFT reference recomputes the whole sequence per token)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.config import SchedulerConfig
-from server.engine.request import ErrorKind, FinishReason, Request, SamplingParams
-from server.engine.scheduler import QueueFullError, RunnerOutput, Scheduler
+from softserve.engine.config import SchedulerConfig
+from softserve.engine.request import ErrorKind, FinishReason, Request, SamplingParams
+from softserve.engine.scheduler import QueueFullError, RunnerOutput, Scheduler
 
 EOS = 2
 
@@ -89,7 +89,7 @@ def test_full_kv_pool_makes_admission_wait_and_finishing_frees_it():
 
 
 def _prompted(rid: str, sha: str, k: int = 4, **sampling) -> Request:
-    from server.engine.request import SoftPrompt, SoftPromptRef
+    from softserve.engine.request import SoftPrompt, SoftPromptRef
 
     r = req(rid, **sampling)
     r.soft_prompt = SoftPrompt(SoftPromptRef(name="p", version="v", sha256=sha, num_virtual_tokens=k), embeddings=None)

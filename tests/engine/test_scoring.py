@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.support.engine_utils import make_engine, make_request
-from server.engine.request import SoftPrompt, SoftPromptRef
+from softserve.engine.request import SoftPrompt, SoftPromptRef
 
 TEXTS = ["The capital of France is Paris", "1, 2, 3, 4, 5", "Hello", "A much longer prompt about the sea and the sky"]
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from prompt_store.types import PromptNotFound, PromptValidationError
-from server.service.auth import ApiKeyRegistry, Principal, add_key
-from server.service.tenancy import can_write, parse_reference as tenant_for_model
+from softserve.store.types import PromptNotFound, PromptValidationError
+from softserve.service.auth import ApiKeyRegistry, Principal, add_key
+from softserve.service.tenancy import can_write, parse_reference as tenant_for_model
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

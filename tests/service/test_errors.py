@@ -1,5 +1,5 @@
 """Typed errors end to end: the engine reports an ErrorKind, the service raises a typed error, and
-server/api/errors.py alone decides the HTTP status. No layer reads another's message text."""
+softserve/api/errors.py alone decides the HTTP status. No layer reads another's message text."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from prompt_store.types import PromptCacheFull, PromptNotFound, PromptStoreError, PromptValidationError
-from server.api.errors import STATUS_BY_ERROR, http_headers, http_status
-from server.app import create_app
-from server.config import Settings
-from server.engine.request import ErrorKind, FinishReason, RequestOutput
-from server.service import errors as E
-from server.service.generation import generation_error
-from server.service.runtime import LoadedModel
+from softserve.store.types import PromptCacheFull, PromptNotFound, PromptStoreError, PromptValidationError
+from softserve.api.errors import STATUS_BY_ERROR, http_headers, http_status
+from softserve.app import create_app
+from softserve.config import Settings
+from softserve.engine.request import ErrorKind, FinishReason, RequestOutput
+from softserve.service import errors as E
+from softserve.service.generation import generation_error
+from softserve.service.runtime import LoadedModel
 
 
 def test_every_service_error_has_an_http_status():

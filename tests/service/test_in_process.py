@@ -7,13 +7,13 @@ import asyncio
 
 import pytest
 
-from server.config import Settings
-from server.engine.request import SamplingParams
-from server.service import prompts as prompt_service
-from server.service.auth import ApiKeyRegistry, Principal
-from server.service.errors import InvalidRequest, NotFound
-from server.service.generation import build_requests, collect, resolve_model
-from server.service.runtime import LoadedModel, Runtime
+from softserve.config import Settings
+from softserve.engine.request import SamplingParams
+from softserve.service import prompts as prompt_service
+from softserve.service.auth import ApiKeyRegistry, Principal
+from softserve.service.errors import InvalidRequest, NotFound
+from softserve.service.generation import build_requests, collect, resolve_model
+from softserve.service.runtime import LoadedModel, Runtime
 from tests.support.engine_utils import reference_greedy
 from tests.support.live_server import adapter_config, prompt_bytes
 

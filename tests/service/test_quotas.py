@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from fastapi.testclient import TestClient
 
-from server.service.runtime import LoadedModel
-from server.app import create_app
-from server.service.auth import add_key
-from server.config import Settings
+from softserve.service.runtime import LoadedModel
+from softserve.app import create_app
+from softserve.service.auth import add_key
+from softserve.config import Settings
 from tests.support.prompts import CFG, blob
 
 
@@ -51,8 +51,8 @@ def test_one_tenant_cannot_fill_the_tuning_queue(two_tenants):
 
 
 def test_per_tenant_inference_queue_limit_is_on_by_default(tiny_model, tokenizer, tmp_path):
-    from server.engine.request import Request, SamplingParams
-    from server.engine.scheduler import QueueFullError
+    from softserve.engine.request import Request, SamplingParams
+    from softserve.engine.scheduler import QueueFullError
 
     defaults = Settings()
     assert 0 < defaults.max_queue_per_tenant < defaults.max_queue
@@ -77,7 +77,7 @@ def test_per_tenant_inference_queue_limit_is_on_by_default(tiny_model, tokenizer
 
 # ---- 12. rate limits per tenant: requests/s and tokens/min, 429 with Retry-After, in the metrics -----------
 def test_token_bucket_refills_at_its_rate():
-    from server.service.ratelimit import TokenBucket
+    from softserve.service.ratelimit import TokenBucket
 
     bucket = TokenBucket(rate=2.0, capacity=4.0, now=0.0)
     assert [bucket.take(1, 0.0) for _ in range(4)] == [0.0] * 4
@@ -126,7 +126,7 @@ def test_stale_temp_files_are_removed_at_start_fresh_ones_kept(tiny_model, token
     import os
     import time
 
-    from prompt_store.backend import LocalBackend
+    from softserve.store.backend import LocalBackend
 
     store = tmp_path / "store"
     blobs = store / "blobs" / "sha256"

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from prompt_store.cache import PromptCache
-from prompt_store.format import content_sha256
-from prompt_store.types import PromptCacheFull, PromptMeta
+from softserve.store.cache import PromptCache
+from softserve.store.format import content_sha256
+from softserve.store.types import PromptCacheFull, PromptMeta
 
 H = 8
 ROW = H * 4  # bytes per virtual token in float32

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from prompt_store.backend import MemoryBackend
-from prompt_store.format import content_sha256, export_adapter, parse_upload
-from prompt_store.store import PromptStore
-from prompt_store.types import PromptValidationError
+from softserve.store.backend import MemoryBackend
+from softserve.store.format import content_sha256, export_adapter, parse_upload
+from softserve.store.store import PromptStore
+from softserve.store.types import PromptValidationError
 from tests.support.prompts import H, MODEL
 
 peft = pytest.importorskip("peft")

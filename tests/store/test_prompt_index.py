@@ -1,4 +1,4 @@
-"""The per-tenant listing index (prompt_store/index.py): it equals the heads after every kind of write,
+"""The per-tenant listing index (softserve/store/index.py): it equals the heads after every kind of write,
 concurrent writers (threads, and two PromptStore "replicas" on one backend) never lose an entry, a writer
 that dies between its head write and its index update is repaired by the GC without listing ever failing,
 an old store without an index lists correctly, and GET /v1/prompts pages over it (limit/after/has_more)."""
@@ -14,18 +14,18 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from prompt_store import index as index_mod
-from prompt_store import keys
-from prompt_store.backend import LocalBackend, MemoryBackend
-from prompt_store.gc import collect_garbage
-from prompt_store.index import SHARDS, listing_record, shard_of
-from prompt_store.store import PromptStore
-from prompt_store.types import PromptNotFound
-from server.api import deps
-from server.api.errors import install_error_handlers
-from server.api.prompts import router as prompts_router
-from server.client import AsyncClient, Client
-from server.service.auth import ApiKeyRegistry, add_key
+from softserve.store import index as index_mod
+from softserve.store import keys
+from softserve.store.backend import LocalBackend, MemoryBackend
+from softserve.store.gc import collect_garbage
+from softserve.store.index import SHARDS, listing_record, shard_of
+from softserve.store.store import PromptStore
+from softserve.store.types import PromptNotFound
+from softserve.api import deps
+from softserve.api.errors import install_error_handlers
+from softserve.api.prompts import router as prompts_router
+from softserve.client import AsyncClient, Client
+from softserve.service.auth import ApiKeyRegistry, add_key
 from tests.support.concurrency import run_together
 from tests.support.prompts import CFG, MODEL, blob
 

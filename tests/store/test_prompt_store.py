@@ -8,10 +8,10 @@ import uuid
 import pytest
 import torch
 
-from prompt_store import format as fmt
-from prompt_store.backend import LocalBackend, MemoryBackend
-from prompt_store.store import PromptStore
-from prompt_store.types import PromptIntegrityError, PromptNotFound, PromptValidationError
+from softserve.store import format as fmt
+from softserve.store.backend import LocalBackend, MemoryBackend
+from softserve.store.store import PromptStore
+from softserve.store.types import PromptIntegrityError, PromptNotFound, PromptValidationError
 from tests.support.concurrency import run_together
 from tests.support.prompts import CFG, MODEL, blob
 
@@ -23,7 +23,7 @@ def make_backend(request, tmp_path):
     if request.param == "local":
         return lambda: LocalBackend(tmp_path / "d")
     seaweed = request.getfixturevalue("seaweed")
-    from prompt_store.s3_backend import S3Backend
+    from softserve.store.s3_backend import S3Backend
 
     prefix = f"store-tests/{uuid.uuid4().hex[:16]}"
     return lambda: S3Backend(seaweed.bucket, prefix, client=seaweed.client())
@@ -251,6 +251,6 @@ def test_local_backend_never_exposes_temp_files(tmp_path, monkeypatch):
 
 
 def test_memory_backend_matches_protocol():
-    from prompt_store.backend import StorageBackend
+    from softserve.store.backend import StorageBackend
 
     assert isinstance(MemoryBackend(), StorageBackend) and isinstance(LocalBackend.__new__(LocalBackend), StorageBackend)

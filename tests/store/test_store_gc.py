@@ -1,4 +1,4 @@
-"""Store garbage collection (issue #17 item 10) and the keyspaces prompt_store owns (issue #15): unreferenced
+"""Store garbage collection (issue #17 item 10) and the keyspaces softserve.store owns (issue #15): unreferenced
 blobs, orphan manifests and stale temp/lock files go after a grace period; nothing referenced or young does,
 also when an upload re-uses an old unreferenced blob while the GC runs; usage records are recounted."""
 
@@ -11,11 +11,11 @@ import uuid
 
 import pytest
 
-from prompt_store import keys
-from prompt_store.backend import LocalBackend, MemoryBackend
-from prompt_store.gc import collect_garbage
-from prompt_store.store import PromptStore
-from prompt_store.usage import Usage
+from softserve.store import keys
+from softserve.store.backend import LocalBackend, MemoryBackend
+from softserve.store.gc import collect_garbage
+from softserve.store.store import PromptStore
+from softserve.store.usage import Usage
 from tests.support.prompts import CFG, H, MODEL, blob
 
 GRACE = 3600.0
@@ -68,9 +68,9 @@ def test_every_key_is_built_by_prompt_store_keys_with_the_existing_strings():
 
 
 def test_no_module_outside_prompt_store_keys_spells_a_store_key():
-    """files.py and persist.py (and the store) build keys through prompt_store.keys only."""
+    """files.py and persist.py (and the store) build keys through softserve.store.keys only."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    for rel in ("prompt_store/store.py", "server/tuning/files.py", "server/tuning/persist.py", "server/tuning/jobs.py"):
+    for rel in ("softserve/store/store.py", "softserve/tuning/files.py", "softserve/tuning/persist.py", "softserve/tuning/jobs.py"):
         code = "\n".join(line for line in open(os.path.join(root, rel)).read().splitlines()
                          if not line.lstrip().startswith(("#", "tenants/", "tuning/active")))
         for literal in ('"tenants/', 'f"tenants/', '"tuning/active', '"blobs/'):
@@ -248,7 +248,7 @@ def test_local_lock_survives_its_file_being_collected(tmp_path):
 
 
 def test_cli_store_gc_dry_run_and_run(tmp_path, capsys):
-    from server.cli import main
+    from softserve.cli import main
 
     backend = LocalBackend(tmp_path / "store")
     backend.put(keys.blob("0" * 64), blob(3))
@@ -265,7 +265,7 @@ def test_cli_store_gc_dry_run_and_run(tmp_path, capsys):
 @pytest.mark.process
 def test_gc_on_s3(seaweed):
     """The same on a real S3 server (LastModified from ListObjectsV2, HeadObject before each delete)."""
-    from prompt_store.s3_backend import S3Backend
+    from softserve.store.s3_backend import S3Backend
 
     backend = S3Backend(seaweed.bucket, f"gc-tests/{uuid.uuid4().hex[:16]}", client=seaweed.client())
     store = PromptStore(backend, MODEL)
@@ -285,7 +285,7 @@ def test_gc_on_s3(seaweed):
 @pytest.mark.parametrize("gc_runs", ["after_finding_the_blob", "after_rewriting_the_blob"])
 def test_upload_reusing_an_old_blob_while_gc_runs_on_s3(seaweed, gc_runs):
     """The re-used-old-blob race on a real S3 server: the GC runs (grace 2 s) inside B's upload."""
-    from prompt_store.s3_backend import S3Backend
+    from softserve.store.s3_backend import S3Backend
 
     runs = []
 
@@ -313,9 +313,9 @@ def test_upload_reusing_an_old_blob_while_gc_runs_on_s3(seaweed, gc_runs):
 def test_server_runs_gc_periodically_and_counts_it_in_metrics(tiny_model, tokenizer, tmp_path):
     from fastapi.testclient import TestClient
 
-    from server.service.runtime import LoadedModel
-    from server.app import create_app
-    from server.config import Settings
+    from softserve.service.runtime import LoadedModel
+    from softserve.app import create_app
+    from softserve.config import Settings
 
     assert Settings().store_gc_interval_seconds == 0  # off unless asked for: one replica (or cron) is enough
     backend = LocalBackend(tmp_path / "store")

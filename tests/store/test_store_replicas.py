@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 
-from prompt_store.backend import ConditionalBackend, LocalBackend, MemoryBackend, open_backend
-from prompt_store.store import PromptStore
-from prompt_store.types import PromptNotFound
+from softserve.store.backend import ConditionalBackend, LocalBackend, MemoryBackend, open_backend
+from softserve.store.store import PromptStore
+from softserve.store.types import PromptNotFound
 from tests.support.prompts import CFG, MODEL, blob
 
 TTL = 0.6
@@ -26,7 +26,7 @@ def make_backend(request, tmp_path):
     if request.param == "local":
         return lambda: LocalBackend(tmp_path / "d")
     seaweed = request.getfixturevalue("seaweed")
-    from prompt_store.s3_backend import S3Backend
+    from softserve.store.s3_backend import S3Backend
 
     prefix = f"replica-tests/{uuid.uuid4().hex[:16]}"
     return lambda: S3Backend(seaweed.bucket, prefix, client=seaweed.client())
@@ -266,7 +266,7 @@ def test_open_backend_urls(tmp_path):
 
 @pytest.mark.process
 def test_open_backend_s3(seaweed, monkeypatch):
-    from prompt_store.s3_backend import S3Backend
+    from softserve.store.s3_backend import S3Backend
 
     for k, v in seaweed.env().items():
         monkeypatch.setenv(k, v)
@@ -277,7 +277,7 @@ def test_open_backend_s3(seaweed, monkeypatch):
     m, _ = store.put("acme", "p", blob(1), CFG)
     assert store.resolve("acme", "p") == m
     # Endpoint from SOFTSERVE_S3_ENDPOINT_URL, as the docs say (read by the settings, the one place env is read).
-    from server.config import Settings
+    from softserve.config import Settings
 
     monkeypatch.setenv("SOFTSERVE_S3_ENDPOINT_URL", seaweed.endpoint_url)
     b2 = open_backend(f"s3://{seaweed.bucket}/{b.prefix}", s3_endpoint_url=Settings().s3_endpoint_url)
@@ -288,7 +288,7 @@ def test_s3_unreachable_is_503(monkeypatch):
     pytest.importorskip("boto3")
     from tests.support.s3_server import free_port
 
-    from prompt_store.s3_backend import S3Backend, StorageUnavailable
+    from softserve.store.s3_backend import S3Backend, StorageUnavailable
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
@@ -301,7 +301,7 @@ def test_s3_unreachable_is_503(monkeypatch):
 
 @pytest.mark.process
 def test_s3_wrong_credentials_is_503(seaweed):
-    from prompt_store.s3_backend import S3Backend, StorageUnavailable
+    from softserve.store.s3_backend import S3Backend, StorageUnavailable
 
     import boto3
 

@@ -7,9 +7,9 @@ import itertools
 
 import torch
 
-from server.engine.config import EngineConfig, SchedulerConfig
-from server.engine.engine import LLMEngine
-from server.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
+from softserve.engine.config import EngineConfig, SchedulerConfig
+from softserve.engine.engine import LLMEngine
+from softserve.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
 
 _ids = itertools.count()
 

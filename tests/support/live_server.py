@@ -1,4 +1,4 @@
-"""Helpers for live-server integration tests: run `python -m server serve` as a real subprocess.
+"""Helpers for live-server integration tests: run `python -m softserve serve` as a real subprocess.
 
 - `LiveServer` starts the CLI on a free 127.0.0.1 port, waits for `/ready`, and stops exactly the
   process it started (by PID: SIGTERM, wait, SIGKILL if needed). It never signals anything else.
@@ -96,7 +96,7 @@ class LiveServer:
 
     # ---- life cycle -----------------------------------------------------------------------------
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "server", "serve", "--port", str(self.port), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "softserve", "serve", "--port", str(self.port), "--host", "127.0.0.1",
                "--store", str(self.store)]
         if self.model is not None:
             cmd += ["--model", str(self.model)]

@@ -7,7 +7,7 @@ import json
 import torch
 from safetensors.torch import save as st_save
 
-from prompt_store.types import ModelInfo
+from softserve.store.types import ModelInfo
 
 H = 64  # hidden size of the tiny model these prompts fit
 MODEL = ModelInfo(name="tiny-llama", hidden_size=H, num_layers=2, num_attention_heads=4)

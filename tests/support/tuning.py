@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from server.tuning.data import parse_records, tokenize_examples
+from softserve.tuning.data import parse_records, tokenize_examples
 
 WORDS = "apple river stone cloud tiger lemon violin candle forest mirror pepper rocket".split()
 

@@ -8,10 +8,10 @@ from fastapi.testclient import TestClient
 
 @pytest.fixture
 def api(tiny_model, tokenizer, tmp_path):
-    from server.service.runtime import LoadedModel
-    from server.app import create_app
-    from server.service.auth import add_key
-    from server.config import Settings
+    from softserve.service.runtime import LoadedModel
+    from softserve.app import create_app
+    from softserve.service.auth import add_key
+    from softserve.config import Settings
 
     keyfile = tmp_path / "keys.yaml"
     keys = {"a": add_key(keyfile, "acme"), "b": add_key(keyfile, "beta")}

@@ -20,11 +20,11 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from prompt_store import keys
-from prompt_store.backend import LocalBackend
-from prompt_store.store import PromptStore
-from server.tuning.config import TuningConfig
-from server.tuning.persist import JobStore
+from softserve.store import keys
+from softserve.store.backend import LocalBackend
+from softserve.store.store import PromptStore
+from softserve.tuning.config import TuningConfig
+from softserve.tuning.persist import JobStore
 
 WORDS = "apple river stone cloud tiger lemon violin candle forest mirror pepper rocket".split()
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -62,8 +62,8 @@ def test_finished_index_keys():
 
 # ---- through the manager (no HTTP) ---------------------------------------------------------------------
 def make_manager(model, tokenizer, root, **kw):
-    from server.tuning.export import model_info
-    from server.tuning.jobs import TuningManager
+    from softserve.tuning.export import model_info
+    from softserve.tuning.jobs import TuningManager
 
     store_kw = {k: kw.pop(k) for k in ("max_prompts_per_tenant",) if k in kw}
     store = PromptStore(LocalBackend(root), model_info(model, "tiny"), revalidate_seconds=0, **store_kw)
@@ -71,8 +71,8 @@ def make_manager(model, tokenizer, root, **kw):
 
 
 def submit(manager, *, tenant: str = "acme", name: str = "kept", steps: int = 6, checkpoint_every: int = 2) -> str:
-    from server.tuning.job import new_job_id
-    from server.tuning.records import new_record
+    from softserve.tuning.job import new_job_id
+    from softserve.tuning.records import new_record
 
     cfg = TuningConfig(num_virtual_tokens=3, init="vocab", steps=steps, batch_size=4, micro_batch_size=2,
                        learning_rate=0.1, seed=9, max_length=200)
@@ -272,10 +272,10 @@ def test_jobs_finished_before_the_index_are_indexed_once(tiny_model, tokenizer, 
 # ---- through the API ---------------------------------------------------------------------------------
 @pytest.fixture
 def api(tiny_model, tokenizer, tmp_path):
-    from server.app import create_app
-    from server.config import Settings
-    from server.service.auth import add_key
-    from server.service.runtime import LoadedModel
+    from softserve.app import create_app
+    from softserve.config import Settings
+    from softserve.service.auth import add_key
+    from softserve.service.runtime import LoadedModel
 
     keyfile = tmp_path / "keys.yaml"
     tokens = {"a": add_key(keyfile, "acme"), "b": add_key(keyfile, "beta")}

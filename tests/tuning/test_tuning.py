@@ -15,11 +15,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests.support.engine_utils import make_engine
-from server.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
-from server.tuning.data import DatasetError, parse_jsonl, parse_records, tokenize_examples
-from server.tuning.export import adapter_files, model_info, save_adapter
-from server.tuning.init import init_prompt, text_init_ids
-from server.tuning.trainer import PromptTuner, TuningConfig, greedy_generate
+from softserve.engine.request import Request, SamplingParams, SoftPrompt, SoftPromptRef
+from softserve.tuning.data import DatasetError, parse_jsonl, parse_records, tokenize_examples
+from softserve.tuning.export import adapter_files, model_info, save_adapter
+from softserve.tuning.init import init_prompt, text_init_ids
+from softserve.tuning.trainer import PromptTuner, TuningConfig, greedy_generate
 from tests.support.tuning import toy_data, toy_records, wait_for_job
 
 def param_digest(model) -> str:
@@ -301,9 +301,9 @@ def test_api_tuning_examples_fit_the_served_context_not_the_flag(tokenizer, tmp_
     the same cap (it used the uncapped flag, so examples the model cannot hold were trained on)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from server.service.runtime import LoadedModel
-    from server.app import create_app
-    from server.config import Settings
+    from softserve.service.runtime import LoadedModel
+    from softserve.app import create_app
+    from softserve.config import Settings
 
     torch.manual_seed(0)
     short = LlamaForCausalLM(LlamaConfig(
@@ -374,10 +374,10 @@ def test_cli_tune_writes_adapter_and_store_version(tokenizer, tmp_path, tmp_path
     from tests.support.live_server import tiny_model_dir
     from peft import PeftConfig
 
-    from prompt_store.backend import LocalBackend
-    from prompt_store.store import PromptStore
-    from prompt_store.types import ModelInfo
-    from server.cli import main
+    from softserve.store.backend import LocalBackend
+    from softserve.store.store import PromptStore
+    from softserve.store.types import ModelInfo
+    from softserve.cli import main
 
     model_dir = tiny_model_dir(tmp_path_factory, tokenizer)
     train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"

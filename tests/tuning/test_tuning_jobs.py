@@ -12,10 +12,10 @@ import pytest
 import torch
 from tests.support.tuning import toy_data, toy_records, wait_for_job
 
-from prompt_store.backend import LocalBackend, MemoryBackend
-from prompt_store.store import PromptStore
-from server.tuning.persist import JobStore
-from server.tuning.trainer import PromptTuner, TuningConfig
+from softserve.store.backend import LocalBackend, MemoryBackend
+from softserve.store.store import PromptStore
+from softserve.tuning.persist import JobStore
+from softserve.tuning.trainer import PromptTuner, TuningConfig
 
 
 # ---- trainer state ------------------------------------------------------------------------------------
@@ -204,16 +204,16 @@ def test_api_auto_hyperparameters_and_async_validation(api):
 
 # ---- restart: a new manager on the same store resumes ---------------------------------------------
 def _manager(model, tokenizer, root, **kw):
-    from server.tuning.export import model_info
-    from server.tuning.jobs import TuningManager
+    from softserve.tuning.export import model_info
+    from softserve.tuning.jobs import TuningManager
 
     store = PromptStore(LocalBackend(root), model_info(model, "tiny"), revalidate_seconds=0)
     return TuningManager(model, tokenizer, store, model_name="tiny", scan_seconds=0.05, **kw)
 
 
 def _submit(manager, steps: int):
-    from server.tuning.job import new_job_id
-    from server.tuning.records import new_record
+    from softserve.tuning.job import new_job_id
+    from softserve.tuning.records import new_record
 
     cfg = TuningConfig(num_virtual_tokens=3, init="vocab", steps=steps, batch_size=4, micro_batch_size=2,
                        learning_rate=0.1, seed=9, max_length=200)
@@ -275,7 +275,7 @@ def test_cli_tune_resume_equals_uninterrupted(tokenizer, tmp_path, tmp_path_fact
     from tests.support.live_server import tiny_model_dir
     from safetensors.torch import load_file
 
-    from server.cli import main
+    from softserve.cli import main
 
     model_dir = tiny_model_dir(tmp_path_factory, tokenizer)
     train = tmp_path / "train.jsonl"

@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from safetensors.torch import save
 
-from server.service.runtime import LoadedModel
-from server.app import create_app
-from server.service.auth import add_key
-from server.cli import build_parser
-from server.config import Settings
-from server.ui.routes import STATIC_DIR
-from server.ui.stats import StatsHistory
+from softserve.service.runtime import LoadedModel
+from softserve.app import create_app
+from softserve.service.auth import add_key
+from softserve.cli import build_parser
+from softserve.config import Settings
+from softserve.ui.routes import STATIC_DIR
+from softserve.ui.stats import StatsHistory
 
 
 def _blob(seed: int, k: int, hidden: int) -> bytes:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from server.service.auth import add_key
+from softserve.service.auth import add_key
 from tests.support.live_server import TINY_HIDDEN, LiveServer, adapter_config, prompt_bytes, tiny_model_dir, upload
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")

@@ -1,2 +1,0 @@
-"""The product without HTTP: the runtime, generation, prompt and tuning operations for a principal,
-tenancy, API keys, rate limits and typed errors. server/api is one way in; nothing here imports it."""

@@ -1,0 +1,3 @@
+from softserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""/v1/completions, /v1/chat/completions and /v1/models (OpenAI-compatible; SSE streaming)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from softserve.api import schemas as S
+from softserve.api.deps import PrincipalDep, RuntimeDep
+from softserve.api.errors import service_error_body
+from softserve.api.openai_params import check_supported, guided_spec, num_prompts, sampling_template
+from softserve.engine.request import GuidedSpec, TokenLogprob
+from softserve.service.errors import InvalidRequest, ServiceError
+from softserve.service.generation import (
+    Choice, Tracker, apply_delta, build_requests, check_fan_out, collect, compile_guided, finish_reason_str,
+    resolve_model, stream_outputs,
+)
+from softserve.service.runtime import Runtime
+from softserve.service.tenancy import display_prefix, visible_prompts
+
+
+def _usage(prompts: list[list[int]], choices: list[Choice], num_virtual: int) -> S.Usage:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(c.num_output_tokens for c in choices)
+    return S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens, virtual_tokens=num_virtual * len(prompts))
+
+
+def _completion_logprobs(items: list[TokenLogprob], start_offset: int = 0,
+                         echoed: list[tuple[str, float | None, dict | None]] = ()) -> S.CompletionLogprobs:
+    """OpenAI's completion logprobs; `echoed` (token, logprob, top) rows for the prompt come first."""
+    out = S.CompletionLogprobs()
+    rows = list(echoed) + [(i.token, i.logprob, _top_dict(i.top)) for i in items]
+    offset = start_offset
+    for token, logprob, top in rows:
+        out.tokens.append(token)
+        out.token_logprobs.append(logprob)
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+def _top_dict(top) -> dict[str, float] | None:
+    # A grammar mask leaves forbidden tokens at -inf: they are not alternatives (and not valid JSON).
+    return {tok: lp for _, tok, lp in top if math.isfinite(lp)} if top else None
+
+
+def _echoed_rows(tokenizer, prompt_ids: list[int], entries, top_n: int) -> list[tuple[str, float | None, dict | None]]:
+    """Prompt rows for echo + logprobs: the first token has no logprob (nothing precedes it)."""
+    rows = []
+    for token_id, entry in zip(prompt_ids, entries or [None] * len(prompt_ids)):
+        if entry is None:
+            text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            rows.append((text, None, None))
+        else:
+            rows.append((entry.token, entry.logprob, {tok: lp for _, tok, lp in entry.top[:top_n]} if top_n else None))
+    return rows
+
+
+def _vllm_prompt_logprobs(entries, top_n: int) -> list[dict[str, S.PromptLogprob] | None] | None:
+    """vLLM's prompt_logprobs: per position {token_id: {logprob, rank, decoded_token}}, the token itself + top-N."""
+    if entries is None:
+        return None
+    out: list[dict[str, S.PromptLogprob] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        position = {str(tid): S.PromptLogprob(logprob=lp, rank=rank, decoded_token=tok)
+                    for rank, (tid, tok, lp) in enumerate(entry.top[:top_n], start=1)}
+        if str(entry.token_id) not in position:
+            ranks = [tid for tid, _, _ in entry.top]
+            rank = ranks.index(entry.token_id) + 1 if entry.token_id in ranks else None
+            position[str(entry.token_id)] = S.PromptLogprob(logprob=entry.logprob, rank=rank, decoded_token=entry.token)
+        out.append(position)
+    return out
+
+
+def _chat_logprobs(items: list[TokenLogprob]) -> S.ChatLogprobs:
+    return S.ChatLogprobs(content=[
+        S.ChatTokenLogprob(
+            token=i.token, logprob=i.logprob, bytes=list(i.token.encode()),
+            top_logprobs=[S.ChatTopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for _, t, lp in i.top
+                          if math.isfinite(lp)],
+        )
+        for i in items
+    ])
+
+
+def _sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE stream that always ends with `data: [DONE]`; an error after the first event (the status is
+    sent by then) becomes an error event."""
+
+    async def with_done() -> AsyncIterator[str]:
+        try:
+            try:
+                async for event in events:
+                    yield event
+            except ServiceError as exc:
+                yield _sse(service_error_body(exc))
+            yield _sse("[DONE]")
+        finally:  # client gone: close the inner stream now, which aborts its engine requests
+            await events.aclose()
+
+    return StreamingResponse(with_done(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _tokenize_prompts(tokenizer, prompt, max_chars: int) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt must not be empty", param="prompt", code="empty_prompt")
+    if all(isinstance(x, int) for x in prompt):
+        prompt = [prompt]
+    out = []
+    vocab = len(tokenizer)
+    for item in prompt:
+        if isinstance(item, str):
+            if len(item) > max_chars:
+                raise InvalidRequest(f"prompt is too long ({len(item)} characters)", param="prompt", code="context_length_exceeded")
+            out.append(tokenizer(item).input_ids)
+        else:
+            if any(t < 0 or t >= vocab for t in item):
+                raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_token_id")
+            out.append(list(item))
+    return out
+
+
+async def _disconnected(http_request: HTTPRequest) -> None:
+    """Returns when the client has gone away (its connection closed)."""
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _guided(runtime: Runtime, body) -> GuidedSpec | None:
+    found = guided_spec(body)
+    return None if found is None else await compile_guided(runtime, *found)
+
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=S.ModelList)
+async def list_models(runtime: RuntimeDep, principal: PrincipalDep) -> S.ModelList:
+    runtime.require_ready()
+    cards = [S.ModelCard(id=runtime.served_model_name, root=runtime.served_model_name)]
+    metas = await run_in_threadpool(visible_prompts, runtime.store, principal)
+    for meta in metas:
+        cards.append(S.ModelCard(id=f"{display_prefix(meta, principal)}{meta.name}", created=meta.created_at, owned_by=meta.tenant,
+                                 root=runtime.served_model_name, parent=runtime.served_model_name,
+                                 num_virtual_tokens=meta.num_virtual_tokens, kind=meta.kind))
+    return S.ModelList(data=cards)
+
+@router.post("/v1/completions")
+async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
+                      principal: PrincipalDep):
+    runtime.require_ready()
+    check_fan_out(runtime, num_prompts(body.prompt), body.n)  # before any work that grows with the request
+    check_supported(body)
+    guided = await _guided(runtime, body)
+    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
+    prompts = await run_in_threadpool(_tokenize_prompts, runtime.tokenizer, body.prompt, runtime.max_model_len * 64)
+    echo_logprobs = body.echo and body.logprobs is not None
+    wanted = [n for n in (body.prompt_logprobs, body.logprobs if echo_logprobs else None) if n is not None]
+    prompt_top = max(wanted) if wanted else None
+    prompt_texts = _prompt_texts(runtime.tokenizer, body.prompt, prompts) if body.echo else None
+    request_id = http_request.state.request_id
+    sampling = sampling_template(body, logprobs=body.logprobs, guided=guided, prompt_logprobs=prompt_top)
+    requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, body.max_tokens,
+                                             request_id)
+
+    def echoed(choice: Choice) -> list:
+        if not echo_logprobs:
+            return []
+        return _echoed_rows(runtime.tokenizer, prompts[choice.prompt_index], choice.prompt_logprobs, body.logprobs)
+
+    def echo_text(choice: Choice) -> str:
+        return prompt_texts[choice.prompt_index] if prompt_texts is not None else ""
+
+    def vllm_prompt_logprobs(choice: Choice):
+        if body.prompt_logprobs is None:
+            return None
+        return _vllm_prompt_logprobs(choice.prompt_logprobs, body.prompt_logprobs)
+    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="completions",
+                      model=body.model, resolved=resolved, num_prompt_tokens=sum(len(p) for p in prompts))
+    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            offsets = [0] * len(choices)
+            started: set[int] = set()
+            async for index, output in stream_outputs(runtime, requests, tracker):
+                choice = choices[index]
+                apply_delta(choice, output)
+                first = index not in started
+                started.add(index)
+                text = (echo_text(choice) if first else "") + output.text
+                lp = None
+                rows = echoed(choice) if first else []
+                if body.logprobs is not None and (output.logprobs or rows):
+                    lp = _completion_logprobs(list(output.logprobs), offsets[index], rows).model_dump()
+                    offsets[index] += sum(len(t) for t in lp["tokens"])
+                if not text and not output.finished and lp is None:
+                    continue
+                payload = {"index": index, "text": text, "logprobs": lp,
+                           "finish_reason": finish_reason_str(output.finish_reason) if output.finished else None}
+                if first and body.prompt_logprobs is not None:
+                    payload["prompt_logprobs"] = [None if p is None else {k: v.model_dump() for k, v in p.items()}
+                                                  for p in vllm_prompt_logprobs(choice) or []]
+                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                            "choices": [payload]})
+            if include_usage:
+                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                            "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
+        return _sse_response(events())
+
+    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    return S.CompletionResponse(
+        id=response_id, created=created, model=body.model,
+        choices=[S.CompletionChoice(index=c.index, text=echo_text(c) + c.text, finish_reason=c.finish_reason,
+                                    logprobs=_completion_logprobs(c.logprobs, 0, echoed(c)) if body.logprobs is not None else None,
+                                    prompt_logprobs=vllm_prompt_logprobs(c))
+                 for c in choices],
+        usage=_usage(prompts, choices, num_virtual),
+    )
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
+                           principal: PrincipalDep):
+    runtime.require_ready()
+    check_fan_out(runtime, 1, body.n)
+    check_supported(body)
+    guided = await _guided(runtime, body)
+    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
+    prompt_ids = await run_in_threadpool(_apply_chat_template, runtime.tokenizer, body.messages, runtime.max_model_len * 64)
+    prompts = [prompt_ids]
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+    request_id = http_request.state.request_id
+    sampling = sampling_template(body, logprobs=top_n, guided=guided)
+    requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, max_tokens,
+                                             request_id)
+    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
+                      model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids))
+    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices_payload, usage=None) -> str:
+            return _sse(S.ChatCompletionChunk(id=response_id, created=created, model=body.model,
+                                              choices=choices_payload, usage=usage).model_dump(exclude_none=True))
+
+        async def events() -> AsyncIterator[str]:
+            for c in choices:
+                yield chunk([S.ChatStreamChoice(index=c.index, delta=S.ChatDelta(role="assistant", content=""))])
+            async for index, output in stream_outputs(runtime, requests, tracker):
+                apply_delta(choices[index], output)
+                lp = _chat_logprobs(list(output.logprobs)) if body.logprobs and output.logprobs else None
+                if output.text or lp is not None:
+                    yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(content=output.text), logprobs=lp)])
+                if output.finished:
+                    yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(),
+                                                    finish_reason=finish_reason_str(output.finish_reason))])
+            if include_usage:
+                yield chunk([], usage=_usage(prompts, choices, num_virtual))
+        return _sse_response(events())
+
+    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    return S.ChatCompletionResponse(
+        id=response_id, created=created, model=body.model,
+        choices=[S.ChatChoice(index=c.index, message=S.ChatResponseMessage(content=c.text),
+                              finish_reason=c.finish_reason,
+                              logprobs=_chat_logprobs(c.logprobs) if body.logprobs else None)
+                 for c in choices],
+        usage=_usage(prompts, choices, num_virtual),
+    )
+
+
+
+def _prompt_texts(tokenizer, prompt, prompts: list[list[int]]) -> list[str]:
+    """What echo repeats: the prompt strings as sent, or the decoded token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) for ids in prompts]
+
+
+def _apply_chat_template(tokenizer, messages: list[S.ChatMessage], max_chars: int) -> list[int]:
+    plain = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in messages]
+    if sum(len(m["content"]) for m in plain) > max_chars:
+        raise InvalidRequest("messages are too long", param="messages", code="context_length_exceeded")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidRequest("this model has no chat template; use /v1/completions", code="no_chat_template")
+    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+__all__ = ["router"]

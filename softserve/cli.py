@@ -1,0 +1,205 @@
+"""`softserve` command line: serve (flags generated from `Settings`), keys, prompts and eval (through
+`softserve.client.Client`), tune (softserve/tuning/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+
+from pydantic import ValidationError
+
+from softserve.config import ClientSettings, Settings, add_settings_flags, settings_from_args
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server",
+                       description="Every flag also reads SOFTSERVE_<FLAG> from the environment (e.g. "
+                                   "SOFTSERVE_MAX_MODEL_LEN); a flag given wins.")
+    add_settings_flags(p)
+
+
+def cmd_serve(args) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        raise SystemExit(f"softserve serve: {exc}") from None
+    from softserve.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.json_logs)
+    from softserve.app import create_app
+    from softserve.serving import run_server
+
+    app = create_app(settings)
+    state = app.state.service
+    state.exit_on_engine_death = True
+
+    def announce() -> None:
+        state.loaded.wait()
+        if state.load_error:
+            print(f"softserve: start-up failed: {state.load_error}", file=sys.stderr, flush=True)
+            os._exit(1)
+        print(f"softserve: ready — serving {state.served_model_name} at http://{settings.host}:{settings.port}/v1", flush=True)
+
+    print(f"softserve: listening on http://{settings.host}:{settings.port} (loading model...)", flush=True)
+    threading.Thread(target=announce, daemon=True).start()
+    run_server(app, settings)
+    return 0
+
+
+def cmd_keys_add(args) -> int:
+    from softserve.service.auth import add_key
+
+    key = add_key(args.file, args.tenant, args.role)
+    print(key)
+    print(f"# added a {args.role} key for tenant {args.tenant!r} to {args.file}; it is shown only once", file=sys.stderr)
+    return 0
+
+
+def _client(args):
+    from softserve.client import Client
+
+    return Client(args.url, api_key=args.api_key or "", timeout=60)
+
+
+@contextlib.contextmanager
+def _errors_exit():
+    """Client errors end the command with `error <status>: <message>` on stderr."""
+    from softserve.client import SoftserveError
+
+    try:
+        yield
+    except SoftserveError as exc:
+        raise SystemExit(f"error {exc.status_code}: {exc.message}" if exc.status_code else f"error: {exc.message}") from None
+
+
+def cmd_prompts(args) -> int:
+    with _client(args) as client, _errors_exit():
+        if args.prompts_cmd == "push":
+            try:
+                pushed = client.prompts.push(args.dir, args.name, description=args.description)
+            except FileNotFoundError as exc:
+                raise SystemExit(f"error: {exc}") from None
+            print(json.dumps(pushed.model_dump(mode="json"), indent=2))
+        elif args.prompts_cmd == "list":
+            for item in client.prompts.list():
+                print(f"{item.id:40s} {item.version}  k={item.num_virtual_tokens}  {item.dtype}")
+        elif args.prompts_cmd == "rm":
+            client.prompts.delete(args.name)
+            print(f"deleted {args.name}")
+        elif args.prompts_cmd == "pull":
+            out = client.prompts.pull(args.name, args.dir)
+            print(f"wrote PEFT adapter to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from softserve.evaluation import EvalDataError, evaluate, load_eval_data
+
+    try:
+        items = load_eval_data(args.data)
+    except (OSError, EvalDataError) as exc:
+        raise SystemExit(f"error: {exc}")
+    with _client(args) as client:
+        try:
+            result = evaluate(client, args.model, items, max_tokens=args.max_tokens)
+        except RuntimeError as exc:
+            raise SystemExit(f"error: {exc}")
+    print(json.dumps({"model": args.model, "data": args.data, **result.summary()}))
+    return 0
+
+
+def cmd_store(args) -> int:
+    from softserve.store.backend import open_backend
+    from softserve.store.gc import collect_garbage
+
+    overrides = {"store": args.store, "s3_endpoint_url": args.s3_endpoint_url}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    backend = open_backend(settings.store, s3_endpoint_url=settings.s3_endpoint_url)
+    grace = args.grace_seconds if args.grace_seconds is not None else settings.store_gc_grace_seconds
+    if grace < 0:
+        raise SystemExit("error: --grace-seconds must be >= 0")
+    report = collect_garbage(backend, grace, dry_run=args.dry_run)
+    print(json.dumps(report.to_dict()))
+    return 0
+def _client_flags(parser: argparse.ArgumentParser, env: ClientSettings) -> None:
+    fields = ClientSettings.model_fields
+    parser.add_argument("--url", default=env.url, help=f"{fields['url'].description} (env SOFTSERVE_URL, default {fields['url'].default})")
+    parser.add_argument("--api-key", default=env.api_key, help=f"{fields['api_key'].description} (env SOFTSERVE_API_KEY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = ClientSettings()
+    parser = argparse.ArgumentParser(prog="softserve", description="Serve many soft prompts on one frozen LLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_cmd", required=True)
+    add = keys.add_parser("add", help="create a key for a tenant and print it once")
+    add.add_argument("--tenant", required=True)
+    add.add_argument("--role", choices=["user", "admin"], default="user")
+    add.add_argument("--file", default=env.api_keys, help="key file to add to (env SOFTSERVE_API_KEYS, default "
+                                                          f"{ClientSettings.model_fields['api_keys'].default})")
+
+    prompts = sub.add_parser("prompts", help="push/list/rm/pull soft prompts on a running server")
+    _client_flags(prompts, env)
+    psub = prompts.add_subparsers(dest="prompts_cmd", required=True)
+    push = psub.add_parser("push", help="upload a PEFT adapter directory (or a bare .safetensors file)")
+    push.add_argument("dir")
+    push.add_argument("--name", required=True)
+    push.add_argument("--description")
+    psub.add_parser("list", help="list prompts")
+    rm = psub.add_parser("rm", help="delete a prompt")
+    rm.add_argument("name")
+    pull = psub.add_parser("pull", help="download a prompt as a PEFT adapter directory")
+    pull.add_argument("name")
+    pull.add_argument("dir")
+
+    ev = sub.add_parser("eval", help="accuracy of a model or soft prompt on a JSONL file, scored by a running server",
+                        description="Multiple choice lines ({prompt, choices, answer}) are scored by log-likelihood "
+                                    "(echo + logprobs, max_tokens 0); {prompt, completion} lines by exact match of "
+                                    "greedy generation. Prints a JSON summary with the accuracy.")
+    ev.add_argument("--model", required=True, help="served model name or soft prompt (as in the API's `model`)")
+    ev.add_argument("--data", required=True, help="JSONL file")
+    ev.add_argument("--max-tokens", type=int, default=32, help="generation length for exact-match lines")
+    _client_flags(ev, env)
+
+    store = sub.add_parser("store", help="maintain the prompt store directly (no server needed)")
+    ssub = store.add_subparsers(dest="store_cmd", required=True)
+    gc = ssub.add_parser("gc", help="delete unreferenced blobs, orphan manifests and stale temp files; recount usage",
+                         description="Safe while servers run and upload (also several replicas on one S3 store): "
+                                     "nothing younger than the grace period is deleted. Prints a JSON report.")
+    gc.add_argument("--store", help="a directory or s3://bucket/prefix (default: env SOFTSERVE_STORE, else ./data/prompts)")
+    gc.add_argument("--s3-endpoint-url", help="S3 endpoint (default: env SOFTSERVE_S3_ENDPOINT_URL)")
+    gc.add_argument("--grace-seconds", type=float, help="keep anything younger than this "
+                                                        "(default: env SOFTSERVE_STORE_GC_GRACE_SECONDS, else 3600)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
+
+    from softserve.tuning.cli import add_tune_parser
+
+    add_tune_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "keys":
+        return cmd_keys_add(args)
+    if args.command == "eval":
+        return cmd_eval(args)
+    if args.command == "store":
+        return cmd_store(args)
+    if args.command == "tune":
+        from softserve.tuning.cli import cmd_tune
+
+        return cmd_tune(args)
+    return cmd_prompts(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Configuration: the one place that reads environment variables (SOFTSERVE_*). `Settings` is the
+server's (every field is also a `softserve serve` flag: `add_settings_flags` below); `ClientSettings`
+the client side's."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", extra="ignore")
+
+    model: str | None = Field(None, description="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    gguf_file: str | None = Field(None, description="GGUF file name inside --model DIR")
+    served_model_name: str | None = Field(None, description="name of the base model in the API (default: the model's name)")
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(8000, ge=0, le=65535, description="listen port")
+    store: str = Field("./data/prompts", description="prompt store: a directory, or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for s3:// stores (SeaweedFS, MinIO, ...); credentials and region from AWS_* env")
+    store_revalidate_seconds: float = Field(1.0, ge=0, le=60, description="seconds a name -> version resolution is cached before the store is re-read (replicas see each other's changes within this)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: cuda when available)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="rows decoding together")
+    max_model_len: int = Field(2048, ge=16, description="virtual + prompt + generated tokens per request (capped at the model's positions)")
+    max_queue: int = Field(256, ge=1, description="waiting requests, all tenants together, before 429")
+    max_prefill_tokens: int = Field(4096, ge=16, description="prompt and soft-prompt tokens computed per engine step; longer prompts are split over steps (chunked prefill)")
+    max_virtual_tokens: int = Field(256, ge=1, description="most virtual tokens of one prompt, or of all parts of a composed prompt (model a+b) together")
+    max_prompt_parts: int = Field(4, ge=1, le=64, description="most prompts one composed model (a+b+c) may name")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest upload (prompt or training file)")
+    prompt_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device cache of soft-prompt tensors")
+    kv_prefix_cache_bytes: int = Field(512 * 1024 * 1024, ge=0, description="device cache of soft-prompt KV prefixes")
+    kv_cache_bytes: int = Field(0, ge=0, description="KV pool of the running requests, preallocated (0 = every row at full length, capped at 30 percent of free RAM on CPU, 50 percent of free GPU memory); when full, new requests wait")
+    api_keys: str | None = Field(None, description="YAML/JSON file of hashed API keys; unset = no auth, one 'default' tenant")
+    max_n: int = Field(16, ge=1, description="largest `n` a request may ask for")
+    max_choices_per_request: int = Field(128, ge=1, description="largest len(prompt) x n of one request: the sequences it may start (400 beyond)")
+    max_request_tokens: int = Field(131072, ge=1, description="largest prompt tokens x n of one request, summed over its prompts (400 beyond)")
+    max_tokens_limit: int = Field(4096, ge=1, description="cap on a request's max_tokens")
+    max_queue_per_tenant: int = Field(128, ge=0, description="waiting requests per tenant before 429 (0 = only --max-queue)")
+    max_tuning_queue: int = Field(16, ge=1, description="tuning jobs waiting to run, all tenants together (429 beyond)")
+    max_tuning_jobs_per_tenant: int = Field(2, ge=1, description="tuning jobs one tenant may have queued or running (429 beyond)")
+    request_timeout: float = Field(600.0, ge=0, description="seconds before a request is failed (0 = never)")
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    rate_limit_rps: float = Field(0.0, ge=0, description="requests per second per tenant, burst of one second's worth (0 = off; 429 beyond)")
+    rate_limit_tokens_per_minute: int = Field(0, ge=0, description="prompt + max_tokens per minute per tenant (0 = off; 429 beyond)")
+    max_concurrent_uploads: int = Field(16, ge=1, description="uploads (prompts, files) received at once, all tenants together (429 beyond)")
+    max_concurrent_uploads_per_tenant: int = Field(4, ge=1, description="uploads one tenant may have in progress at once (429 beyond)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body")
+    max_connections: int = Field(1024, ge=1, description="open client connections (idle keep-alive ones included) "
+                                 "before new ones are answered 503 at once; bounds what many slow or idle clients can hold")
+    metrics_port: int = Field(0, ge=0, le=65535, description="also serve /metrics without a key on this port (0 = off)")
+    metrics_host: str = Field("127.0.0.1", description="listen address of --metrics-port")
+    metrics_tenant_labels: bool = Field(False, description="label request and token counters with the tenant name")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
+    json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")
+    log_level: str = Field("info", description="debug, info, warning, error or critical")
+    ui: bool = Field(True, description="serve the web console at /ui")
+    tuning_lease_seconds: float = Field(30.0, gt=0, description="a tuning job's lease in the store: a replica that stops renewing it (died) loses the job to another replica after this long")
+    tuning_replica_id: str | None = Field(None, description="this replica's name in tuning-job leases (default: random per process); unique among live replicas, stable across restarts (e.g. the pod name) lets a restarted replica resume its own jobs at once")
+    tuning_scan_seconds: float = Field(5.0, gt=0, description="how often a replica looks in the store for unfinished tuning jobs nobody runs")
+    max_prompts_per_tenant: int = Field(10_000, ge=0, description="prompt names one tenant may have, '-ckpt' names of tuning jobs included (0 = unlimited; 429 prompt_quota_exceeded beyond)")
+    max_store_bytes_per_tenant: int = Field(1024**3, ge=0, description="bytes one tenant may store: prompt tensors of every live version plus uploaded files (0 = unlimited; 413 storage_quota_exceeded beyond)")
+    store_gc_interval_seconds: float = Field(0.0, ge=0, description="run the store's garbage collection every this many seconds on this replica (0 = off; or run `softserve store gc`)")
+    store_gc_grace_seconds: float = Field(3600.0, ge=60, description="garbage collection deletes nothing younger than this: longer than any upload takes")
+    tuning_job_retention_seconds: float = Field(30 * 86400.0, ge=0, description="a finished tuning job (record, events, data copy) is deleted this long after it finished and disappears from the job list (0 = keep forever); its published prompts stay")
+
+
+class ClientSettings(BaseSettings):
+    """What the client side (`softserve prompts`, `eval`, `keys` and `softserve.client`) reads from the
+    environment; their flags override it."""
+
+    model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", extra="ignore")
+
+    url: str = Field("http://127.0.0.1:8000", description="base URL of a running server")
+    api_key: str | None = Field(None, description="API key sent as a bearer token")
+    api_keys: str = Field("api_keys.yaml", description="the key file `softserve keys add` writes (the server's --api-keys)")
+
+
+def setting_default(name: str):
+    """A `Settings` field's default, for the lower layers' own defaults (engine, tuning), so a value is
+    written once."""
+    return Settings.model_fields[name].default
+
+
+# ---- the command-line form of Settings (`softserve serve`, and the model flags of `softserve tune`) ----
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _flag_type(name: str, annotation) -> tuple[type, list | None]:
+    """(argparse type, choices) of a Settings field: str/int/float/bool, a Literal, or one of them | None."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = list(typing.get_args(annotation))
+        return type(choices[0]), choices
+    if annotation in (str, int, float, bool):
+        return annotation, None
+    raise TypeError(f"Settings.{name}: no command-line type for {annotation!r}")
+
+
+def _flag_help(name: str, info) -> str:
+    default = info.default
+    if default is None:
+        default = "unset"
+    elif isinstance(default, bool):
+        default = str(default).lower()
+    text = f"{info.description or name.replace('_', ' ')} (env SOFTSERVE_{name.upper()}, default {default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[Settings] = Settings,
+                       only: tuple[str, ...] | None = None) -> None:
+    """One flag per Settings field (`max_model_len` -> `--max-model-len`), or per field in `only`; an
+    unset flag stays None, so Settings falls back to SOFTSERVE_<FIELD> and then its default."""
+    for name, info in settings_cls.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        flag = "--" + name.replace("_", "-")
+        typ, choices = _flag_type(name, info.annotation)
+        if typ is bool:  # --x, --x true|false, --no-x
+            parser.add_argument(flag, dest=name, nargs="?", const=True, type=_bool, default=None,
+                                metavar="true|false", help=_flag_help(name, info) + f"; --no-{flag[2:]} = false")
+            parser.add_argument(f"--no-{flag[2:]}", dest=name, action="store_false", default=None, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=name, type=typ, choices=choices, default=None, help=_flag_help(name, info))
+
+
+def settings_from_args(args: argparse.Namespace, settings_cls: type[Settings] = Settings) -> Settings:
+    given = {name: getattr(args, name) for name in settings_cls.model_fields}
+    return settings_cls(**{name: value for name, value in given.items() if value is not None})

@@ -1,0 +1,185 @@
+"""Runs the engine loop in its own thread; asyncio code talks to it only through queues.
+
+    HTTP handler --(add/abort commands, thread-safe queue)--> engine thread
+    engine thread --(RequestOutput deltas, loop.call_soon_threadsafe)--> per-request asyncio.Queue
+
+A handler that is cancelled (client disconnect) or stops iterating aborts its request; the row leaves
+the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from softserve.engine.engine import EngineStats, LLMEngine
+from softserve.engine.request import ErrorKind, FinishReason, Request, RequestOutput
+from softserve.engine.scheduler import QueueFullError
+
+log = logging.getLogger("softserve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_step=None, on_death=None) -> None:
+        self.engine = engine
+        self._on_step = on_step  # (seconds, batch_size) after every step, for metrics
+        self._on_death = on_death  # (reason) if the loop itself dies
+        # Held around every engine step; other users of the model (tuning jobs) take it between steps.
+        self.step_lock = threading.Lock()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._pending = 0  # submitted but not yet taken in by the engine thread (counts toward max_queue)
+        self._pending_by_tenant: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.dead_reason: str | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="softserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
+
+    @property
+    def model(self):
+        """The frozen model the engine serves (tuning jobs train soft prompts on it, under step_lock)."""
+        return self.engine.model
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    def stats(self) -> EngineStats:
+        """Counts queued requests the engine thread has not taken in yet as waiting."""
+        return dataclasses.replace(self.engine.stats(), num_waiting=self.num_waiting)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting + self._pending
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_unfinished()
+                self._drain_commands(block=block)
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished():
+                    started = time.perf_counter()
+                    with self.step_lock:
+                        outputs = self.engine.step()
+                    for output in outputs:
+                        self._deliver(output)
+                    if self._on_step is not None:
+                        self._on_step(time.perf_counter() - started, self.engine.num_running)
+        except BaseException as exc:  # the loop itself died: fail everyone, report not-ready
+            self.dead_reason = f"{type(exc).__name__}: {exc}"
+            log.exception("engine loop died")
+            self._fail_all(self.dead_reason)
+            if self._on_death is not None:
+                self._on_death(self.dead_reason)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = command
+            if kind == "add":
+                with self._streams_lock:
+                    self._pending -= 1
+                    self._pending_by_tenant[payload.tenant] -= 1
+                try:
+                    self.engine.add_request(payload)
+                except (QueueFullError, ValueError) as exc:
+                    kind = ErrorKind.QUEUE_FULL if isinstance(exc, QueueFullError) else ErrorKind.REJECTED
+                    payload.finish(FinishReason.ERROR, error=str(exc), error_kind=kind)
+                    self._deliver(self.engine.final_output(payload))
+            elif kind == "abort":
+                self.engine.abort_request(payload)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, output: RequestOutput) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(output.request_id)
+            if output.finished:
+                self._streams.pop(output.request_id, None)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+            except RuntimeError:  # the caller's event loop is gone: nobody to deliver to
+                self._commands.put(("abort", output.request_id))
+
+    def _fail_all(self, reason: str) -> None:
+        with self._streams_lock:
+            streams, self._streams = self._streams, {}
+        for request_id, stream in streams.items():
+            out = RequestOutput(request_id=request_id, text="", token_ids=(), finished=True,
+                                finish_reason=FinishReason.ERROR, error=reason, error_kind=ErrorKind.ENGINE_DEAD)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    # ---- asyncio side -------------------------------------------------------------------------
+    def submit(self, request: Request) -> asyncio.Queue:
+        """Queue a request; raises QueueFullError (-> 429) or EngineDeadError (-> 503) at once."""
+        if not self.is_alive:
+            raise EngineDeadError(self.dead_reason or "engine is not running")
+        # Read without the engine's lock: a request that loses the race is failed with QUEUE_FULL at add.
+        self.engine.scheduler.check_admission(request.tenant, also_waiting=self._pending,
+                                              also_waiting_for_tenant=self._pending_by_tenant.get(request.tenant, 0))
+        stream = _Stream(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
+        with self._streams_lock:
+            self._streams[request.request_id] = stream
+            self._pending += 1
+            self._pending_by_tenant[request.tenant] = self._pending_by_tenant.get(request.tenant, 0) + 1
+        self._commands.put(("add", request))
+        return stream.queue
+
+    def abort(self, request_id: str) -> None:
+        with self._streams_lock:
+            self._streams.pop(request_id, None)
+        self._commands.put(("abort", request_id))
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        out_queue = self.submit(request)
+        finished = False
+        try:
+            while True:
+                output = await out_queue.get()
+                yield output
+                if output.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # cancelled, disconnected, or the consumer stopped early
+                self.abort(request.request_id)

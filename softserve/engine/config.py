@@ -1,0 +1,31 @@
+"""Engine internals' configuration: small frozen dataclasses. Defaults of the knobs the service also
+has come from `Settings` (softserve/config.py), so each is written once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from softserve.config import setting_default as _default
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = _default("max_batch_size")  # rows decoding together
+    max_queue: int = _default("max_queue")  # waiting requests beyond this are refused (429)
+    max_prefill_tokens: int = _default("max_prefill_tokens")  # prompt/virtual tokens per step; longer prompts are chunked
+    max_model_len: int = _default("max_model_len")  # virtual + prompt + generated tokens per request
+    # Off in a bare engine (tests, benchmarks); the service passes its --max-queue-per-tenant / --request-timeout.
+    max_queue_per_tenant: int = 0  # 0: only the global limit applies
+    request_timeout_s: float = 0.0  # 0: no timeout; else a request older than this is failed
+    # Fair share between tenants (S-LoRA's virtual token counter): cost of a prompt / generated token.
+    input_token_cost: float = 1.0
+    output_token_cost: float = 2.0
+    kv_cache_tokens: int = 0  # token slots in the KV pool (the engine sets it); 0: unbounded (scheduler tests)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_prefix_cache_bytes: int = _default("kv_prefix_cache_bytes")  # soft-prompt KV prefixes kept on the device
+    kv_cache_bytes: int = _default("kv_cache_bytes")  # the running rows' KV pool; 0: derived from free memory (see kv_cache.py)
+    model_id: str = "model"  # part of every prefix-cache key: a KV prefix is only valid for one model

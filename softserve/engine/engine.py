@@ -1,0 +1,256 @@
+"""The engine: one step is exactly schedule() -> run() -> postprocess().
+
+Synchronous and single-threaded; `AsyncEngine` (async_engine.py) runs it in its own thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from softserve.engine.config import EngineConfig
+from softserve.engine.detokenizer import DetokState, Detokenizer
+from softserve.engine.guided import attach_guided_state
+from softserve.engine.kv_cache import KVPool, PrefixKVCache, default_kv_cache_bytes, kv_shape
+from softserve.engine.model_runner import ModelRunner, RowLogprobs
+from softserve.engine.request import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
+from softserve.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+
+log = logging.getLogger("softserve.engine")
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def kv_cache_tokens(model, config: EngineConfig) -> int:
+    """Token slots of the KV pool: `kv_cache_bytes`, or a default derived from free memory."""
+    param = next(model.parameters())
+    per_token = KVPool.bytes_per_token(*kv_shape(model), param.dtype)
+    sched = config.scheduler
+    budget = config.kv_cache_bytes or default_kv_cache_bytes(param.device, per_token, sched.max_batch_size, sched.max_model_len)
+    return budget // per_token
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics, read without the step lock (each number is current, not all from one step)."""
+
+    num_waiting: int
+    num_running: int
+    steps_run: int  # steps that ran the model
+    forward_passes: int  # model calls: equal to steps_run (one forward per step)
+    kv_pool_tokens: int
+    kv_pool_used_tokens: int
+    prefix_cache_hits: int
+    prefix_cache_misses: int
+    prefix_cache_evictions: int
+    prefix_cache_bytes: int
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.prefix_cache = PrefixKVCache(config.kv_prefix_cache_bytes)
+        sched_config = config.scheduler
+        kv_tokens = kv_cache_tokens(model, config)
+        if kv_tokens < sched_config.max_model_len:
+            raise ValueError(
+                f"the KV pool holds {kv_tokens} tokens, less than one request of max_model_len "
+                f"{sched_config.max_model_len}: raise kv_cache_bytes or lower max_model_len"
+            )
+        self.runner = ModelRunner(
+            model,
+            model_id=config.model_id,
+            eos_token_ids=self.eos_token_ids,
+            prefix_cache=self.prefix_cache,
+            kv_cache_tokens=kv_tokens,
+        )
+        self.scheduler = Scheduler(
+            dataclasses.replace(sched_config, kv_cache_tokens=kv_tokens), self.eos_token_ids, self.runner.lookup_prefix
+        )
+        self.steps_run = 0  # steps that ran a forward (the scheduler also counts empty ones)
+        self.detokenizer = Detokenizer(tokenizer)
+        self._detok: dict[str, DetokState] = {}
+        self.on_out_of_memory = None  # set by the service: trim other device caches after an OOM
+
+    # ---- intake -------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        limit = self.config.scheduler.max_model_len
+        needed = request.num_virtual_tokens + len(request.prompt_ids) + request.sampling.max_tokens
+        if needed > limit:  # the API checks this first; this guards direct engine users
+            raise ValueError(f"request needs {needed} tokens, max_model_len is {limit}")
+        if not request.prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        if request.soft_prompt is not None:
+            self._check_prompt_shape(request.soft_prompt)
+        attach_guided_state(request, self.tokenizer, self.eos_token_ids)  # ValueError if the grammar is bad
+        self.scheduler.add(request)
+        self._detok[request.request_id] = self.detokenizer.new_state(
+            request.prompt_ids, request.sampling.stop, request.sampling.skip_special_tokens
+        )
+
+    def _check_prompt_shape(self, prompt) -> None:
+        """The store validates shapes at upload; this keeps one wrong tensor from failing a whole batch."""
+        runner = self.runner
+        width = prompt.embeddings.shape[-1]
+        if prompt.is_prefix:
+            expected = runner.num_layers * 2 * runner.num_kv_heads * runner.head_dim
+        else:
+            expected = runner.embed.embedding_dim
+        if prompt.embeddings.ndim != 2 or width != expected or prompt.embeddings.shape[0] != prompt.ref.num_virtual_tokens:
+            raise ValueError(f"soft prompt {prompt.ref.name!r} has shape {tuple(prompt.embeddings.shape)}, "
+                             f"expected [{prompt.ref.num_virtual_tokens}, {expected}] for this model")
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    def stats(self) -> EngineStats:
+        kv, prefix = self.scheduler.kv, self.prefix_cache
+        return EngineStats(
+            num_waiting=self.num_waiting, num_running=self.num_running, steps_run=self.steps_run,
+            forward_passes=self.runner.forward_passes, kv_pool_tokens=kv.capacity, kv_pool_used_tokens=kv.used_tokens,
+            prefix_cache_hits=prefix.hits, prefix_cache_misses=prefix.misses, prefix_cache_evictions=prefix.evictions,
+            prefix_cache_bytes=prefix.bytes,
+        )
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # ---- step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        outputs = [self.final_output(r, "") for r in sched.finished]
+        if sched.is_empty:
+            return outputs
+        self.steps_run += 1
+        try:
+            result = self.runner.run(sched)
+        except Exception as exc:  # one bad step must not kill the loop: fail its rows, keep serving
+            log.exception("engine step failed")  # nothing to undo in the runner: rows own only pool slots
+            if _is_out_of_memory(exc):
+                self.runner.trim_memory()
+                if self.on_out_of_memory is not None:
+                    self.on_out_of_memory()
+            failed = [row.request for row in sched.rows]  # mid-prefill rows too: their KV is incomplete
+            self.scheduler.fail(failed, f"engine error: {type(exc).__name__}")
+            return outputs + [self.final_output(r, "") for r in failed]
+        return outputs + self.postprocess(sched, result)
+
+    def postprocess(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        outputs = []
+        for row, request in self.scheduler.update(sched, result):
+            try:
+                outputs.append(self._request_delta(request, result, row))
+            except Exception as exc:  # a bad corner case in one request fails only that request
+                log.exception("postprocess failed for %s", request.request_id)
+                request.finish(FinishReason.ERROR, self.scheduler.step_count, error=f"{type(exc).__name__}: {exc}",
+                               error_kind=ErrorKind.ENGINE_ERROR)
+                outputs.append(self.final_output(request, ""))
+        self.scheduler.drop_finished()
+        return outputs
+
+    def _request_delta(self, request: Request, result: RunnerOutput, row: int) -> RequestOutput:
+        prompt_logprobs = self._prompt_logprobs(request)
+        if not request.output_ids:  # max_tokens == 0: scored, nothing generated
+            return self.final_output(request, "", prompt_logprobs=prompt_logprobs)
+        state = self._detok[request.request_id]
+        token_id = request.output_ids[-1]
+        text, hit_stop = self.detokenizer.step(state, token_id, is_last=request.is_finished)
+        if hit_stop:
+            self.scheduler.finish_by_stop_string(request)
+        logprobs = ()
+        row_logprobs = result.logprobs[row] if result.logprobs else None
+        if row_logprobs is not None:
+            logprobs = (self._token_logprob(token_id, row_logprobs),)
+        if request.is_finished:
+            text += self.detokenizer.finish(state)
+            return self.final_output(request, text, (token_id,), logprobs, prompt_logprobs)
+        return RequestOutput(
+            request_id=request.request_id,
+            text=text,
+            token_ids=(token_id,),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_virtual_tokens=request.num_virtual_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )
+
+    def _token_logprob(self, token_id: int, row: RowLogprobs) -> TokenLogprob:
+        decode = self.detokenizer.token_text
+        return TokenLogprob(
+            token_id=token_id,
+            token=decode(token_id),
+            logprob=row.chosen,
+            top=tuple((tid, decode(tid), lp) for tid, lp in row.top),
+        )
+
+    def _prompt_logprobs(self, request: Request) -> tuple[TokenLogprob | None, ...] | None:
+        """The prefill's prompt logprobs with token text, once (for the request's first delta)."""
+        entries, request.prompt_logprobs = request.prompt_logprobs, None
+        if entries is None:
+            return None
+        decode = self.detokenizer.token_text
+        return tuple(None if e is None else TokenLogprob(e[0], decode(e[0]), e[1], tuple((t, decode(t), lp) for t, lp in e[2]))
+                     for e in entries)
+
+    def final_output(self, request: Request, text: str = "", token_ids=(), logprobs=(), prompt_logprobs=None) -> RequestOutput:
+        """The last delta of a finished request; frees what it held in the engine and runs its on_finish."""
+        self._detok.pop(request.request_id, None)
+        self.runner.release(request.request_id)
+        if request.on_finish is not None:
+            callback, request.on_finish = request.on_finish, None
+            try:
+                callback(request)
+            except Exception:
+                log.exception("on_finish callback failed for %s", request.request_id)
+        return RequestOutput(
+            request_id=request.request_id,
+            text=text,
+            token_ids=tuple(token_ids),
+            logprobs=tuple(logprobs),
+            prompt_logprobs=prompt_logprobs,
+            finished=True,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_virtual_tokens=request.num_virtual_tokens,
+            num_output_tokens=request.num_output_tokens,
+            error=request.error,
+            error_kind=request.error_kind,
+        )
+
+    def generate_sync(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
+        """Run the given requests to completion (tests, benchmarks, offline use)."""
+        for request in requests:
+            self.add_request(request)
+        collected: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        while self.has_unfinished():
+            for out in self.step():
+                collected.setdefault(out.request_id, []).append(out)
+        return collected

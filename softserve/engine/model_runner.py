@@ -1,0 +1,269 @@
+"""Flattens the step's rows into one packed batch, runs the frozen model ONCE, samples. Nothing else.
+
+The scheduler decides which positions of which requests run; the runner turns that into tensors:
+
+    token axis:  | row 0: 1 decode token | row 1: chunk of P_1 + prompt | row 2: 1 decode token | ...
+    input        | embed(token ids), with the virtual positions overwritten by rows of P_i            |
+    positions    | each row counts from 0 in its own sequence [P_i | prompt | generated]             |
+    KV           | written to / read from the row's own extent of the pool (packed_attention.py)     |
+
+Logits are computed only at each sampling row's last token. The runner also owns the prompt-KV
+prefix cache: a hit is copied into the row's extent at admission, and a prompt computed inline is
+filed in the cache right after the forward that computed it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from softserve.engine.guided import advance_guided
+from softserve.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache, kv_shape
+from softserve.engine.packed_attention import BATCH_KWARG, NO_MASK, PackedBatch, PackedRow, causal_mask, install
+from softserve.engine.request import Request, SamplingParams
+from softserve.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
+from softserve.engine.scheduler import RunnerOutput, ScheduledRow, SchedulerOutput
+from softserve.engine.scoring import PromptLogitsSpan, record_prompt_logprobs, scored_positions, start_prompt_logprobs
+
+log = logging.getLogger("softserve.runner")
+
+
+@dataclass(frozen=True)
+class RowLogprobs:
+    chosen: float
+    top: tuple[tuple[int, float], ...]  # (token_id, logprob), best first
+
+
+@dataclass
+class FlatBatch:
+    """One step's inputs on the host, before they become tensors."""
+
+    token_ids: list[int]  # [total_tokens]; 0 at virtual positions (overwritten by P rows)
+    positions: list[int]  # [total_tokens]
+    write_slots: list[int]  # [total_tokens]
+    virtual_index: list[int]  # packed indices that take soft-prompt rows
+    virtual_rows: list[torch.Tensor]  # slices of P, in virtual_index order: each [m, hidden]
+    rows: list[PackedRow]
+    logits_index: list[int]  # the last token of every sampling row
+    prompt_logits_index: list[int]  # prompt positions scored for rows that asked (after logits_index)
+    prompt_spans: list[PromptLogitsSpan]
+
+
+def _real_tokens(request: Request, begin: int, end: int) -> list[int]:
+    """Token ids at real positions begin..end-1 of prompt + generated (without building the concatenation)."""
+    prompt, n = request.prompt_ids, len(request.prompt_ids)
+    if begin >= n:
+        return request.output_ids[begin - n : end - n]
+    if end <= n:
+        return prompt[begin:end]
+    return prompt[begin:] + request.output_ids[: end - n]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model,
+        *,
+        model_id: str,
+        eos_token_ids: set[int],
+        prefix_cache: PrefixKVCache,
+        kv_cache_tokens: int,
+    ) -> None:
+        self.model = model
+        text_config = model.config.get_text_config()
+        if getattr(text_config, "attn_logit_softcapping", None):
+            raise ValueError("models with attention logit softcapping (e.g. Gemma 2) are not supported by the packed engine")
+        install(model)
+        self._eos_ids = tuple(sorted(eos_token_ids))
+        self.model_id = model_id
+        self.prefix_cache = prefix_cache
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.embed = model.get_input_embeddings()
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_shape(model)
+        self.pool = KVPool(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                           capacity=kv_cache_tokens, dtype=self.dtype, device=self.device)
+        self._no_mask = NO_MASK.to(self.device)
+        self.generators: dict[str, torch.Generator] = {}
+        self.forward_passes = 0  # model calls; equals the engine's non-empty steps (one forward per step)
+
+    def release(self, request_id: str) -> None:
+        """The request left the engine: forget its per-request state (its KV extent is the scheduler's)."""
+        self.generators.pop(request_id, None)
+
+    # ---- soft-prompt KV prefixes -------------------------------------------------------------
+    def _prefix_key(self, request: Request) -> tuple[str, str, str]:
+        return (self.model_id, str(self.dtype), request.prompt_sha256)
+
+    def lookup_prefix(self, request: Request) -> PrefixKV | None:
+        """Called by the scheduler at admission: the handle keeps the KV alive even if evicted later."""
+        if request.soft_prompt.is_prefix:  # prefix tuning: the tensor IS the KV, nothing to compute
+            return self._prefix_tuning_kv(request)
+        return self.prefix_cache.get(self._prefix_key(request))
+
+    def _prefix_tuning_kv(self, request: Request) -> PrefixKV:
+        """PEFT's [k, layers * 2 * kv_heads * head_dim] -> the pool layout [layers, 2, kv_heads, k, head_dim].
+
+        PEFT reads it as view(k, 2 * layers, kv_heads, head_dim).permute(1, 2, 0, 3), K = [2l], V = [2l + 1];
+        the keys are used as stored (no rotary is applied to them), and real tokens count from position k.
+        """
+        tensor = request.soft_prompt.embeddings
+        k = tensor.shape[0]
+        kv = tensor.to(self.device, self.dtype).view(k, self.num_layers, 2, self.num_kv_heads, self.head_dim)
+        return PrefixKV(kv.permute(1, 2, 3, 0, 4))  # [layers, 2, kv_heads, k, head_dim] (a view; copied at admission)
+
+    def _copy_prefix_in(self, request: Request) -> None:
+        prefix: PrefixKV = request.cached_prefix
+        k, start = prefix.num_tokens, request.kv_offset
+        self.pool.storage[:, :, :, start : start + k] = prefix.kv  # [layers, 2, kv_heads, k, head_dim]
+
+    def _file_prefix(self, request: Request) -> None:
+        k, start = request.num_virtual_tokens, request.kv_offset
+        kv = self.pool.storage[:, :, :, start : start + k].clone()  # compact: [layers, 2, kv_heads, k, head_dim]
+        self.prefix_cache.put(self._prefix_key(request), PrefixKV(kv))
+
+    # ---- flatten ------------------------------------------------------------------------------
+    def _flatten(self, rows: list[ScheduledRow]) -> FlatBatch:
+        flat = FlatBatch([], [], [], [], [], [], [], [], [])
+        q = 0
+        for row in rows:
+            request = row.request
+            k, offset = request.num_virtual_tokens, request.kv_offset
+            begin, end = row.start, row.start + row.num_tokens
+            if begin < k:  # virtual tokens of a prompt whose KV is not cached: computed inline
+                v_end = min(end, k)
+                flat.virtual_index.extend(range(q, q + v_end - begin))
+                flat.virtual_rows.append(request.soft_prompt.embeddings[begin:v_end])
+                flat.token_ids.extend([0] * (v_end - begin))
+            if end > k:
+                flat.token_ids.extend(_real_tokens(request, max(begin, k) - k, end - k))
+            flat.positions.extend(range(begin, end))
+            flat.write_slots.extend(range(offset + begin, offset + end))
+            flat.rows.append(PackedRow(q, end - begin, offset, end, causal_mask(end - begin, end, self.device)))
+            if row.samples:
+                flat.logits_index.append(q + end - begin - 1)
+            scored = scored_positions(request, begin, end)
+            if scored:
+                flat.prompt_logits_index.extend(range(q + scored.start - begin, q + scored.stop - begin))
+                flat.prompt_spans.append(PromptLogitsSpan(request, scored.start + 1 - k, len(scored)))
+            q += end - begin
+        return flat
+
+    def _forward(self, flat: FlatBatch) -> torch.Tensor:
+        def to_device(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+        input_ids, positions, slots, logits_index = map(
+            to_device, (flat.token_ids, flat.positions, flat.write_slots, flat.logits_index + flat.prompt_logits_index)
+        )
+        embeds = self.embed(input_ids)  # [total_tokens, hidden]
+        if flat.virtual_index:
+            virtual = torch.cat(flat.virtual_rows).to(self.device, embeds.dtype)  # [num_virtual, hidden]
+            embeds.index_copy_(0, to_device(flat.virtual_index), virtual)
+        batch = PackedBatch(pool=self.pool, write_slots=slots, rows=tuple(flat.rows))
+        out = self.model(
+            inputs_embeds=embeds.unsqueeze(0),  # [1, total_tokens, hidden]
+            position_ids=positions.unsqueeze(0),  # [1, total_tokens]
+            attention_mask=self._no_mask,
+            use_cache=False,
+            logits_to_keep=logits_index,
+            **{BATCH_KWARG: batch},
+        )
+        self.forward_passes += 1
+        return out.logits[0]  # [sampling rows + scored prompt positions, vocab]
+
+    # ---- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, sched: SchedulerOutput) -> RunnerOutput:
+        for request in sched.prefill:
+            self.generators[request.request_id] = make_generator(request.sampling.seed, self.device)
+            start_prompt_logprobs(request)
+            if request.cached_prefix is not None:
+                self._copy_prefix_in(request)
+        flat = self._flatten(sched.rows)
+        logits = self._forward(flat)
+        if flat.prompt_spans:
+            record_prompt_logprobs(flat.prompt_spans, logits[len(flat.logits_index) :])
+        all_logits = logits[: len(flat.logits_index)]  # [sampling rows, vocab]
+        for row in sched.rows:
+            if row.computes_prefix and row.start + row.num_tokens >= row.request.num_virtual_tokens:
+                self._file_prefix(row.request)
+        if not sched.scheduled:
+            return RunnerOutput(sampled_token_ids=[])
+
+        scheduled = sched.scheduled
+        banned = [_banned_ids(r, self._eos_ids) for r in scheduled]
+        params = [r.sampling for r in scheduled]
+        generators = [self.generators[r.request_id] for r in scheduled]
+        failed_rows: dict[int, str] = {}
+        apply_guided_masks(all_logits, scheduled)
+        try:
+            result = sample(all_logits, params, generators, banned)
+        except Exception:
+            result, failed_rows = self._sample_rows_separately(all_logits, params, generators, banned)
+        token_ids = result.token_ids.tolist()  # the one device->host copy per step
+        advance_guided(scheduled, token_ids)
+        row_logprobs: list[RowLogprobs | None] | None = None
+        if result.chosen_logprobs is not None:
+            chosen = result.chosen_logprobs.tolist()
+            top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+            top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+            row_logprobs = []
+            for i, request in enumerate(scheduled):
+                n = request.sampling.logprobs
+                if n is None:
+                    row_logprobs.append(None)
+                    continue
+                top = tuple(zip(top_ids[i][:n], top_lps[i][:n])) if top_ids is not None and n > 0 else ()
+                row_logprobs.append(RowLogprobs(chosen=chosen[i], top=top))
+        return RunnerOutput(sampled_token_ids=token_ids, logprobs=row_logprobs, failed_rows=failed_rows)
+
+    def _sample_rows_separately(self, logits, params, generators, banned):
+        """Batched sampling raised: sample row by row so only the offending rows fail."""
+        rows, failed = [], {}
+        for i in range(logits.shape[0]):
+            try:
+                rows.append(sample(logits[i : i + 1].clone(), [params[i]], [generators[i]], [banned[i]]))
+            except Exception as exc:
+                log.exception("sampling failed for row %d", i)
+                failed[i] = f"sampling failed: {type(exc).__name__}"
+                rows.append(sample(logits[i : i + 1].clone(), [SamplingParams(temperature=0.0)], [generators[i]], [[]]))
+        merged = SampleResult(
+            token_ids=torch.cat([r.token_ids for r in rows]),
+            chosen_logprobs=None, top_logprobs=None, top_ids=None,
+        )
+        if all(p.logprobs is None for p in params):
+            return merged, failed
+        # Logprobs only for rows whose own sampling worked and asked for them.
+        merged.chosen_logprobs = torch.cat([
+            r.chosen_logprobs if r.chosen_logprobs is not None else torch.zeros(1, device=logits.device) for r in rows
+        ])
+        width = max((p.logprobs or 0) for p in params)
+        top_lp = torch.zeros(len(rows), width, device=logits.device)
+        top_ids = torch.zeros(len(rows), width, dtype=torch.long, device=logits.device)
+        for i, r in enumerate(rows):
+            if r.top_ids is not None:
+                n = r.top_ids.shape[1]
+                top_lp[i, :n], top_ids[i, :n] = r.top_logprobs[0], r.top_ids[0]
+        merged.top_logprobs, merged.top_ids = (top_lp, top_ids) if width > 0 else (None, None)
+        return merged, failed
+
+    def trim_memory(self) -> None:
+        """After a device OOM: drop cached prompt KV and return freed blocks to the device."""
+        self.prefix_cache.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+
+def _banned_ids(request: Request, eos_ids: tuple[int, ...]) -> list[int]:
+    """Stop tokens may not be sampled before min_tokens (vLLM semantics)."""
+    sampling = request.sampling
+    if request.num_output_tokens >= sampling.min_tokens:
+        return []
+    banned = list(sampling.stop_token_ids)
+    if not sampling.ignore_eos:
+        banned.extend(eos_ids)
+    return banned

@@ -1,0 +1,309 @@
+"""Plain-Python scheduler: which tokens of which requests go into this step's one forward. No torch.
+
+Token-level continuous batching (engine v2). Every step builds ONE packed batch:
+- one token for every decoding row (its last sampled token);
+- a chunk of the prompt of every row still prefilling, and of newly admitted rows, under a per-step
+  token budget (`max_prefill_tokens`): a long prompt is split over several steps (chunked prefill);
+- the virtual tokens of a soft prompt whose KV is not cached yet are computed as part of the row's
+  first chunk (positions 0..k-1), and the runner files their KV in the prefix cache from that same
+  forward. A request whose prompt is being computed by another row waits one step and then hits.
+A row samples a token only in the step whose chunk reaches the end of its known tokens.
+
+KV: each running request owns one contiguous extent of the KV pool (see kv_allocator.py) from
+admission to finish. Admission stops when no extent fits, so a full pool means waiting, never OOM.
+
+Fairness between tenants follows S-LoRA's virtual token counter (VTC): each tenant has a counter of
+the service it received (prompt tokens x input cost + generated tokens x output cost); a free row
+goes to the waiting tenant with the smallest counter. A tenant that becomes active is lifted to the
+smallest counter among active tenants, so idling does not bank credit for a later burst.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from softserve.engine.config import SchedulerConfig
+from softserve.engine.kv_allocator import KVAllocator
+from softserve.engine.request import ErrorKind, FinishReason, Request, RequestStatus
+
+
+class QueueFullError(Exception):
+    """The waiting queue (all tenants, or this tenant's share) is full: retry later."""
+
+    def __init__(self, message: str, *, per_tenant: bool) -> None:
+        super().__init__(message)
+        self.per_tenant = per_tenant
+
+
+@dataclass(frozen=True)
+class ScheduledRow:
+    """One request's slice of the packed batch: positions start .. start+num_tokens-1 of its sequence."""
+
+    request: Request
+    start: int  # first position computed this step (== request.num_computed_tokens at schedule time)
+    num_tokens: int
+    samples: bool  # the chunk reaches the end of the known tokens: sample the next token
+    computes_prefix: bool  # the chunk covers the soft prompt's virtual tokens (cache miss)
+
+
+@dataclass
+class SchedulerOutput:
+    step: int
+    rows: list[ScheduledRow] = field(default_factory=list)  # packed order: decode, continued prefill, new
+    prefill: list[Request] = field(default_factory=list)  # admitted this step
+    decode: list[Request] = field(default_factory=list)  # already running, one token each
+    finished: list[Request] = field(default_factory=list)  # left since the last step (aborted, timed out)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.rows
+
+    @property
+    def scheduled(self) -> list[Request]:
+        """Rows that get a token this step, in packed order: the runner's outputs line up with these."""
+        return [row.request for row in self.rows if row.samples]
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """What the model runner produced for `SchedulerOutput.scheduled`, in that order."""
+
+    sampled_token_ids: list[int]
+    logprobs: list[object | None] | None = None  # per row, opaque to the scheduler
+    failed_rows: dict[int, str] = field(default_factory=dict)  # row index -> error (that row only)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        eos_token_ids: set[int],
+        prefix_lookup: Callable[[Request], Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.eos_token_ids = set(eos_token_ids)
+        # Returns the prompt's cached KV (any non-None handle) or None; given by the engine.
+        self.prefix_lookup = prefix_lookup or (lambda request: None)
+        self.waiting: dict[str, deque[Request]] = {}  # tenant -> FIFO of its waiting requests
+        self.running: list[Request] = []
+        self.tenant_counters: dict[str, float] = {}  # VTC: service received per tenant
+        self.kv = KVAllocator(config.kv_cache_tokens) if config.kv_cache_tokens else None
+        self._prefix_in_progress: dict[str, str] = {}  # prompt sha256 -> request computing its KV
+        self._left: list[Request] = []  # finished outside a step (abort, timeout), reported next step
+        self.step_count = 0
+
+    # ---- intake -------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def num_waiting_for(self, tenant: str) -> int:
+        return len(self.waiting.get(tenant, ()))
+
+    def reservation(self, request: Request) -> int:
+        return max(1, min(request.kv_reservation, self.config.max_model_len))
+
+    def check_admission(self, tenant: str, *, also_waiting: int = 0, also_waiting_for_tenant: int = 0) -> None:
+        """The one queue check: raises QueueFullError when the queue, or the tenant's share of it, is
+        full. `also_*` count requests handed over but not added yet (the async engine's pending)."""
+        if self.num_waiting + also_waiting >= self.config.max_queue:
+            raise QueueFullError(f"queue is full ({self.config.max_queue} waiting requests)", per_tenant=False)
+        per_tenant = self.config.max_queue_per_tenant
+        if per_tenant and self.num_waiting_for(tenant) + also_waiting_for_tenant >= per_tenant:
+            raise QueueFullError(f"tenant queue is full ({per_tenant} waiting requests)", per_tenant=True)
+
+    def add(self, request: Request) -> None:
+        if self.kv is not None and self.reservation(request) > self.kv.capacity:
+            raise ValueError(f"request needs {self.reservation(request)} KV slots, the pool holds {self.kv.capacity}")
+        self.check_admission(request.tenant)
+        if not self._is_active(request.tenant):
+            active = [self.tenant_counters.get(t, 0.0) for t in self._active_tenants()]
+            floor = min(active) if active else 0.0
+            self.tenant_counters[request.tenant] = max(self.tenant_counters.get(request.tenant, 0.0), floor)
+        request.status = RequestStatus.WAITING
+        self.waiting.setdefault(request.tenant, deque()).append(request)
+
+    def _active_tenants(self) -> set[str]:
+        return {t for t, q in self.waiting.items() if q} | {r.tenant for r in self.running}
+
+    def _is_active(self, tenant: str) -> bool:
+        return bool(self.waiting.get(tenant)) or any(r.tenant == tenant for r in self.running)
+
+    def abort(self, request_id: str) -> Request | None:
+        return self._remove(request_id, FinishReason.ABORT)
+
+    def _remove(self, request_id: str, reason: FinishReason, error: str | None = None,
+                error_kind: ErrorKind | None = None) -> Request | None:
+        for queue in list(self.waiting.values()) + [self.running]:
+            for request in queue:
+                if request.request_id == request_id:
+                    request.finish(reason, self.step_count, error=error, error_kind=error_kind)
+                    queue.remove(request)
+                    self._release(request)
+                    self._left.append(request)
+                    return request
+        return None
+
+    def _release(self, request: Request) -> None:
+        """Give back the request's KV extent and any claim on computing its prompt's KV."""
+        if self.kv is not None:
+            self.kv.free(request.request_id)
+        request.kv_offset = None
+        request.cached_prefix = None
+        sha = request.prompt_sha256
+        if sha is not None and self._prefix_in_progress.get(sha) == request.request_id:
+            del self._prefix_in_progress[sha]
+
+    def fail(self, requests: list[Request], error: str) -> None:
+        for request in requests:
+            request.finish(FinishReason.ERROR, self.step_count, error=error, error_kind=ErrorKind.ENGINE_ERROR)
+        self._drop_finished()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.num_waiting or self.running or self._left)
+
+    def expire(self, now: float | None = None) -> None:
+        """Fail requests older than request_timeout_s (waiting or running)."""
+        timeout = self.config.request_timeout_s
+        if timeout <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        for queue in list(self.waiting.values()) + [self.running]:
+            for request in [r for r in queue if now - r.arrival_time > timeout]:
+                self._remove(request.request_id, FinishReason.ERROR, f"request timed out after {timeout:g} s",
+                             ErrorKind.TIMEOUT)
+
+    # ---- schedule -----------------------------------------------------------------------------
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        self.expire(now)
+        self.step_count += 1
+        out = SchedulerOutput(step=self.step_count, finished=self._left)
+        self._left = []
+        budget = self.config.max_prefill_tokens
+        prefilling = []
+        for request in self.running:
+            if request.num_uncomputed_tokens == 1 and request.num_computed_tokens >= self._prompt_end(request):
+                out.decode.append(request)
+                out.rows.append(ScheduledRow(request, request.num_computed_tokens, 1, True, False))
+            else:
+                prefilling.append(request)
+        for request in prefilling:  # rows admitted earlier whose prompt is not done: next chunk first
+            if budget <= 0:
+                break
+            budget -= self._schedule_chunk(out, request, budget)
+        while budget > 0 and len(self.running) < self.config.max_batch_size:
+            tenant = self._next_tenant()
+            if tenant is None:
+                break
+            request = self.waiting[tenant][0]
+            sha = request.prompt_sha256
+            if sha is not None and sha in self._prefix_in_progress:
+                break  # another row is computing this prompt's KV: wait one step and hit the cache
+            if self.kv is not None:
+                offset = self.kv.allocate(request.request_id, self.reservation(request))
+                if offset is None:
+                    break  # the pool is full: wait for a row to finish (never over-commit memory)
+                request.kv_offset = offset
+            self.waiting[tenant].popleft()
+            request.status = RequestStatus.RUNNING
+            request.first_scheduled_step = self.step_count
+            request.num_computed_tokens = 0
+            if request.soft_prompt is not None:
+                request.cached_prefix = self.prefix_lookup(request)
+                if request.cached_prefix is not None:
+                    request.num_computed_tokens = request.num_virtual_tokens
+                else:
+                    self._prefix_in_progress[sha] = request.request_id
+            self.running.append(request)
+            out.prefill.append(request)
+            budget -= self._schedule_chunk(out, request, budget)
+        return out
+
+    @staticmethod
+    def _prompt_end(request: Request) -> int:
+        return request.num_virtual_tokens + len(request.prompt_ids)
+
+    def _schedule_chunk(self, out: SchedulerOutput, request: Request, budget: int) -> int:
+        start = request.num_computed_tokens
+        num_tokens = min(request.num_uncomputed_tokens, budget)
+        samples = start + num_tokens == request.total_len
+        computes_prefix = request.cached_prefix is None and start < request.num_virtual_tokens
+        out.rows.append(ScheduledRow(request, start, num_tokens, samples, computes_prefix))
+        prompt_tokens = max(0, min(start + num_tokens, self._prompt_end(request)) - max(start, request.num_virtual_tokens))
+        self.tenant_counters[request.tenant] = (
+            self.tenant_counters.get(request.tenant, 0.0) + prompt_tokens * self.config.input_token_cost
+        )
+        return num_tokens
+
+    def _next_tenant(self) -> str | None:
+        candidates = [t for t, q in self.waiting.items() if q]
+        if not candidates:
+            return None
+        # Smallest counter wins; ties go to the tenant whose head request is oldest (FIFO).
+        return min(candidates, key=lambda t: (self.tenant_counters.get(t, 0.0), self.waiting[t][0].arrival_time))
+
+    # ---- update -------------------------------------------------------------------------------
+    def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[tuple[int, Request]]:
+        """Advance every row's computed tokens; append sampled tokens; finish on EOS/stop/length.
+
+        Returns (index into `sched.scheduled`, request) for the requests that got a token this step.
+        Stop *strings* need text and are checked by the engine's detokenizer, which then calls
+        `finish_by_stop_string`.
+        """
+        scheduled = sched.scheduled
+        assert len(result.sampled_token_ids) == len(scheduled), "runner output does not match the schedule"
+        for row in sched.rows:
+            request = row.request
+            if not request.is_finished:
+                request.num_computed_tokens = row.start + row.num_tokens
+                sha = request.prompt_sha256
+                if row.computes_prefix and request.num_computed_tokens >= request.num_virtual_tokens:
+                    if self._prefix_in_progress.get(sha) == request.request_id:
+                        del self._prefix_in_progress[sha]  # its KV is in the prefix cache now
+        stepped = []
+        for index, (request, token_id) in enumerate(zip(scheduled, result.sampled_token_ids)):
+            if request.is_finished:  # aborted while the step ran
+                continue
+            if index in result.failed_rows:
+                request.finish(FinishReason.ERROR, self.step_count, error=result.failed_rows[index])
+                self._left.append(request)
+                continue
+            if request.sampling.max_tokens == 0:  # score only: the prefill was for its prompt logprobs
+                request.finish(FinishReason.LENGTH, self.step_count)
+                stepped.append((index, request))
+                continue
+            request.output_ids.append(token_id)
+            self.tenant_counters[request.tenant] = self.tenant_counters.get(request.tenant, 0.0) + self.config.output_token_cost
+            sampling = request.sampling
+            is_stop_token = token_id in sampling.stop_token_ids or (
+                not sampling.ignore_eos and token_id in self.eos_token_ids
+            )
+            if is_stop_token and request.num_output_tokens >= sampling.min_tokens:
+                request.finish(FinishReason.STOP, self.step_count)
+            elif request.num_output_tokens >= sampling.max_tokens:
+                request.finish(FinishReason.LENGTH, self.step_count)
+            elif request.total_len >= self.config.max_model_len:
+                request.finish(FinishReason.LENGTH, self.step_count)
+            stepped.append((index, request))
+        return stepped
+
+    def finish_by_stop_string(self, request: Request) -> None:
+        request.finish(FinishReason.STOP, self.step_count)
+
+    def drop_finished(self) -> list[Request]:
+        return self._drop_finished()
+
+    def _drop_finished(self) -> list[Request]:
+        done = [r for r in self.running if r.is_finished]
+        if done:
+            self.running = [r for r in self.running if not r.is_finished]
+            for request in done:
+                self._release(request)
+        return done
