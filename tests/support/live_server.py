@@ -60,6 +60,8 @@ class LiveServer:
         extra_args: list[str] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         torch_threads: int | None = DEFAULT_TORCH_THREADS,
+        launcher: list[str] | None = None,  # what runs `serve`: default `python -m softserve` from this checkout
+        cwd: str | os.PathLike[str] = REPO_ROOT,
     ) -> None:
         # A URL (s3://bucket/prefix) stays a string: Path() would fold "//" into a local relative path.
         self.store = store if isinstance(store, str) and "://" in store else Path(store)
@@ -71,6 +73,8 @@ class LiveServer:
             raise ValueError("a store URL needs log_dir")
         self.log_dir = Path(log_dir) if log_dir is not None else self.store.parent
         self.torch_threads = torch_threads
+        self.launcher = launcher or [sys.executable, "-m", "softserve"]
+        self.cwd = cwd
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self._stdout_path: Path | None = None
@@ -96,7 +100,7 @@ class LiveServer:
 
     # ---- life cycle -----------------------------------------------------------------------------
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "softserve", "serve", "--port", str(self.port), "--host", "127.0.0.1",
+        cmd = [*self.launcher, "serve", "--port", str(self.port), "--host", "127.0.0.1",
                "--store", str(self.store)]
         if self.model is not None:
             cmd += ["--model", str(self.model)]
@@ -120,7 +124,7 @@ class LiveServer:
             env.update(OMP_NUM_THREADS=str(self.torch_threads), MKL_NUM_THREADS=str(self.torch_threads))
         with open(self._stdout_path, "wb") as out, open(self._stderr_path, "wb") as err:
             # Files, not pipes: a chatty server can never block on a full pipe nobody reads.
-            self.proc = subprocess.Popen(self.command(), cwd=REPO_ROOT, env=env, stdout=out, stderr=err,
+            self.proc = subprocess.Popen(self.command(), cwd=self.cwd, env=env, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)
         try:
             self.wait_ready(timeout)
