@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Iterator
 
 import httpx
 
-from tests.support.processes import http_probe, stop_process, wait_until_ready
+from tests.support.processes import free_port, http_probe, stop_process, wait_until_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120.0
@@ -34,13 +33,6 @@ SMOLLM_NAME = "SmolLM2-135M-Instruct"
 # (measured: 24 SmolLM2 tokens 2.4 s with 1 thread vs 9 s with 2 under load; 1.3 s with 2 when idle).
 # LIVE_SERVER_THREADS=N overrides it; LIVE_SERVER_THREADS=0 leaves torch's default.
 DEFAULT_TORCH_THREADS: int | None = int(os.environ.get("LIVE_SERVER_THREADS", "1")) or None
-
-
-def free_port() -> int:
-    """A port the OS considers free right now (bind to port 0, read it back, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerStartError(RuntimeError):
