@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -51,9 +52,13 @@ def test_serve_without_the_embedded_model_says_what_to_install(monkeypatch, tmp_
 
 
 def build_wheel(out: Path) -> Path:
-    """The wheel of this checkout (setuptools from this venv: no build isolation, no download)."""
+    """The wheel of this checkout (setuptools from this venv: no build isolation, no download), built from
+    a copy without build outputs: setuptools' build/ in the checkout could carry files deleted since."""
+    source = out / "source"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "data", "out", "*.gguf"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(REPO_ROOT)], check=True, capture_output=True, text=True, timeout=300)
+                    str(source)], check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = out.glob("softserve-*.whl")
     return wheel
 
