@@ -48,6 +48,12 @@ lmeval-venv: $(LMEVAL_VENV)/.installed
 lmeval-test: lmeval-venv
 	$(BIN)/python -m pytest -q -m lmeval tests/api/test_lm_eval.py
 
+# ruff over the whole tree (rules in pyproject.toml; never `ruff format`), mypy on the layers below the
+# HTTP edge and the client ([tool.mypy] in pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 bench: install
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)

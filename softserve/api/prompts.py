@@ -7,7 +7,7 @@ prompt, so existence is never revealed.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response

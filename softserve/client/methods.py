@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+from pydantic import BaseModel
 
 from softserve.api.schemas import (ChatCompletionResponse, CompletionResponse, ModelList, PromptDeleted, PromptInfo,
                                    PromptList, PromptUploadResponse, PromptVersionList)
@@ -24,6 +25,7 @@ from .errors import APITimeoutError
 from .transport import AsyncRunner, Op, RetryPolicy, Sleep, SyncRunner, Send, send_with_retries
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 DEFAULT_TIMEOUT = 120.0
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled", "canceled"})
 _NOT_GIVEN: Any = object()
@@ -134,8 +136,8 @@ class _ClientBase:
     def _json(self, method: str, path: str, **kwargs) -> Op[Any]:
         return self._call(method, path, httpx.Response.json, **kwargs)
 
-    def _model(self, into: type[T], method: str, path: str, **kwargs) -> Op[T]:
-        return self._call(method, path, lambda resp: into.model_validate(resp.json()), **kwargs)  # type: ignore[attr-defined]
+    def _model(self, into: type[M], method: str, path: str, **kwargs) -> Op[M]:
+        return self._call(method, path, lambda resp: into.model_validate(resp.json()), **kwargs)
 
     def _stream(self, path: str, body: dict[str, Any], chat: bool, **kwargs):
         request = self._request("POST", path, json=body, model=body["model"], **kwargs)

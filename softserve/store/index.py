@@ -16,6 +16,7 @@ the tenant to a small listing record (its latest version's metadata without `ada
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -221,7 +222,7 @@ class ListingIndex:
             cas.backoff(attempt)
         raise cas.conflict(f"listing index of tenant {tenant!r}")
 
-    def build(self, tenant: str) -> list[PromptMeta]:
+    def build(self, tenant: str) -> builtins.list[PromptMeta]:  # a bare `list` here would name the method list()
         """Build (or rebuild) a tenant's index from its heads; returns the listing it wrote. A tenant
         without prompts gets no index (nothing is written)."""
         if not self.head_names(tenant):

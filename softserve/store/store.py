@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import threading
@@ -197,7 +198,7 @@ class PromptStore:
         validate_name(tenant, "tenant")
         return self.index.list(tenant)
 
-    def versions(self, tenant: str, name: str) -> list[PromptMeta]:
+    def versions(self, tenant: str, name: str) -> builtins.list[PromptMeta]:  # a bare `list` here would name the method list()
         """All live versions of a name, latest first. Always read from the backend (management
         calls, e.g. the API's delete, must not act on a cached view)."""
         validate_name(tenant, "tenant")
@@ -242,7 +243,7 @@ class PromptStore:
         adapter_model: bytes,
         adapter_config: bytes | None,
         description: str | None = None,
-    ) -> tuple[PromptMeta, list[str]]:
+    ) -> tuple[PromptMeta, builtins.list[str]]:
         """Store a new version and make it the latest. Returns (meta, warnings).
 
         Re-uploading a tensor the name already has returns that existing version unchanged (same

@@ -17,6 +17,7 @@ rebuilt by walking the tenant once; the garbage collector recomputes every recor
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from dataclasses import dataclass
@@ -43,12 +44,12 @@ class Usage:
         return Usage(max(0, self.prompts + prompts), max(0, self.prompt_bytes + prompt_bytes),
                      max(0, self.file_bytes + file_bytes))
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:  # a bare `bytes` here would name the property
         return json.dumps({"prompts": self.prompts, "prompt_bytes": self.prompt_bytes, "file_bytes": self.file_bytes,
                            "updated_at": int(time.time())}, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Usage":
+    def from_json(cls, raw: builtins.bytes) -> "Usage":
         d = json.loads(raw)
         return cls(int(d.get("prompts", 0)), int(d.get("prompt_bytes", 0)), int(d.get("file_bytes", 0)))
 

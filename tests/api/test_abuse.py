@@ -390,7 +390,7 @@ def test_disconnect_mid_upload_counts_as_client_abort(client, caplog, path, chun
     headers = {"content-type": "multipart/form-data; boundary=zzz", **({} if chunked else {"content-length": "100000"})}
     asyncio.run(RawCall(client.app, method, path, headers, [b"--zzz\r\n" + b"x" * 1000], disconnect=True).run())
     text = client.get("/metrics").text
-    assert 'status="499"} 1.0' in text, [l for l in text.splitlines() if l.startswith("softserve_requests_total")]
+    assert 'status="499"} 1.0' in text, [line for line in text.splitlines() if line.startswith("softserve_requests_total")]
     assert 'status="500"' not in text
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
 

@@ -58,8 +58,8 @@ def test_metrics_count_unfinished_tuning_jobs_by_status(client):
     import time
 
     def gauge() -> dict[str, float]:
-        lines = [l for l in client.get("/metrics").text.splitlines() if l.startswith("softserve_tuning_jobs{")]
-        return {l.split('"')[1]: float(l.rsplit(" ", 1)[1]) for l in lines}
+        lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith("softserve_tuning_jobs{")]
+        return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in lines}
 
     def wait(job_id: str, status: str) -> None:
         deadline = time.monotonic() + 30
