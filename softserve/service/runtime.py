@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softserve.store.backend import open_backend
+from softserve.store.backends import open_backend
 from softserve.store.cache import PromptCache
 from softserve.store.gc import PeriodicGC
 from softserve.store.store import PromptStore

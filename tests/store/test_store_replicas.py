@@ -10,7 +10,7 @@ import uuid
 import pytest
 import torch
 
-from softserve.store.backend import ConditionalBackend, LocalBackend, MemoryBackend, open_backend
+from softserve.store.backends import ConditionalBackend, LocalBackend, MemoryBackend, open_backend
 from softserve.store.store import PromptStore
 from softserve.store.types import PromptMeta, PromptNotFound
 from tests.support.prompts import CFG, MODEL, blob, tensor
@@ -27,7 +27,7 @@ def make_backend(request, tmp_path):
     if request.param == "local":
         return lambda: LocalBackend(tmp_path / "d")
     seaweed = request.getfixturevalue("seaweed")
-    from softserve.store.s3_backend import S3Backend
+    from softserve.store.backends.s3 import S3Backend
 
     prefix = f"replica-tests/{uuid.uuid4().hex[:16]}"
     return lambda: S3Backend(seaweed.bucket, prefix, client=seaweed.client())
@@ -303,7 +303,7 @@ def test_open_backend_urls(tmp_path):
 
 @pytest.mark.process
 def test_open_backend_s3(seaweed, monkeypatch):
-    from softserve.store.s3_backend import S3Backend
+    from softserve.store.backends.s3 import S3Backend
 
     for k, v in seaweed.env().items():
         monkeypatch.setenv(k, v)
@@ -325,7 +325,7 @@ def test_s3_unreachable_is_503(monkeypatch):
     pytest.importorskip("boto3")
     from tests.support.s3_server import free_port
 
-    from softserve.store.s3_backend import S3Backend, StorageUnavailable
+    from softserve.store.backends.s3 import S3Backend, StorageUnavailable
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
@@ -338,7 +338,7 @@ def test_s3_unreachable_is_503(monkeypatch):
 
 @pytest.mark.process
 def test_s3_wrong_credentials_is_503(seaweed):
-    from softserve.store.s3_backend import S3Backend, StorageUnavailable
+    from softserve.store.backends.s3 import S3Backend, StorageUnavailable
 
     import boto3
 
