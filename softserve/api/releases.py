@@ -6,84 +6,18 @@ Included before the prompts router: its `/v1/prompts/{name:path}` would otherwis
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
+from typing import Any
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 from softserve.service import releases as service
 from softserve.service.errors import InvalidRequest
 
 from .deps import PrincipalDep, RuntimeDep, StoreDep
+from .schemas import AliasBody, AliasDeleted, AliasInfo, AliasList, FeedbackBody, FeedbackResponse
 
-__all__ = ["router", "AliasInfo", "AliasList", "AliasBody", "FeedbackBody", "FeedbackResponse"]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SplitArmBody(_Body):
-    version: str = Field(..., min_length=1, max_length=64)
-    weight: float = Field(..., ge=0)
-
-
-class AliasBody(_Body):
-    """Either `version` (the alias points at it) or `split` (weighted versions, 1 to 8)."""
-
-    version: str | None = Field(None, min_length=1, max_length=64)
-    split: list[SplitArmBody] | None = None
-
-
-class SplitArmInfo(BaseModel):
-    version: str
-    weight: float
-
-
-class AliasChangeInfo(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
-    seq: int
-    at: float
-    by: str | None
-    from_: list[SplitArmInfo] | None = Field(None, alias="from")  # None: created
-    to: list[SplitArmInfo] | None = None  # None: deleted
-
-
-class AliasInfo(BaseModel):
-    object: Literal["prompt.alias"] = "prompt.alias"
-    id: str  # what to pass as `model`: "name@prod"
-    name: str
-    alias: str
-    split: list[SplitArmInfo]  # one arm with weight 1 for a plain pointer
-    updated_at: int
-    updated_by: str | None
-    history: list[AliasChangeInfo] | None = None  # GET of one alias: every change, oldest first
-
-
-class AliasList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[AliasInfo]
-
-
-class AliasDeleted(BaseModel):
-    object: Literal["prompt.alias.deleted"] = "prompt.alias.deleted"
-    id: str
-    deleted: bool = True
-
-
-class FeedbackBody(_Body):
-    id: str = Field(..., min_length=1, max_length=200)  # a completion id (cmpl-..., chatcmpl-...)
-    score: float
-
-
-class FeedbackResponse(BaseModel):
-    object: Literal["feedback"] = "feedback"
-    id: str
-    score: float
-    served: list[str]  # pinned refs ("name@version") the score was attributed to
+__all__ = ["router", "alias_info"]
 
 
 def _arms(arms) -> list[dict[str, Any]]:

@@ -223,3 +223,28 @@ def test_public_aliases_are_admin_written_and_everyone_reads(api):
         "public/shared@prod"]
     r = api.complete("beta", "public/shared@prod")
     assert r.status_code == 200 and r.json()["model"] == f"public/shared@{version}"
+
+
+def test_client_methods(api):
+    from softserve.client import AsyncClient, Client, ConflictError, NotFoundError
+
+    v1, v2 = api.upload("acme", "task", 1), api.upload("acme", "task", 2)
+    with Client("http://testserver", api_key=api.keys["acme"], http_client=api.client, max_retries=0) as ss:
+        single = ss.prompts.set_alias("task", "prod", v1)
+        assert single.id == "task@prod" and [(a.version, a.weight) for a in single.split] == [(v1, 1.0)]
+        split = ss.prompts.set_alias("task", "prod", split={v1: 3, v2: 1})
+        assert [(a.version, a.weight) for a in split.split] == [(v1, 3.0), (v2, 1.0)]
+        assert [a.id for a in ss.prompts.aliases("task")] == ["task@prod"]
+        history = ss.prompts.get_alias("task", "prod").history
+        assert [(c.seq, c.from_, [a.version for a in c.to]) for c in history][0] == (1, None, [v1])
+        out = ss.complete("task@prod", "hello", max_tokens=2, user="u-1")
+        assert out.model in (f"task@{v1}", f"task@{v2}")
+        assert ss.feedback(out.id, 1).served == [out.model]
+        with pytest.raises(ConflictError):
+            ss.prompts.delete("task")
+        assert ss.prompts.delete_alias("task", "prod").id == "task@prod"
+        with pytest.raises(NotFoundError):
+            ss.prompts.get_alias("task", "prod")
+        with pytest.raises(ValueError):
+            ss.prompts.set_alias("task", "prod", v1, split={v1: 1})
+    assert issubclass(AsyncClient, type(ss).__mro__[1])  # the async twin shares every method
