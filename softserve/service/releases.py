@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 __all__ = ["AliasView", "SplitArm", "list_aliases", "get_alias", "set_alias", "delete_alias", "CompletionLedger",
-           "ServedCompletion", "give_feedback", "served_ref"]
+           "ServedCompletion", "give_feedback", "served_ref",
+           "VersionRelease", "release_overview"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,37 @@ def _view_for(principal: Principal, ref: PromptRef, record: Alias, history: tupl
 def served_ref(meta: PromptMeta, principal: Principal) -> str:
     """A served version as `principal` names it: "name@version" or "public/name@version"."""
     return display_prefix(meta, principal) + meta.ref
+
+
+@dataclass(frozen=True)
+class VersionRelease:
+    """One version as the console's release view shows it: the aliases that point at it (with their
+    weight share) and this replica's per-version numbers (metrics.VersionMetrics.snapshot; {} if none)."""
+
+    meta: PromptMeta
+    latest: bool
+    aliases: dict[str, float]  # alias -> share of its traffic, 0..1
+    numbers: dict[str, float]
+
+
+def release_overview(store: PromptStore, metrics, principal: Principal, reference: str
+                     ) -> tuple[list[AliasView], list[VersionRelease]]:
+    """A prompt's aliases and its versions (latest first) with their numbers, side by side."""
+    ref = _bare_name(principal, reference)
+    with store_errors("name"):
+        metas = store.versions(ref.namespace, ref.name)
+        records = store_aliases.list_aliases(store, ref.namespace, ref.name)
+    views = [_view_for(principal, ref, r) for r in records]
+    label = ref.name if ref.namespace == principal.tenant else f"{ref.namespace}/{ref.name}"  # as version_series names it
+    numbers = metrics.versions.snapshot(principal.tenant, label) if metrics is not None else {}
+    out = []
+    for meta in metas:
+        shares = {}
+        for record in records:
+            total = sum(a.weight for a in record.arms)
+            shares.update({record.name: a.weight / total for a in record.arms if a.version == meta.version})
+        out.append(VersionRelease(meta, meta.version == metas[0].version, shares, numbers.get(meta.version, {})))
+    return views, out
 
 
 # ---- feedback ---------------------------------------------------------------------------------------
