@@ -99,6 +99,7 @@ class PromptStore:
         # name -> version resolution cache: head key -> (expires at, head or None). 0 = no cache.
         self.revalidate_seconds = float(revalidate_seconds)
         self._heads: OrderedDict[str, tuple[float, _Head | None]] = OrderedDict()
+        self._versions_cache: OrderedDict[str, tuple[float, PromptMeta]] = OrderedDict()  # version key -> (expires at, meta)
         self._heads_lock = threading.Lock()
         self._writes = 0  # bumped by every local head write: a slower concurrent read must not cache an older head
         # Per-tenant usage records and quotas (0 = unlimited); see usage.py.
@@ -179,6 +180,27 @@ class PromptStore:
             return None
         return PromptMeta.from_dict(json.loads(raw))
 
+    def _read_version_cached(self, tenant: str, name: str, version: str) -> PromptMeta | None:
+        """A version manifest for serving (pinned references, aliases): cached like heads, for
+        revalidate_seconds, so a canary's older arm does not cost a backend read per request. The head
+        (membership) is checked by the caller on every call; manifests are write-once."""
+        if self.revalidate_seconds <= 0:
+            return self._read_version(tenant, name, version)
+        key = self._version_key(tenant, name, version)
+        now = time.monotonic()
+        with self._heads_lock:
+            hit = self._versions_cache.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        meta = self._read_version(tenant, name, version)
+        if meta is not None:
+            with self._heads_lock:
+                self._versions_cache[key] = (now + self.revalidate_seconds, meta)
+                self._versions_cache.move_to_end(key)
+                while len(self._versions_cache) > _HEAD_CACHE_ENTRIES:
+                    self._versions_cache.popitem(last=False)
+        return meta
+
     def resolve(self, tenant: str, name: str, version: str | None = None) -> PromptMeta:
         """Latest version, or a pinned one (full 12-char id or a unique prefix of >= 6 chars).
 
@@ -199,7 +221,7 @@ class PromptStore:
             # Membership in the head (not just the manifest existing) is what makes a version
             # live: manifests of deleted or half-written uploads stay invisible.
             raise PromptNotFound(f"version {version!r} of prompt {name!r} not found")
-        meta = self._read_version(tenant, name, matches[0])
+        meta = self._read_version_cached(tenant, name, matches[0])
         if meta is None:
             raise PromptNotFound(f"version {version!r} of prompt {name!r} not found")
         return meta

@@ -213,3 +213,25 @@ def test_history_survives_many_changes_across_archive_and_head():
 def test_alias_history_keys_are_parsed():
     key = keys.alias_history("acme", "task", "e1", 7)
     assert keys.parse_tenant_key(key) == keys.TenantKey("acme", "alias_history", "task")
+
+
+def test_serving_an_older_arm_reads_its_manifest_once_per_revalidation_window():
+    class Counting(MemoryBackend):
+        reads: list[str] = []
+
+        def get(self, key):
+            self.reads.append(key)
+            return super().get(key)
+
+    backend = Counting()
+    writer = PromptStore(backend, MODEL)
+    v1, _ = _versions(writer, 2)
+    store = PromptStore(backend, MODEL, revalidate_seconds=60)
+    backend.reads.clear()
+    for _ in range(50):
+        assert store.resolve("acme", "task", v1).version == v1
+    assert backend.reads.count(keys.prompt_version("acme", "task", v1)) == 1
+    uncached = PromptStore(backend, MODEL)  # revalidate_seconds 0: every resolution reads the backend
+    for _ in range(3):
+        uncached.resolve("acme", "task", v1)
+    assert backend.reads.count(keys.prompt_version("acme", "task", v1)) == 4
