@@ -30,7 +30,7 @@ from . import aliases as alias_records
 from . import cas
 from . import format as fmt
 from . import keys
-from .backend import StorageBackend
+from .backends import StorageBackend
 from .index import ListingIndex
 from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptValidationError
 from .usage import UsageLedger
