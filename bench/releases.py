@@ -29,7 +29,7 @@ def run(args) -> dict:
     from softserve.service.auth import Principal
     from softserve.service.tenancy import resolve_served
     from softserve.store import aliases
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.store import PromptStore
     from softserve.store.types import ModelInfo
 

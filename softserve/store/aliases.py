@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import cas, keys
-from .backend import StorageBackend
+from .backends import StorageBackend
 from .types import PromptNotFound, PromptStoreError, PromptValidationError
 
 if TYPE_CHECKING:

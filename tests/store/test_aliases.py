@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from softserve.store import aliases, keys
-from softserve.store.backend import LocalBackend, MemoryBackend
+from softserve.store.backends import LocalBackend, MemoryBackend
 from softserve.store.store import PromptStore
 from softserve.store.types import PromptNotFound, PromptStoreError, PromptValidationError
 from tests.support.concurrency import run_together
@@ -25,7 +25,7 @@ def make_store(request, tmp_path):
     if request.param == "local":
         return lambda: PromptStore(LocalBackend(tmp_path / "d"), MODEL)
     seaweed = request.getfixturevalue("seaweed")
-    from softserve.store.s3_backend import S3Backend
+    from softserve.store.backends.s3 import S3Backend
 
     prefix = f"alias-tests/{uuid.uuid4().hex[:16]}"
     return lambda: PromptStore(S3Backend(seaweed.bucket, prefix, client=seaweed.client()), MODEL)
