@@ -28,6 +28,13 @@ def cmd_serve(args) -> int:
         settings = settings_from_args(args)
     except ValidationError as exc:
         raise SystemExit(f"softserve serve: {exc}") from None
+    if not settings.model:  # say what to install before binding a port, not after a background load fails
+        from softserve.model_loader import embedded_model_source
+
+        try:
+            embedded_model_source()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"softserve serve: {exc}") from None
     from softserve.logs import configure_logging
 
     configure_logging(settings.log_level, settings.json_logs)
@@ -144,12 +151,12 @@ def cmd_eval(args) -> int:
     try:
         items = load_eval_data(args.data)
     except (OSError, EvalDataError) as exc:
-        raise SystemExit(f"error: {exc}")
+        raise SystemExit(f"error: {exc}") from None
     with _client(args) as client:
         try:
             result = evaluate(client, args.model, items, max_tokens=args.max_tokens)
         except RuntimeError as exc:
-            raise SystemExit(f"error: {exc}")
+            raise SystemExit(f"error: {exc}") from None
     print(json.dumps({"model": args.model, "data": args.data, **result.summary()}))
     return 0
 

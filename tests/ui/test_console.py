@@ -131,7 +131,7 @@ def test_stats_show_only_what_the_key_may_see(console):
     point = a["points"][-1]
     assert {"requests_per_s", "tokens_per_s", "queue_depth", "batch_size", "prompt_cache_hit_rate", "kv_cache_hit_rate",
             "ttft_s", "kv_pool_used"} <= set(point)
-    assert 0 <= point["kv_pool_used"] <= 1  # engine v2's preallocated pool exists on this server
+    assert 0 <= point["kv_pool_used"] <= 1  # the engine's preallocated pool exists on this server
     assert console.get("/ui/api/stats", params={"since": -1}, headers=console.h["a"]).status_code == 400
 
 
