@@ -27,6 +27,7 @@ CASES = {
     "tuning_speed": (["--steps", "2", "--batch-size", "2"], ["tuning speed", "| ours (PromptTuner) |", "| PEFT loop |", "ratio ours/PEFT"]),
     "listing": (["--num-prompts", "40", "--rounds", "1", "--puts", "2"],
                 ["### Listing 40 prompts", "| measurement | walk (before) ms | index ms"]),
+    "releases": (["--calls", "20", "--hidden", "64"], ["### Resolving `model` through a release alias", "| reference | µs per resolution"]),
     "adapter_kinds": (["--concurrency", "3", "--k", "4", "--prompt-tokens", "8", "--max-tokens", "4", "--repeats", "1"],
                       ["### Adapter kinds in one batch", "| rows | output tok/s | ratio to plain", "| prefix_tuning |"]),
 }
