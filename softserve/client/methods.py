@@ -61,7 +61,7 @@ def _alias_body(version: str | None, split: Mapping[str, float] | Sequence[tuple
         raise ValueError("give exactly one of version or split")
     if version is not None:
         return {"version": version}
-    arms = split.items() if isinstance(split, Mapping) else split
+    arms = split.items() if isinstance(split, Mapping) else (split or ())
     return {"split": [{"version": v, "weight": w} for v, w in arms]}
 
 

@@ -140,7 +140,9 @@ def release_overview(store: PromptStore, metrics, principal: Principal, referenc
         shares = {}
         for record in records:
             total = sum(a.weight for a in record.arms)
-            shares.update({record.name: a.weight / total for a in record.arms if a.version == meta.version})
+            for arm in record.arms:
+                if arm.version == meta.version:
+                    shares[record.name] = arm.weight / total
         out.append(VersionRelease(meta, meta.version == metas[0].version, shares, numbers.get(meta.version, {})))
     return views, out
 

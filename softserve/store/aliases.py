@@ -118,7 +118,7 @@ def assignment_point(scope: str, key: str | None) -> float:
     """A number in [0, 1): the same for one (scope, key) on every replica and run; random without a key."""
     if key is None:
         return random.random()
-    digest = hashlib.sha256(f"softserve-split\n{scope}\n{key}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"softserve-split\n{scope}\n{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

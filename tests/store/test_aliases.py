@@ -150,7 +150,7 @@ def test_concurrent_moves_from_two_replicas_never_lose_a_write_or_dangle(make_st
     history = aliases.history(reader, "acme", "task")
     assert [c.seq for c in history] == list(range(1, 4 * rounds + 1))  # no move lost, none twice
     assert sorted(c.by for c in history) == ["replica-0"] * 2 * rounds + ["replica-1"] * 2 * rounds
-    live = set(reader.versions("acme", "task")[i].version for i in range(len(reader.versions("acme", "task"))))
+    live = {reader.versions("acme", "task")[i].version for i in range(len(reader.versions("acme", "task")))}
     assert len(live) == 8  # every upload landed too
     for record in aliases.list_aliases(reader, "acme", "task"):
         for version in record.versions:
