@@ -147,9 +147,9 @@ async def _disconnected(http_request: HTTPRequest) -> None:
             return
 
 
-async def _guided(runtime: Runtime, body) -> GuidedSpec | None:
+async def _guided(runtime: Runtime, principal, body) -> GuidedSpec | None:
     found = guided_spec(body)
-    return None if found is None else await compile_guided(runtime, *found)
+    return None if found is None else await compile_guided(runtime, principal, *found)
 
 
 router = APIRouter()
@@ -172,7 +172,7 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runt
     runtime.require_ready()
     check_fan_out(runtime, num_prompts(body.prompt), body.n)  # before any work that grows with the request
     check_supported(body)
-    guided = await _guided(runtime, body)
+    guided = await _guided(runtime, principal, body)
     resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
     prompts = await run_in_threadpool(_tokenize_prompts, runtime.tokenizer, body.prompt, runtime.max_model_len * 64)
     echo_logprobs = body.echo and body.logprobs is not None
@@ -249,7 +249,7 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
     runtime.require_ready()
     check_fan_out(runtime, 1, body.n)
     check_supported(body)
-    guided = await _guided(runtime, body)
+    guided = await _guided(runtime, principal, body)
     resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
     prompt_ids = await run_in_threadpool(_apply_chat_template, runtime.tokenizer, body.messages, runtime.max_model_len * 64)
     prompts = [prompt_ids]
