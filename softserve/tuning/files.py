@@ -72,7 +72,7 @@ class FileRegistry:
         return meta
 
     def get(self, tenant: str, file_id: str) -> TuningFile:
-        if not isinstance(file_id, str) or not file_id.startswith("file-") or not file_id[5:].isalnum():
+        if not keys.is_generated_id(file_id, "file-"):
             raise KeyError(file_id)
         try:
             raw = self.backend.get(self._key(tenant, file_id, "json"))

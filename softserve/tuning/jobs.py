@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from softserve.store import keys
 from softserve.store.store import PromptStore
 from softserve.store.types import PromptNotFound
 from softserve.config import setting_default
@@ -139,7 +140,7 @@ class TuningManager:
                 raise KeyError(job_id)
             with job.lock:
                 return dict(job.record)
-        if not isinstance(job_id, str) or not job_id.startswith("tunejob-") or not job_id[8:].isalnum():
+        if not keys.is_generated_id(job_id, "tunejob-"):
             raise KeyError(job_id)
         return self.jobs.read(tenant, job_id)
 
