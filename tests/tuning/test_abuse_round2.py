@@ -35,3 +35,43 @@ def test_a_prompt_cannot_take_the_base_models_name(api):
     ids = [m["id"] for m in api.get("/v1/models", headers=api.h["a"]).json()["data"]]
     assert ids.count("tiny-llama") == 1
     assert api.put("/v1/prompts/tiny-llama-2", headers=api.h["a"], files=files).status_code == 201
+
+
+def _jsonl(nbytes: int) -> bytes:
+    line = b'{"prompt": "a", "completion": " ' + b"b" * 90 + b'"}\n'
+    return line * (nbytes // len(line))
+
+
+class _SlowDisk:
+    """A backend whose data writes take a while, as a real disk's do under load: the window in which
+    concurrent uploads used to all pass the quota check against the same old total."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def put(self, key, data, **kw):
+        if key.endswith(".jsonl"):
+            import time
+            time.sleep(0.3)
+        return self._backend.put(key, data, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def test_concurrent_file_uploads_cannot_overshoot_the_bytes_quota(tmp_path):
+    """F5: four 600 KB uploads at once against a 1 MB quota: three were accepted."""
+    from tests.support.concurrency import run_together
+    from softserve.store.backend import LocalBackend
+    from softserve.store.types import QuotaExceeded
+    from softserve.store.usage import UsageLedger
+    from softserve.tuning.files import FileRegistry
+
+    backend = _SlowDisk(LocalBackend(tmp_path / "store"))
+    usage = UsageLedger(backend, max_bytes=1_000_000)
+    files = FileRegistry(backend, 10_000_000, usage=usage)
+    data = _jsonl(600_000)
+    raised = run_together([lambda: files.create("acme", "d.jsonl", "fine-tune", data)] * 4)
+    assert len(raised) == 3 and all(isinstance(e, QuotaExceeded) for e in raised), raised
+    assert len(files.list("acme")) == 1
+    assert usage.get("acme").file_bytes == len(data)  # what is on disk, no more
