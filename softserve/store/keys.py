@@ -18,7 +18,7 @@ __all__ = [
     "active_job", "active_job_id", "usage", "index_prefix", "index_manifest", "index_shard",
     "TenantKey", "parse_tenant_key",
     "FINISHED_JOBS_PREFIX", "FINISHED_INDEX_READY", "job_checkpoints_prefix", "finished_job", "FinishedJobKey",
-    "parse_finished_job", "is_generated_id",
+    "parse_finished_job", "is_generated_id", "is_job_data",
 ]
 
 BLOBS_PREFIX = "blobs/sha256/"
@@ -91,6 +91,13 @@ def job_record(tenant: str, job_id: str) -> str:
 
 def job_data(tenant: str, job_id: str, which: str) -> str:
     return f"{job_prefix(tenant, job_id)}data/{which}.jsonl"
+
+
+def is_job_data(key: str) -> bool:
+    """Is `key` a job_data() key (a tuning job's copy of its training or validation data)?"""
+    parsed = parse_tenant_key(key)
+    return (parsed is not None and parsed.kind == "job" and key.endswith(".jsonl")
+            and key.rsplit("/", 2)[-2] == "data")
 
 
 def job_events(tenant: str, job_id: str, first_seq: int) -> str:

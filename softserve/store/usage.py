@@ -69,7 +69,8 @@ def head_metas(backend: StorageBackend, tenant: str, name: str, head: dict) -> l
 
 
 def compute_usage(backend: StorageBackend, tenant: str) -> Usage:
-    """The tenant's usage from the store itself: a walk over its heads, their manifests and its files."""
+    """The tenant's usage from the store itself: a walk over its heads, their manifests, its files and its
+    tuning jobs' data copies (counted as file bytes)."""
     prompts = prompt_bytes = file_bytes = 0
     for key in backend.list(keys.prompts_prefix(tenant)):
         parsed = keys.parse_tenant_key(key)
@@ -89,6 +90,9 @@ def compute_usage(backend: StorageBackend, tenant: str) -> Usage:
             file_bytes += int(json.loads(backend.get(key)).get("bytes", 0))
         except KeyError:
             continue
+    for item in backend.list_with_mtime(keys.jobs_prefix(tenant)):
+        if keys.is_job_data(item.key):  # a tuning job's copy of its training data (issue #26 F3)
+            file_bytes += item.size
     return Usage(prompts, prompt_bytes, file_bytes)
 
 

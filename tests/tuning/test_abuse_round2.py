@@ -3,6 +3,8 @@ keys, reserved names, quotas that concurrent or tuning writes used to get around
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.support.prompts import CFG, blob
@@ -75,3 +77,31 @@ def test_concurrent_file_uploads_cannot_overshoot_the_bytes_quota(tmp_path):
     assert len(raised) == 3 and all(isinstance(e, QuotaExceeded) for e in raised), raised
     assert len(files.list("acme")) == 1
     assert usage.get("acme").file_bytes == len(data)  # what is on disk, no more
+
+
+def test_the_per_tenant_job_limit_holds_across_replicas(tiny_model, tokenizer, tmp_path):
+    """F7: each of two replicas on one store accepted --max-tuning-jobs-per-tenant of one tenant's jobs."""
+    from tests.support.tuning import local_manager, submit_toy_job
+    from softserve.tuning.jobs import QueueFull
+
+    a = local_manager(tiny_model, tokenizer, tmp_path, max_active_per_tenant=2)
+    b = local_manager(tiny_model, tokenizer, tmp_path, max_active_per_tenant=2)
+    try:
+        ids = [submit_toy_job(a, steps=10_000) for _ in range(2)]
+        with pytest.raises(QueueFull, match="--max-tuning-jobs-per-tenant"):
+            submit_toy_job(b, steps=10_000)
+        submit_toy_job(b, steps=1, tenant="beta")  # another tenant is not held back
+        a.cancel("acme", ids[0])
+        deadline = time.monotonic() + 30
+        while True:  # a finished job frees its place on every replica (once a has finalized it)
+            try:
+                ids.append(submit_toy_job(b, steps=10_000))
+                break
+            except QueueFull:
+                assert time.monotonic() < deadline, "the cancelled job still counts"
+                time.sleep(0.05)
+        for job_id in ids[1:]:
+            (a if job_id in ids[:2] else b).cancel("acme", job_id)
+    finally:
+        a.close()
+        b.close()
