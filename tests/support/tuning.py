@@ -31,7 +31,7 @@ def wait_for_job(client, job_id, headers, statuses, timeout=40.0, until=lambda j
 
 def local_manager(model, tokenizer, root, **kw):
     """A TuningManager on a LocalBackend at `root` (two on one root act as two replicas)."""
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.store import PromptStore
     from softserve.tuning.export import model_info
     from softserve.tuning.jobs import TuningManager

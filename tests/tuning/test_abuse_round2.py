@@ -64,7 +64,7 @@ class _SlowDisk:
 def test_concurrent_file_uploads_cannot_overshoot_the_bytes_quota(tmp_path):
     """F5: four 600 KB uploads at once against a 1 MB quota: three were accepted."""
     from tests.support.concurrency import run_together
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.types import QuotaExceeded
     from softserve.store.usage import UsageLedger
     from softserve.tuning.files import FileRegistry

@@ -12,9 +12,9 @@ import pytest
 import torch
 from tests.support.tuning import local_manager, submit_toy_job, toy_data, toy_records, wait_for_job
 
-from softserve.store.backend import LocalBackend, MemoryBackend
-from softserve.store.store import PromptStore
+from softserve.store.backends import LocalBackend, MemoryBackend
 from softserve.tuning.persist import JobStore
+from softserve.tuning.runner import JobHost
 from softserve.tuning.trainer import PromptTuner, TuningConfig
 
 
@@ -216,6 +216,7 @@ def _wait_record(manager, job_id, check, timeout=120.0):
 def test_manager_restart_resumes_to_the_same_prompt(tiny_model, tokenizer, tmp_path):
     steps = 120
     ref = local_manager(tiny_model, tokenizer, tmp_path / "ref")
+    assert isinstance(ref, JobHost)  # the runner's whole view of the manager that owns its job
     try:
         ref_id = submit_toy_job(ref, steps)
         reference = _wait_record(ref, ref_id, lambda r: r["status"] in ("succeeded", "failed"))
