@@ -105,3 +105,19 @@ def test_the_per_tenant_job_limit_holds_across_replicas(tiny_model, tokenizer, t
     finally:
         a.close()
         b.close()
+
+
+def test_a_jsonl_file_with_a_utf8_bom_is_accepted(api):
+    """Also: a UTF-8 BOM (as Windows editors write it) made line 1 invalid JSON."""
+    data = "\ufeff".encode() + b'{"prompt": "a", "completion": " b"}\n' * 3
+    r = api.post("/v1/files", headers=api.h["a"], files={"file": ("d.jsonl", data)}, data={"purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    assert r.json().get("num_examples", 3) == 3
+
+
+@pytest.mark.parametrize("field,value", [("weight_decay", 1e6), ("max_grad_norm", 1e30)])
+def test_optimizer_settings_have_upper_bounds(api, field, value):
+    body = {"name": "t", "training_data": [{"prompt": "a", "completion": " b"}] * 2, field: value}
+    r = api.post("/v1/tuning/jobs", headers=api.h["a"], json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
