@@ -7,11 +7,10 @@ the headers, and the middleware calls it before it reads or forwards the body.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 from softserve.service.auth import ApiKeyRegistry, Principal
-from softserve.service.errors import Overloaded
+from softserve.service.slots import TenantSlots
 
 from .deps import authenticate
 
@@ -28,54 +27,17 @@ def is_upload(method: str, path: str) -> bool:
     return prompt_upload or (method == "POST" and path.rstrip("/") == "/v1/files")
 
 
-class UploadSlots:
+def upload_slots(total: int, per_tenant: int) -> TenantSlots:
     """Concurrent uploads in progress, in total and per tenant."""
-
-    def __init__(self, total: int, per_tenant: int) -> None:
-        self.total, self.per_tenant = total, per_tenant
-        self._by_tenant: dict[str, int] = {}
-        self._in_use = 0
-        self._lock = threading.Lock()
-
-    def acquire(self, tenant: str) -> Callable[[], None]:
-        with self._lock:
-            mine = self._by_tenant.get(tenant, 0)
-            if mine >= self.per_tenant:
-                raise Overloaded(f"too many concurrent uploads for this tenant ({self.per_tenant}, "
-                               "--max-concurrent-uploads-per-tenant); retry when one has finished",
-                               code="too_many_uploads", retry_after=1)
-            if self._in_use >= self.total:
-                raise Overloaded(f"the server is receiving {self.total} uploads already (--max-concurrent-uploads); "
-                               "retry shortly", code="too_many_uploads", retry_after=1)
-            self._by_tenant[tenant] = mine + 1
-            self._in_use += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            with self._lock:
-                if released:
-                    return
-                released = True
-                self._in_use -= 1
-                left = self._by_tenant[tenant] - 1
-                if left:
-                    self._by_tenant[tenant] = left
-                else:
-                    del self._by_tenant[tenant]
-
-        return release
-
-    @property
-    def in_use(self) -> int:
-        return self._in_use
+    return TenantSlots(total, per_tenant, noun="uploads", total_flag="--max-concurrent-uploads",
+                       tenant_flag="--max-concurrent-uploads-per-tenant", code="too_many_uploads")
 
 
 class AdmissionGate:
     def __init__(self, get_registry: Callable[[], ApiKeyRegistry], *, max_uploads: int, max_uploads_per_tenant: int,
                  rate_limiter=None) -> None:
         self.get_registry = get_registry
-        self.uploads = UploadSlots(max_uploads, max_uploads_per_tenant)
+        self.uploads = upload_slots(max_uploads, max_uploads_per_tenant)
         self.rate_limiter = rate_limiter  # RateLimiter: requests per second per tenant
 
     def admit(self, scope, headers: dict[str, str]) -> Callable[[], None] | None:

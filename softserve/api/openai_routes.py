@@ -160,9 +160,9 @@ async def _disconnected(http_request: HTTPRequest) -> None:
             return
 
 
-async def _guided(runtime: Runtime, body) -> GuidedSpec | None:
+async def _guided(runtime: Runtime, principal, body) -> GuidedSpec | None:
     found = guided_spec(body)
-    return None if found is None else await compile_guided(runtime, *found)
+    return None if found is None else await compile_guided(runtime, principal, *found)
 
 
 router = APIRouter()
@@ -185,7 +185,7 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, http
     runtime.require_ready()
     check_fan_out(runtime, num_prompts(body.prompt), body.n)  # before any work that grows with the request
     check_supported(body)
-    guided = await _guided(runtime, body)
+    guided = await _guided(runtime, principal, body)
     resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model,  # may read the store
                                         _assignment(http_request, body))
     prompts = await run_in_threadpool(_tokenize_prompts, runtime.tokenizer, body.prompt, runtime.max_model_len * 64)
@@ -265,7 +265,7 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
     runtime.require_ready()
     check_fan_out(runtime, 1, body.n)
     check_supported(body)
-    guided = await _guided(runtime, body)
+    guided = await _guided(runtime, principal, body)
     resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model,  # may read the store
                                         _assignment(http_request, body))
     prompt_ids = await run_in_threadpool(_apply_chat_template, runtime.tokenizer, body.messages, runtime.max_model_len * 64)

@@ -13,29 +13,34 @@ sampling, `advance_guided` feeds each row's token to its matcher. No device->hos
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
 import torch
 
+from softserve.engine.grammar_limits import GrammarLimits, check_limits
+from softserve.engine.grammar_sandbox import GrammarSandbox
+from softserve.engine.grammar_worker import GuidedSpecError, new_matcher, run_with_stack
+from softserve.engine.grammar_worker import grammar_for as _grammar_for
 from softserve.engine.request import GuidedSpec, Request
 
 log = logging.getLogger("softserve.guided")
 
+__all__ = ["KINDS", "GuidedSpecError", "GuidedState", "CompiledGrammar", "GrammarCompiler", "grammar_for",
+           "tokenizer_info", "validate", "attach_guided_state", "fill_bitmask", "advance_guided"]
+
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
-# Compact JSON (no optional whitespace): a model cannot spend its whole budget on spaces.
-_JSON_DEFAULTS = {"whitespace_flexible": False}
+# The server compiles on a stack 32x the sandbox's (grammar_worker.SANDBOX_STACK_BYTES): a grammar that
+# compiled there cannot overflow here. Only touched pages are ever backed by memory.
+COMPILE_STACK_BYTES = 256 * 1024 * 1024
 
 _tokenizer_infos: dict[int, llguidance.LLTokenizer] = {}
 _tokenizer_lock = threading.Lock()
-
-
-class GuidedSpecError(ValueError):
-    """The constraint is not a valid grammar (the API turns this into a 400)."""
 
 
 @dataclass
@@ -45,33 +50,21 @@ class GuidedState:
     vocab_size: int  # the tokenizer's; the model's logits may have a few padding columns more
 
 
+@dataclass(frozen=True)
+class CompiledGrammar:
+    """A grammar compiled once (per request, or once for all requests while cached): every choice of
+    every request gets a copy of this untouched matcher, which shares the compiled grammar."""
+
+    template: llguidance.LLMatcher
+    grammar_bytes: int
+
+    def new_matcher(self) -> llguidance.LLMatcher:
+        return self.template.deep_copy()
+
+
 def grammar_for(spec: GuidedSpec) -> str:
     """The llguidance grammar for a spec; GuidedSpecError if it is not valid."""
-    try:
-        if spec.kind == "json_schema":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.value, defaults=_JSON_DEFAULTS)
-        elif spec.kind == "json_object":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=_JSON_DEFAULTS)
-        elif spec.kind == "regex":
-            grammar = llguidance.LLMatcher.grammar_from_regex(spec.value)
-        elif spec.kind == "choice":
-            choices = json.loads(spec.value)
-            if not choices or not all(isinstance(c, str) and c for c in choices):
-                raise GuidedSpecError("choices must be a non-empty list of non-empty strings")
-            # JSON string literals are valid Lark string literals (same escapes).
-            grammar = llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
-        elif spec.kind == "grammar":
-            grammar = llguidance.LLMatcher.grammar_from_lark(spec.value)
-        else:
-            raise GuidedSpecError(f"unknown constraint kind {spec.kind!r}")
-    except GuidedSpecError:
-        raise
-    except Exception as exc:  # llguidance raises ValueError/RuntimeError for malformed input
-        raise GuidedSpecError(str(exc)) from exc
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise GuidedSpecError(error.strip().splitlines()[0])
-    return grammar
+    return _grammar_for(spec.kind, spec.value)
 
 
 def tokenizer_info(tokenizer) -> llguidance.LLTokenizer:
@@ -87,30 +80,77 @@ def tokenizer_info(tokenizer) -> llguidance.LLTokenizer:
         return info
 
 
+class GrammarCompiler:
+    """Untrusted constraint -> CompiledGrammar, never on the engine thread, never able to crash us.
+
+    In order: the cheap bounds (grammar_limits), the sandbox child (a crash or a hang there refuses
+    the grammar), then the real compile on a large-stack thread. Results are cached by content, so a
+    schema sent again (the common case: one schema, many requests) costs nothing.
+    """
+
+    def __init__(self, tokenizer, limits: GrammarLimits = GrammarLimits(), sandbox: GrammarSandbox | None = None,
+                 cache_entries: int = 64) -> None:
+        self.tokenizer, self.limits, self.sandbox = tokenizer, limits, sandbox
+        self.cache_entries = cache_entries
+        self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(spec: GuidedSpec) -> str:
+        return hashlib.sha256(f"{spec.kind}\0{spec.value}".encode("utf-8", "surrogatepass")).hexdigest()
+
+    def cached(self, spec: GuidedSpec) -> CompiledGrammar | None:
+        key = self._key(spec)
+        with self._lock:
+            found = self._cache.get(key)
+            if found is not None:
+                self._cache.move_to_end(key)
+            return found
+
+    def compile(self, spec: GuidedSpec) -> CompiledGrammar:
+        """Blocking (seconds for a big grammar; llguidance releases the GIL): call it from a worker thread."""
+        found = self.cached(spec)
+        if found is not None:
+            return found
+        check_limits(spec.kind, spec.value, self.limits)
+        if self.sandbox is not None:
+            grammar = self.sandbox.check(spec.kind, spec.value)
+        else:
+            grammar = run_with_stack(COMPILE_STACK_BYTES, grammar_for, spec)
+        template = run_with_stack(COMPILE_STACK_BYTES, new_matcher, tokenizer_info(self.tokenizer), grammar)
+        compiled = CompiledGrammar(template=template, grammar_bytes=len(grammar))
+        with self._lock:
+            self._cache[self._key(spec)] = compiled
+            while len(self._cache) > self.cache_entries:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def close(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
+
+
 def validate(spec: GuidedSpec, tokenizer) -> None:
-    """Check a spec at the edge (and warm the tokenizer cache off the engine thread)."""
-    _new_matcher(spec, tokenizer)
-
-
-def _new_matcher(spec: GuidedSpec, tokenizer) -> llguidance.LLMatcher:
-    grammar = grammar_for(spec)
-    try:
-        matcher = llguidance.LLMatcher(tokenizer_info(tokenizer), grammar)
-    except Exception as exc:  # whatever the library raises, a bad constraint stays a ValueError
-        raise GuidedSpecError(str(exc)) from exc
-    if matcher.is_error():
-        raise GuidedSpecError(matcher.get_error())
-    return matcher
+    """Compile a spec once (in-process, on a large stack): GuidedSpecError if it is not valid."""
+    GrammarCompiler(tokenizer).compile(spec)
 
 
 def attach_guided_state(request: Request, tokenizer, eos_ids) -> None:
-    """Give a request with `sampling.guided` its own matcher (each of n choices has its own)."""
+    """Give a request with `sampling.guided` its own matcher (each of n choices has its own).
+
+    A spec compiled by the service (spec.compiled) is only copied here: the engine thread never
+    compiles what a client sent. Direct engine users get an in-process compile on a large stack.
+    """
     spec = request.sampling.guided
     if spec is None or request.guided_state is not None:
         return
-    eos = tuple(sorted(eos_ids))
-    matcher = _new_matcher(spec, tokenizer)
-    request.guided_state = GuidedState(matcher=matcher, eos_ids=eos, vocab_size=len(tokenizer))
+    compiled = spec.compiled
+    if compiled is None:
+        grammar = run_with_stack(COMPILE_STACK_BYTES, grammar_for, spec)
+        matcher = run_with_stack(COMPILE_STACK_BYTES, new_matcher, tokenizer_info(tokenizer), grammar)
+    else:
+        matcher = compiled.new_matcher()
+    request.guided_state = GuidedState(matcher=matcher, eos_ids=tuple(sorted(eos_ids)), vocab_size=len(tokenizer))
 
 
 def fill_bitmask(states: list[GuidedState]) -> torch.Tensor:

@@ -41,6 +41,8 @@ class GuidedSpec:
 
     kind: str  # "json_schema" | "json_object" | "regex" | "choice" | "grammar" (Lark)
     value: str = ""  # the JSON schema as JSON text, the regex, the Lark grammar, or the choices as a JSON list
+    # guided.CompiledGrammar, set by the service after a safe compile; None: the engine compiles it itself
+    compiled: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

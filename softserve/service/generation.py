@@ -18,7 +18,8 @@ from anyio.to_thread import run_sync as run_in_threadpool
 
 from softserve.store.types import PromptMeta, PromptStoreError
 from softserve.engine.async_engine import EngineDeadError
-from softserve.engine.guided import GuidedSpecError, validate as validate_guided
+from softserve.engine.grammar_sandbox import SandboxUnavailable
+from softserve.engine.guided import GuidedSpecError
 from softserve.engine.request import (
     ErrorKind, FinishReason, GuidedSpec, Request, RequestOutput, SamplingParams, SoftPrompt, SoftPromptRef,
 )
@@ -135,13 +136,26 @@ def check_length(runtime: Runtime, num_virtual: int, num_prompt: int, max_tokens
     return max_tokens
 
 
-async def compile_guided(runtime: Runtime, param: str, spec: GuidedSpec) -> GuidedSpec:
-    """Compile the constraint once here, so a bad schema is an InvalidRequest before the engine sees it."""
-    try:
-        await run_in_threadpool(validate_guided, spec, runtime.tokenizer)
-    except GuidedSpecError as exc:
-        raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_grammar") from exc
-    return spec
+async def compile_guided(runtime: Runtime, principal: Principal, param: str, spec: GuidedSpec) -> GuidedSpec:
+    """Compile the constraint once per request (or not at all while it is cached), off the engine thread
+    and first in the sandbox (runtime.grammars): a bad or hostile grammar is an InvalidRequest, and every
+    choice of the request shares the compiled grammar. An uncached compile holds one of the tenant's
+    compile slots (--guided-compiles-per-tenant), so one tenant cannot queue up the compilers."""
+    compiler = runtime.grammars
+    if compiler is None:
+        raise NotReady("structured output is not available yet", retry_after=5)
+    compiled = compiler.cached(spec)
+    if compiled is None:
+        release = runtime.compile_slots.acquire(principal.tenant)
+        try:
+            compiled = await run_in_threadpool(compiler.compile, spec)
+        except GuidedSpecError as exc:
+            raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_grammar") from exc
+        except SandboxUnavailable as exc:
+            raise NotReady(f"structured output is unavailable: {exc}", retry_after=5) from exc
+        finally:
+            release()
+    return dataclasses.replace(spec, compiled=compiled)
 
 
 def per_choice_sampling(template: SamplingParams, max_tokens: int, seed_offset: int) -> SamplingParams:

@@ -19,9 +19,13 @@ from softserve.config import Settings
 from softserve.engine.async_engine import AsyncEngine
 from softserve.engine.config import EngineConfig, SchedulerConfig
 from softserve.engine.engine import LLMEngine
+from softserve.engine.grammar_limits import GrammarLimits
+from softserve.engine.grammar_sandbox import GrammarSandbox, TokenizerSpec
+from softserve.engine.guided import GrammarCompiler
 from softserve.model_loader import load_model, resolve_device, resolve_dtype, resolve_source
 from softserve.service.auth import ApiKeyRegistry
 from softserve.service.errors import not_ready
+from softserve.service.slots import TenantSlots
 from softserve.service.releases import CompletionLedger
 
 log = logging.getLogger("softserve")
@@ -52,6 +56,8 @@ class Runtime:
     max_model_len: int = 0  # --max-model-len, capped at the model's position limit
     exit_on_engine_death: bool = False  # the CLI sets it; in-process tests keep their interpreter
     store_gc: PeriodicGC | None = None  # --store-gc-interval-seconds
+    grammars: GrammarCompiler | None = None  # structured output: compiles client grammars safely, off the engine
+    compile_slots: TenantSlots | None = None  # grammar compiles in progress or waiting, per tenant and in total
     completions: CompletionLedger = field(default_factory=CompletionLedger)  # completion id -> served versions (feedback)
 
     @property
@@ -142,6 +148,7 @@ class Runtime:
                 model_id=f"{self.served_model_name}:{param.dtype}",
             )
             self.tokenizer = tokenizer
+            self.grammars = self._grammar_compiler(tokenizer)
             engine = LLMEngine(model, tokenizer, config)
             engine.on_out_of_memory = self._trim_prompt_cache
             self.engine = AsyncEngine(engine, on_step=self._on_step, on_death=self._on_engine_death)
@@ -152,6 +159,23 @@ class Runtime:
             log.exception("start-up failed")
         finally:
             self.loaded.set()
+
+    def _grammar_compiler(self, tokenizer) -> GrammarCompiler:
+        s = self.settings
+        limits = GrammarLimits(max_bytes=s.guided_max_bytes, max_depth=s.guided_max_depth,
+                               max_definitions=s.guided_max_definitions, max_rules=s.guided_max_rules)
+        self.compile_slots = TenantSlots(max(s.max_queue, s.guided_compile_workers), s.guided_compiles_per_tenant,
+                                         noun="grammar compiles", total_flag="--max-queue",
+                                         tenant_flag="--guided-compiles-per-tenant", code="too_many_compiles")
+        if not s.guided_sandbox:
+            return GrammarCompiler(tokenizer, limits)
+        try:
+            tokenizer_spec = TokenizerSpec.of(tokenizer)
+        except AttributeError:  # not a fast tokenizer: llguidance cannot use it either
+            log.warning("the tokenizer has no tokenizers backend; structured output is compiled in-process")
+            return GrammarCompiler(tokenizer, limits)
+        sandbox = GrammarSandbox(tokenizer_spec, workers=s.guided_compile_workers, timeout_s=s.guided_compile_timeout)
+        return GrammarCompiler(tokenizer, limits, sandbox)
 
     def _on_step(self, seconds: float, batch_size: int) -> None:
         if self.metrics is not None:
@@ -170,6 +194,8 @@ class Runtime:
             threading.Timer(1.0, os._exit, args=(70,)).start()
 
     def close(self) -> None:
+        if self.grammars is not None:
+            self.grammars.close()
         if self.store_gc is not None:
             self.store_gc.stop()
         if self.engine is not None:

@@ -62,8 +62,8 @@ class TuningJobRequest(BaseModel):
     micro_batch_size: int | None = Field(None, ge=1, le=512, description="default min(batch_size, 4)")
     warmup_steps: int = Field(_d.warmup_steps, ge=0)
     lr_schedule: Literal[LR_SCHEDULES] = _d.lr_schedule
-    weight_decay: float = Field(_d.weight_decay, ge=0)
-    max_grad_norm: float | None = Field(_d.max_grad_norm, gt=0)
+    weight_decay: float = Field(_d.weight_decay, ge=0, le=1.0)
+    max_grad_norm: float | None = Field(_d.max_grad_norm, gt=0, le=1000.0)
     seed: int = Field(_d.seed, ge=0, le=2**63 - 1)
     eval_every: int = Field(_d.eval_every, ge=0)
     eval_max_new_tokens: int | None = Field(None, ge=1, le=1024)

@@ -7,6 +7,7 @@ the GC can tell them apart. The strings are the on-disk format: changing one orp
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 __all__ = [
@@ -17,7 +18,7 @@ __all__ = [
     "active_job", "active_job_id", "usage", "index_prefix", "index_manifest", "index_shard",
     "TenantKey", "parse_tenant_key",
     "FINISHED_JOBS_PREFIX", "FINISHED_INDEX_READY", "job_checkpoints_prefix", "finished_job", "FinishedJobKey",
-    "parse_finished_job",
+    "parse_finished_job", "is_generated_id", "is_job_data",
 ]
 
 BLOBS_PREFIX = "blobs/sha256/"
@@ -26,6 +27,14 @@ ACTIVE_JOBS_PREFIX = "tuning/active/"
 PROBE_PREFIX = "_softserve/"  # S3Backend.check_conditional_writes() writes and deletes one object here
 
 _BLOB_SUFFIX = ".safetensors"
+_GENERATED_ID_BODY = re.compile(r"[0-9a-z]{1,64}")  # ASCII only: str.isalnum() also takes "²" and "٣"
+
+
+def is_generated_id(value: object, prefix: str) -> bool:
+    """Could `value` be an id we generated (`file-...`, `tunejob-...`)? Anything else (Unicode digits,
+    a 1,000-character id) would make an invalid key: the caller answers 404 without asking the store."""
+    return (isinstance(value, str) and value.startswith(prefix)
+            and _GENERATED_ID_BODY.fullmatch(value, len(prefix)) is not None)
 
 
 # ---- content-addressed tensors (shared by every tenant and name) --------------------------------
@@ -91,6 +100,13 @@ def job_record(tenant: str, job_id: str) -> str:
 
 def job_data(tenant: str, job_id: str, which: str) -> str:
     return f"{job_prefix(tenant, job_id)}data/{which}.jsonl"
+
+
+def is_job_data(key: str) -> bool:
+    """Is `key` a job_data() key (a tuning job's copy of its training or validation data)?"""
+    parsed = parse_tenant_key(key)
+    return (parsed is not None and parsed.kind == "job" and key.endswith(".jsonl")
+            and key.rsplit("/", 2)[-2] == "data")
 
 
 def job_events(tenant: str, job_id: str, first_seq: int) -> str:

@@ -33,7 +33,7 @@ from . import format as fmt
 from . import keys
 from .backends import StorageBackend
 from .index import ListingIndex
-from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptValidationError
+from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptStoreError, PromptValidationError
 from .usage import UsageLedger
 
 __all__ = ["PromptStore", "validate_name", "NAME_RE"]
@@ -286,6 +286,9 @@ class PromptStore:
         id, created_at, description) and makes it the latest again: this is how to roll back."""
         validate_name(tenant, "tenant")
         validate_name(name)
+        if name == self.model.name:  # `model: <that name>` means the base model: the prompt could never be used
+            raise PromptStoreError(f"{name!r} is the served base model's name and cannot name a prompt",
+                                   status_code=409, code="name_reserved")
         if description is not None and len(description) > 1024:
             raise PromptValidationError("description is longer than 1024 characters")
         parsed = fmt.parse_upload(

@@ -70,7 +70,8 @@ def head_metas(backend: StorageBackend, tenant: str, name: str, head: dict) -> l
 
 
 def compute_usage(backend: StorageBackend, tenant: str) -> Usage:
-    """The tenant's usage from the store itself: a walk over its heads, their manifests and its files."""
+    """The tenant's usage from the store itself: a walk over its heads, their manifests, its files and its
+    tuning jobs' data copies (counted as file bytes)."""
     prompts = prompt_bytes = file_bytes = 0
     for key in backend.list(keys.prompts_prefix(tenant)):
         parsed = keys.parse_tenant_key(key)
@@ -90,6 +91,9 @@ def compute_usage(backend: StorageBackend, tenant: str) -> Usage:
             file_bytes += int(json.loads(backend.get(key)).get("bytes", 0))
         except KeyError:
             continue
+    for item in backend.list_with_mtime(keys.jobs_prefix(tenant)):
+        if keys.is_job_data(item.key):  # a tuning job's copy of its training data (issue #26 F3)
+            file_bytes += item.size
     return Usage(prompts, prompt_bytes, file_bytes)
 
 
@@ -130,11 +134,30 @@ class UsageLedger:
             raise PromptQuotaExceeded(
                 f"tenant {tenant!r} has {usage.prompts} prompts, the limit (--max-prompts-per-tenant) is "
                 f"{self.max_prompts}: delete a prompt first", limit=self.max_prompts, usage=usage.prompts)
+        self._check_bytes(tenant, usage, new_bytes)
+
+    def _check_bytes(self, tenant: str, usage: Usage, new_bytes: int) -> None:
         if self.max_bytes and new_bytes > 0 and usage.bytes + new_bytes > self.max_bytes:
             raise StorageQuotaExceeded(
                 f"tenant {tenant!r} stores {usage.bytes} bytes; {new_bytes} more would pass the limit "
                 f"(--max-store-bytes-per-tenant) of {self.max_bytes} bytes: delete prompts or files first",
                 limit=self.max_bytes, usage=usage.bytes)
+
+    def reserve_file_bytes(self, tenant: str, nbytes: int) -> None:
+        """Check the bytes quota and count `nbytes` of file data in ONE compare-and-swap, before the data is
+        written: concurrent uploads cannot all pass a check against the same old total (issue #26 F5). A
+        caller whose write then fails gives them back with add(file_bytes=-nbytes)."""
+        key = keys.usage(tenant)
+        for attempt in range(cas.ATTEMPTS):
+            usage, etag = self.read(tenant)
+            if usage is None:
+                self.get(tenant)  # build the record from the store first, then reserve against it
+                continue
+            self._check_bytes(tenant, usage, nbytes)  # StorageQuotaExceeded: nothing was counted
+            if cas.swap(self.backend, key, usage.plus(file_bytes=nbytes).to_json(), etag, self._cas):
+                return
+            cas.backoff(attempt)
+        raise cas.conflict(f"usage record of tenant {tenant!r}")
 
     def add(self, tenant: str, *, prompts: int = 0, prompt_bytes: int = 0, file_bytes: int = 0) -> None:
         """Apply a change that is already in the store (after its head/file write), by compare-and-swap."""

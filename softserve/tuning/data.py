@@ -117,6 +117,7 @@ def _check_record(obj: Any, line: int, source: str) -> Example:
 def parse_jsonl(text: str, *, source: str = "data") -> list[Example]:
     """Parse JSONL text; blank lines are skipped. Raises DatasetError naming the line."""
     examples = []
+    text = text.removeprefix("\ufeff")  # a UTF-8 BOM (Windows editors write one) is not part of line 1
     # JSONL lines end at "\n" only: str.splitlines would also split inside strings at U+2028, U+0085, ...
     for lineno, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():

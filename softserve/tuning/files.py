@@ -60,19 +60,22 @@ class FileRegistry:
         except UnicodeDecodeError:
             raise DatasetError("file is not UTF-8 text", source=filename or "file") from None
         examples = parse_jsonl(text, source=filename or "file")
-        if self.usage is not None:
-            self.usage.check(tenant, new_bytes=len(data))  # StorageQuotaExceeded (413) before anything is written
         file_id = "file-" + uuid.uuid4().hex[:24]
         meta = TuningFile(id=file_id, tenant=tenant, filename=(filename or "data.jsonl")[:255], purpose=purpose,
                           bytes=len(data), num_examples=len(examples), created_at=int(time.time()))
-        self.backend.put(self._key(tenant, file_id, "jsonl"), data)
-        self.backend.put(self._key(tenant, file_id, "json"), json.dumps(meta.__dict__).encode())
-        if self.usage is not None:
-            self.usage.add(tenant, file_bytes=len(data))
+        if self.usage is not None:  # counted before anything is written: StorageQuotaExceeded (413) when over
+            self.usage.reserve_file_bytes(tenant, len(data))
+        try:
+            self.backend.put(self._key(tenant, file_id, "jsonl"), data)
+            self.backend.put(self._key(tenant, file_id, "json"), json.dumps(meta.__dict__).encode())
+        except BaseException:
+            if self.usage is not None:
+                self.usage.add(tenant, file_bytes=-len(data))
+            raise
         return meta
 
     def get(self, tenant: str, file_id: str) -> TuningFile:
-        if not isinstance(file_id, str) or not file_id.startswith("file-") or not file_id[5:].isalnum():
+        if not keys.is_generated_id(file_id, "file-"):
             raise KeyError(file_id)
         try:
             raw = self.backend.get(self._key(tenant, file_id, "json"))

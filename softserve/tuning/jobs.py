@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from softserve.store import keys
 from softserve.store.store import PromptStore
 from softserve.store.types import PromptNotFound
 from softserve.config import setting_default
@@ -81,6 +82,7 @@ class TuningManager:
         self.train_share_when_busy = min(1.0, max(0.01, train_share_when_busy))
         self.replica_id = replica_id or new_replica_id()
         self.jobs = JobStore(store.backend, owner=self.replica_id, lease_seconds=lease_seconds)
+        self.jobs.usage = store.usage  # removing a finished job gives its counted data bytes back
         self.scan_seconds = scan_seconds
         self.retention_seconds = float(retention_seconds)  # 0: finished jobs are kept forever
         self.clock = clock  # finished_at and the retention sweep (tests move it; leases use the wall clock)
@@ -109,10 +111,29 @@ class TuningManager:
             self.store.resolve(record["namespace"], record["name"])
         except PromptNotFound:
             self.store.usage.check(record["namespace"], new_prompts=1)
+        tenant = record["tenant"]
+        # The job's copy of its data is the tenant's storage until retention removes it (issue #26 F3: it
+        # was never counted, and create+cancel rounds filled the disk past the quota). Counted before
+        # anything is written: 413 storage_quota_exceeded when over; given back if the job is refused.
+        record["data_bytes"] = sum(len(text.encode("utf-8")) for text in texts.values())
+        self.store.usage.reserve_file_bytes(record["namespace"], record["data_bytes"])
+        try:
+            return self._admit(record, texts)
+        except BaseException:
+            self.store.usage.add(record["namespace"], file_bytes=-record["data_bytes"])
+            raise
+
+    def _admit(self, record: dict[str, Any], texts: dict[str, str]) -> TuningJob:
+        tenant = record["tenant"]
+        # Every replica's unfinished jobs of this tenant, from the store (issue #26 F7: counting only this
+        # replica's let each of N replicas accept the limit). Two replicas admitting at the same instant
+        # can still both pass: the limit is exact per replica, and across replicas up to that race.
+        elsewhere = {job_id for owner, job_id in self.jobs.active() if owner == tenant}
         with self._lock:
-            tenant = record["tenant"]
-            active = sum(1 for j in self._local.values()
-                         if j.tenant == tenant and j.status in ("validating_files", "queued", "running"))
+            mine = {j.id for j in self._local.values()
+                    if j.tenant == tenant and j.status in ("validating_files", "queued", "running")}
+            finished_here = {j.id for j in self._local.values() if j.tenant == tenant} - mine
+            active = len(mine | (elsewhere - finished_here))
             if active >= self.max_active_per_tenant:
                 raise QueueFull(f"this tenant has {active} tuning jobs queued or running, the limit "
                                 f"(--max-tuning-jobs-per-tenant); wait for one to finish or cancel one")
@@ -140,7 +161,7 @@ class TuningManager:
                 raise KeyError(job_id)
             with job.lock:
                 return dict(job.record)
-        if not isinstance(job_id, str) or not job_id.startswith("tunejob-") or not job_id[8:].isalnum():
+        if not keys.is_generated_id(job_id, "tunejob-"):
             raise KeyError(job_id)
         return self.jobs.read(tenant, job_id)
 

@@ -82,6 +82,7 @@ class JobStore:
         self.owner = owner
         self.lease_seconds = float(lease_seconds)
         self.clock = clock
+        self.usage = None  # the store's UsageLedger: remove() gives a job's counted data bytes back
 
     # ---- keys ---------------------------------------------------------------------------------
     job_prefix = staticmethod(keys.job_prefix)
@@ -216,6 +217,11 @@ class JobStore:
         for item in self.backend.list_with_mtime(keys.job_prefix(tenant, job_id)):
             self.backend.delete(item.key)
             freed += item.size
+        counted = int(record.get("data_bytes") or 0) if record is not None else 0  # 0: a job from before F3
+        if counted and self.usage is not None:
+            # Two replicas removing one job at once may both give it back; the GC's usage repair
+            # (store/usage.compute_usage counts job data) corrects that.
+            self.usage.add(tenant, file_bytes=-counted)
         self.backend.delete(keys.active_job(job_id))
         self.backend.delete(keys.finished_job(tenant, job_id, entry.finished_at))
         return freed

@@ -28,7 +28,8 @@ def soft(tiny_model):
 
 @pytest.fixture(scope="module")
 def client(tiny_model, tokenizer, soft, tmp_path_factory):
-    settings = Settings(store=str(tmp_path_factory.mktemp("store")), max_model_len=256, max_tokens_limit=100)
+    settings = Settings(store=str(tmp_path_factory.mktemp("store")), max_model_len=256, max_tokens_limit=100,
+                        guided_sandbox=False)  # in-process; the sandbox process: tests/api/test_grammar_abuse.py
     app = create_app(settings, loaded=LoadedModel(tiny_model, tokenizer, "tiny"))
     with TestClient(app) as c:
         assert c.put("/v1/prompts/p1", files={"adapter_model": ("a.safetensors", save({"prompt_embeddings": soft}))}).status_code == 201

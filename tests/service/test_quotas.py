@@ -215,3 +215,40 @@ def test_tuning_job_over_the_prompt_quota_fails_with_the_quota_error(tiny_model,
         assert [p["name"] for p in c.get("/v1/prompts").json()["data"]] == ["t-ckpt", "x"]  # no result 't'
         assert "--max-prompts-per-tenant" in state["error"]["message"]
         assert c.get("/health").status_code == 200
+
+
+def test_tuning_job_data_counts_against_the_bytes_quota(tiny_model, tokenizer, tmp_path):
+    """Issue #26 F3: inline training_data was copied into the store and never counted: create+cancel
+    rounds took a tenant with a 1 MB quota to 43 MB. Now each job's copy counts until it is removed."""
+    import time
+
+    from tests.support.tuning import toy_records
+    from softserve.store.usage import compute_usage
+
+    import json
+
+    records = toy_records(12) * 40
+    size = len("".join(json.dumps(r) + "\n" for r in records))  # about what one job's copy takes
+    job = {"name": "t", "training_data": records, "steps": 1000, "batch_size": 2, "num_virtual_tokens": 2}
+    with TestClient(_app(tiny_model, tokenizer, tmp_path, max_store_bytes_per_tenant=int(size * 2.5))) as c:
+        accepted = []
+        for _ in range(4):
+            r = c.post("/v1/tuning/jobs", json=job)
+            if r.status_code != 200:
+                break
+            accepted.append(r.json()["id"])
+            assert c.post(f"/v1/tuning/jobs/{accepted[-1]}/cancel").status_code == 200
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "storage_quota_exceeded"
+        assert len(accepted) == 2
+        store = c.app.state.service.store
+        counted = store.usage.get("default").file_bytes
+        assert counted == compute_usage(store.backend, "default").file_bytes > size  # the ledger = the disk
+        manager = c.app.state.service.tuning.get_manager()
+        removed, deadline = 0, time.monotonic() + 30
+        while removed < 2:  # retention removes them (once each cancelled run has wound down) ...
+            assert time.monotonic() < deadline, removed
+            removed += manager.sweep(now=time.time() + 10**9)
+            time.sleep(0.05)
+        assert store.usage.get("default").file_bytes == 0  # ... and gives their bytes back
+        assert c.post("/v1/tuning/jobs", json=job).status_code == 200

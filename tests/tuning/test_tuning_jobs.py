@@ -10,10 +10,9 @@ import time
 
 import pytest
 import torch
-from tests.support.tuning import toy_data, toy_records, wait_for_job
+from tests.support.tuning import local_manager, submit_toy_job, toy_data, toy_records, wait_for_job
 
 from softserve.store.backends import LocalBackend, MemoryBackend
-from softserve.store.store import PromptStore
 from softserve.tuning.persist import JobStore
 from softserve.tuning.runner import JobHost
 from softserve.tuning.trainer import PromptTuner, TuningConfig
@@ -204,26 +203,6 @@ def test_api_auto_hyperparameters_and_async_validation(api):
 
 
 # ---- restart: a new manager on the same store resumes ---------------------------------------------
-def _manager(model, tokenizer, root, **kw):
-    from softserve.tuning.export import model_info
-    from softserve.tuning.jobs import TuningManager
-
-    store = PromptStore(LocalBackend(root), model_info(model, "tiny"), revalidate_seconds=0)
-    return TuningManager(model, tokenizer, store, model_name="tiny", scan_seconds=0.05, **kw)
-
-
-def _submit(manager, steps: int):
-    from softserve.tuning.job import new_job_id
-    from softserve.tuning.records import new_record
-
-    cfg = TuningConfig(num_virtual_tokens=3, init="vocab", steps=steps, batch_size=4, micro_batch_size=2,
-                       learning_rate=0.1, seed=9, max_length=200)
-    record = new_record(job_id=new_job_id(), tenant="acme", namespace="acme", name="resumed", model="tiny", config=cfg,
-                        checkpoint_every=10, auto=[], num_examples={"train": 10, "validation": 0}, training_file=None,
-                        validation_file=None, description=None, suffix=None, metadata=None)
-    return manager.submit(record, {"train": "".join(json.dumps(r) + "\n" for r in toy_records(10))}).id
-
-
 def _wait_record(manager, job_id, check, timeout=120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -236,18 +215,18 @@ def _wait_record(manager, job_id, check, timeout=120.0):
 
 def test_manager_restart_resumes_to_the_same_prompt(tiny_model, tokenizer, tmp_path):
     steps = 120
-    ref = _manager(tiny_model, tokenizer, tmp_path / "ref")
+    ref = local_manager(tiny_model, tokenizer, tmp_path / "ref")
     assert isinstance(ref, JobHost)  # the runner's whole view of the manager that owns its job
     try:
-        ref_id = _submit(ref, steps)
+        ref_id = submit_toy_job(ref, steps)
         reference = _wait_record(ref, ref_id, lambda r: r["status"] in ("succeeded", "failed"))
     finally:
         ref.close()
     assert reference["status"] == "succeeded"
 
-    first = _manager(tiny_model, tokenizer, tmp_path / "store")
+    first = local_manager(tiny_model, tokenizer, tmp_path / "store")
     try:
-        job_id = _submit(first, steps)
+        job_id = submit_toy_job(first, steps)
         _wait_record(first, job_id, lambda r: len(r["checkpoints"]) >= 2)
     finally:
         first.close()  # interrupts the run: the job stays "running" in the store
@@ -256,7 +235,7 @@ def test_manager_restart_resumes_to_the_same_prompt(tiny_model, tokenizer, tmp_p
     stopped_at = stored["checkpoints"][-1]["step"]
     assert stopped_at < steps
 
-    second = _manager(tiny_model, tokenizer, tmp_path / "store")
+    second = local_manager(tiny_model, tokenizer, tmp_path / "store")
     try:
         done = _wait_record(second, job_id, lambda r: r["status"] in ("succeeded", "failed"))
         events = second.events("acme", job_id)
