@@ -387,8 +387,11 @@ class TuningManager:
                 record = self.jobs.read(tenant, job_id)
             except KeyError:
                 continue
-            if self.jobs.lease_holder(tenant, job_id) is not None:
+            holder = self.jobs.lease_holder(tenant, job_id)
+            if holder is not None and holder != self.replica_id:
                 continue  # its runner finishes it, or cleans up after finishing it
+            # A live lease in our own name on a job we do not claim: this replica (same
+            # --tuning-replica-id) was restarted and its last run died; take the job back now.
             if record["status"] in FINISHED:  # its finisher died before the clean-up
                 self._finalize(tenant, job_id, record["finished_at"])
                 continue
