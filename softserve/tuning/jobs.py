@@ -59,6 +59,7 @@ class TuningManager:
         step_lock=None,
         is_busy: Callable[[], bool] = lambda: False,
         max_concurrent: int = 1,
+        pack_jobs: int = setting_default("tuning_pack_jobs"),
         max_queued: int = setting_default("max_tuning_queue"),
         max_active_per_tenant: int = setting_default("max_tuning_jobs_per_tenant"),
         train_share_when_busy: float = 0.5,
@@ -92,8 +93,17 @@ class TuningManager:
         self._validate: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # Up to `pack_jobs` jobs run at once, one worker thread each, and share every forward/backward.
+        self.pack = None
+        if pack_jobs > 1:
+            from softserve.engine.engine import eos_token_ids
+            from softserve.tuning.pack import TrainingPack
+            from softserve.tuning.trainer import pad_token_id
+
+            self.pack = TrainingPack(model, step_lock=self.step_lock, is_busy=is_busy,
+                                     pad_id=pad_token_id(tokenizer, eos_token_ids(model, tokenizer)))
         self._threads = [threading.Thread(target=self._worker, name=f"softserve-tuning-{i}", daemon=True)
-                         for i in range(max(1, max_concurrent))]
+                         for i in range(max(1, max_concurrent, pack_jobs))]
         self._threads.append(threading.Thread(target=self._validator, name="softserve-tuning-validate", daemon=True))
         self._threads.append(threading.Thread(target=self._scanner, name="softserve-tuning-scan", daemon=True))
         for t in self._threads:
@@ -492,7 +502,7 @@ class TuningManager:
         return PromptTuner(self.model, self.tokenizer, job.train, job.eval, config_from_record(job.record),
                            step_lock=self.step_lock, on_progress=on_progress,
                            should_stop=lambda: job.cancel_event.is_set() or self.interrupted(job),
-                           yield_fn=self._yield)
+                           yield_fn=self._yield, pack=self.pack)
 
     def push_prompt(self, job: TuningJob, name: str, embeddings, description: str):
         files = adapter_files(embeddings, config_from_record(job.record), self.info)  # tokenizer: the public model name, not its install path
