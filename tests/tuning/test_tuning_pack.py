@@ -182,7 +182,7 @@ def test_a_failing_job_fails_alone(tiny_model, tokenizer):
 
 # ---- the manager: jobs of three tenants in one pack, with checkpoints, evals, early stopping, cancel --------
 def _manager(model, tokenizer, root, **kw):
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.store import PromptStore
     from softserve.tuning.export import model_info
     from softserve.tuning.jobs import TuningManager
