@@ -162,13 +162,11 @@ def run_jobs(model, tok, data, args, packed: bool) -> dict:
     """The `--pack-jobs` jobs at once in one TrainingPack, or one after another; wall time and losses."""
     import threading
 
-    from softserve.engine.engine import eos_token_ids
     from softserve.tuning.pack import TrainingPack
-    from softserve.tuning.trainer import PromptTuner, pad_token_id
+    from softserve.tuning.trainer import PromptTuner
 
     configs = _pack_configs(args)
-    pack = TrainingPack(model, step_lock=threading.Lock(), pad_id=pad_token_id(tok, eos_token_ids(model, tok))) \
-        if packed else None
+    pack = TrainingPack.for_model(model, tok, step_lock=threading.Lock()) if packed else None
     results: dict[int, list[float]] = {}
 
     def one(i: int) -> None:

@@ -33,6 +33,7 @@ from softserve.tuning.data import DatasetError, TokenizedExample, parse_jsonl, t
 from softserve.tuning.export import adapter_files, model_info, push_to_store
 from softserve.tuning.files import FileRegistry
 from softserve.tuning.job import LeaseLost, QueueFull, TuningJob
+from softserve.tuning.pack import TrainingPack
 from softserve.tuning.persist import JobStore, Lease, new_replica_id
 from softserve.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view
 from softserve.tuning.trainer import PromptTuner, StepInfo
@@ -94,14 +95,8 @@ class TuningManager:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # Up to `pack_jobs` jobs run at once, one worker thread each, and share every forward/backward.
-        self.pack = None
-        if pack_jobs > 1:
-            from softserve.engine.engine import eos_token_ids
-            from softserve.tuning.pack import TrainingPack
-            from softserve.tuning.trainer import pad_token_id
-
-            self.pack = TrainingPack(model, step_lock=self.step_lock, is_busy=is_busy,
-                                     pad_id=pad_token_id(tokenizer, eos_token_ids(model, tokenizer)))
+        self.pack = TrainingPack.for_model(model, tokenizer, step_lock=self.step_lock, is_busy=is_busy) \
+            if pack_jobs > 1 else None
         self._threads = [threading.Thread(target=self._worker, name=f"softserve-tuning-{i}", daemon=True)
                          for i in range(max(1, max_concurrent, pack_jobs))]
         self._threads.append(threading.Thread(target=self._validator, name="softserve-tuning-validate", daemon=True))

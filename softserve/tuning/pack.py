@@ -38,7 +38,12 @@ import torch.nn.functional as F
 
 from softserve.tuning.data import TokenizedExample
 
-__all__ = ["PackEntry", "packed_loss_sums", "TrainingPack"]
+__all__ = ["PackEntry", "packed_loss_sums", "TrainingPack", "pad_token_id"]
+
+
+def pad_token_id(tokenizer, eos_ids) -> int:
+    """The id right padding uses (masked out; the same in solo and packed batches)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
 
 
 @dataclass
@@ -142,6 +147,12 @@ class TrainingPack:
         self._leading = False
         self.batches = 0  # packed units run (for tests and benchmarks)
         self.batch_sizes: list[int] = []  # jobs per unit, the last 1000
+
+    @classmethod
+    def for_model(cls, model, tokenizer, **kw) -> "TrainingPack":
+        from softserve.engine.engine import eos_token_ids
+
+        return cls(model, pad_id=pad_token_id(tokenizer, eos_token_ids(model, tokenizer)), **kw)
 
     # ---- membership ---------------------------------------------------------------------------
     def enter_step(self) -> None:

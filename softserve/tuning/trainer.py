@@ -31,7 +31,7 @@ from softserve.tuning.config import TuningConfig
 from softserve.tuning.data import TokenizedExample
 from softserve.tuning.generate import greedy_generate
 from softserve.tuning.init import init_prompt
-from softserve.tuning.pack import PackEntry, TrainingPack, packed_loss_sums
+from softserve.tuning.pack import PackEntry, TrainingPack, packed_loss_sums, pad_token_id
 
 log = logging.getLogger("softserve.tuning")
 
@@ -354,11 +354,6 @@ class PromptTuner:
             steps_done=self.steps_done, best_step=self.best_step, best_eval_loss=self.best_eval_loss,
             stopped_early=stopped_early,
         )
-
-
-def pad_token_id(tokenizer, eos_ids) -> int:
-    """The id right padding uses (masked out; the same in solo and packed batches)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
 
 
 class _YieldingLock:

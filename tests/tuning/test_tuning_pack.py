@@ -15,9 +15,8 @@ import pytest
 import torch
 from tests.support.tuning import toy_data
 
-from softserve.engine.engine import eos_token_ids
 from softserve.tuning.pack import PackEntry, TrainingPack, packed_loss_sums
-from softserve.tuning.trainer import PromptTuner, TuningConfig, pad_token_id
+from softserve.tuning.trainer import PromptTuner, TuningConfig
 
 TOL = 1e-6
 
@@ -38,7 +37,7 @@ def _datasets(tokenizer):
 
 
 def _pack(model, tokenizer) -> TrainingPack:
-    return TrainingPack(model, step_lock=threading.Lock(), pad_id=pad_token_id(tokenizer, eos_token_ids(model, tokenizer)))
+    return TrainingPack.for_model(model, tokenizer, step_lock=threading.Lock())
 
 
 def _solo(model, tokenizer, data, cfg):
@@ -139,8 +138,7 @@ def test_while_serving_a_unit_costs_no_more_than_one_jobs_unit(tiny_model, token
     datasets = _datasets(tokenizer)
     same = [dataclasses.replace(CONFIGS[1], seed=s, steps=3) for s in (1, 2, 3)]
     solo = [_solo(tiny_model, tokenizer, datasets[0], c) for c in same]
-    pack = TrainingPack(tiny_model, step_lock=threading.Lock(), is_busy=lambda: True,
-                        pad_id=pad_token_id(tokenizer, eos_token_ids(tiny_model, tokenizer)))
+    pack = TrainingPack.for_model(tiny_model, tokenizer, step_lock=threading.Lock(), is_busy=lambda: True)
     costs = []
     run_batch = pack._run_batch
 
@@ -264,7 +262,8 @@ def test_manager_packs_three_tenants_jobs_like_solo_runs(tiny_model, tokenizer, 
 
 
 # ---- kill -9 of a server mid-pack --------------------------------------------------------------------------
-KILL_STEPS = 120
+KILL_STEPS = 60
+LONG_TOL = 1e-5  # 60 steps: the 1e-7-per-step rounding difference compounds through AdamW (docs/tuning.md)
 
 
 def _job_body(name: str, k: int, lr: float, seed: int) -> dict:
@@ -272,7 +271,7 @@ def _job_body(name: str, k: int, lr: float, seed: int) -> dict:
 
     return {"name": name, "training_data": toy_records(12), "validation_data": toy_records(3), "init": "vocab",
             "num_virtual_tokens": k, "steps": KILL_STEPS, "batch_size": 4, "micro_batch_size": 2, "learning_rate": lr,
-            "seed": seed, "checkpoint_every": 10, "eval_every": 60}
+            "seed": seed, "checkpoint_every": 10, "eval_every": 30}
 
 
 def _http_wait(client, job_ids: list[str], check, timeout: float = 300.0) -> list[dict]:
@@ -296,7 +295,8 @@ def test_kill9_mid_pack_every_job_resumes_and_finishes_as_uninterrupted(tmp_path
     from tests.support.live_server import LiveServer, tiny_model_dir
 
     model = tiny_model_dir(tmp_path_factory, tokenizer)
-    args = ["--tuning-pack-jobs", "3", "--tuning-replica-id", "pod-0", "--tuning-lease-seconds", "600",
+    args = ["--tuning-pack-jobs", "3", "--max-tuning-jobs-per-tenant", "3", "--tuning-replica-id", "pod-0",
+            "--tuning-lease-seconds", "600",
             "--tuning-scan-seconds", "0.3", "--max-model-len", "256", "--log-level", "warning"]
     bodies = [_job_body("a", 3, 0.1, 1), _job_body("b", 5, 0.03, 2), _job_body("c", 2, 0.3, 3)]
     store = tmp_path / "store"
@@ -316,7 +316,9 @@ def test_kill9_mid_pack_every_job_resumes_and_finishes_as_uninterrupted(tmp_path
     for ref, job, evs in zip(reference, done, events):
         assert ref["status"] == job["status"] == "succeeded", (ref["error"], job["error"])
         assert job["resumed"] == 1 and job["step"] == KILL_STEPS
-        assert _close([p["loss"] for p in job["loss_curve"]], [p["loss"] for p in ref["loss_curve"]])
+        got, want = [p["loss"] for p in job["loss_curve"]], [p["loss"] for p in ref["loss_curve"]]
+        gap = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, want))
+        assert len(got) == len(want) and gap <= LONG_TOL, gap
         assert [p["step"] for p in job["loss_curve"]] == list(range(1, KILL_STEPS + 1))
         assert [e["data"]["step"] for e in evs if e["type"] == "metrics"] == list(range(1, KILL_STEPS + 1))
         assert sum(e["message"].startswith("Resumed from the checkpoint") for e in evs) == 1
