@@ -230,6 +230,7 @@ def run(args) -> dict:
     setup_torch(args)
     if args.quick:
         args.steps, args.rounds = min(args.steps, 4), 1
+        args.pack_jobs, args.pack_steps = min(args.pack_jobs, 2), min(args.pack_steps, 2)
     model, tok, *_ = load(args.model, args.device, args.dtype)
     model.requires_grad_(False)
     data = tokenize_examples(tok, parse_records(_dataset(args.dataset)), max_length=1024)
