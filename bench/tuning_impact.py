@@ -11,6 +11,9 @@ TuningManager, sharing the engine's step lock). A round sends `--concurrency` gr
 - for each `--shares` value S: the job trains throughout, throttled to at most S of wall time while
   requests are in flight (S = 1.0: no throttling, training only yields the lock between units).
 
+With `--pack-jobs J` the manager trains J jobs at once in one pack (`--tuning-pack-jobs J`): the
+same phases, with all J jobs paused or training.
+
 Phases are interleaved round by round (`--rounds` times), so a change in machine load during the
 run hits every phase alike.
 
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="tuning batch size")
     p.add_argument("--micro-batch-size", type=int, default=4, help="tuning micro-batch (the lock-holding unit)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--pack-jobs", type=int, default=1, help="tuning jobs trained at once in one pack")
     p.add_argument("--json", help="write results here")
     args = p.parse_args(argv)
     if args.quick:
@@ -132,59 +136,69 @@ def main(argv: list[str] | None = None) -> int:
                           micro_batch_size=args.micro_batch_size, learning_rate=1e-3)
 
     manager = TuningManager(model, tok, store, model_name=name, step_lock=engine.step_lock,
-                            is_busy=lambda: llm.num_running + llm.num_waiting > 0)
-    gate, parked = threading.Event(), threading.Event()
+                            is_busy=lambda: llm.num_running + llm.num_waiting > 0, pack_jobs=args.pack_jobs)
+    gate, parked_lock = threading.Event(), threading.Lock()
+    parked_count = [0]
     throttle = manager._yield
 
     def gated_yield(busy_s: float) -> None:  # the bench's pause switch, between two training units
         throttle(busy_s)
         if not gate.is_set():
-            parked.set()
+            with parked_lock:
+                parked_count[0] += 1
             gate.wait()
-            parked.clear()
+            with parked_lock:
+                parked_count[0] -= 1
 
     manager._yield = gated_yield
     gate.set()
     records = training_records()
-    record = new_record(job_id=new_job_id(), tenant="default", namespace="default", name="bench", model=name,
-                        config=config, checkpoint_every=1_000_000, auto=[], num_examples={"train": len(records), "validation": 0},
-                        training_file=None, validation_file=None, description=None, suffix=None, metadata=None)
-    job = manager.submit(record, {"train": "".join(json.dumps(r) + "\n" for r in records)})
+    jobs = []
+    for i in range(args.pack_jobs):
+        record = new_record(job_id=new_job_id(), tenant=f"tenant{i}", namespace=f"tenant{i}", name="bench", model=name,
+                            config=config, checkpoint_every=1_000_000, auto=[], num_examples={"train": len(records), "validation": 0},
+                            training_file=None, validation_file=None, description=None, suffix=None, metadata=None)
+        jobs.append(manager.submit(record, {"train": "".join(json.dumps(r) + "\n" for r in records)}))
+
+    def steps_done() -> int:
+        return sum(j.record["step"] for j in jobs)
 
     def set_phase(share: float | None) -> None:
         if share is None:
             gate.clear()
-            while not parked.is_set() and job.status in ("validating_files", "queued", "running"):
+            while parked_count[0] < len(jobs) and all(j.status in ("validating_files", "queued", "running") for j in jobs):
                 time.sleep(0.01)
         else:
             manager.train_share_when_busy = share
             gate.set()
 
     asyncio.run(one_round(engine, tok, args.concurrency, args.max_tokens, 99))  # warm-up, same shapes
-    while job.record["step"] < 1:  # training in full swing before measuring
+    while min(j.record["step"] for j in jobs) < 1:  # training in full swing before measuring
         time.sleep(0.05)
     print(f"model {name}, {torch.get_num_threads()} threads; {args.concurrency} concurrent requests x {args.max_tokens} tokens "
-          f"x {args.rounds} rounds per phase; tuning batch {args.batch_size} (micro {args.micro_batch_size}), k=8", flush=True)
+          f"x {args.rounds} rounds per phase; tuning batch {args.batch_size} (micro {args.micro_batch_size}), k=8, "
+          f"{len(jobs)} job(s) at once", flush=True)
     shares = [float(x) for x in args.shares.split(",") if x.strip()]
     phases = [("no tuning", None)] + [(f"tuning, share {x:g}", x) for x in shares]
     raw = {label: {"per_token": [], "ttft": [], "tokens": 0, "wall": 0.0, "steps": 0} for label, _ in phases}
     for r in range(args.rounds):
         for label, share in phases:
             set_phase(share)
-            s0, t0 = job.record["step"], time.perf_counter()
+            s0, t0 = steps_done(), time.perf_counter()
             results = asyncio.run(one_round(engine, tok, args.concurrency, args.max_tokens, r))
             acc = raw[label]
             acc["wall"] += time.perf_counter() - t0
-            acc["steps"] += job.record["step"] - s0
+            acc["steps"] += steps_done() - s0
             for times in results:
                 acc["ttft"].append(times[0])
                 acc["per_token"].extend(b - a for a, b in zip(times, times[1:]))
                 acc["tokens"] += len(times)
     set_phase(1.0)
-    s0, t0 = job.record["step"], time.perf_counter()
+    s0, t0 = steps_done(), time.perf_counter()
     time.sleep(2.0 if args.quick else 10.0)
-    idle_rate = (job.record["step"] - s0) / (time.perf_counter() - t0)
-    manager.cancel("default", job.id, wait_s=60)
+    idle_rate = (steps_done() - s0) / (time.perf_counter() - t0)
+    for j in jobs:
+        manager.cancel(j.tenant, j.id, wait_s=60)
     manager.close()
 
     results = {label: summarise(a["per_token"], a["ttft"], a["tokens"], a["wall"]) for label, a in raw.items()}
@@ -202,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{v:.1f}" + (f" ({v / base[key]:.2f}x)" if label != "no tuning" else ""))
         print(f"{title:{width}}" + "".join(f"{c:>26}" for c in cells))
     for label, rate in train_rate.items():
-        print(f"{label}: tuning ran {rate:.3f} steps/s while serving")
-    print(f"tuning alone (no requests): {idle_rate:.3f} steps/s")
+        print(f"{label}: tuning ran {rate:.3f} steps/s while serving (all jobs together)")
+    print(f"tuning alone (no requests): {idle_rate:.3f} steps/s (all jobs together); load average {C.load_average():.1f}")
     engine.stop()
     if args.json:
         Path(args.json).write_text(json.dumps({"model": name, "phases": results, "tuning_steps_per_s_serving": train_rate,

@@ -1,7 +1,7 @@
 """Tuning speed: our trainer (what `softserve tune` and server jobs run) vs PEFT's own training loop,
 side by side in one process, on the same model, data, batches, recipe and thread count.
 
-    .venv/bin/python bench/tuning_speed.py [--steps 30] [--rounds 2] [--threads 2] [--quick]
+    .venv/bin/python bench/tuning_speed.py [--steps 30] [--rounds 2] [--threads 2] [--quick] [--pack-jobs 4]
 
 Recipe (both): prompt tuning, k=8 virtual tokens, the same initial P, batch 8 (one forward/backward
 per step, no accumulation), AdamW(lr 3e-2, betas 0.9/0.999, eps 1e-8, weight decay 0), linear decay
@@ -15,6 +15,12 @@ is warm-up and left out of the summary when there are more. Reported: per-step w
 process CPU times (median, mean, first/last third: steps must not slow down over a run; CPU time is
 the steadier measure on a shared machine), steps/s, the ratios ours/PEFT, and how far the two loss
 curves are apart (same math and batches, so they should agree to float rounding).
+
+Packed training (`--pack-jobs J`, default 4; 0 skips it): J jobs (k = 8, 4, 12, 6, ..., their own
+seeds and learning rates) trained at once through one `TrainingPack` (what `--tuning-pack-jobs J`
+runs in the server), against the same J jobs trained one after another; both alternate in
+`--rounds` like the single-job comparison. Reported: total training examples/s of each, the ratio,
+jobs per packed forward, and the largest loss difference between a job packed and alone.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-virtual-tokens", type=int, default=8)
     p.add_argument("--dataset", default="sentiment", choices=["sentiment", "extract", "pirate"])
+    p.add_argument("--pack-jobs", type=int, default=4, help="jobs trained at once in the packed comparison (0: skip)")
+    p.add_argument("--pack-steps", type=int, default=10, help="steps per job in the packed comparison")
     return p
 
 
@@ -141,6 +149,68 @@ def run_peft(model, tok, data, init, args) -> dict:
     return {"step_s": times, "cpu_s": cpu, "loss": losses}
 
 
+def _pack_configs(args) -> list:
+    from softserve.tuning.trainer import TuningConfig
+
+    ks = [8, 4, 12, 6]
+    return [TuningConfig(num_virtual_tokens=ks[i % len(ks)], init="vocab", steps=args.pack_steps,
+                         learning_rate=3e-2 * (1 + i % 3), batch_size=args.batch_size, micro_batch_size=args.batch_size,
+                         seed=args.seed + i, max_grad_norm=1.0) for i in range(args.pack_jobs)]
+
+
+def run_jobs(model, tok, data, args, packed: bool) -> dict:
+    """The `--pack-jobs` jobs at once in one TrainingPack, or one after another; wall time and losses."""
+    import threading
+
+    from softserve.tuning.pack import TrainingPack
+    from softserve.tuning.trainer import PromptTuner
+
+    configs = _pack_configs(args)
+    pack = TrainingPack.for_model(model, tok, step_lock=threading.Lock()) if packed else None
+    results: dict[int, list[float]] = {}
+
+    def one(i: int) -> None:
+        tuner = PromptTuner(model, tok, data, None, configs[i], pack=pack)
+        results[i] = [h.loss for h in tuner.run().history]
+
+    t0 = time.perf_counter()
+    if packed:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(configs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i in range(len(configs)):
+            one(i)
+    wall = time.perf_counter() - t0
+    examples = sum(c.steps * c.batch_size for c in configs)
+    who = "packed" if packed else "one after another"
+    print(f"  {len(configs)} jobs {who}: {wall:.1f} s, {examples / wall:.2f} examples/s", file=sys.stderr, flush=True)
+    return {"wall_s": wall, "examples": examples, "examples_per_s": examples / wall,
+            "losses": [results[i] for i in range(len(configs))],
+            "jobs_per_forward": (sum(pack.batch_sizes) / len(pack.batch_sizes)) if packed else 1.0}
+
+
+def run_pack_comparison(model, tok, data, args) -> dict | None:
+    if args.pack_jobs < 1:
+        return None
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append({"packed": run_jobs(model, tok, data, args, True),
+                       "sequential": run_jobs(model, tok, data, args, False)})
+    measured = rounds[1:] if len(rounds) > 1 else rounds
+    def rate(who: str) -> float:
+        return sum(r[who]["examples"] for r in measured) / sum(r[who]["wall_s"] for r in measured)
+
+    gap = max(abs(a - b) / max(1.0, abs(b)) for r in rounds for pa, sa in zip(r["packed"]["losses"], r["sequential"]["losses"])
+              for a, b in zip(pa, sa))
+    return {"jobs": args.pack_jobs, "steps": args.pack_steps, "packed_examples_per_s": rate("packed"),
+            "sequential_examples_per_s": rate("sequential"), "ratio": rate("packed") / rate("sequential"),
+            "jobs_per_forward": measured[-1]["packed"]["jobs_per_forward"], "max_relative_loss_gap": gap,
+            "rounds_detail": [{w: {k: v for k, v in r[w].items() if k != "losses"} for w in r} for r in rounds]}
+
+
 def _summary(step_s: list[float], cpu_s: list[float] | None = None) -> dict:
     third = max(1, len(step_s) // 3)
     out = {"median_s": median(step_s), "mean_s": sum(step_s) / len(step_s), "steps_per_s": len(step_s) / sum(step_s),
@@ -160,6 +230,7 @@ def run(args) -> dict:
     setup_torch(args)
     if args.quick:
         args.steps, args.rounds = min(args.steps, 4), 1
+        args.pack_jobs, args.pack_steps = min(args.pack_jobs, 2), min(args.pack_steps, 2)
     model, tok, *_ = load(args.model, args.device, args.dtype)
     model.requires_grad_(False)
     data = tokenize_examples(tok, parse_records(_dataset(args.dataset)), max_length=1024)
@@ -176,6 +247,7 @@ def run(args) -> dict:
     def collect(who: str, key: str) -> list[float]:
         return [t for rd in measured for t in rd[who][key]]
 
+    pack = run_pack_comparison(model, tok, data, args)
     loss_gap = max(abs(a - b) for rd in rounds for a, b in zip(rd["ours"]["loss"], rd["peft"]["loss"]))
     s_ours = _summary(collect("ours", "step_s"), collect("ours", "cpu_s"))
     s_peft = _summary(collect("peft", "step_s"), collect("peft", "cpu_s"))
@@ -186,7 +258,7 @@ def run(args) -> dict:
         "ratio_steps_per_s": s_ours["steps_per_s"] / s_peft["steps_per_s"],
         "ratio_median_step": s_peft["median_s"] / s_ours["median_s"],
         "ratio_median_cpu_step": s_peft["cpu_median_s"] / s_ours["cpu_median_s"],
-        "max_loss_gap": loss_gap, "rounds_detail": rounds, "machine": machine_facts(),
+        "max_loss_gap": loss_gap, "rounds_detail": rounds, "pack": pack, "machine": machine_facts(),
     }
 
 
@@ -207,6 +279,13 @@ def render(res: dict) -> str:
     for i, rd in enumerate(res["rounds_detail"], 1):
         lines.append(f"round {i} per-step s, ours: " + " ".join(f"{t:.2f}" for t in rd["ours"]["step_s"]))
         lines.append(f"round {i} per-step s, PEFT: " + " ".join(f"{t:.2f}" for t in rd["peft"]["step_s"]))
+    pack = res.get("pack")
+    if pack:
+        lines.append(f"packed training, {pack['jobs']} jobs x {pack['steps']} steps: packed {pack['packed_examples_per_s']:.2f} "
+                     f"examples/s vs one after another {pack['sequential_examples_per_s']:.2f} examples/s: "
+                     f"{pack['ratio']:.2f}x ({pack['jobs_per_forward']:.2f} jobs per forward; max relative loss gap "
+                     f"packed vs alone {pack['max_relative_loss_gap']:.1e})")
+    lines.append(f"load average: {res['machine'].get('load_avg_1m', '?')}")
     lines.append(f"command: {res.get('command', '')}")
     return "\n".join(lines)
 

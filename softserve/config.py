@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1, description="cap on a request's max_tokens")
     max_queue_per_tenant: int = Field(128, ge=0, description="waiting requests per tenant before 429 (0 = only --max-queue)")
     max_tuning_queue: int = Field(16, ge=1, description="tuning jobs waiting to run, all tenants together (429 beyond)")
+    tuning_pack_jobs: int = Field(1, ge=1, le=64, description="tuning jobs one replica trains at once, any tenants, sharing one packed forward/backward per step (each keeps its own prompt, optimizer, data order and checkpoints)")
     max_tuning_jobs_per_tenant: int = Field(2, ge=1, description="tuning jobs one tenant may have queued or running (429 beyond)")
     request_timeout: float = Field(600.0, ge=0, description="seconds before a request is failed (0 = never)")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")

@@ -262,6 +262,7 @@ class TuningService:
                     max_queued=s.max_tuning_queue, max_active_per_tenant=s.max_tuning_jobs_per_tenant,
                     lease_seconds=s.tuning_lease_seconds, scan_seconds=s.tuning_scan_seconds,
                     replica_id=s.tuning_replica_id, retention_seconds=s.tuning_job_retention_seconds,
+                    pack_jobs=s.tuning_pack_jobs,
                     **self.kwargs,
                 )
         if self._manager is None:

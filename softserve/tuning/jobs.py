@@ -34,6 +34,7 @@ from softserve.tuning.data import DatasetError, TokenizedExample, parse_jsonl, t
 from softserve.tuning.export import adapter_files, model_info, push_to_store
 from softserve.tuning.files import FileRegistry
 from softserve.tuning.job import LeaseLost, QueueFull, TuningJob
+from softserve.tuning.pack import TrainingPack
 from softserve.tuning.persist import JobStore, Lease, new_replica_id
 from softserve.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view
 from softserve.tuning.runner import JobRun
@@ -61,6 +62,7 @@ class TuningManager:
         step_lock=None,
         is_busy: Callable[[], bool] = lambda: False,
         max_concurrent: int = 1,
+        pack_jobs: int = setting_default("tuning_pack_jobs"),
         max_queued: int = setting_default("max_tuning_queue"),
         max_active_per_tenant: int = setting_default("max_tuning_jobs_per_tenant"),
         train_share_when_busy: float = 0.5,
@@ -95,8 +97,11 @@ class TuningManager:
         self._validate: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # Up to `pack_jobs` jobs run at once, one worker thread each, and share every forward/backward.
+        self.pack = TrainingPack.for_model(model, tokenizer, step_lock=self.step_lock, is_busy=is_busy) \
+            if pack_jobs > 1 else None
         self._threads = [threading.Thread(target=self._worker, name=f"softserve-tuning-{i}", daemon=True)
-                         for i in range(max(1, max_concurrent))]
+                         for i in range(max(1, max_concurrent, pack_jobs))]
         self._threads.append(threading.Thread(target=self._validator, name="softserve-tuning-validate", daemon=True))
         self._threads.append(threading.Thread(target=self._scanner, name="softserve-tuning-scan", daemon=True))
         for t in self._threads:
@@ -409,8 +414,11 @@ class TuningManager:
                 record = self.jobs.read(tenant, job_id)
             except KeyError:
                 continue
-            if self.jobs.lease_holder(tenant, job_id) is not None:
+            holder = self.jobs.lease_holder(tenant, job_id)
+            if holder is not None and holder != self.replica_id:
                 continue  # its runner finishes it, or cleans up after finishing it
+            # A live lease in our own name on a job we do not claim: this replica (same
+            # --tuning-replica-id) was restarted and its last run died; take the job back now.
             if record["status"] in FINISHED:  # its finisher died before the clean-up
                 self._finalize(tenant, job_id, record["finished_at"])
                 continue
@@ -509,7 +517,7 @@ class TuningManager:
         return PromptTuner(self.model, self.tokenizer, job.train, job.eval, config_from_record(job.record),
                            step_lock=self.step_lock, on_progress=on_progress,
                            should_stop=lambda: job.cancel_event.is_set() or self.interrupted(job),
-                           yield_fn=self._yield)
+                           yield_fn=self._yield, pack=self.pack)
 
     def push_prompt(self, job: TuningJob, name: str, embeddings, description: str):
         files = adapter_files(embeddings, config_from_record(job.record), self.info)  # tokenizer: the public model name, not its install path

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from softserve.tuning.config import TuningConfig
 from softserve.tuning.data import TokenizedExample
 from softserve.tuning.generate import greedy_generate
 from softserve.tuning.init import init_prompt
+from softserve.tuning.pack import PackEntry, TrainingPack, packed_loss_sums, pad_token_id
 
 log = logging.getLogger("softserve.tuning")
 
@@ -108,6 +108,7 @@ class PromptTuner:
         should_stop: Callable[[], bool] | None = None,
         yield_fn: Callable[[float], None] | None = None,
         initial_prompt: torch.Tensor | None = None,
+        pack: TrainingPack | None = None,
     ) -> None:
         config.validate()
         if not train:
@@ -126,7 +127,8 @@ class PromptTuner:
         from softserve.engine.engine import eos_token_ids
 
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids or {0})
+        self.pad_id = pad_token_id(tokenizer, self.eos_ids)
+        self.pack = pack  # None: this job trains alone (its units are its own forwards)
         k = config.num_virtual_tokens
         if initial_prompt is None:
             initial_prompt = init_prompt(model, tokenizer, k, config.init, config.init_text, seed=config.seed)
@@ -158,41 +160,11 @@ class PromptTuner:
             batch.append(self.train_data[self._order.pop(0)])
         return batch
 
-    def _collate(self, rows: list[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        longest = max(len(r.input_ids) for r in rows)
-        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):  # right padding, as in training with PEFT
-            n = len(r.input_ids)
-            ids[i, :n] = torch.tensor(r.input_ids)
-            labels[i, :n] = torch.tensor(r.labels)
-            mask[i, :n] = 1
-        return ids.to(self.device), labels.to(self.device), mask.to(self.device)
-
     # ---- math ---------------------------------------------------------------------------------
     def _loss_sum(self, prompt: torch.Tensor, rows: list[TokenizedExample]) -> tuple[torch.Tensor, int]:
-        """Sum of token losses over labelled positions, and their count."""
-        ids, labels, mask = self._collate(rows)
-        b, k = ids.shape[0], prompt.shape[0]
-        x = self.model.get_input_embeddings()(ids)
-        p = prompt.to(self.model_dtype).unsqueeze(0).expand(b, -1, -1)
-        x = torch.cat([p, x], dim=1)
-        mask = torch.cat([torch.ones((b, k), dtype=mask.dtype, device=mask.device), mask], dim=1)
-        labels = torch.cat([torch.full((b, k), -100, dtype=labels.dtype, device=labels.device), labels], dim=1)
-        shift_labels = labels[:, 1:]
-        if self._logits_to_keep:
-            # Only positions that predict a labelled token go through the LM head (the vocabulary
-            # projection is a large share of the compute on small models).
-            keep = (shift_labels != -100).any(0).nonzero().squeeze(-1)
-            logits = self.model(inputs_embeds=x, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
-            shift_labels = shift_labels[:, keep]
-        else:
-            logits = self.model(inputs_embeds=x, attention_mask=mask, use_cache=False).logits[:, :-1]
-        logits = logits.float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                               ignore_index=-100, reduction="sum")
-        return loss, int((shift_labels != -100).sum())
+        """Sum of token losses over labelled positions, and their count (a pack of one)."""
+        return packed_loss_sums(self.model, [PackEntry(prompt, rows)], pad_id=self.pad_id,
+                                model_dtype=self.model_dtype, logits_to_keep=self._logits_to_keep)[0]
 
     def _lr_at(self, step: int) -> float:
         c = self.config
@@ -214,6 +186,15 @@ class PromptTuner:
         return result
 
     def train_step(self, step: int) -> tuple[float, int]:
+        if self.pack is None:
+            return self._train_step(step)
+        self.pack.enter_step()  # from here until the update, the pack waits for this job's units
+        try:
+            return self._train_step(step)
+        finally:
+            self.pack.leave_step()
+
+    def _train_step(self, step: int) -> tuple[float, int]:
         batch = self._next_batch()
         # P comes first (k >= 1), so every labelled real token is predicted from some position.
         total_labelled = max(1, sum(sum(1 for x in r.labels if x != -100) for r in batch))
@@ -222,13 +203,19 @@ class PromptTuner:
         tokens = 0
         for start in range(0, len(batch), self.micro):
             rows = batch[start:start + self.micro]
+            if self.pack is not None:  # the unit runs batched with the other jobs' pending units
+                if self.should_stop():
+                    raise TuningCancelled()
+                loss_sum, held_s = self.pack.run_unit(PackEntry(self.prompt, rows), total_labelled)
+                self.yield_fn(held_s)
+                loss_total += loss_sum
+            else:
+                def fwd_bwd(rows=rows):
+                    loss_sum, _ = self._loss_sum(self.prompt, rows)
+                    (loss_sum / total_labelled).backward()
+                    return float(loss_sum.detach())
 
-            def fwd_bwd(rows=rows):
-                loss_sum, _ = self._loss_sum(self.prompt, rows)
-                (loss_sum / total_labelled).backward()
-                return float(loss_sum.detach())
-
-            loss_total += self._unit(fwd_bwd)
+                loss_total += self._unit(fwd_bwd)
             tokens += sum(len(r.input_ids) for r in rows)
         lr = self._lr_at(step)
 
