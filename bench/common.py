@@ -424,26 +424,31 @@ class Server:
             out.append(part)
         return " ".join(out)
 
+    ready_path = "/ready"  # GET answers 200 once the server takes requests
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTSERVE_")}
+        env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        if self.threads:
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        return env
+
     def start(self, timeout: float = 300.0) -> "Server":
         import httpx
 
         self.port = free_port()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"server-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTSERVE_")}
-        env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        if self.threads:
-            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.command(), cwd=REPO_ROOT, env=self.environment(), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited ({self.proc.returncode}) before ready:\n{self.logs()}")
                 try:
-                    if client.get(f"{self.url}/ready").status_code == 200:
+                    if client.get(f"{self.url}{self.ready_path}").status_code == 200:
                         return self
                 except httpx.TransportError:
                     pass
