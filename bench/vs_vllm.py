@@ -286,8 +286,8 @@ def run(args) -> dict:
     threads = args.threads or os.cpu_count() or 1
     bind = thread_binding(threads, args.vllm_bind)
     quick = args.quick
-    warmup = args.warmup if args.warmup is not None else (3.0 if quick else 10.0)
-    window = args.window if args.window is not None else (10.0 if quick else 30.0)
+    warmup = args.warmup if args.warmup is not None else (10.0 if quick else 15.0)
+    window = args.window if args.window is not None else (20.0 if quick else 40.0)
     rounds = args.rounds or (1 if quick else 2)
     if args.json is None:
         args.json = str(C.OUT_DIR / ("vs_vllm-quick.json" if quick else "vs_vllm.json"))
@@ -409,6 +409,13 @@ def render(result: dict) -> str:
                      f"{ours.get('errors', '–')}/{theirs.get('errors', '–')}"])
     lines.append(C.md_table(["load", "Softserve tok/s", "vLLM tok/s", "tok/s ratio", "Softserve p50 s", "vLLM p50 s",
                              "Softserve p95 s", "vLLM p95 s", "p95 ratio", "errors S/V"], rows, digits=2))
+    lines += ["", "Streaming latency (TTFT = request sent -> first token; ITL = gap between tokens; p50 pooled over rounds):", ""]
+    lat = [[r["title"], (r.get("softserve") or {}).get("ttft_p50_ms"), (r.get("vllm") or {}).get("ttft_p50_ms"),
+            (r.get("softserve") or {}).get("itl_p50_ms"), (r.get("vllm") or {}).get("itl_p50_ms"),
+            f"{(r.get('softserve') or {}).get('requests', '–')}/{(r.get('vllm') or {}).get('requests', '–')}"]
+           for r in result["table"]]
+    lines.append(C.md_table(["load", "Softserve TTFT ms", "vLLM TTFT ms", "Softserve ITL ms", "vLLM ITL ms",
+                             "completed S/V"], lat, digits=0))
     agree = result.get("agreement") or {}
     threads = result["threads"]
     lines += ["", f"Threads: Softserve `OMP_NUM_THREADS={threads}`; vLLM `VLLM_CPU_OMP_THREADS_BIND={result['vllm_bind']}` "
@@ -434,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--servers", default="softserve,vllm", help="comma list of softserve, vllm (one alone: no ratios)")
     p.add_argument("--loads", default="soft,plain,classify,batch1", help="comma list of soft, plain, classify, batch1")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; quick 1)")
-    p.add_argument("--warmup", type=float, default=None, help="seconds before each window (default 10; quick 3)")
-    p.add_argument("--window", type=float, default=None, help="measured seconds per run (default 30; quick 10)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds before each window (default 15; quick 10)")
+    p.add_argument("--window", type=float, default=None, help="measured seconds per run (default 40; quick 20)")
     p.add_argument("--num-prompts", type=int, default=None, help="prompts of the soft load (default 1000; quick 64)")
     p.add_argument("--classify-prompts", type=int, default=None, help="prompts of the classify load (default 200; quick 32)")
     p.add_argument("--max-tokens", type=int, default=None, help="output tokens of every load (default: each load's own)")
