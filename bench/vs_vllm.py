@@ -215,6 +215,19 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its live children (/proc/PID/stat utime, stime)."""
+    total = 0
+    for each in (pid, *descendants(pid)):
+        try:
+            stat = Path(f"/proc/{each}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is fields[0]
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 # ---- one load on one server ---------------------------------------------------------------------
 @dataclass
 class Bodies:
@@ -337,12 +350,17 @@ def run(args) -> dict:
         for r in range(rounds):
             for load in (loads if r % 2 == 0 else loads[::-1]):
                 for name in (list(started) if r % 2 == 0 else list(started)[::-1]):
+                    pid, t0 = started[name].proc.pid, time.perf_counter()
+                    cpu0 = cpu_seconds(pid)
                     m = measure(urls[name], load, getattr(bodies[load.name], name), warmup=warmup, window=window,
                                 seed=args.seed + r)
-                    m.update(load=load.name, server=name, round=r, load_avg=C.load_average())
+                    # On a shared machine the scheduler, not the engine, can set the pace: the cores each server
+                    # got during its run (all its processes) say how much CPU its tokens had.
+                    cores = (cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
+                    m.update(load=load.name, server=name, round=r, load_avg=C.load_average(), server_cores=cores)
                     result["runs"].append(m)
                     print(f"round {r} {load.name:8s} {name:9s}: {m['tokens_per_s']:.1f} tok/s, "
-                          f"latency p50 {C.median(m['latency_s']):.2f} s, errors {m['num_errors']}, "
+                          f"latency p50 {C.median(m['latency_s']):.2f} s, {cores:.2f} cores, errors {m['num_errors']}, "
                           f"load avg {m['load_avg']:.1f}", file=sys.stderr, flush=True)
     finally:
         for server in started.values():
@@ -380,10 +398,13 @@ def aggregate(result: dict, loads: list[LoadSpec]) -> list[dict]:
                 "ttft_p50_ms": C.percentile([v for x in runs for v in x["ttft_ms"]], 50),
                 "itl_p50_ms": C.percentile([v for x in runs for v in x["itl_ms"]], 50),
                 "requests": sum(x["completed"] for x in runs), "errors": sum(x["num_errors"] for x in runs),
+                "server_cores": sum(x["server_cores"] for x in runs) / len(runs),
             }
         ours, theirs = row.get("softserve"), row.get("vllm")
         if ours and theirs and theirs["tokens_per_s"]:
             row["throughput_ratio"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+            if ours["server_cores"] and theirs["server_cores"]:  # tokens per CPU-second, ours / theirs
+                row["per_core_ratio"] = row["throughput_ratio"] * theirs["server_cores"] / ours["server_cores"]
             row["p50_latency_ratio"] = ours["latency_p50_s"] / theirs["latency_p50_s"]
             row["p95_latency_ratio"] = ours["latency_p95_s"] / theirs["latency_p95_s"]
         rows.append(row)
@@ -405,10 +426,15 @@ def render(result: dict) -> str:
         ours, theirs = r.get("softserve") or {}, r.get("vllm") or {}
         rows.append([r["title"], ours.get("tokens_per_s"), theirs.get("tokens_per_s"), r.get("throughput_ratio"),
                      ours.get("latency_p50_s"), theirs.get("latency_p50_s"), ours.get("latency_p95_s"),
-                     theirs.get("latency_p95_s"), r.get("p95_latency_ratio"),
+                     theirs.get("latency_p95_s"), r.get("p95_latency_ratio"), ours.get("server_cores"),
+                     theirs.get("server_cores"), r.get("per_core_ratio"),
                      f"{ours.get('errors', '–')}/{theirs.get('errors', '–')}"])
     lines.append(C.md_table(["load", "Softserve tok/s", "vLLM tok/s", "tok/s ratio", "Softserve p50 s", "vLLM p50 s",
-                             "Softserve p95 s", "vLLM p95 s", "p95 ratio", "errors S/V"], rows, digits=2))
+                             "Softserve p95 s", "vLLM p95 s", "p95 ratio", "Softserve cores", "vLLM cores",
+                             "tok/CPU-s ratio", "errors S/V"], rows, digits=2))
+    lines += ["", "Cores: CPU seconds each server's processes used during its run / the run's wall time. On a shared "
+              "machine they show how much CPU the scheduler gave each server; tok/CPU-s ratio = tok/s ratio x vLLM cores "
+              "/ Softserve cores."]
     lines += ["", "Streaming latency (TTFT = request sent -> first token; ITL = gap between tokens; p50 pooled over rounds):", ""]
     lat = [[r["title"], (r.get("softserve") or {}).get("ttft_p50_ms"), (r.get("vllm") or {}).get("ttft_p50_ms"),
             (r.get("softserve") or {}).get("itl_p50_ms"), (r.get("vllm") or {}).get("itl_p50_ms"),

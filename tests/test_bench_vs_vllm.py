@@ -109,5 +109,5 @@ def test_softserve_side_runs(tmp_path):
     assert [row["load"] for row in result["table"]] == ["soft", "plain", "classify", "batch1"]
     for row in result["table"]:
         assert row["softserve"]["errors"] == 0 and row["softserve"]["requests"] > 0
-        assert row["softserve"]["tokens_per_s"] > 0
+        assert row["softserve"]["tokens_per_s"] > 0 and row["softserve"]["server_cores"] > 0
         assert "throughput_ratio" not in row  # one server: no ratio
