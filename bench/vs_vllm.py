@@ -48,8 +48,11 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import httpx  # noqa: E402
+
 from bench import common as C  # noqa: E402
 from bench import load as L  # noqa: E402
+from tests.support.processes import http_probe, wait_until_ready  # noqa: E402
 
 VLLM_VERSION = "0.32.0"
 DEFAULT_VENV = C.OUT_DIR / "vllm-venv"
@@ -157,12 +160,15 @@ def thread_binding(threads: int, bind: str | None) -> str:
 class VllmServer(C.Server):
     """`vllm serve` from its venv, on a free 127.0.0.1 port; stops exactly its PID and that PID's children."""
 
-    ready_path = "/health"
-
     def __init__(self, venv: Path, model_dir: Path, *, served_name: str, dtype: str, threads: int, bind: str,
                  log_dir: Path, kv_cache_gib: int = 2):
         super().__init__(log_dir / "vllm-store-unused", model=model_dir, dtype=dtype, log_dir=log_dir, threads=threads)
-        self.venv, self.served_name, self.bind, self.kv_cache_gib = venv, served_name, bind, kv_cache_gib
+        self.venv, self.served_name, self.dtype, self.bind, self.kv_cache_gib = venv, served_name, dtype, bind, kv_cache_gib
+
+    def wait_ready(self, timeout: float) -> None:  # vLLM listens only once its engine is up; no /ready
+        with httpx.Client(timeout=2.0) as client:
+            wait_until_ready(http_probe(client, f"{self.url}/health"), self.proc, "vllm", self.logs, timeout,
+                             error=RuntimeError)
 
     def command(self) -> list[str]:
         return [str(self.venv / "bin" / "vllm"), "serve", str(self.model), "--served-model-name", self.served_name,
@@ -192,7 +198,7 @@ class VllmServer(C.Server):
             return
         children = descendants(proc.pid)
         super().stop(timeout)
-        for pid in children:
+        for pid in children:  # exactly the PIDs this server started
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
