@@ -53,9 +53,10 @@ class Record:
 
 
 # ---- the load generator (also used by prompt_scale.py) --------------------------------------------
-async def _one_request(client, model: str, prompt_ids: list[int], max_tokens: int, rec: Record) -> None:
+async def _one_request(client, fields: dict, max_tokens: int, rec: Record) -> None:
+    """`fields` names the model and the input ("prompt" ids, or vLLM's "prompt_embeds")."""
     body = {
-        "model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "min_tokens": max_tokens, "ignore_eos": True,
+        **fields, "max_tokens": max_tokens, "min_tokens": max_tokens, "ignore_eos": True,
         "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
     }
     async with client.stream("POST", "/v1/completions", json=body) as resp:
@@ -81,9 +82,12 @@ async def _one_request(client, model: str, prompt_ids: list[int], max_tokens: in
 
 
 async def closed_loop(url: str, concurrency: int, choose: Callable[[int, random.Random], str], inputs: list[list[int]],
-                      *, max_tokens: int, warmup: float, window: float, seed: int) -> dict:
+                      *, max_tokens: int, warmup: float, window: float, seed: int,
+                      payload: Callable[[int], dict] | None = None) -> dict:
     """C clients, each: request -> read stream to the end -> next request, until warm-up + window ends.
 
+    Request i (client c sends i = c, c + C, ...) asks `choose` for its model and takes inputs[i] as its
+    prompt ids, or, with `payload`, sends payload(i)'s model and input fields instead (bench/vs_vllm.py).
     In-flight requests are cancelled at the end (the server aborts them) and a 1-token probe request
     waits until the engine has dropped them, so the next run starts on an idle server."""
     import httpx
@@ -102,10 +106,14 @@ async def closed_loop(url: str, concurrency: int, choose: Callable[[int, random.
             await asyncio.sleep(rng.uniform(0, 0.8 * warmup))
             i = cid
             while time.perf_counter() < t_end:
-                rec = Record(client=cid, model=choose(cid, rng), t_start=time.perf_counter())
+                if payload is not None:
+                    fields = payload(i)
+                else:
+                    fields = {"model": choose(cid, rng), "prompt": inputs[i % len(inputs)]}
+                rec = Record(client=cid, model=fields["model"], t_start=time.perf_counter())
                 records.append(rec)
                 try:
-                    await _one_request(client, rec.model, inputs[i % len(inputs)], max_tokens, rec)
+                    await _one_request(client, fields, max_tokens, rec)
                 except httpx.HTTPError as exc:
                     rec.error = repr(exc)[:200]
                     await asyncio.sleep(0.05)

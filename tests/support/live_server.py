@@ -102,6 +102,14 @@ class LiveServer:
             cmd += ["--max-model-len", str(self.max_model_len)]
         return cmd + self.extra_args
 
+    def environment(self) -> dict[str, str]:
+        # Settings read SOFTSERVE_* from the environment: drop them so only our flags count.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTSERVE_")}
+        env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        if self.torch_threads is not None:
+            env.update(OMP_NUM_THREADS=str(self.torch_threads), MKL_NUM_THREADS=str(self.torch_threads))
+        return env
+
     def start(self, timeout: float = READY_TIMEOUT_S) -> "LiveServer":
         assert self.proc is None, "already started"
         self.port = free_port()
@@ -109,14 +117,9 @@ class LiveServer:
         stamp = f"{self.port}-{time.monotonic_ns()}"
         self._stdout_path = self.log_dir / f"server-{stamp}.out"
         self._stderr_path = self.log_dir / f"server-{stamp}.err"
-        # Settings read SOFTSERVE_* from the environment: drop them so only our flags count.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTSERVE_")}
-        env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        if self.torch_threads is not None:
-            env.update(OMP_NUM_THREADS=str(self.torch_threads), MKL_NUM_THREADS=str(self.torch_threads))
         with open(self._stdout_path, "wb") as out, open(self._stderr_path, "wb") as err:
             # Files, not pipes: a chatty server can never block on a full pipe nobody reads.
-            self.proc = subprocess.Popen(self.command(), cwd=self.cwd, env=env, stdout=out, stderr=err,
+            self.proc = subprocess.Popen(self.command(), cwd=self.cwd, env=self.environment(), stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)
         try:
             self.wait_ready(timeout)
