@@ -63,6 +63,7 @@ class RowGroup:
     query_pos: torch.Tensor  # [rows, max_q] each query's position in its row's sequence
     valid: torch.Tensor | None  # [rows * max_q] flat indices of the real queries; None when there is no pad
     dense: bool  # every query sees every key of its padded row: no mask needed (without a sliding window)
+    only_row_kv: tuple[int, int] | None  # a group of one row: its (kv_start, kv_len), read as a view (no gather)
     _masks: dict = field(default_factory=dict)  # (sliding_window, groups) -> [rows, 1, groups * max_q, max_kv]
 
     @classmethod
@@ -85,8 +86,9 @@ class RowGroup:
         def to_device(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=True)
 
+        only_row_kv = (rows[0].kv_start, rows[0].kv_len) if len(rows) == 1 else None
         return cls(len(rows), max_q, max_kv, to_device(token_index.flatten()), to_device(kv_index.flatten()),
-                   to_device(query_pos), None if valid is None else to_device(valid), dense)
+                   to_device(query_pos), None if valid is None else to_device(valid), dense, only_row_kv)
 
     def mask(self, sliding_window: int | None, groups: int) -> torch.Tensor | None:
         """[rows, 1, groups * max_q, max_kv] bool (query heads of a KV group ride on the query axis), built once per step."""
@@ -146,9 +148,12 @@ def _attend_group(group: RowGroup, tokens_first, keys, values, sliding_window, s
     kv_heads = keys.shape[0]
     groups = q_heads // kv_heads
     rows, max_q, max_kv = group.num_rows, group.max_q, group.max_kv
-    # Gather every row's keys: [kv_heads, rows * max_kv, d] -> [rows, kv_heads, max_kv, d] (a strided view).
-    k = keys.index_select(1, group.kv_index).view(kv_heads, rows, max_kv, head_dim).transpose(0, 1)
-    v = values.index_select(1, group.kv_index).view(kv_heads, rows, max_kv, head_dim).transpose(0, 1)
+    if group.only_row_kv is not None:  # one row: its extent of the pool as is, [1, kv_heads, kv_len, d]
+        start, length = group.only_row_kv
+        k, v = keys[None, :, start : start + length], values[None, :, start : start + length]
+    else:  # gather every row's keys: [kv_heads, rows * max_kv, d] -> [rows, kv_heads, max_kv, d] (a strided view)
+        k = keys.index_select(1, group.kv_index).view(kv_heads, rows, max_kv, head_dim).transpose(0, 1)
+        v = values.index_select(1, group.kv_index).view(kv_heads, rows, max_kv, head_dim).transpose(0, 1)
     q = tokens_first.index_select(0, group.token_index)  # [rows * max_q, q_heads, d]
     # The query heads of one KV group ride on the query axis, so grouped-query attention needs no copy
     # of K/V (the CPU path of native GQA is very slow): [rows, kv_heads, groups * max_q, d].

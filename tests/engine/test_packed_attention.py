@@ -40,6 +40,7 @@ CASES = {
     "decode rows of different lengths": [(1, 9), (1, 30), (1, 1), (1, 17)],
     "decode rows of one length (no mask)": [(1, 12), (1, 12), (1, 12)],
     "one decode row": [(1, 40)],
+    "one prefill row after decode rows": [(1, 12), (1, 30), (8, 20)],
     "prefill rows of different lengths": [(7, 7), (3, 20), (12, 12)],
     "prefill and decode interleaved": [(1, 25), (6, 6), (1, 3), (9, 30), (1, 14), (2, 2)],
     "chunk of a long prompt after decode rows": [(1, 50), (1, 8), (16, 48)],
