@@ -70,3 +70,21 @@ def test_plan_groups_rows_into_at_most_two_calls():
     plan = AttentionPlan.build(decode_only, "cpu")
     assert plan.identity and plan.prefill is None and plan.decode.mask(None, 3) is None
     assert plan.decode.mask(4, 3) is not None  # a window shorter than the rows still masks
+
+
+def test_engine_outputs_are_the_same_on_both_attention_paths(tiny_model, tokenizer):
+    """Whole engine, mixed steps (chunked prefill, cold prompts, decode rows joining): batched == per-row."""
+    from tests.support.engine_utils import make_engine, make_prompt, make_request, run
+
+    hidden = tiny_model.config.hidden_size
+    prompts = [make_prompt(f"p{i}", k, hidden, seed=i) for i, k in enumerate((3, 8, 5))] + [None]
+    inputs = [list(range(100 + 7 * i, 100 + 7 * i + n)) for i, n in enumerate((5, 30, 12, 3, 21, 9))]
+    outputs = {}
+    for batched in (True, False):
+        engine = make_engine(tiny_model, tokenizer, max_batch_size=4, max_prefill_tokens=16)
+        engine.runner.batched_attention = batched
+        requests = [make_request(ids, soft_prompt=prompts[i % 4], max_tokens=8, ignore_eos=True) for i, ids in enumerate(inputs)]
+        done = run(engine, requests)
+        outputs[batched] = [done[r.request_id] for r in requests]
+    assert all(len(o) == 8 for o in outputs[True])
+    assert outputs[True] == outputs[False]
