@@ -14,7 +14,6 @@ vs the listing index (softserve/store/index.py), side by side in one run; no mod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -76,7 +75,7 @@ def http_app(store):
 
 
 def run(args) -> dict:
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.store import PromptStore
     from softserve.store.types import ModelInfo
 

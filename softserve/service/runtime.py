@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softserve.store.backend import open_backend
+from softserve.store.backends import open_backend
 from softserve.store.cache import PromptCache
 from softserve.store.gc import PeriodicGC
 from softserve.store.store import PromptStore
@@ -22,6 +22,7 @@ from softserve.engine.engine import LLMEngine
 from softserve.model_loader import load_model, resolve_device, resolve_dtype, resolve_source
 from softserve.service.auth import ApiKeyRegistry
 from softserve.service.errors import not_ready
+from softserve.service.releases import CompletionLedger
 
 log = logging.getLogger("softserve")
 
@@ -51,6 +52,7 @@ class Runtime:
     max_model_len: int = 0  # --max-model-len, capped at the model's position limit
     exit_on_engine_death: bool = False  # the CLI sets it; in-process tests keep their interpreter
     store_gc: PeriodicGC | None = None  # --store-gc-interval-seconds
+    completions: CompletionLedger = field(default_factory=CompletionLedger)  # completion id -> served versions (feedback)
 
     @property
     def is_ready(self) -> bool:
@@ -60,14 +62,23 @@ class Runtime:
         if self.load_error:
             return f"model failed to load: {self.load_error}"
         if self.engine is not None and not self.engine.is_alive:
-            return "engine loop is not running"
+            return self._engine_down_reason()
         return "shutting down" if self.shutting_down else "loading"
+
+    def _engine_down_reason(self) -> str:
+        """A started engine that is not alive died (or was stopped): never call that "loading"."""
+        dead = self.engine.dead_reason
+        return f"engine died: {dead}" if dead else "engine loop is not running"
 
     def require_ready(self) -> None:
         if not self.is_ready:
             if self.load_error:
                 raise not_ready("model failed to load")
-            raise not_ready("server is shutting down" if self.shutting_down else "model is loading, not ready yet")
+            if self.shutting_down:
+                raise not_ready("server is shutting down")
+            if self.engine is not None and not self.engine.is_alive:
+                raise not_ready(self._engine_down_reason())
+            raise not_ready("model is loading, not ready yet")
 
     def require_store(self):
         """The prompt store, which opens with the model: not ready until then."""
