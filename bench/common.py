@@ -44,7 +44,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="'smollm2' (embedded GGUF, default), 'tiny' (2-layer random Llama), or an HF dir / .gguf file")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="model dtype (auto: fp32 on CPU, bf16 on CUDA)")
+                        help="model dtype (auto: as the server: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--json", default=None, help="write results as JSON to this path")
     parser.add_argument("--seed", type=int, default=0)

@@ -23,6 +23,7 @@ CASES = {
     "prompt_scale": (["--num-prompts", "20", "--cold-requests", "2", "--warmup", "0.3", "--window", "1"],
                      ["### Prompt scale", "`GET /v1/prompts`", "| working set | output tok/s"]),
     "dtype": (["--num-prompts", "2", "--max-tokens", "4", "--batch", "1,2"], ["### dtype", "| batch | fp32 tok/s | bf16 tok/s"]),
+    "engine_speed": (["--context", "8"], ["### Engine speed: attention path and dtype", "| decode C=2 | step |", "greedy agreement"]),
     "guided_cost": (["--concurrency", "2", "--steps", "2"], ["### Guided decoding cost", "| rows constrained | output tok/s"]),
     "tuning_speed": (["--steps", "2", "--batch-size", "2"], ["tuning speed", "| ours (PromptTuner) |", "| PEFT loop |", "ratio ours/PEFT"]),
     "listing": (["--num-prompts", "40", "--rounds", "1", "--puts", "2"],

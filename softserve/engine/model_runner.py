@@ -21,7 +21,7 @@ import torch
 
 from softserve.engine.guided import advance_guided
 from softserve.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache, kv_shape
-from softserve.engine.packed_attention import BATCH_KWARG, NO_MASK, PackedBatch, PackedRow, causal_mask, install
+from softserve.engine.packed_attention import BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, install
 from softserve.engine.request import Request, SamplingParams
 from softserve.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
 from softserve.engine.scheduler import RunnerOutput, ScheduledRow, SchedulerOutput
@@ -88,6 +88,8 @@ class ModelRunner:
         self._no_mask = NO_MASK.to(self.device)
         self.generators: dict[str, torch.Generator] = {}
         self.forward_passes = 0  # model calls; equals the engine's non-empty steps (one forward per step)
+        # One SDPA call per layer per row group (packed_attention.py); False: the per-row reference loop.
+        self.batched_attention = True
 
     def release(self, request_id: str) -> None:
         """The request left the engine: forget its per-request state (its KV extent is the scheduler's)."""
@@ -141,7 +143,7 @@ class ModelRunner:
                 flat.token_ids.extend(_real_tokens(request, max(begin, k) - k, end - k))
             flat.positions.extend(range(begin, end))
             flat.write_slots.extend(range(offset + begin, offset + end))
-            flat.rows.append(PackedRow(q, end - begin, offset, end, causal_mask(end - begin, end, self.device)))
+            flat.rows.append(PackedRow(q, end - begin, offset, end))
             if row.samples:
                 flat.logits_index.append(q + end - begin - 1)
             scored = scored_positions(request, begin, end)
@@ -162,7 +164,9 @@ class ModelRunner:
         if flat.virtual_index:
             virtual = torch.cat(flat.virtual_rows).to(self.device, embeds.dtype)  # [num_virtual, hidden]
             embeds.index_copy_(0, to_device(flat.virtual_index), virtual)
-        batch = PackedBatch(pool=self.pool, write_slots=slots, rows=tuple(flat.rows))
+        rows = tuple(flat.rows)
+        plan = AttentionPlan.build(rows, self.device) if self.batched_attention else None
+        batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, plan=plan)
         out = self.model(
             inputs_embeds=embeds.unsqueeze(0),  # [1, total_tokens, hidden]
             position_ids=positions.unsqueeze(0),  # [1, total_tokens]

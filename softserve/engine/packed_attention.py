@@ -9,13 +9,20 @@ call. There, per layer:
 1. the new tokens' K/V (already rotated by the model) are written into the pool at their slots;
 2. each row's queries attend to that row's slice of the pool: `[kv_start, kv_start + kv_len)`.
 
-Rows never see each other and no pad token is ever computed. Without `softserve_batch` (tuning,
+Step 2 runs batched (`batched_attention`): the rows are split into a decode group (one query each)
+and a prefill group (several), and each group is ONE `scaled_dot_product_attention` call per layer
+over its rows' KV gathered from the pool into a padded `[rows, kv_heads, max_kv_len, head_dim]` with
+a boolean mask. The gather indices and masks (`AttentionPlan`) are built once per step and shared by
+every layer. `reference_attention` is the per-row loop it replaced (one SDPA per row per layer):
+the tests hold the batched path equal to it, and `PackedBatch.plan=None` selects it.
+
+Rows never see each other and no pad token's output is ever used. Without `softserve_batch` (tuning,
 reference forwards, PEFT) the function is plain SDPA, so the same model object serves both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +45,83 @@ class PackedRow:
     q_len: int  # tokens the row computes this step
     kv_start: int  # pool slot of the row's position 0
     kv_len: int  # positions the row's last query sees (everything computed so far, this step included)
-    mask: torch.Tensor | None  # [q_len, kv_len] bool, causal with offset; None for a 1-token row
+
+
+@dataclass
+class RowGroup:
+    """Rows attended in one SDPA call: queries and KV padded to the group's longest, indices on the device.
+
+    Padding never produces NaN: a padded key slot repeats the row's last written slot (masked out), and a
+    padded query repeats the row's last query (its output is dropped).
+    """
+
+    num_rows: int
+    max_q: int
+    max_kv: int
+    token_index: torch.Tensor  # [rows * max_q] packed index of each (row, query); pads repeat the row's last
+    kv_index: torch.Tensor  # [rows * max_kv] pool slot of each (row, key); pads repeat the row's last
+    query_pos: torch.Tensor  # [rows, max_q] each query's position in its row's sequence
+    valid: torch.Tensor | None  # [rows * max_q] flat indices of the real queries; None when there is no pad
+    dense: bool  # every query sees every key of its padded row: no mask needed (without a sliding window)
+    only_row_kv: tuple[int, int] | None  # a group of one row: its (kv_start, kv_len), read as a view (no gather)
+    _masks: dict = field(default_factory=dict)  # (sliding_window, groups) -> [rows, 1, groups * max_q, max_kv]
+
+    @classmethod
+    def build(cls, rows: list[PackedRow], device) -> RowGroup:
+        max_q = max(r.q_len for r in rows)
+        max_kv = max(r.kv_len for r in rows)
+        q_start = torch.tensor([r.q_start for r in rows]).unsqueeze(1)
+        q_len = torch.tensor([r.q_len for r in rows]).unsqueeze(1)
+        kv_start = torch.tensor([r.kv_start for r in rows]).unsqueeze(1)
+        kv_len = torch.tensor([r.kv_len for r in rows]).unsqueeze(1)
+        i = torch.arange(max_q).unsqueeze(0)  # [1, max_q]
+        j = torch.arange(max_kv).unsqueeze(0)  # [1, max_kv]
+        token_index = q_start + torch.minimum(i, q_len - 1)  # [rows, max_q]
+        query_pos = torch.minimum(kv_len - q_len + i, kv_len - 1)  # causal: query i of a row sits at kv_len - q_len + i
+        kv_index = kv_start + torch.minimum(j, kv_len - 1)  # [rows, max_kv]
+        valid_mask = (i < q_len).flatten()
+        valid = None if bool(valid_mask.all()) else valid_mask.nonzero().squeeze(1)
+        dense = max_q == 1 and all(r.kv_len == max_kv for r in rows)
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        only_row_kv = (rows[0].kv_start, rows[0].kv_len) if len(rows) == 1 else None
+        return cls(len(rows), max_q, max_kv, to_device(token_index.flatten()), to_device(kv_index.flatten()),
+                   to_device(query_pos), None if valid is None else to_device(valid), dense, only_row_kv)
+
+    def mask(self, sliding_window: int | None, groups: int) -> torch.Tensor | None:
+        """[rows, 1, groups * max_q, max_kv] bool (query heads of a KV group ride on the query axis), built once per step."""
+        if self.dense and (sliding_window is None or self.max_kv <= sliding_window):
+            return None
+        key = (sliding_window, groups)
+        mask = self._masks.get(key)
+        if mask is None:
+            cols = torch.arange(self.max_kv, device=self.query_pos.device)
+            pos = self.query_pos.unsqueeze(2)  # [rows, max_q, 1]
+            mask = cols <= pos
+            if sliding_window is not None:
+                mask = mask & (cols > pos - sliding_window)
+            mask = mask.repeat(1, groups, 1).unsqueeze(1)  # [rows, 1, groups * max_q, max_kv]
+            self._masks[key] = mask
+        return mask
+
+
+@dataclass
+class AttentionPlan:
+    """The step's rows split into a decode group (one query each) and a prefill group (several)."""
+
+    decode: RowGroup | None
+    prefill: RowGroup | None
+    identity: bool  # only decode rows, in packed order: the decode output IS the layer output
+
+    @classmethod
+    def build(cls, rows: tuple[PackedRow, ...], device) -> AttentionPlan:
+        decode = [r for r in rows if r.q_len == 1]
+        prefill = [r for r in rows if r.q_len > 1]
+        identity = not prefill and all(r.q_start == n for n, r in enumerate(decode))
+        return cls(RowGroup.build(decode, device) if decode else None,
+                   RowGroup.build(prefill, device) if prefill else None, identity)
 
 
 @dataclass(frozen=True)
@@ -46,6 +129,7 @@ class PackedBatch:
     pool: KVPool
     write_slots: torch.Tensor  # [total_tokens] int64: the pool slot each packed token's K/V goes to
     rows: tuple[PackedRow, ...]
+    plan: AttentionPlan | None = None  # None: the per-row reference loop
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -58,38 +142,69 @@ def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor | None:
     return cols <= rows + offset
 
 
-def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    batch: PackedBatch | None = kwargs.pop(BATCH_KWARG, None)
-    if batch is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit softcapping is not supported by the packed engine")
-    sliding_window = kwargs.get("sliding_window")
-    keys, values = batch.pool.layer(module.layer_idx)  # each [kv_heads, capacity, head_dim]
-    keys.index_copy_(1, batch.write_slots, key[0])  # key: [1, kv_heads, total_tokens, head_dim]
-    values.index_copy_(1, batch.write_slots, value[0])
-
-    _, q_heads, total, head_dim = query.shape  # [1, q_heads, total_tokens, head_dim]
+def _attend_group(group: RowGroup, tokens_first, keys, values, sliding_window, scaling) -> torch.Tensor:
+    """One SDPA call for the group's rows: returns [rows * max_q, q_heads, head_dim] (pads included)."""
+    _, q_heads, head_dim = tokens_first.shape
     kv_heads = keys.shape[0]
     groups = q_heads // kv_heads
-    tokens_first = query[0].transpose(0, 1).contiguous()  # [total_tokens, q_heads, head_dim]: one copy
+    rows, max_q, max_kv = group.num_rows, group.max_q, group.max_kv
+    if group.only_row_kv is not None:  # one row: its extent of the pool as is, [1, kv_heads, kv_len, d]
+        start, length = group.only_row_kv
+        k, v = keys[None, :, start : start + length], values[None, :, start : start + length]
+    else:  # gather every row's keys: [kv_heads, rows * max_kv, d] -> [rows, kv_heads, max_kv, d] (a strided view)
+        k = keys.index_select(1, group.kv_index).view(kv_heads, rows, max_kv, head_dim).transpose(0, 1)
+        v = values.index_select(1, group.kv_index).view(kv_heads, rows, max_kv, head_dim).transpose(0, 1)
+    q = tokens_first.index_select(0, group.token_index)  # [rows * max_q, q_heads, d]
+    # The query heads of one KV group ride on the query axis, so grouped-query attention needs no copy
+    # of K/V (the CPU path of native GQA is very slow): [rows, kv_heads, groups * max_q, d].
+    if max_q == 1:
+        q = q.view(rows, kv_heads, groups, head_dim)
+    else:
+        q = q.view(rows, max_q, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, groups * max_q, head_dim)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask(sliding_window, groups), scale=scaling)
+    if max_q == 1:
+        return o.reshape(rows, q_heads, head_dim)
+    o = o.view(rows, kv_heads, groups, max_q, head_dim).permute(0, 3, 1, 2, 4)  # [rows, max_q, kv_heads, groups, d]
+    return o.reshape(rows * max_q, q_heads, head_dim)
+
+
+def batched_attention(plan: AttentionPlan, tokens_first, keys, values, sliding_window, scaling) -> torch.Tensor:
+    """At most two SDPA calls (decode rows, prefill rows) for the whole packed batch: [total, q_heads, d]."""
+    if plan.identity:
+        return _attend_group(plan.decode, tokens_first, keys, values, sliding_window, scaling)
+    out = torch.empty_like(tokens_first)
+    for group in (plan.decode, plan.prefill):
+        if group is None:
+            continue
+        o = _attend_group(group, tokens_first, keys, values, sliding_window, scaling)
+        index = group.token_index
+        if group.valid is not None:
+            o, index = o.index_select(0, group.valid), index.index_select(0, group.valid)
+        out.index_copy_(0, index, o)
+    return out
+
+
+def reference_attention(rows, tokens_first, keys, values, sliding_window, scaling) -> torch.Tensor:
+    """One SDPA per row: the straightforward form of `batched_attention`, kept as its reference."""
+    _, q_heads, head_dim = tokens_first.shape
+    kv_heads = keys.shape[0]
+    groups = q_heads // kv_heads
+    device = tokens_first.device
     outputs = []
-    for row in batch.rows:
+    for row in rows:
         n = row.q_len
-        kv_from, mask = row.kv_start, row.mask
+        kv_from, mask = row.kv_start, causal_mask(n, row.kv_len, device)
         kv_to = row.kv_start + row.kv_len
         if sliding_window is not None and row.kv_len > sliding_window:
             if n == 1:
                 kv_from = kv_to - sliding_window
             else:
-                cols = torch.arange(row.kv_len, device=query.device).unsqueeze(0)
-                rows = torch.arange(n, device=query.device).unsqueeze(1) + (row.kv_len - n)
-                mask = mask & (cols > rows - sliding_window)
+                cols = torch.arange(row.kv_len, device=device).unsqueeze(0)
+                positions = torch.arange(n, device=device).unsqueeze(1) + (row.kv_len - n)
+                mask = mask & (cols > positions - sliding_window)
         # 4-D inputs: torch's fused CPU kernel takes only those (3-D falls back to the ~2x slower math path).
         k = keys[None, :, kv_from:kv_to]  # [1, kv_heads, kv_len, head_dim], a view of the pool
         v = values[None, :, kv_from:kv_to]
-        # The query heads of one KV group ride on the sequence axis ([kv_heads, groups * n, head_dim]),
-        # so grouped-query attention needs no copy of K/V (the CPU path of native GQA is very slow).
         if n == 1:  # decode: a view, no mask (the one query sees every key of its row)
             q = tokens_first[row.q_start].view(1, kv_heads, groups, head_dim)
             o = F.scaled_dot_product_attention(q, k, v, scale=scaling)  # [1, kv_heads, groups, head_dim]
@@ -101,7 +216,25 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
             mask = mask.repeat(groups, 1)  # [groups * n, kv_len]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [1, kv_heads, groups * n, head_dim]
         outputs.append(o.view(kv_heads, groups, n, head_dim).permute(2, 0, 1, 3).reshape(n, q_heads, head_dim))
-    return torch.cat(outputs).unsqueeze(0), None  # [1, total_tokens, q_heads, head_dim]
+    return torch.cat(outputs)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    batch: PackedBatch | None = kwargs.pop(BATCH_KWARG, None)
+    if batch is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit softcapping is not supported by the packed engine")
+    sliding_window = kwargs.get("sliding_window")
+    keys, values = batch.pool.layer(module.layer_idx)  # each [kv_heads, capacity, head_dim]
+    keys.index_copy_(1, batch.write_slots, key[0])  # key: [1, kv_heads, total_tokens, head_dim]
+    values.index_copy_(1, batch.write_slots, value[0])
+    tokens_first = query[0].transpose(0, 1).contiguous()  # [total_tokens, q_heads, head_dim]: one copy
+    if batch.plan is not None:
+        out = batched_attention(batch.plan, tokens_first, keys, values, sliding_window, scaling)
+    else:
+        out = reference_attention(batch.rows, tokens_first, keys, values, sliding_window, scaling)
+    return out.unsqueeze(0), None  # [1, total_tokens, q_heads, head_dim]
 
 
 def install(model) -> None:

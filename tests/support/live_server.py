@@ -100,6 +100,8 @@ class LiveServer:
             cmd += ["--api-keys", str(self.api_keys)]
         if self.max_model_len is not None:
             cmd += ["--max-model-len", str(self.max_model_len)]
+        if "--dtype" not in self.extra_args:  # tests compare with fp32 references; `auto` is bf16 on AMX CPUs
+            cmd += ["--dtype", "float32"]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:

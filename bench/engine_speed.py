@@ -1,0 +1,180 @@
+"""Engine compute path, side by side in one run: per-row attention loop vs batched attention, fp32 vs bf16.
+
+    .venv/bin/python bench/engine_speed.py [--threads 1] [--decode 1,16] [--steps 12] [--rounds 3]
+
+Four variants run interleaved (step by step for decode, request wave by wave for classification), so
+machine-load drift hits all alike: {fp32, bf16} x {reference: one SDPA per row per layer, batched:
+one SDPA per row group per layer} (packed_attention.py). One engine per dtype; the attention path is
+switched between steps (`runner.batched_attention`), so both paths see the same rows and contexts.
+
+- decode C=1 and C=16: ms per decode step (median), distinct soft prompts k=16, `--context` tokens;
+- classification: `--class-rows` requests, each its own cached k=64 prompt (KV prefix cache warm),
+  ~40-token text, 4 output tokens: ms per wave (median) = prefill + 3 decode steps;
+- bf16 quality: greedy agreement of the bf16 engine with the fp32 engine over the PEFT parity cases
+  (prompts k=4, 8, 20 sampled from the vocabulary x the parity texts), `--agree-tokens` tokens each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common as C  # noqa: E402
+
+# The texts of tests/support/peft_reference.py PROMPTS (the PEFT parity cases).
+PARITY_TEXTS = ["The capital of France is", "Translate to French: good morning", "1, 2, 3, 4,", "Write a haiku about the sea"]
+PATHS = ("reference", "batched")
+
+
+def _timed_step(engine, device, batched: bool) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a shared, oversubscribed CPU the wall time mostly
+    measures the neighbours; the process's CPU time is what the step itself costs."""
+    engine.runner.batched_attention = batched
+    C.sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    engine.step()
+    C.sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _medians(times: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, float]]:
+    return {clock: {k: 1000 * C.median([t[i] for t in v]) for k, v in times.items()} for i, clock in enumerate(("wall", "cpu"))}
+
+
+def _decode(engines, device, b: int, args, vocab: int) -> dict[str, dict[str, float]]:
+    inputs = C.request_inputs(args.seed, b, lo=args.context, hi=args.context, vocab=vocab)
+    times: dict[str, list[tuple[float, float]]] = {}
+    for dname, (model, engine) in engines.items():
+        softs = [C.soft_prompt(C.vocab_prompt_tensor(model, args.seed + i, 16), f"d{i}") for i in range(b)]
+        for i in range(b):
+            engine.add_request(C.engine_request(f"{dname}-d{b}-{i}", inputs[i], soft=softs[i], max_tokens=2 * args.steps + 4))
+        engine.step()  # prefill
+        engine.step()
+    for _ in range(args.steps):
+        for dname, (_, engine) in engines.items():
+            for path in PATHS:
+                times.setdefault(f"{dname} {path}", []).append(_timed_step(engine, device, path == "batched"))
+    for _, engine in engines.values():
+        while engine.has_unfinished():
+            engine.step()
+    return _medians(times)
+
+
+def _classification(engines, device, args, vocab: int) -> dict[str, dict[str, float]]:
+    rows = args.class_rows
+    inputs = C.request_inputs(args.seed + 1, rows, lo=36, hi=44, vocab=vocab)
+    softs = {d: [C.soft_prompt(C.vocab_prompt_tensor(m, 1000 + i, 64), f"c{i}") for i in range(rows)] for d, (m, _) in engines.items()}
+    times: dict[str, list[tuple[float, float]]] = {}
+    wave = 0
+    for round_ in range(args.rounds + 1):  # round 0 warms the KV prefix cache of every prompt
+        for dname, (_, engine) in engines.items():
+            for path in PATHS:
+                wave += 1
+                for i in range(rows):
+                    engine.add_request(C.engine_request(f"c{wave}-{i}", inputs[i], soft=softs[dname][i], max_tokens=4))
+                wall = cpu = 0.0
+                while engine.has_unfinished():
+                    w, c = _timed_step(engine, device, path == "batched")
+                    wall, cpu = wall + w, cpu + c
+                if round_:
+                    times.setdefault(f"{dname} {path}", []).append((wall, cpu))
+    return _medians(times)
+
+
+def _agreement(engines, tok, args) -> dict:
+    """bf16 vs fp32 greedy tokens (batched path both) on the parity cases."""
+    from softserve.engine.request import Request, SamplingParams
+
+    outputs = {}
+    for dname, (model, engine) in engines.items():
+        engine.runner.batched_attention = True
+        requests = []
+        for k in (4, 8, 20):
+            soft = C.soft_prompt(C.vocab_prompt_tensor(model, k, k), f"pt{k}")
+            for text in PARITY_TEXTS:
+                requests.append(Request(request_id=f"{dname}-a{k}-{len(requests)}", prompt_ids=tok(text).input_ids,
+                                        sampling=SamplingParams(max_tokens=args.agree_tokens, temperature=0.0, ignore_eos=True),
+                                        soft_prompt=soft))
+        done = engine.generate_sync(requests)
+        outputs[dname] = [[t for o in done[r.request_id] for t in o.token_ids] for r in requests]
+    pairs = list(zip(outputs["fp32"], outputs["bf16"]))
+    prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in pairs]
+    same_tokens = sum(sum(a == b for a, b in zip(x, y)) for x, y in pairs)
+    return {"cases": len(pairs), "identical": sum(x == y for x, y in pairs), "tokens": args.agree_tokens,
+            "mean_first_difference": sum(prefix) / len(prefix),
+            "position_agreement": same_tokens / sum(len(x) for x, _ in pairs)}
+
+
+def run(args) -> dict:
+    import torch
+
+    C.setup_torch(args)
+    decode_sizes = [int(x) for x in args.decode.split(",")]
+    engines = {}
+    for dname, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        model, tok, name, device, _ = C.load(args.model, args.device, dtype)
+        engines[dname] = (model, C.make_engine(model, tok, max_batch_size=max(decode_sizes + [args.class_rows])))
+    vocab = C.text_config(engines["fp32"][0]).vocab_size
+    result = {"name": "engine_speed", "model": name, "threads": torch.get_num_threads(), "steps": args.steps,
+              "rounds": args.rounds, "context": args.context, "class_rows": args.class_rows,
+              "load_avg_start": C.load_average(), "rows": []}
+    for b in decode_sizes:
+        ms = _decode(engines, device, b, args, vocab)
+        result["rows"].append({"load": f"decode C={b}", "unit": "step", **ms})
+        print(f"decode C={b}: {ms}", file=sys.stderr, flush=True)
+    ms = _classification(engines, device, args, vocab)
+    result["rows"].append({"load": f"classification {args.class_rows} rows k=64, 4 tokens", "unit": "wave", **ms})
+    print(f"classification: {ms}", file=sys.stderr, flush=True)
+    result["agreement"] = _agreement(engines, tok, args)
+    result["load_avg_end"] = C.load_average()
+    return result
+
+
+def _table(result: dict, clock: str) -> str:
+    rows = []
+    for r in result["rows"]:
+        ms = r[clock]
+        rows.append([r["load"], r["unit"], *(f"{ms[f'{d} {p}']:.1f}" for d in ("fp32", "bf16") for p in PATHS),
+                     f"{ms['fp32 reference'] / ms['fp32 batched']:.2f}x", f"{ms['bf16 reference'] / ms['bf16 batched']:.2f}x",
+                     f"{ms['fp32 batched'] / ms['bf16 batched']:.2f}x", f"{ms['fp32 reference'] / ms['bf16 batched']:.2f}x"])
+    return C.md_table(["load", f"{clock} ms per", "fp32 per-row", "fp32 batched", "bf16 per-row", "bf16 batched",
+                       "batched speedup fp32", "batched speedup bf16", "bf16 speedup (batched)", "new default / old"], rows)
+
+
+def render(result: dict) -> str:
+    lines = [f"### Engine speed: attention path and dtype ({result['model']}, {result['threads']} torch threads, "
+             f"medians of {result['steps']} interleaved steps / {result['rounds']} rounds)", "",
+             "CPU time of the process (what a step costs; stable on a shared machine):", "", _table(result, "cpu"), "",
+             "Wall time (includes waiting for the CPU behind other processes):", "", _table(result, "wall")]
+    a = result["agreement"]
+    lines += ["", f"bf16 vs fp32 greedy agreement over {a['cases']} parity cases ({a['tokens']} tokens each): "
+              f"{a['identical']}/{a['cases']} identical, {100 * a['position_agreement']:.0f}% of positions equal, "
+              f"first difference at token {a['mean_first_difference']:.1f} on average.",
+              "", f"Load average {result['load_avg_start']:.2f} at start, {result['load_avg_end']:.2f} at end."]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = C.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p.add_argument("--decode", default="1,16", help="decode batch sizes (comma list)")
+    p.add_argument("--steps", type=int, default=12, help="decode steps per variant")
+    p.add_argument("--context", type=int, default=64, help="prompt tokens of a decode row")
+    p.add_argument("--class-rows", type=int, default=16, help="requests per classification wave")
+    p.add_argument("--rounds", type=int, default=3, help="classification waves per variant")
+    p.add_argument("--agree-tokens", type=int, default=24, help="greedy tokens per parity case")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.decode, args.steps, args.class_rows, args.rounds, args.agree_tokens = "1,2", 2, 2, 1, 4
+    return C.script_main(build_parser, lambda _: run(args), render, argv)
+
+
+if __name__ == "__main__":
+    main()
