@@ -296,7 +296,6 @@ async def agreement(urls: dict[str, str], bodies: Bodies, count: int, max_tokens
 
 # ---- the run ------------------------------------------------------------------------------------
 def run(args) -> dict:
-    import torch
 
     servers = [s for s in args.servers.split(",") if s]
     if args.device != "cpu" or args.dtype == "float16":

@@ -116,7 +116,6 @@ class TuningManager:
             self.store.resolve(record["namespace"], record["name"])
         except PromptNotFound:
             self.store.usage.check(record["namespace"], new_prompts=1)
-        tenant = record["tenant"]
         # The job's copy of its data is the tenant's storage until retention removes it (issue #26 F3: it
         # was never counted, and create+cancel rounds filled the disk past the quota). Counted before
         # anything is written: 413 storage_quota_exceeded when over; given back if the job is refused.

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.support import deep_grammars as D
-from tests.support.live_server import LiveServer, assert_openai_error, tiny_model_dir
+from tests.support.live_server import LiveServer, tiny_model_dir
 from softserve.engine.grammar_sandbox import GrammarSandbox, TokenizerSpec
 from softserve.engine.guided import GuidedSpecError
 

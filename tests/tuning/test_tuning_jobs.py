@@ -307,16 +307,16 @@ def test_a_reader_that_sees_the_final_status_also_sees_the_final_event(api):
 def test_restarted_replica_takes_its_own_job_back_at_once(tiny_model, tokenizer, tmp_path):
     """A replica killed mid-job leaves a live lease in its own name; restarted with the same replica
     id it must resume the job at once, not after the (here 10 min) lease expires."""
-    first = _manager(tiny_model, tokenizer, tmp_path / "store", replica_id="pod-0", lease_seconds=600)
+    first = local_manager(tiny_model, tokenizer, tmp_path / "store", replica_id="pod-0", lease_seconds=600)
     try:
-        job_id = _submit(first, 40)
+        job_id = submit_toy_job(first, 40)
         _wait_record(first, job_id, lambda r: r["status"] == "running" and r["step"] >= 1)
     finally:
         first.close()  # releases the lease; a kill -9 would not: take it again, as the dead run held it
     assert JobStore(first.store.backend, owner="pod-0", lease_seconds=600).acquire("acme", job_id) is not None
     assert first.jobs.lease_holder("acme", job_id) == "pod-0"
 
-    other = _manager(tiny_model, tokenizer, tmp_path / "store", replica_id="pod-1", lease_seconds=600)
+    other = local_manager(tiny_model, tokenizer, tmp_path / "store", replica_id="pod-1", lease_seconds=600)
     try:
         other.scan()  # another replica still respects the live lease
         time.sleep(0.3)
@@ -324,7 +324,7 @@ def test_restarted_replica_takes_its_own_job_back_at_once(tiny_model, tokenizer,
     finally:
         other.close()
 
-    second = _manager(tiny_model, tokenizer, tmp_path / "store", replica_id="pod-0", lease_seconds=600)
+    second = local_manager(tiny_model, tokenizer, tmp_path / "store", replica_id="pod-0", lease_seconds=600)
     try:
         done = _wait_record(second, job_id, lambda r: r["status"] in ("succeeded", "failed"), timeout=60)
     finally:
