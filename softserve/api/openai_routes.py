@@ -169,6 +169,13 @@ async def list_models(runtime: RuntimeDep, principal: PrincipalDep) -> S.ModelLi
 @router.post("/v1/completions")
 async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
                       principal: PrincipalDep):
+    return await run_completion(body, runtime, principal, request_id=http_request.state.request_id,
+                                disconnected=lambda: _disconnected(http_request))
+
+
+async def run_completion(body: S.CompletionRequest, runtime: Runtime, principal, *, request_id: str,
+                         disconnected=None, background: bool = False):
+    """/v1/completions without HTTP: the route's, and a Batch API line's (`background`: a batch row)."""
     runtime.require_ready()
     check_fan_out(runtime, num_prompts(body.prompt), body.n)  # before any work that grows with the request
     check_supported(body)
@@ -179,10 +186,9 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runt
     wanted = [n for n in (body.prompt_logprobs, body.logprobs if echo_logprobs else None) if n is not None]
     prompt_top = max(wanted) if wanted else None
     prompt_texts = _prompt_texts(runtime.tokenizer, body.prompt, prompts) if body.echo else None
-    request_id = http_request.state.request_id
     sampling = sampling_template(body, logprobs=body.logprobs, guided=guided, prompt_logprobs=prompt_top)
     requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, body.max_tokens,
-                                             request_id)
+                                             request_id, priority=body.priority, background=background)
 
     def echoed(choice: Choice) -> list:
         if not echo_logprobs:
@@ -233,7 +239,7 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runt
                             "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
         return _sse_response(events())
 
-    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    await collect(runtime, requests, choices, tracker, disconnected=disconnected)
     return S.CompletionResponse(
         id=response_id, created=created, model=body.model,
         choices=[S.CompletionChoice(index=c.index, text=echo_text(c) + c.text, finish_reason=c.finish_reason,
@@ -246,6 +252,13 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runt
 @router.post("/v1/chat/completions")
 async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
                            principal: PrincipalDep):
+    return await run_chat_completion(body, runtime, principal, request_id=http_request.state.request_id,
+                                     disconnected=lambda: _disconnected(http_request))
+
+
+async def run_chat_completion(body: S.ChatCompletionRequest, runtime: Runtime, principal, *, request_id: str,
+                              disconnected=None, background: bool = False):
+    """/v1/chat/completions without HTTP: the route's, and a Batch API line's (`background`: a batch row)."""
     runtime.require_ready()
     check_fan_out(runtime, 1, body.n)
     check_supported(body)
@@ -255,10 +268,9 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
     prompts = [prompt_ids]
     max_tokens = body.max_completion_tokens or body.max_tokens
     top_n = (body.top_logprobs or 0) if body.logprobs else None
-    request_id = http_request.state.request_id
     sampling = sampling_template(body, logprobs=top_n, guided=guided)
     requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, max_tokens,
-                                             request_id)
+                                             request_id, priority=body.priority, background=background)
     tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
                       model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids))
     num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
@@ -287,7 +299,7 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
                 yield chunk([], usage=_usage(prompts, choices, num_virtual))
         return _sse_response(events())
 
-    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    await collect(runtime, requests, choices, tracker, disconnected=disconnected)
     return S.ChatCompletionResponse(
         id=response_id, created=created, model=body.model,
         choices=[S.ChatChoice(index=c.index, message=S.ChatResponseMessage(content=c.text),
@@ -318,4 +330,4 @@ def _apply_chat_template(tokenizer, messages: list[S.ChatMessage], max_chars: in
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-__all__ = ["router"]
+__all__ = ["router", "run_completion", "run_chat_completion"]

@@ -149,6 +149,8 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     skip_special_tokens: bool = True
+    # vLLM's request priority: lower is served earlier, among this tenant's own waiting requests only.
+    priority: int = Field(0, ge=-1000, le=1000)
     # Structured output: OpenAI's response_format, or one of vLLM's guided_* / structured_outputs.
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None
