@@ -125,6 +125,31 @@ def cmd_store(args) -> int:
     report = collect_garbage(backend, grace, dry_run=args.dry_run)
     print(json.dumps(report.to_dict()))
     return 0
+RUN_BATCH_SETTINGS = ("model", "gguf_file", "served_model_name", "store", "s3_endpoint_url", "device", "dtype",
+                      "max_batch_size", "max_model_len", "max_prefill_tokens", "max_virtual_tokens", "max_prompt_parts",
+                      "prompt_cache_bytes", "kv_prefix_cache_bytes", "kv_cache_bytes", "max_tokens_limit", "max_n",
+                      "torch_threads", "batch_window", "log_level")
+
+
+def cmd_run_batch(args) -> int:
+    from softserve.run_batch import run_batch
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        raise SystemExit(f"softserve run-batch: {exc}") from None
+    from softserve.logs import configure_logging
+
+    configure_logging(settings.log_level if args.log_level else "warning", settings.json_logs)
+    try:
+        result = run_batch(settings, args.input, args.output, error_path=args.error_file, tenant=args.tenant,
+                           show_progress=not args.no_progress)
+    except (OSError, RuntimeError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(json.dumps(result.to_dict()))
+    return 0 if result.failed == 0 else 3
+
+
 def _client_flags(parser: argparse.ArgumentParser, env: ClientSettings) -> None:
     fields = ClientSettings.model_fields
     parser.add_argument("--url", default=env.url, help=f"{fields['url'].description} (env SOFTSERVE_URL, default {fields['url'].default})")
@@ -178,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default: env SOFTSERVE_STORE_GC_GRACE_SECONDS, else 3600)")
     gc.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
 
+    rb = sub.add_parser("run-batch", help="answer a Batch API input file offline, in this process (no server)",
+                        description="Each line {custom_id, method, url, body} as in the OpenAI Batch API; writes the "
+                                    "output lines in input order (error lines with their line number into the output "
+                                    "file, or --error-file). Prints a JSON summary; exit status 3 if any line failed.")
+    rb.add_argument("-i", "--input", required=True, help="input JSONL file")
+    rb.add_argument("-o", "--output", required=True, help="output JSONL file")
+    rb.add_argument("--error-file", help="write error lines here instead of into the output file")
+    rb.add_argument("--tenant", default="default", help="whose prompts the lines' `model` names (default: default)")
+    rb.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_settings_flags(rb, only=RUN_BATCH_SETTINGS)
+
     from softserve.tuning.cli import add_tune_parser
 
     add_tune_parser(sub)
@@ -194,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(args)
     if args.command == "store":
         return cmd_store(args)
+    if args.command == "run-batch":
+        return cmd_run_batch(args)
     if args.command == "tune":
         from softserve.tuning.cli import cmd_tune
 

@@ -144,5 +144,5 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[Setti
 
 
 def settings_from_args(args: argparse.Namespace, settings_cls: type[Settings] = Settings) -> Settings:
-    given = {name: getattr(args, name) for name in settings_cls.model_fields}
+    given = {name: getattr(args, name, None) for name in settings_cls.model_fields}  # a command may take a subset
     return settings_cls(**{name: value for name, value in given.items() if value is not None})
