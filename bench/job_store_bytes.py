@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
 
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.store import PromptStore
     from softserve.tuning.config import TuningConfig
     from softserve.tuning.export import model_info

@@ -76,7 +76,7 @@ def http_app(store):
 
 
 def run(args) -> dict:
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.store import PromptStore
     from softserve.store.types import ModelInfo
 

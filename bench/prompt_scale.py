@@ -28,7 +28,7 @@ from bench import load as L  # noqa: E402
 
 
 def create_store(root: Path, n: int, k: int, hidden: int, info, workers: int = 16) -> float:
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.store import PromptStore
 
     stores = [PromptStore(LocalBackend(root), info) for _ in range(workers)]
@@ -85,7 +85,7 @@ def run(args) -> dict:
         store = Path(tmp) / "store"
         result["create_s"] = create_store(store, n, k, hidden, info)
         print(f"created {n} prompts in {result['create_s']:.1f} s", file=sys.stderr, flush=True)
-        from softserve.store.backend import LocalBackend
+        from softserve.store.backends import LocalBackend
         from softserve.store.store import PromptStore
 
         direct = PromptStore(LocalBackend(store), info)

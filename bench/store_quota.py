@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from softserve.store import keys  # noqa: E402
-from softserve.store.backend import LocalBackend  # noqa: E402
+from softserve.store.backends import LocalBackend  # noqa: E402
 from softserve.store.gc import collect_garbage  # noqa: E402
 from softserve.store.store import PromptStore  # noqa: E402
 from softserve.store.types import ModelInfo  # noqa: E402

@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_store(args) -> int:
-    from softserve.store.backend import open_backend
+    from softserve.store.backends import open_backend
     from softserve.store.gc import collect_garbage
 
     overrides = {"store": args.store, "s3_endpoint_url": args.s3_endpoint_url}

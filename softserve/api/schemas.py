@@ -358,3 +358,46 @@ class ModelList(BaseModel):
 
 def dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(exclude_none=False)
+
+
+# ---- prompt store (/v1/prompts): here, not in api/prompts.py, so softserve.client can use them without fastapi
+class PromptInfo(BaseModel):
+    object: Literal["prompt"] = "prompt"
+    id: str  # what to pass as `model`: "name" or "public/name"
+    name: str
+    public: bool
+    version: str
+    ref: str  # "name@version" (prefixed with "public/" for public prompts): pins this version
+    sha256: str
+    num_virtual_tokens: int
+    token_dim: int
+    dtype: str
+    peft_type: str
+    kind: str  # "prompt_tuning" (PROMPT_TUNING, P_TUNING) or "prefix_tuning" (PREFIX_TUNING)
+    created_at: int
+    description: str | None = None
+    parts: list[str] | None = None  # a composition ("a+b"): its parts' pinned refs, in order
+
+
+class PromptUploadResponse(PromptInfo):
+    warnings: list[str] = []
+
+
+class PromptList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PromptInfo]
+    has_more: bool = False  # more prompts after last_id: ask again with ?after=<last_id>
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class PromptVersionList(BaseModel):
+    object: Literal["list"] = "list"
+    id: str
+    data: list[PromptInfo]  # latest first
+
+
+class PromptDeleted(BaseModel):
+    object: Literal["prompt.deleted"] = "prompt.deleted"
+    id: str
+    deleted: bool = True

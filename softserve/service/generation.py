@@ -360,6 +360,8 @@ def generation_error(output: RequestOutput):
         return Overloaded(output.error or "queue is full", code="queue_full", retry_after=1)
     if kind == ErrorKind.ENGINE_DEAD:
         return NotReady("engine is not running")
+    if kind == ErrorKind.REJECTED:  # the engine refused it at add: the request itself can never run
+        return InvalidRequest(f"the engine rejected this request: {output.error or 'rejected'}", code="request_rejected")
     return InternalError(f"generation failed: {output.error or 'internal error'}", code="generation_error")
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softserve.store.backend import open_backend
+from softserve.store.backends import open_backend
 from softserve.store.cache import PromptCache
 from softserve.store.gc import PeriodicGC
 from softserve.store.store import PromptStore
@@ -60,14 +60,23 @@ class Runtime:
         if self.load_error:
             return f"model failed to load: {self.load_error}"
         if self.engine is not None and not self.engine.is_alive:
-            return "engine loop is not running"
+            return self._engine_down_reason()
         return "shutting down" if self.shutting_down else "loading"
+
+    def _engine_down_reason(self) -> str:
+        """A started engine that is not alive died (or was stopped): never call that "loading"."""
+        dead = self.engine.dead_reason
+        return f"engine died: {dead}" if dead else "engine loop is not running"
 
     def require_ready(self) -> None:
         if not self.is_ready:
             if self.load_error:
                 raise not_ready("model failed to load")
-            raise not_ready("server is shutting down" if self.shutting_down else "model is loading, not ready yet")
+            if self.shutting_down:
+                raise not_ready("server is shutting down")
+            if self.engine is not None and not self.engine.is_alive:
+                raise not_ready(self._engine_down_reason())
+            raise not_ready("model is loading, not ready yet")
 
     def require_store(self):
         """The prompt store, which opens with the model: not ready until then."""

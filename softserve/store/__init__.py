@@ -1,6 +1,6 @@
 """Soft-prompt storage: validation of PEFT uploads, versioned tenant-scoped store, device cache."""
 
-from .backend import LocalBackend, MemoryBackend, StorageBackend
+from .backends import LocalBackend, MemoryBackend, StorageBackend
 from .cache import CacheStats, PromptCache
 from .format import ParsedPrompt, content_sha256, export_adapter, export_zip, parse_upload
 from .store import PromptStore, validate_name

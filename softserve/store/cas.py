@@ -12,7 +12,7 @@ import json
 import random
 import time
 
-from .backend import ConditionalBackend, StorageBackend
+from .backends import ConditionalBackend, StorageBackend
 from .types import PromptStoreError
 
 __all__ = ["ATTEMPTS", "has_compare_and_swap", "read", "swap", "backoff", "conflict", "update_json"]

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import keys
-from .backend import StorageBackend
+from .backends import StorageBackend
 from .index import ListingIndex
 from .types import PromptMeta
 from .usage import Usage, UsageLedger, head_metas

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import cas, keys
-from .backend import StorageBackend
+from .backends import StorageBackend
 from .types import PromptMeta, PromptStoreError
 
 __all__ = ["ListingIndex", "SHARDS", "shard_of", "listing_record", "meta_from_record"]

@@ -29,7 +29,7 @@ import torch
 from . import cas
 from . import format as fmt
 from . import keys
-from .backend import StorageBackend
+from .backends import StorageBackend
 from .index import ListingIndex
 from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptValidationError
 from .usage import UsageLedger

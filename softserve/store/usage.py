@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from . import cas, keys
-from .backend import StorageBackend
+from .backends import StorageBackend
 from .types import PromptMeta, PromptQuotaExceeded, StorageQuotaExceeded
 
 __all__ = ["Usage", "UsageLedger", "compute_usage", "head_metas"]

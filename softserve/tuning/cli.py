@@ -137,7 +137,7 @@ def cmd_tune(args) -> int:
     if args.out:
         summary["adapter_dir"] = str(save_adapter(files, args.out))
     if args.store:
-        from softserve.store.backend import LocalBackend
+        from softserve.store.backends import LocalBackend
         from softserve.store.store import PromptStore
 
         Path(args.store).mkdir(parents=True, exist_ok=True)

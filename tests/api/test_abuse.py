@@ -285,7 +285,7 @@ def test_same_tensor_with_another_config_is_a_new_version(client, tiny_model):
 
 def test_versions_stored_before_config_aware_ids_still_resolve_and_are_reused(tmp_path, monkeypatch):
     import softserve.store.format as fmt
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.store import PromptStore
     from softserve.store.types import ModelInfo
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from softserve.store.backend import LocalBackend
+from softserve.store.backends import LocalBackend
 from softserve.store.cache import PromptCache
 from softserve.store.store import PromptStore
 from softserve.api import deps

@@ -40,7 +40,7 @@ def test_store_errors_are_translated_by_kind():
 
 @pytest.mark.parametrize("kind, expected", [
     (ErrorKind.TIMEOUT, E.Timeout), (ErrorKind.QUEUE_FULL, E.Overloaded), (ErrorKind.ENGINE_DEAD, E.NotReady),
-    (ErrorKind.ENGINE_ERROR, E.InternalError), (ErrorKind.REJECTED, E.InternalError),
+    (ErrorKind.ENGINE_ERROR, E.InternalError), (ErrorKind.REJECTED, E.InvalidRequest),
 ])
 def test_engine_outcomes_map_by_kind_not_by_message(kind, expected):
     # The message says "timed out" and "queue is full" in every case: only the kind decides.
@@ -70,3 +70,49 @@ def test_a_request_past_its_timeout_is_504_and_the_server_stays_healthy(tiny_mod
         assert r.json()["error"]["code"] == "timeout" and "timed out" in r.json()["error"]["message"]
         ok = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
         assert ok.status_code == 200 and client.get("/ready").status_code == 200
+
+
+def test_a_request_the_engine_rejects_at_add_is_a_400_that_says_why(tiny_model, tokenizer, tmp_path):
+    """The engine's own add-time checks (KV pool size, prompt shape, grammar) guard direct engine users;
+    a request that gets past the API's checks and is refused there is the caller's to fix, not a 500."""
+    settings = Settings(store=str(tmp_path / "s"), max_model_len=256)
+    app = create_app(settings, loaded=LoadedModel(tiny_model, tokenizer, "tiny"))
+    with TestClient(app) as client:
+        engine = app.state.service.engine.engine
+        real_add = engine.add_request
+
+        def refuse(request):
+            raise ValueError("request needs 999 KV slots, the pool holds 256")
+
+        engine.add_request = refuse
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "request_rejected" and "999 KV slots" in error["message"]
+        engine.add_request = real_add
+        ok = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200 and client.get("/ready").status_code == 200
+
+
+def test_after_the_engine_loop_dies_requests_say_so_not_loading(tiny_model, tokenizer, tmp_path):
+    settings = Settings(store=str(tmp_path / "s"), max_model_len=256)
+    app = create_app(settings, loaded=LoadedModel(tiny_model, tokenizer, "tiny"))
+    with TestClient(app) as client:
+        async_engine = app.state.service.engine
+
+        def crash():
+            raise RuntimeError("device lost")
+
+        async_engine.engine.step = crash  # the loop itself dies at its next step
+        first = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert first.status_code == 503, first.text
+        deadline = time.monotonic() + 10
+        while async_engine.is_alive:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503, r.text
+        message = r.json()["error"]["message"]
+        assert "engine died" in message and "device lost" in message and "loading" not in message
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and "engine died" in ready.text

@@ -126,7 +126,7 @@ def test_stale_temp_files_are_removed_at_start_fresh_ones_kept(tiny_model, token
     import os
     import time
 
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
 
     store = tmp_path / "store"
     blobs = store / "blobs" / "sha256"

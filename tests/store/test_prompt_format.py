@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from softserve.store.backend import MemoryBackend
+from softserve.store.backends import MemoryBackend
 from softserve.store.format import content_sha256, export_adapter, parse_upload
 from softserve.store.store import PromptStore
 from softserve.store.types import PromptValidationError

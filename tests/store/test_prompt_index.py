@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from softserve.store import index as index_mod
 from softserve.store import keys
-from softserve.store.backend import LocalBackend, MemoryBackend
+from softserve.store.backends import LocalBackend, MemoryBackend
 from softserve.store.gc import collect_garbage
 from softserve.store.index import SHARDS, listing_record, shard_of
 from softserve.store.store import PromptStore

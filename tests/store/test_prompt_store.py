@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from softserve.store import format as fmt
-from softserve.store.backend import LocalBackend, MemoryBackend
+from softserve.store.backends import LocalBackend, MemoryBackend
 from softserve.store.store import PromptStore
 from softserve.store.types import PromptIntegrityError, PromptNotFound, PromptValidationError
 from tests.support.concurrency import run_together
@@ -23,7 +23,7 @@ def make_backend(request, tmp_path):
     if request.param == "local":
         return lambda: LocalBackend(tmp_path / "d")
     seaweed = request.getfixturevalue("seaweed")
-    from softserve.store.s3_backend import S3Backend
+    from softserve.store.backends.s3 import S3Backend
 
     prefix = f"store-tests/{uuid.uuid4().hex[:16]}"
     return lambda: S3Backend(seaweed.bucket, prefix, client=seaweed.client())
@@ -251,6 +251,6 @@ def test_local_backend_never_exposes_temp_files(tmp_path, monkeypatch):
 
 
 def test_memory_backend_matches_protocol():
-    from softserve.store.backend import StorageBackend
+    from softserve.store.backends import StorageBackend
 
     assert isinstance(MemoryBackend(), StorageBackend) and isinstance(LocalBackend.__new__(LocalBackend), StorageBackend)

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from softserve.store import keys
-from softserve.store.backend import LocalBackend, MemoryBackend
+from softserve.store.backends import LocalBackend, MemoryBackend
 from softserve.store.gc import collect_garbage
 from softserve.store.store import PromptStore
 from softserve.store.usage import Usage
@@ -265,7 +265,7 @@ def test_cli_store_gc_dry_run_and_run(tmp_path, capsys):
 @pytest.mark.process
 def test_gc_on_s3(seaweed):
     """The same on a real S3 server (LastModified from ListObjectsV2, HeadObject before each delete)."""
-    from softserve.store.s3_backend import S3Backend
+    from softserve.store.backends.s3 import S3Backend
 
     backend = S3Backend(seaweed.bucket, f"gc-tests/{uuid.uuid4().hex[:16]}", client=seaweed.client())
     store = PromptStore(backend, MODEL)
@@ -285,7 +285,7 @@ def test_gc_on_s3(seaweed):
 @pytest.mark.parametrize("gc_runs", ["after_finding_the_blob", "after_rewriting_the_blob"])
 def test_upload_reusing_an_old_blob_while_gc_runs_on_s3(seaweed, gc_runs):
     """The re-used-old-blob race on a real S3 server: the GC runs (grace 2 s) inside B's upload."""
-    from softserve.store.s3_backend import S3Backend
+    from softserve.store.backends.s3 import S3Backend
 
     runs = []
 

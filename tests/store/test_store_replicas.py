@@ -8,11 +8,12 @@ import time
 import uuid
 
 import pytest
+import torch
 
-from softserve.store.backend import ConditionalBackend, LocalBackend, MemoryBackend, open_backend
+from softserve.store.backends import ConditionalBackend, LocalBackend, MemoryBackend, open_backend
 from softserve.store.store import PromptStore
-from softserve.store.types import PromptNotFound
-from tests.support.prompts import CFG, MODEL, blob
+from softserve.store.types import PromptMeta, PromptNotFound
+from tests.support.prompts import CFG, MODEL, blob, tensor
 
 TTL = 0.6
 
@@ -26,7 +27,7 @@ def make_backend(request, tmp_path):
     if request.param == "local":
         return lambda: LocalBackend(tmp_path / "d")
     seaweed = request.getfixturevalue("seaweed")
-    from softserve.store.s3_backend import S3Backend
+    from softserve.store.backends.s3 import S3Backend
 
     prefix = f"replica-tests/{uuid.uuid4().hex[:16]}"
     return lambda: S3Backend(seaweed.bucket, prefix, client=seaweed.client())
@@ -220,36 +221,72 @@ def test_resolution_cache_reads_backend_once_per_window(tmp_path):
     assert store.resolve("acme", "p") == m and len(reads) == 1
 
 
-def test_delete_racing_update_leaves_consistent_state(make_backend):
+def _check_after_delete_and_update(store: PromptStore, before: PromptMeta, update_seed: int) -> str:
+    """Whichever of a delete and an update of the same name landed last, the state is one of two whole
+    ones; returns which ("updated" or "deleted") after checking it against the real content."""
+    try:
+        versions = store.versions("acme", "p")
+    except PromptNotFound:
+        # The delete came last: gone from resolution and listing, its versions too, old and new.
+        assert "p" not in [m.name for m in store.list("acme")]
+        with pytest.raises(PromptNotFound):
+            store.resolve("acme", "p", before.version)
+        return "deleted"
+    # The update came last: its tensor is the latest, every listed version resolves to a readable
+    # manifest, and the deleted history did not come back under it.
+    latest = store.resolve("acme", "p")
+    assert versions[0] == latest
+    assert torch.equal(store.load_tensor(latest), tensor(update_seed))
+    assert before.version not in [v.version for v in versions]
+    for version in versions:
+        assert store.resolve("acme", "p", version.version) == version
+    return "updated"
+
+
+@pytest.mark.parametrize("order", ["race", "delete-first", "update-first"])
+def test_delete_racing_update_leaves_consistent_state(make_backend, order):
+    """Two replicas delete and update one name. "race" lets the threads decide (either outcome is
+    checked with its content); the forced orders make sure both outcomes are checked on every run."""
     a, b = PromptStore(make_backend(), MODEL), PromptStore(make_backend(), MODEL)
-    for round_ in range(3):
-        a.put("acme", "p", blob(10 * round_), CFG)
-        barrier = threading.Barrier(2)
+    rounds = 3 if order == "race" else 1
+    for round_ in range(rounds):
+        before, _ = a.put("acme", "p", blob(10 * round_), CFG)
+        update_seed = 10 * round_ + 1
 
         def upd():
-            barrier.wait()
-            b.put("acme", "p", blob(10 * round_ + 1), CFG)
+            b.put("acme", "p", blob(update_seed), CFG)
 
         def rm():
-            barrier.wait()
             try:
                 a.delete("acme", "p")
             except PromptNotFound:
                 pass
 
-        ts = [threading.Thread(target=upd), threading.Thread(target=rm)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        fresh = PromptStore(make_backend(), MODEL)
-        try:
-            versions = fresh.versions("acme", "p")
-        except PromptNotFound:
-            continue  # the delete came last
-        # The update came last: its version is latest and resolvable.
-        assert fresh.resolve("acme", "p") == versions[0]
-        a.delete("acme", "p")
+        if order == "race":
+            barrier, errors = threading.Barrier(2), []
+
+            def run(step):
+                barrier.wait()
+                try:
+                    step()
+                except Exception as exc:  # a failed update would pass for "deleted": fail instead
+                    errors.append(exc)
+
+            ts = [threading.Thread(target=run, args=(step,)) for step in (upd, rm)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            assert errors == []
+        else:
+            first, last = (rm, upd) if order == "delete-first" else (upd, rm)
+            first()
+            last()
+        outcome = _check_after_delete_and_update(PromptStore(make_backend(), MODEL), before, update_seed)
+        if order != "race":
+            assert outcome == {"delete-first": "updated", "update-first": "deleted"}[order]
+        if outcome == "updated":
+            a.delete("acme", "p")
 
 
 # ---- open_backend / S3 specifics ----------------------------------------------------------------
@@ -266,7 +303,7 @@ def test_open_backend_urls(tmp_path):
 
 @pytest.mark.process
 def test_open_backend_s3(seaweed, monkeypatch):
-    from softserve.store.s3_backend import S3Backend
+    from softserve.store.backends.s3 import S3Backend
 
     for k, v in seaweed.env().items():
         monkeypatch.setenv(k, v)
@@ -288,7 +325,7 @@ def test_s3_unreachable_is_503(monkeypatch):
     pytest.importorskip("boto3")
     from tests.support.s3_server import free_port
 
-    from softserve.store.s3_backend import S3Backend, StorageUnavailable
+    from softserve.store.backends.s3 import S3Backend, StorageUnavailable
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
@@ -301,7 +338,7 @@ def test_s3_unreachable_is_503(monkeypatch):
 
 @pytest.mark.process
 def test_s3_wrong_credentials_is_503(seaweed):
-    from softserve.store.s3_backend import S3Backend, StorageUnavailable
+    from softserve.store.backends.s3 import S3Backend, StorageUnavailable
 
     import boto3
 

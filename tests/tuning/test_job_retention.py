@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from softserve.store import keys
-from softserve.store.backend import LocalBackend
+from softserve.store.backends import LocalBackend
 from softserve.store.store import PromptStore
 from softserve.tuning.config import TuningConfig
 from softserve.tuning.persist import JobStore

@@ -374,7 +374,7 @@ def test_cli_tune_writes_adapter_and_store_version(tokenizer, tmp_path, tmp_path
     from tests.support.live_server import tiny_model_dir
     from peft import PeftConfig
 
-    from softserve.store.backend import LocalBackend
+    from softserve.store.backends import LocalBackend
     from softserve.store.store import PromptStore
     from softserve.store.types import ModelInfo
     from softserve.cli import main

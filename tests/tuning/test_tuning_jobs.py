@@ -12,7 +12,7 @@ import pytest
 import torch
 from tests.support.tuning import toy_data, toy_records, wait_for_job
 
-from softserve.store.backend import LocalBackend, MemoryBackend
+from softserve.store.backends import LocalBackend, MemoryBackend
 from softserve.store.store import PromptStore
 from softserve.tuning.persist import JobStore
 from softserve.tuning.trainer import PromptTuner, TuningConfig

@@ -1,103 +1,19 @@
-"""Bytes-in, bytes-out key/value storage that maps onto an object store (S3, GCS) later.
-
-Only operations an object store has natively are exposed: put (optionally create-if-absent),
-get, exists, prefix list, delete, and (for the garbage collector) a key's modification time and size. No rename, no directories, and the store never needs `list`
-to look something up (listing is eventually consistent or slow on some object stores).
-"""
+"""`StorageBackend` on a local directory: atomic writes by temp file + rename, compare-and-swap under
+a per-key file lock."""
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
-import re
 import tempfile
 import time
-import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple, Protocol, runtime_checkable
+from typing import Iterator
 
-__all__ = ["StorageBackend", "ConditionalBackend", "LocalBackend", "MemoryBackend", "ObjectInfo", "validate_key",
-           "open_backend"]
+from .base import ObjectInfo, content_etag, validate_key
 
-_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@=-]*$")
-
-
-def validate_key(key: str) -> str:
-    """Keys are '/'-separated relative paths. Components may not start with '.', which (a) rules
-    out '.' and '..' traversal and (b) reserves dot-names for temp files, so those can never be
-    read or listed through the interface."""
-    if not isinstance(key, str) or not key or len(key) > 1024:
-        raise ValueError(f"invalid storage key {key!r}")
-    if key.startswith("/") or "\\" in key or "\0" in key:
-        raise ValueError(f"invalid storage key {key!r}")
-    for part in key.split("/"):
-        if not _COMPONENT.fullmatch(part):
-            raise ValueError(f"invalid storage key {key!r}")
-    return key
-
-
-class ObjectInfo(NamedTuple):
-    key: str
-    mtime: float  # unix seconds of the last write, by the backend's clock (S3: LastModified)
-    size: int  # bytes
-
-
-@runtime_checkable
-class StorageBackend(Protocol):
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        """Write atomically. With if_absent, return False (and write nothing) if key exists."""
-        ...
-
-    def get(self, key: str) -> bytes:
-        """Raise KeyError if missing."""
-        ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def list(self, prefix: str) -> list[str]:
-        """All keys starting with prefix, sorted. For enumerating prompts only, never lookups."""
-        ...
-
-    def delete(self, key: str) -> None:
-        """Missing key is not an error."""
-        ...
-
-    def list_with_mtime(self, prefix: str) -> list[ObjectInfo]:
-        """Like `list`, with each key's modification time and size (S3 ListObjectsV2 has both).
-        For the garbage collector, which never deletes anything younger than its grace period."""
-        ...
-
-    def info(self, key: str) -> ObjectInfo | None:
-        """Modification time and size of one key (S3 HeadObject); None if missing. Never cached."""
-        ...
-
-
-@runtime_checkable
-class ConditionalBackend(StorageBackend, Protocol):
-    """Optional compare-and-swap on single keys (S3 conditional writes: `If-Match` / `If-None-Match`).
-
-    The store updates head manifests through these when the backend has them, so several writer
-    processes (replicas) on one backend cannot lose each other's updates. An etag is an opaque
-    string that changes whenever the key's bytes change."""
-
-    def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        """(bytes, etag). Raise KeyError if missing."""
-        ...
-
-    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
-        """Write iff the key's current etag is `etag` (etag None: iff the key is absent).
-        Return False, writing nothing, when the condition fails."""
-        ...
-
-    def delete_if_match(self, key: str, etag: str) -> bool:
-        """Delete iff the key's current etag is `etag`. False if it changed or is missing."""
-        ...
-
-
-def _etag(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+__all__ = ["LocalBackend", "STALE_TEMP_SECONDS"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -310,11 +226,11 @@ class LocalBackend:
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
         data = self.get(key)
-        return data, _etag(data)
+        return data, content_etag(data)
 
     def _current_etag(self, path: Path) -> str | None:
         try:
-            return _etag(path.read_bytes())
+            return content_etag(path.read_bytes())
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
@@ -333,115 +249,3 @@ class LocalBackend:
             self.delete(key)
             return True
 
-
-class MemoryBackend:
-    """In-process backend for tests and ephemeral dev servers."""
-
-    def __init__(self, clock=time.time) -> None:
-        self._data: dict[str, bytes] = {}
-        self._mtimes: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self.clock = clock  # tests move it to age objects past the GC's grace period
-
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        validate_key(key)
-        with self._lock:
-            if if_absent and key in self._data:
-                return False
-            self._data[key] = bytes(data)
-            self._mtimes[key] = self.clock()
-            return True
-
-    def set_mtime(self, key: str, mtime: float) -> None:
-        """Test hook: pretend `key` was last written at `mtime`."""
-        with self._lock:
-            if key in self._data:
-                self._mtimes[key] = mtime
-
-    def list_with_mtime(self, prefix: str) -> list[ObjectInfo]:
-        with self._lock:
-            return [ObjectInfo(k, self._mtimes[k], len(self._data[k])) for k in sorted(self._data) if k.startswith(prefix)]
-
-    def info(self, key: str) -> ObjectInfo | None:
-        validate_key(key)
-        with self._lock:
-            if key not in self._data:
-                return None
-            return ObjectInfo(key, self._mtimes[key], len(self._data[key]))
-
-    def get(self, key: str) -> bytes:
-        validate_key(key)
-        with self._lock:
-            return self._data[key]
-
-    def exists(self, key: str) -> bool:
-        validate_key(key)
-        with self._lock:
-            return key in self._data
-
-    def list(self, prefix: str) -> list[str]:
-        with self._lock:
-            return sorted(k for k in self._data if k.startswith(prefix))
-
-    def delete(self, key: str) -> None:
-        validate_key(key)
-        with self._lock:
-            self._data.pop(key, None)
-            self._mtimes.pop(key, None)
-
-    def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        data = self.get(key)
-        return data, _etag(data)
-
-    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
-        validate_key(key)
-        with self._lock:
-            cur = self._data.get(key)
-            if (None if cur is None else _etag(cur)) != etag:
-                return False
-            self._data[key] = bytes(data)
-            self._mtimes[key] = self.clock()
-            return True
-
-    def delete_if_match(self, key: str, etag: str) -> bool:
-        validate_key(key)
-        with self._lock:
-            cur = self._data.get(key)
-            if cur is None or _etag(cur) != etag:
-                return False
-            del self._data[key]
-            self._mtimes.pop(key, None)
-            return True
-
-
-def open_backend(
-    url: str | os.PathLike[str],
-    *,
-    s3_endpoint_url: str | None = None,
-    s3_region: str | None = None,
-    check_conditional_writes: bool = True,
-) -> StorageBackend:
-    """Backend for a store location:
-
-    - `s3://bucket[/prefix]`: `S3Backend` (boto3; credentials and region from the usual AWS_*
-      environment variables / config files; `s3_endpoint_url` for SeaweedFS, MinIO, ...);
-    - `memory://`: `MemoryBackend` (ephemeral);
-    - `file:///path` or a plain path: `LocalBackend` (created if missing).
-    """
-    text = os.fspath(url)
-    if text.startswith("s3://"):
-        from .s3_backend import S3Backend
-
-        rest = text[len("s3://"):]
-        bucket, _, prefix = rest.partition("/")
-        backend = S3Backend(bucket, prefix, endpoint_url=s3_endpoint_url, region_name=s3_region)
-        if check_conditional_writes:
-            backend.check_conditional_writes()
-        return backend
-    if text.startswith("memory://"):
-        return MemoryBackend()
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    elif "://" in text:
-        raise ValueError(f"unsupported store URL {text!r}: use a directory, file:///dir, s3://bucket/prefix or memory://")
-    return LocalBackend(text)

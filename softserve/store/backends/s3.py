@@ -26,9 +26,9 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from . import keys
-from .backend import ObjectInfo, validate_key
-from .types import PromptStoreError
+from .. import keys
+from ..types import PromptStoreError
+from .base import ObjectInfo, validate_key
 
 __all__ = ["S3Backend", "StorageUnavailable"]
 
