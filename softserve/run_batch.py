@@ -23,7 +23,7 @@ from softserve.batch.runner import BatchManager
 from softserve.config import Settings
 from softserve.service.auth import ApiKeyRegistry
 from softserve.service.runtime import LoadedModel, Runtime
-from softserve.store.backend import MemoryBackend
+from softserve.store.backends import MemoryBackend
 from softserve.tuning.files import FileRegistry
 
 __all__ = ["RunBatchResult", "run_batch", "first_endpoint"]

@@ -13,7 +13,7 @@ from softserve.batch.persist import BatchStore
 from softserve.batch.records import new_record
 from softserve.batch.runner import BatchManager
 from softserve.store import keys
-from softserve.store.backend import MemoryBackend
+from softserve.store.backends import MemoryBackend
 from softserve.tuning.files import FileRegistry
 
 ENDPOINT = "/v1/completions"
