@@ -96,6 +96,40 @@ def cmd_prompts(args) -> int:
     return 0
 
 
+def cmd_batches(args) -> int:
+    with _client(args) as client, _errors_exit():
+        if args.batches_cmd == "create":
+            try:
+                batch = client.batches.create(args.input, endpoint=args.endpoint,
+                                              metadata=dict(m.split("=", 1) for m in args.metadata or []))
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"error: {exc}") from None
+            if args.wait:
+                batch = client.batches.wait(batch.id, poll_interval=args.poll_interval)
+            print(batch.model_dump_json(indent=2))
+        elif args.batches_cmd == "get":
+            print(client.batches.get(args.batch_id).model_dump_json(indent=2))
+        elif args.batches_cmd == "list":
+            for b in client.batches.list():
+                counts = b.request_counts
+                print(f"{b.id}  {b.status:11s} {counts.completed + counts.failed}/{counts.total} done, "
+                      f"{counts.failed} failed  {b.endpoint}")
+        elif args.batches_cmd == "cancel":
+            print(client.batches.cancel(args.batch_id).model_dump_json(indent=2))
+        elif args.batches_cmd == "download":
+            batch = client.batches.get(args.batch_id)
+            written = []
+            for file_id, path in ((batch.output_file_id, args.output), (batch.error_file_id, args.errors)):
+                if file_id is not None and path is not None:
+                    with open(path, "wb") as f:
+                        f.write(client.batches.content(file_id))
+                    written.append(path)
+            if not written:
+                raise SystemExit(f"error: batch {batch.id} is {batch.status}: no output or error file yet")
+            print(f"wrote {', '.join(written)}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from softserve.evaluation import EvalDataError, evaluate, load_eval_data
 
@@ -203,6 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default: env SOFTSERVE_STORE_GC_GRACE_SECONDS, else 3600)")
     gc.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
 
+    batches = sub.add_parser("batches", help="create/get/list/cancel/download Batch API batches on a running server")
+    _client_flags(batches, env)
+    bsub = batches.add_subparsers(dest="batches_cmd", required=True)
+    create = bsub.add_parser("create", help="upload a JSONL input file and start a batch (docs/batch.md)")
+    create.add_argument("-i", "--input", required=True, help="JSONL file (or an uploaded file id, file-...)")
+    create.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
+    create.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="repeatable")
+    create.add_argument("--wait", action="store_true", help="poll until the batch has finished")
+    create.add_argument("--poll-interval", type=float, default=2.0)
+    for name, text in (("get", "show a batch"), ("cancel", "cancel a batch")):
+        bsub.add_parser(name, help=text).add_argument("batch_id")
+    bsub.add_parser("list", help="your batches, newest first")
+    download = bsub.add_parser("download", help="write a finished batch's output (and error) file")
+    download.add_argument("batch_id")
+    download.add_argument("-o", "--output", required=True, help="where the output lines go")
+    download.add_argument("--errors", help="where the error lines go (default: not downloaded)")
+
     rb = sub.add_parser("run-batch", help="answer a Batch API input file offline, in this process (no server)",
                         description="Each line {custom_id, method, url, body} as in the OpenAI Batch API; writes the "
                                     "output lines in input order (error lines with their line number into the output "
@@ -230,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(args)
     if args.command == "store":
         return cmd_store(args)
+    if args.command == "batches":
+        return cmd_batches(args)
     if args.command == "run-batch":
         return cmd_run_batch(args)
     if args.command == "tune":

@@ -4,6 +4,8 @@ SDK end to end, kill -9 mid-batch, and two replicas on one SeaweedFS store runni
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 
@@ -84,6 +86,30 @@ def test_openai_sdk_creates_polls_lists_cancels_and_downloads(tmp_path, tmp_path
         assert cancelled.request_counts.completed < 200
         with pytest.raises(openai.NotFoundError):
             client.batches.retrieve("batch_" + "0" * 24)
+        # The same through our typed client and the CLI.
+        from softserve.client import Client, NotFoundError
+
+        with Client(server.url, api_key="unused") as ss:
+            ours = ss.batches.wait(ss.batches.create(jsonl(lines[:5]), metadata={"via": "client"}).id, poll_interval=0.1)
+            assert ours.status == "completed" and ours.request_counts.completed == 5 and ours.runs[0].from_line == 0
+            assert [json.loads(x)["custom_id"] for x in ss.batches.content(ours.output_file_id).splitlines()] == \
+                [f"t-{i}" for i in range(5)]
+            assert ours.id in [b.id for b in ss.batches.list(page_size=1)]  # every page
+            with pytest.raises(NotFoundError):
+                ss.batches.get("batch_" + "0" * 24)
+        (tmp_path / "cli.jsonl").write_bytes(jsonl(lines[:3]))
+        cli = [sys.executable, "-m", "softserve", "batches", "--url", server.url]
+        made = subprocess.run(cli + ["create", "-i", str(tmp_path / "cli.jsonl"), "--wait", "--poll-interval", "0.2"],
+                              capture_output=True, text=True, timeout=120, check=True)
+        batch_id = json.loads(made.stdout)["id"]
+        assert json.loads(made.stdout)["status"] == "completed"
+        listed = subprocess.run(cli + ["list"], capture_output=True, text=True, timeout=60, check=True).stdout
+        assert f"{batch_id}  completed   3/3 done, 0 failed" in listed
+        subprocess.run(cli + ["download", batch_id, "-o", str(tmp_path / "cli-out.jsonl")], capture_output=True,
+                       text=True, timeout=60, check=True)
+        assert [json.loads(x)["custom_id"] for x in (tmp_path / "cli-out.jsonl").read_text().splitlines()] == ["t-0", "t-1", "t-2"]
+        gone = subprocess.run(cli + ["get", "batch_" + "0" * 24], capture_output=True, text=True, timeout=60)
+        assert gone.returncode != 0 and "error 404" in gone.stderr
 
 
 def test_kill9_mid_batch_loses_and_repeats_no_line(tmp_path, tmp_path_factory, tokenizer):
