@@ -231,10 +231,11 @@ class Scheduler:
                 budget -= self._schedule_chunk(out, request, budget)
             if background and any(self.waiting.values()):
                 break  # an interactive request waits (the pool or a prompt's KV holds it up): it goes first
-            budget = self._admit(out, self.background if background else self.waiting, budget)
+            budget = self._admit(out, self.background if background else self.waiting, budget,
+                                 time.monotonic() if now is None else now)
         return out
 
-    def _admit(self, out: SchedulerOutput, queues: dict[str, deque[Request]], budget: int) -> int:
+    def _admit(self, out: SchedulerOutput, queues: dict[str, deque[Request]], budget: int, now: float) -> int:
         """Admit waiting requests from `queues` while rows and prefill budget last; returns the budget left."""
         while budget > 0 and len(self.running) < self.config.max_batch_size:
             tenant = self._next_tenant(queues)
@@ -250,6 +251,8 @@ class Scheduler:
                     break  # the pool is full: wait for a row to finish (never over-commit memory)
                 request.kv_offset = offset
             queues[tenant].popleft()
+            if request.background:  # its timeout counts from here: waiting for spare capacity is not slowness
+                request.arrival_time = now
             request.status = RequestStatus.RUNNING
             request.first_scheduled_step = self.step_count
             request.num_computed_tokens = 0

@@ -327,3 +327,10 @@ def test_waiting_background_rows_do_not_time_out():
     live = s.running[0] if s.running else None
     assert live is None  # the running interactive one timed out
     assert s.num_background_waiting == 1
+    # Once admitted, its timeout counts from its admission, not from when it was queued.
+    out = s.schedule(now=10**9)
+    assert [r.request_id for r in out.prefill] == ["bg"]
+    s.expire(now=10**9 + 4)
+    assert [r.request_id for r in s.running] == ["bg"]
+    s.expire(now=10**9 + 6)
+    assert s.running == []
