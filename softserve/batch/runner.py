@@ -174,8 +174,10 @@ class BatchRun:
         while True:
             result = await self.manager.executor.run(record["tenant"], record.get("role", "user"), record["endpoint"],
                                                      line.body, rid_base)
-            if result.status_code not in RETRY_STATUSES or self.manager.stopping.is_set():
+            if result.status_code not in RETRY_STATUSES:
                 break
+            if self.manager.stopping.is_set():  # shutting down: never commit "not now" as this line's answer
+                await asyncio.Event().wait()  # until the run cancels this task
             await asyncio.sleep(delay)  # rate limit or not ready: later, not an error
             delay = min(delay * 2, 10.0)
         if result.ok:
