@@ -67,7 +67,8 @@ class RouteLineExecutor:
         try:
             request = _SCHEMAS[endpoint].model_validate(body)
             run = run_completion if endpoint == "/v1/completions" else run_chat_completion
-            response = await run(request, self.runtime, principal, request_id=request_id, background=True)
+            response = await run(request, self.runtime, principal, request_id=request_id, background=True,
+                                 assignment=request.user or None)
         except ValidationError as exc:
             return LineResult(400, error_body(400, _validation_message(exc), code="invalid_parameter"))
         except ServiceError as exc:

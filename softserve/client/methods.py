@@ -17,8 +17,9 @@ from urllib.parse import quote
 
 import httpx
 
-from softserve.api.schemas import (Batch, BatchList, ChatCompletionResponse, CompletionResponse, FileObject, ModelList,
-                                   PromptDeleted, PromptInfo, PromptList, PromptUploadResponse, PromptVersionList)
+from softserve.api.schemas import (AliasDeleted, AliasInfo, AliasList, Batch, BatchList, ChatCompletionResponse,
+                                   CompletionResponse, FeedbackResponse, FileObject, ModelList, PromptDeleted, PromptInfo,
+                                   PromptList, PromptUploadResponse, PromptVersionList)
 
 from .errors import APITimeoutError
 from .transport import AsyncRunner, Op, RetryPolicy, Sleep, SyncRunner, Send, send_with_retries
@@ -47,6 +48,19 @@ def _prompt_path(name: str, suffix: str = "") -> str:
 
 def _job_path(job_id: str, suffix: str = "") -> str:
     return f"/v1/tuning/jobs/{quote(job_id, safe='')}{suffix}"
+
+
+def _alias_path(name: str, alias: str | None = None) -> str:
+    return _prompt_path(name, "/aliases" + ("" if alias is None else f"/{quote(alias, safe='')}"))
+
+
+def _alias_body(version: str | None, split: Mapping[str, float] | Sequence[tuple[str, float]] | None) -> dict[str, Any]:
+    if (version is None) == (split is None):
+        raise ValueError("give exactly one of version or split")
+    if version is not None:
+        return {"version": version}
+    arms = split.items() if isinstance(split, Mapping) else split
+    return {"split": [{"version": v, "weight": w} for v, w in arms]}
 
 
 def _header_value(value: str) -> str:
@@ -182,6 +196,12 @@ class _ClientBase:
         return self._stream("/v1/chat/completions", body, True, timeout=timeout, request_id=request_id,
                             extra_headers=extra_headers)
 
+    def feedback(self, completion_id: str, score: float, **kw):
+        """POST /v1/feedback: attribute `score` to the prompt version that served `completion_id` (an id
+        of this tenant's completion, served by this replica) -> FeedbackResponse."""
+        return self._run(self._model(FeedbackResponse, "POST", "/v1/feedback",
+                                     json={"id": completion_id, "score": score}, **kw))
+
     def models(self, *, timeout: Any = _NOT_GIVEN):
         """GET /v1/models -> ModelList."""
         return self._run(self._model(ModelList, "GET", "/v1/models", timeout=timeout))
@@ -292,6 +312,24 @@ class Prompts:
 
     def delete(self, name: str, **kw):
         return self._c._run(self._c._model(PromptDeleted, "DELETE", _prompt_path(name), **kw))
+
+    def set_alias(self, name: str, alias: str, version: str | None = None, *,
+                  split: Mapping[str, float] | Sequence[tuple[str, float]] | None = None, **kw):
+        """Point `name@alias` at one version, or a weighted `split` ({version: weight}, up to 8) -> AliasInfo."""
+        return self._c._run(self._c._model(AliasInfo, "PUT", _alias_path(name, alias), json=_alias_body(version, split),
+                                           **kw))
+
+    def aliases(self, name: str, **kw):
+        """Every alias of a prompt -> list[AliasInfo]."""
+        return self._c._run(self._c._call("GET", _alias_path(name), lambda r: AliasList.model_validate(r.json()).data,
+                                          **kw))
+
+    def get_alias(self, name: str, alias: str, **kw):
+        """One alias with its `history` (who, when, from, to; oldest first) -> AliasInfo."""
+        return self._c._run(self._c._model(AliasInfo, "GET", _alias_path(name, alias), **kw))
+
+    def delete_alias(self, name: str, alias: str, **kw):
+        return self._c._run(self._c._model(AliasDeleted, "DELETE", _alias_path(name, alias), **kw))
 
     def pull(self, name: str, dir: str | os.PathLike[str], version: str | None = None, **kw):
         """Download `name` (or `name@version`) as a PEFT adapter directory; returns the directory."""

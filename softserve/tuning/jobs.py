@@ -35,6 +35,7 @@ from softserve.tuning.files import FileRegistry
 from softserve.tuning.job import LeaseLost, QueueFull, TuningJob
 from softserve.tuning.persist import JobStore, Lease, new_replica_id
 from softserve.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view
+from softserve.tuning.runner import JobRun
 from softserve.tuning.trainer import PromptTuner, StepInfo
 
 log = logging.getLogger("softserve.tuning")
@@ -222,7 +223,7 @@ class TuningManager:
         return counts
 
     # ---- persistence helpers ------------------------------------------------------------------
-    def _flush(self, job: TuningJob, *, change: Callable[[dict], None] | None = None, fenced: bool = False) -> None:
+    def flush(self, job: TuningJob, *, change: Callable[[dict], None] | None = None, fenced: bool = False) -> None:
         """Write pending events as one chunk, then (CAS) the record listing it, with `change` applied
         to both the local and the stored record. `fenced`: only while this replica holds the lease
         (a replica that lost it must not overwrite the new runner's record)."""
@@ -257,10 +258,10 @@ class TuningManager:
         if stored["cancel_requested"]:
             job.cancel_event.set()
 
-    def _finish(self, job: TuningJob, status: str, message: str, *, level: str = "info", **fields) -> None:
+    def finish(self, job: TuningJob, status: str, message: str, *, level: str = "info", **fields) -> None:
         """Final status (the caller holds the lease)."""
         job.event(message, level=level)
-        self._flush(job, fenced=True, change=lambda r: r.update(status=status, finished_at=int(self.clock()),
+        self.flush(job, fenced=True, change=lambda r: r.update(status=status, finished_at=int(self.clock()),
                                                                 estimated_finish=None, **fields))
         self._finalize(job.tenant, job.id, job.record["finished_at"])
 
@@ -303,7 +304,7 @@ class TuningManager:
             job.done_event.set()
 
     # ---- validator ----------------------------------------------------------------------------
-    def _examples(self, job: TuningJob, which: str) -> list[TokenizedExample]:
+    def examples(self, job: TuningJob, which: str) -> list[TokenizedExample]:
         text = job.texts.get(which)
         if text is None:
             text = self.jobs.read_data(job.tenant, job.id, which)
@@ -339,18 +340,18 @@ class TuningManager:
                 self._forget(job)
                 return
             try:
-                job.train, job.eval = self._examples(job, "train"), self._examples(job, "validation")
+                job.train, job.eval = self.examples(job, "train"), self.examples(job, "validation")
                 if not job.train:
                     raise DatasetError("no training examples", source="training_data")
             except DatasetError as exc:
                 param = exc.source if exc.source in ("training_data", "validation_data") else \
                     ("validation_file" if exc.source == job.record["validation_file"] else "training_file")
-                self._finish(job, "failed", f"Data validation failed: {exc}", level="error",
+                self.finish(job, "failed", f"Data validation failed: {exc}", level="error",
                              error={"code": "invalid_training_data", "message": str(exc), "param": param})
                 self._forget(job)
                 return
             job.event(f"Validated {len(job.train)} training and {len(job.eval)} validation examples")
-            self._flush(job, fenced=True, change=lambda r: r.update(status="queued"))
+            self.flush(job, fenced=True, change=lambda r: r.update(status="queued"))
             if job.status == "cancelled" or job.record["cancel_requested"]:
                 if job.status in FINISHED:
                     self._finalize(job.tenant, job.id, job.record["finished_at"])
@@ -461,8 +462,6 @@ class TuningManager:
                 log.exception("tuning job %s: lease renewal failed", job.id)
 
     def _run(self, job: TuningJob, lease: Lease) -> None:
-        from softserve.tuning.runner import JobRun
-
         fresh = self.jobs.read(job.tenant, job.id)
         with job.lock:
             job.record.update(status=fresh["status"], cancel_requested=fresh["cancel_requested"])
@@ -470,7 +469,7 @@ class TuningManager:
             self._finalize(job.tenant, job.id, fresh["finished_at"])
             return
         if job.record["cancel_requested"]:
-            self._finish(job, "cancelled", "Job cancelled before it started")
+            self.finish(job, "cancelled", "Job cancelled before it started")
             return
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job, lease, stop), daemon=True,

@@ -11,20 +11,58 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Callable, Protocol, runtime_checkable
 
-from softserve.store.types import QuotaExceeded
-from softserve.tuning.data import DatasetError
+import torch
+
+from softserve.store.types import PromptMeta, QuotaExceeded
+from softserve.tuning.data import DatasetError, TokenizedExample
 from softserve.tuning.job import LeaseLost, TuningJob
 from softserve.tuning.records import config_from_record
-from softserve.tuning.trainer import StepInfo, TuningCancelled
-
-if TYPE_CHECKING:
-    from softserve.tuning.jobs import TuningManager
+from softserve.tuning.trainer import PromptTuner, StepInfo, TuningCancelled
 
 log = logging.getLogger("softserve.tuning")
 
-__all__ = ["JobRun", "CHECKPOINT_SUFFIX"]
+__all__ = ["JobRun", "JobHost", "CheckpointStore", "CHECKPOINT_SUFFIX"]
+
+
+class CheckpointStore(Protocol):
+    """Where a run keeps its resume state (softserve.tuning.persist.JobStore)."""
+
+    def write_checkpoint(self, tenant: str, job_id: str, step: int, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> str: ...
+
+    def read_checkpoint(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
+
+@runtime_checkable
+class JobHost(Protocol):
+    """All a run needs from whoever owns its job (the TuningManager): the run never reaches into the
+    owner's queues, threads or records beyond these."""
+
+    replica_id: str
+    jobs: CheckpointStore
+
+    def interrupted(self, job: TuningJob) -> bool:
+        """This replica stops (shutdown) or lost the job's lease: leave the job for its next run."""
+        ...
+
+    def examples(self, job: TuningJob, which: str) -> list[TokenizedExample]:
+        """The job's "train" or "validation" examples, tokenized."""
+        ...
+
+    def make_tuner(self, job: TuningJob, on_progress: Callable[[StepInfo], None]) -> PromptTuner: ...
+
+    def push_prompt(self, job: TuningJob, name: str, embeddings: torch.Tensor,
+                    description: str) -> tuple[PromptMeta, list[str]]: ...
+
+    def flush(self, job: TuningJob, *, change: Callable[[dict], None] | None = None, fenced: bool = False) -> None:
+        """Persist the job's pending events and its record (with `change` applied)."""
+        ...
+
+    def finish(self, job: TuningJob, status: str, message: str, *, level: str = "info", **fields: Any) -> None:
+        """Record the job's final status and clean up after it."""
+        ...
 
 CHECKPOINT_SUFFIX = "-ckpt"  # checkpoints are versions of "<name>-ckpt"
 
@@ -34,47 +72,47 @@ def _round(x: float | None) -> float | None:
 
 
 class JobRun:
-    def __init__(self, manager: "TuningManager", job: TuningJob) -> None:
-        self.m, self.job = manager, job
+    def __init__(self, host: JobHost, job: TuningJob) -> None:
+        self.host, self.job = host, job
         self.config = config_from_record(job.record)
         self.tuner = None
 
     def run(self) -> None:
-        m, job = self.m, self.job
+        host, job = self.host, self.job
         try:
             self._run()
         except LeaseLost:
             log.error("tuning job %s: lease lost; the replica that took it over continues", job.id)
         except TuningCancelled:
-            if m.interrupted(job):
+            if host.interrupted(job):
                 with job.lock:
                     job.pending.clear()  # re-emitted by the run that resumes from the last checkpoint
                 log.info("tuning job %s interrupted at step %s; it resumes from its last checkpoint", job.id,
                          self.tuner.steps_done if self.tuner else 0)
                 return
-            m._finish(job, "cancelled", f"Job cancelled at step {self.tuner.steps_done if self.tuner else 0}")
+            host.finish(job, "cancelled", f"Job cancelled at step {self.tuner.steps_done if self.tuner else 0}")
         except DatasetError as exc:
-            m._finish(job, "failed", f"Data validation failed: {exc}", level="error",
-                      error={"code": "invalid_training_data", "message": str(exc), "param": "training_file"})
+            host.finish(job, "failed", f"Data validation failed: {exc}", level="error",
+                         error={"code": "invalid_training_data", "message": str(exc), "param": "training_file"})
         except QuotaExceeded as exc:  # the tenant's prompt or byte quota: no result (or checkpoint) prompt stored
-            m._finish(job, "failed", f"Job failed: {exc.message}", level="error",
-                      error={"code": exc.code, "message": exc.message, "param": None})
+            host.finish(job, "failed", f"Job failed: {exc.message}", level="error",
+                         error={"code": exc.code, "message": exc.message, "param": None})
         except Exception as exc:
-            if m.interrupted(job):
+            if host.interrupted(job):
                 return
             log.exception("tuning job %s failed", job.id)
-            m._finish(job, "failed", f"Job failed: {type(exc).__name__}: {exc}", level="error",
-                      error={"code": "tuning_failed", "message": f"{type(exc).__name__}: {exc}", "param": None})
+            host.finish(job, "failed", f"Job failed: {type(exc).__name__}: {exc}", level="error",
+                         error={"code": "tuning_failed", "message": f"{type(exc).__name__}: {exc}", "param": None})
 
     def _run(self) -> None:
-        m, job, rec = self.m, self.job, self.job.record
+        host, job, rec = self.host, self.job, self.job.record
         if job.train is None:
-            job.train, job.eval = m._examples(job, "train"), m._examples(job, "validation")
-        tuner = self.tuner = m.make_tuner(job, self._on_progress)
+            job.train, job.eval = host.examples(job, "train"), host.examples(job, "validation")
+        tuner = self.tuner = host.make_tuner(job, self._on_progress)
         resumed_from = None
         if rec["checkpoints"]:
             last = rec["checkpoints"][-1]
-            tensors, meta = m.jobs.read_checkpoint(last["state_key"])
+            tensors, meta = host.jobs.read_checkpoint(last["state_key"])
             tuner.load_state(tensors, meta)
             resumed_from = last["step"]
         step0 = resumed_from or 0
@@ -83,25 +121,25 @@ class JobRun:
             rec["eval_curve"] = [p for p in rec["eval_curve"] if p["step"] <= step0]
             rec["step"], rec["trained_tokens"] = step0, tuner.tokens
         if resumed_from is not None:
-            message = f"Resumed from the checkpoint at step {resumed_from} on {m.replica_id}"
+            message = f"Resumed from the checkpoint at step {resumed_from} on {host.replica_id}"
         elif rec["runs"]:
-            message = f"Restarted from step 0 on {m.replica_id} (the previous run stopped before its first checkpoint)"
+            message = f"Restarted from step 0 on {host.replica_id} (the previous run stopped before its first checkpoint)"
         else:
-            message = f"Started on {m.replica_id}: {self.config.steps} steps, {len(job.train)} training examples"
-        job.event(message, data={"step": step0, "replica": m.replica_id})
+            message = f"Started on {host.replica_id}: {self.config.steps} steps, {len(job.train)} training examples"
+        job.event(message, data={"step": step0, "replica": host.replica_id})
         now = int(time.time())
-        m._flush(job, fenced=True, change=lambda r: r.update(status="running", started_at=r["started_at"] or now,
-                                                            runs=r["runs"] + 1, replica=m.replica_id))
+        host.flush(job, fenced=True, change=lambda r: r.update(status="running", started_at=r["started_at"] or now,
+                                                               runs=r["runs"] + 1, replica=host.replica_id))
         result = tuner.run()
 
         use_best = self.config.result_prompt == "best" and result.best_step is not None
         result_step = result.best_step if use_best else result.steps_done
-        meta, warnings = m.push_prompt(job, rec["name"], result.embeddings,
-                                       rec["description"] or f"prompt tuning job {job.id}")
+        meta, warnings = host.push_prompt(job, rec["name"], result.embeddings,
+                                          rec["description"] or f"prompt tuning job {job.id}")
         outcome = {"name": meta.name, "version": meta.version, "ref": meta.ref, "sha256": meta.sha256, "step": result_step}
-        m._finish(job, "succeeded", f"Job succeeded: {meta.ref} (the prompt of step {result_step})",
-                  result=outcome, warnings=warnings, step=result.steps_done, trained_tokens=result.trained_tokens,
-                  stopped_early=result.stopped_early)
+        host.finish(job, "succeeded", f"Job succeeded: {meta.ref} (the prompt of step {result_step})",
+                     result=outcome, warnings=warnings, step=result.steps_done, trained_tokens=result.trained_tokens,
+                     stopped_early=result.stopped_early)
 
     # ---- progress / checkpoints -------------------------------------------------------------------
     def _on_progress(self, info: StepInfo) -> None:
@@ -128,14 +166,14 @@ class JobRun:
             self._checkpoint(info)
 
     def _checkpoint(self, info: StepInfo) -> None:
-        m, job, tuner = self.m, self.job, self.tuner
-        if m.interrupted(job):
+        host, job, tuner = self.host, self.job, self.tuner
+        if host.interrupted(job):
             return
         tensors, meta = tuner.state()
-        key = m.jobs.write_checkpoint(job.tenant, job.id, info.step, tensors, meta)
+        key = host.jobs.write_checkpoint(job.tenant, job.id, info.step, tensors, meta)
         name = job.record["name"] + CHECKPOINT_SUFFIX
-        pmeta, _ = m.push_prompt(job, name, tensors["prompt"],
-                                 f"checkpoint of tuning job {job.id} at step {info.step}")
+        pmeta, _ = host.push_prompt(job, name, tensors["prompt"],
+                                    f"checkpoint of tuning job {job.id} at step {info.step}")
         metrics = {"step": info.step, "train_loss": _round(info.loss), "eval_loss": _round(tuner.last_eval[0]),
                    "eval_accuracy": tuner.last_eval[1]}
         ckpt = {"id": f"tuneckpt-{job.id.removeprefix('tunejob-')}-{info.step:08d}", "created_at": int(time.time()),
@@ -151,4 +189,4 @@ class JobRun:
             r["checkpoints"] = [c for c in r["checkpoints"] if c["step"] < info.step] + [ckpt]
             r["best"] = best
 
-        m._flush(job, fenced=True, change=change)
+        host.flush(job, fenced=True, change=change)

@@ -25,6 +25,8 @@ FILE = {"id": "file-1", "object": "file", "bytes": 3, "created_at": 1, "filename
 BATCH = {"id": "batch_1", "object": "batch", "endpoint": "/v1/completions", "status": "completed", "input_file_id": "file-1",
          "completion_window": "24h", "created_at": 1, "output_file_id": "file-2",
          "request_counts": {"total": 1, "completed": 1, "failed": 0}}
+ALIAS = {"id": "p@prod", "name": "p", "alias": "prod", "split": [{"version": "v1", "weight": 1.0}], "updated_at": 1,
+         "updated_by": "t:admin"}
 USAGE = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
 
 
@@ -57,6 +59,12 @@ def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"id": "p", "data": [PROMPT]})
     if path == "/v1/prompts/p/download":
         return httpx.Response(200, content=_adapter_zip())
+    if path == "/v1/prompts/p/aliases":
+        return httpx.Response(200, json={"object": "list", "data": [ALIAS]})
+    if path == "/v1/prompts/p/aliases/prod":
+        return httpx.Response(200, json={"id": "p@prod", "deleted": True} if method == "DELETE" else ALIAS)
+    if path == "/v1/feedback":
+        return httpx.Response(200, json={"id": "x", "score": 1.0, "served": ["p@v1"]})
     if path == "/v1/prompts/p":
         return httpx.Response(200, json={"id": "p", "deleted": True} if method == "DELETE" else PROMPT)
     if path in ("/v1/tuning/jobs", "/v1/tuning/jobs/ftjob-1/events", "/v1/tuning/jobs/ftjob-1/checkpoints") and method == "GET":
@@ -85,6 +93,9 @@ def calls(client, adapter: Path, out: Path) -> dict[str, object]:
         "prompts.list_page": client.prompts.list_page(), "prompts.get": client.prompts.get("p"),
         "prompts.versions": client.prompts.versions("p"), "prompts.delete": client.prompts.delete("p"),
         "prompts.pull": client.prompts.pull("p", out),
+        "prompts.set_alias": client.prompts.set_alias("p", "prod", split={"v1": 1.0}),
+        "prompts.aliases": client.prompts.aliases("p"), "prompts.get_alias": client.prompts.get_alias("p", "prod"),
+        "prompts.delete_alias": client.prompts.delete_alias("p", "prod"), "feedback": client.feedback("x", 1.0),
         "tuning.create": client.tuning.create(name="t"), "tuning.get": client.tuning.get("ftjob-1"),
         "tuning.list": client.tuning.list(), "tuning.cancel": client.tuning.cancel("ftjob-1"),
         "tuning.events": client.tuning.events("ftjob-1"), "tuning.checkpoints": client.tuning.checkpoints("ftjob-1"),

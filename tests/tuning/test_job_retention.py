@@ -87,9 +87,11 @@ def finished(manager, job_id: str, tenant: str = "acme") -> dict:
 
 
 def settled(manager, job_id: str, tenant: str = "acme") -> dict:
-    """Finished, and this replica is done with it (its clean-up ran: the job left tuning/active/)."""
+    """Finished, and this replica is done with it (its clean-up ran: the job left tuning/active/, and
+    the worker let go of its lease, which it does last)."""
     record = finished(manager, job_id, tenant)
     wait_for(lambda: (tenant, job_id) not in manager.jobs.active(), timeout=10, what=f"{job_id} to leave active")
+    wait_for(lambda: manager.jobs.lease_holder(tenant, job_id) is None, timeout=10, what=f"{job_id}'s lease")
     return record
 
 

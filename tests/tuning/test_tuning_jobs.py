@@ -15,6 +15,7 @@ from tests.support.tuning import toy_data, toy_records, wait_for_job
 from softserve.store.backends import LocalBackend, MemoryBackend
 from softserve.store.store import PromptStore
 from softserve.tuning.persist import JobStore
+from softserve.tuning.runner import JobHost
 from softserve.tuning.trainer import PromptTuner, TuningConfig
 
 
@@ -236,6 +237,7 @@ def _wait_record(manager, job_id, check, timeout=120.0):
 def test_manager_restart_resumes_to_the_same_prompt(tiny_model, tokenizer, tmp_path):
     steps = 120
     ref = _manager(tiny_model, tokenizer, tmp_path / "ref")
+    assert isinstance(ref, JobHost)  # the runner's whole view of the manager that owns its job
     try:
         ref_id = _submit(ref, steps)
         reference = _wait_record(ref, ref_id, lambda r: r["status"] in ("succeeded", "failed"))
