@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, start_http_server
 
-from softserve.api import openai_routes, prompts, releases, tuning as tuning_routes
+from softserve.api import batches as batch_routes, openai_routes, prompts, releases, tuning as tuning_routes
 from softserve.api.admission import AdmissionGate
 from softserve.api.deps import authenticate
 from softserve.api.errors import error_body, install_error_handlers
@@ -21,6 +21,7 @@ from softserve.service.auth import ApiKeyRegistry
 from softserve.service.errors import PermissionDenied
 from softserve.service.ratelimit import RateLimiter
 from softserve.service.runtime import LoadedModel, Runtime
+from softserve.service.batches import BatchService
 from softserve.service.tuning import TuningService
 
 log = logging.getLogger("softserve")
@@ -37,6 +38,7 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     state = Runtime(settings=settings, registry=registry)
     tuning = TuningService(state)  # prompt-tuning jobs on the resident model
     state.tuning = tuning
+    batches = BatchService(state, batch_routes.RouteLineExecutor(state))  # the Batch API's runner on this replica
     state.metrics = Metrics(tenant_labels=settings.metrics_tenant_labels, version_series=settings.version_metrics_max_series)
     state.metrics.bind(state)
 
@@ -55,6 +57,7 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
         if console is not None:
             console.start()
         tuning.start_when_loaded()  # resumes unfinished jobs found in the store
+        batches.start()  # resumes unfinished batches found in the store, once the model is loaded
         yield
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -62,12 +65,14 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
         state.shutting_down = True
         if console is not None:
             console.close()
+        await batches.close()
         tuning.close()
         state.close()
 
     app = FastAPI(title="Softserve", version="0.1.0", lifespan=lifespan,
                   description="Many soft prompts on one frozen LLM, OpenAI-compatible.")
     app.state.service = state
+    app.state.batches = batches
     install_error_handlers(app)
     state.rate_limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_tokens_per_minute,
                                      on_reject=lambda reason: state.metrics.rejected.labels(reason).inc())
@@ -81,6 +86,7 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     app.include_router(releases.router)  # before prompts: its /v1/prompts/{name:path} would swallow /aliases
     app.include_router(prompts.router)
     app.include_router(tuning_routes.router)
+    app.include_router(batch_routes.router)
 
     console = None
     if settings.ui:

@@ -106,6 +106,40 @@ def cmd_prompts(args) -> int:
     return 0
 
 
+def cmd_batches(args) -> int:
+    with _client(args) as client, _errors_exit():
+        if args.batches_cmd == "create":
+            try:
+                batch = client.batches.create(args.input, endpoint=args.endpoint,
+                                              metadata=dict(m.split("=", 1) for m in args.metadata or []))
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"error: {exc}") from None
+            if args.wait:
+                batch = client.batches.wait(batch.id, poll_interval=args.poll_interval)
+            print(batch.model_dump_json(indent=2))
+        elif args.batches_cmd == "get":
+            print(client.batches.get(args.batch_id).model_dump_json(indent=2))
+        elif args.batches_cmd == "list":
+            for b in client.batches.list():
+                counts = b.request_counts
+                print(f"{b.id}  {b.status:11s} {counts.completed + counts.failed}/{counts.total} done, "
+                      f"{counts.failed} failed  {b.endpoint}")
+        elif args.batches_cmd == "cancel":
+            print(client.batches.cancel(args.batch_id).model_dump_json(indent=2))
+        elif args.batches_cmd == "download":
+            batch = client.batches.get(args.batch_id)
+            written = []
+            for file_id, path in ((batch.output_file_id, args.output), (batch.error_file_id, args.errors)):
+                if file_id is not None and path is not None:
+                    with open(path, "wb") as f:
+                        f.write(client.batches.content(file_id))
+                    written.append(path)
+            if not written:
+                raise SystemExit(f"error: batch {batch.id} is {batch.status}: no output or error file yet")
+            print(f"wrote {', '.join(written)}")
+    return 0
+
+
 def _split_arg(arms: list[str]) -> list[tuple[str, float]]:
     """`--split V1=90 V2=10` -> [(V1, 90.0), (V2, 10.0)]."""
     out = []
@@ -174,6 +208,31 @@ def cmd_store(args) -> int:
     report = collect_garbage(backend, grace, dry_run=args.dry_run)
     print(json.dumps(report.to_dict()))
     return 0
+RUN_BATCH_SETTINGS = ("model", "gguf_file", "served_model_name", "store", "s3_endpoint_url", "device", "dtype",
+                      "max_batch_size", "max_model_len", "max_prefill_tokens", "max_virtual_tokens", "max_prompt_parts",
+                      "prompt_cache_bytes", "kv_prefix_cache_bytes", "kv_cache_bytes", "max_tokens_limit", "max_n",
+                      "torch_threads", "batch_window", "log_level")
+
+
+def cmd_run_batch(args) -> int:
+    from softserve.run_batch import run_batch
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        raise SystemExit(f"softserve run-batch: {exc}") from None
+    from softserve.logs import configure_logging
+
+    configure_logging(settings.log_level if args.log_level else "warning", settings.json_logs)
+    try:
+        result = run_batch(settings, args.input, args.output, error_path=args.error_file, tenant=args.tenant,
+                           show_progress=not args.no_progress)
+    except (OSError, RuntimeError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(json.dumps(result.to_dict()))
+    return 0 if result.failed == 0 else 3
+
+
 def _client_flags(parser: argparse.ArgumentParser, env: ClientSettings) -> None:
     fields = ClientSettings.model_fields
     parser.add_argument("--url", default=env.url, help=f"{fields['url'].description} (env SOFTSERVE_URL, default {fields['url'].default})")
@@ -241,6 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default: env SOFTSERVE_STORE_GC_GRACE_SECONDS, else 3600)")
     gc.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
 
+    batches = sub.add_parser("batches", help="create/get/list/cancel/download Batch API batches on a running server")
+    _client_flags(batches, env)
+    bsub = batches.add_subparsers(dest="batches_cmd", required=True)
+    create = bsub.add_parser("create", help="upload a JSONL input file and start a batch (docs/batch.md)")
+    create.add_argument("-i", "--input", required=True, help="JSONL file (or an uploaded file id, file-...)")
+    create.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
+    create.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="repeatable")
+    create.add_argument("--wait", action="store_true", help="poll until the batch has finished")
+    create.add_argument("--poll-interval", type=float, default=2.0)
+    for name, text in (("get", "show a batch"), ("cancel", "cancel a batch")):
+        bsub.add_parser(name, help=text).add_argument("batch_id")
+    bsub.add_parser("list", help="your batches, newest first")
+    download = bsub.add_parser("download", help="write a finished batch's output (and error) file")
+    download.add_argument("batch_id")
+    download.add_argument("-o", "--output", required=True, help="where the output lines go")
+    download.add_argument("--errors", help="where the error lines go (default: not downloaded)")
+
+    rb = sub.add_parser("run-batch", help="answer a Batch API input file offline, in this process (no server)",
+                        description="Each line {custom_id, method, url, body} as in the OpenAI Batch API; writes the "
+                                    "output lines in input order (error lines with their line number into the output "
+                                    "file, or --error-file). Prints a JSON summary; exit status 3 if any line failed.")
+    rb.add_argument("-i", "--input", required=True, help="input JSONL file")
+    rb.add_argument("-o", "--output", required=True, help="output JSONL file")
+    rb.add_argument("--error-file", help="write error lines here instead of into the output file")
+    rb.add_argument("--tenant", default="default", help="whose prompts the lines' `model` names (default: default)")
+    rb.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_settings_flags(rb, only=RUN_BATCH_SETTINGS)
+
     from softserve.tuning.cli import add_tune_parser
 
     add_tune_parser(sub)
@@ -257,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(args)
     if args.command == "store":
         return cmd_store(args)
+    if args.command == "batches":
+        return cmd_batches(args)
+    if args.command == "run-batch":
+        return cmd_run_batch(args)
     if args.command == "tune":
         from softserve.tuning.cli import cmd_tune
 

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     store_gc_interval_seconds: float = Field(0.0, ge=0, description="run the store's garbage collection every this many seconds on this replica (0 = off; or run `softserve store gc`)")
     store_gc_grace_seconds: float = Field(3600.0, ge=60, description="garbage collection deletes nothing younger than this: longer than any upload takes")
     tuning_job_retention_seconds: float = Field(30 * 86400.0, ge=0, description="a finished tuning job (record, events, data copy) is deleted this long after it finished and disappears from the job list (0 = keep forever); its published prompts stay")
+    max_batches_per_tenant: int = Field(4, ge=1, description="Batch API batches one tenant may have unfinished (429 beyond)")
+    max_batch_requests: int = Field(50_000, ge=1, description="most requests (lines) in one Batch API input file (400 beyond)")
+    max_running_batches: int = Field(4, ge=1, description="batches this replica runs at once (others wait, or run on other replicas)")
+    batch_window: int = Field(0, ge=0, description="lines of one running batch in the engine at once (0 = 2 x --max-batch-size)")
+    batch_lease_seconds: float = Field(30.0, gt=0, description="a running batch's lease in the store: a replica that stops renewing it (died) loses the batch to another after this long")
+    batch_scan_seconds: float = Field(2.0, gt=0, description="how often a replica looks in the store for unfinished batches nobody runs")
+    batch_flush_seconds: float = Field(1.0, gt=0, description="how often a running batch commits its finished lines to the store (at most this much work is redone after a crash)")
 
 
 class ClientSettings(BaseSettings):
@@ -147,5 +154,5 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[Setti
 
 
 def settings_from_args(args: argparse.Namespace, settings_cls: type[Settings] = Settings) -> Settings:
-    given = {name: getattr(args, name) for name in settings_cls.model_fields}
+    given = {name: getattr(args, name, None) for name in settings_cls.model_fields}  # a command may take a subset
     return settings_cls(**{name: value for name, value in given.items() if value is not None})

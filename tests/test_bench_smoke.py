@@ -28,6 +28,8 @@ CASES = {
     "tuning_speed": (["--steps", "2", "--batch-size", "2"], ["tuning speed", "| ours (PromptTuner) |", "| PEFT loop |", "ratio ours/PEFT"]),
     "listing": (["--num-prompts", "40", "--rounds", "1", "--puts", "2"],
                 ["### Listing 40 prompts", "| measurement | walk (before) ms | index ms"]),
+    "batch": (["--requests", "16", "--num-prompts", "2", "--probes", "2", "--concurrency", "2"],
+              ["### Batch API", "| Batch API (create to completed)", "| run-batch offline"]),
     "releases": (["--calls", "20", "--hidden", "64"], ["### Resolving `model` through a release alias", "| reference | µs per resolution"]),
     "adapter_kinds": (["--concurrency", "3", "--k", "4", "--prompt-tokens", "8", "--max-tokens", "4", "--repeats", "1"],
                       ["### Adapter kinds in one batch", "| rows | output tok/s | ratio to plain", "| prefix_tuning |"]),
@@ -56,7 +58,7 @@ def quick_run(tmp_path_factory):
     return run
 
 
-SERVER_SCRIPTS = {"load", "prompt_scale"}  # they start `softserve serve` as a subprocess
+SERVER_SCRIPTS = {"load", "prompt_scale", "batch"}  # they start `softserve serve` as a subprocess
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.process) if n in SERVER_SCRIPTS else n for n in CASES])

@@ -2,7 +2,7 @@
 
     softserve/api, softserve/ui, softserve/app.py      HTTP: routes, schemas, deps, middleware, error mapping
     softserve/service                            the product without HTTP (runtime, generation, tenancy, errors)
-    softserve/tuning, softserve/engine              tuning jobs; the engine
+    softserve/tuning, softserve/batch, softserve/engine   tuning jobs; batches; the engine
     softserve/store                              storage and format of prompts (imports nothing else from softserve)
 """
 
@@ -21,6 +21,7 @@ FORBIDDEN = {
     "softserve/store": ("softserve",) + HTTP,  # nothing of softserve but itself
     "softserve/engine": HTTP + ("softserve.service", "softserve.tuning"),
     "softserve/tuning": HTTP + ("softserve.service",),
+    "softserve/batch": HTTP + ("softserve.service",),
     "softserve/service": HTTP,
 }
 

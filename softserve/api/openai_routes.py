@@ -182,21 +182,30 @@ async def list_models(runtime: RuntimeDep, principal: PrincipalDep) -> S.ModelLi
 @router.post("/v1/completions")
 async def completions(body: S.CompletionRequest, http_request: HTTPRequest, http_response: HTTPResponse,
                       runtime: RuntimeDep, principal: PrincipalDep):
+    return await run_completion(body, runtime, principal, request_id=http_request.state.request_id,
+                                disconnected=lambda: _disconnected(http_request), response_headers=http_response.headers,
+                                assignment=_assignment(http_request, body))
+
+
+async def run_completion(body: S.CompletionRequest, runtime: Runtime, principal, *, request_id: str,
+                         disconnected=None, response_headers=None, assignment: str | None = None,
+                         background: bool = False):
+    """/v1/completions without HTTP: the route's, and a Batch API line's (`background`: a batch row).
+    `assignment` keeps a caller on one arm of a split alias (the route's header, else `user`)."""
     runtime.require_ready()
     check_fan_out(runtime, num_prompts(body.prompt), body.n)  # before any work that grows with the request
     check_supported(body)
     guided = await _guided(runtime, principal, body)
     resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model,  # may read the store
-                                        _assignment(http_request, body))
+                                        assignment)
     prompts = await run_in_threadpool(_tokenize_prompts, runtime.tokenizer, body.prompt, runtime.max_model_len * 64)
     echo_logprobs = body.echo and body.logprobs is not None
     wanted = [n for n in (body.prompt_logprobs, body.logprobs if echo_logprobs else None) if n is not None]
     prompt_top = max(wanted) if wanted else None
     prompt_texts = _prompt_texts(runtime.tokenizer, body.prompt, prompts) if body.echo else None
-    request_id = http_request.state.request_id
     sampling = sampling_template(body, logprobs=body.logprobs, guided=guided, prompt_logprobs=prompt_top)
     requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, body.max_tokens,
-                                             request_id)
+                                             request_id, priority=body.priority, background=background)
 
     def echoed(choice: Choice) -> list:
         if not echo_logprobs:
@@ -248,8 +257,9 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, http
                             "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
         return _sse_response(events(), _served_headers(resolved))
 
-    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
-    http_response.headers.update(_served_headers(resolved))
+    await collect(runtime, requests, choices, tracker, disconnected=disconnected)
+    if response_headers is not None:
+        response_headers.update(_served_headers(resolved))
     return S.CompletionResponse(
         id=response_id, created=created, model=resolved.label,
         choices=[S.CompletionChoice(index=c.index, text=echo_text(c) + c.text, finish_reason=c.finish_reason,
@@ -262,20 +272,28 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, http
 @router.post("/v1/chat/completions")
 async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest, http_response: HTTPResponse,
                            runtime: RuntimeDep, principal: PrincipalDep):
+    return await run_chat_completion(body, runtime, principal, request_id=http_request.state.request_id,
+                                     disconnected=lambda: _disconnected(http_request),
+                                     response_headers=http_response.headers, assignment=_assignment(http_request, body))
+
+
+async def run_chat_completion(body: S.ChatCompletionRequest, runtime: Runtime, principal, *, request_id: str,
+                              disconnected=None, response_headers=None, assignment: str | None = None,
+                              background: bool = False):
+    """/v1/chat/completions without HTTP: the route's, and a Batch API line's (`background`: a batch row)."""
     runtime.require_ready()
     check_fan_out(runtime, 1, body.n)
     check_supported(body)
     guided = await _guided(runtime, principal, body)
     resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model,  # may read the store
-                                        _assignment(http_request, body))
+                                        assignment)
     prompt_ids = await run_in_threadpool(_apply_chat_template, runtime.tokenizer, body.messages, runtime.max_model_len * 64)
     prompts = [prompt_ids]
     max_tokens = body.max_completion_tokens or body.max_tokens
     top_n = (body.top_logprobs or 0) if body.logprobs else None
-    request_id = http_request.state.request_id
     sampling = sampling_template(body, logprobs=top_n, guided=guided)
     requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, max_tokens,
-                                             request_id)
+                                             request_id, priority=body.priority, background=background)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
                       model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids), response_id=response_id)
@@ -304,8 +322,9 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
                 yield chunk([], usage=_usage(prompts, choices, num_virtual))
         return _sse_response(events(), _served_headers(resolved))
 
-    await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
-    http_response.headers.update(_served_headers(resolved))
+    await collect(runtime, requests, choices, tracker, disconnected=disconnected)
+    if response_headers is not None:
+        response_headers.update(_served_headers(resolved))
     return S.ChatCompletionResponse(
         id=response_id, created=created, model=resolved.label,
         choices=[S.ChatChoice(index=c.index, message=S.ChatResponseMessage(content=c.text),
@@ -336,4 +355,4 @@ def _apply_chat_template(tokenizer, messages: list[S.ChatMessage], max_chars: in
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-__all__ = ["router"]
+__all__ = ["router", "run_completion", "run_chat_completion"]

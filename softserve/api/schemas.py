@@ -149,6 +149,8 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     skip_special_tokens: bool = True
+    # vLLM's request priority: lower is served earlier, among this tenant's own waiting requests only.
+    priority: int = Field(0, ge=-1000, le=1000)
     # Structured output: OpenAI's response_format, or one of vLLM's guided_* / structured_outputs.
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -399,6 +401,70 @@ class PromptDeleted(BaseModel):
     object: Literal["prompt.deleted"] = "prompt.deleted"
     id: str
     deleted: bool = True
+
+
+# ---- the Batch API (softserve/api/batches.py; OpenAI's Batch and File objects) -----------------------
+class FileObject(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str  # "batch", "batch_output" (a batch's output or error file), "tune", "fine-tune"
+    status: str = "processed"
+
+
+class BatchRequestCounts(BaseModel):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class BatchRun(BaseModel):
+    run: int
+    replica: str
+    from_line: int  # the request (0-based, non-blank lines) this run resumed at
+    started_at: int
+
+
+class Batch(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    status: Literal["validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled", "expired"]
+    input_file_id: str
+    completion_window: str
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: dict[str, Any] | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: BatchRequestCounts = Field(default_factory=BatchRequestCounts)
+    metadata: dict[str, str] | None = None
+    runs: list[BatchRun] = Field(default_factory=list)  # Softserve's: which replica ran it, resuming where
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled", "expired")
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Batch]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 # ---- prompt releases (softserve/api/releases.py; docs/releases.md) --------------------------------

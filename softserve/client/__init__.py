@@ -22,7 +22,8 @@
   carries `X-Request-ID` (a uuid4 unless given; the same id on each retry of one call).
 - Errors raise `SoftserveError` subclasses parsed from the OpenAI error shape
   `{"error": {"message", "type", "param", "code"}}`, including errors sent inside an SSE stream.
-- Listings (`prompts.list`, `tuning.list`) follow every page.
+- Listings (`prompts.list`, `tuning.list`, `batches.list`) follow every page.
+- `batches.create/get/list/cancel/wait/content/upload`: the Batch API, typed (`Batch`, `FileObject`).
 
 Importing or using the client needs only httpx and pydantic (never torch or fastapi: a test checks it).
 $SOFTSERVE_URL and $SOFTSERVE_API_KEY are read through `softserve.config.ClientSettings` when a
@@ -34,11 +35,11 @@ from softserve.api.schemas import ChatCompletionResponse, CompletionResponse, Mo
 from .errors import (APIConnectionError, APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
                      InternalServerError, NotFoundError, PayloadTooLargeError, PermissionDeniedError, RateLimitError,
                      ServiceUnavailableError, SoftserveError, UnprocessableEntityError)
-from .methods import AsyncClient, Client, Prompts, Tuning
+from .methods import AsyncClient, Batches, Client, Prompts, Tuning
 from .transport import RetryPolicy
 
 __all__ = [
-    "Client", "AsyncClient", "Prompts", "Tuning", "RetryPolicy",
+    "Client", "AsyncClient", "Prompts", "Tuning", "Batches", "RetryPolicy",
     "SoftserveError", "APIConnectionError", "APITimeoutError", "BadRequestError", "AuthenticationError",
     "PermissionDeniedError", "NotFoundError", "ConflictError", "PayloadTooLargeError", "UnprocessableEntityError",
     "RateLimitError", "InternalServerError", "ServiceUnavailableError",

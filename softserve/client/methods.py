@@ -18,9 +18,9 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from softserve.api.schemas import (AliasDeleted, AliasInfo, AliasList, ChatCompletionResponse, CompletionResponse,
-                                   FeedbackResponse, ModelList, PromptDeleted, PromptInfo, PromptList,
-                                   PromptUploadResponse, PromptVersionList)
+from softserve.api.schemas import (AliasDeleted, AliasInfo, AliasList, Batch, BatchList, ChatCompletionResponse,
+                                   CompletionResponse, FeedbackResponse, FileObject, ModelList, PromptDeleted, PromptInfo,
+                                   PromptList, PromptUploadResponse, PromptVersionList)
 
 from .errors import APITimeoutError
 from .transport import AsyncRunner, Op, RetryPolicy, Sleep, SyncRunner, Send, send_with_retries
@@ -82,6 +82,18 @@ def _generation_body(model: str, key: str, value: Any, params: dict[str, Any], s
     return body
 
 
+def _every_page(fetch_page: Callable[[str | None], Op[Any]]) -> Op[list[Any]]:
+    """Every item of an OpenAI-style paged list (`data`, `has_more`, `last_id`), page after page."""
+    out: list[Any] = []
+    after = None
+    while True:
+        page = yield from fetch_page(after)
+        out += page.data
+        if not page.has_more or not page.data:
+            return out
+        after = page.last_id
+
+
 def _list_data(out: Any) -> list[dict[str, Any]]:
     return out.get("data", []) if isinstance(out, dict) else out
 
@@ -127,6 +139,7 @@ class _ClientBase:
             self._default_headers["Authorization"] = f"Bearer {self.api_key}"
         self.prompts = Prompts(self)
         self.tuning = Tuning(self)
+        self.batches = Batches(self)
 
     # -- plumbing: build a request, send it with retries, decode it
     def _run(self, op: Op[T]) -> Any:
@@ -283,14 +296,7 @@ class Prompts:
         return self._c._model(PromptList, "GET", "/v1/prompts", params=_page_params(after=after, limit=limit), **kw)
 
     def _list(self, page_size: int | None, **kw) -> Op[list[PromptInfo]]:
-        out: list[PromptInfo] = []
-        after = None
-        while True:
-            page = yield from self._list_page(after, page_size, **kw)
-            out += page.data
-            if not page.has_more or not page.data:
-                return out
-            after = page.last_id
+        return (yield from _every_page(lambda after: self._list_page(after, page_size, **kw)))
 
     def list(self, *, page_size: int | None = None, **kw):
         """Every prompt you can use (your own by name, then the public ones), fetched page by page."""
@@ -393,4 +399,80 @@ class Tuning:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise APITimeoutError(f"tuning job {job_id} still {job.get('status')!r} after {timeout} s")
+            yield Sleep(poll_interval)
+
+
+def _batch_path(batch_id: str, suffix: str = "") -> str:
+    return f"/v1/batches/{quote(batch_id, safe='')}{suffix}"
+
+
+class Batches:
+    """`client.batches`: the Batch API (/v1/batches, OpenAI's shape; docs/batch.md). Results are typed
+    (`Batch`, `FileObject`); each call accepts `timeout=`, `request_id=` and `extra_headers=`."""
+
+    def __init__(self, client: _ClientBase) -> None:
+        self._c = client
+
+    def upload(self, file: str | os.PathLike[str] | bytes, **kw):
+        """Upload a JSONL input file (a path or its bytes) with purpose "batch" -> FileObject."""
+        data = file if isinstance(file, bytes) else Path(file).read_bytes()
+        name = "input.jsonl" if isinstance(file, bytes) else Path(file).name
+        return self._c._run(self._c._model(FileObject, "POST", "/v1/files", files={"file": (name, data, "application/jsonl")},
+                                           data={"purpose": "batch"}, **kw))
+
+    def _create(self, file, endpoint: str, completion_window: str, metadata, **kw) -> Op[Batch]:
+        if isinstance(file, str) and file.startswith("file-") and not Path(file).exists():
+            file_id = file
+        else:
+            data = file if isinstance(file, bytes) else Path(file).read_bytes()
+            name = "input.jsonl" if isinstance(file, bytes) else Path(file).name
+            uploaded = yield from self._c._model(FileObject, "POST", "/v1/files", data={"purpose": "batch"},
+                                                 files={"file": (name, data, "application/jsonl")}, **kw)
+            file_id = uploaded.id
+        body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": completion_window}
+        if metadata:
+            body["metadata"] = dict(metadata)
+        return (yield from self._c._model(Batch, "POST", "/v1/batches", json=body, **kw))
+
+    def create(self, file: str | os.PathLike[str] | bytes, *, endpoint: str = "/v1/completions",
+               completion_window: str = "24h", metadata: Mapping[str, str] | None = None, **kw):
+        """Start a batch from an uploaded file id, or from a JSONL path or bytes (uploaded first) -> Batch."""
+        return self._c._run(self._create(file, endpoint, completion_window, metadata, **kw))
+
+    def get(self, batch_id: str, **kw):
+        return self._c._run(self._c._model(Batch, "GET", _batch_path(batch_id), **kw))
+
+    def list_page(self, *, after: str | None = None, limit: int | None = None, **kw):
+        """One page, newest first -> BatchList (pass its `last_id` as `after` for the next)."""
+        return self._c._run(self._c._model(BatchList, "GET", "/v1/batches", params=_page_params(after=after, limit=limit),
+                                           **kw))
+
+    def _list(self, page_size: int | None, **kw) -> Op[list[Batch]]:
+        return (yield from _every_page(lambda after: self._c._model(
+            BatchList, "GET", "/v1/batches", params=_page_params(after=after, limit=page_size), **kw)))
+
+    def list(self, *, page_size: int | None = None, **kw):
+        """Every batch you own, newest first, fetched page by page."""
+        return self._c._run(self._list(page_size, **kw))
+
+    def cancel(self, batch_id: str, **kw):
+        return self._c._run(self._c._model(Batch, "POST", _batch_path(batch_id, "/cancel"), **kw))
+
+    def content(self, file_id: str, **kw) -> Any:
+        """A file's bytes (a batch's output or error file)."""
+        return self._c._run(self._c._call("GET", f"/v1/files/{quote(file_id, safe='')}/content",
+                                          lambda resp: resp.content, **kw))
+
+    def wait(self, batch_id: str, *, poll_interval: float = 2.0, timeout: float | None = None):
+        """Poll until the batch is completed, failed, cancelled or expired; return it."""
+        return self._c._run(self._wait(batch_id, poll_interval, timeout))
+
+    def _wait(self, batch_id: str, poll_interval: float, timeout: float | None) -> Op[Batch]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = yield from self._c._model(Batch, "GET", _batch_path(batch_id))
+            if batch.is_finished:
+                return batch
+            if deadline is not None and time.monotonic() > deadline:
+                raise APITimeoutError(f"batch {batch_id} still {batch.status!r} after {timeout} s")
             yield Sleep(poll_interval)

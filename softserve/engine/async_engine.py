@@ -156,7 +156,8 @@ class AsyncEngine:
             raise EngineDeadError(self.dead_reason or "engine is not running")
         # Read without the engine's lock: a request that loses the race is failed with QUEUE_FULL at add.
         self.engine.scheduler.check_admission(request.tenant, also_waiting=self._pending,
-                                              also_waiting_for_tenant=self._pending_by_tenant.get(request.tenant, 0))
+                                              also_waiting_for_tenant=self._pending_by_tenant.get(request.tenant, 0),
+                                              background=request.background)
         stream = _Stream(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
         with self._streams_lock:
             self._streams[request.request_id] = stream

@@ -122,6 +122,11 @@ class Request:
     # Set by the prefill when sampling.prompt_logprobs is set: per prompt position, None or
     # (token_id, logprob, ((top_id, top_logprob), ...)).
     prompt_logprobs: list | None = None
+    # Scheduling class (softserve/engine/scheduler.py): `priority` orders a tenant's own waiting requests
+    # (lower first, as in vLLM); `background` rows (Batch API lines) only take capacity that no
+    # interactive request is waiting for.
+    priority: int = 0
+    background: bool = False
 
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)

@@ -16,6 +16,13 @@ Fairness between tenants follows S-LoRA's virtual token counter (VTC): each tena
 the service it received (prompt tokens x input cost + generated tokens x output cost); a free row
 goes to the waiting tenant with the smallest counter. A tenant that becomes active is lifted to the
 smallest counter among active tenants, so idling does not bank credit for a later burst.
+
+Priorities: a request's `priority` (lower first, as in vLLM) orders only its own tenant's queue, so a
+tenant cannot jump other tenants with it (between tenants the counters decide). `background` requests
+(Batch API lines) wait in queues of their own and are admitted only when no interactive request waits;
+running background rows still prefilling get the token budget after interactive ones. The Batch runner
+bounds how many it hands over, so they are outside the --max-queue limits, and a waiting background
+row never times out (only once it runs).
 """
 
 from __future__ import annotations
@@ -87,7 +94,8 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         # Returns the prompt's cached KV (any non-None handle) or None; given by the engine.
         self.prefix_lookup = prefix_lookup or (lambda request: None)
-        self.waiting: dict[str, deque[Request]] = {}  # tenant -> FIFO of its waiting requests
+        self.waiting: dict[str, deque[Request]] = {}  # tenant -> its waiting interactive requests, by priority
+        self.background: dict[str, deque[Request]] = {}  # tenant -> FIFO of its waiting background rows
         self.running: list[Request] = []
         self.tenant_counters: dict[str, float] = {}  # VTC: service received per tenant
         self.kv = KVAllocator(config.kv_cache_tokens) if config.kv_cache_tokens else None
@@ -98,7 +106,14 @@ class Scheduler:
     # ---- intake -------------------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        return sum(len(q) for q in self.waiting.values())
+        return sum(len(q) for q in self.waiting.values()) + self.num_background_waiting
+
+    @property
+    def num_background_waiting(self) -> int:
+        return sum(len(q) for q in self.background.values())
+
+    def _queues(self) -> list[deque[Request]]:
+        return list(self.waiting.values()) + list(self.background.values())
 
     @property
     def num_running(self) -> int:
@@ -110,10 +125,14 @@ class Scheduler:
     def reservation(self, request: Request) -> int:
         return max(1, min(request.kv_reservation, self.config.max_model_len))
 
-    def check_admission(self, tenant: str, *, also_waiting: int = 0, also_waiting_for_tenant: int = 0) -> None:
+    def check_admission(self, tenant: str, *, also_waiting: int = 0, also_waiting_for_tenant: int = 0,
+                        background: bool = False) -> None:
         """The one queue check: raises QueueFullError when the queue, or the tenant's share of it, is
-        full. `also_*` count requests handed over but not added yet (the async engine's pending)."""
-        if self.num_waiting + also_waiting >= self.config.max_queue:
+        full. `also_*` count requests handed over but not added yet (the async engine's pending).
+        Background rows are bounded by their runner, not here, and never fill the interactive queue."""
+        if background:
+            return
+        if self.num_waiting - self.num_background_waiting + also_waiting >= self.config.max_queue:
             raise QueueFullError(f"queue is full ({self.config.max_queue} waiting requests)", per_tenant=False)
         per_tenant = self.config.max_queue_per_tenant
         if per_tenant and self.num_waiting_for(tenant) + also_waiting_for_tenant >= per_tenant:
@@ -122,26 +141,36 @@ class Scheduler:
     def add(self, request: Request) -> None:
         if self.kv is not None and self.reservation(request) > self.kv.capacity:
             raise ValueError(f"request needs {self.reservation(request)} KV slots, the pool holds {self.kv.capacity}")
-        self.check_admission(request.tenant)
+        self.check_admission(request.tenant, background=request.background)
         if not self._is_active(request.tenant):
             active = [self.tenant_counters.get(t, 0.0) for t in self._active_tenants()]
             floor = min(active) if active else 0.0
             self.tenant_counters[request.tenant] = max(self.tenant_counters.get(request.tenant, 0.0), floor)
         request.status = RequestStatus.WAITING
-        self.waiting.setdefault(request.tenant, deque()).append(request)
+        if request.background:
+            self.background.setdefault(request.tenant, deque()).append(request)
+            return
+        queue = self.waiting.setdefault(request.tenant, deque())
+        if queue and queue[-1].priority > request.priority:  # behind every request of its priority or better
+            position = next(i for i, r in enumerate(queue) if r.priority > request.priority)
+            queue.insert(position, request)
+        else:
+            queue.append(request)
 
     def _active_tenants(self) -> set[str]:
-        return {t for t, q in self.waiting.items() if q} | {r.tenant for r in self.running}
+        return ({t for t, q in self.waiting.items() if q} | {t for t, q in self.background.items() if q}
+                | {r.tenant for r in self.running})
 
     def _is_active(self, tenant: str) -> bool:
-        return bool(self.waiting.get(tenant)) or any(r.tenant == tenant for r in self.running)
+        return (bool(self.waiting.get(tenant)) or bool(self.background.get(tenant))
+                or any(r.tenant == tenant for r in self.running))
 
     def abort(self, request_id: str) -> Request | None:
         return self._remove(request_id, FinishReason.ABORT)
 
     def _remove(self, request_id: str, reason: FinishReason, error: str | None = None,
                 error_kind: ErrorKind | None = None) -> Request | None:
-        for queue in list(self.waiting.values()) + [self.running]:
+        for queue in self._queues() + [self.running]:
             for request in queue:
                 if request.request_id == request_id:
                     request.finish(reason, self.step_count, error=error, error_kind=error_kind)
@@ -175,7 +204,7 @@ class Scheduler:
         if timeout <= 0:
             return
         now = time.monotonic() if now is None else now
-        for queue in list(self.waiting.values()) + [self.running]:
+        for queue in list(self.waiting.values()) + [self.running]:  # waiting background rows never time out
             for request in [r for r in queue if now - r.arrival_time > timeout]:
                 self._remove(request.request_id, FinishReason.ERROR, f"request timed out after {timeout:g} s",
                              ErrorKind.TIMEOUT)
@@ -194,15 +223,25 @@ class Scheduler:
                 out.rows.append(ScheduledRow(request, request.num_computed_tokens, 1, True, False))
             else:
                 prefilling.append(request)
-        for request in prefilling:  # rows admitted earlier whose prompt is not done: next chunk first
-            if budget <= 0:
-                break
-            budget -= self._schedule_chunk(out, request, budget)
+        # Interactive work first: its prefill chunks, then its admissions; background rows get what is left.
+        for background in (False, True):
+            for request in (r for r in prefilling if r.background == background):  # next chunk of admitted rows
+                if budget <= 0:
+                    break
+                budget -= self._schedule_chunk(out, request, budget)
+            if background and any(self.waiting.values()):
+                break  # an interactive request waits (the pool or a prompt's KV holds it up): it goes first
+            budget = self._admit(out, self.background if background else self.waiting, budget,
+                                 time.monotonic() if now is None else now)
+        return out
+
+    def _admit(self, out: SchedulerOutput, queues: dict[str, deque[Request]], budget: int, now: float) -> int:
+        """Admit waiting requests from `queues` while rows and prefill budget last; returns the budget left."""
         while budget > 0 and len(self.running) < self.config.max_batch_size:
-            tenant = self._next_tenant()
+            tenant = self._next_tenant(queues)
             if tenant is None:
                 break
-            request = self.waiting[tenant][0]
+            request = queues[tenant][0]
             sha = request.prompt_sha256
             if sha is not None and sha in self._prefix_in_progress:
                 break  # another row is computing this prompt's KV: wait one step and hit the cache
@@ -211,7 +250,9 @@ class Scheduler:
                 if offset is None:
                     break  # the pool is full: wait for a row to finish (never over-commit memory)
                 request.kv_offset = offset
-            self.waiting[tenant].popleft()
+            queues[tenant].popleft()
+            if request.background:  # its timeout counts from here: waiting for spare capacity is not slowness
+                request.arrival_time = now
             request.status = RequestStatus.RUNNING
             request.first_scheduled_step = self.step_count
             request.num_computed_tokens = 0
@@ -224,7 +265,7 @@ class Scheduler:
             self.running.append(request)
             out.prefill.append(request)
             budget -= self._schedule_chunk(out, request, budget)
-        return out
+        return budget
 
     @staticmethod
     def _prompt_end(request: Request) -> int:
@@ -242,12 +283,12 @@ class Scheduler:
         )
         return num_tokens
 
-    def _next_tenant(self) -> str | None:
-        candidates = [t for t, q in self.waiting.items() if q]
+    def _next_tenant(self, queues: dict[str, deque[Request]]) -> str | None:
+        candidates = [t for t, q in queues.items() if q]
         if not candidates:
             return None
         # Smallest counter wins; ties go to the tenant whose head request is oldest (FIFO).
-        return min(candidates, key=lambda t: (self.tenant_counters.get(t, 0.0), self.waiting[t][0].arrival_time))
+        return min(candidates, key=lambda t: (self.tenant_counters.get(t, 0.0), queues[t][0].arrival_time))
 
     # ---- update -------------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[tuple[int, Request]]:

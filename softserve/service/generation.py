@@ -168,10 +168,12 @@ def per_choice_sampling(template: SamplingParams, max_tokens: int, seed_offset: 
 
 async def build_requests(
     runtime: Runtime, principal: Principal, resolved: ResolvedModel, prompts: list[list[int]],
-    sampling: SamplingParams, n: int, max_tokens: int | None, request_id: str = "req",
+    sampling: SamplingParams, n: int, max_tokens: int | None, request_id: str = "req", *, priority: int = 0,
+    background: bool = False,
 ) -> tuple[list[Request], list[Choice]]:
     """One engine Request per (prompt, choice). `sampling` is the request's template: max_tokens (None:
-    fill the context), seed and min_tokens are set per choice here."""
+    fill the context), seed and min_tokens are set per choice here. `priority` orders the tenant's own
+    waiting requests (lower first); `background` marks Batch API rows (softserve/engine/scheduler.py)."""
     check_fan_out(runtime, len(prompts), n)  # callers check earlier too; this is the last line of defence
     check_request_tokens(runtime, prompts, n)
     num_virtual = resolved.meta.num_virtual_tokens if resolved.meta is not None else 0
@@ -199,6 +201,8 @@ async def build_requests(
                     soft_prompt=soft_prompt,
                     tenant=principal.tenant,
                     on_finish=release,
+                    priority=priority,
+                    background=background,
                 ))
                 choices.append(Choice(index=index, prompt_index=p_index))
     except BaseException:

@@ -8,13 +8,14 @@ get plain writes: last writer wins (LAYOUT.md says where that matters).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
 from .backends import ConditionalBackend, StorageBackend
 from .types import PromptStoreError
 
-__all__ = ["ATTEMPTS", "has_compare_and_swap", "read", "swap", "backoff", "conflict"]
+__all__ = ["ATTEMPTS", "has_compare_and_swap", "read", "swap", "backoff", "conflict", "update_json"]
 
 ATTEMPTS = 32  # read-modify-write rounds before giving up (409)
 
@@ -45,3 +46,20 @@ def backoff(attempt: int) -> None:
 
 def conflict(what: str) -> PromptStoreError:
     return PromptStoreError(f"{what} kept changing concurrently; retry", status_code=409, code="conflict")
+
+
+def update_json(backend: StorageBackend, key: str, change, what: str) -> dict:
+    """Read-modify-write of one JSON object under compare-and-swap: `change(obj)` returns the new object
+    (or None: leave it) and is redone on a conflict, so no writer loses another's fields. KeyError if
+    the key is missing; what `change` raises propagates (a fence: "not ours any more")."""
+    cas = has_compare_and_swap(backend)
+    for attempt in range(ATTEMPTS):
+        raw, etag = read(backend, key, cas)
+        current = json.loads(raw)
+        new = change(json.loads(raw))
+        if new is None or new == current:
+            return current
+        if swap(backend, key, json.dumps(new, separators=(",", ":"), sort_keys=True).encode(), etag, cas):
+            return new
+        backoff(attempt)
+    raise conflict(what)

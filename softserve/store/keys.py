@@ -19,6 +19,8 @@ __all__ = [
     "TenantKey", "parse_tenant_key",
     "FINISHED_JOBS_PREFIX", "FINISHED_INDEX_READY", "job_checkpoints_prefix", "finished_job", "FinishedJobKey",
     "parse_finished_job", "is_generated_id", "is_job_data",
+    "ACTIVE_BATCHES_PREFIX", "batches_prefix", "batch_prefix", "batch_record", "batch_input",
+    "batch_chunk", "batch_chunks_prefix", "batch_lease", "active_batch", "active_batch_id",
 ]
 
 BLOBS_PREFIX = "blobs/sha256/"
@@ -163,6 +165,50 @@ def parse_finished_job(key: str) -> FinishedJobKey | None:
     return FinishedJobKey(parts[0], job_id, int(when))
 
 
+# ---- batches (softserve/batch/persist.py) ----------------------------------------------------------------
+ACTIVE_BATCHES_PREFIX = "batches/active/"
+
+
+def batches_prefix(tenant: str) -> str:
+    return f"{TENANTS_PREFIX}{tenant}/batches/"
+
+
+def batch_prefix(tenant: str, batch_id: str) -> str:
+    return f"{batches_prefix(tenant)}{batch_id}/"
+
+
+def batch_record(tenant: str, batch_id: str) -> str:
+    return f"{batch_prefix(tenant, batch_id)}record.json"
+
+
+def batch_input(tenant: str, batch_id: str) -> str:
+    return f"{batch_prefix(tenant, batch_id)}input.jsonl"
+
+
+def batch_chunk(tenant: str, batch_id: str, kind: str, first_line: int, run: int) -> str:
+    """Results of input lines first_line.. (kind "output" or "error") written by run number `run`, before
+    the record lists them: a replica that lost the batch writes only keys nobody lists."""
+    return f"{batch_prefix(tenant, batch_id)}{kind}/{first_line:010d}-{run:06d}.jsonl"
+
+
+def batch_chunks_prefix(tenant: str, batch_id: str, kind: str) -> str:
+    return f"{batch_prefix(tenant, batch_id)}{kind}/"
+
+
+def batch_lease(tenant: str, batch_id: str) -> str:
+    return f"{batch_prefix(tenant, batch_id)}lease.json"
+
+
+def active_batch(batch_id: str) -> str:
+    return f"{ACTIVE_BATCHES_PREFIX}{batch_id}.json"
+
+
+def active_batch_id(key: str) -> str | None:
+    if key.startswith(ACTIVE_BATCHES_PREFIX) and key.endswith(".json"):
+        return key[len(ACTIVE_BATCHES_PREFIX):-len(".json")] or None
+    return None
+
+
 # ---- per-tenant storage usage (softserve/store/usage.py) ----------------------------------------------
 def usage(tenant: str) -> str:
     return f"{TENANTS_PREFIX}{tenant}/usage.json"
@@ -184,8 +230,9 @@ def index_shard(tenant: str, shard: int) -> str:
 # ---- parsing (the garbage collector and the usage rebuild walk `tenants/`) --------------------------
 class TenantKey(NamedTuple):
     """A key under `tenants/<tenant>/`: kind is "head", "version", "alias_history", "file_data", "file_meta", "usage",
-    "job" (anything of a tuning job), "index" (the listing index) or "other"; `name`/`version` are set
-    for prompt keys, `name` is the file id for file keys, the job id for job keys and the file name
+    "job" (anything of a tuning job), "batch" (anything of a batch), "index" (the listing index) or "other";
+    `name`/`version` are set for prompt keys, `name` is the file id for file keys, the job id for job keys, the
+    batch id for batch keys and the file name
     ("manifest.json", "07.json") for index keys."""
 
     tenant: str
@@ -217,4 +264,6 @@ def parse_tenant_key(key: str) -> TenantKey | None:
         return TenantKey(tenant, "index", rest[1])
     if len(rest) >= 4 and rest[0] == "tuning" and rest[1] == "jobs":
         return TenantKey(tenant, "job", rest[2])
+    if len(rest) >= 3 and rest[0] == "batches":
+        return TenantKey(tenant, "batch", rest[1])
     return TenantKey(tenant, "other")

@@ -1,4 +1,4 @@
-"""Uploaded training files (`POST /v1/files`), stored in the prompt store's backend under keys
+"""Uploaded files (`POST /v1/files`: training data, Batch API input) and the Batch API's result files, stored in the prompt store's backend under keys
 that `softserve.store.keys` builds (`tenants/<tenant>/files/<id>.jsonl` + `.json`, see
 softserve/store/LAYOUT.md), so they persist like prompts."""
 
@@ -15,9 +15,10 @@ from softserve.store.store import validate_name
 from softserve.store.usage import UsageLedger
 from softserve.tuning.data import DatasetError, parse_jsonl
 
-__all__ = ["TuningFile", "FileRegistry", "FILE_PURPOSES"]
+__all__ = ["TuningFile", "FileRegistry", "FILE_PURPOSES", "RESULT_PURPOSES"]
 
-FILE_PURPOSES = ("tune", "fine-tune")
+FILE_PURPOSES = ("tune", "fine-tune", "batch")  # what a client may upload
+RESULT_PURPOSES = ("batch_output",)  # what the server writes (a batch's output and error files)
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -38,7 +39,9 @@ class TuningFile:
 
 
 class FileRegistry:
-    """Uploaded JSONL files, validated (JSON + record shape, with line numbers) at upload."""
+    """Uploaded JSONL files. Training data is validated (JSON + record shape, with line numbers) at upload;
+    batch input only as UTF-8 text here: its lines are checked when a batch is created, and a bad line
+    lands in the batch's error file with its line number instead of refusing the whole file."""
 
     def __init__(self, backend, max_bytes: int, usage: UsageLedger | None = None) -> None:
         self.backend = backend
@@ -59,17 +62,42 @@ class FileRegistry:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise DatasetError("file is not UTF-8 text", source=filename or "file") from None
-        examples = parse_jsonl(text, source=filename or "file")
-        file_id = "file-" + uuid.uuid4().hex[:24]
-        meta = TuningFile(id=file_id, tenant=tenant, filename=(filename or "data.jsonl")[:255], purpose=purpose,
-                          bytes=len(data), num_examples=len(examples), created_at=int(time.time()))
-        if self.usage is not None:  # counted before anything is written: StorageQuotaExceeded (413) when over
-            self.usage.reserve_file_bytes(tenant, len(data))
+        if purpose == "batch":
+            count = sum(1 for line in text.splitlines() if line.strip())
+            if count == 0:
+                raise DatasetError("file has no requests", source=filename or "file")
+        else:
+            count = len(parse_jsonl(text, source=filename or "file"))
+        return self._write(tenant, "file-" + uuid.uuid4().hex[:24], filename or "data.jsonl", purpose, data, count)
+
+    def create_result(self, tenant: str, file_id: str, filename: str, data: bytes) -> tuple[TuningFile, bool]:
+        """A file the server writes (a batch's output or error file) under an id the caller derives, so a
+        redone write replaces it. Returns (meta, new): usage is added only for a new file."""
+        try:
+            self.get(tenant, file_id)
+            new = False
+        except KeyError:
+            new = True
+        count = sum(1 for line in data.splitlines() if line.strip())
+        return self._write(tenant, file_id, filename, "batch_output", data, count, add_usage=new), new
+
+    def _write(self, tenant: str, file_id: str, filename: str, purpose: str, data: bytes, count: int, *,
+               add_usage: bool = True) -> TuningFile:
+        meta = TuningFile(id=file_id, tenant=tenant, filename=filename[:255], purpose=purpose,
+                          bytes=len(data), num_examples=count, created_at=int(time.time()))
+        counted = self.usage is not None and add_usage
+        if counted:
+            if purpose in FILE_PURPOSES:
+                # Checked and counted in one compare-and-swap before anything is written, so concurrent
+                # uploads cannot all pass the same old total (issue #26 F5): StorageQuotaExceeded (413).
+                self.usage.reserve_file_bytes(tenant, len(data))
+            else:  # the server's own result files are counted, never refused
+                self.usage.add(tenant, file_bytes=len(data))
         try:
             self.backend.put(self._key(tenant, file_id, "jsonl"), data)
             self.backend.put(self._key(tenant, file_id, "json"), json.dumps(meta.__dict__).encode())
         except BaseException:
-            if self.usage is not None:
+            if counted:
                 self.usage.add(tenant, file_bytes=-len(data))
             raise
         return meta
@@ -84,8 +112,11 @@ class FileRegistry:
         return TuningFile(**json.loads(raw))
 
     def read_text(self, tenant: str, file_id: str) -> str:
+        return self.read_bytes(tenant, file_id).decode("utf-8")
+
+    def read_bytes(self, tenant: str, file_id: str) -> bytes:
         self.get(tenant, file_id)
-        return self.backend.get(self._key(tenant, file_id, "jsonl")).decode("utf-8")
+        return self.backend.get(self._key(tenant, file_id, "jsonl"))
 
     def list(self, tenant: str) -> list[TuningFile]:
         validate_name(tenant, "tenant")

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 from softserve.store import keys
+from softserve.store.lease import HeldLease, LeaseKeeper
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -255,36 +256,22 @@ class JobStore:
         self.backend.put(keys.FINISHED_INDEX_READY, _dumps({"version": 1}))
         return True
 
-    # ---- lease --------------------------------------------------------------------------------
+    # ---- lease (softserve/store/lease.py) ---------------------------------------------------------
+    def _leases(self) -> LeaseKeeper:
+        return LeaseKeeper(self.backend, owner=self.owner, lease_seconds=self.lease_seconds, clock=self.clock)
+
     def acquire(self, tenant: str, job_id: str) -> Lease | None:
         """Take the job's lease if nobody holds a live one (or we already do). CAS: of two replicas
         racing for an expired lease exactly one wins."""
-        key = keys.job_lease(tenant, job_id)
-        try:
-            raw, etag = self.backend.get_with_etag(key)
-            held = json.loads(raw)
-            if held.get("owner") != self.owner and held.get("expires_at", 0) > self.clock():
-                return None
-        except KeyError:
-            etag = None
-        expires = self.clock() + self.lease_seconds
-        body = _dumps({"owner": self.owner, "expires_at": expires})
-        if not self.backend.put_if_match(key, body, etag):
-            return None
-        _, new_etag = self.backend.get_with_etag(key)
-        return Lease(tenant, job_id, self.owner, new_etag, expires)
+        held = self._leases().acquire(keys.job_lease(tenant, job_id))
+        return None if held is None else Lease(tenant, job_id, held.owner, held.etag, held.expires_at)
 
     def renew(self, lease: Lease) -> bool:
         """Extend our lease; False if it is no longer ours (it expired and another replica took it)."""
-        key = keys.job_lease(lease.tenant, lease.job_id)
-        expires = self.clock() + self.lease_seconds
-        if not self.backend.put_if_match(key, _dumps({"owner": self.owner, "expires_at": expires}), lease.etag):
+        held = HeldLease(keys.job_lease(lease.tenant, lease.job_id), lease.owner, lease.etag, lease.expires_at)
+        if not self._leases().renew(held):
             return False
-        try:
-            _, lease.etag = self.backend.get_with_etag(key)
-        except KeyError:
-            return False
-        lease.expires_at = expires
+        lease.etag, lease.expires_at = held.etag, held.expires_at
         return True
 
     def release(self, lease: Lease) -> None:
@@ -292,8 +279,4 @@ class JobStore:
 
     def lease_holder(self, tenant: str, job_id: str) -> str | None:
         """Owner of a live lease, or None."""
-        try:
-            held = json.loads(self.backend.get(keys.job_lease(tenant, job_id)))
-        except KeyError:
-            return None
-        return held.get("owner") if held.get("expires_at", 0) > self.clock() else None
+        return self._leases().holder(keys.job_lease(tenant, job_id))

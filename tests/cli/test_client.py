@@ -416,7 +416,8 @@ def public_methods() -> set[str]:
     def names(cls, prefix=""):
         return {prefix + n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
 
-    return (names(C.Client) - {"close"}) | names(C.Prompts, "prompts.") | names(C.Tuning, "tuning.")
+    return ((names(C.Client) - {"close"}) | names(C.Prompts, "prompts.") | names(C.Tuning, "tuning.")
+            | names(C.Batches, "batches."))
 
 
 @pytest.mark.process

@@ -239,3 +239,98 @@ def test_request_timeout_fails_waiting_and_running():
     assert running.finish_reason == FinishReason.ERROR and "timed out" in running.error
     assert running.error_kind == ErrorKind.TIMEOUT  # callers branch on the kind, never on the text
     assert out.finished == [running] and out.prefill == [waiting]
+
+
+# ---- priorities and background (Batch API) rows ------------------------------------------------------
+def bg(rid: str, tenant: str = "default", **sampling) -> Request:
+    r = req(rid, **sampling)
+    r.tenant, r.background = tenant, True
+    return r
+
+
+def test_background_rows_take_only_rows_no_interactive_request_waits_for():
+    s = Scheduler(SchedulerConfig(max_batch_size=3), {EOS})
+    for i in range(5):
+        s.add(bg(f"bg{i}", max_tokens=3))
+    out = fake_step(s)
+    assert [r.request_id for r in out.prefill] == ["bg0", "bg1", "bg2"]  # idle server: batch rows fill it
+    s.add(req("live", max_tokens=3))
+    out = fake_step(s)
+    assert out.prefill == []  # no free row yet: the interactive request waits, but ahead of the batch
+    out = fake_step(s)  # bg0..bg2 finish (3 tokens)
+    out = fake_step(s)
+    assert [r.request_id for r in out.prefill][0] == "live"  # the first free row goes to it, not to bg3
+    assert [r.request_id for r in out.prefill] == ["live", "bg3", "bg4"]
+
+
+def test_background_rows_wait_while_interactive_ones_wait_and_are_outside_the_queue_limit():
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_queue=2), {EOS})
+    for i in range(10):  # their runner bounds them: not refused by --max-queue
+        s.add(bg(f"bg{i}", max_tokens=1))
+    s.add(req("a", max_tokens=1))
+    s.add(req("b", max_tokens=1))
+    with pytest.raises(QueueFullError):  # the interactive queue is still limited
+        s.add(req("c", max_tokens=1))
+    out = fake_step(s)
+    assert [r.request_id for r in out.prefill] == ["a", "b"]
+    out = fake_step(s)
+    assert [r.request_id for r in out.prefill] == ["bg0", "bg1"]
+
+
+def test_interactive_prefill_chunks_go_before_background_ones():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_prefill_tokens=10), {EOS})
+    s.add(bg("bg", n_prompt=30))
+    fake_step(s)  # bg has 10 of its 30 prompt tokens
+    s.add(req("live", n_prompt=25))
+    fake_step(s)  # live admitted, with what budget is left after bg's chunk
+    out = s.schedule()
+    assert [(row.request.request_id, row.num_tokens) for row in out.rows] == [("live", 10)]
+
+
+def test_background_rows_are_shared_fairly_between_tenants():
+    s = Scheduler(SchedulerConfig(max_batch_size=2), {EOS})
+    for i in range(6):
+        s.add(bg(f"a{i}", tenant="a", max_tokens=1))
+    for i in range(2):
+        s.add(bg(f"b{i}", tenant="b", max_tokens=1))
+    admitted = []
+    for _ in range(3):
+        admitted.append(sorted(r.tenant for r in fake_step(s).prefill))
+    assert admitted[0] == ["a", "b"] and admitted[1] == ["a", "b"]  # b's small batch is not stuck behind a's
+
+
+def test_priority_orders_a_tenants_own_queue_but_not_other_tenants():
+    s = Scheduler(SchedulerConfig(max_batch_size=1), {EOS})
+    first, urgent, later = req("first", max_tokens=1), req("urgent", max_tokens=1), req("later", max_tokens=1)
+    urgent.priority = -5
+    later.priority = 3
+    for r in (later, first, urgent):
+        s.add(r)
+    order = [fake_step(s).prefill[0].request_id for _ in range(3)]
+    assert order == ["urgent", "first", "later"]
+    # Across tenants the fair-share counters decide: a tenant's priority does not jump another tenant.
+    s = Scheduler(SchedulerConfig(max_batch_size=1), {EOS})
+    x = req("x", max_tokens=1)
+    y = req("y", max_tokens=1)
+    y.tenant, y.priority = "other", -100
+    s.add(x)
+    s.add(y)
+    assert fake_step(s).prefill[0].request_id == "x"
+
+
+def test_waiting_background_rows_do_not_time_out():
+    s = Scheduler(SchedulerConfig(max_batch_size=1, request_timeout_s=5), {EOS})
+    s.add(req("live", max_tokens=50))
+    s.add(bg("bg", max_tokens=1))
+    fake_step(s)
+    s.expire(now=10**9)
+    live = s.running[0] if s.running else None
+    assert live is None  # the running interactive one timed out
+    assert s.num_background_waiting == 1
+    # Once admitted, its timeout counts from its admission, not from when it was queued.
+    out = s.schedule(now=10**9)
+    assert [r.request_id for r in out.prefill] == ["bg"]
+    s.expire(now=10**9 + 4)
+    assert [r.request_id for r in s.running] == ["bg"]
+    s.expire(now=10**9 + 6)
+    assert s.running == []

@@ -21,6 +21,10 @@ PROMPT = {"id": "p", "name": "p", "public": False, "version": "v1", "ref": "p@v1
           "num_virtual_tokens": 2, "token_dim": 8, "dtype": "float32", "peft_type": "PROMPT_TUNING",
           "kind": "prompt_tuning", "created_at": 1}
 JOB = {"id": "ftjob-1", "status": "succeeded"}
+FILE = {"id": "file-1", "object": "file", "bytes": 3, "created_at": 1, "filename": "in.jsonl", "purpose": "batch"}
+BATCH = {"id": "batch_1", "object": "batch", "endpoint": "/v1/completions", "status": "completed", "input_file_id": "file-1",
+         "completion_window": "24h", "created_at": 1, "output_file_id": "file-2",
+         "request_counts": {"total": 1, "completed": 1, "failed": 0}}
 ALIAS = {"id": "p@prod", "name": "p", "alias": "prod", "split": [{"version": "v1", "weight": 1.0}], "updated_at": 1,
          "updated_by": "t:admin"}
 USAGE = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
@@ -67,6 +71,14 @@ def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"object": "list", "data": [JOB], "has_more": False})
     if path.startswith("/v1/tuning/jobs"):
         return httpx.Response(200, json=JOB)
+    if path == "/v1/files" and method == "POST":
+        return httpx.Response(200, json=FILE)
+    if path == "/v1/files/file-2/content":
+        return httpx.Response(200, content=b'{"custom_id": "a"}\n')
+    if path == "/v1/batches" and method == "GET":
+        return httpx.Response(200, json={"object": "list", "data": [BATCH], "has_more": False})
+    if path.startswith("/v1/batches"):
+        return httpx.Response(200, json=BATCH)
     return httpx.Response(404, json={"error": {"message": f"no {method} {path}", "type": "not_found_error"}})
 
 
@@ -88,6 +100,11 @@ def calls(client, adapter: Path, out: Path) -> dict[str, object]:
         "tuning.list": client.tuning.list(), "tuning.cancel": client.tuning.cancel("ftjob-1"),
         "tuning.events": client.tuning.events("ftjob-1"), "tuning.checkpoints": client.tuning.checkpoints("ftjob-1"),
         "tuning.wait": client.tuning.wait("ftjob-1", poll_interval=0.01),
+        "batches.upload": client.batches.upload(b"{}\n"), "batches.create": client.batches.create(b"{}\n"),
+        "batches.get": client.batches.get("batch_1"), "batches.list": client.batches.list(),
+        "batches.list_page": client.batches.list_page(), "batches.cancel": client.batches.cancel("batch_1"),
+        "batches.content": client.batches.content("file-2"),
+        "batches.wait": client.batches.wait("batch_1", poll_interval=0.01),
     }
 
 
