@@ -102,7 +102,6 @@ async def batch_while_probing(url: str, data: bytes, probes: list[dict]) -> tupl
 
 
 def run(args) -> dict:
-    import httpx
 
     lines = workload(args.seed, args.requests, args.num_prompts, args.max_tokens)
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()

@@ -292,7 +292,7 @@ class BatchManager:
                 log.exception("batch scan failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.scan_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
 

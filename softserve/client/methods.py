@@ -429,7 +429,7 @@ class Batches:
             uploaded = yield from self._c._model(FileObject, "POST", "/v1/files", data={"purpose": "batch"},
                                                  files={"file": (name, data, "application/jsonl")}, **kw)
             file_id = uploaded.id
-        body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": completion_window}
+        body: dict[str, Any] = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": completion_window}
         if metadata:
             body["metadata"] = dict(metadata)
         return (yield from self._c._model(Batch, "POST", "/v1/batches", json=body, **kw))

@@ -74,10 +74,12 @@ class _Child:
             raise SandboxUnavailable(f"the grammar sandbox did not start: {reply}")
 
     def _send(self, message: dict) -> None:
+        assert self.proc.stdin is not None  # started with stdin=PIPE
         self.proc.stdin.write((json.dumps(message) + "\n").encode())
         self.proc.stdin.flush()
 
     def _receive(self, timeout_s: float) -> dict:
+        assert self.proc.stdout is not None  # started with stdout=PIPE
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
         if not ready:
             raise TimeoutError(f"no answer within {timeout_s:g} s")
@@ -121,7 +123,8 @@ class _Child:
             pass
         for pipe in (self.proc.stdin, self.proc.stdout):
             try:
-                pipe.close()
+                if pipe is not None:
+                    pipe.close()
             except OSError:
                 pass
 

@@ -22,11 +22,15 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import llguidance
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # Compact JSON (no optional whitespace): a model cannot spend its whole budget on spaces.
-JSON_DEFAULTS = {"whitespace_flexible": False}
+JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
 SANDBOX_STACK_BYTES = 8 * 1024 * 1024  # the child's compile stack; the server's is COMPILE_STACK_BYTES (guided.py)
 
 

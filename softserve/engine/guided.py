@@ -18,6 +18,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import llguidance
 import llguidance.hf
@@ -144,7 +145,7 @@ def attach_guided_state(request: Request, tokenizer, eos_ids) -> None:
     spec = request.sampling.guided
     if spec is None or request.guided_state is not None:
         return
-    compiled = spec.compiled
+    compiled = cast("CompiledGrammar | None", spec.compiled)  # GuidedSpec cannot name this module's types
     if compiled is None:
         grammar = run_with_stack(COMPILE_STACK_BYTES, grammar_for, spec)
         matcher = run_with_stack(COMPILE_STACK_BYTES, new_matcher, tokenizer_info(tokenizer), grammar)

@@ -164,3 +164,17 @@ def test_limits(tiny_model, tokenizer, tmp_path):
         wait_batch(api, h, first["id"])
         second = api.post("/v1/batches", headers=h, json={"input_file_id": slow, "endpoint": "/v1/completions"})
         assert second.status_code == 200  # a finished batch no longer counts
+
+
+def test_create_request_accepts_exactly_the_endpoints_and_windows_the_runner_serves():
+    """The request model spells its Literals out (mypy cannot read them from a tuple): they must stay
+    the runner's ENDPOINTS and COMPLETION_WINDOWS."""
+    from typing import get_args
+
+    from softserve.batch.lines import ENDPOINTS
+    from softserve.batch.records import COMPLETION_WINDOWS
+    from softserve.service.batches import BatchCreateRequest
+
+    fields = BatchCreateRequest.model_fields
+    assert set(get_args(fields["endpoint"].annotation)) == set(ENDPOINTS)
+    assert set(get_args(fields["completion_window"].annotation)) == set(COMPLETION_WINDOWS)

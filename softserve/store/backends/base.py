@@ -7,6 +7,7 @@ to look something up (listing is eventually consistent or slow on some object st
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import re
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -56,7 +57,7 @@ class StorageBackend(Protocol):
         """Missing key is not an error."""
         ...
 
-    def list_with_mtime(self, prefix: str) -> list[ObjectInfo]:
+    def list_with_mtime(self, prefix: str) -> builtins.list[ObjectInfo]:  # (the class's own list() shadows it)
         """Like `list`, with each key's modification time and size (S3 ListObjectsV2 has both).
         For the garbage collector, which never deletes anything younger than its grace period."""
         ...
