@@ -19,8 +19,9 @@ from anyio.to_thread import run_sync as run_in_threadpool
 from softserve.store.types import PromptMeta, PromptStoreError
 from softserve.engine.async_engine import EngineDeadError
 from softserve.engine.guided import GuidedSpecError, validate as validate_guided
+from softserve.engine.outputs import RequestOutput
 from softserve.engine.request import (
-    ErrorKind, FinishReason, GuidedSpec, Request, RequestOutput, SamplingParams, SoftPrompt, SoftPromptRef,
+    ErrorKind, FinishReason, GuidedSpec, Request, SamplingParams, SoftPrompt, SoftPromptRef,
 )
 from softserve.engine.scheduler import QueueFullError
 from softserve.logs import log_request
