@@ -19,9 +19,6 @@ import math
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +33,8 @@ TINY_NAME = "tiny-llama"
 
 if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
+
+from tests.support.live_server import LiveServer  # noqa: E402  (the one server launcher)
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -370,40 +369,22 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: int 
 
 
 # ---- a live server ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m softserve serve` as a subprocess on a free 127.0.0.1 port; stops exactly that PID."""
+class Server(LiveServer):
+    """The tests' `softserve serve` launcher (tests/support/live_server.py: a free 127.0.0.1 port, stopped by
+    PID) with the bench's flags: device, dtype, quiet logs, 16 concurrent uploads (upload_prompts sends 8 at
+    once), and `threads` torch threads (0: the server's default)."""
 
     def __init__(self, store: str | os.PathLike[str], *, model: str | os.PathLike[str] | None = None,
                  device: str = "cpu", dtype: str = "auto", extra_args: Sequence[str] = (), log_dir: Path | None = None,
                  threads: int = 0):
-        self.store = Path(store)
-        self.model = model
-        self.device = device
-        self.dtype = dtype
-        self.extra_args = list(extra_args)
-        self.log_dir = Path(log_dir) if log_dir else self.store.parent
-        self.threads = threads  # torch intra-op threads of the server (0: its default), via OMP_NUM_THREADS
-        self.port: int | None = None
-        self.proc: subprocess.Popen | None = None
-        self.log_path: Path | None = None
+        flags = ["--device", device, "--dtype", dtype, "--log-level", "warning",
+                 "--max-concurrent-uploads-per-tenant", "16", "--max-concurrent-uploads", "16", *extra_args]
+        super().__init__(store, model=model, extra_args=flags, log_dir=log_dir, torch_threads=threads or None)
+        self.threads = threads
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "softserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--store", str(self.store), "--device", self.device, "--dtype", self.dtype, "--log-level", "warning",
-               "--max-concurrent-uploads-per-tenant", "16", "--max-concurrent-uploads", "16"]  # upload_prompts sends 8 at once
-        if self.model is not None:
-            cmd += ["--model", str(self.model)]
-        return cmd + self.extra_args
+    def start(self, timeout: float = 300.0) -> Server:
+        super().start(timeout)
+        return self
 
     def display_command(self) -> str:
         """The command with the port/store placeholders a reader would use."""
@@ -423,55 +404,6 @@ class Server:
                     pass
             out.append(part)
         return " ".join(out)
-
-    def start(self, timeout: float = 300.0) -> "Server":
-        import httpx
-
-        self.port = free_port()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.log_dir / f"server-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTSERVE_")}
-        env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        if self.threads:
-            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=5.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited ({self.proc.returncode}) before ready:\n{self.logs()}")
-                try:
-                    if client.get(f"{self.url}/ready").status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.logs()}")
-
-    def logs(self, tail: int = 3000) -> str:
-        if self.log_path and self.log_path.exists():
-            return self.log_path.read_text(errors="replace")[-tail:]
-        return ""
-
-    def stop(self, timeout: float = 20.0) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # exactly our PID
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-
-    def __enter__(self) -> "Server":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def upload_prompts(url: str, items: Sequence[tuple[str, bytes]], concurrency: int = 8) -> float:

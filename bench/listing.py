@@ -14,7 +14,6 @@ vs the listing index (softserve/store/index.py), side by side in one run; no mod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

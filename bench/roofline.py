@@ -8,8 +8,10 @@ run as the engine's decode step, and the engine's achieved fraction of each.
   measured matmul peak for the model's dtype.
 
 "raw forward" is the bare HF model on the same shapes (a DynamicCache of the same length, no
-engine): the difference to the engine's step is the engine's own overhead (scheduling, masks,
-sampling, cache bookkeeping).
+engine), its steps interleaved with the engine's so load drift hits both alike: the ratio is the
+engine's own overhead (packing, per-row attention, sampling, scheduling, detokenizing).
+
+    .venv/bin/python bench/roofline.py [--batch 1,32,64] [--steps 16] [--k 16] [--prompt-tokens 48]
 """
 
 from __future__ import annotations
@@ -59,51 +61,44 @@ def bandwidth(device, nbytes: int, min_time: float) -> dict:
     return {"read_GBps": nbytes / read / 1e9, "copy_GBps": 2 * nbytes / copy / 1e9}
 
 
-def engine_steps(model, tok, device, batch: int, steps: int, k: int, n: int, seed: int) -> dict:
-    """Median decode-step seconds of the engine at `batch` rows (prefill excluded) and the mean seq len."""
+def decode_steps(model, tok, device, batch: int, steps: int, k: int, n: int, seed: int) -> dict:
+    """Median decode-step seconds of the engine at `batch` rows (distinct soft prompts of k tokens, n prompt
+    tokens; prefill excluded) and of the bare HF forward of [batch, 1] against a cache of the same length.
+    The two alternate step by step, so machine-load drift hits both alike; their ratio is the engine's
+    whole overhead (packing, per-row attention, sampling, scheduling, detokenizing)."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
     engine = C.make_engine(model, tok, max_batch_size=batch)
     cfg = C.text_config(model)
     inputs = C.request_inputs(seed, batch, lo=n, hi=n, vocab=cfg.vocab_size)
     softs = [C.soft_prompt(C.vocab_prompt_tensor(model, seed + i, k), f"r{i}") for i in range(batch)]
     for i, (ids, s) in enumerate(zip(inputs, softs)):
-        engine.add_request(C.engine_request(f"s{batch}-{i}", ids, soft=s, max_tokens=steps + 2))
+        engine.add_request(C.engine_request(f"s{batch}-{i}", ids, soft=s, max_tokens=steps + 4))
     engine.step()  # prefill (+ first token)
     engine.step()  # first decode step (allocations)
-    times = []
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        ids = torch.randint(100, 1000, (batch, k + n), device=device)
+        cache = DynamicCache(config=model.config)
+        token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    ours, raw = [], []
     for _ in range(steps):
         C.sync(device)
         t0 = time.perf_counter()
         engine.step()
         C.sync(device)
-        times.append(time.perf_counter() - t0)
+        ours.append(time.perf_counter() - t0)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            token = model(input_ids=token, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+            C.sync(device)
+            raw.append(time.perf_counter() - t0)
     while engine.has_unfinished():
         engine.step()
-    return {"step_s": C.median(times), "seq_len": k + n + 2 + steps / 2}
-
-
-def raw_steps(model, device, batch: int, steps: int, seq: int) -> float:
-    """Median seconds of a bare HF forward of [batch, 1] against a cache of `seq` positions."""
-    import torch
-    from transformers import DynamicCache
-
-    import inspect
-
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.inference_mode():
-        ids = torch.randint(100, 1000, (batch, seq), device=device)
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        times = []
-        for i in range(steps + 1):
-            C.sync(device)
-            t0 = time.perf_counter()
-            out = model(input_ids=token, use_cache=True, **{kw: cache})
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            C.sync(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-    return C.median(times)
+    return {"step_s": C.median(ours), "raw_s": C.median(raw), "seq_len": k + n + 2 + steps / 2}
 
 
 def run(args) -> dict:
@@ -140,9 +135,9 @@ def run(args) -> dict:
     result.update(model=mname, dtype=dtype_name, params=params, param_bytes=pbytes, steps=steps)
     rows = []
     for b in batches:
-        eng = engine_steps(model, tok, device, b, steps, args.k, args.prompt_tokens, args.seed)
+        eng = decode_steps(model, tok, device, b, steps, args.k, args.prompt_tokens, args.seed)
         seq = int(eng["seq_len"])
-        raw = raw_steps(model, device, b, steps, seq)
+        raw = eng["raw_s"]
         kv_read = 2 * cfg.num_hidden_layers * kv_heads * head_dim * seq * elem * b
         flops = 2 * params * b + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq * b
         row = {"batch": b, "seq_len": seq, "engine_step_ms": 1000 * eng["step_s"], "raw_step_ms": 1000 * raw,
@@ -188,7 +183,8 @@ def render(result: dict) -> str:
                      r["engine_tokens_per_s"], bound, achieved, f"{100 * frac:.0f}%", f"{100 * raw_frac:.0f}%"])
     lines.append(C.md_table(["batch", "seq", "engine ms/step", "raw HF forward ms/step", "engine overhead", "tok/s",
                              "roof", "achieved", "fraction of peak", "raw forward fraction"], rows, digits=1))
-    lines += ["", f"Decode steps only (prefill excluded), median of {result['steps']}. Batch-1 bytes = all weights "
+    lines += ["", f"Decode steps only (prefill excluded), median of {result['steps']}, the engine's and the raw "
+              "forward's steps interleaved (engine overhead = their ratio - 1). Batch-1 bytes = all weights "
               "(the tied embedding counted once, as the LM head reads it) + KV read; FLOPs = 2 x params x batch + "
               f"attention. Load average {result['load_avg_start']:.2f} at start, {result['load_avg_end']:.2f} at end."]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common as C  # noqa: E402
 
-SCRIPTS = ["roofline", "baselines", "load", "prefix_cache", "prompt_scale", "dtype"]
+SCRIPTS = ["roofline", "baselines", "load", "prefix_cache", "prompt_scale", "dtype", "adapter_kinds", "guided_cost"]
 PROFILES = {
     "cpu": {},
     # A GPU run must fit in 8 minutes including start-up: shorter windows, one round.
@@ -202,7 +202,7 @@ def render(results: dict, meta: dict, facts: dict, png_note: str | None, png_nam
         lines += [f"(No throughput plot: {png_note}.)", ""]
     lines += ["## Machine", "", C.md_table(["fact", "value"], [[k, v] for k, v in facts.items()]), ""]
     lines += ["## Commands", "", f"Suite: `{meta.get('suite_command', '.venv/bin/python bench/run_all.py')}`, which ran:", "", "```"]
-    for name, m in meta.get("scripts", {}).items():
+    for m in meta.get("scripts", {}).values():
         status = "" if m["returncode"] == 0 else f"   # FAILED rc={m['returncode']}"
         lines.append(f"{m['command']}   # {m['elapsed_s']:.0f} s, load {m['load_before']} -> {m['load_after']}{status}")
     lines += ["```", ""]

@@ -147,7 +147,7 @@ async def soak(url: str, pid: int, keys: dict, base_model: str, hidden: int, arg
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {keys['ops']}"}) as c:
         healthy = (await c.get("/ready")).status_code == 200
         metrics = (await c.get("/metrics")).text
-    running = next((float(l.split()[1]) for l in metrics.splitlines() if l.startswith("softserve_running_requests ")), None)
+    running = next((float(line.split()[1]) for line in metrics.splitlines() if line.startswith("softserve_running_requests ")), None)
     warm = [m for t, m in rss if t >= 0.25 * args.minutes * 60] or [m for _, m in rss]
     return {
         "minutes": args.minutes, "clients": args.clients, "outcomes": dict(stats.outcomes), "lost": len(stats.lost),

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,13 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from the checkout (make demo): the process helpers the tests use
+
+from tests.support.processes import free_port  # noqa: E402
 DATA = ROOT / "examples" / "data" / "sentiment"
 INSTRUCTION = "Classify the sentiment of the review as positive or negative."
 CHAT_INSTRUCTION = "Is the sentiment of this review positive or negative? Answer with one word: positive or negative."
 LABELS = ("positive", "negative")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(path: Path) -> list[dict]:

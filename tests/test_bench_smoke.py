@@ -23,11 +23,11 @@ CASES = {
     "prompt_scale": (["--num-prompts", "20", "--cold-requests", "2", "--warmup", "0.3", "--window", "1"],
                      ["### Prompt scale", "`GET /v1/prompts`", "| working set | output tok/s"]),
     "dtype": (["--num-prompts", "2", "--max-tokens", "4", "--batch", "1,2"], ["### dtype", "| batch | fp32 tok/s | bf16 tok/s"]),
-    "engine_step": (["--batch", "1,2", "--steps", "2", "--context", "8"], ["### Engine decode step vs bare HF forward", "| batch | engine ms/step"]),
     "guided_cost": (["--concurrency", "2", "--steps", "2"], ["### Guided decoding cost", "| rows constrained | output tok/s"]),
     "tuning_speed": (["--steps", "2", "--batch-size", "2"], ["tuning speed", "| ours (PromptTuner) |", "| PEFT loop |", "ratio ours/PEFT"]),
     "listing": (["--num-prompts", "40", "--rounds", "1", "--puts", "2"],
                 ["### Listing 40 prompts", "| measurement | walk (before) ms | index ms"]),
+    "releases": (["--calls", "20", "--hidden", "64"], ["### Resolving `model` through a release alias", "| reference | µs per resolution"]),
     "adapter_kinds": (["--concurrency", "3", "--k", "4", "--prompt-tokens", "8", "--max-tokens", "4", "--repeats", "1"],
                       ["### Adapter kinds in one batch", "| rows | output tok/s | ratio to plain", "| prefix_tuning |"]),
 }

@@ -23,7 +23,9 @@ OPEN_PREFIXES = ("/ui/assets/",)
 
 
 def is_upload(method: str, path: str) -> bool:
-    return (method == "PUT" and path.startswith("/v1/prompts/")) or (method == "POST" and path.rstrip("/") == "/v1/files")
+    """A prompt or file upload; an alias move (PUT /v1/prompts/{name}/aliases/{alias}) is a small JSON body."""
+    prompt_upload = method == "PUT" and path.startswith("/v1/prompts/") and "/aliases/" not in path
+    return prompt_upload or (method == "POST" and path.rstrip("/") == "/v1/files")
 
 
 class UploadSlots:

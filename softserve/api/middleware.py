@@ -22,7 +22,7 @@ class RequestContextMiddleware:
         self.metrics = metrics
 
     def _limit_for(self, scope) -> int:
-        if scope["method"] == "PUT" and scope["path"].startswith("/v1/prompts/"):
+        if scope["method"] == "PUT" and scope["path"].startswith("/v1/prompts/") and "/aliases/" not in scope["path"]:
             return self.max_upload_bytes
         if scope["method"] == "POST" and scope["path"].startswith("/v1/files"):
             return self.max_upload_bytes

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request as HTTPRequest
+from fastapi import APIRouter, Request as HTTPRequest, Response as HTTPResponse
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -20,7 +20,7 @@ from softserve.engine.outputs import TokenLogprob
 from softserve.engine.request import GuidedSpec
 from softserve.service.errors import InvalidRequest, ServiceError
 from softserve.service.generation import (
-    Choice, Tracker, apply_delta, build_requests, check_fan_out, collect, compile_guided, finish_reason_str,
+    Choice, ResolvedModel, Tracker, apply_delta, build_requests, check_fan_out, collect, compile_guided, finish_reason_str,
     resolve_model, stream_outputs,
 )
 from softserve.service.runtime import Runtime
@@ -101,7 +101,20 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+SERVED_MODEL_HEADER = "X-Softserve-Served-Model"  # the pinned "name@version" that served (alias or not)
+ASSIGNMENT_HEADER = "X-Softserve-Assignment"  # a split alias's assignment key when the body has no `user`
+
+
+def _assignment(http_request: HTTPRequest, body) -> str | None:
+    """What keeps one caller on one arm of a split alias: the header, else the body's `user`."""
+    return http_request.headers.get(ASSIGNMENT_HEADER) or body.user or None
+
+
+def _served_headers(resolved: ResolvedModel) -> dict[str, str]:
+    return {SERVED_MODEL_HEADER: resolved.served} if resolved.served else {}
+
+
+def _sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
     """An SSE stream that always ends with `data: [DONE]`; an error after the first event (the status is
     sent by then) becomes an error event."""
 
@@ -116,7 +129,7 @@ def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
         finally:  # client gone: close the inner stream now, which aborts its engine requests
             await events.aclose()
 
-    return StreamingResponse(with_done(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(with_done(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
 
 
 def _tokenize_prompts(tokenizer, prompt, max_chars: int) -> list[list[int]]:
@@ -168,13 +181,14 @@ async def list_models(runtime: RuntimeDep, principal: PrincipalDep) -> S.ModelLi
     return S.ModelList(data=cards)
 
 @router.post("/v1/completions")
-async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
-                      principal: PrincipalDep):
+async def completions(body: S.CompletionRequest, http_request: HTTPRequest, http_response: HTTPResponse,
+                      runtime: RuntimeDep, principal: PrincipalDep):
     runtime.require_ready()
     check_fan_out(runtime, num_prompts(body.prompt), body.n)  # before any work that grows with the request
     check_supported(body)
     guided = await _guided(runtime, body)
-    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
+    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model,  # may read the store
+                                        _assignment(http_request, body))
     prompts = await run_in_threadpool(_tokenize_prompts, runtime.tokenizer, body.prompt, runtime.max_model_len * 64)
     echo_logprobs = body.echo and body.logprobs is not None
     wanted = [n for n in (body.prompt_logprobs, body.logprobs if echo_logprobs else None) if n is not None]
@@ -197,10 +211,11 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runt
         if body.prompt_logprobs is None:
             return None
         return _vllm_prompt_logprobs(choice.prompt_logprobs, body.prompt_logprobs)
-    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="completions",
-                      model=body.model, resolved=resolved, num_prompt_tokens=sum(len(p) for p in prompts))
-    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
     response_id = f"cmpl-{uuid.uuid4().hex}"
+    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="completions",
+                      model=body.model, resolved=resolved, num_prompt_tokens=sum(len(p) for p in prompts),
+                      response_id=response_id)
+    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
     created = int(time.time())
 
     if body.stream:
@@ -227,16 +242,17 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runt
                 if first and body.prompt_logprobs is not None:
                     payload["prompt_logprobs"] = [None if p is None else {k: v.model_dump() for k, v in p.items()}
                                                   for p in vllm_prompt_logprobs(choice) or []]
-                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": resolved.label,
                             "choices": [payload]})
             if include_usage:
-                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": resolved.label,
                             "choices": [], "usage": _usage(prompts, choices, num_virtual).model_dump()})
-        return _sse_response(events())
+        return _sse_response(events(), _served_headers(resolved))
 
     await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    http_response.headers.update(_served_headers(resolved))
     return S.CompletionResponse(
-        id=response_id, created=created, model=body.model,
+        id=response_id, created=created, model=resolved.label,
         choices=[S.CompletionChoice(index=c.index, text=echo_text(c) + c.text, finish_reason=c.finish_reason,
                                     logprobs=_completion_logprobs(c.logprobs, 0, echoed(c)) if body.logprobs is not None else None,
                                     prompt_logprobs=vllm_prompt_logprobs(c))
@@ -245,13 +261,14 @@ async def completions(body: S.CompletionRequest, http_request: HTTPRequest, runt
     )
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest, runtime: RuntimeDep,
-                           principal: PrincipalDep):
+async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequest, http_response: HTTPResponse,
+                           runtime: RuntimeDep, principal: PrincipalDep):
     runtime.require_ready()
     check_fan_out(runtime, 1, body.n)
     check_supported(body)
     guided = await _guided(runtime, body)
-    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model)  # may read the store
+    resolved = await run_in_threadpool(resolve_model, runtime, principal, body.model,  # may read the store
+                                        _assignment(http_request, body))
     prompt_ids = await run_in_threadpool(_apply_chat_template, runtime.tokenizer, body.messages, runtime.max_model_len * 64)
     prompts = [prompt_ids]
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -260,17 +277,17 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
     sampling = sampling_template(body, logprobs=top_n, guided=guided)
     requests, choices = await build_requests(runtime, principal, resolved, prompts, sampling, body.n, max_tokens,
                                              request_id)
-    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
-                      model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids))
-    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    tracker = Tracker(runtime, request_id=request_id, tenant=principal.tenant, endpoint="chat.completions",
+                      model=body.model, resolved=resolved, num_prompt_tokens=len(prompt_ids), response_id=response_id)
+    num_virtual = resolved.meta.num_virtual_tokens if resolved.meta else 0
     created = int(time.time())
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices_payload, usage=None) -> str:
-            return _sse(S.ChatCompletionChunk(id=response_id, created=created, model=body.model,
+            return _sse(S.ChatCompletionChunk(id=response_id, created=created, model=resolved.label,
                                               choices=choices_payload, usage=usage).model_dump(exclude_none=True))
 
         async def events() -> AsyncIterator[str]:
@@ -286,11 +303,12 @@ async def chat_completions(body: S.ChatCompletionRequest, http_request: HTTPRequ
                                                     finish_reason=finish_reason_str(output.finish_reason))])
             if include_usage:
                 yield chunk([], usage=_usage(prompts, choices, num_virtual))
-        return _sse_response(events())
+        return _sse_response(events(), _served_headers(resolved))
 
     await collect(runtime, requests, choices, tracker, disconnected=lambda: _disconnected(http_request))
+    http_response.headers.update(_served_headers(resolved))
     return S.ChatCompletionResponse(
-        id=response_id, created=created, model=body.model,
+        id=response_id, created=created, model=resolved.label,
         choices=[S.ChatChoice(index=c.index, message=S.ChatResponseMessage(content=c.text),
                               finish_reason=c.finish_reason,
                               logprobs=_chat_logprobs(c.logprobs) if body.logprobs else None)

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from softserve.store.types import PromptMeta
@@ -21,6 +20,7 @@ from softserve.service.errors import InvalidRequest, UnsupportedMediaType
 from softserve.service.tenancy import PUBLIC_TENANT, display_prefix
 
 from .deps import CacheDep, PrincipalDep, StoreDep
+from .schemas import PromptDeleted, PromptInfo, PromptList, PromptUploadResponse, PromptVersionList
 from .uploads import parse_multipart, part_bytes, read_body_limited
 
 __all__ = ["router", "prompt_info", "PromptInfo", "PromptUploadResponse", "PromptList", "PromptVersionList",
@@ -28,48 +28,6 @@ __all__ = ["router", "prompt_info", "PromptInfo", "PromptUploadResponse", "Promp
 
 _MAX_CONFIG_BYTES = 1024 * 1024
 _MULTIPART_SLACK = 2 * 1024 * 1024  # config + description + multipart framing on top of the model file
-
-
-class PromptInfo(BaseModel):
-    object: Literal["prompt"] = "prompt"
-    id: str  # what to pass as `model`: "name" or "public/name"
-    name: str
-    public: bool
-    version: str
-    ref: str  # "name@version" (prefixed with "public/" for public prompts): pins this version
-    sha256: str
-    num_virtual_tokens: int
-    token_dim: int
-    dtype: str
-    peft_type: str
-    kind: str  # "prompt_tuning" (PROMPT_TUNING, P_TUNING) or "prefix_tuning" (PREFIX_TUNING)
-    created_at: int
-    description: str | None = None
-    parts: list[str] | None = None  # a composition ("a+b"): its parts' pinned refs, in order
-
-
-class PromptUploadResponse(PromptInfo):
-    warnings: list[str] = []
-
-
-class PromptList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[PromptInfo]
-    has_more: bool = False  # more prompts after last_id: ask again with ?after=<last_id>
-    first_id: str | None = None
-    last_id: str | None = None
-
-
-class PromptVersionList(BaseModel):
-    object: Literal["list"] = "list"
-    id: str
-    data: list[PromptInfo]  # latest first
-
-
-class PromptDeleted(BaseModel):
-    object: Literal["prompt.deleted"] = "prompt.deleted"
-    id: str
-    deleted: bool = True
 
 
 def prompt_info(meta: PromptMeta, principal: Principal) -> dict[str, Any]:

@@ -356,3 +356,114 @@ class ModelList(BaseModel):
 
 def dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(exclude_none=False)
+
+
+# ---- prompt store (/v1/prompts): here, not in api/prompts.py, so softserve.client can use them without fastapi
+class PromptInfo(BaseModel):
+    object: Literal["prompt"] = "prompt"
+    id: str  # what to pass as `model`: "name" or "public/name"
+    name: str
+    public: bool
+    version: str
+    ref: str  # "name@version" (prefixed with "public/" for public prompts): pins this version
+    sha256: str
+    num_virtual_tokens: int
+    token_dim: int
+    dtype: str
+    peft_type: str
+    kind: str  # "prompt_tuning" (PROMPT_TUNING, P_TUNING) or "prefix_tuning" (PREFIX_TUNING)
+    created_at: int
+    description: str | None = None
+    parts: list[str] | None = None  # a composition ("a+b"): its parts' pinned refs, in order
+
+
+class PromptUploadResponse(PromptInfo):
+    warnings: list[str] = []
+
+
+class PromptList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PromptInfo]
+    has_more: bool = False  # more prompts after last_id: ask again with ?after=<last_id>
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class PromptVersionList(BaseModel):
+    object: Literal["list"] = "list"
+    id: str
+    data: list[PromptInfo]  # latest first
+
+
+class PromptDeleted(BaseModel):
+    object: Literal["prompt.deleted"] = "prompt.deleted"
+    id: str
+    deleted: bool = True
+
+
+# ---- prompt releases (softserve/api/releases.py; docs/releases.md) --------------------------------
+class _Body(BaseModel):
+    """Management bodies refuse unknown fields (a typo must not pass as a default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitArmBody(_Body):
+    version: str = Field(..., min_length=1, max_length=64)
+    weight: float = Field(..., ge=0)
+
+
+class AliasBody(_Body):
+    """Either `version` (the alias points at it) or `split` (weighted versions, 1 to 8)."""
+
+    version: str | None = Field(None, min_length=1, max_length=64)
+    split: list[SplitArmBody] | None = None
+
+
+class SplitArmInfo(BaseModel):
+    version: str
+    weight: float
+
+
+class AliasChangeInfo(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    seq: int
+    at: float
+    by: str | None
+    from_: list[SplitArmInfo] | None = Field(None, alias="from")  # None: created
+    to: list[SplitArmInfo] | None = None  # None: deleted
+
+
+class AliasInfo(BaseModel):
+    object: Literal["prompt.alias"] = "prompt.alias"
+    id: str  # what to pass as `model`: "name@prod"
+    name: str
+    alias: str
+    split: list[SplitArmInfo]  # one arm with weight 1 for a plain pointer
+    updated_at: int
+    updated_by: str | None
+    history: list[AliasChangeInfo] | None = None  # GET of one alias: every change, oldest first
+
+
+class AliasList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AliasInfo]
+
+
+class AliasDeleted(BaseModel):
+    object: Literal["prompt.alias.deleted"] = "prompt.alias.deleted"
+    id: str
+    deleted: bool = True
+
+
+class FeedbackBody(_Body):
+    id: str = Field(..., min_length=1, max_length=200)  # a completion id (cmpl-..., chatcmpl-...)
+    score: float
+
+
+class FeedbackResponse(BaseModel):
+    object: Literal["feedback"] = "feedback"
+    id: str
+    score: float
+    served: list[str]  # pinned refs ("name@version") the score was attributed to

@@ -1,6 +1,6 @@
 """KV memory: the preallocated pool the running rows live in, and the soft-prompt KV prefix cache.
 
-Pool layout (engine v2): one tensor `[num_layers, 2 (K/V), kv_heads, capacity, head_dim]`. A running
+Pool layout: one tensor `[num_layers, 2 (K/V), kv_heads, capacity, head_dim]`. A running
 request owns the contiguous extent `[kv_offset, kv_offset + reservation)` of the capacity axis
 (kv_allocator.py decides where); position p of its sequence `[P_i | prompt | generated]` lives at
 slot `kv_offset + p`. Nothing is ever padded, moved or copied when rows join or leave.

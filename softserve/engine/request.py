@@ -128,7 +128,7 @@ class Request:
     # Step counters, used by tests to prove scheduling properties without wall-clock timing.
     first_scheduled_step: int | None = None
     finished_step: int | None = None
-    # KV bookkeeping (engine v2). The request's sequence is [virtual tokens | prompt | generated];
+    # KV bookkeeping. The request's sequence is [virtual tokens | prompt | generated];
     # positions 0..num_computed_tokens-1 have their KV in the pool extent starting at kv_offset.
     num_computed_tokens: int = 0
     kv_offset: int | None = None

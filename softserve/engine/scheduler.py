@@ -1,6 +1,6 @@
 """Plain-Python scheduler: which tokens of which requests go into this step's one forward. No torch.
 
-Token-level continuous batching (engine v2). Every step builds ONE packed batch:
+Token-level continuous batching. Every step builds ONE packed batch:
 - one token for every decoding row (its last sampled token);
 - a chunk of the prompt of every row still prefilling, and of newly admitted rows, under a per-step
   token budget (`max_prefill_tokens`): a long prompt is split over several steps (chunked prefill);

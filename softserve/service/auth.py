@@ -14,7 +14,7 @@ import os
 import secrets
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,14 @@ ROLES = ("admin", "user")
 class Principal:
     tenant: str
     role: str  # "admin" | "user"
+    # Which key authenticated ("key-" + 8 hex of its sha256, never the key): recorded as the author of
+    # changes such as alias moves. Not part of equality: the same tenant and role are the same principal.
+    key_id: str | None = field(default=None, compare=False)
+
+    @property
+    def actor(self) -> str:
+        """Who did something, for histories: "tenant:key-1a2b3c4d" (or "tenant:role" without keys)."""
+        return f"{self.tenant}:{self.key_id or self.role}"
 
     @property
     def is_admin(self) -> bool:
@@ -101,7 +109,7 @@ def _parse_entries(data: dict[str, Any], source: str) -> list[_KeyEntry]:
             raise ValueError(f"{source}: keys[{i}].tenant {tenant!r} is not a valid tenant name")
         if role not in ROLES:
             raise ValueError(f"{source}: keys[{i}].role must be one of {ROLES}")
-        entries.append(_KeyEntry(digest, Principal(tenant, role)))
+        entries.append(_KeyEntry(digest, Principal(tenant, role, key_id=f"key-{digest[:8]}")))
     return entries
 
 

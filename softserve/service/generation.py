@@ -30,14 +30,16 @@ from softserve.service.errors import (
     ClientGone, InternalError, InvalidRequest, NotFound, NotReady, Overloaded, Timeout, from_store_error,
 )
 from softserve.service.runtime import Runtime
-from softserve.service.tenancy import INVALID_COMPOSITION, resolve_reference
+from softserve.service.tenancy import INVALID_COMPOSITION, resolve_served, served_label
 
 
 @dataclass
 class ResolvedModel:
-    label: str  # what we echo back in `model`
+    label: str  # what we echo back in `model`: the request's, or the pinned served ref when an alias picked it
     meta: PromptMeta | None = None  # None: the base model; a composition's own meta for "a+b"
     parts: tuple[PromptMeta, ...] = ()  # the parts of a composition, in order; () for a single prompt
+    served: str | None = None  # pinned ref of what serves ("name@version", parts joined by "+"); None: base model
+    via_alias: tuple[tuple[PromptMeta, str], ...] = ()  # (version, alias) pairs an alias picked
 
 
 @dataclass
@@ -80,19 +82,22 @@ def store_error(exc: PromptStoreError):
     return error
 
 
-def resolve_model(runtime: Runtime, principal: Principal, model_field: str) -> ResolvedModel:
-    """`model` is the base model's served name (no soft prompt) or a prompt reference."""
+def resolve_model(runtime: Runtime, principal: Principal, model_field: str, assignment: str | None = None) -> ResolvedModel:
+    """`model` is the base model's served name (no soft prompt) or a prompt reference. `assignment`
+    (the request's `user`, or X-Softserve-Assignment) keeps a caller on one arm of a split alias."""
     if model_field == runtime.served_model_name:
         return ResolvedModel(label=model_field)
     try:
-        meta, parts = resolve_reference(runtime.store, principal, model_field)
+        served = resolve_served(runtime.store, principal, model_field, assignment)
     except PromptStoreError as exc:
         if exc.code == INVALID_COMPOSITION:  # too many parts / tokens, mixed kinds: say so
             raise InvalidRequest(exc.message, param="model", code=INVALID_COMPOSITION) from exc
         if exc.status_code == 400:  # malformed reference: still "no such model" to the client
             raise NotFound(f"model {model_field!r} not found", param="model", code="model_not_found") from exc
         raise store_error(exc) from exc
-    return ResolvedModel(label=model_field, meta=meta, parts=parts)
+    pinned = served_label(served, principal)
+    return ResolvedModel(label=pinned if served.via_alias else model_field, meta=served.meta, parts=served.parts,
+                         served=pinned, via_alias=served.via_alias)
 
 
 async def pin_soft_prompt(runtime: Runtime, resolved: ResolvedModel) -> SoftPrompt | None:
@@ -209,8 +214,10 @@ class Tracker:
     """Latency metrics and the one structured log line per API request."""
 
     def __init__(self, runtime: Runtime, *, request_id: str, tenant: str, endpoint: str, model: str,
-                 resolved: ResolvedModel, num_prompt_tokens: int) -> None:
+                 resolved: ResolvedModel, num_prompt_tokens: int, response_id: str | None = None) -> None:
         self.runtime, self.request_id, self.tenant, self.endpoint, self.model = runtime, request_id, tenant, endpoint, model
+        self.response_id = response_id  # the completion id POST /v1/feedback names
+        self.resolved = resolved
         self.meta = resolved.meta
         self.num_prompt_tokens = num_prompt_tokens
         self.started = time.monotonic()
@@ -241,6 +248,8 @@ class Tracker:
             metrics.latency.observe(latency)
             metrics.count_tokens(self.tenant, prompt=self.num_prompt_tokens, generated=self.completion_tokens,
                                  virtual=self.meta.num_virtual_tokens if self.meta is not None else 0)
+        if self.meta is not None:
+            self._per_version(status, latency)
         log_request(
             request_id=self.request_id, tenant=self.tenant, endpoint=self.endpoint, model=self.model,
             prompt=self.meta.name if self.meta is not None else None,
@@ -249,6 +258,32 @@ class Tracker:
             ttft_s=round(self.first_token_at - self.started, 4) if self.first_token_at else None,
             latency_s=round(latency, 4), status=status,
         )
+
+
+    def _per_version(self, status: str, latency: float) -> None:
+        """Per-version metrics, and the completion id -> served versions record that feedback uses."""
+        served = version_series(self.runtime, self.tenant, self.resolved)
+        metrics = self.runtime.metrics
+        if metrics is not None:
+            ttft = self.first_token_at - self.started if self.first_token_at else None
+            for labels in {labels for _, labels in served}:
+                metrics.versions.observe(labels, status=status, tokens=self.completion_tokens, ttft=ttft, latency=latency)
+        if self.response_id is not None:
+            self.runtime.completions.record(self.tenant, self.response_id, served)
+
+
+def version_series(runtime: Runtime, tenant: str, resolved: ResolvedModel) -> list[tuple[PromptMeta, tuple[str, str, str]]]:
+    """(version, metric labels) per part that served: the aliased parts get their own series while
+    there is room; a request that named no alias counts its prompt as "other"."""
+    metrics = runtime.metrics
+    picks = list(resolved.via_alias) or [(resolved.meta, None)]
+    out = []
+    for meta, alias in picks:
+        prompt = meta.name if meta.tenant == tenant else f"{meta.tenant}/{meta.name}"
+        labels = (metrics.versions.labels(tenant, prompt, meta.version, alias is not None) if metrics is not None
+                  else (tenant, prompt, meta.version))
+        out.append((meta, labels))
+    return out
 
 
 async def stream_outputs(

@@ -22,6 +22,7 @@ from softserve.engine.engine import LLMEngine
 from softserve.model_loader import load_model, resolve_device, resolve_dtype, resolve_source
 from softserve.service.auth import ApiKeyRegistry
 from softserve.service.errors import not_ready
+from softserve.service.releases import CompletionLedger
 
 log = logging.getLogger("softserve")
 
@@ -51,6 +52,7 @@ class Runtime:
     max_model_len: int = 0  # --max-model-len, capped at the model's position limit
     exit_on_engine_death: bool = False  # the CLI sets it; in-process tests keep their interpreter
     store_gc: PeriodicGC | None = None  # --store-gc-interval-seconds
+    completions: CompletionLedger = field(default_factory=CompletionLedger)  # completion id -> served versions (feedback)
 
     @property
     def is_ready(self) -> bool:

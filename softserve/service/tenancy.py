@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from softserve.store import aliases
+from softserve.store.aliases import is_alias_label
 from softserve.store.compose import compose_meta
 from softserve.store.store import NAME_RE, PromptStore
 from softserve.store.types import PromptMeta, PromptNotFound, PromptValidationError
@@ -22,7 +24,7 @@ from .errors import PermissionDenied
 
 __all__ = [
     "PUBLIC_TENANT", "INVALID_COMPOSITION", "PromptRef", "Principal", "can_read", "can_write", "require_write",
-    "parse_reference", "is_composition", "resolve_reference", "visible_prompts", "display_prefix",
+    "parse_reference", "is_composition", "resolve_reference", "resolve_served", "Served", "served_label", "visible_prompts", "display_prefix",
 ]
 
 PUBLIC_TENANT = "public"  # the shared namespace: everyone reads it, admins write it
@@ -31,11 +33,25 @@ SEPARATOR = "+"  # never part of a prompt name (store.NAME_RE), so the split is 
 
 
 class PromptRef(NamedTuple):
-    """A parsed single reference: the namespace (tenant) it lives in, its name, and a pinned version."""
+    """A parsed single reference: the namespace (tenant) it lives in, its name, and what follows `@`:
+    a pinned version (hex) or a release alias (see softserve/store/aliases.py for the grammar)."""
 
     namespace: str
     name: str
-    version: str | None = None
+    version: str | None = None  # the label after "@", version or alias: management calls refuse both alike
+
+    @property
+    def alias(self) -> str | None:
+        return self.version if self.version is not None and is_alias_label(self.version) else None
+
+
+class Served(NamedTuple):
+    """What serves a reference: the meta (a composition's own for "a+b"), its parts (() for a single
+    prompt), and the (part, alias) pairs that were picked through an alias."""
+
+    meta: PromptMeta
+    parts: tuple[PromptMeta, ...]
+    via_alias: tuple[tuple[PromptMeta, str], ...] = ()
 
 
 def can_read(principal: Principal, namespace: str) -> bool:
@@ -81,13 +97,33 @@ def is_composition(reference: str) -> bool:
 
 def resolve_reference(store: PromptStore, principal: Principal, reference: str) -> tuple[PromptMeta, tuple[PromptMeta, ...]]:
     """(meta, parts): parts is () for a single prompt; for a composition meta is the composed one.
+    An alias is assigned at random (see resolve_served for sticky assignment)."""
+    served = resolve_served(store, principal, reference)
+    return served.meta, served.parts
 
-    Every part goes through the same tenant check as a single reference, so a part in another tenant
-    answers exactly like a missing one. Raises PromptNotFound, or PromptValidationError (malformed; with
-    code INVALID_COMPOSITION: too many parts, mixed kinds, too many virtual tokens in total)."""
+
+def _resolve_one(store: PromptStore, principal: Principal, ref: PromptRef, assignment: str | None
+                 ) -> tuple[PromptMeta, str | None]:
+    """A single parsed reference: (meta, alias it went through or None). A pinned version always wins:
+    only a non-hex label is an alias."""
+    alias = ref.alias
+    if alias is None:
+        return store.resolve(ref.namespace, ref.name, ref.version), None
+    record = aliases.get_alias(store, ref.namespace, ref.name, alias)
+    scope = f"{ref.namespace}/{ref.name}@{alias}"
+    arm = record.pick(aliases.assignment_point(scope, assignment))
+    return store.resolve(ref.namespace, ref.name, arm.version), alias
+
+
+def resolve_served(store: PromptStore, principal: Principal, reference: str, assignment: str | None = None) -> Served:
+    """Resolve for serving. Every part goes through the same tenant check as a single reference, so a
+    part in another tenant answers exactly like a missing one. A part through a split alias is assigned
+    by a stable hash of (alias, `assignment`), or at random when it is None. Raises PromptNotFound, or
+    PromptValidationError (malformed; with code INVALID_COMPOSITION: too many parts, mixed kinds, too
+    many virtual tokens in total)."""
     if not is_composition(reference):
-        ref = parse_reference(principal, reference)
-        return store.resolve(ref.namespace, ref.name, ref.version), ()
+        meta, alias = _resolve_one(store, principal, parse_reference(principal, reference), assignment)
+        return Served(meta, (), ((meta, alias),) if alias else ())
     pieces = reference.split(SEPARATOR)
     # Counted before any store read: a long "a+a+a+..." costs nothing.
     if len(pieces) > store.max_prompt_parts:
@@ -95,17 +131,27 @@ def resolve_reference(store: PromptStore, principal: Principal, reference: str) 
             f"composed prompt {reference!r} has {len(pieces)} parts; the limit is {store.max_prompt_parts} (--max-prompt-parts)",
             code=INVALID_COMPOSITION)
     parts: list[PromptMeta] = []
+    via_alias: list[tuple[PromptMeta, str]] = []
     for piece in pieces:
         try:
             ref = parse_reference(principal, piece)  # PromptValidationError if malformed
-            parts.append(store.resolve(ref.namespace, ref.name, ref.version))
+            meta, alias = _resolve_one(store, principal, ref, assignment)
         except PromptNotFound:
             raise PromptNotFound(f"prompt {reference!r} not found: no prompt {piece!r}") from None
+        parts.append(meta)
+        if alias:
+            via_alias.append((meta, alias))
     try:
         meta = compose_meta(parts, label=reference, tenant=principal.tenant, max_virtual_tokens=store.max_virtual_tokens)
     except PromptValidationError as exc:
         raise PromptValidationError(exc.message, code=INVALID_COMPOSITION) from None
-    return meta, tuple(parts)
+    return Served(meta, tuple(parts), tuple(via_alias))
+
+
+def served_label(served: Served, principal: Principal) -> str:
+    """The pinned reference of what served: "name@version", or the parts' pinned refs joined by "+"."""
+    metas = served.parts or (served.meta,)
+    return SEPARATOR.join(display_prefix(m, principal) + m.ref for m in metas)
 
 
 def display_prefix(meta: PromptMeta, principal: Principal) -> str:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 __all__ = [
     "BLOBS_PREFIX", "TENANTS_PREFIX", "ACTIVE_JOBS_PREFIX", "PROBE_PREFIX",
-    "blob", "blob_sha", "prompts_prefix", "prompt_head", "prompt_version",
+    "blob", "blob_sha", "prompts_prefix", "prompt_head", "prompt_version", "alias_history_prefix", "alias_history",
     "files_prefix", "file_data", "file_meta",
     "jobs_prefix", "job_prefix", "job_record", "job_data", "job_events", "job_checkpoint", "job_lease",
     "active_job", "active_job_id", "usage", "index_prefix", "index_manifest", "index_shard",
@@ -52,6 +52,15 @@ def prompt_head(tenant: str, name: str) -> str:
 
 def prompt_version(tenant: str, name: str, version: str) -> str:
     return f"{prompts_prefix(tenant)}{name}/versions/{version}.json"
+
+
+def alias_history_prefix(tenant: str, name: str) -> str:
+    """Every archived alias change of a name (softserve/store/aliases.py), all epochs."""
+    return f"{prompts_prefix(tenant)}{name}/alias-history/"
+
+
+def alias_history(tenant: str, name: str, epoch: str, seq: int) -> str:
+    return f"{alias_history_prefix(tenant, name)}{epoch}/{seq:010d}.json"
 
 
 # ---- uploaded training files (softserve/tuning/files.py) ----------------------------------------------
@@ -158,7 +167,7 @@ def index_shard(tenant: str, shard: int) -> str:
 
 # ---- parsing (the garbage collector and the usage rebuild walk `tenants/`) --------------------------
 class TenantKey(NamedTuple):
-    """A key under `tenants/<tenant>/`: kind is "head", "version", "file_data", "file_meta", "usage",
+    """A key under `tenants/<tenant>/`: kind is "head", "version", "alias_history", "file_data", "file_meta", "usage",
     "job" (anything of a tuning job), "index" (the listing index) or "other"; `name`/`version` are set
     for prompt keys, `name` is the file id for file keys, the job id for job keys and the file name
     ("manifest.json", "07.json") for index keys."""
@@ -181,6 +190,8 @@ def parse_tenant_key(key: str) -> TenantKey | None:
         return TenantKey(tenant, "head", rest[1])
     if len(rest) == 4 and rest[0] == "prompts" and rest[2] == "versions" and rest[3].endswith(".json"):
         return TenantKey(tenant, "version", rest[1], rest[3][:-len(".json")])
+    if len(rest) == 5 and rest[0] == "prompts" and rest[2] == "alias-history":
+        return TenantKey(tenant, "alias_history", rest[1])
     if len(rest) == 2 and rest[0] == "files":
         if rest[1].endswith(".jsonl"):
             return TenantKey(tenant, "file_data", rest[1][:-len(".jsonl")])

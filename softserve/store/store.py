@@ -21,34 +21,27 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from . import aliases as alias_records
 from . import cas
 from . import format as fmt
 from . import keys
 from .backends import StorageBackend
 from .index import ListingIndex
+from .names import NAME_RE, validate_name
 from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptValidationError
 from .usage import UsageLedger
 
 __all__ = ["PromptStore", "validate_name", "NAME_RE"]
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 _VERSION_LEN = 12
 _MIN_PREFIX = 6
 _HEX = re.compile(r"^[0-9a-f]+$")
 _HEAD_CACHE_ENTRIES = 10_000
-
-
-def validate_name(value: str, what: str = "prompt name") -> str:
-    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
-        raise PromptValidationError(
-            f"invalid {what} {value!r}: use 1-64 characters from [a-zA-Z0-9._-], starting with a letter or digit"
-        )
-    return value
 
 
 def _json(obj: Any) -> bytes:
@@ -59,6 +52,18 @@ def _json(obj: Any) -> bytes:
 class _Head:
     latest: PromptMeta
     versions: tuple[str, ...]  # oldest first; the latest is moved to the end on re-upload
+    # Release aliases live in the head (aliases.py): one compare-and-swap covers an alias move, an
+    # upload and a delete, so no alias can ever point at a version its name does not have.
+    aliases: dict[str, Any] = field(default_factory=dict, compare=False)  # alias -> record (aliases.Alias.to_dict)
+    alias_log: dict[str, Any] = field(default_factory=dict, compare=False)  # {"seq", "last"}: see aliases.py
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = {"latest": self.latest.to_dict(), "versions": list(self.versions), "updated_at": int(time.time())}
+        if self.aliases:
+            d["aliases"] = self.aliases
+        if self.alias_log:
+            d["alias_log"] = self.alias_log
+        return _json(d)
 
 
 class PromptStore:
@@ -86,6 +91,7 @@ class PromptStore:
         # name -> version resolution cache: head key -> (expires at, head or None). 0 = no cache.
         self.revalidate_seconds = float(revalidate_seconds)
         self._heads: OrderedDict[str, tuple[float, _Head | None]] = OrderedDict()
+        self._versions_cache: OrderedDict[str, tuple[float, PromptMeta]] = OrderedDict()  # version key -> (expires at, meta)
         self._heads_lock = threading.Lock()
         self._writes = 0  # bumped by every local head write: a slower concurrent read must not cache an older head
         # Per-tenant usage records and quotas (0 = unlimited); see usage.py.
@@ -104,7 +110,8 @@ class PromptStore:
     @staticmethod
     def _parse_head(raw: bytes) -> _Head:
         d = json.loads(raw)
-        return _Head(latest=PromptMeta.from_dict(d["latest"]), versions=tuple(d["versions"]))
+        return _Head(latest=PromptMeta.from_dict(d["latest"]), versions=tuple(d["versions"]),
+                     aliases=d.get("aliases") or {}, alias_log=d.get("alias_log") or {})
 
     def _read_head_fresh(self, tenant: str, name: str) -> tuple[_Head | None, str | None]:
         """(head, etag) straight from the backend; etag is None without compare-and-swap."""
@@ -165,6 +172,27 @@ class PromptStore:
             return None
         return PromptMeta.from_dict(json.loads(raw))
 
+    def _read_version_cached(self, tenant: str, name: str, version: str) -> PromptMeta | None:
+        """A version manifest for serving (pinned references, aliases): cached like heads, for
+        revalidate_seconds, so a canary's older arm does not cost a backend read per request. The head
+        (membership) is checked by the caller on every call; manifests are write-once."""
+        if self.revalidate_seconds <= 0:
+            return self._read_version(tenant, name, version)
+        key = self._version_key(tenant, name, version)
+        now = time.monotonic()
+        with self._heads_lock:
+            hit = self._versions_cache.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        meta = self._read_version(tenant, name, version)
+        if meta is not None:
+            with self._heads_lock:
+                self._versions_cache[key] = (now + self.revalidate_seconds, meta)
+                self._versions_cache.move_to_end(key)
+                while len(self._versions_cache) > _HEAD_CACHE_ENTRIES:
+                    self._versions_cache.popitem(last=False)
+        return meta
+
     def resolve(self, tenant: str, name: str, version: str | None = None) -> PromptMeta:
         """Latest version, or a pinned one (full 12-char id or a unique prefix of >= 6 chars).
 
@@ -185,7 +213,7 @@ class PromptStore:
             # Membership in the head (not just the manifest existing) is what makes a version
             # live: manifests of deleted or half-written uploads stay invisible.
             raise PromptNotFound(f"version {version!r} of prompt {name!r} not found")
-        meta = self._read_version(tenant, name, matches[0])
+        meta = self._read_version_cached(tenant, name, matches[0])
         if meta is None:
             raise PromptNotFound(f"version {version!r} of prompt {name!r} not found")
         return meta
@@ -299,9 +327,11 @@ class PromptStore:
                     # 2. version manifest (invisible until the head lists it)
                     meta, adopted = self._write_version(meta)
                 # 3. head last: the single atomic switch to the new latest
-                new_head = _Head(latest=meta, versions=history)
-                raw = _json({"latest": meta.to_dict(), "versions": list(history), "updated_at": int(time.time())})
-                if cas.swap(self.backend, self._head_key(tenant, name), raw, etag, self._cas):
+                if head is not None:  # aliases point at versions, which an upload never removes: carried over
+                    new_head = replace(head, latest=meta, versions=history)
+                else:
+                    new_head = _Head(latest=meta, versions=history)
+                if cas.swap(self.backend, self._head_key(tenant, name), new_head.to_json(), etag, self._cas):
                     break
                 cas.backoff(attempt)  # another replica changed the head since we read it: re-read and redo
             else:
@@ -376,6 +406,8 @@ class PromptStore:
                     self._wrote_head(tenant, name, None)
                     self.index.updated(tenant, name)  # drops an entry a crashed delete left behind
                     raise PromptNotFound(f"prompt {name!r} not found")
+                if head.aliases:  # checked on the very head the conditional delete removes: never a dangling alias
+                    raise alias_records.in_use(name, head.aliases)
                 sizes = {head.latest.version: head.latest.nbytes}  # what the delete frees, for the usage record
                 for v in head.versions:
                     if v not in sizes and (m := self._read_version(tenant, name, v)) is not None:
@@ -395,6 +427,7 @@ class PromptStore:
             self.usage.add(tenant, prompts=-1, prompt_bytes=-sum(sizes.values()))
             for v in head.versions:
                 self.backend.delete(self._version_key(tenant, name, v))
+            alias_records.forget_history(self.backend, tenant, name)
 
     # ---- maintenance ------------------------------------------------------------------------
     def collect_garbage(self, grace_seconds: float, dry_run: bool = False):

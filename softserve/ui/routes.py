@@ -6,6 +6,7 @@
     GET  /ui/api/session                      who the key is (tenant, role) and what the server runs
     GET  /ui/api/stats?since=T                recent rates for the charts (see softserve/ui/stats.py)
     POST /ui/api/prompts/{name}/rollback      {"version": "..."}: make an older version the latest
+    GET  /ui/api/prompts/{name}/releases      aliases, and every version with its aliases and numbers
 
 The page and assets need no key (they hold no data); every /ui/api call needs the same API key as
 the rest of the API and is scoped the same way.
@@ -24,7 +25,9 @@ from starlette.staticfiles import StaticFiles
 
 from softserve.api.deps import PrincipalDep, StoreDep
 from softserve.api.prompts import PromptInfo, prompt_info
+from softserve.api.releases import alias_info
 from softserve.service import prompts as prompt_service
+from softserve.service import releases as release_service
 from softserve.service.runtime import Runtime
 from softserve.ui.stats import StatsHistory
 
@@ -105,6 +108,14 @@ def install_console(app: FastAPI, state: Runtime, *, stats_interval_s: float = 2
     async def rollback(name: str, body: RollbackRequest, store: StoreDep, principal: PrincipalDep) -> dict[str, Any]:
         meta = await run_in_threadpool(prompt_service.rollback, store, principal, name, body.version)
         return prompt_info(meta, principal)
+
+    @router.get("/ui/api/prompts/{name:path}/releases")
+    def releases(name: str, store: StoreDep, principal: PrincipalDep) -> dict[str, Any]:
+        # This replica's numbers, for the requests the key's own tenant made (like /ui/api/stats for users).
+        views, versions = release_service.release_overview(store, state.metrics, principal, name)
+        return {"aliases": [alias_info(v) for v in views],
+                "versions": [{**prompt_info(v.meta, principal), "latest": v.latest, "aliases": v.aliases,
+                              "numbers": v.numbers} for v in versions]}
 
     app.include_router(router)
     app.mount("/ui/assets", _ConsoleStatic(directory=STATIC_DIR), name="console-assets")

@@ -1,4 +1,4 @@
-"""The `softserve` command line against a live tiny-model server: keys, prompts push/list/pull/rm, eval."""
+"""The `softserve` command line against a live tiny-model server: keys, prompts push/list/pull/rm/alias, eval."""
 
 from __future__ import annotations
 
@@ -79,6 +79,33 @@ def test_prompts_push_list_pull_rm(server, adapter, tmp_path):
     assert removed.returncode == 0 and removed.stdout.strip() == "deleted cli-task"
     missing = softserve("prompts", *url, "rm", "cli-task")
     assert missing.returncode != 0 and "error 404:" in missing.stderr and "cli-task" in missing.stderr
+
+
+def test_prompts_alias_set_list_history_rm(server, adapter, tmp_path):
+    url = ["--url", server.url, "--api-key", server.key]
+    v1 = json.loads(softserve("prompts", *url, "push", str(adapter), "--name", "rel").stdout)["version"]
+    (adapter / "adapter_model.safetensors").write_bytes(prompt_bytes(8, 5, TINY_HIDDEN))
+    v2 = json.loads(softserve("prompts", *url, "push", str(adapter), "--name", "rel").stdout)["version"]
+    put = softserve("prompts", *url, "alias", "set", "rel", "prod", v1[:8])
+    assert put.returncode == 0, put.stderr
+    assert put.stdout.split() == ["rel@prod", f"{v1}=1"]
+    split = softserve("prompts", *url, "alias", "set", "rel", "prod", "--split", f"{v1}=90", f"{v2}=10")
+    assert split.returncode == 0 and split.stdout.split() == ["rel@prod", f"{v1}=90", f"{v2}=10"], split.stderr
+    listed = softserve("prompts", *url, "alias", "list", "rel")
+    assert listed.returncode == 0 and listed.stdout.split() == ["rel@prod", f"{v1}=90", f"{v2}=10"]
+    history = softserve("prompts", *url, "alias", "history", "rel", "prod").stdout.splitlines()
+    assert len(history) == 2 and history[0].endswith(f"- -> {v1}=1") and "acme:key-" in history[1]
+    assert history[1].endswith(f"{v1}=1 -> {v1}=90,{v2}=10")
+    busy = softserve("prompts", *url, "rm", "rel")
+    assert busy.returncode != 0 and "error 409:" in busy.stderr and "rel@prod" in busy.stderr
+    bad = softserve("prompts", *url, "alias", "set", "rel", "prod", "--split", "nope")
+    assert bad.returncode != 0 and "VERSION=WEIGHT" in bad.stderr
+    hexy = softserve("prompts", *url, "alias", "set", "rel", "cafe", v1)
+    assert hexy.returncode != 0 and "error 400:" in hexy.stderr
+    removed = softserve("prompts", *url, "alias", "rm", "rel", "prod")
+    assert removed.returncode == 0 and removed.stdout.strip() == "deleted rel@prod"
+    assert softserve("prompts", *url, "alias", "list", "rel").stdout == ""
+    assert softserve("prompts", *url, "rm", "rel").returncode == 0
 
 
 def test_prompts_url_and_key_from_the_environment(server, adapter):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -13,8 +15,8 @@ import pytest
 import torch
 
 from softserve import client as C
-from softserve.api.prompts import PromptDeleted, PromptInfo, PromptUploadResponse
-from softserve.api.schemas import ChatCompletionResponse, CompletionResponse, ModelList
+from softserve.api.schemas import (ChatCompletionResponse, CompletionResponse, ModelList, PromptDeleted, PromptInfo,
+                                   PromptUploadResponse)
 from softserve.service.auth import add_key
 from tests.support.live_server import TINY_HIDDEN, LiveServer, adapter_config, free_port, prompt_tensor, tiny_model_dir
 
@@ -269,7 +271,7 @@ def test_request_id_defaults_to_uuid4_per_call(stub):
 
 def test_retry_after_is_honoured(stub, monkeypatch):
     slept = []
-    monkeypatch.setattr(C.time, "sleep", slept.append)
+    monkeypatch.setattr(time, "sleep", slept.append)
     stub.script = [(503, {"Retry-After": "7"}, _err(503, "not_ready", "service_unavailable"), 0), (200, {}, COMPLETION, 0)]
     with C.Client(stub.url) as c:
         c.complete("m", "x")
@@ -386,10 +388,47 @@ def test_tuning_methods_against_stub(stub):
     assert stub.calls[0][2]["X-Request-ID"] == "r1"
 
 
+def test_tuning_list_follows_every_page(stub):
+    page1 = {"object": "list", "data": [{"id": "ftjob-3"}, {"id": "ftjob-2"}], "has_more": True}
+    page2 = {"object": "list", "data": [{"id": "ftjob-1"}], "has_more": False}
+    stub.script = [(200, {}, page1, 0), (200, {}, page2, 0)]
+    with fast_client(stub.url) as c:
+        assert [j["id"] for j in c.tuning.list(limit=2)] == ["ftjob-3", "ftjob-2", "ftjob-1"]
+    assert [p for _, p, _, _ in stub.calls] == ["/v1/tuning/jobs?limit=2", "/v1/tuning/jobs?after=ftjob-2&limit=2"]
+
+
+def test_both_streams_stop_at_done(stub):
+    """Whatever follows `data: [DONE]` is never read, by the sync and the async stream alike."""
+    sse = ('data: {"choices": [{"index": 0, "text": "a"}]}\n\ndata: [DONE]\n\n'
+           'data: {"choices": [{"index": 0, "text": "after"}]}\n\ndata: not json\n\n')
+    stub.script = [(200, {"Content-Type": "text/event-stream"}, sse.encode(), 0)]
+    with fast_client(stub.url) as c:
+        sync = list(c.stream_complete("m", "x"))
+
+    async def main():
+        async with C.AsyncClient(stub.url) as ac:
+            return [d async for d in ac.stream_complete("m", "x")]
+
+    assert sync == asyncio.run(main()) == ["a"]
+
+
+def public_methods() -> set[str]:
+    def names(cls, prefix=""):
+        return {prefix + n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
+
+    return (names(C.Client) - {"close"}) | names(C.Prompts, "prompts.") | names(C.Tuning, "tuning.")
+
+
 @pytest.mark.process
-def test_import_is_light():
+def test_every_method_sync_and_async_loads_no_torch_or_fastapi():
+    """A fresh interpreter imports the client, runs every public method of both clients against a mocked
+    server, and has still not imported torch, fastapi or the API's route modules; sync == async results."""
     import subprocess
     import sys
 
-    code = "import sys, softserve.client; assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    script = Path(__file__).resolve().parents[1] / "support" / "client_every_method.py"
+    out = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stdout)
+    assert set(report["methods"]) == public_methods()
+    assert report["same_sync_async"] == report["methods"]
+    assert report["heavy"] == []

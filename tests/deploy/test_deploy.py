@@ -122,14 +122,14 @@ def test_build_offline_script_checks_arguments_first():
 
 @pytest.mark.process
 def test_docs_use_only_options_the_script_has():
-    """Every option that README.md and deploy/README.md pass to build-offline.sh is in its --help."""
+    """Every option that docs/deploy.md and deploy/README.md pass to build-offline.sh is in its --help."""
     r = _script("--help")
     assert r.returncode == 0
     documented = set(re.findall(r"^  (?:-\w, )?(--[a-z-]+)", r.stdout, re.M))
     assert {"--debian-mirror", "--ca-cert", "--pip-conf", "--index-url", "--wheels", "--find-links",
             "--torch-index", "--cuda"} <= documented
     used = set()
-    for doc in (REPO / "README.md", DEPLOY / "README.md"):
+    for doc in (REPO / "docs" / "deploy.md", DEPLOY / "README.md"):
         text = doc.read_text()
         for call in re.findall(r"build-offline\.sh((?:\\\n|[^\n`])*)", text):
             call = re.split(r"&&|[;|#]", call)[0]  # up to the next command or comment
@@ -139,7 +139,7 @@ def test_docs_use_only_options_the_script_has():
 
 
 def test_docker_docs_match_what_was_run():
-    for doc in (REPO / "README.md", DEPLOY / "README.md"):
+    for doc in (REPO / "docs" / "deploy.md", DEPLOY / "README.md"):
         text = doc.read_text()
         assert "deploy/build-offline.sh" in text, doc
         # `--network none` drops `-p`: the claim must say how it was checked (docker exec).

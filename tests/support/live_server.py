@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Iterator
 
 import httpx
 
-from tests.support.processes import http_probe, stop_process, wait_until_ready
+from tests.support.processes import free_port, http_probe, stop_process, wait_until_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120.0
@@ -34,13 +33,6 @@ SMOLLM_NAME = "SmolLM2-135M-Instruct"
 # (measured: 24 SmolLM2 tokens 2.4 s with 1 thread vs 9 s with 2 under load; 1.3 s with 2 when idle).
 # LIVE_SERVER_THREADS=N overrides it; LIVE_SERVER_THREADS=0 leaves torch's default.
 DEFAULT_TORCH_THREADS: int | None = int(os.environ.get("LIVE_SERVER_THREADS", "1")) or None
-
-
-def free_port() -> int:
-    """A port the OS considers free right now (bind to port 0, read it back, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerStartError(RuntimeError):
@@ -60,6 +52,8 @@ class LiveServer:
         extra_args: list[str] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         torch_threads: int | None = DEFAULT_TORCH_THREADS,
+        launcher: list[str] | None = None,  # what runs `serve`: default `python -m softserve` from this checkout
+        cwd: str | os.PathLike[str] = REPO_ROOT,
     ) -> None:
         # A URL (s3://bucket/prefix) stays a string: Path() would fold "//" into a local relative path.
         self.store = store if isinstance(store, str) and "://" in store else Path(store)
@@ -71,6 +65,8 @@ class LiveServer:
             raise ValueError("a store URL needs log_dir")
         self.log_dir = Path(log_dir) if log_dir is not None else self.store.parent
         self.torch_threads = torch_threads
+        self.launcher = launcher or [sys.executable, "-m", "softserve"]
+        self.cwd = cwd
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self._stdout_path: Path | None = None
@@ -96,7 +92,7 @@ class LiveServer:
 
     # ---- life cycle -----------------------------------------------------------------------------
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "softserve", "serve", "--port", str(self.port), "--host", "127.0.0.1",
+        cmd = [*self.launcher, "serve", "--port", str(self.port), "--host", "127.0.0.1",
                "--store", str(self.store)]
         if self.model is not None:
             cmd += ["--model", str(self.model)]
@@ -120,7 +116,7 @@ class LiveServer:
             env.update(OMP_NUM_THREADS=str(self.torch_threads), MKL_NUM_THREADS=str(self.torch_threads))
         with open(self._stdout_path, "wb") as out, open(self._stderr_path, "wb") as err:
             # Files, not pipes: a chatty server can never block on a full pipe nobody reads.
-            self.proc = subprocess.Popen(self.command(), cwd=REPO_ROOT, env=env, stdout=out, stderr=err,
+            self.proc = subprocess.Popen(self.command(), cwd=self.cwd, env=env, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)
         try:
             self.wait_ready(timeout)

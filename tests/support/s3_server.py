@@ -12,24 +12,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
-from tests.support.processes import stop_process, wait_until_ready
+from tests.support.processes import free_port, stop_process, wait_until_ready
 
 ACCESS_KEY = "softserve-test-key"
 SECRET_KEY = "softserve-test-secret-0123456789"
 BUCKET = "softserve-test"
 START_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weed_binary() -> str | None:

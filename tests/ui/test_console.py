@@ -65,7 +65,8 @@ def test_page_and_assets_are_served_with_a_strict_policy(console):
         if name.endswith(".js"):
             assert "javascript" in r.headers["content-type"], r.headers["content-type"]
             pending += re.findall(r'from "\./([\w.]+)"', r.text)
-    assert {"app.js", "api.js", "charts.js", "registry.js", "playground.js", "tuning.js", "metrics.js", "style.css"} <= seen
+    assert {"app.js", "api.js", "charts.js", "registry.js", "releases.js", "playground.js", "tuning.js", "metrics.js",
+            "style.css"} <= seen
     assert seen == {p.name for p in STATIC_DIR.iterdir()} - {"index.html"}  # nothing unused ships
     # Offline: nothing is fetched from another origin (the SVG namespace is a name, not a fetch).
     for path in STATIC_DIR.iterdir():
@@ -130,7 +131,7 @@ def test_stats_show_only_what_the_key_may_see(console):
     point = a["points"][-1]
     assert {"requests_per_s", "tokens_per_s", "queue_depth", "batch_size", "prompt_cache_hit_rate", "kv_cache_hit_rate",
             "ttft_s", "kv_pool_used"} <= set(point)
-    assert 0 <= point["kv_pool_used"] <= 1  # engine v2's preallocated pool exists on this server
+    assert 0 <= point["kv_pool_used"] <= 1  # the engine's preallocated pool exists on this server
     assert console.get("/ui/api/stats", params={"since": -1}, headers=console.h["a"]).status_code == 400
 
 
@@ -159,6 +160,36 @@ def test_rollback_makes_an_old_version_latest_within_the_tenant(console):
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     r = console.post("/ui/api/prompts/public/shared/rollback", json={"version": p1}, headers=admin)
     assert r.status_code == 200 and r.json()["version"] == p1
+
+
+def test_releases_view_data_is_per_tenant_and_side_by_side(console):
+    a, b, admin = console.h["a"], console.h["b"], console.h["admin"]
+    v1 = _upload(console, "support", _blob(1, 4, console.hidden), a)["version"]
+    v2 = _upload(console, "support", _blob(2, 4, console.hidden), a)["version"]
+    console.put("/v1/prompts/support/aliases/prod", json={"split": [{"version": v1, "weight": 3}, {"version": v2, "weight": 1}]},
+                headers=a)
+    served = [console.post("/v1/completions", json={"model": "support@prod", "prompt": "hi", "max_tokens": 2, "user": f"u{i}"},
+                           headers=a).json()["model"] for i in range(8)]
+    r = console.get("/ui/api/prompts/support/releases", headers=a)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert [x["id"] for x in data["aliases"]] == ["support@prod"]
+    rows = {v["version"]: v for v in data["versions"]}
+    assert [v["version"] for v in data["versions"]] == [v2, v1] and data["versions"][0]["latest"]
+    assert rows[v1]["aliases"] == {"prod": 0.75} and rows[v2]["aliases"] == {"prod": 0.25}
+    for version, row in rows.items():  # this replica's numbers per version match what the answers said
+        assert row["numbers"].get("requests", 0) == served.count(f"support@{version}")
+    assert sum(row["numbers"]["generation_tokens"] for row in rows.values() if row["numbers"]) == 16
+    assert console.get("/ui/api/prompts/support/releases", headers=b).status_code == 404
+    assert console.get("/ui/api/prompts/acme/support/releases", headers=b).status_code == 404
+    assert console.get("/ui/api/prompts/support/releases").status_code == 401
+    # another tenant's traffic on a public prompt shows in its own view only
+    p1 = _upload(console, "public/shared", _blob(3, 2, console.hidden), admin)["version"]
+    console.put("/v1/prompts/public/shared/aliases/prod", json={"version": p1}, headers=admin)
+    console.post("/v1/completions", json={"model": "public/shared@prod", "prompt": "hi", "max_tokens": 2}, headers=b)
+    seen_by_b = console.get("/ui/api/prompts/public/shared/releases", headers=b).json()
+    assert seen_by_b["aliases"][0]["id"] == "public/shared@prod" and seen_by_b["versions"][0]["numbers"]["requests"] == 1
+    assert console.get("/ui/api/prompts/public/shared/releases", headers=a).json()["versions"][0]["numbers"] == {}
 
 
 def test_stats_history_rates_and_tenant_filter():

@@ -351,3 +351,64 @@ def test_second_tenant_sees_nothing_of_the_first(open_console, env):
     page.get_by_role("link", name="Metrics").click()
     expect(page.locator("#metrics-scope")).to_contain_text("tenant beta")
     _check_clean(page)
+
+
+def test_releases_view_shows_aliases_and_numbers_and_moves_a_split(open_console, env, shots):
+    with _api(env, "acme") as c:
+        v1 = upload(c, "support", prompt_bytes(11, 4, TINY_HIDDEN, 0.05), adapter_config(4)).json()["version"]
+        v2 = upload(c, "support", prompt_bytes(12, 4, TINY_HIDDEN, 0.05), adapter_config(4)).json()["version"]
+        assert c.put("/v1/prompts/support/aliases/prod", json={"version": v1}).status_code == 200
+        for user in range(3):
+            r = c.post("/v1/completions", json={"model": "support@prod", "prompt": "hi", "max_tokens": 2, "user": f"u{user}"})
+            assert r.json()["model"] == f"support@{v1}"
+        c.post("/v1/feedback", json={"id": r.json()["id"], "score": 0.5})
+    page = open_console("acme", "releases")
+    page.locator("#releases-prompt").fill("support")
+    page.get_by_role("button", name="Show", exact=True).click()
+    prod = page.locator("#releases-aliases tr[data-alias='prod']")
+    expect(prod).to_contain_text(f"{v1} 100%")
+    expect(prod).to_contain_text("acme:key-")
+    first = page.locator(f"#releases-versions tr[data-version='{v1}'] td")
+    expect(first.nth(0)).to_have_text("prod 100%")
+    expect(first.nth(1)).to_have_text("3")  # requests through the alias, side by side with...
+    expect(first.nth(6)).to_have_text("0.50 (1)")  # ...the feedback it got
+    expect(page.locator(f"#releases-versions tr[data-version='{v2}'] td").nth(1)).to_have_text("0")
+
+    # split prod 90/10 from the form
+    page.get_by_role("button", name="Edit support@prod").click()
+    page.get_by_role("button", name="Add version").click()
+    page.get_by_label("Version 2", exact=True).select_option(v2)
+    page.get_by_label("Weight of version 1").fill("90")
+    page.get_by_label("Weight of version 2").fill("10")
+    page.get_by_role("button", name="Save alias").click()
+    expect(prod).to_contain_text(f"{v1} 90%")
+    expect(prod).to_contain_text(f"{v2} 10%")
+    expect(page.locator(f"#releases-versions tr[data-version='{v2}'] td").nth(0)).to_have_text("prod 10%")
+    with _api(env, "acme") as c:
+        arms = c.get("/v1/prompts/support/aliases/prod").json()["split"]
+        assert arms == [{"version": v1, "weight": 90.0}, {"version": v2, "weight": 10.0}]
+
+    # a new alias pointing at v2 alone; a bad name is refused with the server's message
+    page.locator("#alias-name").fill("beef")
+    page.get_by_role("button", name="Remove version 2").click()
+    page.get_by_label("Version 1", exact=True).select_option(v2)
+    page.get_by_role("button", name="Save alias").click()
+    expect(page.locator("#alias-error")).to_contain_text("hex")
+    page.locator("#alias-name").fill("canary")
+    page.get_by_role("button", name="Save alias").click()
+    expect(page.locator("#releases-aliases tr[data-alias='canary']")).to_contain_text(f"{v2} 100%")
+    shots(page, "releases")
+    _check_clean(page)
+
+    # delete it (with the confirmation); the prompt keeps prod
+    page.get_by_role("button", name="Delete support@canary").click()
+    page.locator("#confirm-ok").click()
+    expect(page.locator("#releases-aliases tr[data-alias='canary']")).to_have_count(0)
+    expect(prod).to_be_visible()
+
+    # another tenant: the same name is a 404 like any missing prompt
+    other = open_console("beta", "releases")
+    other.locator("#releases-prompt").fill("support")
+    other.get_by_role("button", name="Show", exact=True).click()
+    expect(other.locator("#releases-status")).to_contain_text("Could not load support")
+    expect(other.locator("#releases-body")).to_be_hidden()

@@ -1,12 +1,13 @@
-// Console shell: sign-in, hash navigation between the four pages.
+// Console shell: sign-in, hash navigation between the pages.
 
 import { api, ApiError, apiKey, session, setApiKey } from "./api.js";
 import * as metrics from "./metrics.js";
 import * as playground from "./playground.js";
 import * as registry from "./registry.js";
+import * as releases from "./releases.js";
 import * as tuning from "./tuning.js";
 
-const PAGES = { registry, playground, tuning, metrics };
+const PAGES = { registry, releases, playground, tuning, metrics };
 let current = null;
 
 function showOnly(id) {

@@ -1,4 +1,4 @@
-"""Engine v2 on the tiny random model: one forward per step, chunked prefill, inline prompt KV, KV pool.
+"""Packed engine steps on the tiny random model: one forward per step, chunked prefill, inline prompt KV, KV pool.
 
 Every check compares token ids with `reference_greedy` (full recompute of [P, prompt, generated], no
 cache, no batching) and/or the same request run alone.
