@@ -16,7 +16,8 @@ from softserve.api import schemas as S
 from softserve.api.deps import PrincipalDep, RuntimeDep
 from softserve.api.errors import service_error_body
 from softserve.api.openai_params import check_supported, guided_spec, num_prompts, sampling_template
-from softserve.engine.request import GuidedSpec, TokenLogprob
+from softserve.engine.outputs import TokenLogprob
+from softserve.engine.request import GuidedSpec
 from softserve.service.errors import InvalidRequest, ServiceError
 from softserve.service.generation import (
     Choice, ResolvedModel, Tracker, apply_delta, build_requests, check_fan_out, collect, compile_guided, finish_reason_str,

@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from softserve.engine.engine import EngineStats, LLMEngine
-from softserve.engine.request import ErrorKind, FinishReason, Request, RequestOutput
+from softserve.engine.outputs import RequestOutput
+from softserve.engine.request import ErrorKind, FinishReason, Request
 from softserve.engine.scheduler import QueueFullError
 
 log = logging.getLogger("softserve.engine")
@@ -121,8 +122,7 @@ class AsyncEngine:
                     self.engine.add_request(payload)
                 except (QueueFullError, ValueError) as exc:
                     kind = ErrorKind.QUEUE_FULL if isinstance(exc, QueueFullError) else ErrorKind.REJECTED
-                    payload.finish(FinishReason.ERROR, error=str(exc), error_kind=kind)
-                    self._deliver(self.engine.final_output(payload))
+                    self.engine.reject(payload, str(exc), kind)  # its error delta comes with the next step
             elif kind == "abort":
                 self.engine.abort_request(payload)
             try:

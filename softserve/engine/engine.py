@@ -1,6 +1,8 @@
 """The engine: one step is exactly schedule() -> run() -> postprocess().
 
 Synchronous and single-threaded; `AsyncEngine` (async_engine.py) runs it in its own thread.
+A request's state lives on its `Request`; it finishes only through `Scheduler.finish`, and leaves
+the engine in `final_output` (its last delta, its on_finish callback), whatever ended it.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ import dataclasses
 import logging
 
 from softserve.engine.config import EngineConfig
-from softserve.engine.detokenizer import DetokState, Detokenizer
+from softserve.engine.detokenizer import Detokenizer
 from softserve.engine.guided import attach_guided_state
 from softserve.engine.kv_cache import KVPool, PrefixKVCache, default_kv_cache_bytes, kv_shape
-from softserve.engine.model_runner import ModelRunner, RowLogprobs
-from softserve.engine.request import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
-from softserve.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+from softserve.engine.model_runner import ModelRunner
+from softserve.engine.outputs import RequestOutput, RowLogprobs, RunnerOutput, TokenLogprob
+from softserve.engine.request import ErrorKind, FinishReason, Request
+from softserve.engine.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger("softserve.engine")
 
@@ -84,7 +87,6 @@ class LLMEngine:
         )
         self.steps_run = 0  # steps that ran a forward (the scheduler also counts empty ones)
         self.detokenizer = Detokenizer(tokenizer)
-        self._detok: dict[str, DetokState] = {}
         self.on_out_of_memory = None  # set by the service: trim other device caches after an OOM
 
     # ---- intake -------------------------------------------------------------------------------
@@ -98,10 +100,14 @@ class LLMEngine:
         if request.soft_prompt is not None:
             self._check_prompt_shape(request.soft_prompt)
         attach_guided_state(request, self.tokenizer, self.eos_token_ids)  # ValueError if the grammar is bad
-        self.scheduler.add(request)
-        self._detok[request.request_id] = self.detokenizer.new_state(
+        request.detok = self.detokenizer.new_state(
             request.prompt_ids, request.sampling.stop, request.sampling.skip_special_tokens
         )
+        self.scheduler.add(request)
+
+    def reject(self, request: Request, error: str, error_kind: ErrorKind) -> None:
+        """A request `add_request` refused: it finishes like any other (its last delta comes from the next step)."""
+        self.scheduler.finish(request, FinishReason.ERROR, error=error, error_kind=error_kind)
 
     def _check_prompt_shape(self, prompt) -> None:
         """The store validates shapes at upload; this keeps one wrong tensor from failing a whole batch."""
@@ -144,10 +150,15 @@ class LLMEngine:
 
     # ---- step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One forward (if anything is scheduled), then the deltas: one per request that got a token,
+        and the last one of every request that finished, by any path, since the previous step."""
         sched = self.scheduler.schedule()
-        outputs = [self.final_output(r, "") for r in sched.finished]
-        if sched.is_empty:
-            return outputs
+        outputs = self._run(sched) if not sched.is_empty else []
+        reported = {out.request_id for out in outputs if out.finished}
+        outputs.extend(self.final_output(r) for r in self.scheduler.take_finished() if r.request_id not in reported)
+        return outputs
+
+    def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
         self.steps_run += 1
         try:
             result = self.runner.run(sched)
@@ -157,10 +168,10 @@ class LLMEngine:
                 self.runner.trim_memory()
                 if self.on_out_of_memory is not None:
                     self.on_out_of_memory()
-            failed = [row.request for row in sched.rows]  # mid-prefill rows too: their KV is incomplete
-            self.scheduler.fail(failed, f"engine error: {type(exc).__name__}")
-            return outputs + [self.final_output(r, "") for r in failed]
-        return outputs + self.postprocess(sched, result)
+            # Mid-prefill rows too: their KV is incomplete. Their last deltas come from take_finished.
+            self.scheduler.fail([row.request for row in sched.rows], f"engine error: {type(exc).__name__}")
+            return []
+        return self.postprocess(sched, result)
 
     def postprocess(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         outputs = []
@@ -169,21 +180,19 @@ class LLMEngine:
                 outputs.append(self._request_delta(request, result, row))
             except Exception as exc:  # a bad corner case in one request fails only that request
                 log.exception("postprocess failed for %s", request.request_id)
-                request.finish(FinishReason.ERROR, self.scheduler.step_count, error=f"{type(exc).__name__}: {exc}",
-                               error_kind=ErrorKind.ENGINE_ERROR)
-                outputs.append(self.final_output(request, ""))
-        self.scheduler.drop_finished()
+                self.scheduler.finish(request, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}",
+                                      error_kind=ErrorKind.ENGINE_ERROR)
         return outputs
 
     def _request_delta(self, request: Request, result: RunnerOutput, row: int) -> RequestOutput:
         prompt_logprobs = self._prompt_logprobs(request)
         if not request.output_ids:  # max_tokens == 0: scored, nothing generated
             return self.final_output(request, "", prompt_logprobs=prompt_logprobs)
-        state = self._detok[request.request_id]
+        state = request.detok
         token_id = request.output_ids[-1]
         text, hit_stop = self.detokenizer.step(state, token_id, is_last=request.is_finished)
         if hit_stop:
-            self.scheduler.finish_by_stop_string(request)
+            self.scheduler.finish(request, FinishReason.STOP)
         logprobs = ()
         row_logprobs = result.logprobs[row] if result.logprobs else None
         if row_logprobs is not None:
@@ -221,9 +230,8 @@ class LLMEngine:
                      for e in entries)
 
     def final_output(self, request: Request, text: str = "", token_ids=(), logprobs=(), prompt_logprobs=None) -> RequestOutput:
-        """The last delta of a finished request; frees what it held in the engine and runs its on_finish."""
-        self._detok.pop(request.request_id, None)
-        self.runner.release(request.request_id)
+        """The last delta of a finished request; drops its engine state and runs its on_finish."""
+        request.release_state()
         if request.on_finish is not None:
             callback, request.on_finish = request.on_finish, None
             try:

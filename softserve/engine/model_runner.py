@@ -21,19 +21,14 @@ import torch
 
 from softserve.engine.guided import advance_guided
 from softserve.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache, kv_shape
+from softserve.engine.outputs import RowLogprobs, RunnerOutput
 from softserve.engine.packed_attention import BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, install
 from softserve.engine.request import Request, SamplingParams
 from softserve.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
-from softserve.engine.scheduler import RunnerOutput, ScheduledRow, SchedulerOutput
+from softserve.engine.scheduler import ScheduledRow, SchedulerOutput
 from softserve.engine.scoring import PromptLogitsSpan, record_prompt_logprobs, scored_positions, start_prompt_logprobs
 
 log = logging.getLogger("softserve.runner")
-
-
-@dataclass(frozen=True)
-class RowLogprobs:
-    chosen: float
-    top: tuple[tuple[int, float], ...]  # (token_id, logprob), best first
 
 
 @dataclass
@@ -86,14 +81,9 @@ class ModelRunner:
         self.pool = KVPool(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                            capacity=kv_cache_tokens, dtype=self.dtype, device=self.device)
         self._no_mask = NO_MASK.to(self.device)
-        self.generators: dict[str, torch.Generator] = {}
         self.forward_passes = 0  # model calls; equals the engine's non-empty steps (one forward per step)
         # One SDPA call per layer per row group (packed_attention.py); False: the per-row reference loop.
         self.batched_attention = True
-
-    def release(self, request_id: str) -> None:
-        """The request left the engine: forget its per-request state (its KV extent is the scheduler's)."""
-        self.generators.pop(request_id, None)
 
     # ---- soft-prompt KV prefixes -------------------------------------------------------------
     def _prefix_key(self, request: Request) -> tuple[str, str, str]:
@@ -182,7 +172,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> RunnerOutput:
         for request in sched.prefill:
-            self.generators[request.request_id] = make_generator(request.sampling.seed, self.device)
+            request.generator = make_generator(request.sampling.seed, self.device)
             start_prompt_logprobs(request)
             if request.cached_prefix is not None:
                 self._copy_prefix_in(request)
@@ -200,7 +190,7 @@ class ModelRunner:
         scheduled = sched.scheduled
         banned = [_banned_ids(r, self._eos_ids) for r in scheduled]
         params = [r.sampling for r in scheduled]
-        generators = [self.generators[r.request_id] for r in scheduled]
+        generators = [r.generator for r in scheduled]
         failed_rows: dict[int, str] = {}
         apply_guided_masks(all_logits, scheduled)
         try:

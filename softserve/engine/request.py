@@ -1,7 +1,8 @@
 """The one object that carries a request from HTTP to finish, plus its sampling params and deltas.
 
 Plain Python on purpose (no torch import): the scheduler and its unit tests only ever see these.
-The soft prompt's tensor rides along as an opaque handle the model runner understands.
+The soft prompt's tensor and the sampling generator ride along as opaque handles the model runner
+understands. The deltas a request produces are in outputs.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from softserve.engine.detokenizer import DetokState
 
 
 class RequestStatus(enum.Enum):
@@ -100,14 +103,6 @@ class SoftPrompt:
         return self.kind == "prefix_tuning"
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float
-    top: tuple[tuple[int, str, float], ...]  # (token_id, token, logprob), best first
-
-
 @dataclass
 class Request:
     request_id: str
@@ -118,6 +113,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     # Called exactly once when the request leaves the engine (release prompt-cache pins, metrics).
     on_finish: Callable[["Request"], None] | None = None
+    # Per-request engine state lives here, as nano-vllm keeps it on its Sequence: no side maps keyed
+    # by request id. The engine drops the heavy parts when the request leaves it (`release_state`).
+    detok: DetokState | None = None  # incremental detokenizer and stop strings (the engine sets it at add)
+    generator: Any = None  # torch.Generator of its seeded sampling (the runner sets it at admission)
     guided_state: Any = None  # grammar matcher for sampling.guided (softserve/engine/guided.py)
     # Set by the prefill when sampling.prompt_logprobs is set: per prompt position, None or
     # (token_id, logprob, ((top_id, top_logprob), ...)).
@@ -177,10 +176,12 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    def finish(self, reason: FinishReason, step: int | None = None, error: str | None = None,
-               error_kind: ErrorKind | None = None) -> None:
+    def mark_finished(self, reason: FinishReason, step: int | None = None, error: str | None = None,
+                      error_kind: ErrorKind | None = None) -> bool:
+        """The state change only; called by `Scheduler.finish`, the one place a request finishes
+        (which also takes it out of the queues and frees its KV). False if it had finished already."""
         if self.is_finished:
-            return
+            return False
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.error = error
@@ -188,21 +189,10 @@ class Request:
         if reason == FinishReason.ERROR and error_kind is None:
             self.error_kind = ErrorKind.ENGINE_ERROR
         self.finished_step = step
+        return True
 
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """A delta: what happened to one request in one engine step."""
-
-    request_id: str
-    text: str  # new text since the previous delta (stop strings already cut)
-    token_ids: tuple[int, ...]  # new token ids since the previous delta
-    logprobs: tuple[TokenLogprob, ...] = ()
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # in the first delta only
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    num_virtual_tokens: int = 0
-    num_output_tokens: int = 0
-    error: str | None = None
-    error_kind: ErrorKind | None = None  # set when finish_reason is ERROR
+    def release_state(self) -> None:
+        """The request left the engine: drop what only a running request needs."""
+        self.detok = None
+        self.generator = None
+        self.guided_state = None

@@ -9,6 +9,11 @@ Token-level continuous batching. Every step builds ONE packed batch:
   forward. A request whose prompt is being computed by another row waits one step and then hits.
 A row samples a token only in the step whose chunk reaches the end of its known tokens.
 
+Finishing: `finish` is the one place a request ends, for every reason (EOS, stop token, length, a
+stop string the engine's detokenizer found, abort, timeout, a failed row or step). It takes the
+request out of the queue or the batch at once, frees its KV, and queues it for `take_finished`,
+from which the engine builds the request's last delta.
+
 KV: each running request owns one contiguous extent of the KV pool (see kv_allocator.py) from
 admission to finish. Admission stops when no extent fits, so a full pool means waiting, never OOM.
 
@@ -34,6 +39,7 @@ from typing import Any, Callable
 
 from softserve.engine.config import SchedulerConfig
 from softserve.engine.kv_allocator import KVAllocator
+from softserve.engine.outputs import RunnerOutput
 from softserve.engine.request import ErrorKind, FinishReason, Request, RequestStatus
 
 
@@ -62,7 +68,6 @@ class SchedulerOutput:
     rows: list[ScheduledRow] = field(default_factory=list)  # packed order: decode, continued prefill, new
     prefill: list[Request] = field(default_factory=list)  # admitted this step
     decode: list[Request] = field(default_factory=list)  # already running, one token each
-    finished: list[Request] = field(default_factory=list)  # left since the last step (aborted, timed out)
 
     @property
     def is_empty(self) -> bool:
@@ -72,15 +77,6 @@ class SchedulerOutput:
     def scheduled(self) -> list[Request]:
         """Rows that get a token this step, in packed order: the runner's outputs line up with these."""
         return [row.request for row in self.rows if row.samples]
-
-
-@dataclass(frozen=True)
-class RunnerOutput:
-    """What the model runner produced for `SchedulerOutput.scheduled`, in that order."""
-
-    sampled_token_ids: list[int]
-    logprobs: list[object | None] | None = None  # per row, opaque to the scheduler
-    failed_rows: dict[int, str] = field(default_factory=dict)  # row index -> error (that row only)
 
 
 class Scheduler:
@@ -100,7 +96,7 @@ class Scheduler:
         self.tenant_counters: dict[str, float] = {}  # VTC: service received per tenant
         self.kv = KVAllocator(config.kv_cache_tokens) if config.kv_cache_tokens else None
         self._prefix_in_progress: dict[str, str] = {}  # prompt sha256 -> request computing its KV
-        self._left: list[Request] = []  # finished outside a step (abort, timeout), reported next step
+        self._finished: list[Request] = []  # finished since the engine last took them (take_finished)
         self.step_count = 0
 
     # ---- intake -------------------------------------------------------------------------------
@@ -166,19 +162,35 @@ class Scheduler:
                 or any(r.tenant == tenant for r in self.running))
 
     def abort(self, request_id: str) -> Request | None:
-        return self._remove(request_id, FinishReason.ABORT)
+        request = self._find(request_id)
+        if request is not None:
+            self.finish(request, FinishReason.ABORT)
+        return request
 
-    def _remove(self, request_id: str, reason: FinishReason, error: str | None = None,
-                error_kind: ErrorKind | None = None) -> Request | None:
+    def _find(self, request_id: str) -> Request | None:
         for queue in self._queues() + [self.running]:
             for request in queue:
                 if request.request_id == request_id:
-                    request.finish(reason, self.step_count, error=error, error_kind=error_kind)
-                    queue.remove(request)
-                    self._release(request)
-                    self._left.append(request)
                     return request
         return None
+
+    def finish(self, request: Request, reason: FinishReason, error: str | None = None,
+               error_kind: ErrorKind | None = None) -> bool:
+        """The one place a request finishes (see the module docstring). False if it had already."""
+        if not request.mark_finished(reason, self.step_count, error=error, error_kind=error_kind):
+            return False
+        for queue in (self.running, self.waiting.get(request.tenant, ()), self.background.get(request.tenant, ())):
+            # (or none of them: refused at add)
+            if _unlink(queue, request):
+                break
+        self._release(request)
+        self._finished.append(request)
+        return True
+
+    def take_finished(self) -> list[Request]:
+        """The requests finished since the last call, in the order they finished (each once)."""
+        finished, self._finished = self._finished, []
+        return finished
 
     def _release(self, request: Request) -> None:
         """Give back the request's KV extent and any claim on computing its prompt's KV."""
@@ -192,11 +204,11 @@ class Scheduler:
 
     def fail(self, requests: list[Request], error: str) -> None:
         for request in requests:
-            request.finish(FinishReason.ERROR, self.step_count, error=error, error_kind=ErrorKind.ENGINE_ERROR)
-        self._drop_finished()
+            self.finish(request, FinishReason.ERROR, error=error, error_kind=ErrorKind.ENGINE_ERROR)
 
     def has_unfinished(self) -> bool:
-        return bool(self.num_waiting or self.running or self._left)
+        """Anything to run, or a finished request whose last delta the engine has not built yet."""
+        return bool(self.num_waiting or self.running or self._finished)
 
     def expire(self, now: float | None = None) -> None:
         """Fail requests older than request_timeout_s (waiting or running)."""
@@ -206,15 +218,13 @@ class Scheduler:
         now = time.monotonic() if now is None else now
         for queue in list(self.waiting.values()) + [self.running]:  # waiting background rows never time out
             for request in [r for r in queue if now - r.arrival_time > timeout]:
-                self._remove(request.request_id, FinishReason.ERROR, f"request timed out after {timeout:g} s",
-                             ErrorKind.TIMEOUT)
+                self.finish(request, FinishReason.ERROR, f"request timed out after {timeout:g} s", ErrorKind.TIMEOUT)
 
     # ---- schedule -----------------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         self.expire(now)
         self.step_count += 1
-        out = SchedulerOutput(step=self.step_count, finished=self._left)
-        self._left = []
+        out = SchedulerOutput(step=self.step_count)
         budget = self.config.max_prefill_tokens
         prefilling = []
         for request in self.running:
@@ -292,11 +302,11 @@ class Scheduler:
 
     # ---- update -------------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[tuple[int, Request]]:
-        """Advance every row's computed tokens; append sampled tokens; finish on EOS/stop/length.
+        """Advance every row's computed tokens; append sampled tokens; finish on EOS/stop token/length.
 
-        Returns (index into `sched.scheduled`, request) for the requests that got a token this step.
-        Stop *strings* need text and are checked by the engine's detokenizer, which then calls
-        `finish_by_stop_string`.
+        Returns (index into `sched.scheduled`, request) for the requests that got a token this step
+        (finished ones too). Stop *strings* need text: the engine's detokenizer finds them and calls
+        `finish`.
         """
         scheduled = sched.scheduled
         assert len(result.sampled_token_ids) == len(scheduled), "runner output does not match the schedule"
@@ -313,11 +323,10 @@ class Scheduler:
             if request.is_finished:  # aborted while the step ran
                 continue
             if index in result.failed_rows:
-                request.finish(FinishReason.ERROR, self.step_count, error=result.failed_rows[index])
-                self._left.append(request)
+                self.finish(request, FinishReason.ERROR, error=result.failed_rows[index])
                 continue
             if request.sampling.max_tokens == 0:  # score only: the prefill was for its prompt logprobs
-                request.finish(FinishReason.LENGTH, self.step_count)
+                self.finish(request, FinishReason.LENGTH)
                 stepped.append((index, request))
                 continue
             request.output_ids.append(token_id)
@@ -327,24 +336,17 @@ class Scheduler:
                 not sampling.ignore_eos and token_id in self.eos_token_ids
             )
             if is_stop_token and request.num_output_tokens >= sampling.min_tokens:
-                request.finish(FinishReason.STOP, self.step_count)
-            elif request.num_output_tokens >= sampling.max_tokens:
-                request.finish(FinishReason.LENGTH, self.step_count)
-            elif request.total_len >= self.config.max_model_len:
-                request.finish(FinishReason.LENGTH, self.step_count)
+                self.finish(request, FinishReason.STOP)
+            elif request.num_output_tokens >= sampling.max_tokens or request.total_len >= self.config.max_model_len:
+                self.finish(request, FinishReason.LENGTH)
             stepped.append((index, request))
         return stepped
 
-    def finish_by_stop_string(self, request: Request) -> None:
-        request.finish(FinishReason.STOP, self.step_count)
 
-    def drop_finished(self) -> list[Request]:
-        return self._drop_finished()
-
-    def _drop_finished(self) -> list[Request]:
-        done = [r for r in self.running if r.is_finished]
-        if done:
-            self.running = [r for r in self.running if not r.is_finished]
-            for request in done:
-                self._release(request)
-        return done
+def _unlink(queue: list[Request] | deque[Request], request: Request) -> bool:
+    """Remove `request` by identity (Request is a dataclass: == would compare every field)."""
+    for index, queued in enumerate(queue):
+        if queued is request:
+            del queue[index]
+            return True
+    return False

@@ -20,8 +20,9 @@ from softserve.store.types import PromptMeta, PromptStoreError
 from softserve.engine.async_engine import EngineDeadError
 from softserve.engine.grammar_sandbox import SandboxUnavailable
 from softserve.engine.guided import GuidedSpecError
+from softserve.engine.outputs import RequestOutput
 from softserve.engine.request import (
-    ErrorKind, FinishReason, GuidedSpec, Request, RequestOutput, SamplingParams, SoftPrompt, SoftPromptRef,
+    ErrorKind, FinishReason, GuidedSpec, Request, SamplingParams, SoftPrompt, SoftPromptRef,
 )
 from softserve.engine.scheduler import QueueFullError
 from softserve.logs import log_request

@@ -12,7 +12,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from softserve.store import aliases as store_aliases
 from softserve.store.aliases import Alias, AliasChange
@@ -24,8 +24,6 @@ from .errors import InvalidRequest, NotFound
 from .prompts import parse, store_errors
 from .tenancy import PUBLIC_TENANT, PromptRef, display_prefix, require_write
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
 
 __all__ = ["AliasView", "SplitArm", "list_aliases", "get_alias", "set_alias", "delete_alias", "CompletionLedger",
            "ServedCompletion", "give_feedback", "served_ref",
@@ -179,7 +177,14 @@ class CompletionLedger:
 MAX_ABS_SCORE = 1e6
 
 
-def give_feedback(runtime: Runtime, principal: Principal, completion_id: str, score: float) -> ServedCompletion:
+class FeedbackRuntime(Protocol):
+    """What feedback needs of softserve.service.runtime.Runtime (which imports this module)."""
+
+    completions: CompletionLedger
+    metrics: Any
+
+
+def give_feedback(runtime: FeedbackRuntime, principal: Principal, completion_id: str, score: float) -> ServedCompletion:
     """Attribute `score` to the version(s) that served the principal's completion `completion_id`."""
     if not isinstance(score, (int, float)) or not math.isfinite(score) or abs(score) > MAX_ABS_SCORE:
         raise InvalidRequest(f"score must be a finite number with |score| <= {MAX_ABS_SCORE:g}", param="score")

@@ -23,14 +23,27 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import cas, keys
 from .backends import StorageBackend
+from .names import validate_name
 from .types import PromptNotFound, PromptStoreError, PromptValidationError
 
-if TYPE_CHECKING:
-    from .store import PromptStore
+
+class PromptStore(Protocol):
+    """What alias changes use of softserve.store.store.PromptStore: its head manifests (aliases live in
+    the head) and their lock, cache and backend. A protocol, so the store can import this module."""
+
+    backend: StorageBackend
+    _lock: Any
+    _cas: bool
+
+    def _read_head(self, tenant: str, name: str, *, fresh: bool = False) -> Any: ...
+
+    def _read_head_fresh(self, tenant: str, name: str) -> tuple[Any, str | None]: ...
+
+    def _wrote_head(self, tenant: str, name: str, head: Any) -> None: ...
 
 __all__ = ["ALIAS_RE", "MAX_ARMS", "Arm", "Alias", "AliasChange", "validate_alias", "is_alias_label",
            "assignment_point", "set_alias", "delete_alias", "list_aliases", "get_alias", "history", "in_use",
@@ -150,8 +163,6 @@ def in_use(name: str, aliases: dict[str, Any]) -> PromptStoreError:
 def _change(store: PromptStore, tenant: str, name: str, alias: str, by: str | None,
             new_arms: list[tuple[str, float]] | None) -> tuple[Alias | None, AliasChange]:
     """Set (new_arms) or delete (None) one alias: a compare-and-swap loop on the head."""
-    from .store import validate_name
-
     validate_name(tenant, "tenant")
     validate_name(name)
     validate_alias(alias)
@@ -208,8 +219,6 @@ def delete_alias(store: PromptStore, tenant: str, name: str, alias: str, by: str
 
 def list_aliases(store: PromptStore, tenant: str, name: str) -> list[Alias]:
     """Every alias of a name, sorted; read from the backend (management, never a cached view)."""
-    from .store import validate_name
-
     validate_name(tenant, "tenant")
     validate_name(name)
     head = store._read_head(tenant, name, fresh=True)
@@ -220,8 +229,6 @@ def list_aliases(store: PromptStore, tenant: str, name: str) -> list[Alias]:
 
 def get_alias(store: PromptStore, tenant: str, name: str, alias: str) -> Alias:
     """For serving: from the head cache (an alias move is seen within revalidate_seconds, like an upload)."""
-    from .store import validate_name
-
     validate_name(tenant, "tenant")
     validate_name(name)
     head = store._read_head(tenant, name)
@@ -233,8 +240,6 @@ def get_alias(store: PromptStore, tenant: str, name: str, alias: str) -> Alias:
 
 def history(store: PromptStore, tenant: str, name: str, alias: str | None = None) -> list[AliasChange]:
     """Every change of the name's aliases (or of one), oldest first: the archive plus the inline last."""
-    from .store import validate_name
-
     validate_name(tenant, "tenant")
     validate_name(name)
     head = store._read_head(tenant, name, fresh=True)

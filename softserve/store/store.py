@@ -33,24 +33,16 @@ from . import format as fmt
 from . import keys
 from .backends import StorageBackend
 from .index import ListingIndex
+from .names import NAME_RE, validate_name
 from .types import ModelInfo, PromptIntegrityError, PromptMeta, PromptNotFound, PromptStoreError, PromptValidationError
 from .usage import UsageLedger
 
 __all__ = ["PromptStore", "validate_name", "NAME_RE"]
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 _VERSION_LEN = 12
 _MIN_PREFIX = 6
 _HEX = re.compile(r"^[0-9a-f]+$")
 _HEAD_CACHE_ENTRIES = 10_000
-
-
-def validate_name(value: str, what: str = "prompt name") -> str:
-    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
-        raise PromptValidationError(
-            f"invalid {what} {value!r}: use 1-64 characters from [a-zA-Z0-9._-], starting with a letter or digit"
-        )
-    return value
 
 
 def _json(obj: Any) -> bytes:

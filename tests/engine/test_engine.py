@@ -108,7 +108,7 @@ def test_logprobs_match_reference_log_softmax(tiny_model, tokenizer):
     assert item.token_id == top.indices[0].item()
 
 
-def test_abort_frees_the_row_at_the_next_step(tiny_model, tokenizer):
+def test_abort_frees_the_row_at_once_and_reports_it_at_the_next_step(tiny_model, tokenizer):
     engine = make_engine(tiny_model, tokenizer)
     a = make_request(range(10, 15), max_tokens=50, ignore_eos=True)
     b = make_request(range(20, 25), max_tokens=50, ignore_eos=True)
@@ -119,11 +119,14 @@ def test_abort_frees_the_row_at_the_next_step(tiny_model, tokenizer):
     kv = engine.scheduler.kv
     used_by_two = kv.used_tokens
     assert engine.num_running == 2 and kv.owns(a.request_id) and kv.owns(b.request_id)
+    assert a.generator is not None and a.detok is not None  # its state lives on the request
     assert engine.abort_request(a.request_id)
-    outs = engine.step()
     assert engine.num_running == 1 and not kv.owns(a.request_id) and kv.owns(b.request_id)
-    assert kv.used_tokens == used_by_two - a.kv_reservation and set(engine.runner.generators) == {b.request_id}
-    assert any(o.request_id == a.request_id and o.finish_reason == FinishReason.ABORT for o in outs)
+    assert kv.used_tokens == used_by_two - a.kv_reservation
+    outs = engine.step()
+    assert [o.finish_reason for o in outs if o.request_id == a.request_id] == [FinishReason.ABORT]  # reported once
+    assert a.generator is None and a.detok is None and b.generator is not None and b.detok is not None
+    assert [o.request_id for o in engine.step()] == [b.request_id] and not engine.abort_request(a.request_id)
 
 
 def test_prefix_cache_is_keyed_by_content_not_name(tiny_model, tokenizer):

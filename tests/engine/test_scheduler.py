@@ -6,7 +6,8 @@ import pytest
 
 from softserve.engine.config import SchedulerConfig
 from softserve.engine.request import ErrorKind, FinishReason, Request, SamplingParams
-from softserve.engine.scheduler import QueueFullError, RunnerOutput, Scheduler
+from softserve.engine.outputs import RunnerOutput
+from softserve.engine.scheduler import QueueFullError, Scheduler
 
 EOS = 2
 
@@ -20,7 +21,7 @@ def fake_step(s: Scheduler, token: int = 7, overrides: dict[str, int] | None = N
     out = s.schedule()
     tokens = [(overrides or {}).get(r.request_id, token) for r in out.scheduled]
     s.update(out, RunnerOutput(sampled_token_ids=tokens))
-    s.drop_finished()
+    s.take_finished()
     return out
 
 
@@ -149,8 +150,8 @@ def test_abort_removes_from_waiting_and_running():
     fake_step(s)
     assert s.abort("b") is b and b.finish_reason == FinishReason.ABORT and s.num_waiting == 0
     assert s.abort("a") is a and s.num_running == 0
-    out = s.schedule()
-    assert {r.request_id for r in out.finished} == {"a", "b"} and out.is_empty
+    assert [r.request_id for r in s.take_finished()] == ["b", "a"] and s.take_finished() == []
+    assert s.schedule().is_empty and not s.has_unfinished()
     assert s.abort("missing") is None
 
 
@@ -238,7 +239,7 @@ def test_request_timeout_fails_waiting_and_running():
     out = s.schedule(now=11.0)  # r is 11 s old: timed out; w (6 s) takes its row
     assert running.finish_reason == FinishReason.ERROR and "timed out" in running.error
     assert running.error_kind == ErrorKind.TIMEOUT  # callers branch on the kind, never on the text
-    assert out.finished == [running] and out.prefill == [waiting]
+    assert s.take_finished() == [running] and out.prefill == [waiting]
 
 
 # ---- priorities and background (Batch API) rows ------------------------------------------------------
@@ -334,3 +335,28 @@ def test_waiting_background_rows_do_not_time_out():
     assert [r.request_id for r in s.running] == ["bg"]
     s.expire(now=10**9 + 6)
     assert s.running == []
+
+
+def test_every_way_of_finishing_goes_through_finish_once():
+    """EOS, length, a stop string (the engine calls finish), abort, a failed row and a timeout: each
+    request leaves the batch and its KV at once and is handed to the engine exactly once."""
+    s = Scheduler(SchedulerConfig(max_batch_size=8, kv_cache_tokens=512, request_timeout_s=100), {EOS})
+    eos, length, stop_string, aborted, failed, late = (
+        req("eos"), req("length", max_tokens=1), req("stop-string"), req("aborted"), req("failed"), req("late"))
+    for r in (eos, length, stop_string, aborted, failed, late):
+        s.add(r)
+    late.arrival_time -= 1000  # times out at the first schedule
+    out = s.schedule()
+    assert late.error_kind == ErrorKind.TIMEOUT and [r.request_id for r in s.take_finished()] == ["late"]
+    index = {r.request_id: i for i, r in enumerate(out.scheduled)}
+    tokens = [EOS if r is eos else 7 for r in out.scheduled]
+    stepped = s.update(out, RunnerOutput(tokens, failed_rows={index["failed"]: "sampling failed"}))
+    assert {r.request_id for _, r in stepped} == {"eos", "length", "stop-string", "aborted"}  # not the failed row
+    assert s.finish(stop_string, FinishReason.STOP)  # what the engine does when its detokenizer hits a stop
+    assert s.abort("aborted") is aborted
+    assert not s.finish(eos, FinishReason.ABORT) and eos.finish_reason == FinishReason.STOP  # first reason wins
+    finished = s.take_finished()
+    assert [r.request_id for r in finished] == ["eos", "length", "failed", "stop-string", "aborted"]
+    assert [r.finish_reason for r in finished] == [FinishReason.STOP, FinishReason.LENGTH, FinishReason.ERROR,
+                                                   FinishReason.STOP, FinishReason.ABORT]
+    assert s.running == [] and s.kv.used_tokens == 0 and not s.has_unfinished()

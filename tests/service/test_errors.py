@@ -14,7 +14,8 @@ from softserve.store.types import PromptCacheFull, PromptNotFound, PromptStoreEr
 from softserve.api.errors import STATUS_BY_ERROR, http_headers, http_status
 from softserve.app import create_app
 from softserve.config import Settings
-from softserve.engine.request import ErrorKind, FinishReason, RequestOutput
+from softserve.engine.outputs import RequestOutput
+from softserve.engine.request import ErrorKind, FinishReason
 from softserve.service import errors as E
 from softserve.service.generation import generation_error
 from softserve.service.runtime import LoadedModel
