@@ -23,7 +23,7 @@ import json
 from typing import Any, Callable
 
 from softserve.store import cas, keys
-from softserve.store.lease import HeldLease, LeaseKeeper
+from softserve.store.lease import HeldLease, LeaseKeeper, active_markers
 
 __all__ = ["BatchStore", "RunLost", "HeldLease"]
 
@@ -73,16 +73,7 @@ class BatchStore:
         return sorted(out, key=lambda r: (r["created_at"], r["id"]), reverse=True)
 
     def active(self) -> list[tuple[str, str]]:
-        out = []
-        for key in self.backend.list(keys.ACTIVE_BATCHES_PREFIX):
-            batch_id = keys.active_batch_id(key)
-            if batch_id is None:
-                continue
-            try:
-                out.append((json.loads(self.backend.get(key))["tenant"], batch_id))
-            except (KeyError, ValueError):
-                continue
-        return sorted(out, key=lambda t: t[1])
+        return active_markers(self.backend, keys.ACTIVE_BATCHES_PREFIX, keys.active_batch_id)
 
     def read_input(self, tenant: str, batch_id: str) -> str:
         return self.backend.get(keys.batch_input(tenant, batch_id)).decode("utf-8")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["HeldLease", "LeaseKeeper"]
+__all__ = ["HeldLease", "LeaseKeeper", "active_markers"]
 
 
 @dataclass
@@ -74,3 +74,19 @@ class LeaseKeeper:
         except KeyError:
             return None
         return held.get("owner") if held.get("expires_at", 0) > self.clock() else None
+
+
+def active_markers(backend, prefix: str, id_of: Callable[[str], str | None]) -> list[tuple[str, str]]:
+    """(tenant, id) of every marker under `prefix` (a tuning job's or a batch's "not finished yet"),
+    sorted by id. `id_of` parses a marker key (None: not a marker); a marker deleted between the list
+    and the read, or unreadable, is skipped."""
+    out = []
+    for key in backend.list(prefix):
+        work_id = id_of(key)
+        if work_id is None:
+            continue
+        try:
+            out.append((json.loads(backend.get(key))["tenant"], work_id))
+        except (KeyError, ValueError):
+            continue
+    return sorted(out, key=lambda t: t[1])

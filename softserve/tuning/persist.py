@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 from softserve.store import keys
-from softserve.store.lease import HeldLease, LeaseKeeper
+from softserve.store.lease import HeldLease, LeaseKeeper, active_markers
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -127,17 +127,8 @@ class JobStore:
         return out
 
     def active(self) -> list[tuple[str, str]]:
-        """(tenant, job_id) of every job not known to be finished, oldest id order irrelevant."""
-        out = []
-        for key in self.backend.list(keys.ACTIVE_JOBS_PREFIX):
-            job_id = keys.active_job_id(key)
-            if job_id is None:
-                continue
-            try:
-                out.append((json.loads(self.backend.get(key))["tenant"], job_id))
-            except (KeyError, ValueError):
-                continue
-        return out
+        """(tenant, job_id) of every job not known to be finished."""
+        return active_markers(self.backend, keys.ACTIVE_JOBS_PREFIX, keys.active_job_id)
 
     def deactivate(self, job_id: str) -> None:
         self.backend.delete(keys.active_job(job_id))
