@@ -101,7 +101,8 @@ def test_two_replicas_on_one_s3_store_never_run_the_same_job(seaweed, monkeypatc
         monkeypatch.setenv(key, value)
     model = tiny_model_dir(tmp_path_factory, tokenizer)
     store = f"s3://{seaweed.bucket}/tuning-{uuid.uuid4().hex[:8]}"
-    args = FAST_LEASE + ["--s3-endpoint-url", seaweed.endpoint_url]
+    # One tenant's 4 jobs: the per-tenant limit counts every replica's jobs (issue #26 F7), so raise it.
+    args = FAST_LEASE + ["--s3-endpoint-url", seaweed.endpoint_url, "--max-tuning-jobs-per-tenant", "4"]
     a = LiveServer(store, model=model, extra_args=args + ["--tuning-replica-id", "replica-a"], log_dir=tmp_path).start()
     b = LiveServer(store, model=model, extra_args=args + ["--tuning-replica-id", "replica-b"], log_dir=tmp_path).start()
     try:
