@@ -74,6 +74,11 @@ def test_server_survives_every_hostile_grammar(server, name, n):
         assert c.get("/health").status_code == 200
 
 
+
+# A latency ratio of millisecond requests on the tiny model: the brief keeps timed asserts out of the default
+# suite (it failed at 2.1x on a CI-sized machine while another process installed packages). Run it with
+# `pytest -m slow tests/api/test_grammar_abuse.py`; the survival checks above stay in `make test`.
+@pytest.mark.slow
 def test_hostile_grammars_do_not_stall_other_tenants(server):
     """F2-class requests (5,000 required properties, n=16, a new schema each time so nothing is cached) and
     F1-class ones (chains that crash the compiler) keep arriving; meanwhile a plain 1-token request stays
