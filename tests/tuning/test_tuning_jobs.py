@@ -300,6 +300,11 @@ def test_a_reader_that_sees_the_final_status_also_sees_the_final_event(api):
     job = api.post("/v1/tuning/jobs", headers=a, json=body).json()
     done = wait_for_job(api, job["id"], a, ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done["error"]
+    # The poller can see `succeeded` (the local record) before the tuning thread's final store update
+    # has run: wait for that update, which must come, before judging what it saw.
+    deadline = time.monotonic() + 30
+    while not any(status == "succeeded" for status, _ in seen) and time.monotonic() < deadline:
+        time.sleep(0.02)
     finals = [message for status, message in seen if status == "succeeded"]
     assert finals and all(m.startswith("Job succeeded") for m in finals), seen
 
