@@ -111,8 +111,9 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         common = ["--max-batch-size", str(args.max_batch_size), "--torch-threads", str(args.threads or 0)]
+        policy = [] if args.max_background_tokens is None else ["--max-background-tokens", str(args.max_background_tokens)]
         server = Server(store, model=model_path(args.model), device=args.device, dtype=args.dtype,
-                        extra_args=common + ["--max-queue", "1000", "--max-queue-per-tenant", "0"]).start()
+                        extra_args=common + policy + ["--max-queue", "1000", "--max-queue-per-tenant", "0"]).start()
         try:
             upload_prompts(server.url, [(f"cls-{i}", safetensors_bytes(prompt_tensor(i, 8, args.hidden)))
                                         for i in range(args.num_prompts)])
@@ -134,6 +135,7 @@ def run(args) -> dict:
         "idle_p50_s": median(idle), "loaded_p50_s": median(loaded), "probes_during_batch": len(loaded),
         "interactive_rps": args.requests / seconds_c, "batch_rps": args.requests / seconds_b,
         "run_batch_rps": offline["requests_per_s"], "load_average_after": load_average(),
+        "max_background_tokens": args.max_background_tokens,
     })
     result["ratio_batch_vs_interactive"] = result["batch_rps"] / result["interactive_rps"]
     result["ratio_p50_loaded_vs_idle"] = result["loaded_p50_s"] / result["idle_p50_s"]
@@ -158,7 +160,8 @@ def render(result: dict, args) -> str:
         f"| interactive p50, batch running ({result['probes_during_batch']} probes) | "
         f"{fmt(result['loaded_p50_s'] * 1000, 0)} ms | {fmt(result['ratio_p50_loaded_vs_idle'], 2)}x | <= 1.2x |",
         "",
-        f"Load average {fmt(result['load_average_before'], 1)} before, {fmt(result['load_average_after'], 1)} after.",
+        f"Load average {fmt(result['load_average_before'], 1)} before, {fmt(result['load_average_after'], 1)} after; "
+        f"server --max-background-tokens {result['max_background_tokens'] or 'default'}.",
     ])
 
 
@@ -170,6 +173,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--probes", type=int, default=30, help="interactive requests timed idle and during the batch")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-background-tokens", type=int, default=None,
+                        help="the server's --max-background-tokens (default: the server's default)")
     parser.add_argument("--hidden", type=int, default=576, help="the model's hidden size (576: SmolLM2-135M)")
     args = parser.parse_args(argv)
     if args.quick:  # at most these sizes (smaller ones given on the command line stay)

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     max_batch_requests: int = Field(50_000, ge=1, description="most requests (lines) in one Batch API input file (400 beyond)")
     max_running_batches: int = Field(4, ge=1, description="batches this replica runs at once (others wait, or run on other replicas)")
     batch_window: int = Field(0, ge=0, description="lines of one running batch in the engine at once (0 = 2 x --max-batch-size)")
+    max_background_tokens: int = Field(2, ge=1, description="while interactive requests run or wait (or one left less than --background-grace-seconds ago), Batch API rows together get at most this many tokens (decode tokens and prompt chunks) per engine step; the rest pause, keeping their KV; an idle engine gives batches every row")
+    background_grace_seconds: float = Field(0.5, ge=0, description="background rows stay capped (--max-background-tokens) this long after the last interactive request left, so a client's next request does not wait for a step full of batch rows")
     batch_lease_seconds: float = Field(30.0, gt=0, description="a running batch's lease in the store: a replica that stops renewing it (died) loses the batch to another after this long")
     batch_scan_seconds: float = Field(2.0, gt=0, description="how often a replica looks in the store for unfinished batches nobody runs")
     batch_flush_seconds: float = Field(1.0, gt=0, description="how often a running batch commits its finished lines to the store (at most this much work is redone after a crash)")

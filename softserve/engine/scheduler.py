@@ -23,15 +23,26 @@ goes to the waiting tenant with the smallest counter. A tenant that becomes acti
 smallest counter among active tenants, so idling does not bank credit for a later burst.
 
 Priorities: a request's `priority` (lower first, as in vLLM) orders only its own tenant's queue, so a
-tenant cannot jump other tenants with it (between tenants the counters decide). `background` requests
-(Batch API lines) wait in queues of their own and are admitted only when no interactive request waits;
-running background rows still prefilling get the token budget after interactive ones. The Batch runner
-bounds how many it hands over, so they are outside the --max-queue limits, and a waiting background
-row never times out (only once it runs).
+tenant cannot jump other tenants with it (between tenants the counters decide). The same holds for
+background rows among the tenant's own waiting background rows.
+
+Background rows (Batch API lines) take only the capacity interactive traffic leaves:
+- they wait in queues of their own and are admitted only when no interactive request waits;
+- they never hold a row an interactive request needs: interactive admission counts interactive rows
+  only (`max_batch_size` of them), background admission counts every row;
+- while interactive work is present (a request waits or runs, or one did less than
+  `background_grace_s` ago), all background rows together get at most `max_background_tokens` tokens
+  per step (decode tokens first, oldest rows first, then prompt chunks, then admissions); the others
+  pause for that step and keep their KV. On a CPU a step's cost grows with its tokens, so an
+  interactive request's steps stay close to its idle ones; the grace keeps a client's next request
+  from landing behind a step full of batch rows. With no interactive work they get the whole engine.
+- The Batch runner bounds how many it hands over, so they are outside the --max-queue limits, and a
+  waiting background row never times out (only once it runs).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -98,6 +109,7 @@ class Scheduler:
         self._prefix_in_progress: dict[str, str] = {}  # prompt sha256 -> request computing its KV
         self._finished: list[Request] = []  # finished since the engine last took them (take_finished)
         self.step_count = 0
+        self._interactive_seen_at = -float("inf")  # when interactive work was last present (the grace)
 
     # ---- intake -------------------------------------------------------------------------------
     @property
@@ -143,10 +155,7 @@ class Scheduler:
             floor = min(active) if active else 0.0
             self.tenant_counters[request.tenant] = max(self.tenant_counters.get(request.tenant, 0.0), floor)
         request.status = RequestStatus.WAITING
-        if request.background:
-            self.background.setdefault(request.tenant, deque()).append(request)
-            return
-        queue = self.waiting.setdefault(request.tenant, deque())
+        queue = (self.background if request.background else self.waiting).setdefault(request.tenant, deque())
         if queue and queue[-1].priority > request.priority:  # behind every request of its priority or better
             position = next(i for i, r in enumerate(queue) if r.priority > request.priority)
             queue.insert(position, request)
@@ -223,31 +232,50 @@ class Scheduler:
     # ---- schedule -----------------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         self.expire(now)
+        now = time.monotonic() if now is None else now
         self.step_count += 1
         out = SchedulerOutput(step=self.step_count)
         budget = self.config.max_prefill_tokens
+        # Background rows' tokens this step: capped while interactive work is present (module docstring).
+        background_tokens = self.config.max_background_tokens if self._interactive_present(now) else sys.maxsize
         prefilling = []
         for request in self.running:
             if request.num_uncomputed_tokens == 1 and request.num_computed_tokens >= self._prompt_end(request):
+                if request.background:
+                    if background_tokens <= 0:
+                        continue  # paused this step: keeps its row and KV
+                    background_tokens -= 1
                 out.decode.append(request)
                 out.rows.append(ScheduledRow(request, request.num_computed_tokens, 1, True, False))
             else:
                 prefilling.append(request)
         # Interactive work first: its prefill chunks, then its admissions; background rows get what is left.
-        for background in (False, True):
-            for request in (r for r in prefilling if r.background == background):  # next chunk of admitted rows
-                if budget <= 0:
-                    break
-                budget -= self._schedule_chunk(out, request, budget)
-            if background and any(self.waiting.values()):
-                break  # an interactive request waits (the pool or a prompt's KV holds it up): it goes first
-            budget = self._admit(out, self.background if background else self.waiting, budget,
-                                 time.monotonic() if now is None else now)
+        for request in (r for r in prefilling if not r.background):  # next chunk of admitted rows
+            if budget <= 0:
+                break
+            budget -= self._schedule_chunk(out, request, budget)
+        budget = self._admit(out, self.waiting, budget, now)
+        background_budget = min(budget, background_tokens)
+        for request in (r for r in prefilling if r.background):
+            if background_budget <= 0:
+                break
+            background_budget -= self._schedule_chunk(out, request, background_budget)
+        if not any(self.waiting.values()):  # an interactive request waits (KV pool, a prompt's KV): it goes first
+            self._admit(out, self.background, background_budget, now)
         return out
 
+    def _interactive_present(self, now: float) -> bool:
+        if any(self.waiting.values()) or any(not r.background for r in self.running):
+            self._interactive_seen_at = now
+            return True
+        return now - self._interactive_seen_at < self.config.background_grace_s
+
     def _admit(self, out: SchedulerOutput, queues: dict[str, deque[Request]], budget: int, now: float) -> int:
-        """Admit waiting requests from `queues` while rows and prefill budget last; returns the budget left."""
-        while budget > 0 and len(self.running) < self.config.max_batch_size:
+        """Admit waiting requests from `queues` while rows and prefill budget last; returns the budget left.
+        Interactive requests count only interactive rows: background rows pause instead of holding one."""
+        background = queues is self.background
+        rows = len(self.running) if background else sum(1 for r in self.running if not r.background)
+        while budget > 0 and rows < self.config.max_batch_size:
             tenant = self._next_tenant(queues)
             if tenant is None:
                 break
@@ -273,6 +301,7 @@ class Scheduler:
                 else:
                     self._prefix_in_progress[sha] = request.request_id
             self.running.append(request)
+            rows += 1
             out.prefill.append(request)
             budget -= self._schedule_chunk(out, request, budget)
         return budget

@@ -17,8 +17,8 @@ def req(rid: str, n_prompt: int = 4, **sampling) -> Request:
     return Request(request_id=rid, prompt_ids=list(range(10, 10 + n_prompt)), sampling=SamplingParams(**sampling))
 
 
-def fake_step(s: Scheduler, token: int = 7, overrides: dict[str, int] | None = None):
-    out = s.schedule()
+def fake_step(s: Scheduler, token: int = 7, overrides: dict[str, int] | None = None, now: float | None = None):
+    out = s.schedule(now)
     tokens = [(overrides or {}).get(r.request_id, token) for r in out.scheduled]
     s.update(out, RunnerOutput(sampled_token_ids=tokens))
     s.take_finished()
@@ -249,23 +249,73 @@ def bg(rid: str, tenant: str = "default", **sampling) -> Request:
     return r
 
 
-def test_background_rows_take_only_rows_no_interactive_request_waits_for():
-    s = Scheduler(SchedulerConfig(max_batch_size=3), {EOS})
+def rows_of(out) -> list[tuple[str, int]]:
+    return [(row.request.request_id, row.num_tokens) for row in out.rows]
+
+
+def test_idle_engine_gives_background_rows_every_row_and_interactive_ones_never_wait_for_them():
+    s = Scheduler(SchedulerConfig(max_batch_size=3, max_background_tokens=1, background_grace_s=5), {EOS})
     for i in range(5):
         s.add(bg(f"bg{i}", max_tokens=3))
-    out = fake_step(s)
-    assert [r.request_id for r in out.prefill] == ["bg0", "bg1", "bg2"]  # idle server: batch rows fill it
+    out = fake_step(s, now=0)
+    assert rows_of(out) == [("bg0", 4), ("bg1", 4), ("bg2", 4)]  # idle server: batch rows fill it, uncapped
     s.add(req("live", max_tokens=3))
-    out = fake_step(s)
-    assert out.prefill == []  # no free row yet: the interactive request waits, but ahead of the batch
-    out = fake_step(s)  # bg0..bg2 finish (3 tokens)
-    out = fake_step(s)
-    assert [r.request_id for r in out.prefill][0] == "live"  # the first free row goes to it, not to bg3
-    assert [r.request_id for r in out.prefill] == ["live", "bg3", "bg4"]
+    out = fake_step(s, now=1)
+    # Every row is a batch row, yet the interactive request is admitted at once: batch rows pause
+    # instead of holding a row, and together they get max_background_tokens (1) token.
+    assert rows_of(out) == [("bg0", 1), ("live", 4)]
+    assert len(s.running) == 4  # 3 batch rows + 1 interactive: max_batch_size counts interactive rows for it
+    out = fake_step(s, now=2)
+    assert rows_of(out) == [("bg0", 1), ("live", 1)]  # bg0 (oldest) again: it finishes and frees its row first
+    assert s.num_background_waiting == 2  # no new batch row while interactive work is present
+
+
+def test_background_rows_get_at_most_the_token_cap_while_interactive_work_is_present():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_background_tokens=3, background_grace_s=0), {EOS})
+    for i in range(4):
+        s.add(bg(f"bg{i}", n_prompt=6, max_tokens=20))
+    fake_step(s, now=0)  # all four admitted and prefilled: decoding from now on
+    s.add(req("live", n_prompt=5, max_tokens=4))
+    steps = [fake_step(s, now=1 + i) for i in range(4)]
+    for out in steps:
+        assert sum(n for rid, n in rows_of(out) if rid.startswith("bg")) == 3
+        assert ("live", 5 if out is steps[0] else 1) in rows_of(out)
+    # The cap goes to the oldest rows (they finish and leave first); the paused one keeps its row.
+    assert {r.request_id: r.num_output_tokens for r in s.running if r.background} == {"bg0": 5, "bg1": 5, "bg2": 5, "bg3": 1}
+    # live finished in its 4 steps, exactly as on an idle engine; with no grace, the batch is uncapped again.
+    live = next(r for r in steps[-1].scheduled if r.request_id == "live")
+    assert live.is_finished and live.finished_step - live.first_scheduled_step + 1 == 4
+    assert [rid for rid, _ in rows_of(fake_step(s, now=10))] == ["bg0", "bg1", "bg2", "bg3"]
+
+
+def test_background_prompt_chunks_share_the_cap_and_the_grace_keeps_it_after_interactive_work_left():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_background_tokens=4, background_grace_s=0.5), {EOS})
+    s.add(req("live", n_prompt=3, max_tokens=1))
+    s.add(bg("bg0", n_prompt=20, max_tokens=1))
+    out = fake_step(s, now=100.0)
+    assert rows_of(out) == [("live", 3), ("bg0", 4)]  # the batch row takes what is left, under the cap
+    out = fake_step(s, now=100.2)  # live finished, but only 0.2 s ago: still at most 4 tokens
+    assert rows_of(out) == [("bg0", 4)]
+    out = fake_step(s, now=100.4)
+    assert rows_of(out) == [("bg0", 4)]
+    out = fake_step(s, now=100.6)  # the grace is over: the rest of the prompt at once
+    assert rows_of(out) == [("bg0", 8)]
+
+
+def test_background_rows_honour_priority_within_their_tenant_only():
+    s = Scheduler(SchedulerConfig(max_batch_size=1), {EOS})
+    first, urgent, other = bg("first", max_tokens=1), bg("urgent", max_tokens=1), bg("other", tenant="t2", max_tokens=1)
+    urgent.priority = -1
+    other.priority = -1000
+    for r in (first, urgent, other):
+        s.add(r)
+    order = [fake_step(s).prefill[0].request_id for _ in range(3)]
+    assert order.index("urgent") < order.index("first")  # its own tenant's rows: priority decides
+    assert order[0] == "urgent"  # between tenants the fair-share counters decide, not other's -1000
 
 
 def test_background_rows_wait_while_interactive_ones_wait_and_are_outside_the_queue_limit():
-    s = Scheduler(SchedulerConfig(max_batch_size=2, max_queue=2), {EOS})
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_queue=2, background_grace_s=0), {EOS})
     for i in range(10):  # their runner bounds them: not refused by --max-queue
         s.add(bg(f"bg{i}", max_tokens=1))
     s.add(req("a", max_tokens=1))
