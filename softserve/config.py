@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     max_batch_requests: int = Field(50_000, ge=1, description="most requests (lines) in one Batch API input file (400 beyond)")
     max_running_batches: int = Field(4, ge=1, description="batches this replica runs at once (others wait, or run on other replicas)")
     batch_window: int = Field(0, ge=0, description="lines of one running batch in the engine at once (0 = 2 x --max-batch-size)")
+    batch_retention_seconds: float = Field(30 * 86400.0, ge=0, description="a finished batch (record, output and error files) is deleted this long after it finished and disappears from the batch list (0 = keep forever); its uploaded input file stays")
     max_background_tokens: int = Field(2, ge=1, description="while interactive requests run or wait (or one left less than --background-grace-seconds ago), Batch API rows together get at most this many tokens (decode tokens and prompt chunks) per engine step; the rest pause, keeping their KV; an idle engine gives batches every row")
     background_grace_seconds: float = Field(0.5, ge=0, description="background rows stay capped (--max-background-tokens) this long after the last interactive request left, so a client's next request does not wait for a step full of batch rows")
     batch_lease_seconds: float = Field(30.0, gt=0, description="a running batch's lease in the store: a replica that stops renewing it (died) loses the batch to another after this long")

@@ -8,13 +8,15 @@ Keys (built by `softserve.store.keys`; see softserve/store/LAYOUT.md, "Batches")
     tenants/<t>/batches/<batch_id>/output/<first>-<run>.jsonl   output lines of input lines first.. (run `run`)
     tenants/<t>/batches/<batch_id>/error/<first>-<run>.jsonl    error lines of the same lines
     tenants/<t>/batches/<batch_id>/lease.json               {"owner", "expires_at"}: who runs it
+    batches/finished/<t>/<batch_id>-<finished_at>.json      once finished: what the retention sweep lists
 
 Progress is a prefix: `record["next_line"]` lines (in input order) have their results in the chunks the
 record lists, `[first, end, run]` each. A runner writes a chunk object, then swaps in the record that
 lists it, fenced by the record's `run` (a replica that lost the batch fails the swap). So a kill -9
 loses at most the lines since the last swap, which the next run redoes; a chunk no record lists is
 never read. Finished: the output and error files are written (`files/`), then the final record, then
-the input copy and chunks are deleted and the batch leaves batches/active/.
+the input copy and chunks are deleted and the batch leaves batches/active/. `retention_seconds` after
+it finished, a sweep deletes the batch and its output and error files (`remove`), like tuning jobs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 from typing import Any, Callable
 
 from softserve.store import cas, keys
+from softserve.batch.records import FINISHED
 from softserve.store.lease import HeldLease, LeaseKeeper, active_markers
 
 __all__ = ["BatchStore", "RunLost", "HeldLease"]
@@ -98,6 +101,59 @@ class BatchStore:
 
     def deactivate(self, batch_id: str) -> None:
         self.backend.delete(keys.active_batch(batch_id))
+
+    # ---- finished batches: the index and retention ------------------------------------------------
+    def mark_finished(self, tenant: str, batch_id: str, finished_at: float) -> None:
+        self.backend.put(keys.finished_batch(tenant, batch_id, finished_at),
+                         _dumps({"tenant": tenant, "batch_id": batch_id, "finished_at": int(finished_at)}))
+
+    def finished(self) -> list[keys.FinishedBatchKey]:
+        """Every finished batch in the index (tenant, id and finish time come from the key: no reads)."""
+        return [p for p in map(keys.parse_finished_batch, self.backend.list(keys.FINISHED_BATCHES_PREFIX)) if p]
+
+    def remove(self, entry: keys.FinishedBatchKey, files) -> None:
+        """Delete a finished batch: its record first (from then on it is 404 and unlisted), then its
+        output and error files (`files`: the FileRegistry, which gives their bytes back to the tenant's
+        quota), the rest of its keys, and last its index entry, so a remove cut short is redone by the
+        next sweep. Idempotent: several replicas may sweep at once. The uploaded input file is the
+        tenant's and stays."""
+        tenant, batch_id = entry.tenant, entry.batch_id
+        try:
+            record = self.read(tenant, batch_id)
+        except KeyError:
+            record = None
+        if record is not None:
+            if record.get("status") not in FINISHED:  # never ours to remove
+                self.backend.delete(keys.finished_batch(tenant, batch_id, entry.finished_at))
+                return
+            self.backend.delete(keys.batch_record(tenant, batch_id))
+            for file_id in (record.get("output_file_id"), record.get("error_file_id")):
+                if file_id:
+                    try:
+                        files.delete(tenant, file_id)
+                    except KeyError:
+                        pass  # deleted by the tenant, or by a sweep cut short
+        for key in self.backend.list(keys.batch_prefix(tenant, batch_id)):
+            self.backend.delete(key)
+        self.backend.delete(keys.finished_batch(tenant, batch_id, entry.finished_at))
+
+    def index_legacy_finished(self) -> None:
+        """Once per store: batches that finished before batches/finished/ existed get an entry there, so
+        retention reaches them too (one walk of tenants/; idempotent)."""
+        if self.backend.exists(keys.FINISHED_BATCHES_INDEX_READY):
+            return
+        for key in self.backend.list(keys.TENANTS_PREFIX):
+            parsed = keys.parse_tenant_key(key)
+            if parsed is None or parsed.kind != "batch" or key != keys.batch_record(parsed.tenant, parsed.name):
+                continue
+            try:
+                record = json.loads(self.backend.get(key))
+            except (KeyError, ValueError):
+                continue
+            if record.get("status") in FINISHED:
+                finished_at = max(record.get(f) or 0 for f in ("completed_at", "failed_at", "cancelled_at", "expired_at"))
+                self.mark_finished(parsed.tenant, parsed.name, finished_at or record["created_at"])
+        self.backend.put(keys.FINISHED_BATCHES_INDEX_READY, _dumps({"version": 1}))
 
     # ---- lease ----------------------------------------------------------------------------------
     def acquire(self, tenant: str, batch_id: str) -> HeldLease | None:

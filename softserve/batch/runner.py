@@ -32,6 +32,7 @@ log = logging.getLogger("softserve.batch")
 __all__ = ["LineExecutor", "BatchManager", "BatchRun", "RETRY_STATUSES"]
 
 RETRY_STATUSES = (429, 503, 504)  # "not now": the line is retried, never reported as failed
+SWEEP_SECONDS = 60.0  # retention sweeps at most this often (each lists batches/finished/)
 MAX_LISTED_ERRORS = 100  # of a batch whose every line is invalid, `errors.data` names this many
 
 
@@ -256,6 +257,8 @@ class BatchRun:
         self._clean_up(record)
 
     def _clean_up(self, record: dict) -> None:
+        finished_at = max(record.get(f) or 0 for f in ("completed_at", "failed_at", "cancelled_at", "expired_at"))
+        self.store.mark_finished(self.tenant, self.batch_id, finished_at or time.time())  # for the retention sweep
         self.store.delete_work(self.tenant, self.batch_id)
         self.store.deactivate(self.batch_id)
 
@@ -265,7 +268,7 @@ class BatchManager:
     asyncio side needs one)."""
 
     def __init__(self, store: BatchStore, files, executor: LineExecutor, *, window: int, max_running: int,
-                 scan_seconds: float, flush_seconds: float) -> None:
+                 scan_seconds: float, flush_seconds: float, retention_seconds: float = 0.0) -> None:
         self.store = store
         self.files = files  # FileRegistry: output and error files
         self.executor = executor
@@ -273,6 +276,8 @@ class BatchManager:
         self.max_running = max(1, max_running)
         self.scan_seconds = scan_seconds
         self.flush_seconds = flush_seconds
+        self.retention_seconds = retention_seconds  # 0: finished batches are kept forever
+        self._next_sweep = 0.0
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._running: dict[str, asyncio.Task] = {}
@@ -290,6 +295,12 @@ class BatchManager:
                 await self.scan()
             except Exception:
                 log.exception("batch scan failed")
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + max(self.scan_seconds, SWEEP_SECONDS)
+                try:
+                    await asyncio.to_thread(self.sweep)
+                except Exception:
+                    log.exception("batch retention sweep failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.scan_seconds)
             except TimeoutError:
@@ -309,6 +320,21 @@ class BatchManager:
             if lease is None:
                 continue  # another replica runs it
             self._running[batch_id] = asyncio.ensure_future(self._run(tenant, batch_id, lease))
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete every batch that finished more than `retention_seconds` before `now` (unix seconds),
+        with its output and error files (BatchStore.remove). Any number of replicas may sweep at once.
+        Returns the number removed."""
+        self.store.index_legacy_finished()
+        if self.retention_seconds <= 0:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.retention_seconds
+        old = [entry for entry in self.store.finished() if entry.finished_at < cutoff]
+        for entry in sorted(old, key=lambda e: e.finished_at):
+            self.store.remove(entry, self.files)
+        if old:
+            log.info("batch retention: removed %d batches finished over %.0f s ago", len(old), self.retention_seconds)
+        return len(old)
 
     async def _run(self, tenant: str, batch_id: str, lease: HeldLease) -> None:
         run = BatchRun(self, tenant, batch_id, lease)

@@ -66,7 +66,7 @@ class BatchService:
         self.files = FileRegistry(backend, state.store.max_upload_bytes, usage=state.store.usage)
         self.manager = BatchManager(self.store, self.files, self.executor, window=s.batch_window or 2 * s.max_batch_size,
                                     max_running=s.max_running_batches, scan_seconds=s.batch_scan_seconds,
-                                    flush_seconds=s.batch_flush_seconds)
+                                    flush_seconds=s.batch_flush_seconds, retention_seconds=s.batch_retention_seconds)
         await self.manager.serve()
 
     def require(self) -> tuple[BatchStore, FileRegistry, BatchManager]:

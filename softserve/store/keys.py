@@ -21,6 +21,8 @@ __all__ = [
     "parse_finished_job", "is_generated_id", "is_job_data",
     "ACTIVE_BATCHES_PREFIX", "batches_prefix", "batch_prefix", "batch_record", "batch_input",
     "batch_chunk", "batch_chunks_prefix", "batch_lease", "active_batch", "active_batch_id",
+    "FINISHED_BATCHES_PREFIX", "FINISHED_BATCHES_INDEX_READY", "finished_batch", "FinishedBatchKey",
+    "parse_finished_batch",
 ]
 
 BLOBS_PREFIX = "blobs/sha256/"
@@ -154,15 +156,21 @@ class FinishedJobKey(NamedTuple):
 
 
 def parse_finished_job(key: str) -> FinishedJobKey | None:
-    if not key.startswith(FINISHED_JOBS_PREFIX) or not key.endswith(".json"):
+    parsed = _parse_finished(FINISHED_JOBS_PREFIX, key)
+    return None if parsed is None else FinishedJobKey(*parsed)
+
+
+def _parse_finished(prefix: str, key: str) -> tuple[str, str, int] | None:
+    """`<prefix><tenant>/<id>-<finished_at>.json` -> (tenant, id, finished_at)."""
+    if not key.startswith(prefix) or not key.endswith(".json"):
         return None
-    parts = key[len(FINISHED_JOBS_PREFIX):-len(".json")].split("/")
+    parts = key[len(prefix):-len(".json")].split("/")
     if len(parts) != 2:
         return None
-    job_id, _, when = parts[1].rpartition("-")
-    if not parts[0] or not job_id or not when.isdigit():
+    name, _, when = parts[1].rpartition("-")
+    if not parts[0] or not name or not when.isdigit():
         return None
-    return FinishedJobKey(parts[0], job_id, int(when))
+    return parts[0], name, int(when)
 
 
 # ---- batches (softserve/batch/persist.py) ----------------------------------------------------------------
@@ -207,6 +215,26 @@ def active_batch_id(key: str) -> str | None:
     if key.startswith(ACTIVE_BATCHES_PREFIX) and key.endswith(".json"):
         return key[len(ACTIVE_BATCHES_PREFIX):-len(".json")] or None
     return None
+
+
+# ---- finished batches, by the time they finished (the retention sweep lists only these) ---------------
+FINISHED_BATCHES_PREFIX = "batches/finished/"
+FINISHED_BATCHES_INDEX_READY = "batches/finished-index.json"  # written once batches finished before the index have a key
+
+
+def finished_batch(tenant: str, batch_id: str, finished_at: float) -> str:
+    return f"{FINISHED_BATCHES_PREFIX}{tenant}/{batch_id}-{int(finished_at):010d}.json"
+
+
+class FinishedBatchKey(NamedTuple):
+    tenant: str
+    batch_id: str
+    finished_at: int
+
+
+def parse_finished_batch(key: str) -> FinishedBatchKey | None:
+    parsed = _parse_finished(FINISHED_BATCHES_PREFIX, key)
+    return None if parsed is None else FinishedBatchKey(*parsed)
 
 
 # ---- per-tenant storage usage (softserve/store/usage.py) ----------------------------------------------

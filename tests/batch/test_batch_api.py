@@ -178,3 +178,29 @@ def test_create_request_accepts_exactly_the_endpoints_and_windows_the_runner_ser
     fields = BatchCreateRequest.model_fields
     assert set(get_args(fields["endpoint"].annotation)) == set(ENDPOINTS)
     assert set(get_args(fields["completion_window"].annotation)) == set(COMPLETION_WINDOWS)
+
+
+def test_a_lines_priority_reaches_the_engine_as_a_background_rows_priority(api, monkeypatch):
+    # The scheduler orders a tenant's own batch rows by it (tests/engine/test_scheduler.py); out of
+    # range is a line error, like on the endpoint.
+    from softserve.engine.scheduler import Scheduler
+
+    seen: list[tuple[str, int, bool]] = []
+    add = Scheduler.add
+
+    def recording_add(self, request):
+        seen.append((request.request_id, request.priority, request.background))
+        return add(self, request)
+
+    monkeypatch.setattr(Scheduler, "add", recording_add)
+    h = api.h["a"]
+    lines = [completion_line("low", "one", priority=7), completion_line("urgent", "two", priority=-3),
+             completion_line("bad", "three", priority=5000)]
+    file_id = upload(api, h, jsonl(lines))
+    batch = api.post("/v1/batches", headers=h, json={"input_file_id": file_id, "endpoint": "/v1/completions",
+                                                     "completion_window": "24h"}).json()
+    batch = wait_batch(api, h, batch["id"])
+    assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert sorted((priority, background) for _, priority, background in seen) == [(-3, True), (7, True)]
+    errors = read_lines(api, h, batch["error_file_id"])
+    assert [(e["custom_id"], e["error"]["line"]) for e in errors] == [("bad", 3)]

@@ -14,6 +14,7 @@ from softserve.batch.records import new_record
 from softserve.batch.runner import BatchManager
 from softserve.store import keys
 from softserve.store.backends import MemoryBackend
+from softserve.store.usage import UsageLedger
 from softserve.tuning.files import FileRegistry
 
 ENDPOINT = "/v1/completions"
@@ -150,3 +151,58 @@ def test_busy_answers_are_retried_not_reported():
     final, out = results(backend, record["id"])
     assert final["request_counts"] == {"total": 5, "completed": 5, "failed": 0} and final["error_file_id"] is None
     assert len(out) == 5
+
+
+def test_retention_removes_a_finished_batch_and_its_files_but_not_a_running_one():
+    backend = MemoryBackend()
+    done, _ = make_batch(backend, 3)
+    running, _ = make_batch(backend, 3)
+    store = BatchStore(backend, owner="reader", lease_seconds=1)
+    usage = UsageLedger(backend)
+    files = FileRegistry(backend, 1 << 20, usage=usage)
+    usage.get("acme")  # the tenant's usage record exists (its upload of the input file made it)
+
+    async def scenario():
+        m = manager(backend, "replica-a", FakeExecutor())
+        m.files = files
+        m.retention_seconds = 3600.0
+        m.store.active = lambda: [("acme", done["id"])]  # only `done` runs; `running` stays unfinished
+        task = asyncio.ensure_future(m.serve())
+        await wait_for(lambda: store.read("acme", done["id"])["status"] == "completed")
+        await wait_for(lambda: not m.running)
+        m.stopping.set()
+        task.cancel()
+        return m
+
+    m = asyncio.run(scenario())
+    record = store.read("acme", done["id"])
+    finished_at = record["completed_at"]
+    assert [(e.batch_id, e.finished_at) for e in store.finished()] == [(done["id"], finished_at)]
+    out_id = record["output_file_id"]
+    stored = files.get("acme", out_id).bytes
+    assert usage.get("acme").file_bytes == stored
+    assert m.sweep(now=finished_at + 3599) == 0  # not old enough
+    assert store.read("acme", done["id"])["status"] == "completed"
+    # `running` is not finished: even with an index entry (a bad one) it is not removed, only the entry.
+    store.mark_finished("acme", running["id"], finished_at - 10**6)
+    assert m.sweep(now=finished_at + 3601) == 2
+    assert store.read("acme", running["id"])["status"] == "validating"
+    assert [s.id for s in files.list("acme")] == [] and usage.get("acme").file_bytes == 0
+    assert backend.list(keys.batch_prefix("acme", done["id"])) == [] and store.finished() == []
+    assert [r["id"] for r in store.list("acme")] == [running["id"]]
+
+
+def test_retention_reaches_batches_that_finished_before_the_index():
+    backend = MemoryBackend()
+    record, _ = make_batch(backend, 1)
+    store = BatchStore(backend, owner="reader", lease_seconds=1)
+    store.update("acme", record["id"], lambda r: r | {"status": "cancelled", "cancelled_at": 1000})
+    m = manager(backend, "replica-a", FakeExecutor())
+    m.retention_seconds = 10.0
+    assert m.sweep(now=1005) == 0 and [e.finished_at for e in store.finished()] == [1000]
+    assert m.sweep(now=1011) == 1 and store.list("acme") == []
+    m.retention_seconds = 0  # 0 keeps everything forever
+    record, _ = make_batch(backend, 1)
+    store.update("acme", record["id"], lambda r: r | {"status": "failed", "failed_at": 1})
+    store.mark_finished("acme", record["id"], 1)
+    assert m.sweep(now=10**10) == 0 and len(store.list("acme")) == 1
