@@ -65,7 +65,7 @@ def test_page_and_assets_are_served_with_a_strict_policy(console):
         if name.endswith(".js"):
             assert "javascript" in r.headers["content-type"], r.headers["content-type"]
             pending += re.findall(r'from "\./([\w.]+)"', r.text)
-    assert {"app.js", "api.js", "charts.js", "registry.js", "releases.js", "playground.js", "tuning.js", "metrics.js",
+    assert {"app.js", "api.js", "charts.js", "registry.js", "releases.js", "playground.js", "tuning.js", "batches.js", "metrics.js",
             "style.css"} <= seen
     assert seen == {p.name for p in STATIC_DIR.iterdir()} - {"index.html"}  # nothing unused ships
     # Offline: nothing is fetched from another origin (the SVG namespace is a name, not a fetch).

@@ -412,3 +412,61 @@ def test_releases_view_shows_aliases_and_numbers_and_moves_a_split(open_console,
     other.get_by_role("button", name="Show", exact=True).click()
     expect(other.locator("#releases-status")).to_contain_text("Could not load support")
     expect(other.locator("#releases-body")).to_be_hidden()
+
+
+def _batch(c, lines: list[dict]) -> str:
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    file_id = c.post("/v1/files", files={"file": ("in.jsonl", data)}, data={"purpose": "batch"}).json()["id"]
+    r = c.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h",
+                                    "metadata": {"job": "retag"}})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def test_batches_view_shows_progress_downloads_files_and_cancels(open_console, env, tmp_path, shots):
+    def line(i: int, max_tokens: int) -> dict:
+        return {"custom_id": f"t-{i}", "method": "POST", "url": "/v1/completions",
+                "body": {"model": model, "prompt": f"ticket {i}", "max_tokens": max_tokens, "temperature": 0,
+                         "ignore_eos": True}}
+
+    with _api(env, "acme") as c:
+        model = c.get("/ui/api/session").json()["model"]
+        bad = {"custom_id": "broken", "method": "POST", "url": "/v1/completions", "body": {"model": model, "prompt": 3}}
+        small = _batch(c, [line(0, 2), bad, line(1, 2), line(2, 2)])
+        deadline = time.monotonic() + 60
+        while c.get(f"/v1/batches/{small}").json()["status"] != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        big = _batch(c, [line(i, 30) for i in range(5000)])  # minutes of work: still running when cancelled
+    page = open_console("acme", "batches")
+    done = page.locator(f"tr[data-batch='{small}']")
+    expect(done.locator("[data-role=batch-status]")).to_have_text("completed")
+    expect(done.locator("[data-role=counts]")).to_have_text("4/4 (1 failed)")
+    expect(done).to_contain_text("job=retag")
+    with page.expect_download() as got:
+        page.get_by_role("button", name=f"Download the output file of {small}").click()
+    out = [json.loads(x) for x in Path(got.value.path()).read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == ["t-0", "t-1", "t-2"]
+    with page.expect_download() as got:
+        page.get_by_role("button", name=f"Download the errors file of {small}").click()
+    errors = [json.loads(x) for x in Path(got.value.path()).read_text().splitlines()]
+    assert [(e["custom_id"], e["error"]["line"]) for e in errors] == [("broken", 2)]
+    expect(done.get_by_role("button", name=f"Cancel {small}")).to_have_count(0)  # finished: nothing to cancel
+
+    running = page.locator(f"tr[data-batch='{big}']")
+    expect(running.locator("[data-role=batch-status]")).to_have_text("in_progress")
+    counts = running.locator("[data-role=counts]")
+    expect(counts).not_to_have_text(re.compile(r"^\s*0/5000"), timeout=60_000)  # the page polls: progress shows up
+    shots(page, "batches")
+    page.get_by_role("button", name=f"Cancel {big}").click()
+    expect(page.locator("#confirm-text")).to_contain_text(big)
+    page.locator("#confirm-ok").click()
+    expect(running.locator("[data-role=batch-status]")).to_have_text("cancelled", timeout=60_000)
+    with _api(env, "acme") as c:
+        assert c.get(f"/v1/batches/{big}").json()["status"] == "cancelled"
+    _check_clean(page)
+
+    other = open_console("beta", "batches")  # another tenant sees none of them
+    expect(other.locator("#batches-table tbody")).to_contain_text("No batches yet")
+    expect(other.locator("tr[data-batch]")).to_have_count(0)
+    _check_clean(other)

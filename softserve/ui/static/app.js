@@ -1,13 +1,14 @@
 // Console shell: sign-in, hash navigation between the pages.
 
 import { api, ApiError, apiKey, session, setApiKey } from "./api.js";
+import * as batches from "./batches.js";
 import * as metrics from "./metrics.js";
 import * as playground from "./playground.js";
 import * as registry from "./registry.js";
 import * as releases from "./releases.js";
 import * as tuning from "./tuning.js";
 
-const PAGES = { registry, releases, playground, tuning, metrics };
+const PAGES = { registry, releases, playground, tuning, batches, metrics };
 let current = null;
 
 function showOnly(id) {
