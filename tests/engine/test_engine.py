@@ -182,3 +182,31 @@ def test_sampling_error_fails_only_that_request(tiny_model, tokenizer, monkeypat
     assert outs[bad.request_id][-1].finish_reason == FinishReason.ERROR
     for g in good:
         assert [t for o in outs[g.request_id] for t in o.token_ids] == reference_greedy(tiny_model, list(g.prompt_ids), None, 6)
+
+
+def test_paused_batch_rows_keep_their_kv_and_outputs(tiny_model, tokenizer):
+    """Batch (background) rows capped to 1 token per step while interactive ones run, so most of them
+    pause mid-prefill and mid-decode, keeping their KV: every output is still the reference's."""
+    specs = _mixed_specs()
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=8, max_background_tokens=1, background_grace_s=0)
+    batch = [make_request(ids, soft_prompt=sp, max_tokens=6, ignore_eos=True) for ids, sp in specs[:4]]
+    live = [make_request(ids, soft_prompt=sp, max_tokens=10, ignore_eos=True) for ids, sp in specs[4:]]
+    for request in batch:
+        request.background = True
+        engine.add_request(request)
+    got: dict[str, list[int]] = {r.request_id: [] for r in batch + live}
+    paused_steps = 0
+    for step in range(400):
+        if step == 1:
+            for request in live:
+                engine.add_request(request)
+        for out in engine.step():
+            got[out.request_id].extend(out.token_ids)
+        running = engine.scheduler.running
+        # interactive rows run and several batch rows too: the next step pauses all but one of them
+        paused_steps += any(not r.background for r in running) and sum(r.background for r in running) > 1
+        if not engine.has_unfinished():
+            break
+    assert paused_steps > 0 and all(r.is_finished for r in batch + live)
+    for request, (ids, sp) in zip(batch + live, specs):
+        assert got[request.request_id] == reference_greedy(tiny_model, ids, sp, request.sampling.max_tokens)
