@@ -33,7 +33,8 @@ Background rows (Batch API lines) take only the capacity interactive traffic lea
 - while interactive work is present (a request waits or runs, or one did less than
   `background_grace_s` ago), all background rows together get at most `max_background_tokens` tokens
   per step (decode tokens first, oldest rows first, then prompt chunks, then admissions); the others
-  pause for that step and keep their KV. On a CPU a step's cost grows with its tokens, so an
+  pause for that step and keep their KV. Except when an interactive request waits for KV pool space:
+  then running background rows run uncapped, to finish and free it (no new ones are admitted). On a CPU a step's cost grows with its tokens, so an
   interactive request's steps stay close to its idle ones; the grace keeps a client's next request
   from landing behind a step full of batch rows. With no interactive work they get the whole engine.
 - The Batch runner bounds how many it hands over, so they are outside the --max-queue limits, and a
@@ -110,6 +111,7 @@ class Scheduler:
         self._finished: list[Request] = []  # finished since the engine last took them (take_finished)
         self.step_count = 0
         self._interactive_seen_at = -float("inf")  # when interactive work was last present (the grace)
+        self._pool_blocked = False  # this step's interactive admission stopped at a full KV pool
 
     # ---- intake -------------------------------------------------------------------------------
     @property
@@ -238,23 +240,30 @@ class Scheduler:
         budget = self.config.max_prefill_tokens
         # Background rows' tokens this step: capped while interactive work is present (module docstring).
         background_tokens = self.config.max_background_tokens if self._interactive_present(now) else sys.maxsize
-        prefilling = []
+        decoding, prefilling = [], []
         for request in self.running:
             if request.num_uncomputed_tokens == 1 and request.num_computed_tokens >= self._prompt_end(request):
-                if request.background:
-                    if background_tokens <= 0:
-                        continue  # paused this step: keeps its row and KV
-                    background_tokens -= 1
-                out.decode.append(request)
-                out.rows.append(ScheduledRow(request, request.num_computed_tokens, 1, True, False))
+                decoding.append(request)
             else:
                 prefilling.append(request)
-        # Interactive work first: its prefill chunks, then its admissions; background rows get what is left.
+        # Interactive work first: its decodes, prefill chunks, then its admissions.
+        for request in (r for r in decoding if not r.background):
+            self._schedule_decode(out, request)
         for request in (r for r in prefilling if not r.background):  # next chunk of admitted rows
             if budget <= 0:
                 break
             budget -= self._schedule_chunk(out, request, budget)
+        self._pool_blocked = False
         budget = self._admit(out, self.waiting, budget, now)
+        if self._pool_blocked:
+            # An interactive request waits for KV that batch rows hold: let them run, finish and free it.
+            background_tokens = sys.maxsize
+        # Background rows get what is left: decodes (oldest first), prefill chunks, then admissions.
+        for request in (r for r in decoding if r.background):
+            if background_tokens <= 0:
+                break  # the rest pause this step: they keep their row and KV
+            self._schedule_decode(out, request)
+            background_tokens -= 1
         background_budget = min(budget, background_tokens)
         for request in (r for r in prefilling if r.background):
             if background_budget <= 0:
@@ -263,6 +272,11 @@ class Scheduler:
         if not any(self.waiting.values()):  # an interactive request waits (KV pool, a prompt's KV): it goes first
             self._admit(out, self.background, background_budget, now)
         return out
+
+    @staticmethod
+    def _schedule_decode(out: SchedulerOutput, request: Request) -> None:
+        out.decode.append(request)
+        out.rows.append(ScheduledRow(request, request.num_computed_tokens, 1, True, False))
 
     def _interactive_present(self, now: float) -> bool:
         if any(self.waiting.values()) or any(not r.background for r in self.running):
@@ -286,6 +300,7 @@ class Scheduler:
             if self.kv is not None:
                 offset = self.kv.allocate(request.request_id, self.reservation(request))
                 if offset is None:
+                    self._pool_blocked = not background
                     break  # the pool is full: wait for a row to finish (never over-commit memory)
                 request.kv_offset = offset
             queues[tenant].popleft()

@@ -263,10 +263,10 @@ def test_idle_engine_gives_background_rows_every_row_and_interactive_ones_never_
     out = fake_step(s, now=1)
     # Every row is a batch row, yet the interactive request is admitted at once: batch rows pause
     # instead of holding a row, and together they get max_background_tokens (1) token.
-    assert rows_of(out) == [("bg0", 1), ("live", 4)]
+    assert rows_of(out) == [("live", 4), ("bg0", 1)]
     assert len(s.running) == 4  # 3 batch rows + 1 interactive: max_batch_size counts interactive rows for it
     out = fake_step(s, now=2)
-    assert rows_of(out) == [("bg0", 1), ("live", 1)]  # bg0 (oldest) again: it finishes and frees its row first
+    assert rows_of(out) == [("live", 1), ("bg0", 1)]  # bg0 (oldest) again: it finishes and frees its row first
     assert s.num_background_waiting == 2  # no new batch row while interactive work is present
 
 
@@ -286,6 +286,26 @@ def test_background_rows_get_at_most_the_token_cap_while_interactive_work_is_pre
     live = next(r for r in steps[-1].scheduled if r.request_id == "live")
     assert live.is_finished and live.finished_step - live.first_scheduled_step + 1 == 4
     assert [rid for rid, _ in rows_of(fake_step(s, now=10))] == ["bg0", "bg1", "bg2", "bg3"]
+
+
+def test_batch_rows_holding_the_kv_pool_an_interactive_request_waits_for_run_uncapped():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, kv_cache_tokens=20, max_background_tokens=1,
+                                  background_grace_s=0), {EOS})
+    batch = [bg(f"bg{i}", n_prompt=4, max_tokens=4) for i in range(2)]  # reserve 8 slots each
+    for r in batch:
+        s.add(r)
+    fake_step(s, now=0)
+    s.add(req("small", n_prompt=2, max_tokens=2))  # 4 slots: fits beside them
+    assert rows_of(fake_step(s, now=1)) == [("small", 2), ("bg0", 1)]  # capped
+    s.add(req("big", n_prompt=6, max_tokens=6))  # 12 slots: only once the batch rows free theirs
+    out = fake_step(s, now=2)
+    assert [rid for rid, _ in rows_of(out)] == ["small", "bg0", "bg1"]  # uncapped: they finish sooner
+    assert s.num_waiting == 1 and s.num_background_waiting == 0
+    big = s.waiting["default"][0]
+    for step in range(3, 6):
+        fake_step(s, now=step)
+    # bg0/bg1 had 3 tokens left: uncapped they finish in 3 steps, and big gets their KV at once
+    assert all(r.is_finished for r in batch) and big.first_scheduled_step == max(r.finished_step for r in batch) + 1
 
 
 def test_background_prompt_chunks_share_the_cap_and_the_grace_keeps_it_after_interactive_work_left():
