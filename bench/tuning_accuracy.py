@@ -165,7 +165,7 @@ def run(args) -> dict:
                        load_average=round(load_average(), 2))
             print(f"  {out}", file=sys.stderr, flush=True)
             rows.append(out)
-    return {"model": model_label(args.model), "rows": rows, "steps": args.steps, "batch_size": args.batch_size,
+    return {"name": "tuning_accuracy", "model": model_label(args.model), "rows": rows, "steps": args.steps, "batch_size": args.batch_size,
             "num_virtual_tokens": args.num_virtual_tokens, "lr_prompt": args.lr_prompt, "lr_prefix": args.lr_prefix,
             "machine": machine_facts()}
 
