@@ -180,7 +180,9 @@ def render(res: dict) -> str:
          "steps (x batch)", "s"],
         [[r["dataset"], LABELS[r["method"]], f"{r['exact_match']:.2f}", f"{r['first_line']:.2f}", f"{r['eval_loss']:.3f}", r["n_train"],
           r["n_eval"], f"{r['steps']} x {res['batch_size']}" if r["steps"] else "-", r["seconds"]] for r in res["rows"]])
-    return (f"{res['model']}, k={res['num_virtual_tokens']}, lr prompt {res['lr_prompt']:g} / prefix {res['lr_prefix']:g}\n"
+    loads = [r["load_average"] for r in res["rows"]]
+    return (f"{res['model']}, k={res['num_virtual_tokens']}, lr prompt {res['lr_prompt']:g} / prefix {res['lr_prefix']:g}, "
+            f"load average {min(loads):.1f}-{max(loads):.1f}\n"
             f"{table}\n`{res['command']}`")
 
 
