@@ -26,6 +26,8 @@ CASES = {
     "engine_speed": (["--context", "8"], ["### Engine speed: attention path and dtype", "| decode C=2 | step |", "greedy agreement"]),
     "guided_cost": (["--concurrency", "2", "--steps", "2"], ["### Guided decoding cost", "| rows constrained | output tok/s"]),
     "tuning_speed": (["--steps", "2", "--batch-size", "2"], ["tuning speed", "| ours (PromptTuner) |", "| PEFT loop |", "ratio ours/PEFT"]),
+    "tuning_accuracy": (["--datasets", "sentiment"],
+                        ["| sentiment | base + instruction |", "| prefix tuning + projection |", "first-line match"]),
     "listing": (["--num-prompts", "40", "--rounds", "1", "--puts", "2"],
                 ["### Listing 40 prompts", "| measurement | walk (before) ms | index ms"]),
     "batch": (["--requests", "16", "--num-prompts", "2", "--probes", "2", "--concurrency", "2"],

@@ -30,7 +30,10 @@ from softserve.tuning.job import QueueFull, new_job_id
 from softserve.tuning.jobs import TuningManager
 from softserve.tuning.records import new_record, resolve_auto
 from softserve.tuning.runner import CHECKPOINT_SUFFIX
-from softserve.tuning.config import INIT_METHODS, LR_SCHEDULES, RESULT_PROMPTS, TuningConfig, default_init, default_result_prompt
+from softserve.tuning.config import (
+    INIT_METHODS, LR_SCHEDULES, MAX_ENCODER_HIDDEN, METHODS, RESULT_PROMPTS, TuningConfig, default_init,
+    default_result_prompt,
+)
 
 log = logging.getLogger("softserve.tuning")
 
@@ -53,8 +56,12 @@ class TuningJobRequest(BaseModel):
     validation_file: str | None = None
     validation_data: list[Any] | None = Field(None, max_length=100_000)
     model: str | None = Field(None, description="must be the served base model if given")
+    method: Literal[METHODS] = Field(_d.method, description="prompt (PEFT PROMPT_TUNING) or prefix (PEFT PREFIX_TUNING)")
+    prefix_projection: bool = Field(_d.prefix_projection, description="prefix only: train through PEFT's MLP")
+    encoder_hidden_size: int | None = Field(None, ge=1, le=MAX_ENCODER_HIDDEN,
+                                            description="prefix_projection's MLP width (default kv_heads * head_dim)")
     num_virtual_tokens: int = Field(_d.num_virtual_tokens, ge=1)
-    init: Literal[INIT_METHODS] | None = Field(None, description="default: text if init_text, else vocab")
+    init: Literal[INIT_METHODS] | None = Field(None, description="default: random for prefix, else text if init_text, else vocab")
     init_text: str | None = Field(None, max_length=4096)
     steps: int | Auto = Field(_d.steps, description='training steps, or "auto" (3 epochs, clamped to [50, 1000])')
     learning_rate: float | Auto = Field(_d.learning_rate, description=f'AdamW learning rate, or "auto" ({_d.learning_rate:g})')
@@ -144,7 +151,16 @@ def create_job(manager: TuningManager, principal: Principal, body: TuningJobRequ
     _check_range("checkpoint_every", body.checkpoint_every, 1, 100_000)
     if body.learning_rate != "auto" and not (0 < body.learning_rate <= 10):
         raise InvalidRequest("learning_rate must be 'auto' or in (0, 10]", param="learning_rate", code="invalid_parameter")
-    init = default_init(body.init, body.init_text)
+    if body.method == "prefix":
+        if body.init not in (None, "random") or body.init_text is not None:
+            raise InvalidRequest("method 'prefix' starts from PEFT's random init: leave init unset (or 'random') "
+                                 "and give no init_text", param="init" if body.init_text is None else "init_text")
+    elif body.prefix_projection or body.encoder_hidden_size is not None:
+        raise InvalidRequest("prefix_projection and encoder_hidden_size need method 'prefix'",
+                             param="prefix_projection" if body.prefix_projection else "encoder_hidden_size")
+    if body.encoder_hidden_size is not None and not body.prefix_projection:
+        raise InvalidRequest("encoder_hidden_size needs prefix_projection: true", param="encoder_hidden_size")
+    init = default_init(body.init, body.init_text, body.method)
     if init == "text" and not (body.init_text and body.init_text.strip()):
         raise InvalidRequest("init 'text' needs a non-empty init_text", param="init_text")
     if body.training_file is None and body.training_data is None:
@@ -161,6 +177,7 @@ def create_job(manager: TuningManager, principal: Principal, body: TuningJobRequ
     values, auto = resolve_auto(n_train, batch_size=body.batch_size, steps=body.steps, learning_rate=body.learning_rate,
                                 checkpoint_every=body.checkpoint_every, eval_every=body.eval_every)
     config = TuningConfig(
+        method=body.method, prefix_projection=body.prefix_projection, encoder_hidden_size=body.encoder_hidden_size,
         num_virtual_tokens=body.num_virtual_tokens, init=init, init_text=body.init_text if init == "text" else None,
         steps=values["steps"], learning_rate=values["learning_rate"], batch_size=values["batch_size"],
         micro_batch_size=body.micro_batch_size or min(values["batch_size"], 4), warmup_steps=body.warmup_steps,

@@ -21,7 +21,7 @@ MODEL_SETTINGS = ("model", "gguf_file", "device", "dtype")  # flags (and SOFTSER
 
 def add_tune_parser(sub) -> argparse.ArgumentParser:
     from softserve.config import add_settings_flags
-    from softserve.tuning.config import INIT_METHODS, LR_SCHEDULES, RESULT_PROMPTS, TuningConfig
+    from softserve.tuning.config import INIT_METHODS, LR_SCHEDULES, METHODS, RESULT_PROMPTS, TuningConfig
 
     d = TuningConfig  # a dataclass's class attributes are its field defaults
     p = sub.add_parser("tune", help="learn a soft prompt (prompt tuning) on the frozen model",
@@ -30,8 +30,16 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training JSONL")
     p.add_argument("--eval", help="held-out JSONL: eval loss and exact-match accuracy (greedy)")
     p.add_argument("--name", required=True, help="prompt name")
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="prompt: PEFT PROMPT_TUNING (a [k, hidden] prompt before the input); prefix: PEFT PREFIX_TUNING "
+                        "(every layer's keys and values at k positions; trains alone, never packed) (default %(default)s)")
+    p.add_argument("--prefix-projection", action="store_true",
+                   help="prefix only: learn through PEFT's reparametrisation MLP (the saved file holds its output)")
+    p.add_argument("--encoder-hidden-size", type=int,
+                   help="prefix projection MLP width (default: num_key_value_heads * head_dim, as PEFT)")
     p.add_argument("--num-virtual-tokens", type=int, default=d.num_virtual_tokens, help="k, rows of the soft prompt (default %(default)s)")
-    p.add_argument("--init", choices=INIT_METHODS, help="initialisation (default: text if --init-text, else vocab)")
+    p.add_argument("--init", choices=INIT_METHODS,
+                   help="initialisation (default: random for prefix, else text if --init-text, else vocab)")
     p.add_argument("--init-text", help="text whose token embeddings initialise the prompt (repeated/truncated to k)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate (default %(default)s)")
@@ -73,8 +81,11 @@ def cmd_tune(args) -> int:
 
     if not args.out and not args.store:
         raise SystemExit("softserve tune: give --out DIR and/or --store DIR")
-    init = default_init(args.init, args.init_text)
+    init = default_init(args.init, args.init_text, args.method)
+    if args.method == "prefix" and args.init_text:
+        raise SystemExit("softserve tune: --init-text is for --method prompt (prefix tuning starts from PEFT's random init)")
     config = TuningConfig(
+        method=args.method, prefix_projection=args.prefix_projection, encoder_hidden_size=args.encoder_hidden_size,
         num_virtual_tokens=args.num_virtual_tokens, init=init, init_text=args.init_text if init == "text" else None,
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
@@ -97,7 +108,8 @@ def cmd_tune(args) -> int:
         evals = tokenize_examples(tokenizer, load_examples(args.eval), max_length=args.max_length, source=args.eval) if args.eval else []
     except (DatasetError, OSError) as exc:
         raise SystemExit(f"softserve tune: {exc}") from None
-    print(f"{len(train)} training examples, {len(evals)} eval examples; k={config.num_virtual_tokens} init={init} "
+    print(f"{len(train)} training examples, {len(evals)} eval examples; method={config.method} "
+          f"k={config.num_virtual_tokens} init={init} "
           f"steps={config.steps} lr={config.learning_rate} batch={config.batch_size} seed={config.seed}",
           file=sys.stderr, flush=True)
     every = args.log_every or max(1, config.steps // 20)
@@ -129,7 +141,7 @@ def cmd_tune(args) -> int:
 
     info = model_info(model, source.name)
     files = adapter_files(result.embeddings, config, info)  # tokenizer: the public model name, not its install path
-    summary = {"name": args.name, "num_virtual_tokens": config.num_virtual_tokens, "steps": config.steps,
+    summary = {"name": args.name, "method": config.method, "num_virtual_tokens": config.num_virtual_tokens, "steps": config.steps,
                "final_loss": result.history[-1].loss if result.history else None,
                "eval_loss": result.eval_loss, "eval_accuracy": result.eval_accuracy,
                "trained_tokens": result.trained_tokens, "seconds": round(result.elapsed_s, 1),

@@ -6,15 +6,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["TuningConfig", "INIT_METHODS", "LR_SCHEDULES", "RESULT_PROMPTS", "default_init", "default_result_prompt"]
+__all__ = ["TuningConfig", "INIT_METHODS", "LR_SCHEDULES", "RESULT_PROMPTS", "METHODS", "MAX_ENCODER_HIDDEN",
+           "default_init", "default_result_prompt"]
 
 INIT_METHODS = ("text", "random", "vocab")
+METHODS = ("prompt", "prefix")  # PEFT PROMPT_TUNING | PREFIX_TUNING
+MAX_ENCODER_HIDDEN = 65536  # the store refuses larger encoder_hidden_size in uploaded configs too
 LR_SCHEDULES = ("linear", "constant")
 RESULT_PROMPTS = ("last", "best")
 
 
 @dataclass(frozen=True)
 class TuningConfig:
+    method: str = "prompt"  # prompt (P [k, hidden] before the input) | prefix (every layer's KV at k positions)
+    prefix_projection: bool = False  # prefix only: learn E [k, kv_dim] and PEFT's 2-layer MLP instead of the KV
+    encoder_hidden_size: int | None = None  # prefix_projection's MLP width (default: kv_heads * head_dim, as PEFT)
     num_virtual_tokens: int = 8
     init: str = "text"  # text | random | vocab
     init_text: str | None = None
@@ -37,6 +43,17 @@ class TuningConfig:
     result_prompt: str = "last"  # last | best (the prompt of the lowest eval loss seen)
 
     def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.method == "prefix" and self.init != "random":
+            raise ValueError("method 'prefix' starts from PEFT's random init: init must be 'random' (no init_text)")
+        if self.method != "prefix" and (self.prefix_projection or self.encoder_hidden_size is not None):
+            raise ValueError("prefix_projection and encoder_hidden_size need method 'prefix'")
+        if self.encoder_hidden_size is not None:
+            if not self.prefix_projection:
+                raise ValueError("encoder_hidden_size needs prefix_projection")
+            if not 1 <= self.encoder_hidden_size <= MAX_ENCODER_HIDDEN:
+                raise ValueError(f"encoder_hidden_size must be between 1 and {MAX_ENCODER_HIDDEN}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {list(INIT_METHODS)}, got {self.init!r}")
         if self.init == "text" and not (self.init_text and self.init_text.strip()):
@@ -60,9 +77,10 @@ class TuningConfig:
             raise ValueError(f"result_prompt must be one of {list(RESULT_PROMPTS)}")
 
 
-def default_init(init: str | None, init_text: str | None) -> str:
-    """`init` when given, else text when there is an init_text, else vocab."""
-    return init or ("text" if init_text else "vocab")
+def default_init(init: str | None, init_text: str | None, method: str = "prompt") -> str:
+    """`init` when given, else random for prefix tuning (PEFT's only init there), else text when there
+    is an init_text, else vocab."""
+    return init or ("random" if method == "prefix" else "text" if init_text else "vocab")
 
 
 def default_result_prompt(result_prompt: str | None, early_stopping_patience: int) -> str:

@@ -27,8 +27,18 @@ def model_info(model, name: str) -> ModelInfo:
 def adapter_files(embeddings: torch.Tensor, config: TuningConfig, info: ModelInfo, *,
                   tokenizer_name_or_path: str | None = None) -> dict[str, bytes]:
     """`adapter_config.json` + `adapter_model.safetensors` (one F32 tensor `prompt_embeddings`), the
-    files `PeftModel.from_pretrained` loads."""
+    files `PeftModel.from_pretrained` loads. Prefix tuning: PEFT's PREFIX_TUNING config and the
+    [k, layers * 2 * kv_heads * head_dim] KV (projected, with prefix_projection, as PEFT saves it)."""
     tensor = embeddings.detach().to("cpu", torch.float32).contiguous()
+    if config.method == "prefix":
+        original = {"base_model_name_or_path": info.name, "prefix_projection": config.prefix_projection,
+                    "encoder_hidden_size": config.encoder_hidden_size}
+        cfg = fmt.prefix_config(original, int(tensor.shape[0]), info)
+        cfg["init_weights"] = None  # PEFT's PrefixTuningConfig field (None: its random init, which we use)
+        return {
+            "adapter_config.json": json.dumps(cfg, indent=2, sort_keys=True).encode("utf-8"),
+            "adapter_model.safetensors": fmt.encode_blob(tensor),
+        }
     original = {
         "base_model_name_or_path": info.name,
         "prompt_tuning_init": PEFT_INIT_NAMES[config.init],

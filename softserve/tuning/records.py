@@ -81,6 +81,9 @@ def job_view(record: dict[str, Any], queue_position: int | None = None) -> dict[
                                "micro_batch_size", "warmup_steps", "lr_schedule", "weight_decay", "eval_every",
                                "early_stopping_patience", "early_stopping_min_delta", "result_prompt")}
     hyper["checkpoint_every"] = record["checkpoint_every"]
+    # Records written before prefix tuning have no method: they were prompt tuning.
+    hyper.update(method=c.get("method", "prompt"), prefix_projection=c.get("prefix_projection", False),
+                 encoder_hidden_size=c.get("encoder_hidden_size"))
     return {
         "id": record["id"], "object": "tuning.job", "model": record["model"],
         "name": _public_name(record, record["name"]), "suffix": record["suffix"], "metadata": record["metadata"],

@@ -3,6 +3,11 @@
     inputs_embeds = cat(P, embed(ids))      right padding, attention mask 1 on P and real tokens
     loss          = token-mean cross entropy over labels != -100 (labels of P are -100), as PEFT
 
+With `method="prefix"` (PEFT PREFIX_TUNING) the learned tensor is every layer's KV at k positions
+(softserve/tuning/prefix.py), the rest of the loop (data order, AdamW, schedule, clipping, evals,
+checkpoints) is the same. Prefix jobs always train alone: a pack's rows share one `inputs_embeds`
+forward, a prefix row needs its own `past_key_values` of its own length, so it is not packed.
+
 The model is never modified: its weights keep `requires_grad=False`, it stays in eval mode (the
 serving engine runs the same object), no `.grad` is ever created on it. Autograd only tracks the
 path back to P.
@@ -32,6 +37,7 @@ from softserve.tuning.data import TokenizedExample
 from softserve.tuning.generate import greedy_generate
 from softserve.tuning.init import init_prompt
 from softserve.tuning.pack import PackEntry, TrainingPack, packed_loss_sums, pad_token_id
+from softserve.tuning.prefix import PrefixEncoder, prefix_greedy_generate, prefix_loss_sum, prefix_shape
 
 log = logging.getLogger("softserve.tuning")
 
@@ -82,7 +88,7 @@ def _fmt_eta(seconds: float) -> str:
 
 @dataclass
 class TuningResult:
-    embeddings: torch.Tensor  # [k, hidden] float32, CPU
+    embeddings: torch.Tensor  # [k, hidden] float32, CPU; prefix: [k, layers * 2 * kv_heads * head_dim]
     history: list[StepInfo] = field(default_factory=list)
     eval_loss: float | None = None
     eval_accuracy: float | None = None
@@ -128,13 +134,28 @@ class PromptTuner:
 
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
-        self.pack = pack  # None: this job trains alone (its units are its own forwards)
         k = config.num_virtual_tokens
-        if initial_prompt is None:
-            initial_prompt = init_prompt(model, tokenizer, k, config.init, config.init_text, seed=config.seed)
-        self.prompt = torch.nn.Parameter(initial_prompt.detach().to(self.device, torch.float32).clone())
+        self.prefix = config.method == "prefix"
+        # None: this job trains alone (its units are its own forwards). Prefix jobs always do (module doc).
+        self.pack = None if self.prefix else pack
+        self.encoder: PrefixEncoder | None = None
+        if self.prefix:
+            if initial_prompt is not None:
+                raise ValueError("initial_prompt is for prompt tuning")
+            self.shape = prefix_shape(model)
+            self.encoder = PrefixEncoder(k, self.shape, projection=config.prefix_projection,
+                                         encoder_hidden_size=config.encoder_hidden_size, seed=config.seed,
+                                         device=self.device)
+            # PEFT's names (embedding.weight, transform.0.weight, ...): checkpoint keys and optimizer order
+            self.params = dict(self.encoder.named_parameters())
+        else:
+            if initial_prompt is None:
+                initial_prompt = init_prompt(model, tokenizer, k, config.init, config.init_text, seed=config.seed)
+            self.prompt = torch.nn.Parameter(initial_prompt.detach().to(self.device, torch.float32).clone())
+            self.params = {"prompt": self.prompt}
         self.optimizer = torch.optim.AdamW(
-            [self.prompt], lr=config.learning_rate, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8
+            list(self.params.values()), lr=config.learning_rate, weight_decay=config.weight_decay,
+            betas=(0.9, 0.999), eps=1e-8
         )
         import inspect
 
@@ -161,8 +182,20 @@ class PromptTuner:
         return batch
 
     # ---- math ---------------------------------------------------------------------------------
+    def trainable(self) -> torch.Tensor:
+        """What the forward uses, with its graph back to the parameters: P, or the prefix KV."""
+        return self.encoder() if self.encoder is not None else self.prompt
+
+    @torch.no_grad()
+    def servable(self) -> torch.Tensor:
+        """The tensor a PEFT adapter file holds and the engine serves (fp32, CPU)."""
+        return self.trainable().detach().to("cpu", torch.float32).clone()
+
     def _loss_sum(self, prompt: torch.Tensor, rows: list[TokenizedExample]) -> tuple[torch.Tensor, int]:
         """Sum of token losses over labelled positions, and their count (a pack of one)."""
+        if self.prefix:
+            return prefix_loss_sum(self.model, prompt, rows, self.shape, pad_id=self.pad_id,
+                                   model_dtype=self.model_dtype, logits_to_keep=self._logits_to_keep)
         return packed_loss_sums(self.model, [PackEntry(prompt, rows)], pad_id=self.pad_id,
                                 model_dtype=self.model_dtype, logits_to_keep=self._logits_to_keep)[0]
 
@@ -211,7 +244,7 @@ class PromptTuner:
                 loss_total += loss_sum
             else:
                 def fwd_bwd(rows=rows):
-                    loss_sum, _ = self._loss_sum(self.prompt, rows)
+                    loss_sum, _ = self._loss_sum(self.trainable(), rows)
                     (loss_sum / total_labelled).backward()
                     return float(loss_sum.detach())
 
@@ -223,7 +256,7 @@ class PromptTuner:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if self.config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([self.prompt], self.config.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.config.max_grad_norm)
             self.optimizer.step()
 
         self._unit(update)
@@ -233,7 +266,7 @@ class PromptTuner:
     @torch.no_grad()
     def evaluate(self, prompt: torch.Tensor | None = None) -> tuple[float, float]:
         """(token-mean eval loss, exact-match accuracy of greedy decoding)."""
-        prompt = (self.prompt if prompt is None else prompt).detach()
+        prompt = (self.trainable() if prompt is None else prompt).detach()
         data = self.eval_data
         bs = self.config.eval_batch_size
         loss_sum, count = 0.0, 0
@@ -247,8 +280,13 @@ class PromptTuner:
             rows = data[start:start + bs]
             if self.should_stop():
                 raise TuningCancelled()
-            outs = greedy_generate(self.model, prompt, [r.prompt_ids for r in rows], max_new, self.eos_ids,
-                                   self.pad_id, lock=_YieldingLock(self.lock, self.yield_fn))
+            lock = _YieldingLock(self.lock, self.yield_fn)
+            if self.prefix:
+                outs = prefix_greedy_generate(self.model, prompt, [r.prompt_ids for r in rows], max_new, self.eos_ids,
+                                              self.pad_id, self.shape, lock=lock)
+            else:
+                outs = greedy_generate(self.model, prompt, [r.prompt_ids for r in rows], max_new, self.eos_ids,
+                                       self.pad_id, lock=lock)
             for r, o in zip(rows, outs):
                 correct += int(exact_match(self.tokenizer.decode(o, skip_special_tokens=True), r.target))
         return loss_sum / max(1, count), correct / len(data)
@@ -257,36 +295,52 @@ class PromptTuner:
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything the loop needs to continue exactly where it is, between two steps: P, AdamW's
         moments and step, the data-order RNG and the rest of the current epoch's order, the best
-        prompt so far. Tensors (safetensors) + JSON-able metadata, never pickle."""
-        tensors = {"prompt": self.prompt.detach().to("cpu", torch.float32).clone(),
+        prompt so far. Tensors (safetensors) + JSON-able metadata, never pickle.
+
+        "prompt" is always the servable tensor (for prefix tuning with projection: the projected KV,
+        what PEFT saves); prefix jobs also keep every parameter ("param.<PEFT name>", the MLP's too)
+        and its AdamW moments ("adam.<PEFT name>.exp_avg", ...)."""
+        tensors = {"prompt": self.servable(),
                    "rng_state": self._gen.get_state().clone(),
                    "order": torch.tensor(self._order + [-1], dtype=torch.int64)}  # -1: never empty
-        opt = self.optimizer.state.get(self.prompt, {})
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            if name in opt:
-                tensors[f"adam.{name}"] = torch.as_tensor(opt[name]).detach().to("cpu").clone().reshape(-1)
+        for pname, param in self.params.items():
+            key = "adam." if not self.prefix else f"adam.{pname}."  # prompt tuning: the original key names
+            if self.prefix:
+                tensors[f"param.{pname}"] = param.detach().to("cpu", torch.float32).clone()
+            opt = self.optimizer.state.get(param, {})
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                if name in opt:
+                    tensors[f"{key}{name}"] = torch.as_tensor(opt[name]).detach().to("cpu").clone().reshape(-1)
         if self.best_prompt is not None:
             tensors["best_prompt"] = self.best_prompt.clone()
         meta = {"step": self.steps_done, "tokens": self.tokens, "train_time_s": self.train_time,
                 "best_step": self.best_step, "best_eval_loss": self.best_eval_loss, "bad_evals": self.bad_evals,
                 "eval_loss": self.last_eval[0], "eval_accuracy": self.last_eval[1],
-                "num_virtual_tokens": self.config.num_virtual_tokens, "seed": self.config.seed}
+                "num_virtual_tokens": self.config.num_virtual_tokens, "seed": self.config.seed,
+                "method": self.config.method, "prefix_projection": self.config.prefix_projection}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if tuple(tensors["prompt"].shape) != tuple(self.prompt.shape) or meta.get("seed") != self.config.seed:
-            raise ValueError("checkpoint does not match this job's prompt shape / seed")
-        with torch.no_grad():
-            self.prompt.copy_(tensors["prompt"].to(self.device, torch.float32))
+        same = (meta.get("method", "prompt"), bool(meta.get("prefix_projection"))) == \
+            (self.config.method, self.config.prefix_projection)
+        if (not same or tuple(tensors["prompt"].shape) != tuple(self.servable().shape)
+                or meta.get("seed") != self.config.seed):
+            raise ValueError("checkpoint does not match this job's method / prompt shape / seed")
+        for pname, param in self.params.items():
+            source = tensors[f"param.{pname}"] if self.prefix else tensors["prompt"]
+            if tuple(source.shape) != tuple(param.shape):
+                raise ValueError(f"checkpoint's {pname} has shape {tuple(source.shape)}, expected {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(source.to(self.device, torch.float32))
+            key = "adam." if not self.prefix else f"adam.{pname}."
+            if f"{key}exp_avg" in tensors:
+                self.optimizer.state[param] = {
+                    "step": tensors[f"{key}step"].reshape(()).clone(),
+                    "exp_avg": tensors[f"{key}exp_avg"].reshape(param.shape).to(self.device).clone(),
+                    "exp_avg_sq": tensors[f"{key}exp_avg_sq"].reshape(param.shape).to(self.device).clone(),
+                }
         self._gen.set_state(tensors["rng_state"].clone())
         self._order = [int(i) for i in tensors["order"].tolist()[:-1]]
-        if "adam.exp_avg" in tensors:
-            shape = self.prompt.shape
-            self.optimizer.state[self.prompt] = {
-                "step": tensors["adam.step"].reshape(()).clone(),
-                "exp_avg": tensors["adam.exp_avg"].reshape(shape).to(self.device).clone(),
-                "exp_avg_sq": tensors["adam.exp_avg_sq"].reshape(shape).to(self.device).clone(),
-            }
         self.best_prompt = tensors["best_prompt"].clone() if "best_prompt" in tensors else None
         self.steps_done, self.tokens, self.train_time = int(meta["step"]), int(meta["tokens"]), float(meta["train_time_s"])
         self.best_step, self.best_eval_loss = meta.get("best_step"), meta.get("best_eval_loss")
@@ -298,7 +352,7 @@ class PromptTuner:
         c = self.config
         if self.best_eval_loss is None or eval_loss < self.best_eval_loss - c.early_stopping_min_delta:
             self.best_eval_loss, self.best_step, self.bad_evals = eval_loss, self.steps_done, 0
-            self.best_prompt = self.prompt.detach().to("cpu", torch.float32).clone()
+            self.best_prompt = self.servable()
             return True
         self.bad_evals += 1
         return False
@@ -347,7 +401,7 @@ class PromptTuner:
                          done, self.bad_evals, self.best_eval_loss, self.best_step)
                 break
         use_best = c.result_prompt == "best" and self.best_prompt is not None
-        final = self.best_prompt if use_best else self.prompt.detach().to("cpu", torch.float32)
+        final = self.best_prompt if use_best else self.servable()
         return TuningResult(
             embeddings=final.clone(), history=history, eval_loss=self.last_eval[0], eval_accuracy=self.last_eval[1],
             trained_tokens=self.tokens, elapsed_s=elapsed0 + time.perf_counter() - t_start,
