@@ -86,20 +86,22 @@ class FileRegistry:
         meta = TuningFile(id=file_id, tenant=tenant, filename=filename[:255], purpose=purpose,
                           bytes=len(data), num_examples=count, created_at=int(time.time()))
         counted = self.usage is not None and add_usage
-        if counted:
-            if purpose in FILE_PURPOSES:
-                # Checked and counted in one compare-and-swap before anything is written, so concurrent
-                # uploads cannot all pass the same old total (issue #26 F5): StorageQuotaExceeded (413).
-                self.usage.reserve_file_bytes(tenant, len(data))
-            else:  # the server's own result files are counted, never refused
-                self.usage.add(tenant, file_bytes=len(data))
+        reserved = counted and purpose in FILE_PURPOSES
+        if reserved:
+            # Checked and counted in one compare-and-swap before anything is written, so concurrent
+            # uploads cannot all pass the same old total (issue #26 F5): StorageQuotaExceeded (413).
+            self.usage.reserve_file_bytes(tenant, len(data))
         try:
             self.backend.put(self._key(tenant, file_id, "jsonl"), data)
             self.backend.put(self._key(tenant, file_id, "json"), json.dumps(meta.__dict__).encode())
         except BaseException:
-            if counted:
+            if reserved:
                 self.usage.add(tenant, file_bytes=-len(data))
             raise
+        if counted and not reserved:
+            # The server's own result files are counted, never refused, and only once written: add()
+            # applies a change already in the store (with no usage record yet, it walks the store).
+            self.usage.add(tenant, file_bytes=len(data))
         return meta
 
     def get(self, tenant: str, file_id: str) -> TuningFile:

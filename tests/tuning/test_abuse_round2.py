@@ -79,6 +79,24 @@ def test_concurrent_file_uploads_cannot_overshoot_the_bytes_quota(tmp_path):
     assert usage.get("acme").file_bytes == len(data)  # what is on disk, no more
 
 
+def test_a_result_file_written_before_any_usage_record_is_counted(tmp_path):
+    """A tenant's first stored bytes may be a batch result file: the usage record is then built by walking
+    the store, which must already hold the file (it was counted as 0 bytes when added before the write)."""
+    from softserve.store.backends import LocalBackend
+    from softserve.store.usage import UsageLedger
+    from softserve.tuning.files import FileRegistry
+
+    backend = LocalBackend(tmp_path / "store")
+    usage = UsageLedger(backend, max_bytes=1_000_000)
+    files = FileRegistry(backend, 10_000_000, usage=usage)
+    data = _jsonl(5_000)
+    meta, new = files.create_result("acme", "file-" + "a" * 24, "out.jsonl", data)
+    assert new and meta.bytes == len(data)
+    assert usage.get("acme").file_bytes == len(data)
+    files.create("acme", "d.jsonl", "fine-tune", data)  # and counting continues from there
+    assert usage.get("acme").file_bytes == 2 * len(data)
+
+
 def test_the_per_tenant_job_limit_holds_across_replicas(tiny_model, tokenizer, tmp_path):
     """F7: each of two replicas on one store accepted --max-tuning-jobs-per-tenant of one tenant's jobs."""
     from tests.support.tuning import local_manager, submit_toy_job
