@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body")
     max_connections: int = Field(1024, ge=1, description="open client connections (idle keep-alive ones included) "
                                  "before new ones are answered 503 at once; bounds what many slow or idle clients can hold")
+    header_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a client has to send a complete request head, from connecting or from the end of the previous response on a keep-alive connection; then the connection is closed without a response (idle or trickling sockets cannot hold --max-connections)")
+    keep_alive_timeout: float = Field(5.0, gt=0, le=3600, description="seconds an idle keep-alive connection stays open after a response")
     metrics_port: int = Field(0, ge=0, le=65535, description="also serve /metrics without a key on this port (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="listen address of --metrics-port")
     metrics_tenant_labels: bool = Field(False, description="label request and token counters with the tenant name")
