@@ -25,6 +25,8 @@ from softserve.tuning.config import TuningConfig
 __all__ = ["DatasetError", "Example", "TokenizedExample", "parse_jsonl", "parse_records", "load_examples", "tokenize_examples"]
 
 _ROLES = ("system", "user", "assistant")
+_FIELDS = {"prompt", "completion", "messages"}  # a line's fields; anything else is refused, as the API refuses it
+_MESSAGE_FIELDS = {"role", "content"}
 
 
 class DatasetError(ValueError):
@@ -76,6 +78,10 @@ def _check_text(obj: dict, line: int, source: str) -> None:
 def _check_record(obj: Any, line: int, source: str) -> Example:
     if not isinstance(obj, dict):
         raise DatasetError(f"expected a JSON object, got {type(obj).__name__}", line=line, source=source)
+    unknown = sorted(set(obj) - _FIELDS)
+    if unknown:  # a misspelt field ("completions") was ignored and the line trained on something else
+        raise DatasetError(f"unknown field(s) {unknown}: a line has 'prompt' and 'completion', or 'messages'",
+                           line=line, source=source)
     if "messages" in obj:
         extra = set(obj) - {"messages"}
         if extra & {"prompt", "completion"}:
@@ -87,6 +93,9 @@ def _check_record(obj: Any, line: int, source: str) -> Example:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict):
                 raise DatasetError(f"messages[{i}] must be an object with 'role' and 'content'", line=line, source=source)
+            if set(m) - _MESSAGE_FIELDS:
+                raise DatasetError(f"messages[{i}] has unknown field(s) {sorted(set(m) - _MESSAGE_FIELDS)}: "
+                                   "only 'role' and 'content'", line=line, source=source)
             role, content = m.get("role"), m.get("content")
             if role not in _ROLES:
                 raise DatasetError(f"messages[{i}].role must be one of {list(_ROLES)}, got {role!r}", line=line, source=source)
