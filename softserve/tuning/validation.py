@@ -18,14 +18,12 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
-from softserve.tuning.data import DatasetError, Stopped
+from softserve.tuning.data import DatasetError, Stopped, TokenizedExample
 from softserve.tuning.job import TuningJob
+from softserve.tuning.persist import JobStore
 from softserve.tuning.records import FINISHED
-
-if TYPE_CHECKING:
-    from softserve.tuning.jobs import TuningManager
 
 log = logging.getLogger("softserve.tuning")
 
@@ -85,10 +83,28 @@ class FairQueue:
             self._cond.notify_all()
 
 
+class ValidationHost(Protocol):
+    """What validating needs from the job manager (softserve/tuning/jobs.py's TuningManager)."""
+
+    jobs: JobStore
+    clock: Callable[[], float]
+    _stop: threading.Event  # the manager stops (shutdown)
+
+    def examples(self, job: TuningJob, which: str,
+                 should_stop: Callable[[], bool] | None = None) -> list[TokenizedExample]: ...
+    def flush(self, job: TuningJob, *, change: Callable[[dict], None] | None = None, fenced: bool = False) -> None: ...
+    def finish(self, job: TuningJob, status: str, message: str, *, level: str = "info", **fields: Any) -> None: ...
+    def enqueue_run(self, tenant: str, job_id: str) -> None: ...
+    def _load_job(self, tenant: str, job_id: str) -> TuningJob: ...
+    def _finalize(self, tenant: str, job_id: str, finished_at: float | None) -> bool: ...
+    def _forget(self, job: TuningJob) -> None: ...
+    def _release_claim(self, job_id: str) -> None: ...
+
+
 class Validator:
     """`workers` threads validating the manager's `validating_files` jobs."""
 
-    def __init__(self, manager: TuningManager, workers: int) -> None:
+    def __init__(self, manager: ValidationHost, workers: int) -> None:
         self.m = manager
         self.queue = FairQueue()
         self.threads = [threading.Thread(target=self._loop, name=f"softserve-tuning-validate-{i}", daemon=True)
