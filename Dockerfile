@@ -1,7 +1,8 @@
 # Softserve: many soft prompts on one frozen LLM, OpenAI-compatible.
 #
 #   docker build -t softserve .                      # CPU image, embedded SmolLM2-135M-Instruct baked in
-#   docker run -p 8000:8000 softserve                # needs no network at run time; prompts in /data
+#   docker run -p 8000:8000 -v softserve-data:/data softserve   # no network at run time; prompts in the named volume
+#   docker run -p 8000:8000 -v /srv/softserve:/data softserve  # a host directory: chown -R 10001:10001 /srv/softserve first
 #   docker run -p 8000:8000 -e SOFTSERVE_STORE=s3://bucket/prompts -e AWS_ACCESS_KEY_ID=... softserve
 #
 # No Docker Hub (a Debian base from debootstrap, your mirrors): deploy/build-offline.sh.
@@ -64,13 +65,19 @@ ENV PATH=/opt/softserve/bin:$PATH \
     SOFTSERVE_HOST=0.0.0.0 \
     SOFTSERVE_PORT=8000 \
     SOFTSERVE_STORE=/data/prompts
-# /data: the local prompt store (unused with SOFTSERVE_STORE=s3://...). /models: mount a model here
-# and set SOFTSERVE_MODEL=/models/<dir or .gguf>; unset, the embedded SmolLM2-135M-Instruct is served.
+# /data: the local prompt store (unused with SOFTSERVE_STORE=s3://...). Mount a named volume there
+# (-v softserve-data:/data; without -v each container gets a new anonymous one, and its prompts are
+# left behind with it), or a host directory owned by uid 10001 (the server checks at start that it can
+# write and exits with a message if not). /models: mount a model here and set
+# SOFTSERVE_MODEL=/models/<dir or .gguf>; unset, the embedded SmolLM2-135M-Instruct is served.
 VOLUME ["/data", "/models"]
 USER 10001:10001
 WORKDIR /home/softserve
 EXPOSE 8000
-# /health is the process (liveness); /ready turns 200 once the model is loaded (readiness).
+# /health is the process (liveness): 200 as soon as it listens, also while the model loads, so this
+# HEALTHCHECK says "healthy" before the server can answer requests. To route traffic, or to wait for
+# the server in a script or compose `depends_on: condition: service_healthy`, use /ready (200 once the
+# model is loaded, 503 while draining): docs/deploy.md, "Which probe".
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SOFTSERVE_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["softserve"]

@@ -8,8 +8,10 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -23,11 +25,31 @@ def _serve_parser(sub) -> None:
     add_settings_flags(p)
 
 
+def check_store_writable(store: str) -> None:
+    """Exit at once, saying why, when a local prompt store cannot be written: a bind mount owned by
+    root used to fail with PermissionError on the first write, after the model had loaded (issue #26)."""
+    if "://" in store:  # s3://: credentials and bucket show on the first request
+        return
+    path = Path(store)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        who = f"uid {os.geteuid()}" if hasattr(os, "geteuid") else "this user"
+        raise SystemExit(
+            f"softserve serve: the prompt store {str(path)!r} is not writable by {who} "
+            f"({type(exc).__name__}: {exc.strerror or exc}). In the Docker image the server runs as uid 10001: "
+            f"give it the host directory (chown -R 10001:10001 DIR), or use a named volume (docs/deploy.md)") from None
+
+
 def cmd_serve(args) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
         raise SystemExit(f"softserve serve: {exc}") from None
+    check_store_writable(settings.store)  # before the model loads (tens of seconds), not after
     if not settings.model:  # say what to install before binding a port, not after a background load fails
         from softserve.model_loader import embedded_model_source
 

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body")
     max_connections: int = Field(1024, ge=1, description="open client connections (idle keep-alive ones included) "
                                  "before new ones are answered 503 at once; bounds what many slow or idle clients can hold")
+    header_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a client has to send a complete request head, from connecting or from the end of the previous response on a keep-alive connection; then the connection is closed without a response (idle or trickling sockets cannot hold --max-connections)")
+    keep_alive_timeout: float = Field(5.0, gt=0, le=3600, description="seconds an idle keep-alive connection stays open after a response")
     metrics_port: int = Field(0, ge=0, le=65535, description="also serve /metrics without a key on this port (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="listen address of --metrics-port")
     metrics_tenant_labels: bool = Field(False, description="label request and token counters with the tenant name")
@@ -78,6 +80,9 @@ class Settings(BaseSettings):
     store_gc_interval_seconds: float = Field(0.0, ge=0, description="run the store's garbage collection every this many seconds on this replica (0 = off; or run `softserve store gc`)")
     store_gc_grace_seconds: float = Field(3600.0, ge=60, description="garbage collection deletes nothing younger than this: longer than any upload takes")
     tuning_job_retention_seconds: float = Field(30 * 86400.0, ge=0, description="a finished tuning job (record, events, data copy) is deleted this long after it finished and disappears from the job list (0 = keep forever); its published prompts stay")
+    max_finished_tuning_jobs_per_tenant: int = Field(100, ge=0, description="finished tuning jobs kept per tenant: beyond it the oldest finished ones are deleted (record, events, data copy) as retention deletes them, whatever their age (0 = no cap); their prompts stay")
+    max_tuning_examples: int = Field(100_000, ge=1, le=10_000_000, description="most examples in one training or validation file, or inline list (400 invalid_training_data beyond)")
+    tuning_validation_workers: int = Field(2, ge=1, le=64, description="threads that validate (tokenize) new tuning jobs' data; tenants take turns and one tenant uses at most one, so a huge file does not hold other tenants' jobs")
     max_batches_per_tenant: int = Field(4, ge=1, description="Batch API batches one tenant may have unfinished (429 beyond)")
     max_batch_requests: int = Field(50_000, ge=1, description="most requests (lines) in one Batch API input file (400 beyond)")
     max_running_batches: int = Field(4, ge=1, description="batches this replica runs at once (others wait, or run on other replicas)")

@@ -8,6 +8,7 @@ import time
 import uvicorn
 
 from softserve.config import Settings
+from softserve.http_timeouts import with_header_timeout
 
 
 class DrainingServer(uvicorn.Server):
@@ -45,9 +46,15 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(app, settings: Settings) -> None:
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # h11, or httptools where installed
+
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)), access_log=False,
         limit_concurrency=settings.max_connections,
+        # Idle and slow connections are closed, so --max-connections of them cannot lock everyone out
+        # (issue #26 F4): silent after a response (keep-alive), or a request head not complete in time.
+        timeout_keep_alive=settings.keep_alive_timeout,
+        http=with_header_timeout(AutoHTTPProtocol, settings.header_timeout),
     )
     DrainingServer(config, app.state.service, settings.shutdown_timeout).run()

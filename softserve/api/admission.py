@@ -15,9 +15,10 @@ from softserve.service.slots import TenantSlots
 from .deps import authenticate
 
 # Paths that answer without a key: probes, the API description, the web console's page and assets
-# (its /ui/api/* calls carry the key). /metrics guards itself (admin key).
+# (its /ui/api/* calls carry the key, but /ui/api/auth, which says whether one is needed). /metrics guards
+# itself (admin key).
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect",
-                        "/ui", "/ui/"})
+                        "/ui", "/ui/", "/ui/api/auth"})
 OPEN_PREFIXES = ("/ui/assets/",)
 
 

@@ -114,8 +114,8 @@ def _load(manager: TuningManager, principal: Principal, file_id: str | None, inl
                 text = manager.files.read_text(principal.tenant, file_id)
             except KeyError:
                 raise NotFound(f"file {file_id!r} not found", param=file_param, code="file_not_found") from None
-            return text, len(parse_jsonl(text, source=file_id))
-        examples = parse_records(inline, source=data_param)
+            return text, len(parse_jsonl(text, source=file_id, max_examples=manager.max_examples))
+        examples = parse_records(inline, source=data_param, max_examples=manager.max_examples)
         return "".join(json.dumps(r) + "\n" for r in inline), len(examples)
     except DatasetError as exc:
         raise _dataset_error(exc, file_param if file_id is not None else data_param) from None
@@ -279,7 +279,8 @@ class TuningService:
                     max_queued=s.max_tuning_queue, max_active_per_tenant=s.max_tuning_jobs_per_tenant,
                     lease_seconds=s.tuning_lease_seconds, scan_seconds=s.tuning_scan_seconds,
                     replica_id=s.tuning_replica_id, retention_seconds=s.tuning_job_retention_seconds,
-                    pack_jobs=s.tuning_pack_jobs,
+                    pack_jobs=s.tuning_pack_jobs, max_finished_per_tenant=s.max_finished_tuning_jobs_per_tenant,
+                    max_examples=s.max_tuning_examples, validation_workers=s.tuning_validation_workers,
                     **self.kwargs,
                 )
         if self._manager is None:

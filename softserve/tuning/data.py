@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from softserve.tuning.config import TuningConfig
 
-__all__ = ["DatasetError", "Example", "TokenizedExample", "parse_jsonl", "parse_records", "load_examples", "tokenize_examples"]
+__all__ = ["DatasetError", "Stopped", "Example", "TokenizedExample", "parse_jsonl", "parse_records", "load_examples", "tokenize_examples"]
 
 _ROLES = ("system", "user", "assistant")
+_FIELDS = {"prompt", "completion", "messages"}  # a line's fields; anything else is refused, as the API refuses it
+_MESSAGE_FIELDS = {"role", "content"}
 
 
 class DatasetError(ValueError):
@@ -36,6 +38,19 @@ class DatasetError(ValueError):
         self.reason = message
         where = f"{source}, line {line}: " if line is not None else f"{source}: "
         super().__init__(where + message)
+
+
+class Stopped(Exception):
+    """`should_stop()` said so (the job was cancelled, or the server stops) while parsing or tokenizing."""
+
+
+STOP_CHECK_EVERY = 64  # JSONL lines parsed between two `should_stop()` calls
+
+
+def _check_count(count: int, max_examples: int | None, line: int | None, source: str) -> None:
+    if max_examples is not None and count > max_examples:
+        raise DatasetError(f"more than {max_examples} examples: the limit (--max-tuning-examples)", line=line,
+                           source=source)
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,10 @@ def _check_text(obj: dict, line: int, source: str) -> None:
 def _check_record(obj: Any, line: int, source: str) -> Example:
     if not isinstance(obj, dict):
         raise DatasetError(f"expected a JSON object, got {type(obj).__name__}", line=line, source=source)
+    unknown = sorted(set(obj) - _FIELDS)
+    if unknown:  # a misspelt field ("completions") was ignored and the line trained on something else
+        raise DatasetError(f"unknown field(s) {unknown}: a line has 'prompt' and 'completion', or 'messages'",
+                           line=line, source=source)
     if "messages" in obj:
         extra = set(obj) - {"messages"}
         if extra & {"prompt", "completion"}:
@@ -87,6 +106,9 @@ def _check_record(obj: Any, line: int, source: str) -> Example:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict):
                 raise DatasetError(f"messages[{i}] must be an object with 'role' and 'content'", line=line, source=source)
+            if set(m) - _MESSAGE_FIELDS:
+                raise DatasetError(f"messages[{i}] has unknown field(s) {sorted(set(m) - _MESSAGE_FIELDS)}: "
+                                   "only 'role' and 'content'", line=line, source=source)
             role, content = m.get("role"), m.get("content")
             if role not in _ROLES:
                 raise DatasetError(f"messages[{i}].role must be one of {list(_ROLES)}, got {role!r}", line=line, source=source)
@@ -114,14 +136,19 @@ def _check_record(obj: Any, line: int, source: str) -> Example:
     return Example(line=line, prompt=prompt, completion=completion)
 
 
-def parse_jsonl(text: str, *, source: str = "data") -> list[Example]:
-    """Parse JSONL text; blank lines are skipped. Raises DatasetError naming the line."""
-    examples = []
+def parse_jsonl(text: str, *, source: str = "data", max_examples: int | None = None,
+                should_stop: Callable[[], bool] | None = None) -> list[Example]:
+    """Parse JSONL text; blank lines are skipped. Raises DatasetError naming the line, also at the line
+    past `max_examples` (before parsing the rest), and Stopped when `should_stop()` turns true."""
+    examples: list[Example] = []
     text = text.removeprefix("\ufeff")  # a UTF-8 BOM (Windows editors write one) is not part of line 1
     # JSONL lines end at "\n" only: str.splitlines would also split inside strings at U+2028, U+0085, ...
     for lineno, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
+        _check_count(len(examples) + 1, max_examples, lineno, source)
+        if should_stop is not None and lineno % STOP_CHECK_EVERY == 0 and should_stop():
+            raise Stopped(source)
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
@@ -136,9 +163,12 @@ def parse_jsonl(text: str, *, source: str = "data") -> list[Example]:
     return examples
 
 
-def parse_records(records: Iterable[Any], *, source: str = "training_data") -> list[Example]:
+def parse_records(records: Iterable[Any], *, source: str = "training_data", max_examples: int | None = None) -> list[Example]:
     """Inline examples (a list of dicts, e.g. from the API); item numbers are 1-based like lines."""
-    examples = [_check_record(obj, i, source) for i, obj in enumerate(records, start=1)]
+    examples = []
+    for i, obj in enumerate(records, start=1):
+        _check_count(i, max_examples, i, source)
+        examples.append(_check_record(obj, i, source))
     if not examples:
         raise DatasetError("no examples (the list is empty)", source=source)
     return examples
@@ -223,11 +253,15 @@ def tokenize_examples(
     max_length: int = TuningConfig.max_length,
     append_eos: bool = True,
     source: str = "data",
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[TokenizedExample]:
-    """Tokenize; `max_length` counts real tokens (virtual tokens come on top). Too long is an error."""
+    """Tokenize; `max_length` counts real tokens (virtual tokens come on top). Too long is an error.
+    Stopped when `should_stop()` turns true (checked before each example: a cancel stops a big file fast)."""
     eos_id = tokenizer.eos_token_id
     out = []
     for ex in examples:
+        if should_stop is not None and should_stop():  # cheap next to tokenizing one example
+            raise Stopped(source)
         if ex.messages is not None:
             t = _tokenize_chat(tokenizer, ex, source)
         else:

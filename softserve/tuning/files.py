@@ -43,9 +43,10 @@ class FileRegistry:
     batch input only as UTF-8 text here: its lines are checked when a batch is created, and a bad line
     lands in the batch's error file with its line number instead of refusing the whole file."""
 
-    def __init__(self, backend, max_bytes: int, usage: UsageLedger | None = None) -> None:
+    def __init__(self, backend, max_bytes: int, usage: UsageLedger | None = None, max_examples: int | None = None) -> None:
         self.backend = backend
         self.max_bytes = max_bytes
+        self.max_examples = max_examples  # training files: 400 past it (--max-tuning-examples)
         self.usage = usage  # the store's per-tenant usage and quota (files count against the bytes quota)
 
     @staticmethod
@@ -67,7 +68,7 @@ class FileRegistry:
             if count == 0:
                 raise DatasetError("file has no requests", source=filename or "file")
         else:
-            count = len(parse_jsonl(text, source=filename or "file"))
+            count = len(parse_jsonl(text, source=filename or "file", max_examples=self.max_examples))
         return self._write(tenant, "file-" + uuid.uuid4().hex[:24], filename or "data.jsonl", purpose, data, count)
 
     def create_result(self, tenant: str, file_id: str, filename: str, data: bytes) -> tuple[TuningFile, bool]:

@@ -30,7 +30,7 @@ from softserve.store import keys
 from softserve.store.store import PromptStore
 from softserve.store.types import PromptNotFound
 from softserve.config import setting_default
-from softserve.tuning.data import DatasetError, TokenizedExample, parse_jsonl, tokenize_examples
+from softserve.tuning.data import TokenizedExample, parse_jsonl, tokenize_examples
 from softserve.tuning.export import adapter_files, model_info, push_to_store
 from softserve.tuning.files import FileRegistry
 from softserve.tuning.job import LeaseLost, QueueFull, TuningJob
@@ -39,6 +39,7 @@ from softserve.tuning.persist import JobStore, Lease, new_replica_id
 from softserve.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view
 from softserve.tuning.runner import JobRun
 from softserve.tuning.trainer import PromptTuner, StepInfo
+from softserve.tuning.validation import Validator
 
 log = logging.getLogger("softserve.tuning")
 
@@ -49,7 +50,7 @@ SWEEP_SECONDS = 60.0  # retention sweeps at most this often (each lists tuning/f
 
 
 class TuningManager:
-    """Owns the job queue, the worker thread(s), a validator and a scanner. `step_lock` must be the
+    """Owns the job queue, the worker thread(s), the validators (validation.py) and a scanner. `step_lock` must be the
     engine's lock."""
 
     def __init__(
@@ -70,6 +71,9 @@ class TuningManager:
         scan_seconds: float = setting_default("tuning_scan_seconds"),
         replica_id: str | None = None,
         retention_seconds: float = setting_default("tuning_job_retention_seconds"),
+        max_finished_per_tenant: int = setting_default("max_finished_tuning_jobs_per_tenant"),
+        max_examples: int = setting_default("max_tuning_examples"),
+        validation_workers: int = setting_default("tuning_validation_workers"),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.model = model
@@ -90,11 +94,12 @@ class TuningManager:
         self.clock = clock  # finished_at and the retention sweep (tests move it; leases use the wall clock)
         self._index_ready = False  # this process saw the finished index complete (FINISHED_INDEX_READY)
         self._next_sweep = 0.0
-        self.files = FileRegistry(store.backend, store.max_upload_bytes, usage=store.usage)
+        self.max_finished_per_tenant = max_finished_per_tenant  # 0: no cap (retention by age only)
+        self.max_examples = max_examples  # per file or inline list (parse_jsonl stops at the one past it)
+        self.files = FileRegistry(store.backend, store.max_upload_bytes, usage=store.usage, max_examples=max_examples)
         self._local: dict[str, TuningJob] = {}
         self._claimed: set[str] = set()  # ids queued here, being validated or run here
         self._queue: queue.Queue = queue.Queue()
-        self._validate: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # Up to `pack_jobs` jobs run at once, one worker thread each, and share every forward/backward.
@@ -102,10 +107,10 @@ class TuningManager:
             if pack_jobs > 1 else None
         self._threads = [threading.Thread(target=self._worker, name=f"softserve-tuning-{i}", daemon=True)
                          for i in range(max(1, max_concurrent, pack_jobs))]
-        self._threads.append(threading.Thread(target=self._validator, name="softserve-tuning-validate", daemon=True))
         self._threads.append(threading.Thread(target=self._scanner, name="softserve-tuning-scan", daemon=True))
         for t in self._threads:
             t.start()
+        self.validator = Validator(self, validation_workers)  # fair between tenants, stops on cancel
 
     # ---- public -------------------------------------------------------------------------------
     def submit(self, record: dict[str, Any], texts: dict[str, str]) -> TuningJob:
@@ -153,7 +158,7 @@ class TuningManager:
         record["event_chunks"] = [self.jobs.write_events(job.tenant, job.id, events)]
         record["next_event_seq"] = job.seq
         self.jobs.create(record, texts)
-        self._validate.put((job.tenant, job.id))
+        self.validator.put(job.tenant, job.id)
         return job
 
     def get(self, tenant: str, job_id: str) -> dict[str, Any]:
@@ -230,10 +235,10 @@ class TuningManager:
         """Stop: a running job is interrupted (not cancelled) and its lease released, so this replica
         after a restart, or another one, resumes it from its last checkpoint."""
         self._stop.set()
+        self.validator.close()
         for _ in self._threads:
             self._queue.put(None)
-            self._validate.put(None)
-        for t in self._threads:
+        for t in self._threads + self.validator.threads:
             t.join(10)
 
     def job_counts(self) -> dict[str, int]:
@@ -268,7 +273,8 @@ class TuningManager:
             cancel = stored["cancel_requested"]
             new = {**local, "cancel_requested": cancel or local["cancel_requested"]}
             if stored["status"] == "cancelled":  # cancelled while queued (maybe on another replica)
-                new.update(status="cancelled", finished_at=stored["finished_at"])
+                # The cancel wins whole: never "cancelled" with the error of a failure found after it (#26).
+                new.update(status="cancelled", finished_at=stored["finished_at"], error=stored.get("error"))
             listed = list(stored["event_chunks"])
             new["event_chunks"] = listed + ([chunk] if chunk is not None and chunk not in listed else [])
             new["next_event_seq"] = events[-1]["seq"] + 1 if events else stored["next_event_seq"]
@@ -278,7 +284,7 @@ class TuningManager:
         with job.lock:
             job.record.update(event_chunks=stored["event_chunks"], next_event_seq=stored["next_event_seq"],
                               cancel_requested=stored["cancel_requested"], status=stored["status"],
-                              finished_at=stored["finished_at"])
+                              finished_at=stored["finished_at"], error=stored.get("error"))
             job.pending = [e for e in job.pending if e["seq"] >= stored["next_event_seq"]]
         if stored["cancel_requested"]:
             job.cancel_event.set()
@@ -303,7 +309,24 @@ class TuningManager:
             return False
         if freed:
             log.info("tuning job %s finished: deleted %d bytes of resume state", job_id, freed)
+        self._cap_finished(tenant)
         return True
+
+    def _cap_finished(self, tenant: str | None = None) -> int:
+        """Delete the oldest finished jobs of a tenant (or of every tenant) beyond
+        `max_finished_per_tenant` (issue #26 F3: create+cancel rounds kept every job for the whole
+        retention period). Never raises: the next finish or sweep retries."""
+        if self.max_finished_per_tenant <= 0:
+            return 0
+        try:
+            removed, freed = self.jobs.remove_beyond(self.max_finished_per_tenant, tenant)
+        except Exception:
+            log.exception("tuning jobs: deleting finished jobs beyond --max-finished-tuning-jobs-per-tenant failed")
+            return 0
+        if removed:
+            log.info("tuning jobs: removed %d finished jobs beyond %d per tenant (%d bytes)", removed,
+                     self.max_finished_per_tenant, freed)
+        return removed
 
     def _load_job(self, tenant: str, job_id: str) -> TuningJob:
         with self._lock:
@@ -328,8 +351,8 @@ class TuningManager:
         if job is not None:
             job.done_event.set()
 
-    # ---- validator ----------------------------------------------------------------------------
-    def examples(self, job: TuningJob, which: str) -> list[TokenizedExample]:
+    # ---- validation (softserve/tuning/validation.py runs it) -----------------------------------
+    def examples(self, job: TuningJob, which: str, should_stop: Callable[[], bool] | None = None) -> list[TokenizedExample]:
         text = job.texts.get(which)
         if text is None:
             text = self.jobs.read_data(job.tenant, job.id, which)
@@ -337,56 +360,13 @@ class TuningManager:
             return []
         source = job.record["training_file" if which == "train" else "validation_file"] or \
             ("training_data" if which == "train" else "validation_data")
-        return tokenize_examples(self.tokenizer, parse_jsonl(text, source=source),
-                                 max_length=job.record["config"]["max_length"], source=source)
+        return tokenize_examples(self.tokenizer, parse_jsonl(text, source=source, max_examples=self.max_examples,
+                                                             should_stop=should_stop),
+                                 max_length=job.record["config"]["max_length"], source=source, should_stop=should_stop)
 
-    def _validator(self) -> None:
-        while not self._stop.is_set():
-            item = self._validate.get()
-            if item is None:
-                return
-            tenant, job_id = item
-            try:
-                self._validate_one(tenant, job_id)
-            except Exception:
-                log.exception("validating tuning job %s crashed", job_id)
-                self._release_claim(job_id)
-
-    def _validate_one(self, tenant: str, job_id: str) -> None:
-        lease = self.jobs.acquire(tenant, job_id)
-        if lease is None:  # another replica validates it
-            self._release_claim(job_id)
-            return
-        try:
-            job = self._load_job(tenant, job_id)
-            if job.status != "validating_files":
-                if job.status in FINISHED:  # cancelled before we took it: cancel() left the clean-up to us
-                    self._finalize(tenant, job_id, job.record["finished_at"])
-                self._forget(job)
-                return
-            try:
-                job.train, job.eval = self.examples(job, "train"), self.examples(job, "validation")
-                if not job.train:
-                    raise DatasetError("no training examples", source="training_data")
-            except DatasetError as exc:
-                param = exc.source if exc.source in ("training_data", "validation_data") else \
-                    ("validation_file" if exc.source == job.record["validation_file"] else "training_file")
-                self.finish(job, "failed", f"Data validation failed: {exc}", level="error",
-                             error={"code": "invalid_training_data", "message": str(exc), "param": param})
-                self._forget(job)
-                return
-            job.event(f"Validated {len(job.train)} training and {len(job.eval)} validation examples")
-            self.flush(job, fenced=True, change=lambda r: r.update(status="queued"))
-            if job.status == "cancelled" or job.record["cancel_requested"]:
-                if job.status in FINISHED:
-                    self._finalize(job.tenant, job.id, job.record["finished_at"])
-                self._forget(job)
-                return
-        finally:
-            self.jobs.release(lease)
-        # Only after the lease is released: a worker that picked the job up while we still held it
-        # would find it leased, drop it as "another replica's", and it would wait for the next scan.
-        self._queue.put((job.tenant, job.id))
+    def enqueue_run(self, tenant: str, job_id: str) -> None:
+        """A validated (queued) job goes to the training workers."""
+        self._queue.put((tenant, job_id))
 
     # ---- scanner ------------------------------------------------------------------------------
     def _scanner(self) -> None:
@@ -427,25 +407,27 @@ class TuningManager:
                 self._claimed.add(job_id)
             log.info("tuning job %s (%s) found without a live lease: taking it up", job_id, record["status"])
             if record["status"] == "validating_files":
-                self._validate.put((tenant, job_id))
+                self.validator.put(tenant, job_id)
             else:
                 self._queue.put((tenant, job_id))
 
     def sweep(self, now: float | None = None) -> int:
         """Delete every finished job that finished more than `retention_seconds` before `now` (default:
-        the clock): record, data copy, events, lease. Any number of replicas may sweep at once.
-        Returns the number of jobs removed. The first sweep on a store also indexes (and drops the
+        the clock): record, data copy, events, lease; and each tenant's oldest finished jobs beyond
+        `max_finished_per_tenant` (each finish also trims its tenant's). Any number of replicas may
+        sweep at once. Returns the number of jobs removed. The first sweep on a store also indexes (and drops the
         resume state of) jobs that finished before the finished index existed."""
         if not self._index_ready:
             self._index_ready = self.jobs.index_legacy_finished()
+        capped = self._cap_finished()
         if self.retention_seconds <= 0:
-            return 0
+            return capped
         cutoff = (self.clock() if now is None else now) - self.retention_seconds
         removed, freed = self.jobs.remove_finished_before(cutoff)
         if removed:
             log.info("tuning job retention: removed %d jobs finished over %.0f s ago (%d bytes)", removed,
                      self.retention_seconds, freed)
-        return removed
+        return removed + capped
 
     # ---- worker -------------------------------------------------------------------------------
     def _yield(self, busy_s: float) -> None:

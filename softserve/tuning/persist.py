@@ -183,10 +183,11 @@ class JobStore:
         self.backend.put(keys.finished_job(tenant, job_id, finished_at),
                          _dumps({"tenant": tenant, "job_id": job_id, "finished_at": int(finished_at)}))
 
-    def finished(self) -> list[keys.FinishedJobKey]:
-        """Every finished job in the index (tenant, id and finish time come from the key: no reads)."""
+    def finished(self, tenant: str | None = None) -> list[keys.FinishedJobKey]:
+        """Every finished job in the index, or one tenant's (tenant, id and finish time come from the
+        key: no reads)."""
         out = []
-        for key in self.backend.list(keys.FINISHED_JOBS_PREFIX):
+        for key in self.backend.list(keys.FINISHED_JOBS_PREFIX + (f"{tenant}/" if tenant is not None else "")):
             parsed = keys.parse_finished_job(key)
             if parsed is not None:
                 out.append(parsed)
@@ -223,6 +224,20 @@ class JobStore:
         removed = freed = 0
         for entry in sorted(self.finished(), key=lambda e: e.finished_at):
             if entry.finished_at < cutoff:
+                freed += self.remove(entry)
+                removed += 1
+        return removed, freed
+
+    def remove_beyond(self, keep: int, tenant: str | None = None) -> tuple[int, int]:
+        """Keep each tenant's (or one tenant's) `keep` most recently finished jobs, remove the older
+        ones: (jobs removed, bytes freed). Ties in finish time (whole seconds) go by id."""
+        by_tenant: dict[str, list[keys.FinishedJobKey]] = {}
+        for entry in self.finished(tenant):
+            by_tenant.setdefault(entry.tenant, []).append(entry)
+        removed = freed = 0
+        for entries in by_tenant.values():
+            entries.sort(key=lambda e: (e.finished_at, e.job_id), reverse=True)
+            for entry in entries[keep:]:
                 freed += self.remove(entry)
                 removed += 1
         return removed, freed

@@ -3,13 +3,15 @@
     GET  /ui                                  -> redirect to /ui/
     GET  /ui/                                 the single page (index.html)
     GET  /ui/assets/{file}                    its CSS/JS (served from the installed package)
+    GET  /ui/api/auth                         whether the server wants a key (no key needed: the page asks
+                                              before its first keyed call, so a signed-out page logs no 401)
     GET  /ui/api/session                      who the key is (tenant, role) and what the server runs
     GET  /ui/api/stats?since=T                recent rates for the charts (see softserve/ui/stats.py)
     POST /ui/api/prompts/{name}/rollback      {"version": "..."}: make an older version the latest
     GET  /ui/api/prompts/{name}/releases      aliases, and every version with its aliases and numbers
 
-The page and assets need no key (they hold no data); every /ui/api call needs the same API key as
-the rest of the API and is scoped the same way.
+The page, its assets and /ui/api/auth need no key (they hold no data); every other /ui/api call needs
+the same API key as the rest of the API and is scoped the same way.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def install_console(app: FastAPI, state: Runtime, *, stats_interval_s: float = 2
     @router.get("/ui/")
     def ui_index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=SECURITY_HEADERS)
+
+    @router.get("/ui/api/auth")
+    def auth() -> dict[str, bool]:
+        return {"auth": state.registry.enabled}
 
     @router.get("/ui/api/session")
     def session(principal: PrincipalDep) -> dict[str, Any]:

@@ -154,6 +154,17 @@ def test_bad_constraints_are_400(client, extra, param):
     _error(client.post(C, json={"model": "tiny", "prompt": "hi", "max_tokens": 4, **extra}), param)
 
 
+@pytest.mark.parametrize("path", [C, CHAT])
+def test_a_guided_choice_item_has_a_length_cap(client, path):
+    """Issue #26 ("also"): one long item under --guided-max-bytes is refused (the grammar grows with it)."""
+    body = {"model": "tiny", "max_tokens": 4, "guided_choice": ["short", "x" * 1025],
+            **({"prompt": "hi"} if path == C else {"messages": USER})}
+    err = _error(client.post(path, json=body), "guided_choice")
+    assert err["code"] == "invalid_grammar" and "the limit is 1024" in err["message"], err
+    body["guided_choice"] = ["short", "x" * 1024]
+    assert client.post(path, json=body).status_code == 200
+
+
 # ---- C: echo, logprobs over the prompt, max_tokens 0, prompt_logprobs ------------------------------------
 @torch.inference_mode()
 def _reference(model, ids, soft):

@@ -139,3 +139,24 @@ def test_optimizer_settings_have_upper_bounds(api, field, value):
     r = api.post("/v1/tuning/jobs", headers=api.h["a"], json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("line2", [
+    {"prompt": "a", "completions": " b"},  # a misspelt extra field (the right one is added below)
+    {"prompt": "a", "completion": " b", "weight": 0},
+    {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]},
+])
+def test_unknown_fields_in_training_lines_are_refused_with_the_line(api, line2):
+    """Also: unknown fields in JSONL lines were silently ignored; the API refuses unknown fields."""
+    import json
+
+    lines = [{"prompt": "a", "completion": " b"}, line2]
+    if "completions" in line2:
+        line2["completion"] = " c"  # the known fields are all there: only the extra one is wrong
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    r = api.post("/v1/files", headers=api.h["a"], files={"file": ("d.jsonl", data)}, data={"purpose": "fine-tune"})
+    assert r.status_code == 400, r.text
+    assert "line 2" in r.json()["error"]["message"] and "unknown field" in r.json()["error"]["message"], r.text
+    r = api.post("/v1/tuning/jobs", headers=api.h["a"], json={"name": "t", "training_data": lines})
+    assert r.status_code == 400, r.text
+    assert "line 2" in r.json()["error"]["message"] and r.json()["error"]["param"] == "training_data", r.text

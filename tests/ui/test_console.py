@@ -99,6 +99,16 @@ def test_session_needs_the_key_and_names_the_tenant(console):
     assert console.get("/ui/api/session", headers=console.h["admin"]).json()["role"] == "admin"
 
 
+def test_whether_a_key_is_needed_is_answered_without_one(console, tiny_model, tokenizer, tmp_path):
+    """The signed-out page asks this before any keyed call, so it logs no 401 (issue #26)."""
+    r = console.get("/ui/api/auth")
+    assert r.status_code == 200 and r.json() == {"auth": True}
+    app = create_app(Settings(store=str(tmp_path / "open-store")), loaded=LoadedModel(tiny_model, tokenizer, "tiny"))
+    with TestClient(app) as open_server:
+        assert open_server.get("/ui/api/auth").json() == {"auth": False}
+        assert open_server.get("/ui/api/session").json()["tenant"] == "default"
+
+
 def _complete(c, headers, n: int) -> int:
     tokens = 0
     for _ in range(n):

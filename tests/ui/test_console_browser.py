@@ -190,6 +190,29 @@ def test_sign_in_upload_versions_rollback_download(open_console, env, tmp_path, 
     _check_clean(page)
 
 
+def test_signed_out_console_calls_nothing_that_answers_401(env, browser):
+    """Issue #26: before sign-in the console called /ui/api/session without a key, and the browser
+    logged the 401 as an error. Now it asks /ui/api/auth (no key needed) and shows the sign-in form."""
+    server, keys = env
+    context = browser.new_context(viewport=VIEWPORT)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        refused: list[str] = []
+        logged: list[str] = []
+        page.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
+        page.on("console", lambda m: logged.append(m.text) if m.type == "error" else None)
+        page.goto(f"{server.url}/ui/#registry")
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        page.wait_for_timeout(500)  # anything the start-up would still send
+        assert refused == [] and logged == [], (refused, logged)
+        page.get_by_label("API key").fill(keys["acme"])
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#who")).to_contain_text("tenant acme")
+    finally:
+        context.close()
+
+
 def test_playground_streams_base_and_prompt_side_by_side(open_console, env, shots):
     with _api(env, "acme") as c:
         assert upload(c, "pirate", prompt_bytes(3, 5, TINY_HIDDEN, 0.05), adapter_config(5)).status_code == 201

@@ -48,6 +48,13 @@ function showWho() {
 
 async function start() {
   try {
+    // Without a key, ask whether the server wants one before calling anything that would answer 401
+    // (a 401 shows as an error in the browser's console before the user could sign in).
+    if (!apiKey() && (await api("/ui/api/auth")).auth) {
+      session.info = null;
+      showLogin("");
+      return;
+    }
     session.info = await api("/ui/api/session");
   } catch (e) {
     session.info = null;
