@@ -154,7 +154,8 @@ def run(args) -> dict:
     import torch
 
     if args.quick:
-        args.rounds, args.warmup, args.window, args.concurrency = 1, 1.0, 2.0, min(args.concurrency, 4)
+        args.rounds, args.concurrency = 1, min(args.concurrency, 4)
+        args.warmup, args.window = min(args.warmup, 1.0), min(args.window, 2.0)
     C.setup_torch(args)
     mdir = C.model_path(args.model)
     hidden = L.hidden_size(mdir)
@@ -219,7 +220,7 @@ def _mean_rows(result: dict) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for label in dict.fromkeys(r["variant"] for r in result["runs"]):
         runs = [r for r in result["runs"] if r["variant"] == label]
-        out[label] = {k: sum(r[k] for r in runs) / len(runs) for k, _, _ in COLUMNS if k in runs[0]}
+        out[label] = {k: sum(r[k] or 0.0 for r in runs) / len(runs) for k, _, _ in COLUMNS if k in runs[0]}
         out[label]["rounds"] = [round(r["tokens_per_s"], 1) for r in runs]
     return out
 
