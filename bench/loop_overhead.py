@@ -70,6 +70,7 @@ def _delta(a: dict, b: dict) -> dict:
         "loop_gap_ms": gap, "outside_ms": 1000 * wall / steps - step - gap,
         "cpu_forward": forward_cpu, "cpu_engine_rest": cpu["engine"] - forward_cpu, "cpu_event_loop": cpu["event_loop"],
         "cpu_other": cpu["other"], "cpu_total": sum(cpu.values()),
+        "cpu_request_intake": sum(part(k, "part_cpu") for k in ("resolve_model", "tokenize", "pin_prompt")),
         "cpu_us_per_token_around": 1000 * (sum(cpu.values()) - forward_cpu) * steps / tokens,
         "forward_wall_per_cpu": part("forward") / forward_cpu if forward_cpu else None,
     }
@@ -211,7 +212,8 @@ COLUMNS = [("tokens_per_s", "tok/s", 1), ("ms_per_step", "wall ms/step", 1), ("f
            ("schedule_ms", "schedule", 2), ("postprocess_ms", "postprocess", 2), ("detokenize_ms", "of it detokenize", 2),
            ("loop_gap_ms", "between steps", 2), ("outside_ms", "outside steps", 2),
            ("cpu_forward", "CPU forward", 1), ("cpu_engine_rest", "CPU engine thread rest", 2),
-           ("cpu_event_loop", "CPU event loop", 2), ("cpu_other", "CPU other threads", 2), ("cpu_total", "CPU total", 1),
+           ("cpu_event_loop", "CPU event loop", 2), ("cpu_other", "CPU other threads", 2),
+           ("cpu_request_intake", "of it resolve + tokenize + pin", 2), ("cpu_total", "CPU total", 1),
            ("cpu_us_per_token_around", "CPU µs/token outside the forward", 0),
            ("forward_wall_per_cpu", "forward wall / CPU", 2)]
 

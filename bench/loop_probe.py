@@ -24,6 +24,10 @@ PARTS = [
     ("softserve.engine.model_runner", "ModelRunner", "run", "forward"),
     ("softserve.engine.engine", "LLMEngine", "postprocess", "postprocess"),
     ("softserve.engine.detokenizer", "Detokenizer", "step", "detokenize"),
+    # per request, in the thread pool (class None: a function the routes module calls by name)
+    ("softserve.api.openai_routes", None, "resolve_model", "resolve_model"),
+    ("softserve.api.openai_routes", None, "_tokenize_prompts", "tokenize"),
+    ("softserve.store.cache", "PromptCache", "acquire", "pin_prompt"),
 ]
 GAP_LIMIT_S = 0.05  # a longer pause between steps is the engine idling for work, not loop overhead
 
@@ -106,7 +110,8 @@ def install() -> None:
     import importlib
 
     for module, cls_name, attr, label in PARTS:
-        cls = getattr(importlib.import_module(module), cls_name, None)
+        mod = importlib.import_module(module)
+        cls = mod if cls_name is None else getattr(mod, cls_name, None)
         if cls is None or not hasattr(cls, attr):
             continue
         if label == "step":
