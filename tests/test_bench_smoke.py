@@ -33,6 +33,8 @@ CASES = {
     "batch": (["--requests", "16", "--num-prompts", "2", "--probes", "2", "--concurrency", "2"],
               ["### Batch API", "| Batch API (create to completed)", "| run-batch offline"]),
     "releases": (["--calls", "20", "--hidden", "64"], ["### Resolving `model` through a release alias", "| reference | µs per resolution"]),
+    "loop_overhead": (["--concurrency", "2", "--warmup", "0.3", "--window", "1", "--max-tokens", "4", "--k", "4"],
+                      ["### Serving overhead around the forward", "| variant | tok/s", "| engine alone |", "| live |"]),
     "adapter_kinds": (["--concurrency", "3", "--k", "4", "--prompt-tokens", "8", "--max-tokens", "4", "--repeats", "1"],
                       ["### Adapter kinds in one batch", "| rows | output tok/s | ratio to plain", "| prefix_tuning |"]),
 }
@@ -60,7 +62,7 @@ def quick_run(tmp_path_factory):
     return run
 
 
-SERVER_SCRIPTS = {"load", "prompt_scale", "batch"}  # they start `softserve serve` as a subprocess
+SERVER_SCRIPTS = {"load", "prompt_scale", "batch", "loop_overhead"}  # they start `softserve serve` as a subprocess
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.process) if n in SERVER_SCRIPTS else n for n in CASES])

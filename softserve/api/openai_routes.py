@@ -6,7 +6,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request as HTTPRequest, Response as HTTPResponse
 from fastapi.responses import StreamingResponse
@@ -99,6 +99,28 @@ def _chat_logprobs(items: list[TokenLogprob]) -> S.ChatLogprobs:
 def _sse(payload: dict | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"
+
+
+_SENTINEL = "\ue000softserve-text\ue001"  # private-use characters: never in an id, a model label or a number
+
+
+class _TemplateChunks:
+    """A stream's SSE chunks that differ only in one text field (a token's text): each choice index's chunk is
+    encoded once with a sentinel in that field, then filled in with json.dumps(text). The same bytes as
+    encoding every chunk whole (that is what the whole encoding writes for the text), without building and
+    encoding the envelope again for every token. `encode(index, text)` is the whole encoding."""
+
+    def __init__(self, encode: Callable[[int, str], str]) -> None:
+        self._encode = encode
+        self._parts: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        parts = self._parts.get(index)
+        if parts is None:
+            pre, found, post = self._encode(index, _SENTINEL).rpartition(json.dumps(_SENTINEL, ensure_ascii=False))
+            assert found, "the encoding must write the text as json.dumps does"
+            parts = self._parts[index] = (pre, post)
+        return f"{parts[0]}{json.dumps(text, ensure_ascii=False)}{parts[1]}"
 
 
 SERVED_MODEL_HEADER = "X-Softserve-Served-Model"  # the pinned "name@version" that served (alias or not)
@@ -230,6 +252,12 @@ async def run_completion(body: S.CompletionRequest, runtime: Runtime, principal,
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+        def whole_text_chunk(index: int, text: str) -> str:
+            return _sse({"id": response_id, "object": "text_completion", "created": created, "model": resolved.label,
+                         "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]})
+
+        text_chunk = _TemplateChunks(whole_text_chunk)
+
         async def events() -> AsyncIterator[str]:
             offsets = [0] * len(choices)
             started: set[int] = set()
@@ -246,8 +274,11 @@ async def run_completion(body: S.CompletionRequest, runtime: Runtime, principal,
                     offsets[index] += sum(len(t) for t in lp["tokens"])
                 if not text and not output.finished and lp is None:
                     continue
-                payload = {"index": index, "text": text, "logprobs": lp,
-                           "finish_reason": finish_reason_str(output.finish_reason) if output.finished else None}
+                reason = finish_reason_str(output.finish_reason) if output.finished else None
+                if lp is None and reason is None and not (first and body.prompt_logprobs is not None):
+                    yield text_chunk(index, text)  # a token's plain text: the common chunk
+                    continue
+                payload = {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
                 if first and body.prompt_logprobs is not None:
                     payload["prompt_logprobs"] = [None if p is None else {k: v.model_dump() for k, v in p.items()}
                                                   for p in vllm_prompt_logprobs(choice) or []]
@@ -308,13 +339,17 @@ async def run_chat_completion(body: S.ChatCompletionRequest, runtime: Runtime, p
             return _sse(S.ChatCompletionChunk(id=response_id, created=created, model=resolved.label,
                                               choices=choices_payload, usage=usage).model_dump(exclude_none=True))
 
+        content_chunk = _TemplateChunks(lambda index, text: chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(content=text))]))
+
         async def events() -> AsyncIterator[str]:
             for c in choices:
                 yield chunk([S.ChatStreamChoice(index=c.index, delta=S.ChatDelta(role="assistant", content=""))])
             async for index, output in stream_outputs(runtime, requests, tracker):
                 apply_delta(choices[index], output)
                 lp = _chat_logprobs(list(output.logprobs)) if body.logprobs and output.logprobs else None
-                if output.text or lp is not None:
+                if output.text and lp is None:
+                    yield content_chunk(index, output.text)  # a token's plain text: the common chunk
+                elif output.text or lp is not None:
                     yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(content=output.text), logprobs=lp)])
                 if output.finished:
                     yield chunk([S.ChatStreamChoice(index=index, delta=S.ChatDelta(),

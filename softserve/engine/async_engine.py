@@ -1,7 +1,12 @@
 """Runs the engine loop in its own thread; asyncio code talks to it only through queues.
 
     HTTP handler --(add/abort commands, thread-safe queue)--> engine thread
-    engine thread --(RequestOutput deltas, loop.call_soon_threadsafe)--> per-request asyncio.Queue
+    engine thread --(a step's RequestOutput deltas, ONE loop.call_soon_threadsafe per event loop
+                     per step)--> per-request asyncio.Queue
+
+One wake-up per step, not one per request: each call_soon_threadsafe writes the loop's self-pipe and
+lets the event loop take the GIL while the engine thread is still delivering (measured in
+bench/loop_overhead.py, docs/performance.md "Around the forward").
 
 A handler that is cancelled (client disconnect) or stops iterating aborts its request; the row leaves
 the batch at the next step.
@@ -28,6 +33,12 @@ log = logging.getLogger("softserve.engine")
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    """Runs on the event loop: one step's deltas into their request queues."""
+    for out_queue, output in items:
+        out_queue.put_nowait(output)
 
 
 @dataclass
@@ -96,8 +107,7 @@ class AsyncEngine:
                     started = time.perf_counter()
                     with self.step_lock:
                         outputs = self.engine.step()
-                    for output in outputs:
-                        self._deliver(output)
+                    self._deliver(outputs)
                     if self._on_step is not None:
                         self._on_step(time.perf_counter() - started, self.engine.num_running)
         except BaseException as exc:  # the loop itself died: fail everyone, report not-ready
@@ -130,16 +140,22 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _deliver(self, output: RequestOutput) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's deltas to their streams: one callback per event loop, deltas in step order."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         with self._streams_lock:
-            stream = self._streams.get(output.request_id)
-            if output.finished:
-                self._streams.pop(output.request_id, None)
-        if stream is not None:
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if output.finished:
+                    self._streams.pop(output.request_id, None)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in by_loop.items():
             try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
-            except RuntimeError:  # the caller's event loop is gone: nobody to deliver to
-                self._commands.put(("abort", output.request_id))
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the callers' event loop is gone: nobody to deliver to
+                for _, output in items:
+                    self._commands.put(("abort", output.request_id))
 
     def _fail_all(self, reason: str) -> None:
         with self._streams_lock:

@@ -26,9 +26,28 @@ class DetokState:
     stopped: bool = False
 
 
+def _backend_decoder(tokenizer):
+    """The `tokenizers` backend's own decode when `tokenizer.decode(ids, skip_special_tokens=s,
+    clean_up_tokenization_spaces=False)` is exactly that call (transformers' TokenizersBackend with its
+    decode methods not overridden), else None. Same text, ~3x cheaper per call: the engine thread
+    decodes twice per token per row."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if (backend is None or not isinstance(tokenizer, TokenizersBackend) or cls.decode is not PreTrainedTokenizerBase.decode
+            or cls._decode is not TokenizersBackend._decode):
+        return None
+    return backend.decode
+
+
 class Detokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self._fast_decode = _backend_decoder(tokenizer)
 
     def new_state(self, prompt_ids: list[int], stops: tuple[str, ...], skip_special_tokens: bool) -> DetokState:
         context = list(prompt_ids[-_CONTEXT_TOKENS:])
@@ -41,6 +60,8 @@ class Detokenizer:
         )
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if self._fast_decode is not None:
+            return self._fast_decode(ids, skip_special_tokens=skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def step(self, state: DetokState, token_id: int, *, is_last: bool) -> tuple[str, bool]:

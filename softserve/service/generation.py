@@ -311,13 +311,14 @@ async def stream_outputs(
     engine = runtime.engine
     status = "cancelled"
     merged: asyncio.Queue = asyncio.Queue()
+    queues: list[asyncio.Queue] = []
     pumps: list[asyncio.Task] = []
     finished: set[int] = set()
     submitted = 0
     try:
-        for index, request in enumerate(requests):
+        for request in requests:
             try:
-                out_queue = engine.submit(request)
+                queues.append(engine.submit(request))
             except QueueFullError as exc:
                 status = "rejected"
                 if runtime.metrics is not None:
@@ -327,9 +328,16 @@ async def stream_outputs(
                 status = "unavailable"
                 raise NotReady("engine is not running") from exc
             submitted += 1
-            pumps.append(asyncio.ensure_future(_pump(index, out_queue, merged)))
+        # One request (n=1, one prompt: the common case) reads its engine queue directly; several are
+        # merged by one pump task each. A pump costs a task switch and a queue hop per token.
+        single = queues[0] if len(queues) == 1 else None
+        if single is None:
+            pumps = [asyncio.ensure_future(_pump(index, q, merged)) for index, q in enumerate(queues)]
         while len(finished) < len(requests):
-            index, output = await merged.get()
+            if single is not None:
+                index, output = 0, await single.get()
+            else:
+                index, output = await merged.get()
             if output.finished:
                 finished.add(index)
                 if output.finish_reason == FinishReason.ERROR:

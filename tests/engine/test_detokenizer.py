@@ -39,3 +39,21 @@ def test_text_that_only_looks_like_a_stop_prefix_is_released(tokenizer):
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
     deltas = _feed(Detokenizer(tokenizer), ids, stops=["andX"])
     assert "".join(deltas) == tokenizer.decode(ids)
+
+
+def test_backend_fast_path_emits_what_tokenizer_decode_emits(tokenizer):
+    """The engine decodes through the `tokenizers` backend directly (cheaper per token); the deltas must be
+    the ones transformers' `decode` gives, special tokens kept or skipped, multi-byte characters split."""
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+    ids = ids[:5] + [tokenizer.eos_token_id] + ids[5:] + [tokenizer.eos_token_id]
+    fast = Detokenizer(tokenizer)
+    assert fast._fast_decode is not None, "the SmolLM2 tokenizer should take the backend path"
+    slow = Detokenizer(tokenizer)
+    slow._fast_decode = None  # transformers' decode, the reference
+    for skip in (True, False):
+        got, want = [], []
+        for detok, out in ((fast, got), (slow, want)):
+            state = detok.new_state([1, 2, 3], (), skip_special_tokens=skip)
+            out.extend(detok.step(state, t, is_last=i == len(ids) - 1)[0] for i, t in enumerate(ids))
+        assert got == want
+        assert "".join(got) == tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
