@@ -39,11 +39,17 @@ def test_compiled_steps_equal_reference_solo_and_peft(compiled_engines, tiny_mod
     steps.test_prefix_tuning_rows_equal_peft_in_a_mixed_batch(tiny_model, tokenizer, tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.process  # inductor runs the C++ compiler
-def test_compiled_sliding_window_model(compiled_engines, tokenizer):
+def test_sliding_window_models_are_never_compiled(compiled_engines, tokenizer, monkeypatch):
+    """Compiled, the Mistral model of test_sliding_window_model_equals_its_own_full_recompute gave wrong
+    tokens after chunked prefill (first token differs; not understood yet): the engine runs such models
+    eager whatever --compile says, and they stay exact."""
+    import softserve.engine.model_runner as runner_module
     from tests.engine import test_packed_steps as steps
 
+    def refuse(self, on):
+        assert not on, "a sliding-window model was compiled"
+
+    monkeypatch.setattr(runner_module.ModelRunner, "use_compiled_forward", refuse)
     steps.test_sliding_window_model_equals_its_own_full_recompute(tokenizer)
 
 
