@@ -96,7 +96,7 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile every graph the compiled forward will need now, not on the first requests. Writes K/V to
-        pool slots 0..1, which no request owns yet."""
+        pool slots 0..2, which no request owns yet."""
         if self.compiled_forward is None:
             return
         hidden = self.embed.weight.shape[1]
