@@ -9,8 +9,9 @@ custom op takes tensors and scalars only; the batch's plan is plain Python). Sho
 the forward eagerly instead (past its recompile limit), the attention finds the batch the same way.
 
 Shapes: the packed token count and the number of kept logits are dynamic (`dynamic=True`); torch
-specializes sizes 0 and 1, so a run sees at most a few graphs (one token / many tokens x one / many
-logits), all compiled on first use; `warm_up` runs them at start-up.
+specializes size 1, so a run sees three graphs (one token and one logit / many tokens x one / many
+logits); `warm_up` compiles them at start-up. No graph keeps zero logits: the compiler would drop every
+layer, the attention op and its KV writes included (the op is pure to it), so the runner keeps one.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def use_compile(setting: str, dtype: torch.dtype) -> bool:
     return setting == "on" or (setting == "auto" and dtype in (torch.bfloat16, torch.float16))
 
 
-# The (packed tokens, kept logits) sizes that get a graph of their own: torch specializes sizes 0 and 1.
-# 3 != 2: sizes equal at the first trace would be assumed equal in the general graph ("duck sizing"),
-# and every step with fewer logits than tokens would then compile a fifth graph.
-WARM_UP_SHAPES = ((3, 2), (2, 1), (2, 0), (1, 1))
+# The (packed tokens, kept logits) sizes that get a graph of their own: torch specializes size 1 (and 0:
+# the runner never keeps 0 logits, see ModelRunner._forward). 3 != 2: sizes equal at the first trace would
+# be assumed equal in the general graph ("duck sizing"), and every step with fewer logits than tokens
+# would then compile another graph.
+WARM_UP_SHAPES = ((3, 2), (2, 1), (1, 1))

@@ -84,13 +84,8 @@ class LLMEngine:
             kv_cache_tokens=kv_tokens,
         )
         if use_compile(config.compile, next(model.parameters()).dtype):
-            if getattr(model.config.get_text_config(), "sliding_window", None):
-                # Known defect: compiled, a sliding-window model (Mistral in test_compiled_forward.py) gave
-                # wrong tokens after chunked prefill; eager is exact. Never serve it compiled until fixed.
-                log.warning("--compile: not used for a sliding-window model (known defect); running eager")
-            else:
-                self.runner.use_compiled_forward(True)
-                self.runner.warm_up()
+            self.runner.use_compiled_forward(True)
+            self.runner.warm_up()
         self.scheduler = Scheduler(
             dataclasses.replace(sched_config, kv_cache_tokens=kv_tokens), self.eos_token_ids, self.runner.lookup_prefix
         )

@@ -182,8 +182,12 @@ class ModelRunner:
         batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, plan=plan)
         self.forward_passes += 1
         if self.compiled_forward is not None:
+            # A graph that keeps no logits depends on nothing, and torch drops every layer from it, the
+            # attention op's KV writes included (a pure op to the compiler): always keep one, then drop it.
+            kept = logits_index if logits_index.numel() else logits_index.new_zeros(1)
             with current_batch(batch):
-                return self.compiled_forward(embeds.unsqueeze(0), positions.unsqueeze(0), logits_index)
+                logits = self.compiled_forward(embeds.unsqueeze(0), positions.unsqueeze(0), kept)
+            return logits[: logits_index.numel()]
         out = self.model(
             inputs_embeds=embeds.unsqueeze(0),  # [1, total_tokens, hidden]
             position_ids=positions.unsqueeze(0),  # [1, total_tokens]
