@@ -1,10 +1,11 @@
 """Engine compute path, side by side in one run: per-row attention loop vs batched attention, fp32 vs bf16.
 
-    .venv/bin/python bench/engine_speed.py [--threads 1] [--decode 1,16] [--steps 12] [--rounds 3]
+    .venv/bin/python bench/engine_speed.py [--threads 1] [--decode 1,16] [--steps 12] [--rounds 3] [--compiled]
 
-Four variants run interleaved (step by step for decode, request wave by wave for classification), so
+Four variants (six with `--compiled`) run interleaved (step by step for decode, request wave by wave for classification), so
 machine-load drift hits all alike: {fp32, bf16} x {reference: one SDPA per row per layer, batched:
-one SDPA per row group per layer} (packed_attention.py). One engine per dtype; the attention path is
+one SDPA per row group per layer} (packed_attention.py); `--compiled` adds a third path, batched with
+the forward compiled by inductor (compiled_forward.py, `--compile on`), compiled and warmed up first. One engine per dtype; the attention path is
 switched between steps (`runner.batched_attention`), so both paths see the same rows and contexts.
 
 - decode C=1 and C=16: ms per decode step (median), distinct soft prompts k=16, `--context` tokens;
@@ -27,18 +28,24 @@ from bench import common as C  # noqa: E402
 
 # The texts of tests/support/peft_reference.py PROMPTS (the PEFT parity cases).
 PARITY_TEXTS = ["The capital of France is", "Translate to French: good morning", "1, 2, 3, 4,", "Write a haiku about the sea"]
-PATHS = ("reference", "batched")
+PATHS = ["reference", "batched"]  # + "compiled" with --compiled
+COMPILED: dict[int, object] = {}  # id(runner) -> its compiled forward, built and warmed up once
 
 
-def _timed_step(engine, device, batched: bool) -> tuple[float, float]:
+def _timed_step(engine, device, path: str) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process): on a shared, oversubscribed CPU the wall time mostly
     measures the neighbours; the process's CPU time is what the step itself costs."""
-    engine.runner.batched_attention = batched
+    engine.runner.batched_attention = path != "reference"
+    engine.runner.compiled_forward = COMPILED[id(engine.runner)] if path == "compiled" else None
     C.sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     engine.step()
     C.sync(device)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _paths(engine) -> list[str]:
+    return [p for p in PATHS if p != "compiled" or id(engine.runner) in COMPILED]
 
 
 def _medians(times: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, float]]:
@@ -56,8 +63,8 @@ def _decode(engines, device, b: int, args, vocab: int) -> dict[str, dict[str, fl
         engine.step()
     for _ in range(args.steps):
         for dname, (_, engine) in engines.items():
-            for path in PATHS:
-                times.setdefault(f"{dname} {path}", []).append(_timed_step(engine, device, path == "batched"))
+            for path in _paths(engine):
+                times.setdefault(f"{dname} {path}", []).append(_timed_step(engine, device, path))
     for _, engine in engines.values():
         while engine.has_unfinished():
             engine.step()
@@ -72,13 +79,13 @@ def _classification(engines, device, args, vocab: int) -> dict[str, dict[str, fl
     wave = 0
     for round_ in range(args.rounds + 1):  # round 0 warms the KV prefix cache of every prompt
         for dname, (_, engine) in engines.items():
-            for path in PATHS:
+            for path in _paths(engine):
                 wave += 1
                 for i in range(rows):
                     engine.add_request(C.engine_request(f"c{wave}-{i}", inputs[i], soft=softs[dname][i], max_tokens=4))
                 wall = cpu = 0.0
                 while engine.has_unfinished():
-                    w, c = _timed_step(engine, device, path == "batched")
+                    w, c = _timed_step(engine, device, path)
                     wall, cpu = wall + w, cpu + c
                 if round_:
                     times.setdefault(f"{dname} {path}", []).append((wall, cpu))
@@ -92,6 +99,7 @@ def _agreement(engines, tok, args) -> dict:
     outputs = {}
     for dname, (model, engine) in engines.items():
         engine.runner.batched_attention = True
+        engine.runner.compiled_forward = None
         requests = []
         for k in (4, 8, 20):
             soft = C.soft_prompt(C.vocab_prompt_tensor(model, k, k), f"pt{k}")
@@ -115,13 +123,24 @@ def run(args) -> dict:
     C.setup_torch(args)
     decode_sizes = [int(x) for x in args.decode.split(",")]
     engines = {}
+    compile_s: dict[str, float] = {}
+    if args.compiled and "compiled" not in PATHS:
+        PATHS.append("compiled")
     for dname, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
         model, tok, name, device, _ = C.load(args.model, args.device, dtype)
-        engines[dname] = (model, C.make_engine(model, tok, max_batch_size=max(decode_sizes + [args.class_rows])))
+        engine = C.make_engine(model, tok, max_batch_size=max(decode_sizes + [args.class_rows]))
+        engines[dname] = (model, engine)
+        if dname in args.compiled.split(","):
+            t0 = time.perf_counter()
+            engine.runner.use_compiled_forward(True)
+            engine.runner.warm_up()
+            COMPILED[id(engine.runner)] = engine.runner.compiled_forward
+            compile_s[dname] = time.perf_counter() - t0
+            print(f"{dname}: compiled and warmed up in {compile_s[dname]:.0f} s", file=sys.stderr, flush=True)
     vocab = C.text_config(engines["fp32"][0]).vocab_size
     result = {"name": "engine_speed", "model": name, "threads": torch.get_num_threads(), "steps": args.steps,
               "rounds": args.rounds, "context": args.context, "class_rows": args.class_rows,
-              "load_avg_start": C.load_average(), "rows": []}
+              "load_avg_start": C.load_average(), "rows": [], "paths": list(PATHS), "compile_s": compile_s}
     for b in decode_sizes:
         ms = _decode(engines, device, b, args, vocab)
         result["rows"].append({"load": f"decode C={b}", "unit": "step", **ms})
@@ -135,14 +154,20 @@ def run(args) -> dict:
 
 
 def _table(result: dict, clock: str) -> str:
+    paths = result.get("paths", ["reference", "batched"])
+    names = {"reference": "per-row", "batched": "batched", "compiled": "compiled"}
+    cols = [(d, p) for d in ("fp32", "bf16") for p in paths if f"{d} {p}" in result["rows"][0][clock]]
+    compiled = [d for d, p in cols if p == "compiled"]
     rows = []
     for r in result["rows"]:
         ms = r[clock]
-        rows.append([r["load"], r["unit"], *(f"{ms[f'{d} {p}']:.1f}" for d in ("fp32", "bf16") for p in PATHS),
-                     f"{ms['fp32 reference'] / ms['fp32 batched']:.2f}x", f"{ms['bf16 reference'] / ms['bf16 batched']:.2f}x",
-                     f"{ms['fp32 batched'] / ms['bf16 batched']:.2f}x", f"{ms['fp32 reference'] / ms['bf16 batched']:.2f}x"])
-    return C.md_table(["load", f"{clock} ms per", "fp32 per-row", "fp32 batched", "bf16 per-row", "bf16 batched",
-                       "batched speedup fp32", "batched speedup bf16", "bf16 speedup (batched)", "new default / old"], rows)
+        ratios = [f"{ms['fp32 reference'] / ms['fp32 batched']:.2f}x", f"{ms['bf16 reference'] / ms['bf16 batched']:.2f}x"]
+        ratios += [f"{ms[f'{d} batched'] / ms[f'{d} compiled']:.2f}x" for d in compiled]
+        ratios += [f"{ms['fp32 batched'] / ms['bf16 batched']:.2f}x", f"{ms['fp32 reference'] / ms['bf16 batched']:.2f}x"]
+        rows.append([r["load"], r["unit"], *(f"{ms[f'{d} {p}']:.1f}" for d, p in cols), *ratios])
+    headers = ["load", f"{clock} ms per", *(f"{d} {names[p]}" for d, p in cols), "batched speedup fp32", "batched speedup bf16"]
+    headers += [f"compiled speedup {d}" for d in compiled]
+    return C.md_table(headers + ["bf16 speedup (batched)", "bf16 batched / fp32 per-row"], rows)
 
 
 def render(result: dict) -> str:
@@ -155,6 +180,9 @@ def render(result: dict) -> str:
               f"{a['identical']}/{a['cases']} identical, {100 * a['position_agreement']:.0f}% of positions equal, "
               f"first difference at token {a['mean_first_difference']:.1f} on average.",
               "", f"Load average {result['load_avg_start']:.2f} at start, {result['load_avg_end']:.2f} at end."]
+    if result.get("compile_s"):
+        lines += ["", "Compile + warm-up (all graphs): " + ", ".join(f"{d} {s:.0f} s" for d, s in result["compile_s"].items())
+                  + " (wall, on the loaded machine; the inductor cache makes a restart faster)."]
     return "\n".join(lines)
 
 
@@ -165,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=64, help="prompt tokens of a decode row")
     p.add_argument("--class-rows", type=int, default=16, help="requests per classification wave")
     p.add_argument("--rounds", type=int, default=3, help="classification waves per variant")
+    p.add_argument("--compiled", default="", help="dtypes (fp32,bf16) that also run a third path: batched + the inductor-compiled "
+                   "forward (--compile on); compiling takes minutes per dtype on a small CPU")
     p.add_argument("--agree-tokens", type=int, default=24, help="greedy tokens per parity case")
     return p
 

@@ -1,7 +1,7 @@
 """Where an engine step's time goes: model forward vs sampling vs the rest (scheduler, masks, cache
 bookkeeping, detokenizer), per decode step, at a few batch sizes; optional torch.profiler op table.
 
-    .venv/bin/python bench/profile_engine.py [--batch 1,32] [--steps 16] [--ops]
+    .venv/bin/python bench/profile_engine.py [--batch 1,32] [--steps 16] [--ops] [--classification]
 
 Instruments by wrapping (never editing) engine methods, so it measures the code as shipped.
 """
@@ -87,8 +87,9 @@ def run(args) -> dict:
         AttentionInterface.register(pa.ATTENTION_NAME, timed_attention)
         timers.wrap(engine, "postprocess", "postprocess (scheduler update, detokenize)")
         timers.wrap(engine.scheduler, "schedule", "schedule")
-        inputs = C.request_inputs(args.seed, b, lo=48, hi=48, vocab=cfg.vocab_size)
-        softs = [C.soft_prompt(C.vocab_prompt_tensor(model, 0 if args.same_prompt else i, 16), f"p{i}") for i in range(b)]
+        lo, hi, k = (36, 44, 64) if args.classification else (48, 48, 16)
+        inputs = C.request_inputs(args.seed, b, lo=lo, hi=hi, vocab=cfg.vocab_size)
+        softs = [C.soft_prompt(C.vocab_prompt_tensor(model, 0 if args.same_prompt else i, k), f"p{i}") for i in range(b)]
         n_req = 0
 
         def add(i: int, max_tokens: int) -> None:
@@ -96,7 +97,15 @@ def run(args) -> dict:
             n_req += 1
             engine.add_request(C.engine_request(f"x{b}-{n_req}", inputs[i % b], soft=softs[i % b], max_tokens=max_tokens))
 
-        for i in range(b):
+        def wave() -> None:  # classification: b requests of 4 tokens, run to completion (prefill + 3 decodes)
+            for i in range(b):
+                add(i, 4)
+            while engine.has_unfinished():
+                engine.step()
+
+        if args.classification:
+            wave()  # warms the KV prefix cache of every prompt (the shape served: prompts cached)
+        for i in range(0 if args.classification else b):
             # churn: 64-token requests at staggered phases, so about b/64 rows leave and join every step
             add(i, (64 - (i * 64) // b) if args.churn else steps + 3)
         engine.step()
@@ -111,6 +120,9 @@ def run(args) -> dict:
         C.sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
+            if args.classification:
+                wave()
+                continue
             if args.churn:
                 for _ in range(b - engine.num_running - engine.num_waiting):
                     add(n_req, 64)
@@ -131,7 +143,8 @@ def run(args) -> dict:
         nested = ("packed attention (inside model forward)",)
         accounted = sum(v for k, v in parts.items() if k not in nested)
         parts["other (engine glue, tensors to device, tolist)"] = 1000 * wall / steps - accounted
-        row = {"batch": b, "step_ms": 1000 * wall / steps, "parts_ms": parts, "churn": args.churn}
+        row = {"batch": b, "step_ms": 1000 * wall / steps, "parts_ms": parts, "churn": args.churn,
+               "classification": args.classification}
         if prof is not None:
             row["ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops_rows)
         result["rows"].append(row)
@@ -141,9 +154,11 @@ def run(args) -> dict:
 
 def render(result: dict) -> str:
     churn = any(r.get("churn") for r in result["rows"])
-    lines = [f"### Engine step breakdown ({result['model']} {result['dtype']}, "
-             f"{'continuous batching: 64-token requests, rows leave and join every step' if churn else 'static decode steps'}, "
-             f"mean of {result['steps']} steps)", ""]
+    shape = "continuous batching: 64-token requests, rows leave and join every step" if churn else "static decode steps"
+    unit = "decode step"
+    if any(r.get("classification") for r in result["rows"]):
+        shape, unit = "classification waves: cached k=64 prompts, 36-44 token texts, 4 tokens", "wave"
+    lines = [f"### Engine step breakdown ({result['model']} {result['dtype']}, {shape}, mean of {result['steps']} {unit}s)", ""]
     labels = []
     for r in result["rows"]:
         for k in r["parts_ms"]:
@@ -152,7 +167,7 @@ def render(result: dict) -> str:
     rows = [[label] + [f"{r['parts_ms'].get(label, 0):.2f} ({100 * r['parts_ms'].get(label, 0) / r['step_ms']:.0f}%)"
                        for r in result["rows"]] for label in labels]
     rows.append(["whole step"] + [f"{r['step_ms']:.2f}" for r in result["rows"]])
-    lines.append(C.md_table(["ms per decode step"] + [f"batch {r['batch']}" for r in result["rows"]], rows))
+    lines.append(C.md_table([f"ms per {unit}"] + [f"batch {r['batch']}" for r in result["rows"]], rows))
     for r in result["rows"]:
         if r.get("ops"):
             lines += ["", f"torch.profiler, batch {r['batch']}:", "", "```", r["ops"], "```"]
@@ -165,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--ops", action="store_true", help="add a torch.profiler op table")
     p.add_argument("--churn", action="store_true", help="continuous batching: rows leave and join every step")
+    p.add_argument("--classification", action="store_true",
+                   help="classification shape: waves of --batch requests (own cached k=64 prompt, ~40 tokens, 4 output tokens); "
+                        "--steps counts waves")
     p.add_argument("--same-prompt", action="store_true", help="every row uses one soft prompt (default: one each)")
     p.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) first")
     p.add_argument("--ops-rows", type=int, default=15)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from softserve.engine.compiled_forward import use_compile
 from softserve.engine.config import EngineConfig
 from softserve.engine.detokenizer import Detokenizer
 from softserve.engine.guided import attach_guided_state
@@ -82,6 +83,9 @@ class LLMEngine:
             prefix_cache=self.prefix_cache,
             kv_cache_tokens=kv_tokens,
         )
+        if use_compile(config.compile, next(model.parameters()).dtype):
+            self.runner.use_compiled_forward(True)
+            self.runner.warm_up()
         self.scheduler = Scheduler(
             dataclasses.replace(sched_config, kv_cache_tokens=kv_tokens), self.eos_token_ids, self.runner.lookup_prefix
         )

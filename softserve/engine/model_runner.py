@@ -19,10 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from softserve.engine.compiled_forward import WARM_UP_SHAPES, compile_forward
 from softserve.engine.guided import advance_guided
 from softserve.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache, kv_shape
 from softserve.engine.outputs import RowLogprobs, RunnerOutput
-from softserve.engine.packed_attention import BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, install
+from softserve.engine.packed_attention import (
+    BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, current_batch, install,
+)
 from softserve.engine.request import Request, SamplingParams
 from softserve.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
 from softserve.engine.scheduler import ScheduledRow, SchedulerOutput
@@ -84,6 +87,26 @@ class ModelRunner:
         self.forward_passes = 0  # model calls; equals the engine's non-empty steps (one forward per step)
         # One SDPA call per layer per row group (packed_attention.py); False: the per-row reference loop.
         self.batched_attention = True
+        # The same forward compiled with inductor (compiled_forward.py), or None: eager HF modules.
+        self.compiled_forward = None
+
+    def use_compiled_forward(self, on: bool) -> None:
+        self.compiled_forward = compile_forward(self.model) if on else None
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile every graph the compiled forward will need now, not on the first requests. Writes K/V to
+        pool slots 0..2, which no request owns yet."""
+        if self.compiled_forward is None:
+            return
+        hidden = self.embed.weight.shape[1]
+        for tokens, kept in WARM_UP_SHAPES:
+            rows = (PackedRow(0, tokens, 0, tokens),)
+            slots = torch.arange(tokens, device=self.device)
+            batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, plan=AttentionPlan.build(rows, self.device))
+            embeds = torch.zeros(1, tokens, hidden, dtype=self.dtype, device=self.device)
+            with current_batch(batch):
+                self.compiled_forward(embeds, slots.unsqueeze(0), slots[tokens - kept :])
 
     # ---- soft-prompt KV prefixes -------------------------------------------------------------
     def _prefix_key(self, request: Request) -> tuple[str, str, str]:
@@ -157,6 +180,14 @@ class ModelRunner:
         rows = tuple(flat.rows)
         plan = AttentionPlan.build(rows, self.device) if self.batched_attention else None
         batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, plan=plan)
+        self.forward_passes += 1
+        if self.compiled_forward is not None:
+            # A graph that keeps no logits depends on nothing, and torch drops every layer from it, the
+            # attention op's KV writes included (a pure op to the compiler): always keep one, then drop it.
+            kept = logits_index if logits_index.numel() else logits_index.new_zeros(1)
+            with current_batch(batch):
+                logits = self.compiled_forward(embeds.unsqueeze(0), positions.unsqueeze(0), kept)
+            return logits[: logits_index.numel()]
         out = self.model(
             inputs_embeds=embeds.unsqueeze(0),  # [1, total_tokens, hidden]
             position_ids=positions.unsqueeze(0),  # [1, total_tokens]
@@ -165,7 +196,6 @@ class ModelRunner:
             logits_to_keep=logits_index,
             **{BATCH_KWARG: batch},
         )
-        self.forward_passes += 1
         return out.logits[0]  # [sampling rows + scored prompt positions, vocab]
 
     # ---- one step -----------------------------------------------------------------------------

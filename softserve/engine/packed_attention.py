@@ -22,6 +22,8 @@ reference forwards, PEFT) the function is plain SDPA, so the same model object s
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +66,7 @@ class RowGroup:
     valid: torch.Tensor | None  # [rows * max_q] flat indices of the real queries; None when there is no pad
     dense: bool  # every query sees every key of its padded row: no mask needed (without a sliding window)
     only_row_kv: tuple[int, int] | None  # a group of one row: its (kv_start, kv_len), read as a view (no gather)
+    in_order: bool  # one query per row, rows first on the packed axis in order: the queries are a view (no gather)
     _masks: dict = field(default_factory=dict)  # (sliding_window, groups) -> [rows, 1, groups * max_q, max_kv]
 
     @classmethod
@@ -87,8 +90,9 @@ class RowGroup:
             return t.to(device, non_blocking=True)
 
         only_row_kv = (rows[0].kv_start, rows[0].kv_len) if len(rows) == 1 else None
+        in_order = max_q == 1 and all(r.q_start == n for n, r in enumerate(rows))
         return cls(len(rows), max_q, max_kv, to_device(token_index.flatten()), to_device(kv_index.flatten()),
-                   to_device(query_pos), None if valid is None else to_device(valid), dense, only_row_kv)
+                   to_device(query_pos), None if valid is None else to_device(valid), dense, only_row_kv, in_order)
 
     def mask(self, sliding_window: int | None, groups: int) -> torch.Tensor | None:
         """[rows, 1, groups * max_q, max_kv] bool (query heads of a KV group ride on the query axis), built once per step."""
@@ -154,7 +158,8 @@ def _attend_group(group: RowGroup, tokens_first, keys, values, sliding_window, s
     else:  # gather every row's keys: [kv_heads, rows * max_kv, d] -> [rows, kv_heads, max_kv, d] (a strided view)
         k = keys.index_select(1, group.kv_index).view(kv_heads, rows, max_kv, head_dim).transpose(0, 1)
         v = values.index_select(1, group.kv_index).view(kv_heads, rows, max_kv, head_dim).transpose(0, 1)
-    q = tokens_first.index_select(0, group.token_index)  # [rows * max_q, q_heads, d]
+    # [rows * max_q, q_heads, d]
+    q = tokens_first[:rows] if group.in_order else tokens_first.index_select(0, group.token_index)
     # The query heads of one KV group ride on the query axis, so grouped-query attention needs no copy
     # of K/V (the CPU path of native GQA is very slow): [rows, kv_heads, groups * max_q, d].
     if max_q == 1:
@@ -219,14 +224,9 @@ def reference_attention(rows, tokens_first, keys, values, sliding_window, scalin
     return torch.cat(outputs)
 
 
-def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    batch: PackedBatch | None = kwargs.pop(BATCH_KWARG, None)
-    if batch is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit softcapping is not supported by the packed engine")
-    sliding_window = kwargs.get("sliding_window")
-    keys, values = batch.pool.layer(module.layer_idx)  # each [kv_heads, capacity, head_dim]
+def attend_packed(batch: PackedBatch, layer_idx: int, query, key, value, sliding_window, scaling) -> torch.Tensor:
+    """query [1, q_heads, T, d], key/value [1, kv_heads, T, d] -> [1, T, q_heads, d]; writes the new K/V into the pool."""
+    keys, values = batch.pool.layer(layer_idx)  # each [kv_heads, capacity, head_dim]
     keys.index_copy_(1, batch.write_slots, key[0])  # key: [1, kv_heads, total_tokens, head_dim]
     values.index_copy_(1, batch.write_slots, value[0])
     tokens_first = query[0].transpose(0, 1).contiguous()  # [total_tokens, q_heads, head_dim]: one copy
@@ -234,7 +234,40 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         out = batched_attention(batch.plan, tokens_first, keys, values, sliding_window, scaling)
     else:
         out = reference_attention(batch.rows, tokens_first, keys, values, sliding_window, scaling)
-    return out.unsqueeze(0), None  # [1, total_tokens, q_heads, head_dim]
+    return out.unsqueeze(0)  # [1, total_tokens, q_heads, head_dim]
+
+
+_step = threading.local()  # .batch: the PackedBatch of the compiled forward running in this thread
+
+
+@contextmanager
+def current_batch(batch: PackedBatch):
+    """Hands `batch` to the attention of a forward that cannot take it as a kwarg (the compiled one)."""
+    _step.batch = batch
+    try:
+        yield
+    finally:
+        _step.batch = None
+
+
+def step_batch() -> PackedBatch | None:
+    return getattr(_step, "batch", None)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    batch: PackedBatch | None = kwargs.pop(BATCH_KWARG, None)
+    if kwargs.get("softcap") is not None and (batch is not None or torch.compiler.is_compiling()):
+        raise NotImplementedError("attention logit softcapping is not supported by the packed engine")
+    if batch is None and torch.compiler.is_compiling():
+        # The engine's compiled forward (compiled_forward.py): the batch reaches the op through a thread-local.
+        out = torch.ops.softserve.packed_attention(query, key, value, module.layer_idx, kwargs.get("sliding_window") or 0,
+                                                   float(scaling if scaling is not None else query.shape[-1] ** -0.5))
+        return out, None
+    if batch is None:
+        batch = step_batch()  # the compiled forward running eagerly (torch fell back: recompile limit)
+    if batch is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return attend_packed(batch, module.layer_idx, query, key, value, kwargs.get("sliding_window"), scaling), None
 
 
 def install(model) -> None:

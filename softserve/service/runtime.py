@@ -147,6 +147,7 @@ class Runtime:
                 kv_prefix_cache_bytes=s.kv_prefix_cache_bytes,
                 kv_cache_bytes=s.kv_cache_bytes,
                 model_id=f"{self.served_model_name}:{param.dtype}",
+                compile=s.compile,
             )
             self.tokenizer = tokenizer
             self.grammars = self._grammar_compiler(tokenizer)

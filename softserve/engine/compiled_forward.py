@@ -1,0 +1,61 @@
+"""The model forward compiled with inductor (`--compile`): one graph for every layer, attention as a custom op.
+
+Eager HF modules cost one Python call and one kernel per op: RMSNorm alone is ~7 ops (casts, pow,
+mean, rsqrt, mul) per norm, 61 norms per SmolLM2 step. Inductor fuses the norms, rotary, residual
+adds, SiLU x mul and the casts. Our attention (packed_attention.py: pool writes, gathers, SDPA) stays
+eager behind `torch.ops.softserve.packed_attention`, an opaque custom op, so the graph does not break
+at every layer and the op sees the step's `PackedBatch` through a thread-local set by the runner (a
+custom op takes tensors and scalars only; the batch's plan is plain Python). Should torch ever run
+the forward eagerly instead (past its recompile limit), the attention finds the batch the same way.
+
+Shapes: the packed token count and the number of kept logits are dynamic (`dynamic=True`); torch
+specializes size 1, so a run sees three graphs (one token and one logit / many tokens x one / many
+logits); `warm_up` compiles them at start-up. No graph keeps zero logits: the compiler would drop every
+layer, the attention op and its KV writes included (the op is pure to it), so the runner keeps one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from softserve.engine.packed_attention import NO_MASK, attend_packed, step_batch
+
+@torch.library.custom_op("softserve::packed_attention", mutates_args=())
+def packed_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+                        sliding_window: int, scaling: float) -> torch.Tensor:
+    """query [1, q_heads, T, d], key/value [1, kv_heads, T, d] -> [1, T, q_heads, d]; writes K/V into the pool."""
+    batch = step_batch()
+    if batch is None:
+        raise RuntimeError("softserve::packed_attention called outside a compiled engine forward")
+    return attend_packed(batch, layer_idx, query, key, value, sliding_window or None, scaling)
+
+
+@packed_attention_op.register_fake
+def _(query, key, value, layer_idx, sliding_window, scaling):
+    return query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
+
+
+def compile_forward(model):
+    """fn(embeds [1, T, hidden], positions [1, T], logits_index [n]) -> logits [n, vocab], compiled lazily."""
+
+    def forward(embeds: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
+        out = model(inputs_embeds=embeds, position_ids=positions, attention_mask=NO_MASK, use_cache=False,
+                    logits_to_keep=logits_index)
+        return out.logits[0]
+
+    return torch.compile(forward, dynamic=True)
+
+
+def use_compile(setting: str, dtype: torch.dtype) -> bool:
+    """`--compile`: on; off; auto = on for half-precision models. float32 stays eager by default: the
+    engine's float32 output is held token for token to PEFT's eager forward, and a fused graph rounds differently."""
+    if setting not in ("off", "auto", "on"):
+        raise ValueError(f"compile must be off, auto or on, not {setting!r}")
+    return setting == "on" or (setting == "auto" and dtype in (torch.bfloat16, torch.float16))
+
+
+# The (packed tokens, kept logits) sizes that get a graph of their own: torch specializes size 1 (and 0:
+# the runner never keeps 0 logits, see ModelRunner._forward). 3 != 2: sizes equal at the first trace would
+# be assumed equal in the general graph ("duck sizing"), and every step with fewer logits than tokens
+# would then compile another graph.
+WARM_UP_SHAPES = ((3, 2), (2, 1), (1, 1))

@@ -1,0 +1,72 @@
+"""`--compile`: the setting's meaning, and (slow: inductor compiles for minutes on a small CPU) the
+packed-step tests rerun with every engine's forward compiled, float32, token for token as in eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softserve.engine.compiled_forward import use_compile
+
+
+def test_compile_setting():
+    assert not use_compile("off", torch.bfloat16)
+    assert use_compile("on", torch.float32)
+    assert use_compile("auto", torch.bfloat16) and use_compile("auto", torch.float16)
+    assert not use_compile("auto", torch.float32)  # float32 stays eager: token parity with PEFT's eager forward
+    with pytest.raises(ValueError):
+        use_compile("yes", torch.float32)
+
+
+@pytest.fixture
+def compiled_engines(monkeypatch):
+    """Every LLMEngine built in the test compiles its forward (and warms it up)."""
+    import softserve.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "use_compile", lambda setting, dtype: True)
+    torch._dynamo.reset()  # graphs of other tests' models do not count toward the recompile limit
+
+
+@pytest.mark.slow
+@pytest.mark.process  # inductor runs the C++ compiler
+def test_compiled_steps_equal_reference_solo_and_peft(compiled_engines, tiny_model, tokenizer, tmp_path):
+    """Chunked prefill, 64 rows of 16 prompts, prefix-tuning rows: the same tokens as the eager reference,
+    solo runs and PEFT (the tests of test_packed_steps.py, each engine compiled)."""
+    from tests.engine import test_packed_steps as steps
+
+    steps.test_chunked_prefill_of_a_long_prompt_equals_reference_and_solo(tiny_model, tokenizer)
+    steps.test_64_concurrent_requests_16_prompts_equal_solo_and_reference(tiny_model, tokenizer)
+    steps.test_prefix_tuning_rows_equal_peft_in_a_mixed_batch(tiny_model, tokenizer, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.process  # inductor runs the C++ compiler
+def test_compiled_sliding_window_model_and_chunks_that_sample_nothing(compiled_engines, tokenizer):
+    """Its first steps are chunks of one prompt that keep no logits: a compiled graph that keeps none
+    dropped every layer and the KV writes with them (wrong tokens after the prefill), until the runner
+    always kept one."""
+    from tests.engine import test_packed_steps as steps
+
+    steps.test_sliding_window_model_equals_its_own_full_recompute(tokenizer)
+
+
+@pytest.mark.slow
+@pytest.mark.process  # inductor runs the C++ compiler
+def test_compiled_equals_eager_on_both_attention_paths(compiled_engines, tiny_model, tokenizer):
+    from tests.engine import test_packed_attention as attention
+    from tests.support.engine_utils import make_engine, make_prompt, make_request, run
+
+    attention.test_engine_outputs_are_the_same_on_both_attention_paths(tiny_model, tokenizer)
+    hidden = tiny_model.config.hidden_size
+    prompts = [make_prompt(f"c{i}", k, hidden, seed=40 + i) for i, k in enumerate((4, 9))] + [None]
+    inputs = [list(range(300 + 5 * i, 300 + 5 * i + n)) for i, n in enumerate((6, 25, 2, 14))]
+    outputs = {}
+    for compiled in (True, False):
+        engine = make_engine(tiny_model, tokenizer, max_batch_size=3, max_prefill_tokens=12)
+        assert (engine.runner.compiled_forward is not None) is True
+        if not compiled:
+            engine.runner.use_compiled_forward(False)
+        requests = [make_request(ids, soft_prompt=prompts[i % 3], max_tokens=6, ignore_eos=True) for i, ids in enumerate(inputs)]
+        done = run(engine, requests)
+        outputs[compiled] = [done[r.request_id] for r in requests]
+    assert outputs[True] == outputs[False]
