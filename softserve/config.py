@@ -26,9 +26,10 @@ class Settings(BaseSettings):
     store_revalidate_seconds: float = Field(1.0, ge=0, le=60, description="seconds a name -> version resolution is cached before the store is re-read (replicas see each other's changes within this)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: cuda when available)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32)")
-    compile: Literal["off", "auto", "on"] = Field("off", description="compile the model forward with torch.compile/inductor "
-                                                  "(one graph, attention as a custom op; compiled at start-up, minutes on a small CPU): "
-                                                  "on; auto = on for bfloat16/float16 models (float32 stays eager, token-exact to PEFT); off = eager")
+    compile: Literal["off", "auto", "on"] = Field("off", description="compile the model forward with torch.compile and inductor "
+                                                  "(one graph, attention as a custom op; compiled at start-up, minutes on a small CPU). "
+                                                  "on: always; auto: for bfloat16 and float16 models only (float32 stays eager, exactly "
+                                                  "equal to PEFT); off: eager modules")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows decoding together")
     max_model_len: int = Field(2048, ge=16, description="virtual + prompt + generated tokens per request (capped at the model's positions)")
     max_queue: int = Field(256, ge=1, description="waiting requests, all tenants together, before 429")
