@@ -63,9 +63,16 @@ def quick_run(tmp_path_factory):
 
 
 SERVER_SCRIPTS = {"load", "prompt_scale", "batch", "loop_overhead"}  # they start `softserve serve` as a subprocess
+# 13-25 s each on 2 cores: run with `pytest -m slow` (make test-all), so `make test` stays near 10 minutes.
+# `load` stays in make test: test_run_all_renders needs its results anyway.
+SLOW_SCRIPTS = {"prompt_scale", "batch", "loop_overhead"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.process) if n in SERVER_SCRIPTS else n for n in CASES])
+def _marks(name: str) -> list:
+    return ([pytest.mark.process] if name in SERVER_SCRIPTS else []) + ([pytest.mark.slow] if name in SLOW_SCRIPTS else [])
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in CASES])
 def test_script_quick(name, quick_run):
     result, printed = quick_run(name)
     for header in CASES[name][1]:

@@ -99,6 +99,7 @@ def test_both_servers_get_the_same_requests(tiny_model):
     assert plain.vllm(1) == {"model": "served", "prompt": inputs[1]}
 
 
+@pytest.mark.slow  # ~23 s on 2 cores: `pytest -m slow`
 @pytest.mark.process
 def test_softserve_side_runs(tmp_path):
     """Every load against a live Softserve (tiny model), as the full run drives it; no vLLM."""
