@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from softserve.tuning.data import TokenizedExample
-from softserve.tuning.generate import _cache_kwarg, _out_cache
+from softserve.tuning.generate import _cache_kwarg, greedy_decode, left_padded
 
 __all__ = ["PrefixEncoder", "PrefixShape", "prefix_shape", "prefix_loss_sum", "prefix_greedy_generate"]
 
@@ -126,39 +126,11 @@ def prefix_greedy_generate(model, kv: torch.Tensor, prompts: list[list[int]], ma
     lock = lock if lock is not None else contextlib.nullcontext()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    kw = _cache_kwarg(model)
     n, k = len(prompts), kv.shape[0]
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((n, longest), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((n, longest), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p, device=device)
-        mask[i, longest - len(p):] = 1
+    ids, mask = left_padded(prompts, pad_id, device)
     mask = torch.cat([torch.ones((n, k), dtype=torch.long, device=device), mask], dim=1)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, k:]
-    outs: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
     with lock:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{kw: _cache(kv.to(device), n, shape, dtype)})
-    cache = _out_cache(out)
-    logits = out.logits[:, -1]
-    next_pos = pos[:, -1] + 1
-    for step in range(max_new_tokens):
-        tokens = logits.float().argmax(-1)
-        for i in range(n):
-            if not done[i]:
-                t = int(tokens[i])
-                outs[i].append(t)
-                if t in eos_ids:
-                    done[i] = True
-        if all(done) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
-        with lock:
-            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        use_cache=True, **{kw: cache})
-        cache = _out_cache(out)
-        logits = out.logits[:, -1]
-        next_pos = next_pos + 1
-    return outs
+                    **{_cache_kwarg(model): _cache(kv.to(device), n, shape, dtype)})
+    return greedy_decode(model, out, mask, pos[:, -1] + 1, max_new_tokens, eos_ids, lock)
