@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from softserve.store import cas, keys
 from softserve.batch.records import FINISHED
+from softserve.store.finished_index import backfill_finished
 from softserve.store.lease import HeldLease, LeaseKeeper, active_markers
 
 __all__ = ["BatchStore", "RunLost", "HeldLease"]
@@ -140,20 +141,11 @@ class BatchStore:
     def index_legacy_finished(self) -> None:
         """Once per store: batches that finished before batches/finished/ existed get an entry there, so
         retention reaches them too (one walk of tenants/; idempotent)."""
-        if self.backend.exists(keys.FINISHED_BATCHES_INDEX_READY):
-            return
-        for key in self.backend.list(keys.TENANTS_PREFIX):
-            parsed = keys.parse_tenant_key(key)
-            if parsed is None or parsed.kind != "batch" or key != keys.batch_record(parsed.tenant, parsed.name):
-                continue
-            try:
-                record = json.loads(self.backend.get(key))
-            except (KeyError, ValueError):
-                continue
-            if record.get("status") in FINISHED:
-                finished_at = max(record.get(f) or 0 for f in ("completed_at", "failed_at", "cancelled_at", "expired_at"))
-                self.mark_finished(parsed.tenant, parsed.name, finished_at or record["created_at"])
-        self.backend.put(keys.FINISHED_BATCHES_INDEX_READY, _dumps({"version": 1}))
+        def index(tenant: str, batch_id: str, record: dict[str, Any]) -> None:
+            finished_at = max(record.get(f) or 0 for f in ("completed_at", "failed_at", "cancelled_at", "expired_at"))
+            self.mark_finished(tenant, batch_id, finished_at or record["created_at"])
+
+        backfill_finished(self.backend, keys.FINISHED_BATCHES_INDEX_READY, "batch", keys.batch_record, FINISHED, index)
 
     # ---- lease ----------------------------------------------------------------------------------
     def acquire(self, tenant: str, batch_id: str) -> HeldLease | None:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 from softserve.store import keys
+from softserve.store.finished_index import backfill_finished
 from softserve.store.lease import HeldLease, LeaseKeeper, active_markers
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -246,20 +247,11 @@ class JobStore:
         """Once per store: jobs that finished before tuning/finished/ existed get an entry there (and
         lose their resume state), so retention reaches them too; one walk of tenants/, then
         `FINISHED_INDEX_READY` says it is done. Idempotent (several replicas may do it at once)."""
-        if self.backend.exists(keys.FINISHED_INDEX_READY):
-            return True
-        for key in self.backend.list(keys.TENANTS_PREFIX):
-            parsed = keys.parse_tenant_key(key)
-            if parsed is None or parsed.kind != "job" or key != keys.job_record(parsed.tenant, parsed.name):
-                continue
-            try:
-                record = json.loads(self.backend.get(key))
-            except (KeyError, ValueError):
-                continue
-            if record.get("status") in FINISHED:
-                self.delete_resume_state(parsed.tenant, parsed.name)
-                self.mark_finished(parsed.tenant, parsed.name, record.get("finished_at") or self.clock())
-        self.backend.put(keys.FINISHED_INDEX_READY, _dumps({"version": 1}))
+        def index(tenant: str, job_id: str, record: dict[str, Any]) -> None:
+            self.delete_resume_state(tenant, job_id)
+            self.mark_finished(tenant, job_id, record.get("finished_at") or self.clock())
+
+        backfill_finished(self.backend, keys.FINISHED_INDEX_READY, "job", keys.job_record, FINISHED, index)
         return True
 
     # ---- lease (softserve/store/lease.py) ---------------------------------------------------------
