@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from fastapi.testclient import TestClient
+
+from tests.support.polling import poll_json
 
 
 def make_api(tiny_model, tokenizer, tmp_path, **settings):
@@ -48,13 +49,7 @@ def upload(client, headers, data: bytes, purpose: str = "batch") -> str:
 
 def wait_batch(client, headers, batch_id: str, statuses=("completed", "failed", "cancelled", "expired"),
                timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = client.get(f"/v1/batches/{batch_id}", headers=headers).json()
-        if batch["status"] in statuses:
-            return batch
-        assert time.monotonic() < deadline, f"batch still {batch['status']}: {batch}"
-        time.sleep(0.05)
+    return poll_json(client, f"/v1/batches/{batch_id}", lambda batch: batch["status"] in statuses, timeout, headers=headers)
 
 
 def read_lines(client, headers, file_id: str | None) -> list[dict]:

@@ -14,6 +14,7 @@ import pytest
 
 from tests.batch.conftest import completion_line, jsonl
 from tests.support.live_server import LiveServer, tiny_model_dir
+from tests.support.polling import poll_json
 
 pytestmark = pytest.mark.process  # live server subprocesses
 
@@ -26,17 +27,6 @@ def _create(c: httpx.Client, lines: list[dict]) -> dict:
     resp = c.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"})
     assert resp.status_code == 200, resp.text
     return resp.json()
-
-
-def _wait(c: httpx.Client, batch_id: str, check, timeout: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout
-    batch = {}
-    while time.monotonic() < deadline:
-        batch = c.get(f"/v1/batches/{batch_id}").json()
-        if check(batch):
-            return batch
-        time.sleep(0.05)
-    raise AssertionError(f"batch {batch_id}: {batch}")
 
 
 def _done(batch: dict) -> bool:
@@ -121,13 +111,13 @@ def test_kill9_mid_batch_loses_and_repeats_no_line(tmp_path, tmp_path_factory, t
     with LiveServer(store, model=model, extra_args=args + ["--served-model-name", "tiny"], log_dir=tmp_path) as server, \
             server.client() as c:
         batch = _create(c, lines)
-        running = _wait(c, batch["id"], lambda b: b["request_counts"]["completed"] >= 24 or _done(b))
+        running = poll_json(c, f"/v1/batches/{batch['id']}", lambda b: b["request_counts"]["completed"] >= 24 or _done(b), 300)
         assert not _done(running), "the batch finished before the kill; make it longer"
         server.kill9()
     seen = running["request_counts"]["completed"]
     with LiveServer(store, model=model, extra_args=args + ["--served-model-name", "tiny"], log_dir=tmp_path) as server, \
             server.client() as c:
-        done = _wait(c, batch["id"], _done)
+        done = poll_json(c, f"/v1/batches/{batch['id']}", _done, 300)
         out = _output(c, done)
         solo = [c.post("/v1/completions", json=lines[i]["body"]).json()["choices"][0]["text"] for i in (0, 239)]
     assert done["status"] == "completed" and done["request_counts"] == {"total": 240, "completed": 240, "failed": 0}
@@ -164,7 +154,7 @@ def test_two_replicas_on_one_s3_store_run_each_batch_once(seaweed, monkeypatch, 
                 time.sleep(0.05)
             assert victim is not None, "replica a never ran a batch"
             a.kill9()
-            finished = [_wait(cb, batch["id"], _done) for batch in batches]
+            finished = [poll_json(cb, f"/v1/batches/{batch['id']}", _done, 300) for batch in batches]
             outputs = [_output(cb, batch) for batch in finished]
     finally:
         a.stop()

@@ -4,9 +4,9 @@ store and a toy job submitted to it directly."""
 from __future__ import annotations
 
 import json
-import time
 
 from softserve.tuning.data import parse_records, tokenize_examples
+from tests.support.polling import poll_json
 
 WORDS = "apple river stone cloud tiger lemon violin candle forest mirror pepper rocket".split()
 
@@ -20,13 +20,8 @@ def toy_data(tokenizer, n: int = 12, **kw):
 
 
 def wait_for_job(client, job_id, headers, statuses, timeout=40.0, until=lambda job: True):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/tuning/jobs/{job_id}", headers=headers).json()
-        if job["status"] in statuses and until(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {job['status']} (step {job['step']}) after {timeout}s")
+    return poll_json(client, f"/v1/tuning/jobs/{job_id}", lambda job: job["status"] in statuses and until(job), timeout,
+                     headers=headers)
 
 
 def local_manager(model, tokenizer, root, **kw):

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 from tests.support.live_server import LiveServer, tiny_model_dir
+from tests.support.polling import poll_json
 from tests.support.tuning import toy_records
 
 pytestmark = pytest.mark.process  # a live server subprocess
@@ -29,14 +30,7 @@ def _body(name: str) -> dict:
 
 
 def wait_for_job(client: httpx.Client, job_id: str, check, timeout: float = 240.0) -> dict:
-    deadline = time.monotonic() + timeout
-    job = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/tuning/jobs/{job_id}").json()
-        if check(job):
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} timed out: {job.get('status')} at step {job.get('step')}")
+    return poll_json(client, f"/v1/tuning/jobs/{job_id}", check, timeout, interval=0.02)
 
 
 def _events(client: httpx.Client, job_id: str) -> list[dict]:
