@@ -6,6 +6,11 @@ STAMP  := $(VENV)/.softserve-installed
 # CPU machines get the CPU wheel of torch first; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi),torch,torch==2.13.0)
 PYTEST_ARGS ?=
+# `make test` runs the suite on TEST_WORKERS pytest-xdist workers, a test file per worker at a time
+# (module fixtures such as a live server or a PEFT reference are made once); each worker's torch gets its
+# share of the cores (tests/conftest.py). TEST_WORKERS=0: one process, one test at a time.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: install serve test test-fast test-all bench lint clean demo lmeval-venv lmeval-test
 
@@ -22,13 +27,13 @@ serve: install
 	$(BIN)/softserve serve
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # Only the tests that start no process (no server/CLI subprocess, SeaweedFS, nginx, linters, browser).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not process and not slow and not gpu and not lmeval and not docker" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "not process and not slow and not gpu and not lmeval and not docker" $(PYTEST_ARGS)
 
-# Slow and GPU checks too (skipped by `make test`).
+# Slow and GPU checks too (skipped by `make test`), one at a time: some slow checks compare timings.
 test-all: install
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
 

@@ -7,6 +7,7 @@ that starts one fails at once (`pytest_runtest_protocol` below), so the marker c
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 
@@ -14,6 +15,15 @@ import pytest
 import torch
 
 from softserve.model_loader import embedded_model_source, load_model
+
+
+def pytest_configure(config):
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        # A pytest-xdist worker (`make test`): torch in this process gets its share of the cores. Two
+        # workers with all cores each oversubscribe them, and a torch thread that waits for a descheduled
+        # one spins: SmolLM2 steps got ~5x slower on 2 busy cores (26 s vs 5 s for one 8-row batch).
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 @pytest.fixture(scope="session")
