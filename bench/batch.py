@@ -144,12 +144,14 @@ async def batch_while_probing(url: str, data: bytes, probes: list[dict], gap: fl
                     await asyncio.sleep(gap)
             probing = False
 
+        started = time.perf_counter()
         await asyncio.gather(watch(), send())
-        rate = None
-        if len(changes) >= 3:  # from the first change to the last: the count moves at store flushes
-            (t0, c0), (t1, c1) = changes[0], changes[-1]
-            rate = (c1 - c0) / (t1 - t0) if t1 > t0 else None
         record = (await get()).json()
+        # From the first change of the count to the last (it moves at store flushes; changes[0] is the
+        # count when the probes began); with fewer changes, over the whole window.
+        (t0, c0), (t1, c1) = (changes[1], changes[-1]) if len(changes) >= 3 else \
+            ((started, changes[0][1] if changes else 0), (time.perf_counter(), record["request_counts"]["completed"]))
+        rate = (c1 - c0) / (t1 - t0) if t1 > t0 else None
         if record["status"] not in FINISHED:
             await client.post(f"/v1/batches/{batch['id']}/cancel")
             while record["status"] not in FINISHED:
