@@ -35,15 +35,15 @@ Background rows (Batch API lines) take only the capacity interactive traffic lea
   step whose cost is streaming the weights) up to the rows interactive ones leave free
   (`max_batch_size` minus the step's interactive rows, oldest first), and their prompt chunks and
   admissions together get at most `max_background_tokens` prompt tokens per step (prompt tokens are
-  what make a step long); the others pause for that step and keep their KV. Except when an
+  what make a step long); the others pause for that step and keep their KV. The grace keeps a
+  client's next request from landing behind a long step of batch rows. Except when an
   interactive request waits for KV pool space: then running background rows run uncapped, to finish
   and free it (no new ones are admitted); and when one waits for a soft prompt's KV that a background
   row is computing, that row's chunk is uncapped;
 - a step made of background rows only (no interactive work present) holds at most
   `max_background_step_tokens` tokens (decode tokens first, then prompt chunks, then admissions), so
   an interactive request that arrives waits behind a short step, never a long batch prefill;
-- a paused row's timeout does not count while it is paused (its clock stops); the grace keeps a
-  client's next request from landing behind a step full of batch rows.
+- a paused row's timeout does not count while it is paused (its clock stops).
 - The Batch runner bounds how many it hands over, so they are outside the --max-queue limits, and a
   waiting background row never times out (only once it runs).
 """
