@@ -86,6 +86,8 @@ def run_batch(settings: Settings, input_path: str | Path, output_path: str | Pat
     """Answer every line of `input_path`; write the output lines (input order) to `output_path` and the
     error lines to `error_path`, or, without one, into the output file at their place in input order."""
     text = Path(input_path).read_text(encoding="utf-8")
+    # Offline nothing interactive ever arrives: batch-only steps need no bound (scheduler.py).
+    settings = settings.model_copy(update={"max_background_step_tokens": settings.max_prefill_tokens})
     runtime = Runtime(settings=settings, registry=ApiKeyRegistry.disabled())
     runtime.build(loaded)
     if runtime.load_error:

@@ -50,7 +50,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_step=None, on_death=None) -> None:
         self.engine = engine
-        self._on_step = on_step  # (seconds, batch_size) after every step, for metrics
+        self._on_step = on_step  # (seconds, rows in the step's forward) after every step, for metrics
         self._on_death = on_death  # (reason) if the loop itself dies
         # Held around every engine step; other users of the model (tuning jobs) take it between steps.
         self.step_lock = threading.Lock()
@@ -109,7 +109,7 @@ class AsyncEngine:
                         outputs = self.engine.step()
                     self._deliver(outputs)
                     if self._on_step is not None:
-                        self._on_step(time.perf_counter() - started, self.engine.num_running)
+                        self._on_step(time.perf_counter() - started, self.engine.last_step_rows)
         except BaseException as exc:  # the loop itself died: fail everyone, report not-ready
             self.dead_reason = f"{type(exc).__name__}: {exc}"
             log.exception("engine loop died")

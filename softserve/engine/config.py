@@ -21,7 +21,8 @@ class SchedulerConfig:
     input_token_cost: float = 1.0
     output_token_cost: float = 2.0
     # Batch API rows while interactive work is present (see scheduler.py, "Background rows").
-    max_background_tokens: int = _default("max_background_tokens")  # their tokens per step, all together
+    max_background_tokens: int = _default("max_background_tokens")  # their prompt tokens per step, all together
+    max_background_step_tokens: int = _default("max_background_step_tokens")  # tokens in a step of batch rows only
     background_grace_s: float = _default("background_grace_seconds")  # interactive work counts as present this long after it left
     kv_cache_tokens: int = 0  # token slots in the KV pool (the engine sets it); 0: unbounded (scheduler tests)
 

@@ -90,6 +90,7 @@ class LLMEngine:
             dataclasses.replace(sched_config, kv_cache_tokens=kv_tokens), self.eos_token_ids, self.runner.lookup_prefix
         )
         self.steps_run = 0  # steps that ran a forward (the scheduler also counts empty ones)
+        self.last_step_rows = 0  # rows in the last step's forward (the rows-per-step metric)
         self.detokenizer = Detokenizer(tokenizer)
         self.on_out_of_memory = None  # set by the service: trim other device caches after an OOM
 
@@ -157,6 +158,7 @@ class LLMEngine:
         """One forward (if anything is scheduled), then the deltas: one per request that got a token,
         and the last one of every request that finished, by any path, since the previous step."""
         sched = self.scheduler.schedule()
+        self.last_step_rows = len(sched.rows)  # rows in this step's forward: paused rows are not in it
         outputs = self._run(sched) if not sched.is_empty else []
         reported = {out.request_id for out in outputs if out.finished}
         outputs.extend(self.final_output(r) for r in self.scheduler.take_finished() if r.request_id not in reported)

@@ -126,6 +126,8 @@ class Request:
     # interactive request is waiting for.
     priority: int = 0
     background: bool = False
+    # When the scheduler paused this running background row (None: not paused): its timeout clock stops.
+    paused_since: float | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)

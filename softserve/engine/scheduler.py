@@ -31,12 +31,19 @@ Background rows (Batch API lines) take only the capacity interactive traffic lea
 - they never hold a row an interactive request needs: interactive admission counts interactive rows
   only (`max_batch_size` of them), background admission counts every row;
 - while interactive work is present (a request waits or runs, or one did less than
-  `background_grace_s` ago), all background rows together get at most `max_background_tokens` tokens
-  per step (decode tokens first, oldest rows first, then prompt chunks, then admissions); the others
-  pause for that step and keep their KV. Except when an interactive request waits for KV pool space:
-  then running background rows run uncapped, to finish and free it (no new ones are admitted). On a CPU a step's cost grows with its tokens, so an
-  interactive request's steps stay close to its idle ones; the grace keeps a client's next request
-  from landing behind a step full of batch rows. With no interactive work they get the whole engine.
+  `background_grace_s` ago), background decode rows ride in the step (a decode token adds little to a
+  step whose cost is streaming the weights) up to the rows interactive ones leave free
+  (`max_batch_size` minus the step's interactive rows, oldest first), and their prompt chunks and
+  admissions together get at most `max_background_tokens` prompt tokens per step (prompt tokens are
+  what make a step long); the others pause for that step and keep their KV. The grace keeps a
+  client's next request from landing behind a long step of batch rows. Except when an
+  interactive request waits for KV pool space: then running background rows run uncapped, to finish
+  and free it (no new ones are admitted); and when one waits for a soft prompt's KV that a background
+  row is computing, that row's chunk is uncapped;
+- a step made of background rows only (no interactive work present) holds at most
+  `max_background_step_tokens` tokens (decode tokens first, then prompt chunks, then admissions), so
+  an interactive request that arrives waits behind a short step, never a long batch prefill;
+- a paused row's timeout does not count while it is paused (its clock stops).
 - The Batch runner bounds how many it hands over, so they are outside the --max-queue limits, and a
   waiting background row never times out (only once it runs).
 """
@@ -112,6 +119,7 @@ class Scheduler:
         self.step_count = 0
         self._interactive_seen_at = -float("inf")  # when interactive work was last present (the grace)
         self._pool_blocked = False  # this step's interactive admission stopped at a full KV pool
+        self._prefix_blocker: str | None = None  # ... or at a prompt KV this request (id) computes
 
     # ---- intake -------------------------------------------------------------------------------
     @property
@@ -222,13 +230,14 @@ class Scheduler:
         return bool(self.num_waiting or self.running or self._finished)
 
     def expire(self, now: float | None = None) -> None:
-        """Fail requests older than request_timeout_s (waiting or running)."""
+        """Fail requests older than request_timeout_s (waiting or running; a paused background row's
+        clock stops while it is paused)."""
         timeout = self.config.request_timeout_s
         if timeout <= 0:
             return
         now = time.monotonic() if now is None else now
         for queue in list(self.waiting.values()) + [self.running]:  # waiting background rows never time out
-            for request in [r for r in queue if now - r.arrival_time > timeout]:
+            for request in [r for r in queue if _age(r, now) > timeout]:
                 self.finish(request, FinishReason.ERROR, f"request timed out after {timeout:g} s", ErrorKind.TIMEOUT)
 
     # ---- schedule -----------------------------------------------------------------------------
@@ -238,8 +247,7 @@ class Scheduler:
         self.step_count += 1
         out = SchedulerOutput(step=self.step_count)
         budget = self.config.max_prefill_tokens
-        # Background rows' tokens this step: capped while interactive work is present (module docstring).
-        background_tokens = self.config.max_background_tokens if self._interactive_present(now) else sys.maxsize
+        interactive_present = self._interactive_present(now)
         decoding, prefilling = [], []
         for request in self.running:
             if request.num_uncomputed_tokens == 1 and request.num_computed_tokens >= self._prompt_end(request):
@@ -253,25 +261,51 @@ class Scheduler:
             if budget <= 0:
                 break
             budget -= self._schedule_chunk(out, request, budget)
-        self._pool_blocked = False
+        self._pool_blocked, self._prefix_blocker = False, None
         budget = self._admit(out, self.waiting, budget, now)
-        if self._pool_blocked:
-            # An interactive request waits for KV that batch rows hold: let them run, finish and free it.
-            background_tokens = sys.maxsize
-        # Background rows get what is left: decodes (oldest first), prefill chunks, then admissions.
+        blocker = next((r for r in prefilling if r.background and r.request_id == self._prefix_blocker), None)
+        if blocker is not None and budget > 0:
+            # An interactive request waits for the prompt KV this batch row computes: uncapped, so it never
+            # waits on the cap (nor forever, with a cap of 0).
+            budget -= self._schedule_chunk(out, blocker, budget)
+        # Background rows get what is left (module docstring): decodes (oldest first), prefill chunks,
+        # then admissions, under one of three limits.
+        if self._pool_blocked:  # an interactive request waits for KV that batch rows hold: let them finish
+            rows, tokens = sys.maxsize, sys.maxsize
+        elif interactive_present:  # decodes ride up to the free rows; prompt tokens under the cap
+            rows = max(0, self.config.max_batch_size - len(out.rows))
+            tokens = sys.maxsize
+            budget = min(budget, self.config.max_background_tokens)
+        else:  # a batch-only step: short, so an arriving interactive request never waits long
+            rows, tokens = sys.maxsize, self.config.max_background_step_tokens
         for request in (r for r in decoding if r.background):
-            if background_tokens <= 0:
+            if rows <= 0 or tokens <= 0:
                 break  # the rest pause this step: they keep their row and KV
             self._schedule_decode(out, request)
-            background_tokens -= 1
-        background_budget = min(budget, background_tokens)
-        for request in (r for r in prefilling if r.background):
-            if background_budget <= 0:
+            rows, tokens = rows - 1, tokens - 1
+        budget = min(budget, tokens)
+        for request in (r for r in prefilling if r.background and r is not blocker):
+            if budget <= 0 or rows <= 0:
                 break
-            background_budget -= self._schedule_chunk(out, request, background_budget)
-        if not any(self.waiting.values()):  # an interactive request waits (KV pool, a prompt's KV): it goes first
-            self._admit(out, self.background, background_budget, now)
+            budget -= self._schedule_chunk(out, request, budget)
+            rows -= 1
+        if not any(self.waiting.values()) and rows > 0:  # an interactive request waits: it goes first
+            self._admit(out, self.background, budget, now, max_rows=rows)
+        self._track_pauses(out, now)
         return out
+
+    def _track_pauses(self, out: SchedulerOutput, now: float) -> None:
+        """Stop a paused background row's timeout clock; restart it (shifted) when the row runs again."""
+        scheduled = {id(row.request) for row in out.rows}
+        for request in self.running:
+            if not request.background:
+                continue
+            if id(request) not in scheduled:
+                if request.paused_since is None:
+                    request.paused_since = now
+            elif request.paused_since is not None:
+                request.arrival_time += now - request.paused_since
+                request.paused_since = None
 
     @staticmethod
     def _schedule_decode(out: SchedulerOutput, request: Request) -> None:
@@ -284,18 +318,21 @@ class Scheduler:
             return True
         return now - self._interactive_seen_at < self.config.background_grace_s
 
-    def _admit(self, out: SchedulerOutput, queues: dict[str, deque[Request]], budget: int, now: float) -> int:
+    def _admit(self, out: SchedulerOutput, queues: dict[str, deque[Request]], budget: int, now: float,
+               max_rows: int = sys.maxsize) -> int:
         """Admit waiting requests from `queues` while rows and prefill budget last; returns the budget left.
         Interactive requests count only interactive rows: background rows pause instead of holding one."""
         background = queues is self.background
         rows = len(self.running) if background else sum(1 for r in self.running if not r.background)
-        while budget > 0 and rows < self.config.max_batch_size:
+        while budget > 0 and rows < self.config.max_batch_size and max_rows > 0:
             tenant = self._next_tenant(queues)
             if tenant is None:
                 break
             request = queues[tenant][0]
             sha = request.prompt_sha256
             if sha is not None and sha in self._prefix_in_progress:
+                if not background:
+                    self._prefix_blocker = self._prefix_in_progress[sha]
                 break  # another row is computing this prompt's KV: wait one step and hit the cache
             if self.kv is not None:
                 offset = self.kv.allocate(request.request_id, self.reservation(request))
@@ -317,6 +354,7 @@ class Scheduler:
                     self._prefix_in_progress[sha] = request.request_id
             self.running.append(request)
             rows += 1
+            max_rows -= 1
             out.prefill.append(request)
             budget -= self._schedule_chunk(out, request, budget)
         return budget
@@ -385,6 +423,11 @@ class Scheduler:
                 self.finish(request, FinishReason.LENGTH)
             stepped.append((index, request))
         return stepped
+
+
+def _age(request: Request, now: float) -> float:
+    """Seconds a request has been waiting or running, less the time a background row spent paused."""
+    return (now if request.paused_since is None else request.paused_since) - request.arrival_time
 
 
 def _unlink(queue: list[Request] | deque[Request], request: Request) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.support.engine_utils import make_engine, make_prompt, make_request, reference_greedy, run
@@ -184,29 +185,40 @@ def test_sampling_error_fails_only_that_request(tiny_model, tokenizer, monkeypat
         assert [t for o in outs[g.request_id] for t in o.token_ids] == reference_greedy(tiny_model, list(g.prompt_ids), None, 6)
 
 
-def test_paused_batch_rows_keep_their_kv_and_outputs(tiny_model, tokenizer):
-    """Batch (background) rows capped to 1 token per step while interactive ones run, so most of them
-    pause mid-prefill and mid-decode, keeping their KV: every output is still the reference's."""
+@pytest.mark.parametrize("policy, pauses", [
+    (dict(max_batch_size=5, max_background_tokens=1, max_prefill_tokens=40), True),  # few free rows
+    # tiny batch-only steps; no batch prompt tokens beside interactive rows, except for the row computing
+    # the prompt KV an interactive request waits for (with a cap of 0 it would wait forever otherwise)
+    # the batch-only steps are 3 tokens: one prefilling row at a time, so nothing pauses mid-prefill
+    (dict(max_batch_size=8, max_background_tokens=0, max_background_step_tokens=3), False),
+])
+def test_paused_batch_rows_keep_their_kv_and_outputs(tiny_model, tokenizer, policy, pauses):
+    """Batch (background) rows held back while interactive ones run (a prompt-token cap, few free rows)
+    and in short batch-only steps, so they pause mid-prefill and mid-decode, keeping their KV: every
+    output is still the reference's. The rows-per-step figure counts only the rows in the step."""
     specs = _mixed_specs()
-    engine = make_engine(tiny_model, tokenizer, max_batch_size=8, max_background_tokens=1, background_grace_s=0)
+    engine = make_engine(tiny_model, tokenizer, background_grace_s=0, **policy)
     batch = [make_request(ids, soft_prompt=sp, max_tokens=6, ignore_eos=True) for ids, sp in specs[:4]]
     live = [make_request(ids, soft_prompt=sp, max_tokens=10, ignore_eos=True) for ids, sp in specs[4:]]
     for request in batch:
         request.background = True
         engine.add_request(request)
     got: dict[str, list[int]] = {r.request_id: [] for r in batch + live}
-    paused_steps = 0
+    paused_prefill = paused_decode = 0
     for step in range(400):
         if step == 1:
             for request in live:
                 engine.add_request(request)
-        for out in engine.step():
+        outputs = engine.step()
+        for out in outputs:
             got[out.request_id].extend(out.token_ids)
-        running = engine.scheduler.running
-        # interactive rows run and several batch rows too: the next step pauses all but one of them
-        paused_steps += any(not r.background for r in running) and sum(r.background for r in running) > 1
+        paused = [r for r in engine.scheduler.running if r.paused_since is not None]
+        # the step's rows were running when it was scheduled, paused ones not among them
+        assert engine.last_step_rows + len(paused) <= engine.num_running + sum(out.finished for out in outputs)
+        paused_decode += any(r.num_output_tokens > 0 for r in paused)
+        paused_prefill += any(r.num_output_tokens == 0 and r.num_computed_tokens > 0 for r in paused)
         if not engine.has_unfinished():
             break
-    assert paused_steps > 0 and all(r.is_finished for r in batch + live)
+    assert (paused_prefill > 0 and paused_decode > 0) == pauses and all(r.is_finished for r in batch + live)
     for request, (ids, sp) in zip(batch + live, specs):
         assert got[request.request_id] == reference_greedy(tiny_model, ids, sp, request.sampling.max_tokens)
