@@ -148,6 +148,7 @@ class Runtime:
                 kv_cache_bytes=s.kv_cache_bytes,
                 model_id=f"{self.served_model_name}:{param.dtype}",
                 compile=s.compile,
+                pack_linears=s.pack_linears,
             )
             self.tokenizer = tokenizer
             self.grammars = self._grammar_compiler(tokenizer)
