@@ -7,8 +7,11 @@ machine-load drift hits all alike: {fp32, bf16} x {reference: one SDPA per row p
 one SDPA per row group per layer} (packed_attention.py); `--compiled` adds a third path, batched with
 the forward compiled by inductor (compiled_forward.py, `--compile on`), compiled and warmed up first. One engine per dtype; the attention path is
 switched between steps (`runner.batched_attention`), so both paths see the same rows and contexts.
+Where the bf16 linears are packed (packed_linear.py, the default on CPU), an "unpacked" path runs the
+batched attention with the linears on their plain weights (`F.linear`), switched the same way.
 
 - decode C=1 and C=16: ms per decode step (median), distinct soft prompts k=16, `--context` tokens;
+  each path takes `STEPS_PER_TURN` (2) steps in a row and only the last is timed (why: at the constant);
 - classification: `--class-rows` requests, each its own cached k=64 prompt (KV prefix cache warm),
   ~40-token text, 4 output tokens: ms per wave (median) = prefill + 3 decode steps;
 - bf16 quality: greedy agreement of the bf16 engine with the fp32 engine over the PEFT parity cases
@@ -25,10 +28,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common as C  # noqa: E402
+from softserve.engine.packed_linear import set_packed  # noqa: E402
 
 # The texts of tests/support/peft_reference.py PROMPTS (the PEFT parity cases).
 PARITY_TEXTS = ["The capital of France is", "Translate to French: good morning", "1, 2, 3, 4,", "Write a haiku about the sea"]
-PATHS = ["reference", "batched"]  # + "compiled" with --compiled
+PATHS = ["reference", "unpacked", "batched"]  # + "compiled" with --compiled; "unpacked" only where linears are packed
+# Decode steps per path per turn, only the last one timed. A server keeps one set of weights hot; here
+# the paths take turns, and the L3 of this CPU (480 MB) holds a good part of a model's weights, so a
+# path timed right after another path that read other weights (fp32, or bf16 unpacked vs packed) would
+# pay for cold caches that the server does not pay.
+STEPS_PER_TURN = 2
 COMPILED: dict[int, object] = {}  # id(runner) -> its compiled forward, built and warmed up once
 
 
@@ -36,6 +45,7 @@ def _timed_step(engine, device, path: str) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process): on a shared, oversubscribed CPU the wall time mostly
     measures the neighbours; the process's CPU time is what the step itself costs."""
     engine.runner.batched_attention = path != "reference"
+    set_packed(engine.runner.model, path != "unpacked")
     engine.runner.compiled_forward = COMPILED[id(engine.runner)] if path == "compiled" else None
     C.sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -45,7 +55,8 @@ def _timed_step(engine, device, path: str) -> tuple[float, float]:
 
 
 def _paths(engine) -> list[str]:
-    return [p for p in PATHS if p != "compiled" or id(engine.runner) in COMPILED]
+    packed = any(getattr(m, "_softserve_packed", None) is not None for m in engine.runner.model.modules())
+    return [p for p in PATHS if (p != "compiled" or id(engine.runner) in COMPILED) and (p != "unpacked" or packed)]
 
 
 def _medians(times: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, float]]:
@@ -58,12 +69,15 @@ def _decode(engines, device, b: int, args, vocab: int) -> dict[str, dict[str, fl
     for dname, (model, engine) in engines.items():
         softs = [C.soft_prompt(C.vocab_prompt_tensor(model, args.seed + i, 16), f"d{i}") for i in range(b)]
         for i in range(b):
-            engine.add_request(C.engine_request(f"{dname}-d{b}-{i}", inputs[i], soft=softs[i], max_tokens=2 * args.steps + 4))
+            engine.add_request(C.engine_request(f"{dname}-d{b}-{i}", inputs[i], soft=softs[i],
+                                                max_tokens=len(PATHS) * STEPS_PER_TURN * args.steps + 4))
         engine.step()  # prefill
         engine.step()
     for _ in range(args.steps):
         for dname, (_, engine) in engines.items():
             for path in _paths(engine):
+                for _turn in range(STEPS_PER_TURN - 1):  # untimed: the path's own weights into the caches
+                    _timed_step(engine, device, path)
                 times.setdefault(f"{dname} {path}", []).append(_timed_step(engine, device, path))
     for _, engine in engines.values():
         while engine.has_unfinished():
@@ -155,18 +169,20 @@ def run(args) -> dict:
 
 def _table(result: dict, clock: str) -> str:
     paths = result.get("paths", ["reference", "batched"])
-    names = {"reference": "per-row", "batched": "batched", "compiled": "compiled"}
+    names = {"reference": "per-row", "unpacked": "unpacked", "batched": "batched", "compiled": "compiled"}
     cols = [(d, p) for d in ("fp32", "bf16") for p in paths if f"{d} {p}" in result["rows"][0][clock]]
     compiled = [d for d, p in cols if p == "compiled"]
+    packed = [d for d, p in cols if p == "unpacked"]
     rows = []
     for r in result["rows"]:
         ms = r[clock]
         ratios = [f"{ms['fp32 reference'] / ms['fp32 batched']:.2f}x", f"{ms['bf16 reference'] / ms['bf16 batched']:.2f}x"]
+        ratios += [f"{ms[f'{d} unpacked'] / ms[f'{d} batched']:.2f}x" for d in packed]
         ratios += [f"{ms[f'{d} batched'] / ms[f'{d} compiled']:.2f}x" for d in compiled]
         ratios += [f"{ms['fp32 batched'] / ms['bf16 batched']:.2f}x", f"{ms['fp32 reference'] / ms['bf16 batched']:.2f}x"]
         rows.append([r["load"], r["unit"], *(f"{ms[f'{d} {p}']:.1f}" for d, p in cols), *ratios])
     headers = ["load", f"{clock} ms per", *(f"{d} {names[p]}" for d, p in cols), "batched speedup fp32", "batched speedup bf16"]
-    headers += [f"compiled speedup {d}" for d in compiled]
+    headers += [f"packed speedup {d}" for d in packed] + [f"compiled speedup {d}" for d in compiled]
     return C.md_table(headers + ["bf16 speedup (batched)", "bf16 batched / fp32 per-row"], rows)
 
 

@@ -60,6 +60,9 @@ def cmd_serve(args) -> int:
     from softserve.logs import configure_logging
 
     configure_logging(settings.log_level, settings.json_logs)
+    from softserve.engine.compute_threads import configure as configure_compute_threads
+
+    configure_compute_threads(settings.torch_threads)  # before any torch work: the engine thread owns the one pool
     from softserve.app import create_app
     from softserve.serving import run_server
 
@@ -246,6 +249,9 @@ def cmd_run_batch(args) -> int:
     from softserve.logs import configure_logging
 
     configure_logging(settings.log_level if args.log_level else "warning", settings.json_logs)
+    from softserve.engine.compute_threads import configure as configure_compute_threads
+
+    configure_compute_threads(settings.torch_threads)
     try:
         result = run_batch(settings, args.input, args.output, error_path=args.error_file, tenant=args.tenant,
                            show_progress=not args.no_progress)

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from softserve.engine.compute_threads import enter_compute_thread
 from softserve.engine.engine import EngineStats, LLMEngine
 from softserve.engine.outputs import RequestOutput
 from softserve.engine.request import ErrorKind, FinishReason, Request
@@ -97,6 +98,7 @@ class AsyncEngine:
 
     # ---- engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        enter_compute_thread()
         try:
             while not self._stop.is_set():
                 block = not self.engine.has_unfinished()

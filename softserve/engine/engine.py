@@ -11,6 +11,7 @@ import dataclasses
 import logging
 
 from softserve.engine.compiled_forward import use_compile
+from softserve.engine.packed_linear import pack_linears
 from softserve.engine.config import EngineConfig
 from softserve.engine.detokenizer import Detokenizer
 from softserve.engine.guided import attach_guided_state
@@ -83,6 +84,8 @@ class LLMEngine:
             prefix_cache=self.prefix_cache,
             kv_cache_tokens=kv_tokens,
         )
+        if config.pack_linears:
+            pack_linears(model)  # bf16 on CPU only; a no-op otherwise. Before compiling: the graph calls the packed op
         if use_compile(config.compile, next(model.parameters()).dtype):
             self.runner.use_compiled_forward(True)
             self.runner.warm_up()

@@ -16,6 +16,7 @@ from softserve.store.gc import PeriodicGC
 from softserve.store.store import PromptStore
 from softserve.store.types import ModelInfo
 from softserve.config import Settings
+from softserve.engine import compute_threads
 from softserve.engine.async_engine import AsyncEngine
 from softserve.engine.config import EngineConfig, SchedulerConfig
 from softserve.engine.engine import LLMEngine
@@ -96,7 +97,7 @@ class Runtime:
         """Load the model (unless given), open the store, start the engine thread."""
         s = self.settings
         try:
-            if s.torch_threads:
+            if s.torch_threads and not compute_threads.configured():  # else the engine thread takes them
                 torch.set_num_threads(s.torch_threads)
             if loaded is None:
                 source = resolve_source(s.model, s.gguf_file)
@@ -149,6 +150,7 @@ class Runtime:
                 kv_cache_bytes=s.kv_cache_bytes,
                 model_id=f"{self.served_model_name}:{param.dtype}",
                 compile=s.compile,
+                pack_linears=s.pack_linears,
             )
             self.tokenizer = tokenizer
             self.grammars = self._grammar_compiler(tokenizer)

@@ -34,6 +34,7 @@ from softserve.tuning.data import TokenizedExample, parse_jsonl, tokenize_exampl
 from softserve.tuning.export import adapter_files, model_info, push_to_store
 from softserve.tuning.files import FileRegistry
 from softserve.tuning.job import LeaseLost, QueueFull, TuningJob
+from softserve.engine.compute_threads import run_in_compute_thread
 from softserve.tuning.pack import TrainingPack
 from softserve.tuning.persist import JobStore, Lease, new_replica_id
 from softserve.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view
@@ -452,7 +453,8 @@ class TuningManager:
             job = None
             try:
                 job = self._load_job(tenant, job_id)
-                self._run(job, lease)
+                # a fresh compute thread per job: its OpenMP pool goes when the job ends (compute_threads.py)
+                run_in_compute_thread(self._run, job, lease, name=f"softserve-tuning-job-{job_id}")
             except Exception:  # never let a job kill the worker
                 log.exception("tuning job %s crashed", job_id)
             finally:

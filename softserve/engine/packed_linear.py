@@ -1,0 +1,109 @@
+"""bf16 linears on CPU with their weights packed once for oneDNN, instead of on every call.
+
+`F.linear` on a bf16 CPU tensor already runs oneDNN (AMX / AVX512-BF16), but it reorders the weight
+into oneDNN's blocked layout on every call: for a decode step of 16 rows that reorder costs about as
+much as the product. vLLM-CPU packs each linear's weight once at load; so do we. The product is the
+same oneDNN kernel on the same blocked weight, so the outputs are bitwise those of `F.linear`
+(tests/engine/test_packed_linear.py).
+
+The packed layout wins only for the row counts of decode and small mixed steps: measured over
+SmolLM2-135M's 210 layer linears with cold caches (bf16, 2 threads), packed vs `F.linear` is
+1.44-1.53x from 1 to 96 rows, 1.2-1.4x up to 256 rows, then 0.93x at 384, 0.94x at 512 and 0.59x at
+1,024 rows (a big prefill chunk). So products over more than `MAX_PACKED_ROWS` rows run `F.linear`
+on the plain weight, which therefore stays in memory beside the packed one.
+
+Only the serving path uses the packed weight: with autograd recording (prompt tuning trains through
+the frozen model), or when the module's weight is no longer the one that was packed (moved, cast,
+replaced), the module's own forward runs. The frozen model's weights must not change in place
+after packing (nothing in the server does that). The packed copy costs one more copy of the linear weights
+(~270 MB for SmolLM2-135M in bf16).
+
+Under the compiled forward (compiled_forward.py) the product is the custom op `softserve::packed_linear`,
+opaque to inductor: inductor's own lowering of the oneDNN op accepts only weights it froze itself,
+and keeping the row-count choice inside the op means one graph serves every row count.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Rows per product that the packed layout is tuned for; any row count runs correctly.
+_ROWS_HINT = 16
+# Above this many rows per product the plain weight is faster (module docstring).
+MAX_PACKED_ROWS = 256
+
+
+def can_pack(model: nn.Module) -> bool:
+    param = next(model.parameters())
+    return (param.device.type == "cpu" and param.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Give every bf16 CPU `nn.Linear` of `model` a packed weight; returns how many (0: nothing to do,
+    or this torch build has no oneDNN linear ops). Idempotent."""
+    if not can_pack(model):
+        return 0
+    packed = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module.weight.dtype != torch.bfloat16:
+            continue
+        if getattr(module, "_softserve_packed", None) is not None:
+            packed += 1
+            continue
+        try:
+            weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), _ROWS_HINT)
+        except RuntimeError as error:  # an unusual shape or build: this module keeps F.linear
+            log.warning("packing a %s linear failed (%s); it runs unpacked", tuple(module.weight.shape), error)
+            continue
+        module._softserve_packed = (weight, module.weight)
+        module.forward = _packed_forward(module, module.forward)
+        packed += 1
+    return packed
+
+
+def _product(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.numel() > MAX_PACKED_ROWS * x.shape[-1]:
+        return torch.nn.functional.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # [..., out_features]
+
+
+@torch.library.custom_op("softserve::packed_linear", mutates_args=())
+def packed_linear_op(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] -> [..., out]: `_product` as one opaque call for the compiled graph."""
+    return _product(x, packed, weight, bias)
+
+
+@packed_linear_op.register_fake
+def _(x, packed, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _packed_forward(module: nn.Linear, unpacked_forward):
+    def forward(x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+        # identity and dtype, not data_ptr(): the compiled forward traces this, and data_ptr() would
+        # break its graph at every linear
+        weight, packed_from = module._softserve_packed
+        if (x.dtype != torch.bfloat16 or module.weight is not packed_from or module.weight.dtype != torch.bfloat16
+                or module.weight.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))):
+            return unpacked_forward(x)
+        if torch.compiler.is_compiling():
+            return packed_linear_op(x, weight, module.weight, module.bias)
+        return _product(x, weight, module.weight, module.bias)  # eager: without the op's dispatch cost
+
+    return forward
+
+
+def set_packed(model: nn.Module, enabled: bool) -> None:
+    """Switch a packed model's linears between their packed and plain weights (benchmarks compare the two
+    on one model). Eager only: a compiled graph was traced for one of them."""
+    for module in model.modules():
+        state = getattr(module, "_softserve_packed", None)
+        if state is not None:
+            module._softserve_packed = (state[0], module.weight if enabled else None)
