@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="listen address of --metrics-port")
     metrics_tenant_labels: bool = Field(False, description="label request and token counters with the tenant name")
     version_metrics_max_series: int = Field(64, ge=0, le=100_000, description="per-version metrics (requests, tokens, TTFT, latency, errors, feedback by prompt and version): at most this many (tenant, prompt, version) series, only for versions served through an alias; the rest count as prompt=\"other\" (0 = off)")
-    torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
+    torch_threads: int = Field(0, ge=0, description="CPU threads of the engine's forward (and of a running tuning job); every other thread runs torch on one thread, so the process keeps one OpenMP pool (0 = torch's default, the CPU count)")
     json_logs: bool = Field(True, description="structured JSON log lines (false: plain text)")
     log_level: str = Field("info", description="debug, info, warning, error or critical")
     ui: bool = Field(True, description="serve the web console at /ui")
