@@ -61,8 +61,9 @@ def pack_linears(model: nn.Module) -> int:
         except RuntimeError as error:  # an unusual shape or build: this module keeps F.linear
             log.warning("packing a %s linear failed (%s); it runs unpacked", tuple(module.weight.shape), error)
             continue
-        module._softserve_packed = (weight, module.weight)
-        module.forward = _packed_forward(module, module.forward)
+        # nn.Module's typed __setattr__ takes only tensors and modules, hence the ignores
+        module._softserve_packed = (weight, module.weight)  # type: ignore[assignment]
+        module.forward = _packed_forward(module, module.forward)  # type: ignore[method-assign]
         packed += 1
     return packed
 
@@ -88,7 +89,7 @@ def _packed_forward(module: nn.Linear, unpacked_forward):
     def forward(x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
         # identity and dtype, not data_ptr(): the compiled forward traces this, and data_ptr() would
         # break its graph at every linear
-        weight, packed_from = module._softserve_packed
+        weight, packed_from = module._softserve_packed  # type: ignore[misc]
         if (x.dtype != torch.bfloat16 or module.weight is not packed_from or module.weight.dtype != torch.bfloat16
                 or module.weight.device.type != "cpu"
                 or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))):
@@ -106,4 +107,4 @@ def set_packed(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         state = getattr(module, "_softserve_packed", None)
         if state is not None:
-            module._softserve_packed = (state[0], module.weight if enabled else None)
+            module._softserve_packed = (state[0], module.weight if enabled else None)  # type: ignore[assignment]
