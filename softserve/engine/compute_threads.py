@@ -19,6 +19,7 @@ it falls back to torch.set_num_threads, the plain behaviour.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -32,6 +33,7 @@ T = TypeVar("T")
 _threads = 0  # what a compute thread gets; 0: `configure` was not called (torch's own behaviour everywhere)
 
 
+@functools.cache  # once per process: a library loaded by torch stays loaded; every compute thread asks
 def _loaded_library(*names: str) -> ctypes.CDLL | None:
     try:
         with open("/proc/self/maps") as maps:
