@@ -1,0 +1,79 @@
+"""Decode attention read from the KV pool in place: a small C++ kernel, built at first use.
+
+The batched path (packed_attention.py) gathers every decode row's keys and values out of the pool into
+a padded `[rows, kv_heads, max_kv, head_dim]` copy, once per layer, and then calls SDPA on it. On
+this CPU the gathers and the SDPA call cost more than the attention's arithmetic: ~9-13 ms of a
+~50 ms C=16 decode step on SmolLM2-135M in bf16. `csrc/decode_attention.cpp` reads each row's
+extent of the pool where it lies: one task per (row, KV head), float32 scores, softmax and sum (as
+torch's CPU flash attention does), parallel over torch's own OpenMP pool (`at::parallel_for`).
+
+It is built with torch's extension machinery (`torch.utils.cpp_extension.load`: a C++ compiler and
+ninja) the first time a CPU engine starts on a machine, ~30-60 s, and cached by torch
+(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). `-march=native` makes it fast on the
+machine that builds it; the CPU's flags are part of the extension's name, so another CPU builds its own.
+Where it cannot be built (no compiler, a read-only cache, a torch without the headers), `load()`
+logs why once and returns False, and the engine keeps the SDPA path: same results within float
+rounding, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_attention.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and flags: a -march=native build is only valid on such a CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    fields = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256("\n".join(fields).encode()).hexdigest()[:10]
+
+
+def can_build() -> bool:
+    return (shutil.which("c++") is not None or shutil.which("g++") is not None) and shutil.which("ninja") is not None
+
+
+@functools.cache
+def load() -> bool:
+    """Build (once per machine) and load the kernel; False where it cannot be (the reason is logged once)."""
+    if not can_build():
+        log.warning("no C++ compiler or no ninja on PATH: decode attention uses the SDPA path (slower)")
+        return False
+    started = time.perf_counter()
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name=f"softserve_decode_attention_{_cpu_tag()}", sources=[str(SOURCE)],
+                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as error:  # a build or load failure must never stop the server: the SDPA path stays
+        log.warning("building the decode attention kernel failed (%s): decode attention uses the SDPA path (slower)",
+                    str(error).strip().splitlines()[-1:] or error)
+        return False
+    log.info("decode attention kernel loaded in %.1f s (built on this machine's first start)", time.perf_counter() - started)
+    return hasattr(torch.ops.softserve_native, "decode_attention")
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cpu" and load()
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kv_start: torch.Tensor,
+                     kv_len: torch.Tensor, sliding_window: int | None, scale: float) -> torch.Tensor:
+    """q [rows, q_heads, d]; keys/values one layer of the pool [kv_heads, capacity, d]; kv_start/kv_len
+    [rows] int64: row r's query sees slots kv_start[r] .. kv_start[r] + kv_len[r] - 1 (the last
+    `sliding_window` of them where that is set). Returns [rows, q_heads, d]."""
+    return torch.ops.softserve_native.decode_attention(q, keys, values, kv_start, kv_len, sliding_window or 0, scale)
