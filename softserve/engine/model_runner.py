@@ -87,7 +87,7 @@ class ModelRunner:
         self.forward_passes = 0  # model calls; equals the engine's non-empty steps (one forward per step)
         # One SDPA call per layer per row group (packed_attention.py); False: the per-row reference loop.
         self.batched_attention = True
-        # Decode rows attended by the C++ kernel reading the pool in place (native_attention.py); the
+        # Decode rows attended by the C++ kernel reading the pool in place (native_kernels.py); the
         # engine turns it on where the kernel is built (CPU).
         self.native_decode = False
         # The same forward compiled with inductor (compiled_forward.py), or None: eager HF modules.

@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from softserve.engine import native_attention
+from softserve.engine import native_kernels
 from softserve.engine.cpu_attention import avoid_native_gqa_on_cpu
 from softserve.engine.kv_cache import KVPool
 
@@ -69,7 +69,7 @@ class RowGroup:
     only_row_kv: tuple[int, int] | None  # a group of one row: its (kv_start, kv_len), read as a view (no gather)
     in_order: bool  # one query per row, rows first on the packed axis in order: the queries are a view (no gather)
     # decode rows only: each row's (kv_start, kv_len) [rows] int64 on the CPU, for the kernel that reads the
-    # pool in place (native_attention.py); None: the gather + SDPA path
+    # pool in place (native_kernels.py); None: the gather + SDPA path
     native_extents: tuple[torch.Tensor, torch.Tensor] | None = None
     _masks: dict = field(default_factory=dict)  # (sliding_window, groups) -> [rows, 1, groups * max_q, max_kv]
 
@@ -127,7 +127,7 @@ class AttentionPlan:
 
     @classmethod
     def build(cls, rows: tuple[PackedRow, ...], device, native_decode: bool = False) -> AttentionPlan:
-        """native_decode: the decode group is attended by the C++ kernel (CPU only; native_attention.py)."""
+        """native_decode: the decode group is attended by the C++ kernel (CPU only; native_kernels.py)."""
         decode = [r for r in rows if r.q_len == 1]
         prefill = [r for r in rows if r.q_len > 1]
         identity = not prefill and all(r.q_start == n for n, r in enumerate(decode))
@@ -162,7 +162,7 @@ def _attend_group(group: RowGroup, tokens_first, keys, values, sliding_window, s
     if group.native_extents is not None:  # decode rows, each read from its own extent of the pool in place
         q = tokens_first[:rows] if group.in_order else tokens_first.index_select(0, group.token_index)
         kv_start, kv_len = group.native_extents
-        return native_attention.decode_attention(q, keys, values, kv_start, kv_len, sliding_window,
+        return native_kernels.decode_attention(q, keys, values, kv_start, kv_len, sliding_window,
                                                  scaling if scaling is not None else head_dim**-0.5)
     if group.only_row_kv is not None:  # one row: its extent of the pool as is, [1, kv_heads, kv_len, d]
         start, length = group.only_row_kv

@@ -1,7 +1,7 @@
 // Decode attention over the KV pool, in place: one query per row, each row's keys and values read
 // straight from its own extent of the pool (no gather into a padded copy, no mask).
 //
-// Built at first use by softserve/engine/native_attention.py (torch.utils.cpp_extension) and
+// Built at first use by softserve/engine/native_kernels.py (torch.utils.cpp_extension) and
 // registered as torch.ops.softserve_native.decode_attention. Scores, softmax and the weighted sum
 // are computed in float32 whatever the storage dtype (as torch's CPU flash attention does), and every
 // (row, kv head) is computed by one thread from its own data only, so a row's result does not depend
@@ -263,7 +263,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 
 }  // namespace
 
-TORCH_LIBRARY(softserve_native, m) {
+TORCH_LIBRARY_FRAGMENT(softserve_native, m) {
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor kv_start, Tensor kv_len, int window, float scale) -> Tensor");
 }
 

@@ -1,4 +1,4 @@
-"""The C++ decode attention (native_attention.py) equals the per-row SDPA reference, reads only each
+"""The C++ decode attention (native_kernels.py) equals the per-row SDPA reference, reads only each
 row's own extent of the pool, and a row's result does not depend on the rest of the batch.
 
 Head sizes 64, 128 and 256 take the AVX-512 path where the building CPU has it, others the portable
@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softserve.engine import native_attention
+from softserve.engine import native_kernels
 from softserve.engine.kv_cache import KVPool
 from softserve.engine.packed_attention import AttentionPlan, PackedRow, batched_attention, reference_attention
 
-pytestmark = pytest.mark.skipif(not native_attention.can_build(), reason="no C++ compiler or ninja: the engine uses the SDPA path")
+pytestmark = pytest.mark.skipif(not native_kernels.can_build(), reason="no C++ compiler or ninja: the engine uses the SDPA path")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    assert native_attention.load(), "the decode attention kernel did not build (see the log)"
+    assert native_kernels.load(), "the decode attention kernel did not build (see the log)"
 
 
 def _decode_case(kv_lens, kv_heads, groups, head_dim, dtype, seed=0):
@@ -43,7 +43,7 @@ def _decode_case(kv_lens, kv_heads, groups, head_dim, dtype, seed=0):
 def _native(rows, queries, keys, values, window, scale):
     starts = torch.tensor([r.kv_start for r in rows])
     lengths = torch.tensor([r.kv_len for r in rows])
-    return native_attention.decode_attention(queries, keys, values, starts, lengths, window, scale)
+    return native_kernels.decode_attention(queries, keys, values, starts, lengths, window, scale)
 
 
 LENGTHS = [1, 7, 33, 100, 2, 64, 17]
@@ -102,7 +102,7 @@ def test_plans_with_native_decode_equal_the_reference(shapes):
 def test_an_extent_outside_the_pool_is_refused():
     rows, queries, keys, values = _decode_case([4, 4], 1, 1, 64, torch.float32)
     with pytest.raises(RuntimeError, match="outside the pool"):
-        native_attention.decode_attention(queries, keys, values, torch.tensor([0, keys.shape[1] - 2]), torch.tensor([4, 4]),
+        native_kernels.decode_attention(queries, keys, values, torch.tensor([0, keys.shape[1] - 2]), torch.tensor([4, 4]),
                                           None, 0.125)
 
 
@@ -123,3 +123,83 @@ def test_engine_tokens_are_the_same_with_and_without_the_kernel(tiny_model, toke
         outputs[native] = [done[r.request_id] for r in requests]
     assert all(len(o) == 8 for o in outputs[True])
     assert outputs[True] == outputs[False]
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------------
+def test_the_rms_norm_classes_are_llamas_code():
+    """The kernel is installed on these classes because their forward IS LlamaRMSNorm's: a transformers
+    release that changes one of them must fail here, not serve a wrong norm."""
+    import importlib
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    llama = inspect.getsource(LlamaRMSNorm.forward)
+    for name in native_kernels.RMS_NORM_CLASSES:
+        family = name.removesuffix("RMSNorm").lower()
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        assert inspect.getsource(getattr(module, name).forward) == llama, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 16, 576), (3, 7, 960)])
+def test_rms_norm_equals_the_module(dtype, shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(2)
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+    norm.weight.data = (1 + 0.3 * torch.randn(shape[-1], generator=gen))
+    norm = norm.to(dtype)
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    with torch.inference_mode():
+        expected = norm(x)
+    got = native_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:  # the sum of squares in another order: at most one rounding step of the dtype apart
+        step = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert bool(((got.float() - expected.float()).abs() <= 2 * step + 1e-6).all())
+        assert (got != expected).float().mean() < 0.05
+
+
+def test_rms_norms_are_installed_on_bf16_models_only(tiny_model):
+    import copy
+
+    assert native_kernels.install_rms_norms(tiny_model) == 0  # fp32: the modules' own code (PEFT parity)
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    layers = model.config.num_hidden_layers
+    assert native_kernels.install_rms_norms(model) == 2 * layers + 1
+    assert native_kernels.install_rms_norms(model) == 2 * layers + 1  # idempotent
+    norm = model.model.norm
+    x = torch.randn(1, 5, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    with torch.enable_grad():  # autograd (tuning): the module's own forward, which has a gradient
+        y = norm(x)
+        y.sum().backward()
+    assert x.grad is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x.detach()), native_kernels.rms_norm(x.detach(), norm.weight, norm.variance_epsilon))
+
+
+def test_bf16_engine_with_native_norms_batched_equals_solo(tiny_model, tokenizer):
+    import copy
+
+    from tests.support.engine_utils import make_engine, make_prompt, make_request, run
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    hidden = model.config.hidden_size
+    prompts = [make_prompt(f"q{i}", k, hidden, seed=i) for i, k in enumerate((4, 9))] + [None]
+    inputs = [list(range(200 + 5 * i, 200 + 5 * i + n)) for i, n in enumerate((6, 19, 11, 4))]
+
+    def requests():
+        return [make_request(ids, soft_prompt=prompts[i % 3], max_tokens=6, ignore_eos=True) for i, ids in enumerate(inputs)]
+
+    engine = make_engine(model, tokenizer, max_batch_size=4)
+    assert getattr(model.model.norm, "_softserve_native_norm", False)
+    batch = requests()
+    done = run(engine, batch)
+    together = [done[r.request_id] for r in batch]
+    alone = []
+    for request in requests():
+        alone.append(run(make_engine(model, tokenizer, max_batch_size=4), [request])[request.request_id])
+    assert together == alone
