@@ -48,7 +48,7 @@ def _timed_step(engine, device, path: str) -> tuple[float, float]:
     measures the neighbours; the process's CPU time is what the step itself costs."""
     engine.runner.batched_attention = path != "reference"
     set_packed(engine.runner.model, path != "unpacked")
-    engine.runner.native_decode = NATIVE[id(engine.runner)] and path not in ("gathered", "reference")
+    engine.runner.native_kernels = NATIVE[id(engine.runner)] and path not in ("gathered", "reference")
     engine.runner.compiled_forward = COMPILED[id(engine.runner)] if path == "compiled" else None
     C.sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -117,7 +117,7 @@ def _agreement(engines, tok, args) -> dict:
     outputs = {}
     for dname, (model, engine) in engines.items():
         engine.runner.batched_attention = True
-        engine.runner.native_decode = NATIVE[id(engine.runner)]
+        engine.runner.native_kernels = NATIVE[id(engine.runner)]
         engine.runner.compiled_forward = None
         requests = []
         for k in (4, 8, 20):
@@ -149,7 +149,7 @@ def run(args) -> dict:
         model, tok, name, device, _ = C.load(args.model, args.device, dtype)
         engine = C.make_engine(model, tok, max_batch_size=max(decode_sizes + [args.class_rows]))
         engines[dname] = (model, engine)
-        NATIVE[id(engine.runner)] = engine.runner.native_decode
+        NATIVE[id(engine.runner)] = engine.runner.native_kernels
         if dname in args.compiled.split(","):
             t0 = time.perf_counter()
             engine.runner.use_compiled_forward(True)

@@ -85,7 +85,7 @@ class LLMEngine:
             prefix_cache=self.prefix_cache,
             kv_cache_tokens=kv_tokens,
         )
-        self.runner.native_decode = config.native_kernels and native_kernels.available(self.runner.device)
+        self.runner.native_kernels = config.native_kernels and native_kernels.available(self.runner.device)
         if config.native_kernels:
             native_kernels.install_rms_norms(model)  # bf16/fp16 on CPU only; fp32 keeps the modules' own code
         if config.pack_linears:

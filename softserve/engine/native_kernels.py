@@ -38,7 +38,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_attention.cpp", "rms_norm.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_attention.cpp", "rms_norm.cpp", "write_kv.cpp")]
 # transformers' classes whose forward is exactly LlamaRMSNorm's (tests/engine/test_native_kernels.py checks)
 RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -75,7 +75,7 @@ def load() -> bool:
                     str(error).strip().splitlines()[-1:] or error)
         return False
     log.info("native kernels loaded in %.1f s (built on this machine's first start)", time.perf_counter() - started)
-    return hasattr(torch.ops.softserve_native, "decode_attention") and hasattr(torch.ops.softserve_native, "rms_norm")
+    return all(hasattr(torch.ops.softserve_native, op) for op in ("decode_attention", "rms_norm", "write_kv"))
 
 
 def available(device: torch.device) -> bool:
@@ -88,6 +88,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     [rows] int64: row r's query sees slots kv_start[r] .. kv_start[r] + kv_len[r] - 1 (the last
     `sliding_window` of them where that is set). Returns [rows, q_heads, d]."""
     return torch.ops.softserve_native.decode_attention(q, keys, values, kv_start, kv_len, sliding_window or 0, scale)
+
+
+def write_kv(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """keys/values: one layer of the pool [kv_heads, capacity, d]; new_keys/new_values [kv_heads, tokens, d];
+    slots [tokens] int64. Exactly `keys.index_copy_(1, slots, new_keys)` and the same for values."""
+    torch.ops.softserve_native.write_kv(keys, values, new_keys, new_values, slots)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -141,6 +141,7 @@ class PackedBatch:
     write_slots: torch.Tensor  # [total_tokens] int64: the pool slot each packed token's K/V goes to
     rows: tuple[PackedRow, ...]
     plan: AttentionPlan | None = None  # None: the per-row reference loop
+    native_writes: bool = False  # new K/V into the pool by the C++ copy (native_kernels.py), not two index_copy_
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -239,8 +240,11 @@ def reference_attention(rows, tokens_first, keys, values, sliding_window, scalin
 def attend_packed(batch: PackedBatch, layer_idx: int, query, key, value, sliding_window, scaling) -> torch.Tensor:
     """query [1, q_heads, T, d], key/value [1, kv_heads, T, d] -> [1, T, q_heads, d]; writes the new K/V into the pool."""
     keys, values = batch.pool.layer(layer_idx)  # each [kv_heads, capacity, head_dim]
-    keys.index_copy_(1, batch.write_slots, key[0])  # key: [1, kv_heads, total_tokens, head_dim]
-    values.index_copy_(1, batch.write_slots, value[0])
+    if batch.native_writes:
+        native_kernels.write_kv(keys, values, key[0], value[0], batch.write_slots)
+    else:
+        keys.index_copy_(1, batch.write_slots, key[0])  # key: [1, kv_heads, total_tokens, head_dim]
+        values.index_copy_(1, batch.write_slots, value[0])
     tokens_first = query[0].transpose(0, 1).contiguous()  # [total_tokens, q_heads, head_dim]: one copy
     if batch.plan is not None:
         out = batched_attention(batch.plan, tokens_first, keys, values, sliding_window, scaling)

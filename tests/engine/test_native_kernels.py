@@ -116,8 +116,8 @@ def test_engine_tokens_are_the_same_with_and_without_the_kernel(tiny_model, toke
     outputs = {}
     for native in (True, False):
         engine = make_engine(tiny_model, tokenizer, max_batch_size=4, max_prefill_tokens=16)
-        assert engine.runner.native_decode  # the engine turns the kernel on where it is built
-        engine.runner.native_decode = native
+        assert engine.runner.native_kernels  # the engine turns the kernel on where it is built
+        engine.runner.native_kernels = native
         requests = [make_request(ids, soft_prompt=prompts[i % 4], max_tokens=8, ignore_eos=True) for i, ids in enumerate(inputs)]
         done = run(engine, requests)
         outputs[native] = [done[r.request_id] for r in requests]
@@ -203,3 +203,20 @@ def test_bf16_engine_with_native_norms_batched_equals_solo(tiny_model, tokenizer
     for request in requests():
         alone.append(run(make_engine(model, tokenizer, max_batch_size=4), [request])[request.request_id])
     assert together == alone
+
+
+# ---- KV writes ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_is_index_copy(dtype):
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(2, 3, 50, 64, generator=gen).to(dtype)  # [K/V, kv_heads, capacity, d]
+    expected = pool.clone()
+    new = torch.randn(2, 5, 3, 64, generator=gen).to(dtype).transpose(1, 2)  # [K/V, kv_heads, tokens, d], strided as HF's
+    slots = torch.tensor([7, 8, 30, 2, 49])
+    expected[0].index_copy_(1, slots, new[0])
+    expected[1].index_copy_(1, slots, new[1])
+    native_kernels.write_kv(pool[0], pool[1], new[0], new[1], slots)
+    assert torch.equal(pool, expected)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        native_kernels.write_kv(pool[0], pool[1], new[0], new[1], torch.tensor([7, 8, 30, 2, 50]))
+    assert torch.equal(pool, expected)  # a refused write writes nothing
