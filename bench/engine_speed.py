@@ -32,13 +32,15 @@ from softserve.engine.packed_linear import set_packed  # noqa: E402
 
 # The texts of tests/support/peft_reference.py PROMPTS (the PEFT parity cases).
 PARITY_TEXTS = ["The capital of France is", "Translate to French: good morning", "1, 2, 3, 4,", "Write a haiku about the sea"]
-PATHS = ["reference", "unpacked", "batched"]  # + "compiled" with --compiled; "unpacked" only where linears are packed
+PATHS = ["reference", "unpacked", "gathered", "batched"]  # + "compiled" with --compiled; "unpacked" only where linears
+# are packed; "gathered" (decode rows' KV gathered for SDPA) only where the native decode kernel is built
 # Decode steps per path per turn, only the last one timed. A server keeps one set of weights hot; here
 # the paths take turns, and the L3 of this CPU (480 MB) holds a good part of a model's weights, so a
 # path timed right after another path that read other weights (fp32, or bf16 unpacked vs packed) would
 # pay for cold caches that the server does not pay.
 STEPS_PER_TURN = 2
 COMPILED: dict[int, object] = {}  # id(runner) -> its compiled forward, built and warmed up once
+NATIVE: dict[int, bool] = {}  # id(runner) -> whether its engine turned the native decode kernel on
 
 
 def _timed_step(engine, device, path: str) -> tuple[float, float]:
@@ -46,6 +48,7 @@ def _timed_step(engine, device, path: str) -> tuple[float, float]:
     measures the neighbours; the process's CPU time is what the step itself costs."""
     engine.runner.batched_attention = path != "reference"
     set_packed(engine.runner.model, path != "unpacked")
+    engine.runner.native_kernels = NATIVE[id(engine.runner)] and path not in ("gathered", "reference")
     engine.runner.compiled_forward = COMPILED[id(engine.runner)] if path == "compiled" else None
     C.sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -56,7 +59,8 @@ def _timed_step(engine, device, path: str) -> tuple[float, float]:
 
 def _paths(engine) -> list[str]:
     packed = any(getattr(m, "_softserve_packed", None) is not None for m in engine.runner.model.modules())
-    return [p for p in PATHS if (p != "compiled" or id(engine.runner) in COMPILED) and (p != "unpacked" or packed)]
+    return [p for p in PATHS if (p != "compiled" or id(engine.runner) in COMPILED) and (p != "unpacked" or packed)
+            and (p != "gathered" or NATIVE[id(engine.runner)])]
 
 
 def _medians(times: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, float]]:
@@ -113,6 +117,7 @@ def _agreement(engines, tok, args) -> dict:
     outputs = {}
     for dname, (model, engine) in engines.items():
         engine.runner.batched_attention = True
+        engine.runner.native_kernels = NATIVE[id(engine.runner)]
         engine.runner.compiled_forward = None
         requests = []
         for k in (4, 8, 20):
@@ -144,6 +149,7 @@ def run(args) -> dict:
         model, tok, name, device, _ = C.load(args.model, args.device, dtype)
         engine = C.make_engine(model, tok, max_batch_size=max(decode_sizes + [args.class_rows]))
         engines[dname] = (model, engine)
+        NATIVE[id(engine.runner)] = engine.runner.native_kernels
         if dname in args.compiled.split(","):
             t0 = time.perf_counter()
             engine.runner.use_compiled_forward(True)
@@ -169,20 +175,23 @@ def run(args) -> dict:
 
 def _table(result: dict, clock: str) -> str:
     paths = result.get("paths", ["reference", "batched"])
-    names = {"reference": "per-row", "unpacked": "unpacked", "batched": "batched", "compiled": "compiled"}
+    names = {"reference": "per-row", "unpacked": "unpacked", "gathered": "gathered", "batched": "batched", "compiled": "compiled"}
     cols = [(d, p) for d in ("fp32", "bf16") for p in paths if f"{d} {p}" in result["rows"][0][clock]]
     compiled = [d for d, p in cols if p == "compiled"]
     packed = [d for d, p in cols if p == "unpacked"]
+    native = [d for d, p in cols if p == "gathered"]
     rows = []
     for r in result["rows"]:
         ms = r[clock]
         ratios = [f"{ms['fp32 reference'] / ms['fp32 batched']:.2f}x", f"{ms['bf16 reference'] / ms['bf16 batched']:.2f}x"]
         ratios += [f"{ms[f'{d} unpacked'] / ms[f'{d} batched']:.2f}x" for d in packed]
+        ratios += [f"{ms[f'{d} gathered'] / ms[f'{d} batched']:.2f}x" for d in native]
         ratios += [f"{ms[f'{d} batched'] / ms[f'{d} compiled']:.2f}x" for d in compiled]
         ratios += [f"{ms['fp32 batched'] / ms['bf16 batched']:.2f}x", f"{ms['fp32 reference'] / ms['bf16 batched']:.2f}x"]
         rows.append([r["load"], r["unit"], *(f"{ms[f'{d} {p}']:.1f}" for d, p in cols), *ratios])
     headers = ["load", f"{clock} ms per", *(f"{d} {names[p]}" for d, p in cols), "batched speedup fp32", "batched speedup bf16"]
-    headers += [f"packed speedup {d}" for d in packed] + [f"compiled speedup {d}" for d in compiled]
+    headers += [f"packed speedup {d}" for d in packed] + [f"native decode speedup {d}" for d in native]
+    headers += [f"compiled speedup {d}" for d in compiled]
     return C.md_table(headers + ["bf16 speedup (batched)", "bf16 batched / fp32 per-row"], rows)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 
 from softserve.engine.compiled_forward import use_compile
+from softserve.engine import native_kernels
 from softserve.engine.packed_linear import pack_linears
 from softserve.engine.config import EngineConfig
 from softserve.engine.detokenizer import Detokenizer
@@ -84,6 +85,9 @@ class LLMEngine:
             prefix_cache=self.prefix_cache,
             kv_cache_tokens=kv_tokens,
         )
+        self.runner.native_kernels = config.native_kernels and native_kernels.available(self.runner.device)
+        if config.native_kernels:
+            native_kernels.install_rms_norms(model)  # bf16/fp16 on CPU only; fp32 keeps the modules' own code
         if config.pack_linears:
             pack_linears(model)  # bf16 on CPU only; a no-op otherwise. Before compiling: the graph calls the packed op
         if use_compile(config.compile, next(model.parameters()).dtype):

@@ -87,6 +87,9 @@ class ModelRunner:
         self.forward_passes = 0  # model calls; equals the engine's non-empty steps (one forward per step)
         # One SDPA call per layer per row group (packed_attention.py); False: the per-row reference loop.
         self.batched_attention = True
+        # Decode rows attended by the C++ kernel reading the pool in place, and new K/V written by the C++
+        # copy (native_kernels.py); the engine turns it on where the kernels are built (CPU).
+        self.native_kernels = False
         # The same forward compiled with inductor (compiled_forward.py), or None: eager HF modules.
         self.compiled_forward = None
 
@@ -103,7 +106,7 @@ class ModelRunner:
         for tokens, kept in WARM_UP_SHAPES:
             rows = (PackedRow(0, tokens, 0, tokens),)
             slots = torch.arange(tokens, device=self.device)
-            batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, plan=AttentionPlan.build(rows, self.device))
+            batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, plan=AttentionPlan.build(rows, self.device, self.native_kernels))
             embeds = torch.zeros(1, tokens, hidden, dtype=self.dtype, device=self.device)
             with current_batch(batch):
                 self.compiled_forward(embeds, slots.unsqueeze(0), slots[tokens - kept :])
@@ -178,8 +181,8 @@ class ModelRunner:
             virtual = torch.cat(flat.virtual_rows).to(self.device, embeds.dtype)  # [num_virtual, hidden]
             embeds.index_copy_(0, to_device(flat.virtual_index), virtual)
         rows = tuple(flat.rows)
-        plan = AttentionPlan.build(rows, self.device) if self.batched_attention else None
-        batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, plan=plan)
+        plan = AttentionPlan.build(rows, self.device, self.native_kernels) if self.batched_attention else None
+        batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, plan=plan, native_writes=self.native_kernels)
         self.forward_passes += 1
         if self.compiled_forward is not None:
             # A graph that keeps no logits depends on nothing, and torch drops every layer from it, the

@@ -32,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from softserve.engine import native_kernels
 from softserve.engine.cpu_attention import avoid_native_gqa_on_cpu
 from softserve.engine.kv_cache import KVPool
 
@@ -67,10 +68,13 @@ class RowGroup:
     dense: bool  # every query sees every key of its padded row: no mask needed (without a sliding window)
     only_row_kv: tuple[int, int] | None  # a group of one row: its (kv_start, kv_len), read as a view (no gather)
     in_order: bool  # one query per row, rows first on the packed axis in order: the queries are a view (no gather)
+    # decode rows only: each row's (kv_start, kv_len) [rows] int64 on the CPU, for the kernel that reads the
+    # pool in place (native_kernels.py); None: the gather + SDPA path
+    native_extents: tuple[torch.Tensor, torch.Tensor] | None = None
     _masks: dict = field(default_factory=dict)  # (sliding_window, groups) -> [rows, 1, groups * max_q, max_kv]
 
     @classmethod
-    def build(cls, rows: list[PackedRow], device) -> RowGroup:
+    def build(cls, rows: list[PackedRow], device, native: bool = False) -> RowGroup:
         max_q = max(r.q_len for r in rows)
         max_kv = max(r.kv_len for r in rows)
         q_start = torch.tensor([r.q_start for r in rows]).unsqueeze(1)
@@ -91,8 +95,10 @@ class RowGroup:
 
         only_row_kv = (rows[0].kv_start, rows[0].kv_len) if len(rows) == 1 else None
         in_order = max_q == 1 and all(r.q_start == n for n, r in enumerate(rows))
+        extents = (kv_start.squeeze(1), kv_len.squeeze(1)) if native and max_q == 1 else None
         return cls(len(rows), max_q, max_kv, to_device(token_index.flatten()), to_device(kv_index.flatten()),
-                   to_device(query_pos), None if valid is None else to_device(valid), dense, only_row_kv, in_order)
+                   to_device(query_pos), None if valid is None else to_device(valid), dense, only_row_kv, in_order,
+                   extents)
 
     def mask(self, sliding_window: int | None, groups: int) -> torch.Tensor | None:
         """[rows, 1, groups * max_q, max_kv] bool (query heads of a KV group ride on the query axis), built once per step."""
@@ -120,11 +126,12 @@ class AttentionPlan:
     identity: bool  # only decode rows, in packed order: the decode output IS the layer output
 
     @classmethod
-    def build(cls, rows: tuple[PackedRow, ...], device) -> AttentionPlan:
+    def build(cls, rows: tuple[PackedRow, ...], device, native_decode: bool = False) -> AttentionPlan:
+        """native_decode: the decode group is attended by the C++ kernel (CPU only; native_kernels.py)."""
         decode = [r for r in rows if r.q_len == 1]
         prefill = [r for r in rows if r.q_len > 1]
         identity = not prefill and all(r.q_start == n for n, r in enumerate(decode))
-        return cls(RowGroup.build(decode, device) if decode else None,
+        return cls(RowGroup.build(decode, device, native_decode) if decode else None,
                    RowGroup.build(prefill, device) if prefill else None, identity)
 
 
@@ -134,6 +141,7 @@ class PackedBatch:
     write_slots: torch.Tensor  # [total_tokens] int64: the pool slot each packed token's K/V goes to
     rows: tuple[PackedRow, ...]
     plan: AttentionPlan | None = None  # None: the per-row reference loop
+    native_writes: bool = False  # new K/V into the pool by the C++ copy (native_kernels.py), not two index_copy_
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -152,6 +160,11 @@ def _attend_group(group: RowGroup, tokens_first, keys, values, sliding_window, s
     kv_heads = keys.shape[0]
     groups = q_heads // kv_heads
     rows, max_q, max_kv = group.num_rows, group.max_q, group.max_kv
+    if group.native_extents is not None:  # decode rows, each read from its own extent of the pool in place
+        q = tokens_first[:rows] if group.in_order else tokens_first.index_select(0, group.token_index)
+        kv_start, kv_len = group.native_extents
+        return native_kernels.decode_attention(q, keys, values, kv_start, kv_len, sliding_window,
+                                                 scaling if scaling is not None else head_dim**-0.5)
     if group.only_row_kv is not None:  # one row: its extent of the pool as is, [1, kv_heads, kv_len, d]
         start, length = group.only_row_kv
         k, v = keys[None, :, start : start + length], values[None, :, start : start + length]
@@ -227,8 +240,11 @@ def reference_attention(rows, tokens_first, keys, values, sliding_window, scalin
 def attend_packed(batch: PackedBatch, layer_idx: int, query, key, value, sliding_window, scaling) -> torch.Tensor:
     """query [1, q_heads, T, d], key/value [1, kv_heads, T, d] -> [1, T, q_heads, d]; writes the new K/V into the pool."""
     keys, values = batch.pool.layer(layer_idx)  # each [kv_heads, capacity, head_dim]
-    keys.index_copy_(1, batch.write_slots, key[0])  # key: [1, kv_heads, total_tokens, head_dim]
-    values.index_copy_(1, batch.write_slots, value[0])
+    if batch.native_writes:
+        native_kernels.write_kv(keys, values, key[0], value[0], batch.write_slots)
+    else:
+        keys.index_copy_(1, batch.write_slots, key[0])  # key: [1, kv_heads, total_tokens, head_dim]
+        values.index_copy_(1, batch.write_slots, value[0])
     tokens_first = query[0].transpose(0, 1).contiguous()  # [total_tokens, q_heads, head_dim]: one copy
     if batch.plan is not None:
         out = batched_attention(batch.plan, tokens_first, keys, values, sliding_window, scaling)

@@ -4,7 +4,9 @@
 into oneDNN's blocked layout on every call: for a decode step of 16 rows that reorder costs about as
 much as the product. vLLM-CPU packs each linear's weight once at load; so do we. The product is the
 same oneDNN kernel on the same blocked weight, so the outputs are bitwise those of `F.linear`
-(tests/engine/test_packed_linear.py).
+(tests/engine/test_packed_linear.py), except at a few row counts with 2+ threads where oneDNN picks
+another kernel for the packed weight: an ulp in a few elements (docs/performance.md lists them). bf16
+is not held token-exact anyway (fp32 is, and packs nothing).
 
 The packed layout wins only for the row counts of decode and small mixed steps: measured over
 SmolLM2-135M's 210 layer linears with cold caches (bf16, 2 threads), packed vs `F.linear` is

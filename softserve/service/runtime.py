@@ -151,6 +151,7 @@ class Runtime:
                 model_id=f"{self.served_model_name}:{param.dtype}",
                 compile=s.compile,
                 pack_linears=s.pack_linears,
+                native_kernels=s.native_kernels,
             )
             self.tokenizer = tokenizer
             self.grammars = self._grammar_compiler(tokenizer)

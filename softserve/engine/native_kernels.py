@@ -1,0 +1,131 @@
+"""Our C++ kernels for the CPU serving path, built at first use: decode attention read from the KV pool in
+place, and the Llama family's RMSNorm in one pass.
+
+The batched path (packed_attention.py) gathers every decode row's keys and values out of the pool into
+a padded `[rows, kv_heads, max_kv, head_dim]` copy, once per layer, and then calls SDPA on it. On
+this CPU the gathers and the SDPA call cost more than the attention's arithmetic: ~9-13 ms of a
+~50 ms C=16 decode step on SmolLM2-135M in bf16. `csrc/decode_attention.cpp` reads each row's
+extent of the pool where it lies: one task per (row, KV head), float32 scores, softmax and sum (as
+torch's CPU flash attention does), parallel over torch's own OpenMP pool (`at::parallel_for`).
+
+It is built with torch's extension machinery (`torch.utils.cpp_extension.load`: a C++ compiler and
+ninja) the first time a CPU engine starts on a machine, ~30-60 s, and cached by torch
+(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). `-march=native` makes it fast on the
+machine that builds it; the CPU's flags are part of the extension's name, so another CPU builds its own.
+Where it cannot be built (no compiler, a read-only cache, a torch without the headers), `load()`
+logs why once and returns False, and the engine keeps the SDPA path: same results within float
+rounding, slower.
+
+`csrc/rms_norm.cpp` replaces the ~8 eager ops of transformers' `LlamaRMSNorm` (and its copies in
+Mistral, Qwen2 and Qwen3, which `RMS_NORM_CLASSES` names; a test holds their code equal to Llama's) by
+one pass per row: ~3 ms of a ~37 ms C=16 decode step on SmolLM2 in bf16. It is installed only on bf16
+and fp16 models (`install_rms_norms`): the fp32 path keeps the module's own code, so PEFT parity in
+fp32 is untouched; in bf16 the sum of squares is added in another order than torch's, so an output
+can differ from the module's by one bf16 rounding step. Gemma 3's norm (`(1 + w)`, other rounding)
+keeps its own code.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_attention.cpp", "rms_norm.cpp", "write_kv.cpp")]
+# transformers' classes whose forward is exactly LlamaRMSNorm's (tests/engine/test_native_kernels.py checks)
+RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and flags: a -march=native build is only valid on such a CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    fields = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256("\n".join(fields).encode()).hexdigest()[:10]
+
+
+def can_build() -> bool:
+    return (shutil.which("c++") is not None or shutil.which("g++") is not None) and shutil.which("ninja") is not None
+
+
+@functools.cache
+def load() -> bool:
+    """Build (once per machine) and load the kernel; False where it cannot be (the reason is logged once)."""
+    if not can_build():
+        log.warning("no C++ compiler or no ninja on PATH: decode attention uses the SDPA path (slower)")
+        return False
+    started = time.perf_counter()
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name=f"softserve_native_{_cpu_tag()}", sources=[str(path) for path in SOURCES],
+                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as error:  # a build or load failure must never stop the server: the SDPA path stays
+        log.warning("building the native kernels failed (%s): decode attention uses the SDPA path (slower)",
+                    str(error).strip().splitlines()[-1:] or error)
+        return False
+    log.info("native kernels loaded in %.1f s (built on this machine's first start)", time.perf_counter() - started)
+    return all(hasattr(torch.ops.softserve_native, op) for op in ("decode_attention", "rms_norm", "write_kv"))
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cpu" and load()
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kv_start: torch.Tensor,
+                     kv_len: torch.Tensor, sliding_window: int | None, scale: float) -> torch.Tensor:
+    """q [rows, q_heads, d]; keys/values one layer of the pool [kv_heads, capacity, d]; kv_start/kv_len
+    [rows] int64: row r's query sees slots kv_start[r] .. kv_start[r] + kv_len[r] - 1 (the last
+    `sliding_window` of them where that is set). Returns [rows, q_heads, d]."""
+    return torch.ops.softserve_native.decode_attention(q, keys, values, kv_start, kv_len, sliding_window or 0, scale)
+
+
+def write_kv(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """keys/values: one layer of the pool [kv_heads, capacity, d]; new_keys/new_values [kv_heads, tokens, d];
+    slots [tokens] int64. Exactly `keys.index_copy_(1, slots, new_keys)` and the same for values."""
+    torch.ops.softserve_native.write_kv(keys, values, new_keys, new_values, slots)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., hidden], weight [hidden], one dtype: LlamaRMSNorm's output."""
+    return torch.ops.softserve_native.rms_norm(x, weight, eps)
+
+
+def install_rms_norms(model: torch.nn.Module) -> int:
+    """Route the Llama-family RMSNorms of a bf16/fp16 CPU model through the kernel; returns how many (0:
+    nothing to do). Autograd (tuning trains through the model), the compiled forward (inductor fuses the
+    norm itself) and an input of another dtype take the module's own forward. Idempotent."""
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype not in (torch.bfloat16, torch.float16) or not load():
+        return 0
+    installed = 0
+    for module in model.modules():
+        if type(module).__name__ not in RMS_NORM_CLASSES:
+            continue
+        if not getattr(module, "_softserve_native_norm", False):
+            module.forward = _native_norm_forward(module, module.forward)
+            module._softserve_native_norm = True  # type: ignore[assignment]
+        installed += 1
+    return installed
+
+
+def _native_norm_forward(module, module_forward):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight = module.weight
+        if (x.dtype != weight.dtype or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            return module_forward(x)
+        return rms_norm(x, weight, module.variance_epsilon)
+
+    return forward

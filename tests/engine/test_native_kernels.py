@@ -1,0 +1,222 @@
+"""The C++ decode attention (native_kernels.py) equals the per-row SDPA reference, reads only each
+row's own extent of the pool, and a row's result does not depend on the rest of the batch.
+
+Head sizes 64, 128 and 256 take the AVX-512 path where the building CPU has it, others the portable
+loops; query heads per KV head 1-7 cover every chunk of the kernel's up-to-4-heads register blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softserve.engine import native_kernels
+from softserve.engine.kv_cache import KVPool
+from softserve.engine.packed_attention import AttentionPlan, PackedRow, batched_attention, reference_attention
+
+pytestmark = pytest.mark.skipif(not native_kernels.can_build(), reason="no C++ compiler or ninja: the engine uses the SDPA path")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    assert native_kernels.load(), "the decode attention kernel did not build (see the log)"
+
+
+def _decode_case(kv_lens, kv_heads, groups, head_dim, dtype, seed=0):
+    """Decode rows (one query each) at scattered pool extents; every slot no row owns is NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, slot = [], 2
+    for i, kv_len in enumerate(kv_lens):
+        rows.append(PackedRow(q_start=i, q_len=1, kv_start=slot, kv_len=kv_len))
+        slot += kv_len + 3
+    pool = KVPool(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, capacity=slot + 4, dtype=dtype, device="cpu")
+    pool.storage.copy_(torch.randn(pool.storage.shape, generator=gen))
+    owned = torch.zeros(pool.capacity, dtype=torch.bool)
+    for r in rows:
+        owned[r.kv_start : r.kv_start + r.kv_len] = True
+    pool.storage[:, :, :, ~owned] = float("nan")
+    keys, values = pool.layer(0)
+    queries = torch.randn(len(rows), kv_heads * groups, head_dim, generator=gen).to(dtype)
+    return tuple(rows), queries, keys, values
+
+
+def _native(rows, queries, keys, values, window, scale):
+    starts = torch.tensor([r.kv_start for r in rows])
+    lengths = torch.tensor([r.kv_len for r in rows])
+    return native_kernels.decode_attention(queries, keys, values, starts, lengths, window, scale)
+
+
+LENGTHS = [1, 7, 33, 100, 2, 64, 17]
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+@pytest.mark.parametrize("groups", [1, 3, 4, 7])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_equals_the_reference_in_fp32(head_dim, groups, window):
+    rows, queries, keys, values = _decode_case(LENGTHS, 2, groups, head_dim, torch.float32)
+    scale = head_dim**-0.5
+    expected = reference_attention(rows, queries, keys, values, window, scale)
+    got = _native(rows, queries, keys, values, window, scale)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_decode_attention_in_half_precision_is_the_fp32_result_rounded(dtype, head_dim):
+    rows, queries, keys, values = _decode_case(LENGTHS, 3, 3, head_dim, dtype)
+    expected = reference_attention(rows, queries.float(), keys.float(), values.float(), None, 0.125)
+    got = _native(rows, queries, keys, values, None, 0.125)
+    assert got.dtype == dtype
+    # the kernel computes in float32 from the stored values, so only the final rounding differs
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_a_rows_result_does_not_depend_on_the_batch():
+    rows, queries, keys, values = _decode_case(LENGTHS, 2, 3, 64, torch.bfloat16)
+    together = _native(rows, queries, keys, values, None, 0.125)
+    for i, row in enumerate(rows):
+        alone = _native((PackedRow(0, 1, row.kv_start, row.kv_len),), queries[i : i + 1], keys, values, None, 0.125)
+        assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("shapes", [[(1, 9), (1, 30), (1, 1), (1, 17)], [(1, 25), (6, 6), (1, 3), (9, 30), (1, 14)],
+                                    [(4, 4), (1, 12)]])
+def test_plans_with_native_decode_equal_the_reference(shapes):
+    """Through AttentionPlan: decode rows by the kernel, prefill rows by SDPA, interleaved on the packed axis."""
+    gen = torch.Generator().manual_seed(1)
+    rows, q, slot = [], 0, 1
+    for q_len, kv_len in shapes:
+        rows.append(PackedRow(q, q_len, slot, kv_len))
+        q, slot = q + q_len, slot + kv_len + 2
+    keys = torch.randn(2, slot, 64, generator=gen)
+    values = torch.randn(2, slot, 64, generator=gen)
+    queries = torch.randn(q, 6, 64, generator=gen)
+    plan = AttentionPlan.build(tuple(rows), "cpu", native_decode=True)
+    assert plan.decode.native_extents is not None
+    expected = reference_attention(tuple(rows), queries, keys, values, None, 0.125)
+    torch.testing.assert_close(batched_attention(plan, queries, keys, values, None, 0.125), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_extent_outside_the_pool_is_refused():
+    rows, queries, keys, values = _decode_case([4, 4], 1, 1, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        native_kernels.decode_attention(queries, keys, values, torch.tensor([0, keys.shape[1] - 2]), torch.tensor([4, 4]),
+                                          None, 0.125)
+
+
+def test_engine_tokens_are_the_same_with_and_without_the_kernel(tiny_model, tokenizer):
+    """Whole engine in fp32, mixed steps (chunked prefill, soft prompts, rows joining): kernel == gather + SDPA."""
+    from tests.support.engine_utils import make_engine, make_prompt, make_request, run
+
+    hidden = tiny_model.config.hidden_size
+    prompts = [make_prompt(f"p{i}", k, hidden, seed=i) for i, k in enumerate((3, 8, 5))] + [None]
+    inputs = [list(range(100 + 7 * i, 100 + 7 * i + n)) for i, n in enumerate((5, 30, 12, 3, 21, 9))]
+    outputs = {}
+    for native in (True, False):
+        engine = make_engine(tiny_model, tokenizer, max_batch_size=4, max_prefill_tokens=16)
+        assert engine.runner.native_kernels  # the engine turns the kernel on where it is built
+        engine.runner.native_kernels = native
+        requests = [make_request(ids, soft_prompt=prompts[i % 4], max_tokens=8, ignore_eos=True) for i, ids in enumerate(inputs)]
+        done = run(engine, requests)
+        outputs[native] = [done[r.request_id] for r in requests]
+    assert all(len(o) == 8 for o in outputs[True])
+    assert outputs[True] == outputs[False]
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------------
+def test_the_rms_norm_classes_are_llamas_code():
+    """The kernel is installed on these classes because their forward IS LlamaRMSNorm's: a transformers
+    release that changes one of them must fail here, not serve a wrong norm."""
+    import importlib
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    llama = inspect.getsource(LlamaRMSNorm.forward)
+    for name in native_kernels.RMS_NORM_CLASSES:
+        family = name.removesuffix("RMSNorm").lower()
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        assert inspect.getsource(getattr(module, name).forward) == llama, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 16, 576), (3, 7, 960)])
+def test_rms_norm_equals_the_module(dtype, shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(2)
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+    norm.weight.data = (1 + 0.3 * torch.randn(shape[-1], generator=gen))
+    norm = norm.to(dtype)
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    with torch.inference_mode():
+        expected = norm(x)
+    got = native_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:  # the sum of squares in another order: at most one rounding step of the dtype apart
+        step = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert bool(((got.float() - expected.float()).abs() <= 2 * step + 1e-6).all())
+        assert (got != expected).float().mean() < 0.05
+
+
+def test_rms_norms_are_installed_on_bf16_models_only(tiny_model):
+    import copy
+
+    assert native_kernels.install_rms_norms(tiny_model) == 0  # fp32: the modules' own code (PEFT parity)
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    layers = model.config.num_hidden_layers
+    assert native_kernels.install_rms_norms(model) == 2 * layers + 1
+    assert native_kernels.install_rms_norms(model) == 2 * layers + 1  # idempotent
+    norm = model.model.norm
+    x = torch.randn(1, 5, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    with torch.enable_grad():  # autograd (tuning): the module's own forward, which has a gradient
+        y = norm(x)
+        y.sum().backward()
+    assert x.grad is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x.detach()), native_kernels.rms_norm(x.detach(), norm.weight, norm.variance_epsilon))
+
+
+def test_bf16_engine_with_native_norms_batched_equals_solo(tiny_model, tokenizer):
+    import copy
+
+    from tests.support.engine_utils import make_engine, make_prompt, make_request, run
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    hidden = model.config.hidden_size
+    prompts = [make_prompt(f"q{i}", k, hidden, seed=i) for i, k in enumerate((4, 9))] + [None]
+    inputs = [list(range(200 + 5 * i, 200 + 5 * i + n)) for i, n in enumerate((6, 19, 11, 4))]
+
+    def requests():
+        return [make_request(ids, soft_prompt=prompts[i % 3], max_tokens=6, ignore_eos=True) for i, ids in enumerate(inputs)]
+
+    engine = make_engine(model, tokenizer, max_batch_size=4)
+    assert getattr(model.model.norm, "_softserve_native_norm", False)
+    batch = requests()
+    done = run(engine, batch)
+    together = [done[r.request_id] for r in batch]
+    alone = []
+    for request in requests():
+        alone.append(run(make_engine(model, tokenizer, max_batch_size=4), [request])[request.request_id])
+    assert together == alone
+
+
+# ---- KV writes ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_is_index_copy(dtype):
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(2, 3, 50, 64, generator=gen).to(dtype)  # [K/V, kv_heads, capacity, d]
+    expected = pool.clone()
+    new = torch.randn(2, 5, 3, 64, generator=gen).to(dtype).transpose(1, 2)  # [K/V, kv_heads, tokens, d], strided as HF's
+    slots = torch.tensor([7, 8, 30, 2, 49])
+    expected[0].index_copy_(1, slots, new[0])
+    expected[1].index_copy_(1, slots, new[1])
+    native_kernels.write_kv(pool[0], pool[1], new[0], new[1], slots)
+    assert torch.equal(pool, expected)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        native_kernels.write_kv(pool[0], pool[1], new[0], new[1], torch.tensor([7, 8, 30, 2, 50]))
+    assert torch.equal(pool, expected)  # a refused write writes nothing
