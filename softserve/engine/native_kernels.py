@@ -6,7 +6,8 @@ a padded `[rows, kv_heads, max_kv, head_dim]` copy, once per layer, and then cal
 this CPU the gathers and the SDPA call cost more than the attention's arithmetic: ~9-13 ms of a
 ~50 ms C=16 decode step on SmolLM2-135M in bf16. `csrc/decode_attention.cpp` reads each row's
 extent of the pool where it lies: one task per (row, KV head), float32 scores, softmax and sum (as
-torch's CPU flash attention does), parallel over torch's own OpenMP pool (`at::parallel_for`).
+torch's CPU flash attention does), parallel over the calling thread's OpenMP pool (`csrc/parallel.h`,
+not `at::parallel_for`: see there why).
 
 It is built with torch's extension machinery (`torch.utils.cpp_extension.load`: a C++ compiler and
 ninja) the first time a CPU engine starts on a machine, ~30-60 s, and cached by torch

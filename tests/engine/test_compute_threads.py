@@ -32,6 +32,14 @@ SCRIPT = textwrap.dedent(
         ct.enter_compute_thread()
         torch.randn(200_000).sum()
         seen["compute"] = torch.get_num_threads()
+        from softserve.engine import native_kernels as nk
+        if nk.load():  # our kernels' first parallel call in this thread must not reset its count to the default
+            pool = torch.randn(2, 3, 64, 64)
+            nk.decode_attention(torch.randn(2, 6, 64), pool[0], pool[1], torch.tensor([0, 9]), torch.tensor([5, 9]), None, 0.125)
+            nk.rms_norm(torch.randn(4, 64), torch.ones(64), 1e-5)
+            nk.write_kv(pool[0], pool[1], torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.tensor([1, 2]))
+            torch.randn(200_000).sum()
+            seen["compute_after_kernels"] = torch.get_num_threads()
     t = threading.Thread(target=engine); t.start(); t.join()
     out.update(seen)
     out["run_result"] = ct.run_in_compute_thread(lambda a, b: (torch.get_num_threads(), a + b), 2, 3)
@@ -54,6 +62,7 @@ def test_only_compute_threads_get_the_configured_threads():
     assert out["before"] is False and out["threads"] == 2
     assert out["main"] == 1 and out["other"] == 1 and out["main_after"] == 1
     assert out["compute"] == 2
+    assert out.get("compute_after_kernels", 2) == 2
     assert out["run_result"] == [2, 5]
     assert out["raised"] is True
 

@@ -7,10 +7,11 @@
 // (row, kv head) is computed by one thread from its own data only, so a row's result does not depend
 // on the other rows of the batch.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -176,7 +177,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
   const int64_t v_head = values.stride(0), v_pos = values.stride(1);
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  softserve::parallel_range(rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(groups * d), acc(groups * d), kv_row(d), total(groups), scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;

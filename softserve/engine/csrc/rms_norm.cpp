@@ -4,10 +4,11 @@
 // pass over the activations and a dispatch; on a 16-row decode step they were ~3 ms of ~37 (61 norms).
 // Registered as torch.ops.softserve_native.rms_norm; softserve/engine/native_kernels.py says where it is used.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "parallel.h"
 
 #include <cmath>
 #include <cstdint>
@@ -16,7 +17,7 @@ namespace {
 
 template <typename T>
 void rms_norm_kernel(const T* x, const T* weight, T* out, int64_t rows, int64_t hidden, float eps) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  softserve::parallel_range(rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * hidden;
       T* yr = out + r * hidden;

@@ -2,8 +2,9 @@
 // layer did (~13-23 us each on a 16-row step, 60 per SmolLM2 step), as a plain copy, bit for bit.
 // Registered as torch.ops.softserve_native.write_kv; softserve/engine/native_kernels.py says where it is used.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "parallel.h"
 
 #include <cstdint>
 #include <cstring>
@@ -32,7 +33,7 @@ void write_kv(at::Tensor keys, at::Tensor values, const at::Tensor& new_k, const
   char* v_dst = static_cast<char*>(values.data_ptr());
   const char* k_src = static_cast<const char*>(new_k.const_data_ptr());
   const char* v_src = static_cast<const char*>(new_v.const_data_ptr());
-  at::parallel_for(0, heads * tokens, 512, [&](int64_t begin, int64_t end) {
+  softserve::parallel_range(heads * tokens, 512, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t h = i / tokens, t = i % tokens;
       std::memcpy(k_dst + (h * keys.stride(0) + slot[t] * keys.stride(1)) * es,
