@@ -88,6 +88,7 @@ async def interactive(url: str, bodies: list[dict], concurrency: int) -> float:
 
 
 FINISHED = ("completed", "failed", "cancelled", "expired")
+POLICY_FLAGS = ("max_background_tokens", "max_background_step_tokens", "background_grace_seconds", "background_hold_seconds")
 
 
 async def create_batch(client, data: bytes) -> dict:
@@ -171,7 +172,7 @@ def run(args) -> dict:
         store = Path(tmp) / "store"
         common = ["--max-batch-size", str(args.max_batch_size), "--torch-threads", str(args.threads or 0)]
         policy = []
-        for flag in ("max_background_tokens", "max_background_step_tokens", "background_grace_seconds"):
+        for flag in POLICY_FLAGS:
             if getattr(args, flag) is not None:
                 policy += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
         server = Server(store, model=model_path(args.model), device=args.device, dtype=args.dtype,
@@ -204,7 +205,7 @@ def run(args) -> dict:
         "batch_rps_during_probes": probed_rps, "run_batch_rps": offline["requests_per_s"],
         "load_average_after": load_average(),
         "policy": {flag: getattr(args, flag) for flag in
-                   ("max_background_tokens", "max_background_step_tokens", "background_grace_seconds")},
+                   POLICY_FLAGS},
     })
     result["ratio_batch_vs_interactive"] = result["batch_rps"] / result["interactive_rps"]
     result["ratio_p50_loaded_vs_idle"] = result["loaded_p50_s"] / result["idle_p50_s"] if loaded else None
@@ -264,6 +265,8 @@ def main(argv=None) -> dict:
                         help="the server's --max-background-step-tokens (default: the server's default)")
     parser.add_argument("--background-grace-seconds", type=float, default=None,
                         help="the server's --background-grace-seconds (default: the server's default)")
+    parser.add_argument("--background-hold-seconds", type=float, default=None,
+                        help="the server's --background-hold-seconds (default: the server's default)")
     parser.add_argument("--hidden", type=int, default=576, help="the model's hidden size (576: SmolLM2-135M)")
     args = parser.parse_args(argv)
     if args.quick:  # at most these sizes (smaller ones given on the command line stay)
