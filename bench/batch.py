@@ -15,7 +15,8 @@ A classification workload: `--requests` short prompts spread over `--num-prompts
    (from its request counts, between the first and last change seen in that window); the batch is then
    cancelled (it has shown what it does under interactive traffic; it would only repeat phase 3);
 5. run-batch: the server is stopped and `softserve run-batch` answers the same file offline
-   (requests/s from its own summary, model load excluded).
+   (requests/s from its own summary, model load excluded), with the same --torch-threads and its own
+   offline defaults (softserve/run_batch.py: --max-batch-size 64; `--run-batch-args` adds flags).
 Ratios printed: batch alone / C=32 throughput (goal >= 0.9), probe p50 during the batch / idle (goal <= 1.2),
 batch during the probes / batch alone, run-batch / batch alone (goal >= 1.2).
 """
@@ -88,6 +89,7 @@ async def interactive(url: str, bodies: list[dict], concurrency: int) -> float:
 
 
 FINISHED = ("completed", "failed", "cancelled", "expired")
+POLICY_FLAGS = ("max_background_tokens", "max_background_step_tokens", "background_grace_seconds", "background_hold_seconds")
 
 
 async def create_batch(client, data: bytes) -> dict:
@@ -171,7 +173,7 @@ def run(args) -> dict:
         store = Path(tmp) / "store"
         common = ["--max-batch-size", str(args.max_batch_size), "--torch-threads", str(args.threads or 0)]
         policy = []
-        for flag in ("max_background_tokens", "max_background_step_tokens", "background_grace_seconds"):
+        for flag in POLICY_FLAGS:
             if getattr(args, flag) is not None:
                 policy += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
         server = Server(store, model=model_path(args.model), device=args.device, dtype=args.dtype,
@@ -193,7 +195,8 @@ def run(args) -> dict:
         (Path(tmp) / "in.jsonl").write_bytes(data)
         cmd = [sys.executable, "-m", "softserve", "run-batch", "-i", str(Path(tmp) / "in.jsonl"), "-o",
                str(Path(tmp) / "out.jsonl"), "--store", str(store), "--device", args.device, "--dtype", args.dtype,
-               "--no-progress", "--model", str(model_path(args.model))] + common
+               "--no-progress", "--model", str(model_path(args.model)), "--torch-threads", str(args.threads or 0)]
+        cmd += args.run_batch_args.split()
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
         offline = json.loads(proc.stdout.strip().splitlines()[-1])
     result.update({
@@ -202,9 +205,9 @@ def run(args) -> dict:
         "idle_latencies_s": idle, "loaded_latencies_s": loaded,
         "interactive_rps": args.requests / seconds_c, "batch_rps": args.requests / seconds_b,
         "batch_rps_during_probes": probed_rps, "run_batch_rps": offline["requests_per_s"],
-        "load_average_after": load_average(),
+        "load_average_after": load_average(), "run_batch_args": args.run_batch_args,
         "policy": {flag: getattr(args, flag) for flag in
-                   ("max_background_tokens", "max_background_step_tokens", "background_grace_seconds")},
+                   POLICY_FLAGS},
     })
     result["ratio_batch_vs_interactive"] = result["batch_rps"] / result["interactive_rps"]
     result["ratio_p50_loaded_vs_idle"] = result["loaded_p50_s"] / result["idle_p50_s"] if loaded else None
@@ -244,7 +247,8 @@ def render(result: dict, args) -> str:
         f"of the batch alone | |",
         "",
         f"Load average {fmt(result['load_average_before'], 1)} before, {fmt(result['load_average_after'], 1)} after; "
-        f"server policy: {policy or 'the defaults'}; --probe-gap {gap:g}.",
+        f"server policy: {policy or 'the defaults'}; --probe-gap {gap:g}; run-batch: its offline defaults"
+        f"{' with ' + result['run_batch_args'] if result['run_batch_args'] else ''}.",
     ])
 
 
@@ -264,6 +268,10 @@ def main(argv=None) -> dict:
                         help="the server's --max-background-step-tokens (default: the server's default)")
     parser.add_argument("--background-grace-seconds", type=float, default=None,
                         help="the server's --background-grace-seconds (default: the server's default)")
+    parser.add_argument("--background-hold-seconds", type=float, default=None,
+                        help="the server's --background-hold-seconds (default: the server's default)")
+    parser.add_argument("--run-batch-args", default="",
+                        help="more flags for run-batch (default: none; e.g. '--max-batch-size 32' for the server's rows)")
     parser.add_argument("--hidden", type=int, default=576, help="the model's hidden size (576: SmolLM2-135M)")
     args = parser.parse_args(argv)
     if args.quick:  # at most these sizes (smaller ones given on the command line stay)

@@ -26,7 +26,7 @@ from softserve.service.runtime import LoadedModel, Runtime
 from softserve.store.backends import MemoryBackend
 from softserve.tuning.files import FileRegistry
 
-__all__ = ["RunBatchResult", "run_batch", "first_endpoint"]
+__all__ = ["RunBatchResult", "run_batch", "first_endpoint", "offline_settings", "OFFLINE_DEFAULTS"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,18 @@ class RunBatchResult:
     def to_dict(self) -> dict:
         return {"total": self.total, "completed": self.completed, "failed": self.failed,
                 "seconds": round(self.seconds, 3), "requests_per_s": round(self.total / self.seconds, 2) if self.seconds else None}
+
+
+# Offline nothing interactive ever arrives, so the rows-per-step limit that keeps interactive latency low
+# (--max-batch-size, 32 for `serve`) only costs throughput here; these apply unless given (flag or env).
+OFFLINE_DEFAULTS = {"max_batch_size": 64}
+
+
+def offline_settings(settings: Settings) -> Settings:
+    """`settings` with run-batch's own defaults for the fields not given. Batch-only steps keep
+    --max-background-step-tokens (256): bigger steps were slower on a CPU (products of over 256 rows
+    leave the packed bf16 weights, softserve/engine/packed_linear.py)."""
+    return settings.model_copy(update={k: v for k, v in OFFLINE_DEFAULTS.items() if k not in settings.model_fields_set})
 
 
 def first_endpoint(text: str) -> str:
@@ -86,8 +98,7 @@ def run_batch(settings: Settings, input_path: str | Path, output_path: str | Pat
     """Answer every line of `input_path`; write the output lines (input order) to `output_path` and the
     error lines to `error_path`, or, without one, into the output file at their place in input order."""
     text = Path(input_path).read_text(encoding="utf-8")
-    # Offline nothing interactive ever arrives: batch-only steps need no bound (scheduler.py).
-    settings = settings.model_copy(update={"max_background_step_tokens": settings.max_prefill_tokens})
+    settings = offline_settings(settings)
     runtime = Runtime(settings=settings, registry=ApiKeyRegistry.disabled())
     runtime.build(loaded)
     if runtime.load_error:

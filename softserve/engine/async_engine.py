@@ -99,10 +99,10 @@ class AsyncEngine:
     # ---- engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
         enter_compute_thread()
+        idle = 0.0  # seconds the last (empty) step said nothing will run unless a request arrives
         try:
             while not self._stop.is_set():
-                block = not self.engine.has_unfinished()
-                self._drain_commands(block=block)
+                self._drain_commands(timeout=0.5 if not self.engine.has_unfinished() else idle or None)
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
@@ -110,6 +110,8 @@ class AsyncEngine:
                     with self.step_lock:
                         outputs = self.engine.step()
                     self._deliver(outputs)
+                    # Batch rows held back for interactive traffic: wait for a request instead of spinning.
+                    idle = self.engine.scheduler.idle_seconds() if self.engine.last_step_rows == 0 and not outputs else 0.0
                     if self._on_step is not None:
                         self._on_step(time.perf_counter() - started, self.engine.last_step_rows)
         except BaseException as exc:  # the loop itself died: fail everyone, report not-ready
@@ -119,9 +121,10 @@ class AsyncEngine:
             if self._on_death is not None:
                 self._on_death(self.dead_reason)
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, timeout: float | None) -> None:
+        """Take in every queued command; wait up to `timeout` seconds for the first (None: do not wait)."""
         try:
-            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            command = self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
         except queue.Empty:
             return
         while True:

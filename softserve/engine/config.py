@@ -24,6 +24,7 @@ class SchedulerConfig:
     max_background_tokens: int = _default("max_background_tokens")  # their prompt tokens per step, all together
     max_background_step_tokens: int = _default("max_background_step_tokens")  # tokens in a step of batch rows only
     background_grace_s: float = _default("background_grace_seconds")  # interactive work counts as present this long after it left
+    background_hold_s: float = _default("background_hold_seconds")  # no batch-only step this long after interactive work left
     kv_cache_tokens: int = 0  # token slots in the KV pool (the engine sets it); 0: unbounded (scheduler tests)
 
 

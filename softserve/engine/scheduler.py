@@ -40,6 +40,10 @@ Background rows (Batch API lines) take only the capacity interactive traffic lea
   interactive request waits for KV pool space: then running background rows run uncapped, to finish
   and free it (no new ones are admitted); and when one waits for a soft prompt's KV that a background
   row is computing, that row's chunk is uncapped;
+- for `background_hold_s` after interactive work left (the first schedule that finds none), no
+  background row runs at all: a client's next request, sent as soon as it has its answer, finds the
+  engine free instead of behind a step of batch rows (`idle_seconds` tells the engine thread how long
+  to wait for a request instead of scheduling again);
 - a step made of background rows only (no interactive work present) holds at most
   `max_background_step_tokens` tokens (decode tokens first, then prompt chunks, then admissions), so
   an interactive request that arrives waits behind a short step, never a long batch prefill;
@@ -118,6 +122,8 @@ class Scheduler:
         self._finished: list[Request] = []  # finished since the engine last took them (take_finished)
         self.step_count = 0
         self._interactive_seen_at = -float("inf")  # when interactive work was last present (the grace)
+        self._interactive_left_at = -float("inf")  # the first schedule that found none after some (the hold)
+        self._had_interactive = False  # the last schedule found interactive work
         self._pool_blocked = False  # this step's interactive admission stopped at a full KV pool
         self._prefix_blocker: str | None = None  # ... or at a prompt KV this request (id) computes
 
@@ -247,6 +253,7 @@ class Scheduler:
         self.step_count += 1
         out = SchedulerOutput(step=self.step_count)
         budget = self.config.max_prefill_tokens
+        holding = self._holding(now)
         interactive_present = self._interactive_present(now)
         decoding, prefilling = [], []
         for request in self.running:
@@ -272,6 +279,8 @@ class Scheduler:
         # then admissions, under one of three limits.
         if self._pool_blocked:  # an interactive request waits for KV that batch rows hold: let them finish
             rows, tokens = sys.maxsize, sys.maxsize
+        elif holding:  # interactive work just left: the engine stays free for the client's next request
+            rows, tokens = 0, 0
         elif interactive_present:  # decodes ride up to the free rows; prompt tokens under the cap
             rows = max(0, self.config.max_batch_size - len(out.rows))
             tokens = sys.maxsize
@@ -311,6 +320,28 @@ class Scheduler:
     def _schedule_decode(out: SchedulerOutput, request: Request) -> None:
         out.decode.append(request)
         out.rows.append(ScheduledRow(request, request.num_computed_tokens, 1, True, False))
+
+    def _holding(self, now: float) -> bool:
+        """No interactive work now, and it left less than `background_hold_s` ago (tracked here: the first
+        schedule without it after one with it is when it left)."""
+        present = any(self.waiting.values()) or any(not r.background for r in self.running)
+        if self._had_interactive and not present:
+            self._interactive_left_at = now
+        self._had_interactive = present
+        return not present and now - self._interactive_left_at < self.config.background_hold_s
+
+    def idle_seconds(self, now: float | None = None) -> float:
+        """After a step that scheduled nothing: how long schedules stay empty unless a request arrives (the
+        hold, or the grace of a prompt-token cap that leaves batch rows nothing), so the engine waits for a
+        command instead of spinning. 0: schedule again now."""
+        if any(self.waiting.values()) or any(not r.background for r in self.running):
+            return 0.0
+        now = time.monotonic() if now is None else now
+        for end in (self._interactive_left_at + self.config.background_hold_s,
+                    self._interactive_seen_at + self.config.background_grace_s):
+            if now < end:
+                return end - now
+        return 0.0
 
     def _interactive_present(self, now: float) -> bool:
         if any(self.waiting.values()) or any(not r.background for r in self.running):

@@ -144,7 +144,7 @@ class Runtime:
                     max_prefill_tokens=s.max_prefill_tokens, max_model_len=self.max_model_len,
                     max_queue_per_tenant=s.max_queue_per_tenant, request_timeout_s=s.request_timeout,
                     max_background_tokens=s.max_background_tokens, background_grace_s=s.background_grace_seconds,
-                    max_background_step_tokens=s.max_background_step_tokens,
+                    max_background_step_tokens=s.max_background_step_tokens, background_hold_s=s.background_hold_seconds,
                 ),
                 kv_prefix_cache_bytes=s.kv_prefix_cache_bytes,
                 kv_cache_bytes=s.kv_cache_bytes,

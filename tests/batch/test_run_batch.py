@@ -62,3 +62,16 @@ def test_run_batch_command(tmp_path, tmp_path_factory, tokenizer):
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["custom_id"] for o in out] == [f"r-{i}" for i in range(10)]
     assert [json.loads(line)["error"]["line"] for line in (tmp_path / "err.jsonl").read_text().splitlines()] == [5, 12]
+
+
+def test_run_batch_takes_its_offline_defaults_only_for_what_was_not_given(monkeypatch):
+    from softserve.config import Settings
+    from softserve.run_batch import OFFLINE_DEFAULTS, offline_settings
+
+    monkeypatch.delenv("SOFTSERVE_MAX_BATCH_SIZE", raising=False)
+    assert offline_settings(Settings()).max_batch_size == OFFLINE_DEFAULTS["max_batch_size"] == 64
+    assert offline_settings(Settings(max_batch_size=8)).max_batch_size == 8  # a flag wins
+    monkeypatch.setenv("SOFTSERVE_MAX_BATCH_SIZE", "16")
+    assert offline_settings(Settings()).max_batch_size == 16  # and so does the environment
+    # Batch-only steps keep their bound offline (bigger steps were slower on a CPU).
+    assert offline_settings(Settings(max_prefill_tokens=4096)).max_background_step_tokens == 256

@@ -197,7 +197,7 @@ def test_paused_batch_rows_keep_their_kv_and_outputs(tiny_model, tokenizer, poli
     and in short batch-only steps, so they pause mid-prefill and mid-decode, keeping their KV: every
     output is still the reference's. The rows-per-step figure counts only the rows in the step."""
     specs = _mixed_specs()
-    engine = make_engine(tiny_model, tokenizer, background_grace_s=0, **policy)
+    engine = make_engine(tiny_model, tokenizer, background_grace_s=0, background_hold_s=0, **policy)
     batch = [make_request(ids, soft_prompt=sp, max_tokens=6, ignore_eos=True) for ids, sp in specs[:4]]
     live = [make_request(ids, soft_prompt=sp, max_tokens=10, ignore_eos=True) for ids, sp in specs[4:]]
     for request in batch:
@@ -222,3 +222,34 @@ def test_paused_batch_rows_keep_their_kv_and_outputs(tiny_model, tokenizer, poli
     assert (paused_prefill > 0 and paused_decode > 0) == pauses and all(r.is_finished for r in batch + live)
     for request, (ids, sp) in zip(batch + live, specs):
         assert got[request.request_id] == reference_greedy(tiny_model, ids, sp, request.sampling.max_tokens)
+
+
+def test_the_engine_thread_waits_out_the_hold_instead_of_spinning_through_empty_steps(tiny_model, tokenizer):
+    """After interactive work leaves, batch rows are held back (--background-hold-seconds): the engine
+    thread sleeps on its command queue until the hold ends, then runs them; their tokens are the
+    reference's. Without the wait it scheduled empty steps in a loop (thousands in 0.3 s)."""
+    import asyncio
+
+    from softserve.engine.async_engine import AsyncEngine
+
+    engine = make_engine(tiny_model, tokenizer, max_background_tokens=0, background_grace_s=0, background_hold_s=0.3)
+    live = make_request(range(10, 16), max_tokens=3, ignore_eos=True)
+    row = make_request(range(20, 27), max_tokens=3, ignore_eos=True)
+    row.background = True
+    loop_engine = AsyncEngine(engine)
+    loop_engine.start()
+
+    async def tokens(request) -> list[int]:
+        return [t for out in [o async for o in loop_engine.generate(request)] for t in out.token_ids]
+
+    async def main():
+        return await asyncio.gather(tokens(live), tokens(row))
+
+    try:
+        got_live, got_row = asyncio.run(main())
+    finally:
+        loop_engine.stop()
+    assert got_live == reference_greedy(tiny_model, list(live.prompt_ids), None, 3)
+    assert got_row == reference_greedy(tiny_model, list(row.prompt_ids), None, 3)
+    assert row.first_scheduled_step > live.finished_step  # a cap of 0: the batch row waited for live and the hold
+    assert engine.scheduler.step_count - engine.steps_run <= 3  # empty schedules: the hold's, not a spin

@@ -56,7 +56,7 @@ def test_idle_engine_gives_background_rows_every_row_and_interactive_ones_never_
 
 
 def test_background_decode_rows_ride_up_to_the_free_rows_while_interactive_work_is_present():
-    s = Scheduler(SchedulerConfig(max_batch_size=4, max_background_tokens=3, background_grace_s=0), {EOS})
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_background_tokens=3, background_hold_s=0, background_grace_s=0), {EOS})
     for i in range(4):
         s.add(bg(f"bg{i}", n_prompt=6, max_tokens=20))
     fake_step(s, now=0)  # all four admitted and prefilled: decoding from now on
@@ -72,7 +72,7 @@ def test_background_decode_rows_ride_up_to_the_free_rows_while_interactive_work_
 
 
 def test_background_prompt_tokens_share_the_cap_and_the_grace_keeps_it_after_interactive_work_left():
-    s = Scheduler(SchedulerConfig(max_batch_size=8, max_background_tokens=4, background_grace_s=0.5,
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_background_tokens=4, background_hold_s=0, background_grace_s=0.5,
                                   max_background_step_tokens=6), {EOS})
     s.add(req("live", n_prompt=3, max_tokens=1))
     s.add(bg("bg0", n_prompt=20, max_tokens=1))
@@ -101,7 +101,7 @@ def test_a_step_of_batch_rows_only_is_bounded_and_interactive_steps_are_not():
 
 
 def test_a_zero_prompt_cap_lets_only_batch_decodes_run_beside_interactive_work():
-    s = Scheduler(SchedulerConfig(max_batch_size=8, max_background_tokens=0, background_grace_s=0), {EOS})
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_background_tokens=0, background_hold_s=0, background_grace_s=0), {EOS})
     s.add(bg("dec", max_tokens=9))
     fake_step(s, now=0)
     s.add(bg("pre", n_prompt=30, max_tokens=9))
@@ -146,7 +146,7 @@ def test_batch_rows_holding_the_kv_pool_an_interactive_request_waits_for_run_unc
 
 
 def test_a_paused_batch_rows_timeout_stops_counting_while_it_is_paused():
-    s = Scheduler(SchedulerConfig(max_batch_size=1, request_timeout_s=5, background_grace_s=0), {EOS})
+    s = Scheduler(SchedulerConfig(max_batch_size=1, request_timeout_s=5, background_hold_s=0, background_grace_s=0), {EOS})
     row = bg("bg", max_tokens=100)
     s.add(row)
     fake_step(s, now=0)  # admitted at 0: its timeout counts from here
@@ -177,7 +177,7 @@ def test_background_rows_honour_priority_within_their_tenant_only():
 
 
 def test_background_rows_wait_while_interactive_ones_wait_and_are_outside_the_queue_limit():
-    s = Scheduler(SchedulerConfig(max_batch_size=2, max_queue=2, background_grace_s=0), {EOS})
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_queue=2, background_hold_s=0, background_grace_s=0), {EOS})
     for i in range(10):  # their runner bounds them: not refused by --max-queue
         s.add(bg(f"bg{i}", max_tokens=1))
     s.add(req("a", max_tokens=1))
@@ -213,7 +213,7 @@ def test_background_rows_are_shared_fairly_between_tenants():
 
 
 def test_waiting_background_rows_do_not_time_out():
-    s = Scheduler(SchedulerConfig(max_batch_size=1, request_timeout_s=5), {EOS})
+    s = Scheduler(SchedulerConfig(max_batch_size=1, request_timeout_s=5, background_hold_s=0), {EOS})
     s.add(req("live", max_tokens=50))
     s.add(bg("bg", max_tokens=1))
     fake_step(s)
@@ -228,3 +228,39 @@ def test_waiting_background_rows_do_not_time_out():
     assert [r.request_id for r in s.running] == ["bg"]
     s.expire(now=10**9 + 6)
     assert s.running == []
+
+
+def test_the_hold_keeps_batch_only_steps_off_for_a_moment_after_interactive_work_left():
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_background_tokens=2, background_grace_s=0,
+                                  background_hold_s=0.05), {EOS})
+    s.add(bg("bg0", n_prompt=20, max_tokens=2))
+    s.add(req("live", n_prompt=3, max_tokens=1))
+    assert rows_of(fake_step(s, now=10.0)) == [("live", 3), ("bg0", 2)]  # live finishes in this step
+    assert s.idle_seconds(now=10.0) == 0.0  # (asked only after an empty step)
+    # The first schedule without interactive work: the hold starts; no batch row runs, and the engine
+    # may wait (for a request) until it ends instead of scheduling again.
+    assert rows_of(fake_step(s, now=10.01)) == []
+    assert s.idle_seconds(now=10.02) == pytest.approx(0.04)
+    # A request that arrives during the hold finds the engine free: a step of its own.
+    s.add(req("next", n_prompt=3, max_tokens=2))
+    assert rows_of(fake_step(s, now=10.03)) == [("next", 3), ("bg0", 2)]
+    assert s.idle_seconds(now=10.03) == 0.0  # interactive work present: never wait
+    assert rows_of(fake_step(s, now=10.08)) == [("next", 1), ("bg0", 2)]  # the cap as before
+    assert rows_of(fake_step(s, now=10.09)) == []  # next finished: held again, from here
+    assert rows_of(fake_step(s, now=10.13)) == []
+    # The hold is over (no grace here): a batch-only step, bounded by max_background_step_tokens.
+    assert rows_of(fake_step(s, now=10.15)) == [("bg0", 14)]
+    assert s.idle_seconds(now=10.15) == 0.0
+
+
+def test_an_empty_step_under_the_grace_of_a_zero_cap_waits_for_the_grace_not_a_spin():
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_background_tokens=0, background_grace_s=0.5,
+                                  background_hold_s=0.05), {EOS})
+    s.add(bg("bg0", n_prompt=20, max_tokens=2))
+    s.add(req("live", n_prompt=3, max_tokens=1))
+    assert rows_of(fake_step(s, now=0.0)) == [("live", 3)]  # a cap of 0: no batch prompt token beside it
+    assert rows_of(fake_step(s, now=0.01)) == []  # the hold
+    assert s.idle_seconds(now=0.01) == pytest.approx(0.05)
+    assert rows_of(fake_step(s, now=0.07)) == []  # the hold is over; the grace still caps bg0 at 0 tokens
+    assert s.idle_seconds(now=0.07) == pytest.approx(0.43)  # the grace counts from the last step live was in
+    assert rows_of(fake_step(s, now=0.5)) == [("bg0", 20)]
