@@ -236,7 +236,8 @@ def cmd_store(args) -> int:
 RUN_BATCH_SETTINGS = ("model", "gguf_file", "served_model_name", "store", "s3_endpoint_url", "device", "dtype",
                       "max_batch_size", "max_model_len", "max_prefill_tokens", "max_virtual_tokens", "max_prompt_parts",
                       "prompt_cache_bytes", "kv_prefix_cache_bytes", "kv_cache_bytes", "max_tokens_limit", "max_n",
-                      "torch_threads", "batch_window", "max_background_step_tokens", "log_level")
+                      "torch_threads", "compile", "pack_linears", "native_kernels", "batch_window",
+                      "max_background_step_tokens", "log_level")
 
 
 def cmd_run_batch(args) -> int:
