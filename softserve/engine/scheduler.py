@@ -253,8 +253,9 @@ class Scheduler:
         self.step_count += 1
         out = SchedulerOutput(step=self.step_count)
         budget = self.config.max_prefill_tokens
-        holding = self._holding(now)
-        interactive_present = self._interactive_present(now)
+        has_interactive = self._has_interactive_work()
+        holding = self._holding(now, has_interactive)
+        interactive_present = self._interactive_present(now, has_interactive)
         decoding, prefilling = [], []
         for request in self.running:
             if request.num_uncomputed_tokens == 1 and request.num_computed_tokens >= self._prompt_end(request):
@@ -321,10 +322,13 @@ class Scheduler:
         out.decode.append(request)
         out.rows.append(ScheduledRow(request, request.num_computed_tokens, 1, True, False))
 
-    def _holding(self, now: float) -> bool:
-        """No interactive work now, and it left less than `background_hold_s` ago (tracked here: the first
-        schedule without it after one with it is when it left)."""
-        present = any(self.waiting.values()) or any(not r.background for r in self.running)
+    def _has_interactive_work(self) -> bool:
+        """Interactive requests waiting or running now (batch rows aside)."""
+        return any(self.waiting.values()) or any(not r.background for r in self.running)
+
+    def _holding(self, now: float, present: bool) -> bool:
+        """No interactive work now (`present` False), and it left less than `background_hold_s` ago (tracked
+        here: the first schedule without it after one with it is when it left)."""
         if self._had_interactive and not present:
             self._interactive_left_at = now
         self._had_interactive = present
@@ -334,7 +338,7 @@ class Scheduler:
         """After a step that scheduled nothing: how long schedules stay empty unless a request arrives (the
         hold, or the grace of a prompt-token cap that leaves batch rows nothing), so the engine waits for a
         command instead of spinning. 0: schedule again now."""
-        if any(self.waiting.values()) or any(not r.background for r in self.running):
+        if self._has_interactive_work():
             return 0.0
         now = time.monotonic() if now is None else now
         for end in (self._interactive_left_at + self.config.background_hold_s,
@@ -343,8 +347,9 @@ class Scheduler:
                 return end - now
         return 0.0
 
-    def _interactive_present(self, now: float) -> bool:
-        if any(self.waiting.values()) or any(not r.background for r in self.running):
+    def _interactive_present(self, now: float, present: bool) -> bool:
+        """Interactive work now (`present`), or it left less than `background_grace_s` ago."""
+        if present:
             self._interactive_seen_at = now
             return True
         return now - self._interactive_seen_at < self.config.background_grace_s
