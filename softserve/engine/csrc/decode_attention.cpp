@@ -49,6 +49,23 @@ inline void load_row(const T* src, float* dst, int64_t d) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// scores [groups][n] -> their softmax weights, unnormalized, in place; totals[g]: each row's sum.
+inline void softmax_rows(float* scores, int64_t n, int64_t groups, float* totals) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float* sg = scores + g * n;
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t p = 0; p < n; ++p) m = sg[p] > m ? sg[p] : m;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < n; ++p) {
+      sg[p] = exp_nonpositive(sg[p] - m);
+      sum += sg[p];
+    }
+    totals[g] = sum;
+  }
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -85,19 +102,7 @@ void attend_heads(const float* qf, const T* k_base, int64_t k_pos, const T* v_ba
       scores[g * n + p] = _mm512_reduce_add_ps(acc);
     }
   }
-  for (int g = 0; g < G; ++g) {
-    float* sg = scores + g * n;
-    float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t p = 0; p < n; ++p) m = sg[p] > m ? sg[p] : m;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t p = 0; p < n; ++p) {
-      sg[p] = exp_nonpositive(sg[p] - m);
-      sum += sg[p];
-    }
-    totals[g] = sum;
-  }
+  softmax_rows(scores, n, G, totals);
   __m512 o[G][V];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < V; ++i) o[g][i] = _mm512_setzero_ps();
@@ -209,19 +214,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
           scores[g * n + p] = s;
         }
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        float* sg = scores.data() + g * n;
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t p = 0; p < n; ++p) m = sg[p] > m ? sg[p] : m;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t p = 0; p < n; ++p) {
-          sg[p] = exp_nonpositive(sg[p] - m);
-          sum += sg[p];
-        }
-        total[g] = sum;
-      }
+      softmax_rows(scores.data(), n, groups, total.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t p = 0; p < n; ++p) {
         load_row(v_base + p * v_pos, kv_row.data(), d);
