@@ -108,19 +108,15 @@ def test_an_extent_outside_the_pool_is_refused():
 
 def test_engine_tokens_are_the_same_with_and_without_the_kernel(tiny_model, tokenizer):
     """Whole engine in fp32, mixed steps (chunked prefill, soft prompts, rows joining): kernel == gather + SDPA."""
-    from tests.support.engine_utils import make_engine, make_prompt, make_request, run
+    from tests.support.engine_utils import mixed_step_tokens
 
-    hidden = tiny_model.config.hidden_size
-    prompts = [make_prompt(f"p{i}", k, hidden, seed=i) for i, k in enumerate((3, 8, 5))] + [None]
-    inputs = [list(range(100 + 7 * i, 100 + 7 * i + n)) for i, n in enumerate((5, 30, 12, 3, 21, 9))]
     outputs = {}
     for native in (True, False):
-        engine = make_engine(tiny_model, tokenizer, max_batch_size=4, max_prefill_tokens=16)
-        assert engine.runner.native_kernels  # the engine turns the kernel on where it is built
-        engine.runner.native_kernels = native
-        requests = [make_request(ids, soft_prompt=prompts[i % 4], max_tokens=8, ignore_eos=True) for i, ids in enumerate(inputs)]
-        done = run(engine, requests)
-        outputs[native] = [done[r.request_id] for r in requests]
+        def set_up(engine, native=native):
+            assert engine.runner.native_kernels  # the engine turns the kernel on where it is built
+            engine.runner.native_kernels = native
+
+        outputs[native] = mixed_step_tokens(tiny_model, tokenizer, set_up)
     assert all(len(o) == 8 for o in outputs[True])
     assert outputs[True] == outputs[False]
 

@@ -74,17 +74,13 @@ def test_plan_groups_rows_into_at_most_two_calls():
 
 def test_engine_outputs_are_the_same_on_both_attention_paths(tiny_model, tokenizer):
     """Whole engine, mixed steps (chunked prefill, cold prompts, decode rows joining): batched == per-row."""
-    from tests.support.engine_utils import make_engine, make_prompt, make_request, run
+    from tests.support.engine_utils import mixed_step_tokens
 
-    hidden = tiny_model.config.hidden_size
-    prompts = [make_prompt(f"p{i}", k, hidden, seed=i) for i, k in enumerate((3, 8, 5))] + [None]
-    inputs = [list(range(100 + 7 * i, 100 + 7 * i + n)) for i, n in enumerate((5, 30, 12, 3, 21, 9))]
     outputs = {}
     for batched in (True, False):
-        engine = make_engine(tiny_model, tokenizer, max_batch_size=4, max_prefill_tokens=16)
-        engine.runner.batched_attention = batched
-        requests = [make_request(ids, soft_prompt=prompts[i % 4], max_tokens=8, ignore_eos=True) for i, ids in enumerate(inputs)]
-        done = run(engine, requests)
-        outputs[batched] = [done[r.request_id] for r in requests]
+        def set_up(engine, batched=batched):
+            engine.runner.batched_attention = batched
+
+        outputs[batched] = mixed_step_tokens(tiny_model, tokenizer, set_up)
     assert all(len(o) == 8 for o in outputs[True])
     assert outputs[True] == outputs[False]
