@@ -8,15 +8,20 @@ at every layer and the op sees the step's `PackedBatch` through a thread-local s
 custom op takes tensors and scalars only; the batch's plan is plain Python). Should torch ever run
 the forward eagerly instead (past its recompile limit), the attention finds the batch the same way.
 
-Shapes: the packed token count and the number of kept logits are dynamic (`dynamic=True`); torch
-specializes size 1, so a run sees three graphs (one token and one logit / many tokens x one / many
-logits); `warm_up` compiles them at start-up. No graph keeps zero logits: the compiler would drop every
-layer, the attention op and its KV writes included (the op is pure to it), so the runner keeps one.
+Shapes: the packed token count and the number of kept logits are dynamic (`dynamic=True`), and ONE
+graph serves every size: the forward is traced "size-oblivious" (backed_size_oblivious), so torch does
+not specialize the sizes 0 and 1 as it otherwise does. Specialized, a run saw three graphs (one token and
+one logit / many tokens x one / many logits), each traced anew at every start: tracing, not the C++
+compile (inductor caches that on disk), is what a restart pays; one graph took the warm start of
+SmolLM2-135M from 46 s to ~20 s here (docs/performance.md). `warm_up` traces it at start-up and checks
+that the other shapes reuse it. No graph keeps zero logits: the compiler would drop every layer, the
+attention op and its KV writes included (the op is pure to it), so the runner keeps one.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.fx.experimental._config  # backed_size_oblivious (see compile_forward)
 
 from softserve.engine.packed_attention import NO_MASK, attend_packed, step_batch
 
@@ -43,7 +48,15 @@ def compile_forward(model):
                     logits_to_keep=logits_index)
         return out.logits[0]
 
-    return torch.compile(forward, dynamic=True)
+    compiled = torch.compile(forward, dynamic=True)
+
+    def run(embeds: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
+        # Read when torch traces (the first call, or a recompile), so it is set around every call; the
+        # graph itself is unaffected by it once traced.
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            return compiled(embeds, positions, logits_index)
+
+    return run
 
 
 def use_compile(setting: str, dtype: torch.dtype) -> bool:
@@ -54,8 +67,8 @@ def use_compile(setting: str, dtype: torch.dtype) -> bool:
     return setting == "on" or (setting == "auto" and dtype in (torch.bfloat16, torch.float16))
 
 
-# The (packed tokens, kept logits) sizes that get a graph of their own: torch specializes size 1 (and 0:
-# the runner never keeps 0 logits, see ModelRunner._forward). 3 != 2: sizes equal at the first trace would
-# be assumed equal in the general graph ("duck sizing"), and every step with fewer logits than tokens
-# would then compile another graph.
+# The (packed tokens, kept logits) sizes run at start-up: the first traces the one graph, the others must
+# reuse it (a decode step of one row, a prefill chunk that samples one token). 3 != 2: sizes equal at the
+# first trace would be assumed equal in the general graph ("duck sizing"), and every step with fewer
+# logits than tokens would then compile another graph.
 WARM_UP_SHAPES = ((3, 2), (2, 1), (1, 1))

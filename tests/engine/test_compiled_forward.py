@@ -70,3 +70,24 @@ def test_compiled_equals_eager_on_both_attention_paths(compiled_engines, tiny_mo
         done = run(engine, requests)
         outputs[compiled] = [done[r.request_id] for r in requests]
     assert outputs[True] == outputs[False]
+
+
+@pytest.mark.slow
+@pytest.mark.process  # inductor runs the C++ compiler
+def test_one_graph_serves_every_step_shape(compiled_engines, tiny_model, tokenizer):
+    """Start-up traces one graph, and no later step shape (one decode row, many rows, prefill chunks that
+    keep one logit or none) traces another: a restart pays one trace, and serving never stalls on one."""
+    from torch._dynamo.utils import counters
+
+    from tests.support.engine_utils import make_engine, make_prompt, make_request, run
+
+    before = counters["stats"]["unique_graphs"]
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=4, max_prefill_tokens=8)
+    assert counters["stats"]["unique_graphs"] == before + 1  # warm_up: every WARM_UP_SHAPES size, one trace
+    hidden = tiny_model.config.hidden_size
+    solo = make_request(list(range(200, 205)), soft_prompt=make_prompt("s", 3, hidden, seed=7), max_tokens=4, ignore_eos=True)
+    run(engine, [solo])  # one row: prefill, then one-token decode steps
+    mixed = [make_request(list(range(300 + 7 * i, 300 + 7 * i + n)), soft_prompt=make_prompt(f"m{i}", 2 + i, hidden, seed=i),
+                          max_tokens=5, ignore_eos=True) for i, n in enumerate((3, 19, 1, 11, 6))]
+    run(engine, mixed)  # chunked prefill (keeps no logit), mixed steps, several decode rows
+    assert counters["stats"]["unique_graphs"] == before + 1
