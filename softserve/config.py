@@ -26,10 +26,12 @@ class Settings(BaseSettings):
     store_revalidate_seconds: float = Field(1.0, ge=0, le=60, description="seconds a name -> version resolution is cached before the store is re-read (replicas see each other's changes within this)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: cuda when available)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32)")
-    compile: Literal["off", "auto", "on"] = Field("off", description="compile the model forward with torch.compile and inductor "
-                                                  "(one graph, attention as a custom op; compiled at start-up, minutes on a small CPU). "
-                                                  "on: always; auto: for bfloat16 and float16 models only (float32 stays eager, exactly "
-                                                  "equal to PEFT); off: eager modules")
+    compile: Literal["off", "auto", "on"] = Field("auto", description="compile the model forward with torch.compile and inductor "
+                                                  "(one graph, attention as a custom op; traced at start-up: ~1 min on a 2-core CPU the first "
+                                                  "time, ~20 s once inductor's cache holds the kernels). auto: bfloat16 and float16 models on "
+                                                  "CPU with a C++ compiler, falling back to eager if compiling fails (float32 stays eager, "
+                                                  "exactly equal to PEFT; CUDA stays eager, never run here); on: always, and a failure stops "
+                                                  "the start; off: eager modules")
     native_kernels: bool = Field(True, description="on CPU, our C++ kernels: decode attention reading each row's KV from the pool in place, and (bf16/fp16 models) the Llama family's RMSNorm in one pass; built at the first start on a machine (~20-60 s, cached by torch; needs a C++ compiler and ninja, else the SDPA path and the modules' own norms are used)")
     pack_linears: bool = Field(True, description="on CPU in bfloat16, pack every linear weight once for oneDNN instead of on every call, used for products of up to 256 rows (the outputs of F.linear, bitwise except at a few row counts, see performance.md; one more copy of the linear weights in memory)")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows decoding together")

@@ -20,6 +20,8 @@ attention op and its KV writes included (the op is pure to it), so the runner ke
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 import torch.fx.experimental._config  # backed_size_oblivious (see compile_forward)
 
@@ -59,12 +61,26 @@ def compile_forward(model):
     return run
 
 
-def use_compile(setting: str, dtype: torch.dtype) -> bool:
-    """`--compile`: on; off; auto = on for half-precision models. float32 stays eager by default: the
-    engine's float32 output is held token for token to PEFT's eager forward, and a fused graph rounds differently."""
+def use_compile(setting: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """`--compile`: on; off; auto = on for half-precision models on CPU that have a C++ compiler for
+    inductor. float32 stays eager under auto: the engine's float32 output is held token for token to
+    PEFT's eager forward, and a fused graph rounds differently. CUDA stays eager under auto: the compiled
+    forward has never run on a GPU here (`on` compiles it there too)."""
     if setting not in ("off", "auto", "on"):
         raise ValueError(f"compile must be off, auto or on, not {setting!r}")
-    return setting == "on" or (setting == "auto" and dtype in (torch.bfloat16, torch.float16))
+    if setting != "auto":
+        return setting == "on"
+    return dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu" and has_cpp_compiler()
+
+
+def has_cpp_compiler() -> bool:
+    """Whether inductor can build its CPU kernels: the C++ compiler it would call is on PATH."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return shutil.which(get_cpp_compiler()) is not None
+    except Exception:  # no compiler found (it raises), or a torch without this helper
+        return False
 
 
 # The (packed tokens, kept logits) sizes run at start-up: the first traces the one graph, the others must

@@ -33,7 +33,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_prefix_cache_bytes: int = _default("kv_prefix_cache_bytes")  # soft-prompt KV prefixes kept on the device
     kv_cache_bytes: int = _default("kv_cache_bytes")  # the running rows' KV pool; 0: derived from free memory (see kv_cache.py)
-    compile: str = _default("compile")  # off | auto | on: the compiled forward (compiled_forward.py)
+    # off | auto | on: the compiled forward (compiled_forward.py). Off for direct engine users (tests, benches,
+    # tuning tools): a compile costs each process ~20-60 s. The server passes its own setting (auto).
+    compile: str = "off"
     native_kernels: bool = _default("native_kernels")  # CPU decode attention and bf16 RMSNorm by our C++ kernels (native_kernels.py)
     pack_linears: bool = _default("pack_linears")  # bf16 CPU linears on weights packed once (packed_linear.py)
     model_id: str = "model"  # part of every prefix-cache key: a KV prefix is only valid for one model

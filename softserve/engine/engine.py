@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from softserve.engine.compiled_forward import use_compile
 from softserve.engine import native_kernels
@@ -90,9 +91,8 @@ class LLMEngine:
             native_kernels.install_rms_norms(model)  # bf16/fp16 on CPU only; fp32 keeps the modules' own code
         if config.pack_linears:
             pack_linears(model)  # bf16 on CPU only; a no-op otherwise. Before compiling: the graph calls the packed op
-        if use_compile(config.compile, next(model.parameters()).dtype):
-            self.runner.use_compiled_forward(True)
-            self.runner.warm_up()
+        if use_compile(config.compile, next(model.parameters()).dtype, self.runner.device):
+            self._compile_forward(config.compile)
         self.scheduler = Scheduler(
             dataclasses.replace(sched_config, kv_cache_tokens=kv_tokens), self.eos_token_ids, self.runner.lookup_prefix
         )
@@ -100,6 +100,24 @@ class LLMEngine:
         self.last_step_rows = 0  # rows in the last step's forward (the rows-per-step metric)
         self.detokenizer = Detokenizer(tokenizer)
         self.on_out_of_memory = None  # set by the service: trim other device caches after an OOM
+
+    def _compile_forward(self, setting: str) -> None:
+        """Trace and compile the forward now, not on the first requests. Under `auto` a failure (a broken
+        toolchain, an op inductor cannot lower) costs the speed-up, not the server: eager modules serve."""
+        started = time.perf_counter()
+        log.info("compiling the model forward (--compile %s): ~1 min on a small CPU the first time, less "
+                 "once inductor's cache holds the kernels", setting)
+        try:
+            self.runner.use_compiled_forward(True)
+            self.runner.warm_up()
+        except Exception as error:
+            if setting == "on":
+                raise
+            self.runner.use_compiled_forward(False)
+            log.warning("compiling the model forward failed (%s: %s); serving the eager modules",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            return
+        log.info("model forward compiled in %.0f s", time.perf_counter() - started)
 
     # ---- intake -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:

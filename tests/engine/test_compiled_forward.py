@@ -9,13 +9,55 @@ import torch
 from softserve.engine.compiled_forward import use_compile
 
 
-def test_compile_setting():
+def test_compile_setting(monkeypatch):
+    import softserve.engine.compiled_forward as compiled_forward
+
     assert not use_compile("off", torch.bfloat16)
-    assert use_compile("on", torch.float32)
-    assert use_compile("auto", torch.bfloat16) and use_compile("auto", torch.float16)
+    assert use_compile("on", torch.float32) and use_compile("on", torch.bfloat16, "cuda")
+    monkeypatch.setattr(compiled_forward, "has_cpp_compiler", lambda: True)
+    assert use_compile("auto", torch.bfloat16) and use_compile("auto", torch.float16, "cpu")
     assert not use_compile("auto", torch.float32)  # float32 stays eager: token parity with PEFT's eager forward
+    assert not use_compile("auto", torch.bfloat16, "cuda")  # never run on a GPU here: `on` only
+    monkeypatch.setattr(compiled_forward, "has_cpp_compiler", lambda: False)
+    assert not use_compile("auto", torch.bfloat16)  # inductor could not build its kernels
+    assert use_compile("on", torch.bfloat16)  # `on` tries anyway, and fails loudly
     with pytest.raises(ValueError):
         use_compile("yes", torch.float32)
+
+
+def test_the_server_compiles_by_default_and_direct_engine_users_do_not():
+    from softserve.config import Settings
+    from softserve.engine.config import EngineConfig
+
+    assert Settings.model_fields["compile"].default == "auto"
+    assert EngineConfig().compile == "off"
+
+
+@pytest.mark.parametrize("setting", ["auto", "on"])
+def test_a_failed_compile_serves_eager_under_auto_and_stops_the_start_under_on(setting, monkeypatch, tiny_model, tokenizer):
+    """A broken toolchain or an op inductor cannot lower: auto logs and serves the eager modules (same
+    tokens as an engine that never compiled); on raises, so a start that asked for the graph fails loudly."""
+    import softserve.engine.engine as engine_module
+    from softserve.engine.config import EngineConfig, SchedulerConfig
+    from softserve.engine.model_runner import ModelRunner
+    from tests.support.engine_utils import make_engine, make_request, run
+
+    def broken(self, on):
+        if on:
+            raise RuntimeError("InductorError: C++ compile error\n...")
+        self.compiled_forward = None
+
+    monkeypatch.setattr(ModelRunner, "use_compiled_forward", broken)
+    monkeypatch.setattr(engine_module, "use_compile", lambda setting, dtype, device: setting != "off")
+    config = EngineConfig(scheduler=SchedulerConfig(max_batch_size=2), model_id="test", compile=setting)
+    if setting == "on":
+        with pytest.raises(RuntimeError, match="C\\+\\+ compile error"):
+            engine_module.LLMEngine(tiny_model, tokenizer, config)
+        return
+    engine = engine_module.LLMEngine(tiny_model, tokenizer, config)
+    assert engine.runner.compiled_forward is None
+    request, reference = (make_request([5, 6, 7], max_tokens=4, ignore_eos=True) for _ in range(2))
+    assert run(engine, [request])[request.request_id] == run(make_engine(tiny_model, tokenizer), [reference])[reference.request_id]
 
 
 @pytest.fixture
@@ -23,7 +65,7 @@ def compiled_engines(monkeypatch):
     """Every LLMEngine built in the test compiles its forward (and warms it up)."""
     import softserve.engine.engine as engine_module
 
-    monkeypatch.setattr(engine_module, "use_compile", lambda setting, dtype: True)
+    monkeypatch.setattr(engine_module, "use_compile", lambda *args: True)
     torch._dynamo.reset()  # graphs of other tests' models do not count toward the recompile limit
 
 
