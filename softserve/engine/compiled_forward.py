@@ -55,7 +55,7 @@ def compile_forward(model):
     def run(embeds: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
         # Read when torch traces (the first call, or a recompile), so it is set around every call; the
         # graph itself is unaffected by it once traced.
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
             return compiled(embeds, positions, logits_index)
 
     return run
