@@ -36,6 +36,8 @@ CASES = {
     "releases": (["--calls", "20", "--hidden", "64"], ["### Resolving `model` through a release alias", "| reference | µs per resolution"]),
     "loop_overhead": (["--concurrency", "2", "--warmup", "0.3", "--window", "1", "--max-tokens", "4", "--k", "4"],
                       ["### Serving overhead around the forward", "| variant | tok/s", "| engine alone |", "| live |"]),
+    "contention": ([], ["### Contention: the HTTP side's work as a thread vs a process", "| 25% |"]),
+    "startup": (["--dtype", "float32"], ["### Start-up until /ready", "| compiled, empty inductor cache |", "| compiled, warm inductor cache |"]),
     "adapter_kinds": (["--concurrency", "3", "--k", "4", "--prompt-tokens", "8", "--max-tokens", "4", "--repeats", "1"],
                       ["### Adapter kinds in one batch", "| rows | output tok/s | ratio to plain", "| prefix_tuning |"]),
 }
@@ -63,10 +65,10 @@ def quick_run(tmp_path_factory):
     return run
 
 
-SERVER_SCRIPTS = {"load", "prompt_scale", "batch", "loop_overhead"}  # they start `softserve serve` as a subprocess
+SERVER_SCRIPTS = {"load", "prompt_scale", "batch", "loop_overhead", "startup"}  # they start `softserve serve` as a subprocess
 # 13-25 s each on 2 cores: run with `pytest -m slow` (make test-all), so `make test` stays near 10 minutes.
 # `load` stays in make test: test_run_all_renders needs its results anyway.
-SLOW_SCRIPTS = {"prompt_scale", "batch", "loop_overhead"}
+SLOW_SCRIPTS = {"prompt_scale", "batch", "loop_overhead", "startup"}  # startup: four starts, two compiles
 
 
 def _marks(name: str) -> list:
