@@ -17,6 +17,8 @@ A classification workload: `--requests` short prompts spread over `--num-prompts
 5. run-batch: the server is stopped and `softserve run-batch` answers the same file offline
    (requests/s from its own summary, model load excluded), with the same --torch-threads and its own
    offline defaults (softserve/run_batch.py: --max-batch-size 64; `--run-batch-args` adds flags).
+`--threads N` gives both the server and run-batch `--torch-threads N`; 0 (the default) gives each its own
+default (every core); the table's last line says which.
 Ratios printed: batch alone / C=32 throughput (goal >= 0.9), probe p50 during the batch / idle (goal <= 1.2),
 batch during the probes / batch alone, run-batch / batch alone (goal >= 1.2).
 """
@@ -226,6 +228,9 @@ def render(result: dict, args) -> str:
     probing = f"one after another, {gap:g} s apart" if gap else "back to back"
     loaded_ms = "n/a" if result["loaded_p50_s"] is None else f"{fmt(result['loaded_p50_s'] * 1000, 0)} ms"
     probed_rps = result["batch_rps_during_probes"]
+    threads = (f"{args.threads} (--threads {args.threads}) for the server and run-batch" if args.threads else
+               f"each side's default (--torch-threads 0: torch's, {result.get('machine', {}).get('torch_threads_default', '?')} "
+               "in this process) for the server and run-batch")
     policy = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in result["policy"].items() if v is not None)
     return "\n".join([
         f"### Batch API: {result['requests']} requests over {result['num_prompts']} prompts (k=8), "
@@ -248,7 +253,7 @@ def render(result: dict, args) -> str:
         "",
         f"Load average {fmt(result['load_average_before'], 1)} before, {fmt(result['load_average_after'], 1)} after; "
         f"server policy: {policy or 'the defaults'}; --probe-gap {gap:g}; run-batch: its offline defaults"
-        f"{' with ' + result['run_batch_args'] if result['run_batch_args'] else ''}.",
+        f"{' with ' + result['run_batch_args'] if result['run_batch_args'] else ''}; torch threads: {threads}.",
     ])
 
 

@@ -30,6 +30,7 @@ CASES = {
                         ["| sentiment | base + instruction |", "| prefix tuning + projection |", "first-line match"]),
     "listing": (["--num-prompts", "40", "--rounds", "1", "--puts", "2"],
                 ["### Listing 40 prompts", "| measurement | walk (before) ms | index ms"]),
+    "batch_step_shape": ([], ["### Step shape", "| + 1-token batch chunk |", "| + 2-token batch chunk |"]),
     "batch": (["--requests", "16", "--num-prompts", "2", "--probes", "2", "--concurrency", "2"],
               ["### Batch API", "| Batch API alone (create to completed)", "| run-batch offline",
                "| Batch API while those probes ran"]),

@@ -35,7 +35,12 @@ Background rows (Batch API lines) take only the capacity interactive traffic lea
   step whose cost is streaming the weights) up to the rows interactive ones leave free
   (`max_batch_size` minus the step's interactive rows, oldest first), and their prompt chunks and
   admissions together get at most `max_background_tokens` prompt tokens per step (prompt tokens are
-  what make a step long); the others pause for that step and keep their KV. The grace keeps a
+  what make a step long); the others pause for that step and keep their KV. In a step whose
+  interactive rows all decode (one token each), each background prompt chunk is one token: the
+  runner attends every one-query row in its decode group (packed_attention.py), so batch prompt work
+  never adds a prefill group (an SDPA call per layer, ~+5 ms of a ~42 ms CPU step) beside interactive
+  decodes, and still advances (up to the cap's rows, a token each) under unending decode traffic. The
+  grace keeps a
   client's next request from landing behind a long step of batch rows. Except when an
   interactive request waits for KV pool space: then running background rows run uncapped, to finish
   and free it (no new ones are admitted); and when one waits for a soft prompt's KV that a background
@@ -253,6 +258,7 @@ class Scheduler:
         self.step_count += 1
         out = SchedulerOutput(step=self.step_count)
         budget = self.config.max_prefill_tokens
+        chunk = sys.maxsize  # the most prompt tokens one background row gets this step
         has_interactive = self._has_interactive_work()
         holding = self._holding(now, has_interactive)
         interactive_present = self._interactive_present(now, has_interactive)
@@ -286,6 +292,8 @@ class Scheduler:
             rows = max(0, self.config.max_batch_size - len(out.rows))
             tokens = sys.maxsize
             budget = min(budget, self.config.max_background_tokens)
+            if out.rows and all(row.num_tokens == 1 for row in out.rows):
+                chunk = 1  # interactive decodes only: batch prompt chunks of one query never open a prefill group
         else:  # a batch-only step: short, so an arriving interactive request never waits long
             rows, tokens = sys.maxsize, self.config.max_background_step_tokens
         for request in (r for r in decoding if r.background):
@@ -297,10 +305,10 @@ class Scheduler:
         for request in (r for r in prefilling if r.background and r is not blocker):
             if budget <= 0 or rows <= 0:
                 break
-            budget -= self._schedule_chunk(out, request, budget)
+            budget -= self._schedule_chunk(out, request, min(budget, chunk))
             rows -= 1
         if not any(self.waiting.values()) and rows > 0:  # an interactive request waits: it goes first
-            self._admit(out, self.background, budget, now, max_rows=rows)
+            self._admit(out, self.background, budget, now, max_rows=rows, max_chunk=chunk)
         self._track_pauses(out, now)
         return out
 
@@ -355,9 +363,10 @@ class Scheduler:
         return now - self._interactive_seen_at < self.config.background_grace_s
 
     def _admit(self, out: SchedulerOutput, queues: dict[str, deque[Request]], budget: int, now: float,
-               max_rows: int = sys.maxsize) -> int:
-        """Admit waiting requests from `queues` while rows and prefill budget last; returns the budget left.
-        Interactive requests count only interactive rows: background rows pause instead of holding one."""
+               max_rows: int = sys.maxsize, max_chunk: int = sys.maxsize) -> int:
+        """Admit waiting requests from `queues` while rows and prefill budget last (at most `max_chunk` tokens
+        each); returns the budget left. Interactive requests count only interactive rows: background rows
+        pause instead of holding one."""
         background = queues is self.background
         rows = len(self.running) if background else sum(1 for r in self.running if not r.background)
         while budget > 0 and rows < self.config.max_batch_size and max_rows > 0:
@@ -392,7 +401,7 @@ class Scheduler:
             rows += 1
             max_rows -= 1
             out.prefill.append(request)
-            budget -= self._schedule_chunk(out, request, budget)
+            budget -= self._schedule_chunk(out, request, min(budget, max_chunk))
         return budget
 
     @staticmethod

@@ -187,6 +187,8 @@ def test_sampling_error_fails_only_that_request(tiny_model, tokenizer, monkeypat
 
 @pytest.mark.parametrize("policy, pauses", [
     (dict(max_batch_size=5, max_background_tokens=1, max_prefill_tokens=40), True),  # few free rows
+    # a cap of 4: whole chunks beside interactive prompt tokens, one-token chunks beside interactive decodes
+    (dict(max_batch_size=8, max_background_tokens=4, max_prefill_tokens=40), False),
     # tiny batch-only steps; no batch prompt tokens beside interactive rows, except for the row computing
     # the prompt KV an interactive request waits for (with a cap of 0 it would wait forever otherwise)
     # the batch-only steps are 3 tokens: one prefilling row at a time, so nothing pauses mid-prefill

@@ -245,11 +245,12 @@ def test_the_hold_keeps_batch_only_steps_off_for_a_moment_after_interactive_work
     s.add(req("next", n_prompt=3, max_tokens=2))
     assert rows_of(fake_step(s, now=10.03)) == [("next", 3), ("bg0", 2)]
     assert s.idle_seconds(now=10.03) == 0.0  # interactive work present: never wait
-    assert rows_of(fake_step(s, now=10.08)) == [("next", 1), ("bg0", 2)]  # the cap as before
+    # next decodes: beside interactive decodes only, a batch prompt chunk is one token (no prefill group)
+    assert rows_of(fake_step(s, now=10.08)) == [("next", 1), ("bg0", 1)]
     assert rows_of(fake_step(s, now=10.09)) == []  # next finished: held again, from here
     assert rows_of(fake_step(s, now=10.13)) == []
     # The hold is over (no grace here): a batch-only step, bounded by max_background_step_tokens.
-    assert rows_of(fake_step(s, now=10.15)) == [("bg0", 14)]
+    assert rows_of(fake_step(s, now=10.15)) == [("bg0", 15)]
     assert s.idle_seconds(now=10.15) == 0.0
 
 
@@ -264,3 +265,41 @@ def test_an_empty_step_under_the_grace_of_a_zero_cap_waits_for_the_grace_not_a_s
     assert rows_of(fake_step(s, now=0.07)) == []  # the hold is over; the grace still caps bg0 at 0 tokens
     assert s.idle_seconds(now=0.07) == pytest.approx(0.43)  # the grace counts from the last step live was in
     assert rows_of(fake_step(s, now=0.5)) == [("bg0", 20)]
+
+
+def test_beside_interactive_decodes_only_batch_prompt_chunks_are_one_token_each():
+    """A batch prompt chunk of 2+ tokens would open a prefill group (a second attention call per layer)
+    in a step that otherwise only decodes; one-token chunks join the decode group. In a step that
+    already computes interactive prompt tokens, the cap applies as a whole."""
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_background_tokens=4, background_hold_s=0, background_grace_s=0), {EOS})
+    s.add(bg("dec", n_prompt=4, max_tokens=20))
+    fake_step(s, now=0)  # a batch row, prefilled: it decodes from now on
+    for i in range(3):
+        s.add(bg(f"pre{i}", n_prompt=10, max_tokens=2))
+    s.add(req("live", n_prompt=5, max_tokens=4))
+    # live's prompt opens a prefill group anyway: the batch prompt tokens share the cap (4) in one chunk
+    assert rows_of(fake_step(s, now=1)) == [("live", 5), ("dec", 1), ("pre0", 4)]
+    # live decodes: pre0 continues and pre1, pre2 are admitted, a token each, under the cap of 4 tokens
+    assert rows_of(fake_step(s, now=2)) == [("live", 1), ("dec", 1), ("pre0", 1), ("pre1", 1), ("pre2", 1)]
+    assert rows_of(fake_step(s, now=3)) == [("live", 1), ("dec", 1), ("pre0", 1), ("pre1", 1), ("pre2", 1)]
+    s.add(req("live2", n_prompt=3, max_tokens=2))  # a new prompt: the step computes prompt tokens again
+    assert rows_of(fake_step(s, now=4)) == [("live", 1), ("live2", 3), ("dec", 1), ("pre0", 4)]
+
+
+def test_batch_prompt_work_still_advances_under_unending_interactive_decodes():
+    """No starvation: with interactive rows decoding every step (never a prompt token), batch rows are
+    admitted, prefilled a token a step, and finish, and no step holds a chunk of more than one token."""
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_background_tokens=2, background_hold_s=0, background_grace_s=0), {EOS})
+    for i in range(2):
+        s.add(req(f"live{i}", n_prompt=3, max_tokens=1000))
+    fake_step(s, now=0)  # both admitted; they decode from here on
+    batch = [bg(f"bg{i}", n_prompt=6, max_tokens=2) for i in range(3)]
+    for r in batch:
+        s.add(r)
+    for t in range(1, 40):
+        out = fake_step(s, now=t)
+        assert [row.num_tokens for row in out.rows] == [1] * len(out.rows)
+        prompt_rows = [row for row in out.rows if all(row.request is not d for d in out.decode)]
+        assert len(prompt_rows) <= 2 and all(row.request.background for row in prompt_rows)  # the cap
+    assert all(r.is_finished for r in batch)
+    assert all(not r.is_finished for r in s.running)  # the interactive rows decoded throughout
