@@ -12,6 +12,7 @@ import logging
 import time
 
 from softserve.engine.compiled_forward import use_compile
+from softserve.engine.compute_threads import run_in_compute_thread
 from softserve.engine import native_kernels
 from softserve.engine.packed_linear import pack_linears
 from softserve.engine.config import EngineConfig
@@ -109,7 +110,9 @@ class LLMEngine:
                  "once inductor's cache holds the kernels", setting)
         try:
             self.runner.use_compiled_forward(True)
-            self.runner.warm_up()
+            # Traced in a thread with the engine thread's OpenMP count: dynamo guards the graph on
+            # torch.get_num_threads(), and a graph traced here (1 thread) made the first step trace again.
+            run_in_compute_thread(self.runner.warm_up, name="softserve-compile")
         except Exception as error:
             if setting == "on":
                 raise

@@ -133,3 +133,27 @@ def test_one_graph_serves_every_step_shape(compiled_engines, tiny_model, tokeniz
                           max_tokens=5, ignore_eos=True) for i, n in enumerate((3, 19, 1, 11, 6))]
     run(engine, mixed)  # chunked prefill (keeps no logit), mixed steps, several decode rows
     assert counters["stats"]["unique_graphs"] == before + 1
+
+
+@pytest.mark.slow
+@pytest.mark.process  # inductor runs the C++ compiler
+def test_the_engine_thread_runs_the_graph_traced_at_start_up(compiled_engines, tiny_model, tokenizer, monkeypatch):
+    """The server builds the engine on its main thread (1 OpenMP thread) and steps it on the engine thread
+    (the compute count). Dynamo guards a graph on torch.get_num_threads(): traced on the main thread, the
+    first served step traced it again (~20 s for SmolLM2, inside run-batch's measured time)."""
+    from torch._dynamo.utils import counters
+
+    import softserve.engine.compute_threads as compute_threads
+    from tests.support.engine_utils import make_engine, make_request, run
+
+    monkeypatch.setattr(compute_threads, "_threads", 2)  # as `configure(2)` leaves it, without touching the process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the main thread's count after `configure`
+    try:
+        engine = make_engine(tiny_model, tokenizer, max_batch_size=2)
+        traced = counters["stats"]["unique_graphs"]
+        requests = [make_request([9, 8, 7, 6], max_tokens=3, ignore_eos=True) for _ in range(2)]
+        compute_threads.run_in_compute_thread(run, engine, requests)
+        assert counters["stats"]["unique_graphs"] == traced
+    finally:
+        torch.set_num_threads(threads)
