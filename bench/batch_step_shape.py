@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_common_args, engine_request, fmt, load, load_average, setup_torch, write_json  # noqa: E402
+from bench.common import add_common_args, engine_request, fmt, load, load_average, script_main, setup_torch  # noqa: E402
 
 SHAPES = {"decode alone": 0, "+ 1-token batch chunk": 1, "+ 2-token batch chunk": 2}
 
@@ -32,6 +32,8 @@ def run(args) -> dict:
     from softserve.engine.engine import LLMEngine
     from softserve.engine.scheduler import ScheduledRow, SchedulerOutput
 
+    if args.quick:
+        args.model, args.rounds, args.steps = "tiny", 1, 8
     setup_torch(args)
     model, tokenizer, *_ = load(args.model, args.device, args.dtype)
     engine = LLMEngine(model, tokenizer, EngineConfig(scheduler=SchedulerConfig(
@@ -78,18 +80,15 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.model, args.rounds, args.steps = "tiny", 1, 8
-    result = run(args)
-    print(render(result))
-    write_json(args, result)
-    return result
+    return parser
 
+
+def main(argv=None) -> dict:
+    return script_main(build_parser, run, render, argv)
 
 if __name__ == "__main__":
     main()
