@@ -16,7 +16,7 @@ A classification workload: `--requests` short prompts spread over `--num-prompts
    cancelled (it has shown what it does under interactive traffic; it would only repeat phase 3);
 5. run-batch: the server is stopped and `softserve run-batch` answers the same file offline
    (requests/s from its own summary, model load excluded), with the same --torch-threads and its own
-   offline defaults (softserve/run_batch.py: --max-batch-size 64; `--run-batch-args` adds flags).
+   offline defaults (softserve/run_batch.py: --max-batch-size 512, --max-background-step-tokens 4096; `--run-batch-args` adds flags).
 `--threads N` gives both the server and run-batch `--torch-threads N`; 0 (the default) gives each its own
 default (every core); the table's last line says which.
 Ratios printed: batch alone / C=32 throughput (goal >= 0.9), probe p50 during the batch / idle (goal <= 1.2),

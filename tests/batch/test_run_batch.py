@@ -69,9 +69,11 @@ def test_run_batch_takes_its_offline_defaults_only_for_what_was_not_given(monkey
     from softserve.run_batch import OFFLINE_DEFAULTS, offline_settings
 
     monkeypatch.delenv("SOFTSERVE_MAX_BATCH_SIZE", raising=False)
-    assert offline_settings(Settings()).max_batch_size == OFFLINE_DEFAULTS["max_batch_size"] == 64
+    monkeypatch.delenv("SOFTSERVE_MAX_BACKGROUND_STEP_TOKENS", raising=False)
+    assert offline_settings(Settings()).max_batch_size == OFFLINE_DEFAULTS["max_batch_size"] == 512
     assert offline_settings(Settings(max_batch_size=8)).max_batch_size == 8  # a flag wins
     monkeypatch.setenv("SOFTSERVE_MAX_BATCH_SIZE", "16")
     assert offline_settings(Settings()).max_batch_size == 16  # and so does the environment
-    # Batch-only steps keep their bound offline (bigger steps were slower on a CPU).
-    assert offline_settings(Settings(max_prefill_tokens=4096)).max_background_step_tokens == 256
+    # Batch-only steps are bigger offline (no interactive request waits behind them); a flag still wins.
+    assert offline_settings(Settings()).max_background_step_tokens == OFFLINE_DEFAULTS["max_background_step_tokens"] == 4096
+    assert offline_settings(Settings(max_background_step_tokens=300)).max_background_step_tokens == 300
