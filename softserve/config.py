@@ -33,7 +33,7 @@ class Settings(BaseSettings):
                                                   "exactly equal to PEFT; CUDA stays eager, never run here); on: always, and a failure stops "
                                                   "the start; off: eager modules")
     native_kernels: bool = Field(True, description="on CPU, our C++ kernels: decode attention reading each row's KV from the pool in place, and (bf16/fp16 models) the Llama family's RMSNorm in one pass; built at the first start on a machine (~20-60 s, cached by torch; needs a C++ compiler and ninja, else the SDPA path and the modules' own norms are used)")
-    pack_linears: bool = Field(True, description="on CPU in bfloat16, pack every linear weight once for oneDNN instead of on every call, used for products of up to 256 rows (the outputs of F.linear, bitwise except at a few row counts, see performance.md; one more copy of the linear weights in memory)")
+    pack_linears: bool = Field(True, description="on CPU in bfloat16, pack every linear weight once for oneDNN instead of on every call, used for products of up to 256 rows (the outputs of F.linear, bitwise except at a few row counts, see performance.md; one more copy of the linear weights in memory); q/k/v and gate/up then run as one product each")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows decoding together")
     max_model_len: int = Field(2048, ge=16, description="virtual + prompt + generated tokens per request (capped at the model's positions)")
     max_queue: int = Field(256, ge=1, description="waiting requests, all tenants together, before 429")

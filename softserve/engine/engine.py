@@ -14,6 +14,7 @@ import time
 from softserve.engine.compiled_forward import use_compile
 from softserve.engine.compute_threads import run_in_compute_thread
 from softserve.engine import native_kernels
+from softserve.engine.fused_linear import fuse_linears
 from softserve.engine.packed_linear import pack_linears
 from softserve.engine.config import EngineConfig
 from softserve.engine.detokenizer import Detokenizer
@@ -92,6 +93,7 @@ class LLMEngine:
             native_kernels.install_rms_norms(model)  # bf16/fp16 on CPU only; fp32 keeps the modules' own code
         if config.pack_linears:
             pack_linears(model)  # bf16 on CPU only; a no-op otherwise. Before compiling: the graph calls the packed op
+            fuse_linears(model)  # q/k/v and gate/up as one packed product each (fused_linear.py)
         if use_compile(config.compile, next(model.parameters()).dtype, self.runner.device):
             self._compile_forward(config.compile)
         self.scheduler = Scheduler(

@@ -35,7 +35,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # Rows per product that the packed layout is tuned for; any row count runs correctly.
-_ROWS_HINT = 16
+ROWS_HINT = 16
 # Above this many rows per product the plain weight is faster (module docstring).
 MAX_PACKED_ROWS = 256
 
@@ -59,7 +59,7 @@ def pack_linears(model: nn.Module) -> int:
             packed += 1
             continue
         try:
-            weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), _ROWS_HINT)
+            weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), ROWS_HINT)
         except RuntimeError as error:  # an unusual shape or build: this module keeps F.linear
             log.warning("packing a %s linear failed (%s); it runs unpacked", tuple(module.weight.shape), error)
             continue
@@ -96,11 +96,17 @@ def _packed_forward(module: nn.Linear, unpacked_forward):
                 or module.weight.device.type != "cpu"
                 or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))):
             return unpacked_forward(x)
-        if torch.compiler.is_compiling():
-            return packed_linear_op(x, weight, module.weight, module.bias)
-        return _product(x, weight, module.weight, module.bias)  # eager: without the op's dispatch cost
+        return packed_product(x, weight, module.weight, module.bias)
 
     return forward
+
+
+def packed_product(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] -> [..., out] on `packed` (up to MAX_PACKED_ROWS rows) or `weight`: the custom op when
+    torch is tracing (opaque to the compiler), else directly (eager: without the op's dispatch cost)."""
+    if torch.compiler.is_compiling():
+        return packed_linear_op(x, packed, weight, bias)
+    return _product(x, packed, weight, bias)
 
 
 def set_packed(model: nn.Module, enabled: bool) -> None:
