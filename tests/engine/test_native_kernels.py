@@ -1,5 +1,6 @@
-"""The C++ decode attention (native_kernels.py) equals the per-row SDPA reference, reads only each
-row's own extent of the pool, and a row's result does not depend on the rest of the batch.
+"""The C++ attention (native_kernels.py) equals the per-row SDPA reference, reads only each row's own
+extent of the pool, and a row's result does not depend on the rest of the batch: decode rows, and
+prefill rows given one query at a time with its causal extent (AttentionPlan.native_tokens).
 
 Head sizes 64, 128 and 256 take the AVX-512 path where the building CPU has it, others the portable
 loops; query heads per KV head 1-7 cover every chunk of the kernel's up-to-4-heads register blocks.
@@ -12,6 +13,7 @@ import torch
 
 from softserve.engine import native_kernels
 from softserve.engine.kv_cache import KVPool
+from softserve.engine import packed_attention
 from softserve.engine.packed_attention import AttentionPlan, PackedRow, batched_attention, reference_attention
 
 pytestmark = pytest.mark.skipif(not native_kernels.can_build(), reason="no C++ compiler or ninja: the engine uses the SDPA path")
@@ -81,22 +83,75 @@ def test_a_rows_result_does_not_depend_on_the_batch():
         assert torch.equal(alone[0], together[i])
 
 
-@pytest.mark.parametrize("shapes", [[(1, 9), (1, 30), (1, 1), (1, 17)], [(1, 25), (6, 6), (1, 3), (9, 30), (1, 14)],
-                                    [(4, 4), (1, 12)]])
-def test_plans_with_native_decode_equal_the_reference(shapes):
-    """Through AttentionPlan: decode rows by the kernel, prefill rows by SDPA, interleaved on the packed axis."""
-    gen = torch.Generator().manual_seed(1)
+PLAN_SHAPES = [[(1, 9), (1, 30), (1, 1), (1, 17)], [(1, 25), (6, 6), (1, 3), (9, 30), (1, 14)], [(4, 4), (1, 12)],
+               [(1, 50), (1, 8), (16, 48)]]
+
+
+def _plan_case(shapes, kv_heads, groups, head_dim, dtype=torch.float32, seed=1):
+    """Rows (q_len, kv_len) in packed order at scattered extents; slots no row owns are NaN."""
+    gen = torch.Generator().manual_seed(seed)
     rows, q, slot = [], 0, 1
     for q_len, kv_len in shapes:
         rows.append(PackedRow(q, q_len, slot, kv_len))
         q, slot = q + q_len, slot + kv_len + 2
-    keys = torch.randn(2, slot, 64, generator=gen)
-    values = torch.randn(2, slot, 64, generator=gen)
-    queries = torch.randn(q, 6, 64, generator=gen)
-    plan = AttentionPlan.build(tuple(rows), "cpu", native_decode=True)
-    assert plan.decode.native_extents is not None
-    expected = reference_attention(tuple(rows), queries, keys, values, None, 0.125)
-    torch.testing.assert_close(batched_attention(plan, queries, keys, values, None, 0.125), expected, rtol=1e-5, atol=1e-5)
+    keys = torch.full((kv_heads, slot + 2, head_dim), float("nan"))
+    values = torch.full((kv_heads, slot + 2, head_dim), float("nan"))
+    for r in rows:
+        keys[:, r.kv_start : r.kv_start + r.kv_len] = torch.randn(kv_heads, r.kv_len, head_dim, generator=gen)
+        values[:, r.kv_start : r.kv_start + r.kv_len] = torch.randn(kv_heads, r.kv_len, head_dim, generator=gen)
+    queries = torch.randn(q, kv_heads * groups, head_dim, generator=gen)
+    return tuple(rows), queries.to(dtype), keys.to(dtype), values.to(dtype)
+
+
+@pytest.mark.parametrize("shapes", PLAN_SHAPES)
+@pytest.mark.parametrize("groups,head_dim", [(3, 64), (1, 64), (4, 128), (3, 16)])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("long_rows_by_sdpa", [False, True])
+def test_plans_with_native_attention_equal_the_reference(shapes, groups, head_dim, window, long_rows_by_sdpa, monkeypatch):
+    """Through AttentionPlan: decode and prefill rows in one kernel call per layer (prefill rows over
+    NATIVE_PREFILL_MAX_KV by SDPA, here forced with a limit of 8), interleaved on the packed axis."""
+    if long_rows_by_sdpa:
+        monkeypatch.setattr(packed_attention, "NATIVE_PREFILL_MAX_KV", 8)
+    rows, queries, keys, values = _plan_case(shapes, 2, groups, head_dim)
+    plan = AttentionPlan.build(rows, "cpu", native_decode=True)
+    assert plan.native_tokens is not None and plan.decode is None
+    assert (plan.prefill is not None) == (long_rows_by_sdpa and any(r.q_len > 1 and r.kv_len > 8 for r in rows))
+    scale = head_dim**-0.5
+    expected = reference_attention(rows, queries, keys, values, window, scale)
+    got = batched_attention(plan, queries, keys, values, window, scale)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups,head_dim", [(3, 64), (4, 128), (1, 256), (3, 16)])
+def test_native_plans_in_half_precision_are_the_fp32_result_rounded(dtype, groups, head_dim):
+    rows, queries, keys, values = _plan_case(PLAN_SHAPES[1] + [(20, 70)], 3, groups, head_dim, dtype)
+    plan = AttentionPlan.build(rows, "cpu", native_decode=True)
+    expected = reference_attention(rows, queries.float(), keys.float(), values.float(), None, 0.125)
+    got = batched_attention(plan, queries, keys, values, None, 0.125)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_prefill_rows_result_does_not_depend_on_the_batch(dtype):
+    """Bitwise: each row of a mixed step attended alone (its own plan) gives the same bits as in the batch."""
+    rows, queries, keys, values = _plan_case(PLAN_SHAPES[1] + [(33, 100)], 3, 3, 64, dtype)
+    together = batched_attention(AttentionPlan.build(rows, "cpu", True), queries, keys, values, None, 0.125)
+    for row in rows:
+        alone_row = (PackedRow(0, row.q_len, row.kv_start, row.kv_len),)
+        q = queries[row.q_start : row.q_start + row.q_len]
+        alone = batched_attention(AttentionPlan.build(alone_row, "cpu", True), q, keys, values, None, 0.125)
+        assert torch.equal(alone, together[row.q_start : row.q_start + row.q_len])
+
+
+def test_a_query_with_no_keys_is_left_as_zeros():
+    rows, queries, keys, values = _decode_case([4, 6], 1, 3, 64, torch.bfloat16)
+    got = native_kernels.decode_attention(queries, keys, values, torch.tensor([rows[0].kv_start, 0]),
+                                          torch.tensor([4, 0]), None, 0.125)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert torch.equal(got[0], _native(rows[:1], queries[:1], keys, values, None, 0.125)[0])
 
 
 def test_an_extent_outside_the_pool_is_refused():
@@ -106,9 +161,13 @@ def test_an_extent_outside_the_pool_is_refused():
                                           None, 0.125)
 
 
-def test_engine_tokens_are_the_same_with_and_without_the_kernel(tiny_model, tokenizer):
-    """Whole engine in fp32, mixed steps (chunked prefill, soft prompts, rows joining): kernel == gather + SDPA."""
+@pytest.mark.parametrize("prefill_limit", [packed_attention.NATIVE_PREFILL_MAX_KV, 4])
+def test_engine_tokens_are_the_same_with_and_without_the_kernel(tiny_model, tokenizer, prefill_limit, monkeypatch):
+    """Whole engine in fp32, mixed steps (chunked prefill, soft prompts, rows joining): kernel == gather + SDPA
+    (with a prefill limit of 4, most prefill rows take SDPA beside the kernel's call)."""
     from tests.support.engine_utils import mixed_step_tokens
+
+    monkeypatch.setattr(packed_attention, "NATIVE_PREFILL_MAX_KV", prefill_limit)
 
     outputs = {}
     for native in (True, False):

@@ -2,7 +2,7 @@
 
 Random K/V in a pool, rows at scattered extents with different query and KV lengths, decode and
 prefill rows interleaved on the packed axis, GQA and plain multi-head, with and without a sliding
-window. The engine-level tests (test_engine_v2.py, test_parity_peft.py) then hold the whole engine,
+window, on the SDPA path and on the C++ kernel's (native_kernels.py). The engine-level tests (test_engine_v2.py, test_parity_peft.py) then hold the whole engine,
 which uses the batched path, token for token to PEFT and to solo runs.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from softserve.engine import native_kernels
 from softserve.engine.kv_cache import KVPool
 from softserve.engine.packed_attention import AttentionPlan, PackedRow, batched_attention, reference_attention
 
@@ -50,9 +51,14 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("kv_heads,groups", [(2, 3), (4, 1)])
 @pytest.mark.parametrize("sliding_window", [None, 5])
-def test_batched_attention_equals_the_per_row_reference(name, kv_heads, groups, sliding_window):
+@pytest.mark.parametrize("native", [False, True])
+def test_batched_attention_equals_the_per_row_reference(name, kv_heads, groups, sliding_window, native):
+    """native: the plan of a CPU engine with the C++ kernel (every row in one kernel call per layer)."""
+    if native and not native_kernels.load():
+        pytest.skip("no C++ compiler or ninja: the engine uses the SDPA path")
     rows, tokens_first, keys, values = _case(CASES[name], kv_heads, groups)
-    plan = AttentionPlan.build(rows, tokens_first.device)
+    plan = AttentionPlan.build(rows, tokens_first.device, native_decode=native)
+    assert (plan.native_tokens is not None) == native
     expected = reference_attention(rows, tokens_first, keys, values, sliding_window, 0.25)
     got = batched_attention(plan, tokens_first, keys, values, sliding_window, 0.25)
     assert got.shape == expected.shape == tokens_first.shape

@@ -13,6 +13,8 @@
 
 #include "parallel.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -69,6 +71,44 @@ inline void softmax_rows(float* scores, int64_t n, int64_t groups, float* totals
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+// exp_nonpositive on 16 lanes (GCC leaves the scalar loops of softmax_rows unvectorized).
+inline __m512 exp16_nonpositive(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), clamped);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), p, scale);
+}
+
+// One row of n scores -> its unnormalized softmax weights in place; returns their sum.
+inline float softmax16(float* s, int64_t n) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = neg_inf;
+  for (int64_t p = 0; p < n; p += 16) {
+    const __mmask16 k = n - p >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - p)) - 1);
+    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(neg_inf, k, s + p));
+  }
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t p = 0; p < n; p += 16) {
+    const __mmask16 k = n - p >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - p)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp16_nonpositive(_mm512_sub_ps(_mm512_mask_loadu_ps(neg_inf, k, s + p), mx)));
+    _mm512_mask_storeu_ps(s + p, k, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 template <typename T>
 inline __m512 load16(const T* src);
 template <>
@@ -102,7 +142,7 @@ void attend_heads(const float* qf, const T* k_base, int64_t k_pos, const T* v_ba
       scores[g * n + p] = _mm512_reduce_add_ps(acc);
     }
   }
-  softmax_rows(scores, n, G, totals);
+  for (int g = 0; g < G; ++g) totals[g] = softmax16(scores + g * n, n);
   __m512 o[G][V];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < V; ++i) o[g][i] = _mm512_setzero_ps();
@@ -117,6 +157,121 @@ void attend_heads(const float* qf, const T* k_base, int64_t k_pos, const T* v_ba
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < V; ++i) _mm512_storeu_ps(out_f + g * D + i * 16, o[g][i]);
 }
+
+#if defined(__AVX512BF16__)
+// The 16 horizontal sums of a[0..15] as one vector (lane j = sum of a[j]'s lanes): a transpose tree of
+// 15 adds instead of 16 separate reductions (each ~8 dependent shuffles and adds).
+inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j)
+    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[j], a[j + 8], 0x44), _mm512_shuffle_f32x4(a[j], a[j + 8], 0xEE));
+  for (int j = 0; j < 4; ++j)
+    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[j], b[j + 4], 0x88), _mm512_shuffle_f32x4(b[j], b[j + 4], 0xDD));
+  for (int j = 0; j < 2; ++j)
+    d[j] = _mm512_add_ps(_mm512_shuffle_ps(c[j], c[j + 2], 0x44), _mm512_shuffle_ps(c[j], c[j + 2], 0xEE));
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+  // e holds the sums in the order 0 2 1 3 8 10 9 11 4 6 5 7 12 14 13 15 (a self-inverse permutation)
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), e);
+}
+
+// bf16 storage: G query heads of one (row, KV head). Scores by AVX512-BF16 dot products straight from the
+// stored bf16 (each product exact in float32, sums in float32), 16 keys at a time; softmax in float32;
+// the weighted sum in float32, each 32 stored values split into their even and odd halves (one shift,
+// one mask) instead of widened 16 at a time. scores: G * round16(n) floats of scratch.
+template <int D, int G>
+void attend_heads_bf16(const c10::BFloat16* q_row, float scale, const c10::BFloat16* k_base, int64_t k_pos,
+                       const c10::BFloat16* v_base, int64_t v_pos, int64_t n, float* scores, float* out_f,
+                       float* totals) {
+  constexpr int W = D / 32;  // 32 bf16 per register
+  const int64_t stride = (n + 15) & ~int64_t{15};
+  __m512bh q[G][W];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < W; ++i) q[g][i] = (__m512bh)_mm512_loadu_si512(q_row + g * D + i * 32);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t p0 = 0; p0 < n; p0 += 16) {
+    const int64_t m = std::min<int64_t>(16, n - p0);
+    const c10::BFloat16* kb = k_base + p0 * k_pos;
+    for (int g = 0; g < G; ++g) {
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        acc[j] = _mm512_setzero_ps();
+        if (j < m)
+          for (int i = 0; i < W; ++i)
+            acc[j] = _mm512_dpbf16_ps(acc[j], q[g][i], (__m512bh)_mm512_loadu_si512(kb + j * k_pos + i * 32));
+      }
+      _mm512_storeu_ps(scores + g * stride + p0, _mm512_mul_ps(reduce16(acc), vscale));
+    }
+  }
+  for (int g = 0; g < G; ++g) totals[g] = softmax16(scores + g * stride, n);
+  __m512 even[G][W], odd[G][W];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < W; ++i) even[g][i] = odd[g][i] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t p = 0; p < n; ++p) {
+    __m512 ve[W], vo[W];
+    for (int i = 0; i < W; ++i) {
+      const __m512i raw = _mm512_loadu_si512(v_base + p * v_pos + i * 32);
+      ve[i] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));  // elements 0, 2, 4, ...
+      vo[i] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));  // elements 1, 3, 5, ...
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(scores[g * stride + p]);
+      for (int i = 0; i < W; ++i) {
+        even[g][i] = _mm512_fmadd_ps(w, ve[i], even[g][i]);
+        odd[g][i] = _mm512_fmadd_ps(w, vo[i], odd[g][i]);
+      }
+    }
+  }
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < W; ++i) {
+      _mm512_storeu_ps(out_f + g * D + i * 32, _mm512_permutex2var_ps(even[g][i], lo, odd[g][i]));
+      _mm512_storeu_ps(out_f + g * D + i * 32 + 16, _mm512_permutex2var_ps(even[g][i], hi, odd[g][i]));
+    }
+}
+
+// All `groups` heads, in chunks small enough for the registers (4 heads at D 64, 2 at 128, 1 at 256).
+template <int D>
+void attend_all_bf16(const c10::BFloat16* q_row, float scale, const c10::BFloat16* k_base, int64_t k_pos,
+                     const c10::BFloat16* v_base, int64_t v_pos, int64_t n, int64_t groups, float* scores,
+                     float* out_f, float* totals) {
+  constexpr int64_t chunk = D <= 64 ? 4 : (D == 128 ? 2 : 1);
+  for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
+    const int64_t count = std::min<int64_t>(chunk, groups - g0);
+    const c10::BFloat16* q = q_row + g0 * D;
+    float* o = out_f + g0 * D;
+    float* t = totals + g0;
+    if constexpr (chunk == 1) {
+      attend_heads_bf16<D, 1>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t);
+    } else if constexpr (chunk == 2) {
+      if (count == 1) attend_heads_bf16<D, 1>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t);
+      else attend_heads_bf16<D, 2>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t);
+    } else {
+      switch (count) {
+        case 1: attend_heads_bf16<D, 1>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
+        case 2: attend_heads_bf16<D, 2>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
+        case 3: attend_heads_bf16<D, 3>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
+        default: attend_heads_bf16<D, 4>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
+      }
+    }
+  }
+}
+
+inline bool attend_bf16(const c10::BFloat16* q_row, float scale, const c10::BFloat16* k_base, int64_t k_pos,
+                        const c10::BFloat16* v_base, int64_t v_pos, int64_t n, int64_t groups, int64_t d,
+                        float* scores, float* out_f, float* totals) {
+  switch (d) {
+    case 64: attend_all_bf16<64>(q_row, scale, k_base, k_pos, v_base, v_pos, n, groups, scores, out_f, totals); return true;
+    case 128: attend_all_bf16<128>(q_row, scale, k_base, k_pos, v_base, v_pos, n, groups, scores, out_f, totals); return true;
+    case 256: attend_all_bf16<256>(q_row, scale, k_base, k_pos, v_base, v_pos, n, groups, scores, out_f, totals); return true;
+    default: return false;
+  }
+}
+#define SOFTSERVE_BF16_DOT 1
+#endif
 
 // Heads [0, groups) of one (row, KV head) in chunks of up to 4 query heads; false: D not specialised.
 template <typename T, int D>
@@ -166,8 +321,27 @@ inline void store_heads(const float* acc, const float* total, T* out, int64_t gr
   }
 }
 
+// Splits tasks [0, n) into `parts` contiguous ranges of about equal cost (cost(t): keys + a fixed
+// overhead), so a thread that draws the long prefill rows does not leave the other one waiting.
+// bounds: parts + 1 entries. Which thread computes a task never changes what it computes.
+template <typename Cost>
+void balanced_bounds(int64_t n, int64_t parts, const Cost& cost, std::vector<int64_t>& bounds) {
+  bounds.assign(parts + 1, n);
+  bounds[0] = 0;
+  double total = 0;
+  for (int64_t t = 0; t < n; ++t) total += cost(t);
+  double done = 0;
+  int64_t part = 1;
+  for (int64_t t = 0; t < n && part < parts; ++t) {
+    done += cost(t);
+    while (part < parts && done >= total * part / parts) bounds[part++] = t + 1;
+  }
+}
+
 // q [rows, q_heads, d]; keys/values [kv_heads, capacity, d] (rows of d contiguous);
 // kv_start/kv_len [rows]; out [rows, q_heads, d]. The query heads of KV head h are h*groups .. h*groups+groups-1.
+// A "row" here is one query: a prefill row's queries come as rows of their own, each with the extent it
+// sees (causal), so one call serves a whole packed batch.
 template <typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const int64_t* kv_start,
                    const int64_t* kv_len, at::Tensor& out, int64_t window, double scale) {
@@ -181,25 +355,48 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
   const int64_t k_head = keys.stride(0), k_pos = keys.stride(1);
   const int64_t v_head = values.stride(0), v_pos = values.stride(1);
   const float fscale = static_cast<float>(scale);
+  auto visible = [&](int64_t r) {
+    const int64_t len = kv_len[r];
+    return (window > 0 && len > window) ? window : len;
+  };
+  const int64_t tasks = rows * kv_heads;
+  const int64_t threads = omp_in_parallel() ? 1 : std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), tasks));
+  std::vector<int64_t> bounds;
+  balanced_bounds(tasks, threads, [&](int64_t t) { return static_cast<double>(visible(t / kv_heads) + 32); }, bounds);
 
-  softserve::parallel_range(rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(groups * d), acc(groups * d), kv_row(d), total(groups), scores;
-    for (int64_t task = begin; task < end; ++task) {
+  softserve::parallel_range(threads, 1, [&](int64_t part_begin, int64_t part_end) {
+    // scratch reused by this thread across calls: no heap allocation per task or per call once warm
+    thread_local std::vector<float> qf, acc, kv_row, total, scores;
+    qf.resize(groups * d);
+    acc.resize(groups * d);
+    kv_row.resize(d);
+    total.resize(groups);
+    for (int64_t task = bounds[part_begin]; task < bounds[part_end]; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
-      const int64_t len = kv_len[r];
-      const int64_t first = (window > 0 && len > window) ? len - window : 0;
-      const int64_t n = len - first;
-      const int64_t slot0 = kv_start[r] + first;
+      const int64_t n = visible(r);
+      T* o_row = o_data + (r * q_heads + h * groups) * d;
+      if (n == 0) {  // a query the caller attends elsewhere (a long prefill row): zeros
+        std::fill(o_row, o_row + groups * d, static_cast<T>(0.f));
+        continue;
+      }
+      const int64_t slot0 = kv_start[r] + kv_len[r] - n;
+      if (static_cast<int64_t>(scores.size()) < groups * (n + 16)) scores.resize(groups * (n + 16));
       const T* q_row = q_data + (r * q_heads + h * groups) * d;
+      const T* k_base = k_data + h * k_head + slot0 * k_pos;
+      const T* v_base = v_data + h * v_head + slot0 * v_pos;
+#if defined(SOFTSERVE_BF16_DOT)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (attend_bf16(q_row, fscale, k_base, k_pos, v_base, v_pos, n, groups, d, scores.data(), acc.data(), total.data())) {
+          store_heads(acc.data(), total.data(), o_row, groups, d);
+          continue;
+        }
+      }
+#endif
       for (int64_t g = 0; g < groups; ++g) {
         float* qg = qf.data() + g * d;
         load_row(q_row + g * d, qg, d);
         for (int64_t i = 0; i < d; ++i) qg[i] *= fscale;  // the scale folded into the query once
       }
-      scores.resize(groups * n);
-      const T* k_base = k_data + h * k_head + slot0 * k_pos;
-      const T* v_base = v_data + h * v_head + slot0 * v_pos;
-      T* o_row = o_data + (r * q_heads + h * groups) * d;
       if (attend_fast(qf.data(), k_base, k_pos, v_base, v_pos, n, groups, d, scores.data(), acc.data(), total.data())) {
         store_heads(acc.data(), total.data(), o_row, groups, d);
         continue;
@@ -245,7 +442,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   const int64_t* start_data = starts.const_data_ptr<int64_t>();
   const int64_t* len_data = lengths.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < q.size(0); ++r) {
-    TORCH_CHECK(len_data[r] >= 1 && start_data[r] >= 0 && start_data[r] + len_data[r] <= keys.size(1),
+    TORCH_CHECK(len_data[r] >= 0 && start_data[r] >= 0 && start_data[r] + len_data[r] <= keys.size(1),
                 "row extent outside the pool");
   }
   at::Tensor out = at::empty_like(qc);
