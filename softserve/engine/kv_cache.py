@@ -32,10 +32,12 @@ class KVPool:
         self.capacity = capacity
         # torch.empty: on CPU untouched pages are never committed, so an idle pool costs no RSS.
         self.storage = torch.empty(num_layers, 2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        # the views, made once: indexing the storage twice per layer per step is Python time on the hot path
+        self._layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(num_layers)]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) of one layer, each [kv_heads, capacity, head_dim]."""
-        return self.storage[index, 0], self.storage[index, 1]
+        """(keys, values) of one layer, each [kv_heads, capacity, head_dim] (views of `storage`)."""
+        return self._layers[index]
 
     @property
     def nbytes(self) -> int:

@@ -292,7 +292,14 @@ def attend_packed(batch: PackedBatch, layer_idx: int, query, key, value, sliding
     else:
         keys.index_copy_(1, batch.write_slots, key[0])  # key: [1, kv_heads, total_tokens, head_dim]
         values.index_copy_(1, batch.write_slots, value[0])
-    tokens_first = query[0].transpose(0, 1).contiguous()  # [total_tokens, q_heads, head_dim]: one copy
+    tokens_first = query[0].transpose(0, 1)  # [total_tokens, q_heads, head_dim]
+    plan = batch.plan
+    if plan is not None and plan.native_tokens is not None and plan.prefill is None:  # the kernel reads the view
+        kv_start, kv_len = plan.native_tokens
+        out = native_kernels.decode_attention(tokens_first, keys, values, kv_start, kv_len, sliding_window,
+                                                scaling if scaling is not None else tokens_first.shape[-1] ** -0.5)
+        return out.unsqueeze(0)
+    tokens_first = tokens_first.contiguous()  # one copy
     if batch.plan is not None:
         out = batched_attention(batch.plan, tokens_first, keys, values, sliding_window, scaling)
     else:

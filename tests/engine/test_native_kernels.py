@@ -275,3 +275,14 @@ def test_write_kv_is_index_copy(dtype):
     with pytest.raises(RuntimeError, match="outside the pool"):
         native_kernels.write_kv(pool[0], pool[1], new[0], new[1], torch.tensor([7, 8, 30, 2, 50]))
     assert torch.equal(pool, expected)  # a refused write writes nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_strided_query_reads_the_same_as_a_contiguous_one(dtype):
+    """attend_packed hands the kernel query[0].transpose(0, 1), a view: same bits as the contiguous copy."""
+    rows, queries, keys, values = _plan_case(PLAN_SHAPES[1], 3, 3, 64, dtype)
+    extents = packed_attention.token_extents(rows)
+    assert extents is not None
+    heads_first = queries.transpose(0, 1).contiguous()  # [q_heads, tokens, d], as the model hands it over
+    strided = native_kernels.decode_attention(heads_first.transpose(0, 1), keys, values, *extents, None, 0.125)
+    assert torch.equal(strided, native_kernels.decode_attention(queries, keys, values, *extents, None, 0.125))

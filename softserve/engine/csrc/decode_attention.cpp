@@ -180,14 +180,14 @@ inline __m512 reduce16(const __m512* a) {
 // the weighted sum in float32, each 32 stored values split into their even and odd halves (one shift,
 // one mask) instead of widened 16 at a time. scores: G * round16(n) floats of scratch.
 template <int D, int G>
-void attend_heads_bf16(const c10::BFloat16* q_row, float scale, const c10::BFloat16* k_base, int64_t k_pos,
+void attend_heads_bf16(const c10::BFloat16* q_row, int64_t q_hs, float scale, const c10::BFloat16* k_base, int64_t k_pos,
                        const c10::BFloat16* v_base, int64_t v_pos, int64_t n, float* scores, float* out_f,
                        float* totals) {
   constexpr int W = D / 32;  // 32 bf16 per register
   const int64_t stride = (n + 15) & ~int64_t{15};
   __m512bh q[G][W];
   for (int g = 0; g < G; ++g)
-    for (int i = 0; i < W; ++i) q[g][i] = (__m512bh)_mm512_loadu_si512(q_row + g * D + i * 32);
+    for (int i = 0; i < W; ++i) q[g][i] = (__m512bh)_mm512_loadu_si512(q_row + g * q_hs + i * 32);
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t p0 = 0; p0 < n; p0 += 16) {
     const int64_t m = std::min<int64_t>(16, n - p0);
@@ -235,38 +235,38 @@ void attend_heads_bf16(const c10::BFloat16* q_row, float scale, const c10::BFloa
 
 // All `groups` heads, in chunks small enough for the registers (4 heads at D 64, 2 at 128, 1 at 256).
 template <int D>
-void attend_all_bf16(const c10::BFloat16* q_row, float scale, const c10::BFloat16* k_base, int64_t k_pos,
+void attend_all_bf16(const c10::BFloat16* q_row, int64_t q_hs, float scale, const c10::BFloat16* k_base, int64_t k_pos,
                      const c10::BFloat16* v_base, int64_t v_pos, int64_t n, int64_t groups, float* scores,
                      float* out_f, float* totals) {
   constexpr int64_t chunk = D <= 64 ? 4 : (D == 128 ? 2 : 1);
   for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
     const int64_t count = std::min<int64_t>(chunk, groups - g0);
-    const c10::BFloat16* q = q_row + g0 * D;
+    const c10::BFloat16* q = q_row + g0 * q_hs;
     float* o = out_f + g0 * D;
     float* t = totals + g0;
     if constexpr (chunk == 1) {
-      attend_heads_bf16<D, 1>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t);
+      attend_heads_bf16<D, 1>(q, q_hs, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t);
     } else if constexpr (chunk == 2) {
-      if (count == 1) attend_heads_bf16<D, 1>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t);
-      else attend_heads_bf16<D, 2>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t);
+      if (count == 1) attend_heads_bf16<D, 1>(q, q_hs, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t);
+      else attend_heads_bf16<D, 2>(q, q_hs, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t);
     } else {
       switch (count) {
-        case 1: attend_heads_bf16<D, 1>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
-        case 2: attend_heads_bf16<D, 2>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
-        case 3: attend_heads_bf16<D, 3>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
-        default: attend_heads_bf16<D, 4>(q, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
+        case 1: attend_heads_bf16<D, 1>(q, q_hs, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
+        case 2: attend_heads_bf16<D, 2>(q, q_hs, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
+        case 3: attend_heads_bf16<D, 3>(q, q_hs, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
+        default: attend_heads_bf16<D, 4>(q, q_hs, scale, k_base, k_pos, v_base, v_pos, n, scores, o, t); break;
       }
     }
   }
 }
 
-inline bool attend_bf16(const c10::BFloat16* q_row, float scale, const c10::BFloat16* k_base, int64_t k_pos,
+inline bool attend_bf16(const c10::BFloat16* q_row, int64_t q_hs, float scale, const c10::BFloat16* k_base, int64_t k_pos,
                         const c10::BFloat16* v_base, int64_t v_pos, int64_t n, int64_t groups, int64_t d,
                         float* scores, float* out_f, float* totals) {
   switch (d) {
-    case 64: attend_all_bf16<64>(q_row, scale, k_base, k_pos, v_base, v_pos, n, groups, scores, out_f, totals); return true;
-    case 128: attend_all_bf16<128>(q_row, scale, k_base, k_pos, v_base, v_pos, n, groups, scores, out_f, totals); return true;
-    case 256: attend_all_bf16<256>(q_row, scale, k_base, k_pos, v_base, v_pos, n, groups, scores, out_f, totals); return true;
+    case 64: attend_all_bf16<64>(q_row, q_hs, scale, k_base, k_pos, v_base, v_pos, n, groups, scores, out_f, totals); return true;
+    case 128: attend_all_bf16<128>(q_row, q_hs, scale, k_base, k_pos, v_base, v_pos, n, groups, scores, out_f, totals); return true;
+    case 256: attend_all_bf16<256>(q_row, q_hs, scale, k_base, k_pos, v_base, v_pos, n, groups, scores, out_f, totals); return true;
     default: return false;
   }
 }
@@ -315,6 +315,20 @@ bool attend_fast(const float*, const T*, int64_t, const T*, int64_t, int64_t, in
 
 template <typename T>
 inline void store_heads(const float* acc, const float* total, T* out, int64_t groups, int64_t d) {
+#if defined(SOFTSERVE_BF16_DOT)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (d % 16 == 0) {  // round to nearest even, as c10::BFloat16's conversion does, 16 at a time
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m512 inv = _mm512_set1_ps(1.f / total[g]);
+        for (int64_t i = 0; i < d; i += 16) {
+          const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + g * d + i), inv));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * d + i), (__m256i)h);
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t g = 0; g < groups; ++g) {
     const float inv = 1.f / total[g];
     for (int64_t i = 0; i < d; ++i) out[g * d + i] = static_cast<T>(acc[g * d + i] * inv);
@@ -349,6 +363,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
   const int64_t kv_heads = keys.size(0);
   const int64_t groups = q_heads / kv_heads;
   const T* q_data = q.const_data_ptr<T>();
+  const int64_t q_tok = q.stride(0), q_hs = q.stride(1);  // q may be strided (a transposed view)
   const T* k_data = keys.const_data_ptr<T>();
   const T* v_data = values.const_data_ptr<T>();
   T* o_data = out.mutable_data_ptr<T>();
@@ -381,12 +396,12 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
       }
       const int64_t slot0 = kv_start[r] + kv_len[r] - n;
       if (static_cast<int64_t>(scores.size()) < groups * (n + 16)) scores.resize(groups * (n + 16));
-      const T* q_row = q_data + (r * q_heads + h * groups) * d;
+      const T* q_row = q_data + r * q_tok + h * groups * q_hs;
       const T* k_base = k_data + h * k_head + slot0 * k_pos;
       const T* v_base = v_data + h * v_head + slot0 * v_pos;
 #if defined(SOFTSERVE_BF16_DOT)
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (attend_bf16(q_row, fscale, k_base, k_pos, v_base, v_pos, n, groups, d, scores.data(), acc.data(), total.data())) {
+        if (attend_bf16(q_row, q_hs, fscale, k_base, k_pos, v_base, v_pos, n, groups, d, scores.data(), acc.data(), total.data())) {
           store_heads(acc.data(), total.data(), o_row, groups, d);
           continue;
         }
@@ -394,7 +409,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
 #endif
       for (int64_t g = 0; g < groups; ++g) {
         float* qg = qf.data() + g * d;
-        load_row(q_row + g * d, qg, d);
+        load_row(q_row + g * q_hs, qg, d);
         for (int64_t i = 0; i < d; ++i) qg[i] *= fscale;  // the scale folded into the query once
       }
       if (attend_fast(qf.data(), k_base, k_pos, v_base, v_pos, n, groups, d, scores.data(), acc.data(), total.data())) {
@@ -437,7 +452,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "pool rows must be contiguous");
   TORCH_CHECK(kv_start.scalar_type() == at::kLong && kv_len.scalar_type() == at::kLong, "int64 extents");
   TORCH_CHECK(kv_start.numel() == q.size(0) && kv_len.numel() == q.size(0), "one extent per row");
-  const at::Tensor qc = q.contiguous();
+  const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();  // rows and heads at any stride
   const at::Tensor starts = kv_start.contiguous(), lengths = kv_len.contiguous();
   const int64_t* start_data = starts.const_data_ptr<int64_t>();
   const int64_t* len_data = lengths.const_data_ptr<int64_t>();
@@ -445,7 +460,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     TORCH_CHECK(len_data[r] >= 0 && start_data[r] >= 0 && start_data[r] + len_data[r] <= keys.size(1),
                 "row extent outside the pool");
   }
-  at::Tensor out = at::empty_like(qc);
+  at::Tensor out = at::empty(qc.sizes(), qc.options());  // [rows, q_heads, d] contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     decode_kernel<scalar_t>(qc, keys, values, start_data, len_data, out, window, scale);
   });
