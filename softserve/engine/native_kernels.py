@@ -85,9 +85,11 @@ def available(device: torch.device) -> bool:
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kv_start: torch.Tensor,
                      kv_len: torch.Tensor, sliding_window: int | None, scale: float) -> torch.Tensor:
-    """q [rows, q_heads, d]; keys/values one layer of the pool [kv_heads, capacity, d]; kv_start/kv_len
-    [rows] int64: row r's query sees slots kv_start[r] .. kv_start[r] + kv_len[r] - 1 (the last
-    `sliding_window` of them where that is set). Returns [rows, q_heads, d]."""
+    """q [rows, q_heads, d] (any strides, head_dim contiguous); keys/values one layer of the pool
+    [kv_heads, capacity, d]; kv_start/kv_len [rows] int64: row r's query sees slots kv_start[r] ..
+    kv_start[r] + kv_len[r] - 1 (the last `sliding_window` of them where that is set); kv_len 0: zeros
+    (a query attended elsewhere). A prefill row's queries come as rows of their own, each with its causal
+    extent (packed_attention.token_extents). Returns [rows, q_heads, d], contiguous."""
     return torch.ops.softserve_native.decode_attention(q, keys, values, kv_start, kv_len, sliding_window or 0, scale)
 
 
