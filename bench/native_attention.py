@@ -3,7 +3,7 @@ the whole step in one native call (AttentionPlan.native_tokens) vs the native de
 one SDPA call for the prefill rows (the path before, still used for prefill rows over
 NATIVE_PREFILL_MAX_KV positions).
 
-    TORCH_EXTENSIONS_DIR=... PYTHONPATH=. flock /tmp/bench.lock python bench/native_attention.py
+    .venv/bin/python bench/native_attention.py [--threads 2] [--repeats 4]
 
 Runs both paths interleaved over a 30-layer pool, touching 16 MB between calls (the MLP weights evict
 the pool between layers in a real step), and prints the median us per layer call and their ratio.
@@ -11,12 +11,24 @@ the pool between layers in a real step), and prints the median us per layer call
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from softserve.engine import native_kernels
-from softserve.engine.packed_attention import AttentionPlan, PackedRow, RowGroup, batched_attention, token_extents
+import torch  # noqa: E402
+
+from bench import common as C  # noqa: E402
+from softserve.engine import native_kernels  # noqa: E402
+from softserve.engine.packed_attention import (  # noqa: E402
+    AttentionPlan,
+    PackedRow,
+    RowGroup,
+    batched_attention,
+    token_extents,
+)
 
 LAYERS, KV_HEADS, GROUPS, HEAD_DIM = 30, 3, 3, 64
 # (label, [(q_len, kv_len) per row])
@@ -30,32 +42,55 @@ SHAPES = [
 ]
 
 
-def main() -> None:
-    torch.set_num_threads(2)
-    assert native_kernels.load()
+def run(args) -> dict:
+    C.setup_torch(args)
+    if not native_kernels.load():
+        raise SystemExit("the native kernels did not build here (a C++ compiler and ninja are needed)")
+    layers, repeats, shapes = (2, 1, SHAPES[:2]) if args.quick else (LAYERS, args.repeats, SHAPES)
     evict = torch.randn(4 << 20)
-    for label, shape in SHAPES:
+    load_start = C.load_average()
+    results = []
+    for label, shape in shapes:
         rows, q, slot = [], 0, 0
         for q_len, kv_len in shape:
             rows.append(PackedRow(q, q_len, slot, kv_len))
             q, slot = q + q_len, slot + kv_len + 64
-        pool = torch.randn(LAYERS, 2, KV_HEADS, slot, HEAD_DIM).to(torch.bfloat16)
+        pool = torch.randn(layers, 2, KV_HEADS, slot, HEAD_DIM).to(torch.bfloat16)
         tokens = torch.randn(q, KV_HEADS * GROUPS, HEAD_DIM).to(torch.bfloat16)
         extents = token_extents(tuple(rows))
         assert extents is not None
         plans = {"one native call": AttentionPlan(None, None, False, extents)}
         plans["kernel + SDPA"] = _split_plan(rows)
         times: dict[str, list[float]] = {name: [] for name in plans}
-        for _ in range(4):
+        for _ in range(repeats):
             for name, p in plans.items():
-                for layer in range(LAYERS):
+                for layer in range(layers):
                     evict.add_(1.0)
                     t0 = time.perf_counter()
                     batched_attention(p, tokens, pool[layer, 0], pool[layer, 1], None, 0.125)
                     times[name].append(time.perf_counter() - t0)
         med = {name: 1e6 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-        a, b = med["one native call"], med["kernel + SDPA"]
-        print(f"{label:45s} one native call {a:7.1f} us   kernel + SDPA {b:7.1f} us   ratio {b / a:.2f}x", flush=True)
+        results.append({"shape": label, "native_us": med["one native call"], "split_us": med["kernel + SDPA"]})
+    return {"name": "native_attention", "threads": torch.get_num_threads(), "shapes": results,
+            "load_avg_start": load_start, "load_avg_end": C.load_average()}
+
+
+def render(result: dict) -> str:
+    rows = [[r["shape"], r["native_us"], r["split_us"], f"{r['split_us'] / r['native_us']:.2f}x"] for r in result["shapes"]]
+    return (f"### Packed attention per layer call: one native call vs kernel + SDPA (bf16, {result['threads']} threads)\n\n"
+            + C.md_table(["rows", "one native call us", "kernel + SDPA us", "speedup"], rows)
+            + f"\n\nLoad average {result['load_avg_start']:.2f} at start, {result['load_avg_end']:.2f} at end.\n"
+            f"`{result.get('command', '')}`\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = C.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--repeats", type=int, default=4, help="passes over the layers per path (quick: 1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return C.script_main(build_parser, run, render, argv)
 
 
 def _split_plan(rows: list[PackedRow]) -> AttentionPlan:

@@ -39,6 +39,8 @@ CASES = {
                       ["### Serving overhead around the forward", "| variant | tok/s", "| engine alone |", "| live |"]),
     "contention": ([], ["### Contention: the HTTP side's work as a thread vs a process", "| 25% |"]),
     "startup": (["--dtype", "float32"], ["### Start-up until /ready", "| compiled, empty inductor cache |", "| compiled, warm inductor cache |"]),
+    "step_time": ([], ["### Engine step time", "| decode, 4 rows |", "| mixed, 1 x 8-token prefill + 3 decode |"]),
+    "native_attention": ([], ["### Packed attention per layer call", "| 16 decode rows (kv 110) |"]),
     "adapter_kinds": (["--concurrency", "3", "--k", "4", "--prompt-tokens", "8", "--max-tokens", "4", "--repeats", "1"],
                       ["### Adapter kinds in one batch", "| rows | output tok/s | ratio to plain", "| prefix_tuning |"]),
 }
@@ -66,7 +68,8 @@ def quick_run(tmp_path_factory):
     return run
 
 
-SERVER_SCRIPTS = {"load", "prompt_scale", "batch", "loop_overhead", "startup"}  # they start `softserve serve` as a subprocess
+SERVER_SCRIPTS = {"load", "prompt_scale", "batch", "loop_overhead", "startup", "step_time"}  # they start a subprocess
+# (`softserve serve`; step_time: its measuring worker)
 # 13-25 s each on 2 cores: run with `pytest -m slow` (make test-all), so `make test` stays near 10 minutes.
 # `load` stays in make test: test_run_all_renders needs its results anyway.
 SLOW_SCRIPTS = {"prompt_scale", "batch", "loop_overhead", "startup"}  # startup: four starts, two compiles
@@ -78,6 +81,11 @@ def _marks(name: str) -> list:
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in CASES])
 def test_script_quick(name, quick_run):
+    if name == "native_attention":
+        from softserve.engine import native_kernels
+
+        if not native_kernels.load():
+            pytest.skip("the native kernels do not build here (no C++ compiler or ninja)")
     result, printed = quick_run(name)
     for header in CASES[name][1]:
         assert header in printed, f"{name}: {header!r} missing from\n{printed}"
