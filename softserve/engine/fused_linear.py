@@ -15,9 +15,11 @@ weight, which products over `MAX_PACKED_ROWS` rows read (packed_linear.py), so n
 the fused packed weight replaces the siblings' packed ones. At run time the first sibling (the one
 every architecture calls first: q_proj, gate_proj) computes the fused product and returns its slice;
 it leaves the product with its input on the group ("stash"), and a later sibling called with that
-very input object returns its slice of it; the last one drops the stash, so no activation outlives
-its layer. Any other call (another input, autograd, a replaced or cast weight, `set_packed(model,
-False)`) takes the sibling's own `nn.Linear` forward: always correct, only slower. The slices are
+very input object, unchanged since (its version counter), returns its slice of it; the last one drops
+the stash, so in the HF call order no activation outlives its layer (a stash the last sibling never
+takes lives until the group's next call). Any other call (another input, autograd, a replaced, cast
+or moved weight, `set_packed(model, False)`) takes the sibling's own `nn.Linear` forward: always
+correct, only slower. As for packed_linear.py, the weights must not change in place after fusing. The slices are
 strided views: HF attention `.view`s them on the last dimension and the MLP reads them elementwise.
 
 Under the compiled forward the product is the same `softserve::packed_linear` op on the fused weights,
@@ -60,15 +62,18 @@ class FusedGroup:
             bounds.append((start, start + m.out_features))
             start += m.out_features
         self.bounds = bounds
-        self.stash: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, fused output [..., sum_out])
+        # (input, its version counter then (None while tracing), fused output [..., sum_out])
+        self.stash: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
 
     def usable(self, x: torch.Tensor) -> bool:
-        """The packed path's gates, for every member: bf16 input, the fused Parameters still in place and
-        still packed (`set_packed(model, False)` clears that), no autograd."""
-        if x.dtype != torch.bfloat16:
+        """The packed path's gates, for every member: bf16 CPU input, the fused Parameters still in place,
+        bf16 and on the CPU (a moved model runs its own forward), still packed (`set_packed(model, False)`
+        clears that), no autograd."""
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
             return False
         for member, weight, bias in zip(self.members, self.weights, self.biases):
-            if member.weight is not weight or member.bias is not bias or member.weight.dtype != torch.bfloat16:
+            if (member.weight is not weight or member.bias is not bias or member.weight.dtype != torch.bfloat16
+                    or member.weight.device.type != "cpu"):
                 return False
             if member._softserve_packed[1] is not weight:  # type: ignore[index]
                 return False
@@ -133,7 +138,7 @@ def _first_forward(group: FusedGroup, plain):
             group.stash = None
             return plain(x)
         out = packed_product(x, group.packed, group.weight, group.bias)  # [..., sum of out_features]
-        group.stash = (x, out)
+        group.stash = (x, _version(x), out)
         return out[..., begin:end]
 
     return forward
@@ -144,10 +149,20 @@ def _later_forward(group: FusedGroup, index: int, is_last: bool, plain):
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         stash = group.stash
-        if stash is None or stash[0] is not x:
+        # the same object, not changed in place since (a stash the last sibling never took can be old)
+        if stash is None or stash[0] is not x or stash[1] != _version(x):
             return plain(x)
         if is_last:
             group.stash = None
-        return stash[1][..., begin:end]
+        return stash[2][..., begin:end]
 
     return forward
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's in-place version counter; None while torch traces (the graph is functional: no in-place
+    change of a traced input between two siblings to detect) and for inference-mode tensors, which keep
+    no counter (the engine's forward: HF code changes no linear's input between its siblings)."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return x._version

@@ -9,11 +9,15 @@ call. There, per layer:
 1. the new tokens' K/V (already rotated by the model) are written into the pool at their slots;
 2. each row's queries attend to that row's slice of the pool: `[kv_start, kv_start + kv_len)`.
 
-Step 2 runs batched (`batched_attention`): the rows are split into a decode group (one query each)
-and a prefill group (several), and each group is ONE `scaled_dot_product_attention` call per layer
-over its rows' KV gathered from the pool into a padded `[rows, kv_heads, max_kv_len, head_dim]` with
-a boolean mask. The gather indices and masks (`AttentionPlan`) are built once per step and shared by
-every layer. `reference_attention` is the per-row loop it replaced (one SDPA per row per layer):
+Step 2 runs batched (`batched_attention`). On CPU with the native kernels (native_kernels.py), ONE
+kernel call per layer attends every query of the step over its own row's slots of the pool, read in
+place: decode rows and prefill rows of up to `NATIVE_PREFILL_MAX_KV` positions (a prefill row's
+query i sees its row's first `kv_len - q_len + i + 1` positions); longer prefill rows keep one SDPA
+call beside it. Without the kernels, the rows are split into a decode group (one query each) and a
+prefill group (several), and each group is ONE `scaled_dot_product_attention` call per layer over its
+rows' KV gathered from the pool into a padded `[rows, kv_heads, max_kv_len, head_dim]` with a
+boolean mask. The extents, gather indices and masks (`AttentionPlan`) are built once per step and
+shared by every layer. `reference_attention` is the per-row loop it replaced (one SDPA per row per layer):
 the tests hold the batched path equal to it, and `PackedBatch.plan=None` selects it.
 
 Rows never see each other and no pad token's output is ever used. Without `softserve_batch` (tuning,
@@ -227,7 +231,8 @@ def _attend_group(group: RowGroup, tokens_first, keys, values, sliding_window, s
 
 
 def batched_attention(plan: AttentionPlan, tokens_first, keys, values, sliding_window, scaling) -> torch.Tensor:
-    """At most two SDPA calls (decode rows, prefill rows) for the whole packed batch: [total, q_heads, d]."""
+    """The whole packed batch in at most two calls: the native kernel (every row it takes) plus SDPA for
+    longer prefill rows, or without the kernel SDPA for decode rows and for prefill rows: [total, q_heads, d]."""
     if plan.native_tokens is not None:
         kv_start, kv_len = plan.native_tokens
         out = native_kernels.decode_attention(tokens_first, keys, values, kv_start, kv_len, sliding_window,

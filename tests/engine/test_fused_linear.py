@@ -119,6 +119,18 @@ def test_a_sibling_called_with_another_input_computes_its_own_product():
         torch.testing.assert_close(k.float(), _expected(block, x)[1], rtol=1.6e-2, atol=1e-2)
 
 
+def test_an_input_changed_in_place_after_the_stash_is_computed_again():
+    block = _block()
+    pack_linears(block)
+    fuse_linears(block)
+    attn = block["attn"]
+    x = torch.randn(1, 4, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        attn.q_proj(x)  # stashes k and v of x as it is now
+        x.copy_(torch.randn(1, 4, 64).to(torch.bfloat16))
+        assert torch.equal(attn.k_proj(x), nn.functional.linear(x, attn.k_proj.weight))  # not the stale slice
+
+
 def test_autograd_and_unpacked_take_the_plain_path():
     block = _block()
     pack_linears(block)

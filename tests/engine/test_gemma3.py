@@ -4,8 +4,9 @@ Gemma 3 differs from the Llama family where it matters to us: embeddings scaled 
 module, q/k norms, sliding-window layers beside full-attention ones (each with its own rotary base),
 and (1 + weight) RMSNorms. The embedded GGUF we ship is Llama; no Gemma 3 GGUF can be fetched here, so
 these tests stand in for "Gemma 3 still served exactly": fp32 engine == full recompute, and the bf16
-engine on its CPU fast paths (packed and fused linears, native attention kernel; compiled too, slow)
-== the bf16 full recompute of the same weights.
+engine on its CPU fast paths (packed and fused linears, the native attention kernel's bf16 path, which
+head_dim 64 takes, over sliding-window and full layers; compiled too, slow) == the bf16 full
+recompute of the same weights.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def tiny_gemma3(vocab: int, dtype: torch.dtype = torch.float32, sliding: bool = 
     layer_types = ["sliding_attention", "full_attention"] * 2 if sliding else ["full_attention"] * 4
     # untied LM head: with a tied one, a random model's greedy output just repeats its last input token
     config = Gemma3TextConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=4,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
                               sliding_window=6, layer_types=layer_types, initializer_range=0.3,
                               tie_word_embeddings=False, attn_implementation="eager")
     return Gemma3ForCausalLM(config).to(dtype).eval()
@@ -60,6 +61,9 @@ def _bf16_engine_equals_full_recompute(tokenizer, compiled: bool):
         pytest.skip("this torch build packs no bf16 linears")
     # fused: the siblings' weights are row slices of one concatenated weight
     assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
+    from softserve.engine import native_kernels
+
+    assert engine.runner.native_kernels == native_kernels.load()  # where the kernels build, this runs them
     if compiled:
         engine.runner.use_compiled_forward(True)
         engine.runner.warm_up()
