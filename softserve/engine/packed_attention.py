@@ -299,13 +299,9 @@ def attend_packed(batch: PackedBatch, layer_idx: int, query, key, value, sliding
         values.index_copy_(1, batch.write_slots, value[0])
     tokens_first = query[0].transpose(0, 1)  # [total_tokens, q_heads, head_dim]
     plan = batch.plan
-    if plan is not None and plan.native_tokens is not None and plan.prefill is None:  # the kernel reads the view
-        kv_start, kv_len = plan.native_tokens
-        out = native_kernels.decode_attention(tokens_first, keys, values, kv_start, kv_len, sliding_window,
-                                                scaling if scaling is not None else tokens_first.shape[-1] ** -0.5)
-        return out.unsqueeze(0)
-    tokens_first = tokens_first.contiguous()  # one copy
-    if batch.plan is not None:
+    if plan is None or plan.native_tokens is None or plan.prefill is not None:
+        tokens_first = tokens_first.contiguous()  # one copy for the SDPA paths; the native kernel alone reads the view
+    if plan is not None:
         out = batched_attention(batch.plan, tokens_first, keys, values, sliding_window, scaling)
     else:
         out = reference_attention(batch.rows, tokens_first, keys, values, sliding_window, scaling)
