@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from softserve.config import ClientSettings, Settings, add_settings_flags, settings_from_args
+from softserve.config import OFFLINE_DEFAULTS, ClientSettings, Settings, add_settings_flags, settings_from_args
 
 
 def _serve_parser(sub) -> None:
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--error-file", help="write error lines here instead of into the output file")
     rb.add_argument("--tenant", default="default", help="whose prompts the lines' `model` names (default: default)")
     rb.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    add_settings_flags(rb, only=RUN_BATCH_SETTINGS)
+    add_settings_flags(rb, only=RUN_BATCH_SETTINGS, defaults=OFFLINE_DEFAULTS)
 
     from softserve.tuning.cli import add_tune_parser
 

@@ -20,7 +20,7 @@ from softserve.batch.lines import ENDPOINTS, count_lines
 from softserve.batch.persist import BatchStore
 from softserve.batch.records import FINISHED, new_record
 from softserve.batch.runner import BatchManager
-from softserve.config import Settings
+from softserve.config import OFFLINE_DEFAULTS, Settings  # OFFLINE_DEFAULTS: why, in config.py
 from softserve.service.auth import ApiKeyRegistry
 from softserve.service.runtime import LoadedModel, Runtime
 from softserve.store.backends import MemoryBackend
@@ -39,16 +39,6 @@ class RunBatchResult:
     def to_dict(self) -> dict:
         return {"total": self.total, "completed": self.completed, "failed": self.failed,
                 "seconds": round(self.seconds, 3), "requests_per_s": round(self.total / self.seconds, 2) if self.seconds else None}
-
-
-# Offline nothing interactive ever arrives, so the limits that keep interactive latency low only cost
-# throughput here: --max-batch-size (32 for `serve`) and the size of a step made of batch rows only
-# (--max-background-step-tokens, 256 for `serve`, so that an arriving request waits behind a short
-# step). Bigger steps amortise the weight reads over more tokens: a prefill-only step of 1,280 tokens
-# runs at 1.7x the tokens/s of one of 160 (bf16, 2 threads), and on a 2,000-line classification file
-# 4,096 tokens x 512 rows made 113-130 req/s against 85 with the serve limits (docs/batch.md). These
-# apply unless given (flag or env).
-OFFLINE_DEFAULTS = {"max_batch_size": 512, "max_background_step_tokens": 4096}
 
 
 def offline_settings(settings: Settings) -> Settings:

@@ -77,3 +77,16 @@ def test_run_batch_takes_its_offline_defaults_only_for_what_was_not_given(monkey
     # Batch-only steps are bigger offline (no interactive request waits behind them); a flag still wins.
     assert offline_settings(Settings()).max_background_step_tokens == OFFLINE_DEFAULTS["max_background_step_tokens"] == 4096
     assert offline_settings(Settings(max_background_step_tokens=300)).max_background_step_tokens == 300
+
+
+def test_run_batch_help_shows_its_offline_defaults_and_serve_its_own():
+    import argparse
+
+    from softserve.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flat = {name: " ".join(p.format_help().split()) for name, p in sub.choices.items()}
+    assert "(env SOFTSERVE_MAX_BATCH_SIZE, default 512)" in flat["run-batch"]
+    assert "(env SOFTSERVE_MAX_BACKGROUND_STEP_TOKENS, default 4096)" in flat["run-batch"]
+    assert "(env SOFTSERVE_MAX_BATCH_SIZE, default 32)" in flat["serve"]
+    assert "(env SOFTSERVE_MAX_BACKGROUND_STEP_TOKENS, default 256)" in flat["serve"]
