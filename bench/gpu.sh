@@ -7,6 +7,7 @@
 #
 # Results: bench/RESULTS-gpu.md and bench/throughput-gpu.png (JSON and logs in bench/out/gpu/).
 # Any other run_all.py flag passes through (e.g. --only load,baselines, --dtype float16).
+# GPU_SUITE_TIMEOUT (seconds, default 470) bounds the whole run; PY names the Python (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
@@ -20,5 +21,5 @@ TAG=gpu
 for arg in "$@"; do [ "$arg" = "--quick" ] && TAG=gpu-quick; done
 # `timeout` keeps the whole run inside the 8-minute budget even if a step hangs (it signals the whole
 # process group: run_all, the script and its server). RESULTS is rewritten after every script.
-exec timeout --signal=TERM 470 "$PY" bench/run_all.py --device cuda --dtype auto --profile gpu \
+exec timeout --signal=TERM "${GPU_SUITE_TIMEOUT:-470}" "$PY" bench/run_all.py --device cuda --dtype auto --profile gpu \
     --out "bench/out/$TAG" --results "bench/RESULTS-$TAG.md" --png "bench/throughput-$TAG.png" "$@"

@@ -33,10 +33,16 @@ def smollm_source():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm_source):
+def tokenizer():
+    """SmolLM2's tokenizer from the embedded GGUF; SOFTSERVE_TEST_TOKENIZER_DIR names a saved copy instead, for
+    a machine without the embedded model (the GPU machine: bench/gpu_device_run.sh)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm_source.directory, gguf_file=smollm_source.gguf_file)
+    saved = os.environ.get("SOFTSERVE_TEST_TOKENIZER_DIR")
+    if saved:
+        return AutoTokenizer.from_pretrained(saved)
+    source = embedded_model_source()
+    return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
 
 
 @pytest.fixture(scope="session")

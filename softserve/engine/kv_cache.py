@@ -30,8 +30,11 @@ def kv_shape(model) -> tuple[int, int, int]:
 class KVPool:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
         self.capacity = capacity
+        # One slot past the capacity that no request owns: the pad rows of a decode step padded to a
+        # CUDA-graph bucket (cuda_graphs.py) write their K/V there and read it back.
+        self.scratch_slot = capacity
         # torch.empty: on CPU untouched pages are never committed, so an idle pool costs no RSS.
-        self.storage = torch.empty(num_layers, 2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.storage = torch.empty(num_layers, 2, num_kv_heads, capacity + 1, head_dim, dtype=dtype, device=device)
         # the views, made once: indexing the storage twice per layer per step is Python time on the hot path
         self._layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(num_layers)]
 

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from softserve.engine.compiled_forward import WARM_UP_SHAPES, compile_forward
+from softserve.engine.cuda_graphs import DecodeGraphs
 from softserve.engine.guided import advance_guided
 from softserve.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache, kv_shape
 from softserve.engine.outputs import RowLogprobs, RunnerOutput
 from softserve.engine.packed_attention import (
-    BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, current_batch, install,
+    BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, PaddedDecode, current_batch, install,
 )
 from softserve.engine.request import Request, SamplingParams
 from softserve.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
@@ -92,6 +93,39 @@ class ModelRunner:
         self.native_kernels = False
         # The same forward compiled with inductor (compiled_forward.py), or None: eager HF modules.
         self.compiled_forward = None
+        # Decode-only steps replayed as CUDA graphs (cuda_graphs.py), or None; the engine sets it on GPUs.
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def use_decode_graphs(self, *, max_rows: int, max_kv: int, capture: bool = True) -> None:
+        """Decode steps through fixed-shape padded forwards, captured as CUDA graphs where `capture` and the
+        device is a GPU (else run eagerly: the CPU tests' way to check the padded path)."""
+        self.decode_graphs = DecodeGraphs(self._padded_forward, scratch_slot=self.pool.scratch_slot, device=self.device,
+                                          max_rows=max_rows, max_kv=max_kv, capture=capture)
+
+    def _padded_forward(self, token_ids, positions, write_slots, padded: PaddedDecode) -> torch.Tensor:
+        """token_ids/positions/write_slots [rows] on the device -> logits [rows, vocab] (every row sampled)."""
+        embeds = self.embed(token_ids)  # [rows, hidden]
+        batch = PackedBatch(pool=self.pool, write_slots=write_slots, rows=(), padded=padded)
+        out = self.model(
+            inputs_embeds=embeds.unsqueeze(0),  # [1, rows, hidden]
+            position_ids=positions.unsqueeze(0),  # [1, rows]
+            attention_mask=self._no_mask,
+            use_cache=False,
+            logits_to_keep=0,  # every row
+            **{BATCH_KWARG: batch},
+        )
+        return out.logits[0]  # [rows, vocab]
+
+    def _graph_bucket(self, flat: FlatBatch) -> tuple[int, int] | None:
+        """The CUDA-graph bucket of a decode-only step (one token per row, every row sampled, nothing
+        scored, no virtual token), or None: the packed path."""
+        graphs = self.decode_graphs
+        if graphs is None or not graphs.enabled or self.compiled_forward is not None:
+            return None
+        n = len(flat.rows)
+        if len(flat.token_ids) != n or len(flat.logits_index) != n or flat.prompt_logits_index or flat.virtual_index:
+            return None
+        return graphs.bucket(n, max(row.kv_len for row in flat.rows))
 
     def use_compiled_forward(self, on: bool) -> None:
         self.compiled_forward = compile_forward(self.model) if on else None
@@ -170,6 +204,11 @@ class ModelRunner:
         return flat
 
     def _forward(self, flat: FlatBatch) -> torch.Tensor:
+        bucket = self._graph_bucket(flat)
+        if bucket is not None and self.decode_graphs is not None:
+            self.forward_passes += 1
+            return self.decode_graphs.run(bucket, flat.token_ids, flat.positions, flat.write_slots,
+                                          [row.kv_start for row in flat.rows], [row.kv_len for row in flat.rows])
         def to_device(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 

@@ -180,12 +180,44 @@ class AttentionPlan:
 
 
 @dataclass(frozen=True)
+class PaddedDecode:
+    """A decode step padded to fixed shapes for a CUDA graph (cuda_graphs.py): one query per row, each row's
+    keys gathered to `kv_bucket` positions, the extents on the device so that no host work runs per layer."""
+
+    kv_start: torch.Tensor  # [rows] int64: pool slot of each row's position 0
+    kv_len: torch.Tensor  # [rows] int64: positions each row's query sees (1..kv_bucket)
+    kv_bucket: int
+
+
+@dataclass(frozen=True)
 class PackedBatch:
     pool: KVPool
     write_slots: torch.Tensor  # [total_tokens] int64: the pool slot each packed token's K/V goes to
     rows: tuple[PackedRow, ...]
     plan: AttentionPlan | None = None  # None: the per-row reference loop
     native_writes: bool = False  # new K/V into the pool by the C++ copy (native_kernels.py), not two index_copy_
+    padded: PaddedDecode | None = None  # a padded decode step (cuda_graphs.py): `rows` and `plan` are unused
+
+
+def padded_decode_attention(padded: PaddedDecode, tokens_first, keys, values, sliding_window, scaling) -> torch.Tensor:
+    """One query per row over its first kv_len slots, every shape fixed by (rows, kv_bucket): [rows, q_heads, d].
+
+    Built from device tensors only (no host value, no sync), so a CUDA graph can replay it with other extents."""
+    rows, q_heads, head_dim = tokens_first.shape
+    kv_heads = keys.shape[0]
+    groups = q_heads // kv_heads
+    bucket = padded.kv_bucket
+    j = torch.arange(bucket, device=keys.device)  # [kv_bucket]
+    kv_len = padded.kv_len.unsqueeze(1)  # [rows, 1]
+    index = (padded.kv_start.unsqueeze(1) + torch.minimum(j, kv_len - 1)).flatten()  # [rows * kv_bucket]
+    k = keys.index_select(1, index).view(kv_heads, rows, bucket, head_dim).transpose(0, 1)  # [rows, kv_heads, kv_bucket, d]
+    v = values.index_select(1, index).view(kv_heads, rows, bucket, head_dim).transpose(0, 1)
+    visible = j < kv_len  # [rows, kv_bucket]
+    if sliding_window is not None:
+        visible = visible & (j >= kv_len - sliding_window)  # the query sits at kv_len - 1
+    q = tokens_first.view(rows, kv_heads, groups, head_dim)  # a KV group's query heads ride on the query axis
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scaling)
+    return o.reshape(rows, q_heads, head_dim)
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -301,7 +333,9 @@ def attend_packed(batch: PackedBatch, layer_idx: int, query, key, value, sliding
     plan = batch.plan
     if plan is None or plan.native_tokens is None or plan.prefill is not None:
         tokens_first = tokens_first.contiguous()  # one copy for the SDPA paths; the native kernel alone reads the view
-    if plan is not None:
+    if batch.padded is not None:
+        out = padded_decode_attention(batch.padded, tokens_first, keys, values, sliding_window, scaling)
+    elif plan is not None:
         out = batched_attention(batch.plan, tokens_first, keys, values, sliding_window, scaling)
     else:
         out = reference_attention(batch.rows, tokens_first, keys, values, sliding_window, scaling)

@@ -33,7 +33,7 @@ def _decode_case(kv_lens, kv_heads, groups, head_dim, dtype, seed=0):
         slot += kv_len + 3
     pool = KVPool(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, capacity=slot + 4, dtype=dtype, device="cpu")
     pool.storage.copy_(torch.randn(pool.storage.shape, generator=gen))
-    owned = torch.zeros(pool.capacity, dtype=torch.bool)
+    owned = torch.zeros(pool.storage.shape[3], dtype=torch.bool)  # every slot, the scratch slot too
     for r in rows:
         owned[r.kv_start : r.kv_start + r.kv_len] = True
     pool.storage[:, :, :, ~owned] = float("nan")

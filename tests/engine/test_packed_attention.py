@@ -28,7 +28,7 @@ def _case(row_shapes: list[tuple[int, int]], kv_heads: int, groups: int, seed: i
         slot += kv_len + 5  # a gap between extents: a wrong gather index reads garbage and fails the test
     pool = KVPool(num_layers=1, num_kv_heads=kv_heads, head_dim=HEAD_DIM, capacity=slot + 8, dtype=torch.float32, device="cpu")
     pool.storage.copy_(torch.randn(pool.storage.shape, generator=gen))
-    gaps = torch.ones(pool.capacity, dtype=torch.bool)
+    gaps = torch.ones(pool.storage.shape[3], dtype=torch.bool)  # every slot, the scratch slot too
     for r in rows:
         gaps[r.kv_start : r.kv_start + r.kv_len] = False
     pool.storage[:, :, :, gaps] = float("nan")  # slots no row owns: reading one poisons the output

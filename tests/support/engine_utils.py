@@ -63,7 +63,7 @@ def reference_greedy(model, prompt_ids, soft_prompt, max_tokens, eos_ids=()) -> 
     for _ in range(max_tokens):
         x = embed(torch.tensor([ids]))  # [1, n, hidden]
         if soft_prompt is not None:
-            x = torch.cat([soft_prompt.embeddings.unsqueeze(0).to(x.dtype), x], dim=1)
+            x = torch.cat([soft_prompt.embeddings.unsqueeze(0).to(x.device, x.dtype), x], dim=1)
         logits = model(inputs_embeds=x).logits[0, -1]
         token = int(logits.argmax())
         out.append(token)
