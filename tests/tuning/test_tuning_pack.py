@@ -1,7 +1,7 @@
 """Packed multi-job training (softserve/tuning/pack.py): jobs that train at once share each
 forward/backward, and each still trains exactly as it would alone.
 
-"Exactly": losses and prompts of a packed job agree with its solo run to 1e-6 (relative, or absolute
+"Exactly": losses and prompts of a packed job agree with its solo run to TOL (relative, or absolute
 near 0): fp32 rounding of the pack's larger matrix products, not bit for bit (docs/tuning.md says
 why); and each job's gradient reaches only its own P.
 """
@@ -18,7 +18,10 @@ from tests.support.tuning import toy_data
 from softserve.tuning.pack import PackEntry, TrainingPack, packed_loss_sums
 from softserve.tuning.trainer import PromptTuner, TuningConfig
 
-TOL = 1e-6
+# fp32 rounding of the pack's other shapes, compounded over 6-12 AdamW steps: up to 1.3e-6 on an Intel
+# AMX machine, 7.2e-6 on an AMD Zen 5 one (docs/tuning.md). A wrong mask or a gradient reaching another
+# job's prompt shows at the first step, by orders of magnitude more.
+TOL = 5e-5
 
 # Three jobs of three tenants: different k, lr, schedule, batch/micro-batch, seeds and data.
 CONFIGS = [
@@ -266,13 +269,21 @@ def test_manager_packs_three_tenants_jobs_like_solo_runs(tiny_model, tokenizer, 
 
 # ---- kill -9 of a server mid-pack --------------------------------------------------------------------------
 KILL_STEPS = 60
-LONG_TOL = 1e-5  # 60 steps: the 1e-7-per-step rounding difference compounds through AdamW (docs/tuning.md)
+# The three jobs share k and one token length, so a job's operands have the same shapes whichever jobs
+# share its batch: resumed == uninterrupted bit for bit on the CPUs measured (one torch thread, as the
+# test server runs). With jobs of different lengths, AdamW amplifies the pack's rounding after a resume
+# (1e-4 to 1.2e-3 relative by step 60 on an AMD Zen 5 CPU), which would hide a resume bug of that size.
+LONG_TOL = 1e-6
+
+
+def _equal_length_records(n: int, first: int) -> list[dict]:
+    """Examples of one token length (SmolLM2 splits the two-digit number into two digits)."""
+    return [{"prompt": f"Word: {first + i}\nLabel:", "completion": " yes" if i % 2 else " no"} for i in range(n)]
 
 
 def _job_body(name: str, k: int, lr: float, seed: int) -> dict:
-    from tests.support.tuning import toy_records
-
-    return {"name": name, "training_data": toy_records(12), "validation_data": toy_records(3), "init": "vocab",
+    return {"name": name, "training_data": _equal_length_records(12, 10), "validation_data": _equal_length_records(3, 40),
+            "init": "vocab",
             "num_virtual_tokens": k, "steps": KILL_STEPS, "batch_size": 4, "micro_batch_size": 2, "learning_rate": lr,
             "seed": seed, "checkpoint_every": 10, "eval_every": 30}
 
@@ -301,7 +312,7 @@ def test_kill9_mid_pack_every_job_resumes_and_finishes_as_uninterrupted(tmp_path
     args = ["--tuning-pack-jobs", "3", "--max-tuning-jobs-per-tenant", "3", "--tuning-replica-id", "pod-0",
             "--tuning-lease-seconds", "600",
             "--tuning-scan-seconds", "0.3", "--max-model-len", "256", "--log-level", "warning"]
-    bodies = [_job_body("a", 3, 0.1, 1), _job_body("b", 5, 0.03, 2), _job_body("c", 2, 0.3, 3)]
+    bodies = [_job_body("a", 3, 0.1, 1), _job_body("b", 3, 0.03, 2), _job_body("c", 3, 0.3, 3)]
     store = tmp_path / "store"
     with LiveServer(tmp_path / "ref", model=model, extra_args=args, log_dir=tmp_path) as server, server.client() as c:
         ids = [c.post("/v1/tuning/jobs", json=b).json()["id"] for b in bodies]
