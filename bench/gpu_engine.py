@@ -14,7 +14,8 @@ weights, and no model can be fetched on the GPU machine): `smollm2` has SmolLM2-
 - host syncs per decode step, per path (torch.cuda.set_sync_debug_mode): the sampled ids' copy is the
   one a step needs;
 - waves: requests/s for 32 requests x 64 tokens, all on one prompt vs each on its own, graphs on;
-  classification: 64 requests, each its own cached k=64 prompt, ~40 tokens, 4 out, graphs off vs on;
+  classification: 64 requests, each its own cached k=64 prompt, ~40 tokens, 4 out, prompt chunks of at
+  most 512 tokens a step, graphs off vs on;
 - a profile of one 32-row decode step per path: CUDA kernel time vs wall time;
 - peak device memory.
 """
@@ -54,10 +55,9 @@ def build_model(shape: str, tokenizer, device, dtype):
 def padded_graphs(engine):
     """The engine's decode graphs; on a CPU the same padded steps without capture (to check this script)."""
     runner = engine.runner
-    if runner.decode_graphs is None and runner.device.type == "cpu":
-        sched = engine.config.scheduler
-        runner.use_decode_graphs(max_rows=sched.max_batch_size, max_kv=sched.max_model_len, capture=False)
-    return runner.decode_graphs
+    if runner.step_graphs is None and runner.device.type == "cpu":
+        runner.use_step_graphs(max_kv=engine.config.scheduler.max_model_len, capture=False)
+    return runner.step_graphs
 
 
 def save_random_model(directory: str, tokenizer, shape: str = "smollm2") -> None:
@@ -71,7 +71,7 @@ def save_random_model(directory: str, tokenizer, shape: str = "smollm2") -> None
 
 def set_path(engine, graphs, path: str) -> None:
     engine.runner.batched_attention = path != "reference"
-    engine.runner.decode_graphs = graphs if path == "graphs" else None
+    engine.runner.step_graphs = graphs if path == "graphs" else None
 
 
 def decode_rows(model, tokenizer, rows: int, steps: int, device, paths) -> dict:
@@ -145,9 +145,10 @@ def waves(model, tokenizer, device, quick: bool) -> dict:
     rows = 16 if quick else 64
     prompts = [C.soft_prompt(C.prompt_tensor(100 + i, 64, hidden), f"c{i}") for i in range(rows)]
     for graphs_on in (False, True):
-        engine = C.make_engine(model, tokenizer, max_batch_size=rows)
-        graphs = engine.runner.decode_graphs
-        engine.runner.decode_graphs = graphs if graphs_on else None
+        # prompt chunks of at most 512 tokens a step: steps the graphs take (cuda_graphs.MAX_GRAPH_TOKENS)
+        engine = C.make_engine(model, tokenizer, max_batch_size=rows, max_prefill_tokens=512)
+        graphs = engine.runner.step_graphs
+        engine.runner.step_graphs = graphs if graphs_on else None
         texts = C.request_inputs(11, rows, lo=36, hi=44)
         engine.generate_sync([C.engine_request(f"warm{i}", texts[i], soft=p, max_tokens=4) for i, p in enumerate(prompts)])
         samples = []
@@ -169,7 +170,7 @@ def profile_step(model, tokenizer, device, rows: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     engine = C.make_engine(model, tokenizer, max_batch_size=rows)
-    graphs = engine.runner.decode_graphs
+    graphs = engine.runner.step_graphs
     for i, ids in enumerate(C.request_inputs(5, rows, lo=40, hi=48)):
         engine.add_request(C.engine_request(f"prof{i}", ids, max_tokens=32))
     engine.step()

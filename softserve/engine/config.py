@@ -38,6 +38,6 @@ class EngineConfig:
     compile: str = "off"
     native_kernels: bool = _default("native_kernels")  # CPU decode attention and bf16 RMSNorm by our C++ kernels (native_kernels.py)
     pack_linears: bool = _default("pack_linears")  # bf16 CPU linears on weights packed once (packed_linear.py)
-    # Decode-only steps replayed as CUDA graphs on a GPU (cuda_graphs.py); no effect on CPU.
+    # Steps replayed as CUDA graphs on a GPU (cuda_graphs.py); no effect on CPU.
     cuda_graphs: bool = True
     model_id: str = "model"  # part of every prefix-cache key: a KV prefix is only valid for one model

@@ -97,7 +97,7 @@ class LLMEngine:
         if use_compile(config.compile, next(model.parameters()).dtype, self.runner.device):
             self._compile_forward(config.compile)
         if config.cuda_graphs and self.runner.device.type == "cuda":
-            self.runner.use_decode_graphs(max_rows=sched_config.max_batch_size, max_kv=sched_config.max_model_len)
+            self.runner.use_step_graphs(max_kv=sched_config.max_model_len)
         self.scheduler = Scheduler(
             dataclasses.replace(sched_config, kv_cache_tokens=kv_tokens), self.eos_token_ids, self.runner.lookup_prefix
         )

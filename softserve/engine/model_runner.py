@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from softserve.engine.compiled_forward import WARM_UP_SHAPES, compile_forward
-from softserve.engine.cuda_graphs import DecodeGraphs
+from softserve.engine.cuda_graphs import StepGraphs
 from softserve.engine.guided import advance_guided
 from softserve.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache, kv_shape
 from softserve.engine.outputs import RowLogprobs, RunnerOutput
 from softserve.engine.packed_attention import (
-    BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, PaddedDecode, current_batch, install,
+    BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, PaddedTokens, current_batch, install,
 )
 from softserve.engine.request import Request, SamplingParams
 from softserve.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
@@ -93,39 +93,54 @@ class ModelRunner:
         self.native_kernels = False
         # The same forward compiled with inductor (compiled_forward.py), or None: eager HF modules.
         self.compiled_forward = None
-        # Decode-only steps replayed as CUDA graphs (cuda_graphs.py), or None; the engine sets it on GPUs.
-        self.decode_graphs: DecodeGraphs | None = None
+        # Steps replayed as CUDA graphs (cuda_graphs.py), or None; the engine sets it on GPUs.
+        self.step_graphs: StepGraphs | None = None
 
-    def use_decode_graphs(self, *, max_rows: int, max_kv: int, capture: bool = True) -> None:
-        """Decode steps through fixed-shape padded forwards, captured as CUDA graphs where `capture` and the
-        device is a GPU (else run eagerly: the CPU tests' way to check the padded path)."""
-        self.decode_graphs = DecodeGraphs(self._padded_forward, scratch_slot=self.pool.scratch_slot, device=self.device,
-                                          max_rows=max_rows, max_kv=max_kv, capture=capture)
+    def use_step_graphs(self, *, max_kv: int, capture: bool = True) -> None:
+        """Steps through fixed-shape padded forwards, captured as CUDA graphs where `capture` and the device
+        is a GPU (else run eagerly: the CPU tests' way to check the padded path)."""
+        self.step_graphs = StepGraphs(self._padded_forward, scratch_slot=self.pool.scratch_slot,
+                                      hidden=self.embed.weight.shape[1], dtype=self.dtype, device=self.device,
+                                      max_kv=max_kv, capture=capture)
 
-    def _padded_forward(self, token_ids, positions, write_slots, padded: PaddedDecode) -> torch.Tensor:
-        """token_ids/positions/write_slots [rows] on the device -> logits [rows, vocab] (every row sampled)."""
-        embeds = self.embed(token_ids)  # [rows, hidden]
-        batch = PackedBatch(pool=self.pool, write_slots=write_slots, rows=(), padded=padded)
+    def _padded_forward(self, fields: torch.Tensor, virtual_embeds: torch.Tensor, kv_bucket: int) -> torch.Tensor:
+        """fields [len(FIELDS), tokens] int64 on the device, virtual_embeds [tokens, hidden] -> logits [tokens, vocab]."""
+        token_ids, positions, write_slots, kv_start, kv_len, is_virtual = fields
+        embeds = self.embed(token_ids)  # [tokens, hidden]
+        embeds = torch.where(is_virtual.unsqueeze(1).bool(), virtual_embeds, embeds)  # soft-prompt rows in place
+        batch = PackedBatch(pool=self.pool, write_slots=write_slots, rows=(),
+                            padded=PaddedTokens(kv_start, kv_len, kv_bucket))
         out = self.model(
-            inputs_embeds=embeds.unsqueeze(0),  # [1, rows, hidden]
-            position_ids=positions.unsqueeze(0),  # [1, rows]
+            inputs_embeds=embeds.unsqueeze(0),  # [1, tokens, hidden]
+            position_ids=positions.unsqueeze(0),  # [1, tokens]
             attention_mask=self._no_mask,
             use_cache=False,
-            logits_to_keep=0,  # every row
+            logits_to_keep=0,  # every token: the runner keeps the rows it samples or scores
             **{BATCH_KWARG: batch},
         )
-        return out.logits[0]  # [rows, vocab]
+        return out.logits[0]  # [tokens, vocab]
 
     def _graph_bucket(self, flat: FlatBatch) -> tuple[int, int] | None:
-        """The CUDA-graph bucket of a decode-only step (one token per row, every row sampled, nothing
-        scored, no virtual token), or None: the packed path."""
-        graphs = self.decode_graphs
+        """The CUDA-graph bucket of a step, or None: the packed path."""
+        graphs = self.step_graphs
         if graphs is None or not graphs.enabled or self.compiled_forward is not None:
             return None
-        n = len(flat.rows)
-        if len(flat.token_ids) != n or len(flat.logits_index) != n or flat.prompt_logits_index or flat.virtual_index:
-            return None
-        return graphs.bucket(n, max(row.kv_len for row in flat.rows))
+        return graphs.bucket(len(flat.token_ids), max(row.kv_len for row in flat.rows))
+
+    def _graph_forward(self, flat: FlatBatch, bucket: tuple[int, int]) -> torch.Tensor:
+        assert self.step_graphs is not None
+        kv_start: list[int] = []  # [tokens]: the pool slot of the token's row's position 0
+        kv_len: list[int] = []  # [tokens]: positions the token sees (causal within its row's chunk)
+        for row in flat.rows:
+            kv_start.extend([row.kv_start] * row.q_len)
+            kv_len.extend(range(row.kv_len - row.q_len + 1, row.kv_len + 1))
+        virtual = torch.cat(flat.virtual_rows).to(self.device, non_blocking=True) if flat.virtual_rows else None
+        logits = self.step_graphs.run(bucket, (flat.token_ids, flat.positions, flat.write_slots, kv_start, kv_len),
+                                      flat.virtual_index, virtual)  # [bucket tokens, vocab]
+        kept = flat.logits_index + flat.prompt_logits_index
+        if kept == list(range(len(kept))):  # decode rows only: the first tokens are the sampled ones
+            return logits[: len(kept)]
+        return logits.index_select(0, torch.tensor(kept, dtype=torch.long).to(self.device, non_blocking=True))
 
     def use_compiled_forward(self, on: bool) -> None:
         self.compiled_forward = compile_forward(self.model) if on else None
@@ -205,10 +220,9 @@ class ModelRunner:
 
     def _forward(self, flat: FlatBatch) -> torch.Tensor:
         bucket = self._graph_bucket(flat)
-        if bucket is not None and self.decode_graphs is not None:
+        if bucket is not None:
             self.forward_passes += 1
-            return self.decode_graphs.run(bucket, flat.token_ids, flat.positions, flat.write_slots,
-                                          [row.kv_start for row in flat.rows], [row.kv_len for row in flat.rows])
+            return self._graph_forward(flat, bucket)
         def to_device(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 

@@ -180,12 +180,14 @@ class AttentionPlan:
 
 
 @dataclass(frozen=True)
-class PaddedDecode:
-    """A decode step padded to fixed shapes for a CUDA graph (cuda_graphs.py): one query per row, each row's
-    keys gathered to `kv_bucket` positions, the extents on the device so that no host work runs per layer."""
+class PaddedTokens:
+    """A step padded to fixed shapes for a CUDA graph (cuda_graphs.py): every packed token is one query over
+    its own causal extent of the pool (a prompt chunk's token i sees its row's first kv_len - q_len + i + 1
+    positions), its keys gathered to `kv_bucket` positions; the extents live on the device, so no host
+    work runs per layer."""
 
-    kv_start: torch.Tensor  # [rows] int64: pool slot of each row's position 0
-    kv_len: torch.Tensor  # [rows] int64: positions each row's query sees (1..kv_bucket)
+    kv_start: torch.Tensor  # [tokens] int64: pool slot of the token's row's position 0
+    kv_len: torch.Tensor  # [tokens] int64: positions the token sees (1..kv_bucket)
     kv_bucket: int
 
 
@@ -196,14 +198,15 @@ class PackedBatch:
     rows: tuple[PackedRow, ...]
     plan: AttentionPlan | None = None  # None: the per-row reference loop
     native_writes: bool = False  # new K/V into the pool by the C++ copy (native_kernels.py), not two index_copy_
-    padded: PaddedDecode | None = None  # a padded decode step (cuda_graphs.py): `rows` and `plan` are unused
+    padded: PaddedTokens | None = None  # a step padded for a CUDA graph (cuda_graphs.py): `rows` and `plan` unused
 
 
-def padded_decode_attention(padded: PaddedDecode, tokens_first, keys, values, sliding_window, scaling) -> torch.Tensor:
-    """One query per row over its first kv_len slots, every shape fixed by (rows, kv_bucket): [rows, q_heads, d].
-
-    Built from device tensors only (no host value, no sync), so a CUDA graph can replay it with other extents."""
-    rows, q_heads, head_dim = tokens_first.shape
+def padded_token_attention(padded: PaddedTokens, tokens_first, keys, values, sliding_window, scaling) -> torch.Tensor:
+    """Each token's query over its own extent of the pool, every shape fixed by (tokens, kv_bucket):
+    [tokens, q_heads, d]. Built from device tensors only (no host value, no sync), so that a CUDA graph
+    replays it with other extents. Each token gathers its row's keys again: on a GPU that costs far less
+    than the launches it saves (MAX_GATHERED_POSITIONS bounds it)."""
+    rows, q_heads, head_dim = tokens_first.shape  # a "row" here is one token
     kv_heads = keys.shape[0]
     groups = q_heads // kv_heads
     bucket = padded.kv_bucket
@@ -334,7 +337,7 @@ def attend_packed(batch: PackedBatch, layer_idx: int, query, key, value, sliding
     if plan is None or plan.native_tokens is None or plan.prefill is not None:
         tokens_first = tokens_first.contiguous()  # one copy for the SDPA paths; the native kernel alone reads the view
     if batch.padded is not None:
-        out = padded_decode_attention(batch.padded, tokens_first, keys, values, sliding_window, scaling)
+        out = padded_token_attention(batch.padded, tokens_first, keys, values, sliding_window, scaling)
     elif plan is not None:
         out = batched_attention(batch.plan, tokens_first, keys, values, sliding_window, scaling)
     else:

@@ -1,8 +1,9 @@
-"""Decode steps padded to CUDA-graph buckets (cuda_graphs.py).
+"""Engine steps padded to CUDA-graph buckets (cuda_graphs.py).
 
-On CPU the padded forward runs without capture: it must give the packed path's tokens exactly, and its
-attention must equal the per-row reference. The `gpu` tests run the captured graphs on a CUDA device
-(`pytest -m gpu tests/engine/test_cuda_graphs.py` on a GPU machine; bench/gpu_device_run.sh runs them).
+On CPU the padded forward runs without capture: it must give the packed path's tokens exactly (prompt
+chunks, soft prompts' virtual tokens, decode rows, scoring), and its attention must equal the per-row
+reference. The `gpu` tests run the captured graphs on a CUDA device (`pytest -m gpu
+tests/engine/test_cuda_graphs.py` on a GPU machine; bench/gpu_device_run.sh runs them).
 """
 
 from __future__ import annotations
@@ -11,67 +12,78 @@ import pytest
 import torch
 
 from tests.support.engine_utils import make_engine, make_prompt, make_request, mixed_step_tokens, run
-from softserve.engine.cuda_graphs import DecodeGraphs, kv_buckets, row_buckets
+from softserve.engine.cuda_graphs import MAX_GATHERED_POSITIONS, StepGraphs, kv_buckets, token_buckets
 from softserve.engine.kv_cache import KVPool
-from softserve.engine.packed_attention import PackedRow, PaddedDecode, padded_decode_attention, reference_attention
+from softserve.engine.packed_attention import (
+    PackedRow, PaddedTokens, padded_token_attention, reference_attention, token_extents,
+)
 
 
 def test_buckets_cover_every_size_once():
-    assert row_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
-    assert row_buckets(20) == [1, 2, 4, 8, 16, 24]  # the first bucket that holds 20 rows ends the list
-    assert row_buckets(1000)[-1] == 256  # past 256 rows a step decodes eagerly
+    assert token_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert token_buckets(20) == [1, 2, 4, 8, 16, 24]  # the first bucket that holds 20 tokens ends the list
+    assert token_buckets()[-1] == 512 and token_buckets(10_000)[-1] == 512  # longer steps run eagerly
     assert kv_buckets(2048) == [256, 512, 1024, 2048]
     assert kv_buckets(2049)[-1] == 4096 and kv_buckets(10) == [256]
 
 
 def test_bucket_of_a_step():
-    graphs = DecodeGraphs(lambda *a: None, scratch_slot=0, device=torch.device("cpu"), max_rows=32, max_kv=1000,
-                          capture=False)
+    graphs = StepGraphs(lambda *a: None, scratch_slot=0, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
+                        max_kv=1000, capture=False)
     assert graphs.bucket(3, 100) == (4, 256)
     assert graphs.bucket(17, 257) == (24, 512)
-    assert graphs.bucket(33, 10) is None  # more rows than the scheduler runs
+    assert graphs.bucket(513, 10) is None  # more tokens than any bucket
     assert graphs.bucket(1, 1025) is None  # longer than any admitted sequence
+    longer = StepGraphs(lambda *a: None, scratch_slot=0, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
+                        max_kv=4000, capture=False)
+    assert longer.bucket(200, 2000) is None and 224 * 2048 > MAX_GATHERED_POSITIONS  # too many keys to gather
+    assert longer.bucket(100, 2000) == (128, 2048)
 
 
 @pytest.mark.parametrize("sliding_window", [None, 5])
 def test_padded_attention_equals_the_per_row_reference(sliding_window):
+    """Decode rows and prompt chunks, every token its own query, plus two pad tokens over the scratch slot."""
     kv_heads, q_heads, head_dim = 2, 6, 16
     gen = torch.Generator().manual_seed(0)
-    pool = KVPool(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, capacity=200, dtype=torch.float32, device="cpu")
+    pool = KVPool(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, capacity=300, dtype=torch.float32, device="cpu")
     pool.storage.copy_(torch.randn(pool.storage.shape, generator=gen))
     keys, values = pool.layer(0)
-    extents = [(0, 1), (10, 37), (60, 9), (100, 64)]  # (kv_start, kv_len), one a single position, one a full bucket
-    rows = tuple(PackedRow(q_start=i, q_len=1, kv_start=s, kv_len=n) for i, (s, n) in enumerate(extents))
-    queries = torch.randn(len(rows), q_heads, head_dim, generator=gen)
+    shapes = [(1, 1, 0), (1, 37, 10), (6, 9, 60), (1, 64, 100), (12, 12, 200), (3, 40, 230)]  # (q_len, kv_len, kv_start)
+    rows, q = [], 0
+    for q_len, kv_len, kv_start in shapes:
+        rows.append(PackedRow(q_start=q, q_len=q_len, kv_start=kv_start, kv_len=kv_len))
+        q += q_len
+    rows = tuple(rows)
+    queries = torch.randn(q, q_heads, head_dim, generator=gen)
     want = reference_attention(rows, queries, keys, values, sliding_window, None)
-    # padded with two pad rows over the scratch slot, as cuda_graphs.py pads a step
-    starts = [s for s, _ in extents] + [pool.scratch_slot] * 2
-    lengths = [n for _, n in extents] + [1, 1]
-    padded = PaddedDecode(torch.tensor(starts), torch.tensor(lengths), kv_bucket=64)
-    padded_queries = torch.cat([queries, torch.randn(2, q_heads, head_dim, generator=gen)])
-    got = padded_decode_attention(padded, padded_queries, keys, values, sliding_window, None)
-    assert got.shape == (6, q_heads, head_dim)
-    torch.testing.assert_close(got[: len(rows)], want, rtol=1e-5, atol=1e-5)
+    starts, lengths = token_extents(rows)
+    padded = PaddedTokens(torch.cat([starts, torch.tensor([pool.scratch_slot] * 2)]),
+                          torch.cat([lengths, torch.tensor([1, 1])]), kv_bucket=64)
+    got = padded_token_attention(padded, torch.cat([queries, torch.randn(2, q_heads, head_dim, generator=gen)]),
+                                 keys, values, sliding_window, None)
+    assert got.shape == (q + 2, q_heads, head_dim)
+    torch.testing.assert_close(got[:q], want, rtol=1e-5, atol=1e-5)
 
 
-def test_padded_decode_steps_give_the_packed_tokens(tiny_model, tokenizer):
-    """Chunked prefill, cold prompts and rows joining, with every decode-only step padded to a bucket."""
-    engines = []
-
-    def padded(engine):
-        engine.runner.use_decode_graphs(max_rows=4, max_kv=engine.config.scheduler.max_model_len, capture=False)
+def _padded(engines):
+    def set_up(engine):
+        engine.runner.use_step_graphs(max_kv=engine.config.scheduler.max_model_len, capture=False)
         engines.append(engine)
+    return set_up
 
+
+def test_padded_steps_give_the_packed_tokens(tiny_model, tokenizer):
+    """Chunked prefill, cold prompts computed inline, rows joining: every step padded to its bucket."""
+    engines: list = []
     want = mixed_step_tokens(tiny_model, tokenizer, lambda engine: None)
-    got = mixed_step_tokens(tiny_model, tokenizer, padded)
+    got = mixed_step_tokens(tiny_model, tokenizer, _padded(engines))
     assert got == want
-    graphs = engines[0].runner.decode_graphs
-    assert graphs.replays > 0 and graphs.captures == 0  # padded steps ran, eagerly (nothing to capture on CPU)
+    graphs = engines[0].runner.step_graphs
+    assert graphs.steps == engines[0].steps_run and graphs.captures == 0  # every step padded, eagerly on CPU
 
 
-def test_padded_decode_keeps_rows_apart_and_leaves_the_pool_outside_them(tiny_model, tokenizer):
-    """Three rows (two soft prompts, one plain) decoding in a 4-row bucket: each == its solo run, and no
-    slot outside the rows' own and the scratch slot changes."""
+def test_padded_steps_keep_rows_apart(tiny_model, tokenizer):
+    """Three rows (two soft prompts, one plain) decoding together in padded steps: each == its solo run."""
     hidden = tiny_model.config.hidden_size
     prompts = [make_prompt("a", 5, hidden, 1), make_prompt("b", 9, hidden, 2), None]
     inputs = [list(range(200, 207)), list(range(300, 320)), list(range(400, 403))]
@@ -83,11 +95,29 @@ def test_padded_decode_keeps_rows_apart_and_leaves_the_pool_outside_them(tiny_mo
     for request in requests():
         solo.append(run(make_engine(tiny_model, tokenizer), [request])[request.request_id])
     engine = make_engine(tiny_model, tokenizer)
-    engine.runner.use_decode_graphs(max_rows=4, max_kv=engine.config.scheduler.max_model_len, capture=False)
+    engine.runner.use_step_graphs(max_kv=engine.config.scheduler.max_model_len, capture=False)
     batch = requests()
     done = run(engine, batch)
     assert [done[r.request_id] for r in batch] == solo
-    assert engine.runner.decode_graphs.replays >= 9
+    assert engine.runner.step_graphs.steps >= 10
+
+
+def test_padded_steps_score_prompts_as_the_packed_path(tiny_model, tokenizer):
+    """prompt_logprobs reads logits of prompt positions: the padded step keeps every token's, the same values."""
+    prompt = make_prompt("s", 4, tiny_model.config.hidden_size, 5)
+    results = []
+    for padded in (False, True):
+        engine = make_engine(tiny_model, tokenizer)
+        if padded:
+            engine.runner.use_step_graphs(max_kv=engine.config.scheduler.max_model_len, capture=False)
+        request = make_request(range(600, 615), soft_prompt=prompt, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
+        results.append(engine.generate_sync([request])[request.request_id][0].prompt_logprobs)
+    want, got = results
+    assert len(got) == len(want) == 15 and got[0] is None and want[0] is None
+    assert [(e.token_id, [t for t, _, _ in e.top]) for e in got[1:]] == [(e.token_id, [t for t, _, _ in e.top]) for e in want[1:]]
+    for a, b in zip(got[1:], want[1:]):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert [lp for _, _, lp in a.top] == pytest.approx([lp for _, _, lp in b.top], abs=1e-5)
 
 
 # ---- on a CUDA device ----------------------------------------------------------------------------
@@ -122,7 +152,7 @@ def _mixed_requests(model):
 
 @gpu
 def test_cuda_graph_steps_equal_eager_steps_and_the_full_recompute(cuda_tiny, tokenizer):
-    """fp32 on the GPU: captured decode graphs == eager packed steps == HF full recompute, token for token."""
+    """fp32 on the GPU: captured step graphs == eager packed steps == HF full recompute, token for token."""
     from tests.support.engine_utils import reference_greedy
 
     results = {}
@@ -132,9 +162,9 @@ def test_cuda_graph_steps_equal_eager_steps_and_the_full_recompute(cuda_tiny, to
         done = run(engine, batch)
         results[graphs] = [done[r.request_id] for r in batch]
         if graphs:
-            decode_graphs = engine.runner.decode_graphs
-            assert decode_graphs.capture_error is None, decode_graphs.capture_error
-            assert decode_graphs.captures > 0 and decode_graphs.replays > decode_graphs.captures
+            graphs = engine.runner.step_graphs
+            assert graphs.capture_error is None, graphs.capture_error
+            assert graphs.captures > 0 and graphs.steps == engine.steps_run  # prompt chunks replayed too
     assert results[True] == results[False]
     for request, tokens in zip(_mixed_requests(cuda_tiny), results[True]):
         with torch.device("cuda"):  # reference_greedy makes its id tensors on the default device
@@ -171,4 +201,4 @@ def test_peft_prompt_tuning_parity_on_cuda(cuda_tiny, tokenizer, tmp_path):
     engine = _cuda_engine(cuda_tiny, tokenizer, graphs=True)
     request = make_request(ids, soft_prompt=prompt, max_tokens=steps, ignore_eos=True)
     assert run(engine, [request])[request.request_id] == want
-    assert engine.runner.decode_graphs.replays >= steps - 1
+    assert engine.runner.step_graphs.steps == engine.steps_run
