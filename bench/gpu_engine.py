@@ -1,7 +1,7 @@
 """The engine on a CUDA device, side by side in one run: decode paths, batch sizes, prompt mixes, host syncs.
 
-    python bench/gpu_engine.py --tokenizer DIR [--shapes smollm2,1b] [--dtype bfloat16] [--json out.json]
-    python bench/gpu_engine.py --device cpu --shapes tiny --quick      # checks the script itself on a CPU
+    python bench/gpu_engine.py [--tokenizer DIR] [--shapes smollm2,1b] [--dtype bfloat16] [--json out.json]
+    python bench/gpu_engine.py --device cpu --quick      # checks the script itself on a CPU (tiny model)
 
 Models are random weights from a config, built on the device (throughput does not depend on trained
 weights, and no model can be fetched on the GPU machine): `smollm2` has SmolLM2-135M's shape, `1b` a
@@ -198,11 +198,15 @@ def run(args) -> dict:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else C.embedded_tokenizer()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    embedded = args.tokenizer in (None, "smollm2", "embedded", "tiny")
+    tokenizer = C.embedded_tokenizer() if embedded else AutoTokenizer.from_pretrained(args.tokenizer)
+    args.shapes = args.shapes or ("tiny" if args.quick else "smollm2,1b")
     if args.save_model:
         save_random_model(args.save_model, tokenizer)
-        return {"saved": args.save_model}
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else C.cpu_model(),
+        return {"name": "gpu_engine", "saved": args.save_model}
+    result = {"name": "gpu_engine", "device": torch.cuda.get_device_name() if device.type == "cuda" else C.cpu_model(),
               "torch": torch.__version__, "dtype": args.dtype, "shapes": {}}
     batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
     steps = 3 if args.quick else args.steps
@@ -252,18 +256,25 @@ def render(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="two batch sizes, few steps (--shapes tiny unless given)")
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--shapes", default="smollm2,1b", help=f"comma-separated, of {sorted(SHAPES)}")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    p.add_argument("--shapes", default=None, help=f"comma-separated, of {sorted(SHAPES)} (default smollm2,1b)")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per path per batch size")
-    p.add_argument("--tokenizer", default=None, help="a saved tokenizer directory (default: the embedded SmolLM2's)")
+    p.add_argument("--tokenizer", "--model", dest="tokenizer", default=None,
+                   help="a directory with the tokenizer the random models use (default or 'smollm2'/'tiny': the "
+                        "embedded SmolLM2's)")
     p.add_argument("--save-model", default=None, metavar="DIR",
                    help="only save a random model of SmolLM2's shape with the tokenizer to DIR (for bench/gpu.sh --model)")
     p.add_argument("--json", default=None)
     return p
 
 
+def main(argv: list[str] | None = None) -> dict:
+    return C.script_main(build_parser, run, render, argv)
+
+
 if __name__ == "__main__":
-    C.script_main(build_parser, run, render)
+    main()

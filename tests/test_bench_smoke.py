@@ -41,6 +41,8 @@ CASES = {
     "startup": (["--dtype", "float32"], ["### Start-up until /ready", "| compiled, empty inductor cache |", "| compiled, warm inductor cache |"]),
     "step_time": ([], ["### Engine step time", "| decode, 4 rows |", "| mixed, 1 x 8-token prefill + 3 decode |"]),
     "native_attention": ([], ["### Packed attention per layer call", "| 16 decode rows (kv 110) |"]),
+    # on CPU: the padded steps run eagerly in place of the graphs, no profile (it reads CUDA kernels)
+    "gpu_engine": (["--device", "cpu", "--steps", "2"], ["### tiny", "| rows | reference | packed | graphs |", "waves: one_prompt"]),
     "adapter_kinds": (["--concurrency", "3", "--k", "4", "--prompt-tokens", "8", "--max-tokens", "4", "--repeats", "1"],
                       ["### Adapter kinds in one batch", "| rows | output tok/s | ratio to plain", "| prefix_tuning |"]),
 }

@@ -64,8 +64,8 @@ def compile_forward(model):
 def use_compile(setting: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """`--compile`: on; off; auto = on for half-precision models on CPU that have a C++ compiler for
     inductor. float32 stays eager under auto: the engine's float32 output is held token for token to
-    PEFT's eager forward, and a fused graph rounds differently. CUDA stays eager under auto: the compiled
-    forward has never run on a GPU here (`on` compiles it there too)."""
+    PEFT's eager forward, and a fused graph rounds differently. CUDA stays eager under auto and replays
+    CUDA graphs instead (cuda_graphs.py); `on` compiles it there too, and then no step is replayed."""
     if setting not in ("off", "auto", "on"):
         raise ValueError(f"compile must be off, auto or on, not {setting!r}")
     if setting != "auto":
