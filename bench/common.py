@@ -269,13 +269,14 @@ def engine_request(rid: str, prompt_ids, *, soft=None, max_tokens: int = 64, **s
 
 
 def make_engine(model, tokenizer, *, max_batch_size: int = 32, kv_prefix_cache_bytes: int = 512 * 1024 * 1024,
-                max_prefill_tokens: int = 4096, model_id: str = "bench"):
+                max_prefill_tokens: int = 4096, model_id: str = "bench", **engine_config):
+    """An engine for in-process benchmarks; `engine_config`: other EngineConfig fields."""
     from softserve.engine.config import EngineConfig, SchedulerConfig
     from softserve.engine.engine import LLMEngine
 
     config = EngineConfig(
         scheduler=SchedulerConfig(max_batch_size=max_batch_size, max_queue=100_000, max_prefill_tokens=max_prefill_tokens),
-        kv_prefix_cache_bytes=kv_prefix_cache_bytes, model_id=model_id,
+        kv_prefix_cache_bytes=kv_prefix_cache_bytes, model_id=model_id, **engine_config,
     )
     return LLMEngine(model, tokenizer, config)
 

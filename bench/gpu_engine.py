@@ -17,6 +17,7 @@ weights, and no model can be fetched on the GPU machine): `smollm2` has SmolLM2-
   classification: 64 requests, each its own cached k=64 prompt, ~40 tokens, 4 out, prompt chunks of at
   most 512 tokens a step, graphs off vs on;
 - a profile of one 32-row decode step per path: CUDA kernel time vs wall time;
+- engine start with and without capturing the short sequences' graphs at start-up;
 - peak device memory.
 """
 
@@ -52,6 +53,28 @@ def build_model(shape: str, tokenizer, device, dtype):
     return model.to(dtype).eval().requires_grad_(False)
 
 
+def engine_for(model, tokenizer, **kw):
+    """An engine whose graphs are captured on first use: start-up capture is timed once, by `start_up`."""
+    return C.make_engine(model, tokenizer, capture_graphs_at_start=False, **kw)
+
+
+def start_up(model, tokenizer, device) -> dict:
+    """Seconds to build an engine with and without the start-up capture of the short sequences' graphs."""
+    out = {}
+    for capture in (False, True):
+        C.sync(device)
+        t0 = time.perf_counter()
+        engine = C.make_engine(model, tokenizer, capture_graphs_at_start=capture)
+        C.sync(device)
+        out["with_capture_s" if capture else "without_capture_s"] = time.perf_counter() - t0
+        graphs = engine.runner.step_graphs
+        if capture and graphs is not None:
+            out["graphs_captured"] = graphs.captures
+            out["capture_error"] = graphs.capture_error
+        del engine
+    return out
+
+
 def padded_graphs(engine):
     """The engine's decode graphs; on a CPU the same padded steps without capture (to check this script)."""
     runner = engine.runner
@@ -76,7 +99,7 @@ def set_path(engine, graphs, path: str) -> None:
 
 def decode_rows(model, tokenizer, rows: int, steps: int, device, paths) -> dict:
     """ms per decode step per path, the paths taking turns step by step on the same rows."""
-    engine = C.make_engine(model, tokenizer, max_batch_size=max(rows, 1))
+    engine = engine_for(model, tokenizer, max_batch_size=max(rows, 1))
     graphs = padded_graphs(engine)
     hidden = C.text_config(model).hidden_size
     for i, ids in enumerate(C.request_inputs(rows, rows, lo=40, hi=48)):
@@ -130,7 +153,7 @@ def waves(model, tokenizer, device, quick: bool) -> dict:
     n, out_tokens = (8, 8) if quick else (32, 64)
     result = {}
     for mix in ("one_prompt", "distinct_prompts"):
-        engine = C.make_engine(model, tokenizer, max_batch_size=n)
+        engine = engine_for(model, tokenizer, max_batch_size=n)
         shared = C.soft_prompt(C.prompt_tensor(999, 16, hidden), "shared")
         inputs = C.request_inputs(7, n)
         requests = [C.engine_request(f"{mix}{i}", ids, max_tokens=out_tokens,
@@ -146,7 +169,7 @@ def waves(model, tokenizer, device, quick: bool) -> dict:
     prompts = [C.soft_prompt(C.prompt_tensor(100 + i, 64, hidden), f"c{i}") for i in range(rows)]
     for graphs_on in (False, True):
         # prompt chunks of at most 512 tokens a step: steps the graphs take (cuda_graphs.MAX_GRAPH_TOKENS)
-        engine = C.make_engine(model, tokenizer, max_batch_size=rows, max_prefill_tokens=512)
+        engine = engine_for(model, tokenizer, max_batch_size=rows, max_prefill_tokens=512)
         graphs = engine.runner.step_graphs
         engine.runner.step_graphs = graphs if graphs_on else None
         texts = C.request_inputs(11, rows, lo=36, hi=44)
@@ -169,7 +192,7 @@ def profile_step(model, tokenizer, device, rows: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    engine = C.make_engine(model, tokenizer, max_batch_size=rows)
+    engine = engine_for(model, tokenizer, max_batch_size=rows)
     graphs = engine.runner.step_graphs
     for i, ids in enumerate(C.request_inputs(5, rows, lo=40, hi=48)):
         engine.add_request(C.engine_request(f"prof{i}", ids, max_tokens=32))
@@ -212,7 +235,8 @@ def run(args) -> dict:
     steps = 3 if args.quick else args.steps
     for shape in args.shapes.split(","):
         model = build_model(shape, tokenizer, device, dtype)
-        entry: dict = {"params_m": C.param_count(model) / 1e6, "decode": {}}
+        entry: dict = {"params_m": C.param_count(model) / 1e6, "decode": {}, "start_up": start_up(model, tokenizer, device)}
+        print(f"[{shape}] start-up: {entry['start_up']}", flush=True)
         paths = PATHS
         for rows in batches:
             entry["decode"][rows] = decode_rows(model, tokenizer, rows, steps, device, paths)
@@ -246,6 +270,7 @@ def render(result: dict) -> str:
         headers = ["rows", *paths] + (["graphs vs packed"] if "graphs" in paths else [])
         lines += [C.md_table(headers, rows), ""]
         lines += ["waves: " + ", ".join(f"{k} {v}" for k, v in entry["waves"].items()), ""]
+        lines += ["engine start: " + ", ".join(f"{k} {v}" for k, v in entry["start_up"].items()), ""]
         if "profile_32_rows" in entry:
             for path, prof in entry["profile_32_rows"].items():
                 lines.append(f"- profile {path}: wall {prof['wall_ms']:.2f} ms, kernels {prof['kernel_ms']:.2f} ms in "

@@ -8,7 +8,8 @@ we capture every step that fits, prompt chunks and soft prompts' virtual tokens 
 
 - fixed shapes: the step's packed tokens are padded to a token bucket (1, 2, 4, 8, 16, 24, ... 512), and
   every token's keys are gathered to a KV bucket (256, 512, ... positions) with a mask for the rest; one
-  graph per (token bucket, KV bucket), captured the first time a step needs it;
+  graph per (token bucket, KV bucket), those of the two smallest KV buckets captured at start-up
+  (`warm_up`), the others the first time a step needs them;
 - fixed addresses: per token, the id, position, pool slot, KV extent and whether a soft-prompt row
   replaces its embedding are copied into one static device buffer with one host-to-device copy (the
   soft-prompt rows, where a step has any, into a static embedding buffer); every graph writes the logits
@@ -107,6 +108,22 @@ class StepGraphs:
         follows from virtual_index; virtual_rows [len(virtual_index), hidden] on the device) -> logits
         [tokens, vocab] of every token, pads after them (valid until the next step)."""
         tokens, kv_bucket = bucket
+        self._copy_in(tokens, fields, virtual_index)
+        if virtual_index and virtual_rows is not None:
+            index = torch.tensor(virtual_index, dtype=torch.long).to(self._virtual.device, non_blocking=True)
+            self._virtual.index_copy_(0, index, virtual_rows.to(self._virtual.dtype))
+        self.steps += 1
+        graph = self._graphs.get(bucket)
+        if graph is None and self.capture:
+            graph = self._capture(tokens, kv_bucket)
+        if graph is None:
+            return self._run_padded(tokens, kv_bucket)
+        graph.replay()
+        assert self._logits is not None
+        return self._logits[:tokens]
+
+    def _copy_in(self, tokens: int, fields: tuple[list[int], ...], virtual_index: list[int]) -> None:
+        """The step's fields, pads after them, into the bucket's inputs: one host-to-device copy."""
         n = len(fields[0])
         if self._copied is not None:
             self._copied.synchronize()  # the pinned buffer may still feed the last step's copy
@@ -121,18 +138,27 @@ class StepGraphs:
         self._inputs[: len(FIELDS) * tokens].copy_(host.view(-1), non_blocking=self.capture)
         if self._copied is not None:
             self._copied.record()
-        if virtual_index and virtual_rows is not None:
-            index = torch.tensor(virtual_index, dtype=torch.long).to(self._virtual.device, non_blocking=True)
-            self._virtual.index_copy_(0, index, virtual_rows.to(self._virtual.dtype))
-        self.steps += 1
-        graph = self._graphs.get(bucket)
-        if graph is None and self.capture:
-            graph = self._capture(tokens, kv_bucket)
-        if graph is None:
-            return self._run_padded(tokens, kv_bucket)
-        graph.replay()
-        assert self._logits is not None
-        return self._logits[:tokens]
+
+    @torch.inference_mode()
+    def warm_up(self, num_kv_buckets: int = 2) -> int:
+        """Capture the graph of every token bucket over the smallest KV buckets now (start-up), from steps
+        of pad tokens only, which touch nothing but the scratch slot: serving then pays no capture for
+        short sequences. Where capture is off the same pad steps run eagerly (the CPU tests' check).
+        Returns the number of buckets done; stops early if a capture fails (graphs off, logged)."""
+        done = 0
+        for kv_bucket in self.kv_buckets[:num_kv_buckets]:
+            for tokens in self.token_buckets:
+                if not self.enabled:
+                    return done
+                if (tokens, kv_bucket) in self._graphs or tokens * kv_bucket > MAX_GATHERED_POSITIONS:
+                    continue
+                self._copy_in(tokens, ([],) * (len(FIELDS) - 1), [])
+                if self.capture:
+                    self._capture(tokens, kv_bucket)
+                else:
+                    self._run_padded(tokens, kv_bucket)
+                done += 1
+        return done
 
     def _run_padded(self, tokens: int, kv_bucket: int) -> torch.Tensor:
         fields = self._inputs[: len(FIELDS) * tokens].view(len(FIELDS), tokens)

@@ -98,6 +98,8 @@ class LLMEngine:
             self._compile_forward(config.compile)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self.runner.use_step_graphs(max_kv=sched_config.max_model_len)
+            if config.capture_graphs_at_start:
+                self._capture_graphs()
         self.scheduler = Scheduler(
             dataclasses.replace(sched_config, kv_cache_tokens=kv_tokens), self.eos_token_ids, self.runner.lookup_prefix
         )
@@ -105,6 +107,16 @@ class LLMEngine:
         self.last_step_rows = 0  # rows in the last step's forward (the rows-per-step metric)
         self.detokenizer = Detokenizer(tokenizer)
         self.on_out_of_memory = None  # set by the service: trim other device caches after an OOM
+
+    def _capture_graphs(self) -> None:
+        """The step graphs of short sequences, captured now rather than by the first requests (cuda_graphs.py)."""
+        graphs = self.runner.step_graphs
+        if graphs is None:
+            return
+        started = time.perf_counter()
+        done = graphs.warm_up()
+        log.info("captured %d CUDA graphs in %.1f s%s", done, time.perf_counter() - started,
+                 f" (then capturing failed: {graphs.capture_error}; steps run eagerly)" if graphs.capture_error else "")
 
     def _compile_forward(self, setting: str) -> None:
         """Trace and compile the forward now, not on the first requests. Under `auto` a failure (a broken

@@ -202,3 +202,18 @@ def test_peft_prompt_tuning_parity_on_cuda(cuda_tiny, tokenizer, tmp_path):
     request = make_request(ids, soft_prompt=prompt, max_tokens=steps, ignore_eos=True)
     assert run(engine, [request])[request.request_id] == want
     assert engine.runner.step_graphs.steps == engine.steps_run
+
+
+def test_start_up_pad_steps_touch_only_the_scratch_slot(tiny_model, tokenizer):
+    """warm_up runs every bucket's step on pad tokens (captured on a GPU, eagerly here): no slot a request
+    could own changes, whatever its contents."""
+    engine = make_engine(tiny_model, tokenizer)
+    engine.runner.use_step_graphs(max_kv=engine.config.scheduler.max_model_len, capture=False)
+    pool = engine.runner.pool
+    pool.storage.copy_(torch.randn(pool.storage.shape, generator=torch.Generator().manual_seed(0)))
+    before = pool.storage.clone()
+    done = engine.runner.step_graphs.warm_up(num_kv_buckets=1)
+    assert done == len(engine.runner.step_graphs.token_buckets)
+    scratch = pool.scratch_slot
+    assert torch.equal(pool.storage[..., :scratch, :], before[..., :scratch, :])
+    assert not torch.equal(pool.storage[..., scratch, :], before[..., scratch, :])  # the pads did write there
