@@ -68,7 +68,7 @@ def kv_buckets(max_kv: int) -> list[int]:
 
 
 class StepGraphs:
-    """The step graphs of one model runner, captured lazily and replayed with new inputs."""
+    """The step graphs of one model runner, captured at start-up (`warm_up`) or on first use, replayed with new inputs."""
 
     def __init__(self, forward: PaddedForward, *, scratch_slot: int, hidden: int, dtype: torch.dtype,
                  device: torch.device, max_kv: int, capture: bool) -> None:
