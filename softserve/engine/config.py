@@ -40,5 +40,5 @@ class EngineConfig:
     pack_linears: bool = _default("pack_linears")  # bf16 CPU linears on weights packed once (packed_linear.py)
     # Steps replayed as CUDA graphs on a GPU (cuda_graphs.py); no effect on CPU.
     cuda_graphs: bool = True
-    capture_graphs_at_start: bool = True  # the short sequences' graphs at start-up (~8 s on an H200 host), else on first use
+    capture_graphs_at_start: bool = True  # the short sequences' graphs at engine start (cuda_graphs.py), else on first use
     model_id: str = "model"  # part of every prefix-cache key: a KV prefix is only valid for one model

@@ -19,8 +19,10 @@ we capture every step that fits, prompt chunks and soft prompts' virtual tokens 
 
 A pad token is token 0 at position 0 over the pool's scratch slot (`KVPool.scratch_slot`), which no
 request owns; its logits are never read. Steps of more tokens than MAX_GRAPH_TOKENS, or whose gathered
-keys would exceed MAX_GATHERED_POSITIONS, run the packed path as before, and so does every step once a
-capture has failed (an op that waits for the host cannot be captured): logged once, the step served.
+keys would exceed MAX_GATHERED_BYTES, run the packed path as before. So do the steps of a bucket whose
+capture failed (out of memory, say; logged, the step itself served by the packed path), and every
+step once MAX_CAPTURE_FAILURES captures have failed. Captures are thread-local (`capture_error_mode`),
+so other threads' CUDA work (a prompt copied to the device, a tuning job) cannot spoil one.
 
 `capture=False` runs the same padded forward without a graph: that is how the CPU tests hold the padded
 path equal to the packed one; on a GPU the tests hold the replayed graphs equal to eager steps.
@@ -37,9 +39,11 @@ log = logging.getLogger("softserve.cuda_graphs")
 
 # Steps of more packed tokens run eagerly (long prompt chunks: their launches are a small share there).
 MAX_GRAPH_TOKENS = 512
-# Token bucket x KV bucket at most this: each layer gathers that many positions of keys and of values
-# (SmolLM2-135M: 96 MB each, transient).
-MAX_GATHERED_POSITIONS = 1 << 18
+# Token bucket x KV bucket x bytes of one position's K and V at most this: what each layer gathers,
+# transiently (SmolLM2-135M in bf16: 768 B a position, so up to 349,525 positions, e.g. 512 tokens x 512).
+MAX_GATHERED_BYTES = 256 << 20
+# After this many failed captures the graphs are turned off; before, only the failing bucket is.
+MAX_CAPTURE_FAILURES = 3
 # The smallest KV bucket; buckets double up to the longest sequence the scheduler admits.
 MIN_KV_BUCKET = 256
 FIELDS = ("token_id", "position", "write_slot", "kv_start", "kv_len", "is_virtual")
@@ -71,13 +75,15 @@ class StepGraphs:
     """The step graphs of one model runner, captured at start-up (`warm_up`) or on first use, replayed with new inputs."""
 
     def __init__(self, forward: PaddedForward, *, scratch_slot: int, hidden: int, dtype: torch.dtype,
-                 device: torch.device, max_kv: int, capture: bool) -> None:
+                 device: torch.device, max_kv: int, kv_bytes_per_position: int, capture: bool) -> None:
         self._forward = forward
+        self._max_gathered_positions = MAX_GATHERED_BYTES // max(1, kv_bytes_per_position)
         self.token_buckets = token_buckets()
         self.kv_buckets = kv_buckets(max_kv)
         self.capture = capture and device.type == "cuda"
-        self.enabled = True  # False once a capture failed: the runner goes back to the packed path
-        self.capture_error: str | None = None  # why, for logs and benches
+        self.enabled = True  # False after MAX_CAPTURE_FAILURES failed captures: the packed path only
+        self.capture_error: str | None = None  # the last failure, for logs and benches
+        self._failed: set[tuple[int, int]] = set()  # buckets whose capture failed: the packed path
         width = self.token_buckets[-1]
         # [len(FIELDS) * tokens] each: a bucket's inputs are the first len(FIELDS) * tokens entries, viewed
         # [len(FIELDS), tokens], so one contiguous copy fills them and each graph reads fixed addresses.
@@ -98,15 +104,17 @@ class StepGraphs:
         """(token bucket, KV bucket) of a step, or None where it fits none."""
         tokens = next((b for b in self.token_buckets if b >= num_tokens), None)
         kv = next((b for b in self.kv_buckets if b >= max_kv_len), None)
-        if tokens is None or kv is None or tokens * kv > MAX_GATHERED_POSITIONS:
+        if tokens is None or kv is None or tokens * kv > self._max_gathered_positions or (tokens, kv) in self._failed:
             return None
         return tokens, kv
 
     def run(self, bucket: tuple[int, int], fields: tuple[list[int], ...], virtual_index: list[int],
-            virtual_rows: torch.Tensor | None) -> torch.Tensor:
+            virtual_rows: torch.Tensor | None) -> torch.Tensor | None:
         """One step of len(fields[0]) packed tokens (`fields` in FIELDS order, is_virtual left out: it
         follows from virtual_index; virtual_rows [len(virtual_index), hidden] on the device) -> logits
-        [tokens, vocab] of every token, pads after them (valid until the next step)."""
+        [tokens, vocab] of every token, pads after them (valid until the next step); None where the
+        bucket's capture just failed: the caller runs the step its own way (what was written to the pool
+        here is written again by that run, slot for slot)."""
         tokens, kv_bucket = bucket
         self._copy_in(tokens, fields, virtual_index)
         if virtual_index and virtual_rows is not None:
@@ -116,6 +124,9 @@ class StepGraphs:
         graph = self._graphs.get(bucket)
         if graph is None and self.capture:
             graph = self._capture(tokens, kv_bucket)
+            if graph is None:
+                self.steps -= 1
+                return None
         if graph is None:
             return self._run_padded(tokens, kv_bucket)
         graph.replay()
@@ -144,20 +155,20 @@ class StepGraphs:
         """Capture the graph of every token bucket over the smallest KV buckets now (start-up), from steps
         of pad tokens only, which touch nothing but the scratch slot: serving then pays no capture for
         short sequences. Where capture is off the same pad steps run eagerly (the CPU tests' check).
-        Returns the number of buckets done; stops early if a capture fails (graphs off, logged)."""
+        Returns the number of buckets captured (or run); stops once the graphs are off."""
         done = 0
         for kv_bucket in self.kv_buckets[:num_kv_buckets]:
             for tokens in self.token_buckets:
                 if not self.enabled:
                     return done
-                if (tokens, kv_bucket) in self._graphs or tokens * kv_bucket > MAX_GATHERED_POSITIONS:
+                if (tokens, kv_bucket) in self._graphs or self.bucket(tokens, kv_bucket) != (tokens, kv_bucket):
                     continue
                 self._copy_in(tokens, ([],) * (len(FIELDS) - 1), [])
-                if self.capture:
-                    self._capture(tokens, kv_bucket)
-                else:
+                if not self.capture:
                     self._run_padded(tokens, kv_bucket)
-                done += 1
+                    done += 1
+                elif self._capture(tokens, kv_bucket) is not None:
+                    done += 1
         return done
 
     def _run_padded(self, tokens: int, kv_bucket: int) -> torch.Tensor:
@@ -180,13 +191,17 @@ class StepGraphs:
             if self._logits is None:
                 self._logits = logits.new_empty(self.token_buckets[-1], logits.shape[1])
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool):
+            # thread_local: CUDA calls of other threads (the API's prompt copies, tuning) neither fail nor
+            # spoil the capture; only this thread's own forward is captured.
+            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
                 self._logits[:tokens].copy_(self._run_padded(tokens, kv_bucket))
-        except Exception as error:  # an op that syncs with the host cannot be captured: serve without graphs
-            self.enabled = False
+        except Exception as error:  # out of memory, or an op that syncs with the host: this bucket runs packed
+            self._failed.add((tokens, kv_bucket))
             self.capture_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            log.warning("capturing a CUDA graph (%d tokens, %d KV) failed, running steps without graphs: %s",
-                        tokens, kv_bucket, self.capture_error)
+            self.enabled = len(self._failed) < MAX_CAPTURE_FAILURES
+            log.warning("capturing the CUDA graph of %d tokens over %d KV positions failed (%s); such steps run "
+                        "without a graph%s", tokens, kv_bucket, self.capture_error,
+                        "" if self.enabled else f", and after {MAX_CAPTURE_FAILURES} failures every step does")
             return None
         self._graphs[(tokens, kv_bucket)] = graph
         self.captures += 1

@@ -98,7 +98,7 @@ class LLMEngine:
             self._compile_forward(config.compile)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self.runner.use_step_graphs(max_kv=sched_config.max_model_len)
-            if config.capture_graphs_at_start:
+            if config.capture_graphs_at_start and self.runner.compiled_forward is None:  # compiled: never replayed
                 self._capture_graphs()
         self.scheduler = Scheduler(
             dataclasses.replace(sched_config, kv_cache_tokens=kv_tokens), self.eos_token_ids, self.runner.lookup_prefix

@@ -1,6 +1,7 @@
 """KV memory: the preallocated pool the running rows live in, and the soft-prompt KV prefix cache.
 
-Pool layout: one tensor `[num_layers, 2 (K/V), kv_heads, capacity, head_dim]`. A running
+Pool layout: one tensor `[num_layers, 2 (K/V), kv_heads, capacity + 1, head_dim]` (the last slot is
+scratch for CUDA-graph pad tokens, owned by no request). A running
 request owns the contiguous extent `[kv_offset, kv_offset + reservation)` of the capacity axis
 (kv_allocator.py decides where); position p of its sequence `[P_i | prompt | generated]` lives at
 slot `kv_offset + p`. Nothing is ever padded, moved or copied when rows join or leave.
@@ -30,8 +31,8 @@ def kv_shape(model) -> tuple[int, int, int]:
 class KVPool:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
         self.capacity = capacity
-        # One slot past the capacity that no request owns: the pad rows of a decode step padded to a
-        # CUDA-graph bucket (cuda_graphs.py) write their K/V there and read it back.
+        # One slot past the capacity that no request owns: the pad tokens of a step padded to a CUDA-graph
+        # bucket (cuda_graphs.py; the start-up captures too) write their K/V there and read it back.
         self.scratch_slot = capacity
         # torch.empty: on CPU untouched pages are never committed, so an idle pool costs no RSS.
         self.storage = torch.empty(num_layers, 2, num_kv_heads, capacity + 1, head_dim, dtype=dtype, device=device)
@@ -39,7 +40,7 @@ class KVPool:
         self._layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(num_layers)]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) of one layer, each [kv_heads, capacity, head_dim] (views of `storage`)."""
+        """(keys, values) of one layer, each [kv_heads, capacity + 1, head_dim] (views of `storage`)."""
         return self._layers[index]
 
     @property

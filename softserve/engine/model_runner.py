@@ -7,7 +7,8 @@ The scheduler decides which positions of which requests run; the runner turns th
     positions    | each row counts from 0 in its own sequence [P_i | prompt | generated]             |
     KV           | written to / read from the row's own extent of the pool (packed_attention.py)     |
 
-Logits are computed only at each sampling row's last token. The runner also owns the prompt-KV
+Logits are computed only at each sampling row's last token (on a GPU, a step replayed as a CUDA graph
+computes every token's and keeps those rows: cuda_graphs.py). The runner also owns the prompt-KV
 prefix cache: a hit is copied into the row's extent at admission, and a prompt computed inline is
 filed in the cache right after the forward that computed it.
 """
@@ -99,9 +100,10 @@ class ModelRunner:
     def use_step_graphs(self, *, max_kv: int, capture: bool = True) -> None:
         """Steps through fixed-shape padded forwards, captured as CUDA graphs where `capture` and the device
         is a GPU (else run eagerly: the CPU tests' way to check the padded path)."""
+        kv_bytes = 2 * self.num_kv_heads * self.head_dim * self.pool.storage.element_size()  # K and V of a position
         self.step_graphs = StepGraphs(self._padded_forward, scratch_slot=self.pool.scratch_slot,
                                       hidden=self.embed.weight.shape[1], dtype=self.dtype, device=self.device,
-                                      max_kv=max_kv, capture=capture)
+                                      max_kv=max_kv, kv_bytes_per_position=kv_bytes, capture=capture)
 
     def _padded_forward(self, fields: torch.Tensor, virtual_embeds: torch.Tensor, kv_bucket: int) -> torch.Tensor:
         """fields [len(FIELDS), tokens] int64 on the device, virtual_embeds [tokens, hidden] -> logits [tokens, vocab]."""
@@ -127,7 +129,9 @@ class ModelRunner:
             return None
         return graphs.bucket(len(flat.token_ids), max(row.kv_len for row in flat.rows))
 
-    def _graph_forward(self, flat: FlatBatch, bucket: tuple[int, int]) -> torch.Tensor:
+    def _graph_forward(self, flat: FlatBatch, bucket: tuple[int, int]) -> torch.Tensor | None:
+        """The step through its CUDA graph: logits of the sampled and scored rows, or None where the
+        bucket's capture just failed (the packed path runs the step)."""
         assert self.step_graphs is not None
         kv_start: list[int] = []  # [tokens]: the pool slot of the token's row's position 0
         kv_len: list[int] = []  # [tokens]: positions the token sees (causal within its row's chunk)
@@ -137,6 +141,8 @@ class ModelRunner:
         virtual = torch.cat(flat.virtual_rows).to(self.device, non_blocking=True) if flat.virtual_rows else None
         logits = self.step_graphs.run(bucket, (flat.token_ids, flat.positions, flat.write_slots, kv_start, kv_len),
                                       flat.virtual_index, virtual)  # [bucket tokens, vocab]
+        if logits is None:
+            return None
         kept = flat.logits_index + flat.prompt_logits_index
         if kept == list(range(len(kept))):  # decode rows only: the first tokens are the sampled ones
             return logits[: len(kept)]
@@ -221,8 +227,10 @@ class ModelRunner:
     def _forward(self, flat: FlatBatch) -> torch.Tensor:
         bucket = self._graph_bucket(flat)
         if bucket is not None:
-            self.forward_passes += 1
-            return self._graph_forward(flat, bucket)
+            logits = self._graph_forward(flat, bucket)
+            if logits is not None:
+                self.forward_passes += 1
+                return logits
         def to_device(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 

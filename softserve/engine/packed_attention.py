@@ -205,7 +205,7 @@ def padded_token_attention(padded: PaddedTokens, tokens_first, keys, values, sli
     """Each token's query over its own extent of the pool, every shape fixed by (tokens, kv_bucket):
     [tokens, q_heads, d]. Built from device tensors only (no host value, no sync), so that a CUDA graph
     replays it with other extents. Each token gathers its row's keys again: on a GPU that costs far less
-    than the launches it saves (MAX_GATHERED_POSITIONS bounds it)."""
+    than the launches it saves (cuda_graphs.MAX_GATHERED_BYTES bounds it)."""
     rows, q_heads, head_dim = tokens_first.shape  # a "row" here is one token
     kv_heads = keys.shape[0]
     groups = q_heads // kv_heads

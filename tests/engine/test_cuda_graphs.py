@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.support.engine_utils import make_engine, make_prompt, make_request, mixed_step_tokens, run
-from softserve.engine.cuda_graphs import MAX_GATHERED_POSITIONS, StepGraphs, kv_buckets, token_buckets
+from softserve.engine.cuda_graphs import MAX_CAPTURE_FAILURES, MAX_GATHERED_BYTES, StepGraphs, kv_buckets, token_buckets
 from softserve.engine.kv_cache import KVPool
 from softserve.engine.packed_attention import (
     PackedRow, PaddedTokens, padded_token_attention, reference_attention, token_extents,
@@ -29,15 +29,33 @@ def test_buckets_cover_every_size_once():
 
 def test_bucket_of_a_step():
     graphs = StepGraphs(lambda *a: None, scratch_slot=0, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
-                        max_kv=1000, capture=False)
+                        max_kv=1000, kv_bytes_per_position=1024, capture=False)
     assert graphs.bucket(3, 100) == (4, 256)
     assert graphs.bucket(17, 257) == (24, 512)
     assert graphs.bucket(513, 10) is None  # more tokens than any bucket
     assert graphs.bucket(1, 1025) is None  # longer than any admitted sequence
     longer = StepGraphs(lambda *a: None, scratch_slot=0, hidden=8, dtype=torch.float32, device=torch.device("cpu"),
-                        max_kv=4000, capture=False)
-    assert longer.bucket(200, 2000) is None and 224 * 2048 > MAX_GATHERED_POSITIONS  # too many keys to gather
+                        max_kv=4000, kv_bytes_per_position=1024, capture=False)
+    assert longer.bucket(200, 2000) is None and 224 * 2048 * 1024 > MAX_GATHERED_BYTES  # too many keys to gather
     assert longer.bucket(100, 2000) == (128, 2048)
+
+
+def test_failed_captures_fall_back_to_the_packed_path(tiny_model, tokenizer):
+    """A capture that raises (here: no CUDA at all) serves its step by the packed path, the same tokens;
+    the bucket stays packed, and after MAX_CAPTURE_FAILURES buckets every step does."""
+    engines: list = []
+
+    def failing(engine):
+        engine.runner.use_step_graphs(max_kv=engine.config.scheduler.max_model_len, capture=False)
+        engine.runner.step_graphs.capture = True  # every capture attempt raises on this machine
+        engines.append(engine)
+
+    assert mixed_step_tokens(tiny_model, tokenizer, failing) == mixed_step_tokens(tiny_model, tokenizer, lambda e: None)
+    engine = engines[0]
+    graphs = engine.runner.step_graphs
+    assert graphs.steps == 0 and graphs.captures == 0 and graphs.capture_error
+    assert not graphs.enabled and len(graphs._failed) == MAX_CAPTURE_FAILURES
+    assert engine.runner.forward_passes == engine.steps_run  # one forward per step, the failed attempts included
 
 
 @pytest.mark.parametrize("sliding_window", [None, 5])
