@@ -77,7 +77,7 @@ def start_up(model, tokenizer, device) -> dict:
 
 
 def padded_graphs(engine):
-    """The engine's decode graphs; on a CPU the same padded steps without capture (to check this script)."""
+    """The engine's step graphs; on a CPU the same padded steps without capture (to check this script)."""
     runner = engine.runner
     if runner.step_graphs is None and runner.device.type == "cpu":
         runner.use_step_graphs(max_kv=engine.config.scheduler.max_model_len, capture=False)

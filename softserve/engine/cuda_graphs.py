@@ -83,7 +83,7 @@ class StepGraphs:
         self.capture = capture and device.type == "cuda"
         self.enabled = True  # False after MAX_CAPTURE_FAILURES failed captures: the packed path only
         self.capture_error: str | None = None  # the last failure, for logs and benches
-        self._failed: set[tuple[int, int]] = set()  # buckets whose capture failed: the packed path
+        self.failed: set[tuple[int, int]] = set()  # buckets whose capture failed: the packed path
         width = self.token_buckets[-1]
         # [len(FIELDS) * tokens] each: a bucket's inputs are the first len(FIELDS) * tokens entries, viewed
         # [len(FIELDS), tokens], so one contiguous copy fills them and each graph reads fixed addresses.
@@ -104,14 +104,14 @@ class StepGraphs:
         """(token bucket, KV bucket) of a step, or None where it fits none."""
         tokens = next((b for b in self.token_buckets if b >= num_tokens), None)
         kv = next((b for b in self.kv_buckets if b >= max_kv_len), None)
-        if tokens is None or kv is None or tokens * kv > self._max_gathered_positions or (tokens, kv) in self._failed:
+        if tokens is None or kv is None or tokens * kv > self._max_gathered_positions or (tokens, kv) in self.failed:
             return None
         return tokens, kv
 
-    def run(self, bucket: tuple[int, int], fields: tuple[list[int], ...], virtual_index: list[int],
+    def run(self, bucket: tuple[int, int], fields: tuple, virtual_index: list[int],
             virtual_rows: torch.Tensor | None) -> torch.Tensor | None:
-        """One step of len(fields[0]) packed tokens (`fields` in FIELDS order, is_virtual left out: it
-        follows from virtual_index; virtual_rows [len(virtual_index), hidden] on the device) -> logits
+        """One step of len(fields[0]) packed tokens (`fields`: lists or CPU tensors in FIELDS order,
+        is_virtual left out: it follows from virtual_index; virtual_rows [len(virtual_index), hidden] on the device) -> logits
         [tokens, vocab] of every token, pads after them (valid until the next step); None where the
         bucket's capture just failed: the caller runs the step its own way (what was written to the pool
         here is written again by that run, slot for slot)."""
@@ -120,20 +120,19 @@ class StepGraphs:
         if virtual_index and virtual_rows is not None:
             index = torch.tensor(virtual_index, dtype=torch.long).to(self._virtual.device, non_blocking=True)
             self._virtual.index_copy_(0, index, virtual_rows.to(self._virtual.dtype))
-        self.steps += 1
         graph = self._graphs.get(bucket)
         if graph is None and self.capture:
             graph = self._capture(tokens, kv_bucket)
             if graph is None:
-                self.steps -= 1
                 return None
+        self.steps += 1
         if graph is None:
             return self._run_padded(tokens, kv_bucket)
         graph.replay()
         assert self._logits is not None
         return self._logits[:tokens]
 
-    def _copy_in(self, tokens: int, fields: tuple[list[int], ...], virtual_index: list[int]) -> None:
+    def _copy_in(self, tokens: int, fields: tuple, virtual_index: list[int]) -> None:
         """The step's fields, pads after them, into the bucket's inputs: one host-to-device copy."""
         n = len(fields[0])
         if self._copied is not None:
@@ -176,7 +175,8 @@ class StepGraphs:
         return self._forward(fields, self._virtual[:tokens], kv_bucket)
 
     def _capture(self, tokens: int, kv_bucket: int):
-        """Capture the bucket's graph over the inputs already copied in, or turn the graphs off if it fails.
+        """Capture the bucket's graph over the inputs already copied in; None where that fails (the bucket
+        is marked failed, and the graphs are turned off after MAX_CAPTURE_FAILURES buckets).
 
         Torch's recipe: run the forward on a side stream first (lazy cuBLAS and allocator state), then
         capture into the pool every graph of this runner shares (graphs replay one at a time). The runs
@@ -196,9 +196,9 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
                 self._logits[:tokens].copy_(self._run_padded(tokens, kv_bucket))
         except Exception as error:  # out of memory, or an op that syncs with the host: this bucket runs packed
-            self._failed.add((tokens, kv_bucket))
+            self.failed.add((tokens, kv_bucket))
             self.capture_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            self.enabled = len(self._failed) < MAX_CAPTURE_FAILURES
+            self.enabled = len(self.failed) < MAX_CAPTURE_FAILURES
             log.warning("capturing the CUDA graph of %d tokens over %d KV positions failed (%s); such steps run "
                         "without a graph%s", tokens, kv_bucket, self.capture_error,
                         "" if self.enabled else f", and after {MAX_CAPTURE_FAILURES} failures every step does")

@@ -111,12 +111,12 @@ class LLMEngine:
     def _capture_graphs(self) -> None:
         """The step graphs of short sequences, captured now rather than by the first requests (cuda_graphs.py)."""
         graphs = self.runner.step_graphs
-        if graphs is None:
-            return
+        assert graphs is not None
         started = time.perf_counter()
         done = graphs.warm_up()
         log.info("captured %d CUDA graphs in %.1f s%s", done, time.perf_counter() - started,
-                 f" (then capturing failed: {graphs.capture_error}; steps run eagerly)" if graphs.capture_error else "")
+                 f" ({len(graphs.failed)} failed, the last with {graphs.capture_error}: their steps run without a graph)"
+                 if graphs.capture_error else "")
 
     def _compile_forward(self, setting: str) -> None:
         """Trace and compile the forward now, not on the first requests. Under `auto` a failure (a broken

@@ -27,6 +27,7 @@ from softserve.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache, kv_shape
 from softserve.engine.outputs import RowLogprobs, RunnerOutput
 from softserve.engine.packed_attention import (
     BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, PaddedTokens, current_batch, install,
+    token_extents,
 )
 from softserve.engine.request import Request, SamplingParams
 from softserve.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
@@ -133,13 +134,10 @@ class ModelRunner:
         """The step through its CUDA graph: logits of the sampled and scored rows, or None where the
         bucket's capture just failed (the packed path runs the step)."""
         assert self.step_graphs is not None
-        kv_start: list[int] = []  # [tokens]: the pool slot of the token's row's position 0
-        kv_len: list[int] = []  # [tokens]: positions the token sees (causal within its row's chunk)
-        for row in flat.rows:
-            kv_start.extend([row.kv_start] * row.q_len)
-            kv_len.extend(range(row.kv_len - row.q_len + 1, row.kv_len + 1))
+        extents = token_extents(flat.rows)  # each [tokens]: the token's row's slot 0, the positions it sees
+        assert extents is not None  # the flattened rows tile the packed axis
         virtual = torch.cat(flat.virtual_rows).to(self.device, non_blocking=True) if flat.virtual_rows else None
-        logits = self.step_graphs.run(bucket, (flat.token_ids, flat.positions, flat.write_slots, kv_start, kv_len),
+        logits = self.step_graphs.run(bucket, (flat.token_ids, flat.positions, flat.write_slots, *extents),
                                       flat.virtual_index, virtual)  # [bucket tokens, vocab]
         if logits is None:
             return None

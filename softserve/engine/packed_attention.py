@@ -134,21 +134,20 @@ def token_extents(rows, skip=()) -> tuple[torch.Tensor, torch.Tensor] | None:
     first kv_len - q_len + i + 1 positions (causal); the tokens of the rows in `skip` get kv_len 0 (the
     kernel leaves them to the caller). None where the rows do not tile the packed axis."""
     total = sum(r.q_len for r in rows)
-    starts = torch.zeros(total, dtype=torch.long)
-    lengths = torch.zeros(total, dtype=torch.long)
-    covered = torch.zeros(total, dtype=torch.bool)
+    # Python lists, one tensor each at the end: per-row tensor ops cost more host time than the whole loop.
+    starts, lengths, covered = [0] * total, [0] * total, [False] * total
     for r in rows:
-        if r.q_start + r.q_len > total:
+        end = r.q_start + r.q_len
+        if end > total:
             return None
-        covered[r.q_start : r.q_start + r.q_len] = True
+        covered[r.q_start : end] = [True] * r.q_len
         if r in skip:
             continue
-        starts[r.q_start : r.q_start + r.q_len] = r.kv_start
-        if r.q_len == 1:
-            lengths[r.q_start] = r.kv_len
-        else:
-            lengths[r.q_start : r.q_start + r.q_len] = torch.arange(r.kv_len - r.q_len + 1, r.kv_len + 1)
-    return (starts, lengths) if bool(covered.all()) else None
+        starts[r.q_start : end] = [r.kv_start] * r.q_len
+        lengths[r.q_start : end] = range(r.kv_len - r.q_len + 1, r.kv_len + 1)
+    if not all(covered):
+        return None
+    return torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
 
 
 @dataclass

@@ -54,7 +54,7 @@ def test_failed_captures_fall_back_to_the_packed_path(tiny_model, tokenizer):
     engine = engines[0]
     graphs = engine.runner.step_graphs
     assert graphs.steps == 0 and graphs.captures == 0 and graphs.capture_error
-    assert not graphs.enabled and len(graphs._failed) == MAX_CAPTURE_FAILURES
+    assert not graphs.enabled and len(graphs.failed) == MAX_CAPTURE_FAILURES
     assert engine.runner.forward_passes == engine.steps_run  # one forward per step, the failed attempts included
 
 
