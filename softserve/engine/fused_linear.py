@@ -11,7 +11,7 @@ compiled step loses 90 custom-op calls (docs/performance.md). vLLM fuses the sam
 The HF model code stays as it is. After `pack_linears`, `fuse_linears` gives every module that has
 packed `q_proj`/`k_proj`/`v_proj` (or `gate_proj`/`up_proj`) children one packed weight of their
 concatenated weights. The siblings' own weights become row slices (views) of the concatenated plain
-weight, which products over `MAX_PACKED_ROWS` rows read (packed_linear.py), so nothing is held twice:
+weight, which products over `MAX_PACKED_ROWS` rows (on AMX CPUs) and autograd read (packed_linear.py), so nothing is held twice:
 the fused packed weight replaces the siblings' packed ones. At run time the first sibling (the one
 every architecture calls first: q_proj, gate_proj) computes the fused product and returns its slice;
 it leaves the product with its input on the group ("stash"), and a later sibling called with that

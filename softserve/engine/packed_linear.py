@@ -8,11 +8,15 @@ same oneDNN kernel on the same blocked weight, so the outputs are bitwise those 
 another kernel for the packed weight: an ulp in a few elements (docs/performance.md lists them). bf16
 is not held token-exact anyway (fp32 is, and packs nothing).
 
-The packed layout wins only for the row counts of decode and small mixed steps: measured over
-SmolLM2-135M's 210 layer linears with cold caches (bf16, 2 threads), packed vs `F.linear` is
-1.44-1.53x from 1 to 96 rows, 1.2-1.4x up to 256 rows, then 0.93x at 384, 0.94x at 512 and 0.59x at
-1,024 rows (a big prefill chunk). So products over more than `MAX_PACKED_ROWS` rows run `F.linear`
-on the plain weight, which therefore stays in memory beside the packed one.
+Whether the packed layout also wins for big products depends on the CPU. With AMX it wins only for the
+row counts of decode and small mixed steps: measured over SmolLM2-135M's 210 layer linears with cold
+caches (bf16, 2 threads, an AMX host), packed vs `F.linear` is 1.44-1.53x from 1 to 96 rows, 1.2-1.4x up
+to 256 rows, then 0.93x at 384, 0.94x at 512 and 0.59x at 1,024 rows (a big prefill chunk): oneDNN's
+per-call reorder there picks AMX kernels and a layout for the actual row count. On an AVX512-BF16 CPU
+without AMX (AMD Zen 5) the packed weight is faster at every row count (1.07x at 640 and 1,024 rows),
+and packing prefill products too made a classification wave 1.2x faster (docs/performance.md). So on
+AMX CPUs products over `MAX_PACKED_ROWS` rows run `F.linear` on the plain weight; elsewhere every
+product is packed. The plain weight stays in memory either way (autograd and the fallbacks read it).
 
 Only the serving path uses the packed weight: with autograd recording (prompt tuning trains through
 the frozen model), or when the module's weight is no longer the one that was packed (moved, cast,
@@ -36,8 +40,15 @@ log = logging.getLogger(__name__)
 
 # Rows per product that the packed layout is tuned for; any row count runs correctly.
 ROWS_HINT = 16
-# Above this many rows per product the plain weight is faster (module docstring).
-MAX_PACKED_ROWS = 256
+
+
+def _max_packed_rows() -> int | None:
+    """Rows per product above which the plain weight is faster: 256 on AMX CPUs, none elsewhere (module docstring)."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return 256 if callable(has_amx) and has_amx() else None
+
+
+MAX_PACKED_ROWS: int | None = _max_packed_rows()
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -71,7 +82,7 @@ def pack_linears(model: nn.Module) -> int:
 
 
 def _product(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.numel() > MAX_PACKED_ROWS * x.shape[-1]:
+    if MAX_PACKED_ROWS is not None and x.numel() > MAX_PACKED_ROWS * x.shape[-1]:
         return torch.nn.functional.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # [..., out_features]
 
@@ -102,7 +113,7 @@ def _packed_forward(module: nn.Linear, unpacked_forward):
 
 
 def packed_product(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] -> [..., out] on `packed` (up to MAX_PACKED_ROWS rows) or `weight`: the custom op when
+    """x [..., in] -> [..., out] on `packed` (up to MAX_PACKED_ROWS rows, if set) or `weight`: the custom op when
     torch is tracing (opaque to the compiler), else directly (eager: without the op's dispatch cost)."""
     if torch.compiler.is_compiling():
         return packed_linear_op(x, packed, weight, bias)

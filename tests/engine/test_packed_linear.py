@@ -85,11 +85,13 @@ def test_engine_tokens_are_the_same_packed_and_unpacked(tiny_model, tokenizer):
     assert all(len(tokens) == 8 for tokens in outputs[True])
 
 
-def test_products_over_max_packed_rows_run_on_the_plain_weight():
-    """Big prefill chunks are faster unpacked (module docstring): a packed weight of zeros shows which
-    path ran, since only the packed path can return zeros."""
+def test_products_over_max_packed_rows_run_on_the_plain_weight(monkeypatch):
+    """Big prefill chunks are faster unpacked on AMX CPUs (module docstring): a packed weight of zeros shows
+    which path ran, since only the packed path can return zeros. The limit is pinned to the AMX value, so
+    the branch runs on every CPU."""
     from softserve.engine import packed_linear
 
+    monkeypatch.setattr(packed_linear, "MAX_PACKED_ROWS", 256)
     layer = _linear(16, 8, False)
     pack_linears(layer)
     zeros = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight), 16)
@@ -101,6 +103,24 @@ def test_products_over_max_packed_rows_run_on_the_plain_weight():
         assert torch.count_nonzero(layer(small)) == 0
         assert torch.equal(layer(big), nn.functional.linear(big, layer.weight))
         assert torch.count_nonzero(layer(big)) > 0
+
+
+def test_without_amx_every_product_is_packed(monkeypatch):
+    """The limit is 256 rows on AMX CPUs and none elsewhere (where the packed weight is faster at every
+    row count); with none, a product far over 256 rows still runs on the packed weight."""
+    from softserve.engine import packed_linear
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert packed_linear._max_packed_rows() == 256
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert packed_linear._max_packed_rows() is None
+    monkeypatch.setattr(packed_linear, "MAX_PACKED_ROWS", None)
+    layer = _linear(16, 8, False)
+    pack_linears(layer)
+    zeros = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight), 16)
+    layer._softserve_packed = (zeros, layer._softserve_packed[1])
+    with torch.no_grad():
+        assert torch.count_nonzero(layer(torch.randn(1, 1000, 16).to(torch.bfloat16))) == 0
 
 
 @pytest.mark.slow
@@ -116,6 +136,7 @@ def test_compiled_forward_runs_the_packed_op_with_the_same_tokens(tiny_model, to
     from tests.support.engine_utils import make_prompt, make_request, run
 
     monkeypatch.setattr(engine_module, "use_compile", lambda *args: True)
+    monkeypatch.setattr(packed_linear, "MAX_PACKED_ROWS", 256)  # the AMX value: the plain branch runs here too
     calls = []
     product = packed_linear._product
     monkeypatch.setattr(packed_linear, "_product", lambda *a: calls.append(a[0].shape) or product(*a))
