@@ -40,6 +40,7 @@ CASES = {
     "contention": ([], ["### Contention: the HTTP side's work as a thread vs a process", "| 25% |"]),
     "startup": (["--dtype", "float32"], ["### Start-up until /ready", "| compiled, empty inductor cache |", "| compiled, warm inductor cache |"]),
     "step_time": ([], ["### Engine step time", "| decode, 4 rows |", "| mixed, 1 x 8-token prefill + 3 decode |"]),
+    "small_linear": (["--rows", "1,4"], ["### Small-row bf16 linears", "| rows | F.linear ms | oneDNN packed ms | ours ms"]),
     "native_attention": ([], ["### Packed attention per layer call", "| 16 decode rows (kv 110) |"]),
     # on CPU: the padded steps run eagerly in place of the graphs, no profile (it reads CUDA kernels)
     "gpu_engine": (["--device", "cpu", "--steps", "2"], ["### tiny", "| rows | reference | packed | graphs |", "waves: one_prompt"]),

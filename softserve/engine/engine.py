@@ -92,7 +92,8 @@ class LLMEngine:
         if config.native_kernels:
             native_kernels.install_rms_norms(model)  # bf16/fp16 on CPU only; fp32 keeps the modules' own code
         if config.pack_linears:
-            pack_linears(model)  # bf16 on CPU only; a no-op otherwise. Before compiling: the graph calls the packed op
+            # bf16 on CPU only; a no-op otherwise. Before compiling: the graph calls the packed op
+            pack_linears(model, small_kernel=config.native_kernels)
             fuse_linears(model)  # q/k/v and gate/up as one packed product each (fused_linear.py)
         if use_compile(config.compile, next(model.parameters()).dtype, self.runner.device):
             self._compile_forward(config.compile)

@@ -39,7 +39,7 @@ import logging
 import torch
 from torch import nn
 
-from softserve.engine.packed_linear import ROWS_HINT, packed_product
+from softserve.engine.packed_linear import ROWS_HINT, packed_product, small_pack
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,11 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class FusedGroup:
     """What the siblings of one module share: the fused weights and the stash of one product."""
 
-    def __init__(self, members: list[nn.Linear], packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, members: list[nn.Linear], packed: torch.Tensor, small: torch.Tensor | None, weight: torch.Tensor,
+                 bias: torch.Tensor | None):
         self.members = members
         self.packed = packed  # oneDNN layout of `weight`
+        self.small = small  # the small-row kernel's layout of `weight`, or None (packed_linear.py)
         self.weight = weight  # [sum of out_features, in_features]; each member's weight is a row slice of it
         self.bias = bias  # [sum of out_features] or None; each member's bias is a slice of it
         self.weights = tuple(m.weight for m in members)  # the Parameters fused (identity checks)
@@ -108,6 +110,7 @@ def _fuse(members: list[nn.Linear]) -> FusedGroup | None:
         bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
+            small = small_pack(weight) if all(m._softserve_packed[2] is not None for m in members) else None  # type: ignore[index]
         except RuntimeError as error:  # an unusual shape or build: the siblings stay as they are
             log.warning("packing fused %s failed (%s); they run unfused", [tuple(m.weight.shape) for m in members], error)
             return None
@@ -119,11 +122,11 @@ def _fuse(members: list[nn.Linear]) -> FusedGroup | None:
             if bias is not None:
                 m.bias.data = bias[start : start + m.out_features]
             start += m.out_features
-    group = FusedGroup(members, packed, weight, bias)
+    group = FusedGroup(members, packed, small, weight, bias)
     last = len(members) - 1
     for index, member in enumerate(members):
         # The member's own packed weight is no longer read: keep only the marker set_packed toggles.
-        member._softserve_packed = (None, member.weight)  # type: ignore[assignment]
+        member._softserve_packed = (None, member.weight, None)  # type: ignore[assignment]
         member._softserve_fused = group  # type: ignore[assignment]
         plain = nn.Linear.forward.__get__(member)
         member.forward = _first_forward(group, plain) if index == 0 else _later_forward(group, index, index == last, plain)  # type: ignore[method-assign]
@@ -137,7 +140,7 @@ def _first_forward(group: FusedGroup, plain):
         if not group.usable(x):
             group.stash = None
             return plain(x)
-        out = packed_product(x, group.packed, group.weight, group.bias)  # [..., sum of out_features]
+        out = packed_product(x, group.packed, group.small, group.weight, group.bias)  # [..., sum of out_features]
         group.stash = (x, _version(x), out)
         return out[..., begin:end]
 

@@ -24,6 +24,9 @@ and fp16 models (`install_rms_norms`): the fp32 path keeps the module's own code
 fp32 is untouched; in bf16 the sum of squares is added in another order than torch's, so an output
 can differ from the module's by one bf16 rounding step. Gemma 3's norm (`(1 + w)`, other rounding)
 keeps its own code.
+
+`csrc/small_linear.cpp` is the bf16 linear of decode-sized products (up to `SMALL_LINEAR_MAX_ROWS`
+rows) on CPUs with AVX512-BF16 and no AMX, on a weight packed once for it; packed_linear.py uses it.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_attention.cpp", "rms_norm.cpp", "write_kv.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_attention.cpp", "rms_norm.cpp", "write_kv.cpp", "small_linear.cpp")]
 # transformers' classes whose forward is exactly LlamaRMSNorm's (tests/engine/test_native_kernels.py checks)
 RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -76,7 +79,7 @@ def load() -> bool:
                     str(error).strip().splitlines()[-1:] or error)
         return False
     log.info("native kernels loaded in %.1f s (built on this machine's first start)", time.perf_counter() - started)
-    return all(hasattr(torch.ops.softserve_native, op) for op in ("decode_attention", "rms_norm", "write_kv"))
+    return all(hasattr(torch.ops.softserve_native, op) for op in ("decode_attention", "rms_norm", "write_kv", "small_linear"))
 
 
 def available(device: torch.device) -> bool:
@@ -103,6 +106,25 @@ def write_kv(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, n
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., hidden], weight [hidden], one dtype: LlamaRMSNorm's output."""
     return torch.ops.softserve_native.rms_norm(x, weight, eps)
+
+
+def small_linear_available() -> bool:
+    """The small-row linear kernel is built for this CPU (AVX512-BF16) and the CPU has no AMX: with AMX,
+    oneDNN's tile kernels are the faster choice at these row counts (packed_linear.py)."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if callable(has_amx) and has_amx():
+        return False
+    return load() and bool(torch.ops.softserve_native.small_linear_supported())
+
+
+def small_linear_pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] bf16 (K even) -> the kernel's layout [ceil(N/16), K/2, 16, 2] (csrc/small_linear.cpp)."""
+    return torch.ops.softserve_native.small_linear_pack(weight)
+
+
+def small_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [..., K] bf16 -> x W^T + bias [..., out_features] bf16, W given packed (`small_linear_pack`)."""
+    return torch.ops.softserve_native.small_linear(x, packed, out_features, bias)
 
 
 def install_rms_norms(model: torch.nn.Module) -> int:

@@ -18,6 +18,14 @@ and packing prefill products too made a classification wave 1.2x faster (docs/pe
 AMX CPUs products over `MAX_PACKED_ROWS` rows run `F.linear` on the plain weight; elsewhere every
 product is packed. The plain weight stays in memory either way (autograd and the fallbacks read it).
 
+On CPUs with AVX512-BF16 and no AMX, products of up to `SMALL_LINEAR_MAX_ROWS` rows (decode steps and
+small mixed ones) run our own kernel instead (native_kernels.py, csrc/small_linear.cpp) on a third copy
+of the weight in its layout. Over SmolLM2-135M's 121 products on the Zen 5 host it is 1.45x oneDNN's
+packed product at 1 row, 1.43x at 16, 1.31x at 64 and 1.08x at 256 (`bench/small_linear.py`,
+docs/performance.md "Small-row linears"). Its output is oneDNN's in almost every element (the same
+float32 sums of VDPBF16PS, at most an order of additions apart), and a row's output never depends on
+the other rows of the call.
+
 Only the serving path uses the packed weight: with autograd recording (prompt tuning trains through
 the frozen model), or when the module's weight is no longer the one that was packed (moved, cast,
 replaced), the module's own forward runs. The frozen model's weights must not change in place
@@ -36,6 +44,8 @@ import logging
 import torch
 from torch import nn
 
+from softserve.engine import native_kernels
+
 log = logging.getLogger(__name__)
 
 # Rows per product that the packed layout is tuned for; any row count runs correctly.
@@ -49,6 +59,8 @@ def _max_packed_rows() -> int | None:
 
 
 MAX_PACKED_ROWS: int | None = _max_packed_rows()
+# Products of up to this many rows run the small-row kernel where it is built (module docstring).
+SMALL_LINEAR_MAX_ROWS = 256
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -57,11 +69,13 @@ def can_pack(model: nn.Module) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, small_kernel: bool = False) -> int:
     """Give every bf16 CPU `nn.Linear` of `model` a packed weight; returns how many (0: nothing to do,
-    or this torch build has no oneDNN linear ops). Idempotent."""
+    or this torch build has no oneDNN linear ops). With `small_kernel`, where the small-row kernel is
+    built for this CPU, also its packed weight (module docstring). Idempotent."""
     if not can_pack(model):
         return 0
+    small_kernel = small_kernel and native_kernels.small_linear_available()
     packed = 0
     for module in model.modules():
         if not isinstance(module, nn.Linear) or module.weight.dtype != torch.bfloat16:
@@ -74,27 +88,38 @@ def pack_linears(model: nn.Module) -> int:
         except RuntimeError as error:  # an unusual shape or build: this module keeps F.linear
             log.warning("packing a %s linear failed (%s); it runs unpacked", tuple(module.weight.shape), error)
             continue
+        small = small_pack(module.weight.detach()) if small_kernel else None
         # nn.Module's typed __setattr__ takes only tensors and modules, hence the ignores
-        module._softserve_packed = (weight, module.weight)  # type: ignore[assignment]
+        module._softserve_packed = (weight, module.weight, small)  # type: ignore[assignment]
         module.forward = _packed_forward(module, module.forward)  # type: ignore[method-assign]
         packed += 1
     return packed
 
 
-def _product(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if MAX_PACKED_ROWS is not None and x.numel() > MAX_PACKED_ROWS * x.shape[-1]:
+def small_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The small-row kernel's copy of weight [out, in], or None where it takes no such shape (odd `in`)."""
+    return native_kernels.small_linear_pack(weight) if weight.shape[1] % 2 == 0 else None
+
+
+def _product(x: torch.Tensor, packed: torch.Tensor, small: torch.Tensor | None, weight: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if small is not None and rows <= SMALL_LINEAR_MAX_ROWS:
+        return native_kernels.small_linear(x, small, bias, weight.shape[0])  # [..., out_features]
+    if MAX_PACKED_ROWS is not None and rows > MAX_PACKED_ROWS:
         return torch.nn.functional.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # [..., out_features]
 
 
 @torch.library.custom_op("softserve::packed_linear", mutates_args=())
-def packed_linear_op(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_linear_op(x: torch.Tensor, packed: torch.Tensor, small: torch.Tensor | None, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] -> [..., out]: `_product` as one opaque call for the compiled graph."""
-    return _product(x, packed, weight, bias)
+    return _product(x, packed, small, weight, bias)
 
 
 @packed_linear_op.register_fake
-def _(x, packed, weight, bias):
+def _(x, packed, small, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -102,22 +127,24 @@ def _packed_forward(module: nn.Linear, unpacked_forward):
     def forward(x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
         # identity and dtype, not data_ptr(): the compiled forward traces this, and data_ptr() would
         # break its graph at every linear
-        weight, packed_from = module._softserve_packed  # type: ignore[misc]
+        weight, packed_from, small = module._softserve_packed  # type: ignore[misc]
         if (x.dtype != torch.bfloat16 or module.weight is not packed_from or module.weight.dtype != torch.bfloat16
                 or module.weight.device.type != "cpu"
                 or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))):
             return unpacked_forward(x)
-        return packed_product(x, weight, module.weight, module.bias)
+        return packed_product(x, weight, small, module.weight, module.bias)
 
     return forward
 
 
-def packed_product(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] -> [..., out] on `packed` (up to MAX_PACKED_ROWS rows, if set) or `weight`: the custom op when
-    torch is tracing (opaque to the compiler), else directly (eager: without the op's dispatch cost)."""
+def packed_product(x: torch.Tensor, packed: torch.Tensor, small: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] -> [..., out] on `small` (up to SMALL_LINEAR_MAX_ROWS rows, if given), `packed` (up to
+    MAX_PACKED_ROWS rows, if set) or `weight`: the custom op when torch is tracing (opaque to the
+    compiler), else directly (eager: without the op's dispatch cost)."""
     if torch.compiler.is_compiling():
-        return packed_linear_op(x, packed, weight, bias)
-    return _product(x, packed, weight, bias)
+        return packed_linear_op(x, packed, small, weight, bias)
+    return _product(x, packed, small, weight, bias)
 
 
 def set_packed(model: nn.Module, enabled: bool) -> None:
@@ -126,4 +153,4 @@ def set_packed(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         state = getattr(module, "_softserve_packed", None)
         if state is not None:
-            module._softserve_packed = (state[0], module.weight if enabled else None)  # type: ignore[assignment]
+            module._softserve_packed = (state[0], module.weight if enabled else None, state[2])  # type: ignore[assignment]

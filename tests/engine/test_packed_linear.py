@@ -95,7 +95,7 @@ def test_products_over_max_packed_rows_run_on_the_plain_weight(monkeypatch):
     layer = _linear(16, 8, False)
     pack_linears(layer)
     zeros = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight), 16)
-    layer._softserve_packed = (zeros, layer._softserve_packed[1])
+    layer._softserve_packed = (zeros, layer._softserve_packed[1], None)
     limit = packed_linear.MAX_PACKED_ROWS
     with torch.no_grad():
         small = torch.randn(1, limit, 16).to(torch.bfloat16)
@@ -118,7 +118,7 @@ def test_without_amx_every_product_is_packed(monkeypatch):
     layer = _linear(16, 8, False)
     pack_linears(layer)
     zeros = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight), 16)
-    layer._softserve_packed = (zeros, layer._softserve_packed[1])
+    layer._softserve_packed = (zeros, layer._softserve_packed[1], None)
     with torch.no_grad():
         assert torch.count_nonzero(layer(torch.randn(1, 1000, 16).to(torch.bfloat16))) == 0
 

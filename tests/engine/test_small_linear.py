@@ -1,0 +1,116 @@
+"""The small-row bf16 linear kernel (csrc/small_linear.cpp) and where packed_linear.py routes to it.
+
+It runs only where it is built for the CPU (AVX512-BF16, no AMX); elsewhere these tests skip, except the
+one that checks nothing is packed for it there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from softserve.engine import native_kernels, packed_linear
+from softserve.engine.fused_linear import fuse_linears
+from softserve.engine.packed_linear import pack_linears
+
+needs_kernel = pytest.mark.skipif(not native_kernels.small_linear_available(),
+                                  reason="the small-row kernel is not built for this CPU (no AVX512-BF16, or AMX)")
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float64 product of the bf16 operands: what one rounding to bf16 should be within half an ulp of."""
+    out = x.double() @ weight.double().T
+    return out if bias is None else out + bias.double()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "k", "n", "bias"), [(1, 576, 960, False), (16, 576, 3072, True), (13, 1536, 576, False),
+                                                      (5, 64, 50, True), (7, 64, 200, False), (3, 2, 1, True), (64, 96, 1000, True)])
+def test_kernel_is_the_product_rounded_once(rows, k, n, bias):
+    """Full blocks, partial last blocks (n not a multiple of 16 or 64), n < 16, K = 2, with and without
+    bias: every element within one bf16 rounding (half an ulp, plus float32 summation) of the exact product."""
+    torch.manual_seed(rows * 1000 + n)
+    weight = (torch.randn(n, k) * 0.05).to(torch.bfloat16)
+    x = torch.randn(2, rows, k).to(torch.bfloat16)
+    b = torch.randn(n).to(torch.bfloat16) if bias else None
+    got = native_kernels.small_linear(x, native_kernels.small_linear_pack(weight), b, n)
+    assert got.shape == (2, rows, n) and got.dtype == torch.bfloat16
+    exact = _reference(x, weight, b)
+    assert bool(((got.double() - exact).abs() <= exact.abs() * 2.0 ** -8 * 1.01 + 1e-5).all())
+
+
+@needs_kernel
+def test_a_rows_output_does_not_depend_on_the_other_rows():
+    """Every row count tiles differently (6 + 5 + 5 rows at 16, ...): each row alone, bit for bit."""
+    torch.manual_seed(0)
+    weight = (torch.randn(200, 128) * 0.05).to(torch.bfloat16)
+    packed = native_kernels.small_linear_pack(weight)
+    bias = torch.randn(200).to(torch.bfloat16)
+    x = torch.randn(300, 128).to(torch.bfloat16)
+    solo = torch.cat([native_kernels.small_linear(x[i : i + 1], packed, bias, 200) for i in range(300)])
+    for rows in (1, 2, 5, 6, 7, 12, 13, 16, 17, 64, 257, 300):
+        assert torch.equal(native_kernels.small_linear(x[:rows], packed, bias, 200), solo[:rows]), rows
+
+
+@needs_kernel
+def test_strided_input_and_bad_packs():
+    torch.manual_seed(1)
+    weight = (torch.randn(40, 64) * 0.05).to(torch.bfloat16)
+    packed = native_kernels.small_linear_pack(weight)
+    x = torch.randn(8, 128).to(torch.bfloat16)[:, ::2]  # not contiguous
+    assert torch.equal(native_kernels.small_linear(x, packed, None, 40), native_kernels.small_linear(x.contiguous(), packed, None, 40))
+    with pytest.raises(RuntimeError):
+        native_kernels.small_linear(torch.randn(2, 62).to(torch.bfloat16), packed, None, 40)  # another K
+    with pytest.raises(RuntimeError):
+        native_kernels.small_linear_pack((torch.randn(4, 63)).to(torch.bfloat16))  # odd K
+
+
+@needs_kernel
+def test_rows_up_to_the_limit_run_the_kernel_and_more_run_onednn(monkeypatch):
+    """A small-row weight of zeros shows which path ran: only the kernel can return zeros."""
+    layer = nn.Linear(16, 8, bias=False).to(torch.bfloat16)
+    assert pack_linears(layer, small_kernel=True) == 1
+    packed, weight, small = layer._softserve_packed
+    assert small is not None
+    layer._softserve_packed = (packed, weight, native_kernels.small_linear_pack(torch.zeros_like(layer.weight)))
+    limit = packed_linear.SMALL_LINEAR_MAX_ROWS
+    monkeypatch.setattr(packed_linear, "MAX_PACKED_ROWS", None)
+    with torch.no_grad():
+        assert torch.count_nonzero(layer(torch.randn(1, limit, 16).to(torch.bfloat16))) == 0
+        assert torch.count_nonzero(layer(torch.randn(1, 3, 16).to(torch.bfloat16))) == 0
+        big = torch.randn(1, limit + 1, 16).to(torch.bfloat16)
+        assert torch.equal(layer(big), torch.ops.mkldnn._linear_pointwise(big, packed, None, "none", [], ""))
+    x = torch.randn(1, 3, 16).to(torch.bfloat16).requires_grad_()
+    assert torch.count_nonzero(layer(x)) > 0  # autograd: the module's own forward
+
+
+@needs_kernel
+def test_fused_siblings_get_a_kernel_weight_and_give_their_own_products():
+    from tests.engine.test_fused_linear import _block, _expected, _outputs
+
+    block = _block(True)
+    x = torch.randn(1, 16, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = _expected(block, x)
+        assert pack_linears(block, small_kernel=True) == 6 and fuse_linears(block) == 2
+        assert block["attn"].q_proj._softserve_fused.small is not None
+        got = _outputs(block, x)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e, rtol=1.6e-2, atol=1e-2)
+
+
+def test_nothing_is_packed_for_the_kernel_where_it_is_not_available(monkeypatch):
+    monkeypatch.setattr(native_kernels, "small_linear_available", lambda: False)
+    layer = nn.Linear(16, 8).to(torch.bfloat16)
+    if pack_linears(layer, small_kernel=True) == 0:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    assert layer._softserve_packed[2] is None
+    with torch.no_grad():
+        x = torch.randn(1, 3, 16).to(torch.bfloat16)
+        assert torch.equal(layer(x), torch.ops.mkldnn._linear_pointwise(x, layer._softserve_packed[0], layer.bias, "none", [], ""))
+
+
+def test_amx_cpus_do_not_use_the_kernel(monkeypatch):
+    """With AMX oneDNN's tile kernels are the faster choice at these rows (packed_linear.py)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_kernels.small_linear_available() is False
