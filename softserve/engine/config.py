@@ -36,7 +36,8 @@ class EngineConfig:
     # off | auto | on: the compiled forward (compiled_forward.py). Off for direct engine users (tests, benches,
     # tuning tools): a compile costs each process ~20-60 s. The server passes its own setting (auto).
     compile: str = "off"
-    native_kernels: bool = _default("native_kernels")  # CPU decode attention and bf16 RMSNorm by our C++ kernels (native_kernels.py)
+    # CPU attention, KV writes, bf16 RMSNorm and (bf16, AVX512-BF16 without AMX) small-row linears by our C++ kernels (native_kernels.py)
+    native_kernels: bool = _default("native_kernels")
     pack_linears: bool = _default("pack_linears")  # bf16 CPU linears on weights packed once (packed_linear.py)
     # Steps replayed as CUDA graphs on a GPU (cuda_graphs.py); no effect on CPU.
     cuda_graphs: bool = True

@@ -11,8 +11,8 @@ compiled step loses 90 custom-op calls (docs/performance.md). vLLM fuses the sam
 The HF model code stays as it is. After `pack_linears`, `fuse_linears` gives every module that has
 packed `q_proj`/`k_proj`/`v_proj` (or `gate_proj`/`up_proj`) children one packed weight of their
 concatenated weights. The siblings' own weights become row slices (views) of the concatenated plain
-weight, which products over `MAX_PACKED_ROWS` rows (on AMX CPUs) and autograd read (packed_linear.py), so nothing is held twice:
-the fused packed weight replaces the siblings' packed ones. At run time the first sibling (the one
+weight, which products over `MAX_PACKED_ROWS` rows (where set) and autograd read (packed_linear.py), so nothing is held twice:
+the fused packed weights (oneDNN's, and the small-row kernel's where it runs) replace the siblings' own. At run time the first sibling (the one
 every architecture calls first: q_proj, gate_proj) computes the fused product and returns its slice;
 it leaves the product with its input on the group ("stash"), and a later sibling called with that
 very input object, unchanged since (its version counter), returns its slice of it; the last one drops
@@ -25,8 +25,9 @@ strided views: HF attention `.view`s them on the last dimension and the MLP read
 Under the compiled forward the product is the same `softserve::packed_linear` op on the fused weights,
 and the stash is ordinary Python state that the trace follows (one graph, as before).
 
-Outputs: a fused product is the same oneDNN kernel family over a wider weight, so each slice equals
-the sibling's own packed product up to kernel choice (an ulp in a few elements at some row counts).
+Outputs: a fused product is the same kernel (oneDNN's, or the small-row kernel) over a wider weight, so
+each slice equals the sibling's own packed product up to kernel choice (an ulp in a few elements at
+some row counts; the small-row kernel's columns are independent, so there bit for bit).
 bf16 is not held token-exact to fp32 anyway; fp32 packs and fuses nothing, so PEFT parity and fp32
 batched == solo are untouched. Fused outputs are computed row by row, so a row's result still does not
 depend on the other rows of its step (tests/engine/test_fused_linear.py).
@@ -110,10 +111,15 @@ def _fuse(members: list[nn.Linear]) -> FusedGroup | None:
         bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
-            small = small_pack(weight) if all(m._softserve_packed[2] is not None for m in members) else None  # type: ignore[index]
         except RuntimeError as error:  # an unusual shape or build: the siblings stay as they are
             log.warning("packing fused %s failed (%s); they run unfused", [tuple(m.weight.shape) for m in members], error)
             return None
+        small = None
+        if all(m._softserve_packed[2] is not None for m in members):  # type: ignore[index]
+            try:
+                small = small_pack(weight)
+            except RuntimeError as error:  # out of memory, say: oneDNN serves the fused product's small rows
+                log.warning("packing fused %s for the small-row kernel failed (%s)", [tuple(m.weight.shape) for m in members], error)
         start = 0
         for m in members:
             # The member's Parameter object stays (its identity is what the gates check); its data becomes

@@ -1,5 +1,5 @@
 """Our C++ kernels for the CPU serving path, built at first use: decode attention read from the KV pool in
-place, and the Llama family's RMSNorm in one pass.
+place, the Llama family's RMSNorm in one pass, KV writes, and bf16 linears of few rows.
 
 The batched path (packed_attention.py) gathers every decode row's keys and values out of the pool into
 a padded `[rows, kv_heads, max_kv, head_dim]` copy, once per layer, and then calls SDPA on it. On

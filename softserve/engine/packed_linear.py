@@ -3,9 +3,10 @@
 `F.linear` on a bf16 CPU tensor already runs oneDNN (AMX / AVX512-BF16), but it reorders the weight
 into oneDNN's blocked layout on every call: for a decode step of 16 rows that reorder costs about as
 much as the product. vLLM-CPU packs each linear's weight once at load; so do we. The product is the
-same oneDNN kernel on the same blocked weight, so the outputs are bitwise those of `F.linear`
+same oneDNN kernel on the same blocked weight, so its outputs are bitwise those of `F.linear`
 (tests/engine/test_packed_linear.py), except at a few row counts with 2+ threads where oneDNN picks
-another kernel for the packed weight: an ulp in a few elements (docs/performance.md lists them). bf16
+another kernel for the packed weight: an ulp in a few elements (docs/performance.md lists them); where
+the small-row kernel below serves the product, within half an ulp of the exact product instead. bf16
 is not held token-exact anyway (fp32 is, and packs nothing).
 
 Whether the packed layout also wins for big products depends on the CPU. With AMX it wins only for the
@@ -14,9 +15,9 @@ caches (bf16, 2 threads, an AMX host), packed vs `F.linear` is 1.44-1.53x from 1
 to 256 rows, then 0.93x at 384, 0.94x at 512 and 0.59x at 1,024 rows (a big prefill chunk): oneDNN's
 per-call reorder there picks AMX kernels and a layout for the actual row count. On an AVX512-BF16 CPU
 without AMX (AMD Zen 5) the packed weight is faster at every row count (1.07x at 640 and 1,024 rows),
-and packing prefill products too made a classification wave 1.2x faster (docs/performance.md). So on
-AMX CPUs products over `MAX_PACKED_ROWS` rows run `F.linear` on the plain weight; elsewhere every
-product is packed. The plain weight stays in memory either way (autograd and the fallbacks read it).
+and packing prefill products too made a classification wave 1.2x faster (docs/performance.md). So only
+there is every product packed; elsewhere (AMX, and CPUs without native bf16, never measured) products
+over `MAX_PACKED_ROWS` rows run `F.linear` on the plain weight. The plain weight stays in memory either way (autograd and the fallbacks read it).
 
 On CPUs with AVX512-BF16 and no AMX, products of up to `SMALL_LINEAR_MAX_ROWS` rows (decode steps and
 small mixed ones) run our own kernel instead (native_kernels.py, csrc/small_linear.cpp) on a third copy
@@ -29,8 +30,8 @@ the other rows of the call.
 Only the serving path uses the packed weight: with autograd recording (prompt tuning trains through
 the frozen model), or when the module's weight is no longer the one that was packed (moved, cast,
 replaced), the module's own forward runs. The frozen model's weights must not change in place
-after packing (nothing in the server does that). The packed copy costs one more copy of the linear weights
-(~270 MB for SmolLM2-135M in bf16).
+after packing (nothing in the server does that). Each packed copy costs one more copy of the linear
+weights (~270 MB for SmolLM2-135M in bf16): one for oneDNN, and one for the small-row kernel where it runs.
 
 Under the compiled forward (compiled_forward.py) the product is the custom op `softserve::packed_linear`,
 opaque to inductor: inductor's own lowering of the oneDNN op accepts only weights it froze itself,
@@ -53,9 +54,13 @@ ROWS_HINT = 16
 
 
 def _max_packed_rows() -> int | None:
-    """Rows per product above which the plain weight is faster: 256 on AMX CPUs, none elsewhere (module docstring)."""
+    """Rows per product above which the plain weight is faster: none on CPUs with AVX512-BF16 and no AMX,
+    256 elsewhere (module docstring)."""
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return 256 if callable(has_amx) and has_amx() else None
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if callable(has_amx) and callable(has_bf16) and has_bf16() and not has_amx():
+        return None
+    return 256
 
 
 MAX_PACKED_ROWS: int | None = _max_packed_rows()
@@ -88,7 +93,12 @@ def pack_linears(model: nn.Module, small_kernel: bool = False) -> int:
         except RuntimeError as error:  # an unusual shape or build: this module keeps F.linear
             log.warning("packing a %s linear failed (%s); it runs unpacked", tuple(module.weight.shape), error)
             continue
-        small = small_pack(module.weight.detach()) if small_kernel else None
+        small = None
+        if small_kernel:
+            try:
+                small = small_pack(module.weight.detach())
+            except RuntimeError as error:  # out of memory, say: oneDNN serves this module's small products
+                log.warning("packing a %s linear for the small-row kernel failed (%s); oneDNN serves it", tuple(module.weight.shape), error)
         # nn.Module's typed __setattr__ takes only tensors and modules, hence the ignores
         module._softserve_packed = (weight, module.weight, small)  # type: ignore[assignment]
         module.forward = _packed_forward(module, module.forward)  # type: ignore[method-assign]

@@ -61,7 +61,7 @@ def _outputs(block, x):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 16, 133, 300])  # decode, a mixed step, past MAX_PACKED_ROWS (the plain weight)
+@pytest.mark.parametrize("rows", [1, 16, 133, 300])  # decode, a mixed step, past MAX_PACKED_ROWS where it is set (AMX)
 def test_fused_siblings_give_their_own_products(bias, rows):
     block = _block(bias)
     x = torch.randn(1, rows, 64).to(torch.bfloat16)

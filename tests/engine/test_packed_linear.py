@@ -106,14 +106,14 @@ def test_products_over_max_packed_rows_run_on_the_plain_weight(monkeypatch):
 
 
 def test_without_amx_every_product_is_packed(monkeypatch):
-    """The limit is 256 rows on AMX CPUs and none elsewhere (where the packed weight is faster at every
-    row count); with none, a product far over 256 rows still runs on the packed weight."""
+    """No limit on CPUs with AVX512-BF16 and no AMX (there the packed weight is faster at every row count),
+    256 rows elsewhere; with none, a product far over 256 rows still runs on the packed weight."""
     from softserve.engine import packed_linear
 
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert packed_linear._max_packed_rows() == 256
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert packed_linear._max_packed_rows() is None
+    for amx, bf16, limit in ((True, True, 256), (False, False, 256), (False, True, None)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16, raising=False)
+        assert packed_linear._max_packed_rows() == limit
     monkeypatch.setattr(packed_linear, "MAX_PACKED_ROWS", None)
     layer = _linear(16, 8, False)
     pack_linears(layer)

@@ -1,7 +1,7 @@
 """The small-row bf16 linear kernel (csrc/small_linear.cpp) and where packed_linear.py routes to it.
 
-It runs only where it is built for the CPU (AVX512-BF16, no AMX); elsewhere these tests skip, except the
-one that checks nothing is packed for it there."""
+It runs only where it is built for the CPU (AVX512-BF16, no AMX); elsewhere the tests that call it skip,
+and the ones that check nothing is packed for it there still run."""
 
 from __future__ import annotations
 
@@ -53,6 +53,40 @@ def test_a_rows_output_does_not_depend_on_the_other_rows():
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [200, 1000, 49])
+def test_every_thread_count_gives_the_same_bits(n):
+    """The column blocks are split between threads (ranges that are not multiples of a tile, 3 threads over
+    13 blocks): 2, 3 and 4 threads == 1 thread, bit for bit."""
+    torch.manual_seed(n)
+    weight = (torch.randn(n, 96) * 0.05).to(torch.bfloat16)
+    packed = native_kernels.small_linear_pack(weight)
+    bias = torch.randn(n).to(torch.bfloat16)
+    x = torch.randn(16, 96).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native_kernels.small_linear(x, packed, bias, n)
+        for threads in (2, 3, 4):
+            torch.set_num_threads(threads)
+            assert torch.equal(native_kernels.small_linear(x, packed, bias, n), one), threads
+            assert torch.equal(native_kernels.small_linear_pack(weight), packed)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_one_row_one_dimension_and_no_rows():
+    torch.manual_seed(2)
+    weight = (torch.randn(70, 32) * 0.05).to(torch.bfloat16)
+    packed = native_kernels.small_linear_pack(weight)
+    x = torch.randn(32).to(torch.bfloat16)
+    got = native_kernels.small_linear(x, packed, None, 70)
+    exact = _reference(x, weight, None)
+    assert got.shape == (70,) and bool(((got.double() - exact).abs() <= exact.abs() * 2.0 ** -8 * 1.01 + 1e-5).all())
+    assert native_kernels.small_linear(torch.randn(0, 32).to(torch.bfloat16), packed, None, 70).shape == (0, 70)
+
+
+@needs_kernel
 def test_strided_input_and_bad_packs():
     torch.manual_seed(1)
     weight = (torch.randn(40, 64) * 0.05).to(torch.bfloat16)
@@ -63,6 +97,54 @@ def test_strided_input_and_bad_packs():
         native_kernels.small_linear(torch.randn(2, 62).to(torch.bfloat16), packed, None, 40)  # another K
     with pytest.raises(RuntimeError):
         native_kernels.small_linear_pack((torch.randn(4, 63)).to(torch.bfloat16))  # odd K
+    with pytest.raises(RuntimeError):
+        native_kernels.small_linear(x, packed, None, 80)  # another N than the pack's
+    with pytest.raises(RuntimeError):
+        native_kernels.small_linear(x, packed, torch.zeros(41).to(torch.bfloat16), 40)  # a bias of another size
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_op_passes_opcheck(bias):
+    """The compiled forward's custom op with the kernel's weight: schema, fake tensor, dispatch as torch
+    requires them. oneDNN's packed weight is an opaque tensor opcheck cannot copy; the op does not read
+    it when the kernel serves the rows, so the plain weight stands in for it."""
+    weight = (torch.randn(40, 64) * 0.05).to(torch.bfloat16)
+    b = torch.randn(40).to(torch.bfloat16) if bias else None
+    small = native_kernels.small_linear_pack(weight)
+    x = torch.randn(1, 5, 64).to(torch.bfloat16)
+    torch.library.opcheck(packed_linear.packed_linear_op, (x, weight, small, weight, b))
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, packed_linear.ROWS_HINT)
+    assert torch.equal(packed_linear.packed_linear_op(x, packed, small, weight, b), native_kernels.small_linear(x, small, b, 40))
+
+
+@needs_kernel
+def test_the_engine_runs_the_kernel_and_not_with_native_kernels_off(tiny_model, tokenizer, monkeypatch):
+    import copy
+
+    from softserve.engine.config import EngineConfig, SchedulerConfig
+    from softserve.engine.engine import LLMEngine
+    from tests.support.engine_utils import make_request, run
+
+    calls = []
+    kernel = native_kernels.small_linear
+    monkeypatch.setattr(native_kernels, "small_linear", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    tokens = {}
+    for native in (True, False):
+        model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+        engine = LLMEngine(model, tokenizer, EngineConfig(scheduler=SchedulerConfig(max_batch_size=4), model_id="t",
+                                                          native_kernels=native))
+        smalls = [m._softserve_packed[2] for m in model.modules() if getattr(m, "_softserve_packed", None) is not None]
+        groups = [m._softserve_fused for m in model.modules() if getattr(m, "_softserve_fused", None) is not None]
+        calls.clear()
+        requests = [make_request(list(range(100 + i, 108 + i)), max_tokens=4, ignore_eos=True) for i in range(3)]
+        done = run(engine, requests)
+        tokens[native] = [done[r.request_id] for r in requests]
+        if native:
+            assert calls and any(g.small is not None for g in groups)
+        else:
+            assert not calls and all(s is None for s in smalls) and all(g.small is None for g in groups)
+    assert all(len(t) == 4 for t in tokens[True])
 
 
 @needs_kernel

@@ -13,8 +13,8 @@
 // Kernel: a tile of up to 6 rows x 4 column blocks (24 accumulators in registers), over all of K, then
 // + bias in float32 and one rounding to bf16 (round to nearest even). Every output element is summed
 // over K in the same order whatever the row count and the tile it falls in, so a row's output does not
-// depend on the other rows of the call. Parallel over column blocks (each thread streams its own part
-// of the weight once per row tile; the second and later tiles read it from cache).
+// depend on the other rows of the call. Parallel over column blocks: each thread streams its own part
+// of the weight from memory once per call (the first row tile; later tiles re-read it from cache).
 //
 // Registered as torch.ops.softserve_native.small_linear{,_pack,_supported}; packed_linear.py says where
 // it is used. Built without AVX512-BF16 (another CPU), `small_linear_supported` is false and the other
@@ -27,9 +27,10 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define SOFTSERVE_SMALL_LINEAR 1
 #endif
@@ -50,7 +51,7 @@ bool supported() {
 
 void check_weight(const at::Tensor& w) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2, "weight [N, K] bf16 on CPU");
-  TORCH_CHECK(w.size(1) % 2 == 0, "K must be even");
+  TORCH_CHECK(w.size(1) > 0 && w.size(1) % 2 == 0, "K must be even and positive");
 }
 
 at::Tensor pack(const at::Tensor& weight) {
@@ -83,8 +84,7 @@ void tile(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t pai
   __m512 acc[ROWS][BLOCKS];
   for (int m = 0; m < ROWS; ++m)
     for (int z = 0; z < BLOCKS; ++z) acc[m][z] = _mm512_setzero_ps();
-  const int32_t* x_pairs = reinterpret_cast<const int32_t*>(x);  // one int32 = the bf16 pair x[m, 2p..2p+1]
-  const int64_t ldx_pairs = ldx / 2, block_stride = pairs * kBlock * 2;
+  const int64_t block_stride = pairs * kBlock * 2;
   for (int64_t p = 0; p < pairs; ++p) {
     if (next) {
 #pragma GCC unroll 4
@@ -96,7 +96,9 @@ void tile(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t pai
     for (int z = 0; z < BLOCKS; ++z) wz[z] = (__m512bh)_mm512_loadu_si512(w + z * block_stride + p * kBlock * 2);
 #pragma GCC unroll 6
     for (int m = 0; m < ROWS; ++m) {
-      const __m512bh xm = (__m512bh)_mm512_set1_epi32(x_pairs[m * ldx_pairs + p]);
+      int32_t pair;  // the bf16 pair x[m, 2p..2p+1], low half first, as VDPBF16PS pairs them
+      std::memcpy(&pair, x + m * ldx + 2 * p, sizeof pair);
+      const __m512bh xm = (__m512bh)_mm512_set1_epi32(pair);
 #pragma GCC unroll 4
       for (int z = 0; z < BLOCKS; ++z) acc[m][z] = _mm512_dpbf16_ps(acc[m][z], xm, wz[z]);
     }
@@ -130,7 +132,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n
   TORCH_CHECK(supported(), "small_linear: built without AVX512-BF16");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() >= 1, "x [..., K] bf16 on CPU");
   const int64_t k = x.size(-1), pairs = k / 2, blocks = (n + kBlock - 1) / kBlock;
-  TORCH_CHECK(k % 2 == 0 && packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(0) == blocks &&
+  TORCH_CHECK(k > 0 && k % 2 == 0 && packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(0) == blocks &&
                   packed.size(1) == pairs && packed.size(2) == kBlock && packed.size(3) == 2 && packed.is_contiguous(),
               "packed must be small_linear_pack of a [N, K] weight");
   TORCH_CHECK(!bias || (bias->numel() == n && bias->device().is_cpu()), "bias [N]");
