@@ -16,10 +16,17 @@ compile (inductor caches that on disk), is what a restart pays; one graph took t
 SmolLM2-135M from 46 s to ~20 s here (docs/performance.md). `warm_up` traces it at start-up and checks
 that the other shapes reuse it. No graph keeps zero logits: the compiler would drop every layer, the
 attention op and its KV writes included (the op is pure to it), so the runner keeps one.
+
+Rotary tables: HF computes the rotary cos/sin once per forward, but inductor fuses that computation into
+every layer's consumer and so recomputes `cos`/`sin` of every position in every layer (~7 ms of a
+~250 ms classification wave, 640 prefill tokens). `install_rotary_tables` gives the Llama family's
+rotary module a table of its own outputs for every position the engine serves, computed once by the
+module itself, and a forward that indexes it: the layers then load what they used to recompute.
 """
 
 from __future__ import annotations
 
+import inspect
 import shutil
 
 import torch
@@ -42,8 +49,11 @@ def _(query, key, value, layer_idx, sliding_window, scaling):
     return query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
 
 
-def compile_forward(model):
-    """fn(embeds [1, T, hidden], positions [1, T], logits_index [n]) -> logits [n, vocab], compiled lazily."""
+def compile_forward(model, max_positions: int | None = None):
+    """fn(embeds [1, T, hidden], positions [1, T], logits_index [n]) -> logits [n, vocab], compiled lazily.
+    With `max_positions`, the rotary modules read tables of that many positions (`install_rotary_tables`)."""
+    if max_positions:
+        install_rotary_tables(model, max_positions)
 
     def forward(embeds: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
         out = model(inputs_embeds=embeds, position_ids=positions, attention_mask=NO_MASK, use_cache=False,
@@ -59,6 +69,45 @@ def compile_forward(model):
             return compiled(embeds, positions, logits_index)
 
     return run
+
+
+# RoPE types whose cos/sin depend on the position alone (not on the sequence length, as "dynamic" does)
+STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3"})
+
+
+def install_rotary_tables(model, max_positions: int) -> int:
+    """Give every Llama-family rotary module (forward(x, position_ids), a static RoPE type) a table of its
+    own (cos, sin) for positions 0 .. max_positions - 1 in the model's dtype, read by its forward from
+    then on; returns how many. Other dtypes take the module's own forward. Positions past the table
+    must not reach it: the engine's positions are below max_model_len, which `max_positions` is. Idempotent."""
+    param = next(model.parameters())
+    installed = 0
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)  # Gemma 3's is a dict per layer type
+        if not type(module).__name__.endswith("RotaryEmbedding") or not isinstance(rope_type, str) or rope_type not in STATIC_ROPE_TYPES:
+            continue
+        if getattr(module, "_softserve_rotary_table", None) is not None:
+            installed += 1
+            continue
+        if list(inspect.signature(module.forward).parameters) != ["x", "position_ids"]:
+            continue  # Gemma 3's takes a layer type: left as it is
+        with torch.no_grad():
+            positions = torch.arange(max_positions, device=param.device)[None]  # [1, max_positions]
+            cos, sin = module(param.new_empty(0), positions)  # [1, max_positions, head_dim] each, the model's dtype
+        module._softserve_rotary_table = (cos[0], sin[0])
+        module.forward = _table_forward(module, module.forward)
+        installed += 1
+    return installed
+
+
+def _table_forward(module, module_forward):
+    def forward(x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = module._softserve_rotary_table  # [max_positions, head_dim] each
+        if x.dtype != cos.dtype or x.device != cos.device:
+            return module_forward(x, position_ids)
+        return cos[position_ids], sin[position_ids]  # [batch, T, head_dim] each
+
+    return forward
 
 
 def use_compile(setting: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:

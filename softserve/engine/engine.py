@@ -126,7 +126,7 @@ class LLMEngine:
         log.info("compiling the model forward (--compile %s): ~1 min on a small CPU the first time, less "
                  "once inductor's cache holds the kernels", setting)
         try:
-            self.runner.use_compiled_forward(True)
+            self.runner.use_compiled_forward(True, max_positions=self.config.scheduler.max_model_len)
             # Traced in a thread with the engine thread's OpenMP count: dynamo guards the graph on
             # torch.get_num_threads(), and a graph traced here (1 thread) made the first step trace again.
             run_in_compute_thread(self.runner.warm_up, name="softserve-compile")

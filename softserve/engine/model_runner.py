@@ -146,8 +146,9 @@ class ModelRunner:
             return logits[: len(kept)]
         return logits.index_select(0, torch.tensor(kept, dtype=torch.long).to(self.device, non_blocking=True))
 
-    def use_compiled_forward(self, on: bool) -> None:
-        self.compiled_forward = compile_forward(self.model) if on else None
+    def use_compiled_forward(self, on: bool, max_positions: int | None = None) -> None:
+        """`max_positions`: the engine's max_model_len, the rotary tables' length (compiled_forward.py)."""
+        self.compiled_forward = compile_forward(self.model, max_positions) if on else None
 
     @torch.inference_mode()
     def warm_up(self) -> None:

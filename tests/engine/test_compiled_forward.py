@@ -42,7 +42,7 @@ def test_a_failed_compile_serves_eager_under_auto_and_stops_the_start_under_on(s
     from softserve.engine.model_runner import ModelRunner
     from tests.support.engine_utils import make_engine, make_request, run
 
-    def broken(self, on):
+    def broken(self, on, max_positions=None):
         if on:
             raise RuntimeError("InductorError: C++ compile error\n...")
         self.compiled_forward = None
@@ -157,3 +157,41 @@ def test_the_engine_thread_runs_the_graph_traced_at_start_up(compiled_engines, t
         assert counters["stats"]["unique_graphs"] == traced
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_tables_give_the_modules_own_cos_and_sin(tiny_model, dtype):
+    """The table is the rotary module's own output at every position, so indexing it == calling it, bit
+    for bit; another dtype takes the module's own forward; installing twice changes nothing."""
+    import copy
+
+    from softserve.engine.compiled_forward import install_rotary_tables
+
+    model = copy.deepcopy(tiny_model).to(dtype)
+    rotary = model.model.rotary_emb
+    x = torch.zeros(1, 5, 64, dtype=dtype)
+    positions = torch.tensor([[0, 7, 1999, 3, 511]])
+    with torch.no_grad():
+        expected = rotary(x, positions)
+        expected_half = rotary(x.half(), positions)
+        assert install_rotary_tables(model, 2000) == 1 and install_rotary_tables(model, 2000) == 1
+        assert rotary._softserve_rotary_table[0].shape == (2000, 16) and rotary._softserve_rotary_table[0].dtype == dtype
+        got = rotary(x, positions)
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and g.dtype == e.dtype and torch.equal(g, e)
+        got = rotary(x.half(), positions)
+        assert all(torch.equal(g, e) and g.dtype == torch.float16 for g, e in zip(got, expected_half))
+
+
+def test_rotary_tables_leave_dynamic_rope_and_gemma3_alone(tiny_model, tokenizer):
+    import copy
+
+    from softserve.engine.compiled_forward import install_rotary_tables
+    from tests.engine.test_gemma3 import tiny_gemma3
+
+    model = copy.deepcopy(tiny_model)
+    model.model.rotary_emb.rope_type = "dynamic"  # cos/sin that depend on the sequence length: no table
+    assert install_rotary_tables(model, 64) == 0
+    assert getattr(model.model.rotary_emb, "_softserve_rotary_table", None) is None
+    gemma = tiny_gemma3(len(tokenizer))  # forward(x, position_ids, layer_type): left as it is
+    assert install_rotary_tables(gemma, 64) == 0
