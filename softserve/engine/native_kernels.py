@@ -108,13 +108,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.softserve_native.rms_norm(x, weight, eps)
 
 
-def small_linear_available() -> bool:
-    """The small-row linear kernel is built for this CPU (AVX512-BF16) and the CPU has no AMX: with AMX,
-    oneDNN's tile kernels are the faster choice at these row counts (packed_linear.py)."""
+def cpu_has_bf16_without_amx() -> bool:
+    """AVX512-BF16 and no AMX (AMD Zen 4/5, say): there oneDNN's packed weight wins at every row count and
+    the small-row kernel beats it at decode row counts; with AMX its tile kernels are the faster choice
+    (packed_linear.py). False where this torch cannot tell."""
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if callable(has_amx) and has_amx():
-        return False
-    return load() and bool(torch.ops.softserve_native.small_linear_supported())
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return callable(has_amx) and callable(has_bf16) and bool(has_bf16()) and not has_amx()
+
+
+def small_linear_available() -> bool:
+    """The CPU is one the small-row linear kernel is for (`cpu_has_bf16_without_amx`) and it is built here."""
+    return cpu_has_bf16_without_amx() and load() and bool(torch.ops.softserve_native.small_linear_supported())
 
 
 def small_linear_pack(weight: torch.Tensor) -> torch.Tensor:

@@ -56,11 +56,7 @@ ROWS_HINT = 16
 def _max_packed_rows() -> int | None:
     """Rows per product above which the plain weight is faster: none on CPUs with AVX512-BF16 and no AMX,
     256 elsewhere (module docstring)."""
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    if callable(has_amx) and callable(has_bf16) and has_bf16() and not has_amx():
-        return None
-    return 256
+    return None if native_kernels.cpu_has_bf16_without_amx() else 256
 
 
 MAX_PACKED_ROWS: int | None = _max_packed_rows()

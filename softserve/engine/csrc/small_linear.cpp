@@ -140,7 +140,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = n;
   at::Tensor y = at::empty(sizes, x.options());
-  const int64_t rows = k ? xc.numel() / k : 0;
+  const int64_t rows = xc.numel() / k;  // k > 0: checked above
   if (rows == 0 || n == 0) return y;
 #ifdef SOFTSERVE_SMALL_LINEAR
   const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
