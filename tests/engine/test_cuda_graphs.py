@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.engine_utils import make_engine, make_prompt, make_request, mixed_step_tokens, run
+from tests.support.engine_utils import make_engine, make_prompt, make_request, mixed_requests, mixed_step_tokens, run
 from softserve.engine.cuda_graphs import MAX_CAPTURE_FAILURES, MAX_GATHERED_BYTES, StepGraphs, kv_buckets, token_buckets
 from softserve.engine.kv_cache import KVPool
 from softserve.engine.packed_attention import (
@@ -161,13 +161,6 @@ def cuda_tiny(tiny_model):
     return copy.deepcopy(tiny_model).to("cuda")
 
 
-def _mixed_requests(model):
-    hidden = model.config.hidden_size
-    prompts = [make_prompt(f"g{i}", k, hidden, seed=i) for i, k in enumerate((3, 8, 5))] + [None]
-    inputs = [list(range(100 + 7 * i, 100 + 7 * i + n)) for i, n in enumerate((5, 30, 12, 3, 21, 9))]
-    return [make_request(ids, soft_prompt=prompts[i % 4], max_tokens=12, ignore_eos=True) for i, ids in enumerate(inputs)]
-
-
 @gpu
 def test_cuda_graph_steps_equal_eager_steps_and_the_full_recompute(cuda_tiny, tokenizer):
     """fp32 on the GPU: captured step graphs == eager packed steps == HF full recompute, token for token."""
@@ -176,7 +169,7 @@ def test_cuda_graph_steps_equal_eager_steps_and_the_full_recompute(cuda_tiny, to
     results = {}
     for graphs in (False, True):
         engine = _cuda_engine(cuda_tiny, tokenizer, graphs)
-        batch = _mixed_requests(cuda_tiny)
+        batch = mixed_requests(cuda_tiny, 12)
         done = run(engine, batch)
         results[graphs] = [done[r.request_id] for r in batch]
         if graphs:
@@ -184,7 +177,7 @@ def test_cuda_graph_steps_equal_eager_steps_and_the_full_recompute(cuda_tiny, to
             assert graphs.capture_error is None, graphs.capture_error
             assert graphs.captures > 0 and graphs.steps == engine.steps_run  # prompt chunks replayed too
     assert results[True] == results[False]
-    for request, tokens in zip(_mixed_requests(cuda_tiny), results[True]):
+    for request, tokens in zip(mixed_requests(cuda_tiny, 12), results[True]):
         with torch.device("cuda"):  # reference_greedy makes its id tensors on the default device
             assert tokens == reference_greedy(cuda_tiny, request.prompt_ids, request.soft_prompt, 12)
 

@@ -40,16 +40,21 @@ def run(engine: LLMEngine, requests: list[Request]) -> dict[str, list[int]]:
     return {rid: [t for o in seq for t in o.token_ids] for rid, seq in outs.items()}
 
 
-def mixed_step_tokens(model, tokenizer, set_up) -> list[list[int]]:
-    """Six greedy requests (3 soft prompts of different k, one without) through steps that mix chunked
-    prefill, cold prompts and rows joining (4 rows, 16 prefill tokens per step), on a fresh engine that
-    `set_up(engine)` configures first: each request's 8 tokens. Tests run it twice, once per engine path."""
+def mixed_requests(model, max_tokens: int) -> list[Request]:
+    """Six greedy requests of 3-30 prompt tokens, with 3 soft prompts of different k and one without."""
     hidden = model.config.hidden_size
     prompts = [make_prompt(f"p{i}", k, hidden, seed=i) for i, k in enumerate((3, 8, 5))] + [None]
     inputs = [list(range(100 + 7 * i, 100 + 7 * i + n)) for i, n in enumerate((5, 30, 12, 3, 21, 9))]
+    return [make_request(ids, soft_prompt=prompts[i % 4], max_tokens=max_tokens, ignore_eos=True) for i, ids in enumerate(inputs)]
+
+
+def mixed_step_tokens(model, tokenizer, set_up) -> list[list[int]]:
+    """`mixed_requests` through steps that mix chunked prefill, cold prompts and rows joining (4 rows, 16
+    prefill tokens per step), on a fresh engine that `set_up(engine)` configures first: each request's 8
+    tokens. Tests run it twice, once per engine path."""
     engine = make_engine(model, tokenizer, max_batch_size=4, max_prefill_tokens=16)
     set_up(engine)
-    requests = [make_request(ids, soft_prompt=prompts[i % 4], max_tokens=8, ignore_eos=True) for i, ids in enumerate(inputs)]
+    requests = mixed_requests(model, 8)
     done = run(engine, requests)
     return [done[r.request_id] for r in requests]
 
