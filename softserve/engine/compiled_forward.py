@@ -8,14 +8,27 @@ at every layer and the op sees the step's `PackedBatch` through a thread-local s
 custom op takes tensors and scalars only; the batch's plan is plain Python). Should torch ever run
 the forward eagerly instead (past its recompile limit), the attention finds the batch the same way.
 
-Shapes: the packed token count and the number of kept logits are dynamic (`dynamic=True`), and ONE
-graph serves every size: the forward is traced "size-oblivious" (backed_size_oblivious), so torch does
-not specialize the sizes 0 and 1 as it otherwise does. Specialized, a run saw three graphs (one token and
-one logit / many tokens x one / many logits), each traced anew at every start: tracing, not the C++
-compile (inductor caches that on disk), is what a restart pays; one graph took the warm start of
-SmolLM2-135M from 46 s to ~20 s here (docs/performance.md). `warm_up` traces it at start-up and checks
-that the other shapes reuse it. No graph keeps zero logits: the compiler would drop every layer, the
-attention op and its KV writes included (the op is pure to it), so the runner keeps one.
+Shapes: the packed token count and the number of kept logits vary; everything else is static. The
+two sizes are marked *unbacked* at every call (`mark_unbacked`): torch then never guards on their
+values, so ONE graph serves 1 to N tokens and 1 to N logits. Marked merely dynamic, torch still
+guarded on them where a shape rule asked "is it 1?" (the rotary table lookup, `2 <= tokens`), and a
+one-token step traced a second graph; and `dynamic=True` made every module float (norm epsilons,
+attention scales) and every global tensor's size symbolic, guarded one by one. Tracing, not the C++
+compile (inductor caches that on disk), is what a restart pays: the one static graph reloads in ~7 s
+of tracing where the old two took ~43 s (SmolLM2-135M, docs/performance.md). `warm_up` runs the step
+shapes at start-up; tests check that they and every later step reuse the one graph. No graph keeps
+zero logits: the compiler would drop every layer, the attention op and its KV writes included (the
+op is pure to it), so the runner keeps one.
+
+Guards: before each call dynamo checks that the graph still applies, and for a whole HF model most of
+its ~8,700 checks are on the model's modules: every Parameter's tensor properties, every module's
+hook dicts, attributes and closures. After a forward that streamed the weights those objects are out
+of the CPU's caches, and the check took ~2 ms of a ~16 ms decode step. The engine's model is frozen:
+loaded with `requires_grad_(False)`, packed, fused and given its rotary tables before the compile, and
+nothing changes a module afterwards (the tuner reads it; `test_serving_and_tuning_leave_the_model_as_compiled`
+holds that). So the compile drops the guards whose source is one of the model's modules
+(`frozen_model_guards`) and keeps the rest: the inputs' dtype, device and rank, the globals, grad
+mode, the thread count. Unlike `skip_guard_eval_unsafe`, a changed input still recompiles.
 
 Rotary tables: HF computes the rotary cos/sin once per forward, but inductor fuses that computation into
 every layer's consumer and so recomputes `cos`/`sin` of every position in every layer (~7 ms of a
@@ -30,7 +43,7 @@ import inspect
 import shutil
 
 import torch
-import torch.fx.experimental._config  # backed_size_oblivious (see compile_forward)
+from torch._dynamo.decorators import mark_unbacked
 
 from softserve.engine.packed_attention import NO_MASK, attend_packed, step_batch
 
@@ -60,15 +73,23 @@ def compile_forward(model, max_positions: int | None = None):
                     logits_to_keep=logits_index)
         return out.logits[0]
 
-    compiled = torch.compile(forward, dynamic=True)
+    compiled = torch.compile(forward, dynamic=False, options={"guard_filter_fn": frozen_model_guards})
 
     def run(embeds: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
-        # Read when torch traces (the first call, or a recompile), so it is set around every call; the
-        # graph itself is unaffected by it once traced.
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
-            return compiled(embeds, positions, logits_index)
+        # Marked at every call, not once: a trace (the first call, or a recompile) reads the marks of the
+        # tensors it is given.
+        mark_unbacked(embeds, 1)
+        mark_unbacked(positions, 1)
+        mark_unbacked(logits_index, 0)
+        return compiled(embeds, positions, logits_index)
 
     return run
+
+
+def frozen_model_guards(entries) -> list[bool]:
+    """`guard_filter_fn` of the compiled forward: keep every guard except those on the model's modules
+    (the model is frozen once compiled: see the module docstring)."""
+    return [not entry.orig_guard.source.is_unspecialized_nn_module() for entry in entries]
 
 
 # RoPE types whose cos/sin depend on the position alone (not on the sequence length, as "dynamic" does)
@@ -133,7 +154,5 @@ def has_cpp_compiler() -> bool:
 
 
 # The (packed tokens, kept logits) sizes run at start-up: the first traces the one graph, the others must
-# reuse it (a decode step of one row, a prefill chunk that samples one token). 3 != 2: sizes equal at the
-# first trace would be assumed equal in the general graph ("duck sizing"), and every step with fewer
-# logits than tokens would then compile another graph.
+# reuse it (a decode step of one row, a prefill chunk that samples one token).
 WARM_UP_SHAPES = ((3, 2), (2, 1), (1, 1))

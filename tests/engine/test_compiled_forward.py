@@ -195,3 +195,96 @@ def test_rotary_tables_leave_dynamic_rope_and_gemma3_alone(tiny_model, tokenizer
     assert getattr(model.model.rotary_emb, "_softserve_rotary_table", None) is None
     gemma = tiny_gemma3(len(tokenizer))  # forward(x, position_ids, layer_type): left as it is
     assert install_rotary_tables(gemma, 64) == 0
+
+
+def _module_state(model) -> list:
+    """What dynamo's dropped module guards would have checked: per module its type, training flag, hook
+    dicts, plain attributes by value, objects by identity, and each parameter's and buffer's tensor
+    properties; each fused group's fields by identity (its stash excepted: set and cleared per forward)."""
+    def tensor(t):
+        return None if t is None else (id(t), tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+
+    state = []
+    for name, module in model.named_modules():
+        fields = {}
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers"):
+                fields[key] = {k: tensor(v) for k, v in value.items()}
+            elif key == "_modules":
+                fields[key] = {k: id(v) for k, v in value.items()}
+            elif isinstance(value, dict):
+                fields[key] = (id(value), tuple(value))
+            elif isinstance(value, (bool, int, float, str, type(None))):
+                fields[key] = value
+            elif isinstance(value, torch.Tensor):
+                fields[key] = tensor(value)
+            else:
+                fields[key] = id(value)
+        group = getattr(module, "_softserve_fused", None)
+        if group is not None:
+            fields["group"] = {k: id(v) for k, v in vars(group).items() if k != "stash"}
+        state.append((name, type(module), fields))
+    state.append(("config", model.config.to_dict()))
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.process  # inductor runs the C++ compiler
+def test_serving_and_tuning_leave_the_model_as_compiled(compiled_engines, tiny_model, tokenizer):
+    """The compiled forward drops dynamo's guards on the model's modules (`frozen_model_guards`), which
+    is sound only while nothing changes a module after the trace. Serving (soft prompts, a prefix-tuning
+    row, chunked prefill, mixed steps) and a tuning job on the same model leave every module as it was,
+    on the bf16 model with its packed and fused linears; and the check sees a change when there is one."""
+    import copy
+
+    from softserve.engine.packed_linear import set_packed
+    from softserve.tuning.trainer import PromptTuner, TuningConfig
+    from tests.support.engine_utils import make_engine, make_prompt, make_request, run
+    from tests.support.tuning import toy_data
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    engine = make_engine(model, tokenizer, max_batch_size=3, max_prefill_tokens=8)
+    assert engine.runner.compiled_forward is not None
+    compiled = _module_state(model)
+    hidden = model.config.hidden_size
+
+    def serve(seed: int) -> None:
+        prompts = [make_prompt(f"f{seed}-{i}", 2 + i, hidden, seed=seed + i) for i in range(2)] + [None]
+        requests = [make_request(list(range(100 + 9 * i, 100 + 9 * i + n)), soft_prompt=prompts[i % 3], max_tokens=4,
+                                 ignore_eos=True) for i, n in enumerate((3, 13, 1, 6))]
+        run(engine, requests)
+
+    serve(1)
+    PromptTuner(model, tokenizer, toy_data(tokenizer, 4), None,
+                TuningConfig(num_virtual_tokens=2, init="vocab", steps=2, batch_size=4, micro_batch_size=2)).run()
+    serve(2)
+    assert _module_state(model) == compiled
+    set_packed(model, False)  # what a dropped guard would have caught
+    assert _module_state(model) != compiled
+    set_packed(model, True)
+
+
+@pytest.mark.slow
+@pytest.mark.process  # inductor runs the C++ compiler
+def test_a_changed_input_still_traces_a_new_graph(compiled_engines, tiny_model, tokenizer):
+    """Only the module guards are dropped: the inputs' guards remain, so an input of another dtype traces
+    a graph of its own instead of running the one traced for int64 positions."""
+    from torch._dynamo.utils import counters
+
+    from softserve.engine.packed_attention import AttentionPlan, PackedBatch, PackedRow, current_batch
+    from tests.support.engine_utils import make_engine
+
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=2)
+    runner = engine.runner
+    traced = counters["stats"]["unique_graphs"]
+    rows = (PackedRow(0, 4, 0, 4),)
+    with torch.inference_mode():  # as the runner makes its inputs: another dispatch key set is another graph too
+        slots = torch.arange(4)
+        embeds = torch.randn(1, 4, tiny_model.config.hidden_size)
+    batch = PackedBatch(pool=runner.pool, write_slots=slots, rows=rows, plan=AttentionPlan.build(rows, runner.device, runner.native_kernels))
+    with torch.inference_mode(), current_batch(batch):
+        expected = runner.compiled_forward(embeds, slots.unsqueeze(0), slots[3:])
+        assert counters["stats"]["unique_graphs"] == traced
+        got = runner.compiled_forward(embeds, slots.unsqueeze(0).to(torch.int32), slots[3:])
+    assert counters["stats"]["unique_graphs"] == traced + 1
+    torch.testing.assert_close(got, expected)
