@@ -79,7 +79,13 @@ def load() -> bool:
                     str(error).strip().splitlines()[-1:] or error)
         return False
     log.info("native kernels loaded in %.1f s (built on this machine's first start)", time.perf_counter() - started)
-    return all(hasattr(torch.ops.softserve_native, op) for op in ("decode_attention", "rms_norm", "write_kv", "small_linear"))
+    ops = ("decode_attention", "rms_norm", "write_kv", "small_linear", "small_or_packed_linear")
+    if not all(hasattr(torch.ops.softserve_native, op) for op in ops):
+        return False
+    # the compiled forward traces this op (packed_linear.packed_product): its output's shape, for the tracer
+    torch.library.register_fake("softserve_native::small_or_packed_linear")(
+        lambda x, small, packed, n, bias, max_small_rows: x.new_empty((*x.shape[:-1], n)))
+    return True
 
 
 def available(device: torch.device) -> bool:
@@ -130,6 +136,13 @@ def small_linear_pack(weight: torch.Tensor) -> torch.Tensor:
 def small_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """x [..., K] bf16 -> x W^T + bias [..., out_features] bf16, W given packed (`small_linear_pack`)."""
     return torch.ops.softserve_native.small_linear(x, packed, out_features, bias)
+
+
+def small_or_packed_linear(x: torch.Tensor, small: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                           out_features: int, max_small_rows: int) -> torch.Tensor:
+    """x [..., K] bf16 -> [..., out_features]: `small_linear` up to `max_small_rows` rows, else oneDNN's
+    product on its packed weight `packed`; one C++ op, for the compiled graph (csrc/small_linear.cpp)."""
+    return torch.ops.softserve_native.small_or_packed_linear(x, small, packed, out_features, bias, max_small_rows)
 
 
 def install_rms_norms(model: torch.nn.Module) -> int:

@@ -288,3 +288,41 @@ def test_a_changed_input_still_traces_a_new_graph(compiled_engines, tiny_model, 
         got = runner.compiled_forward(embeds, slots.unsqueeze(0).to(torch.int32), slots[3:])
     assert counters["stats"]["unique_graphs"] == traced + 1
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.process  # inductor runs the C++ compiler
+def test_the_bf16_graph_calls_the_c_linear_op_where_the_kernel_runs(compiled_engines, tiny_model, tokenizer, monkeypatch):
+    """On a CPU where the small-row kernel runs, the compiled graph's products are the C++ op (no Python
+    custom op in between), with the tokens of the same graph through the Python op."""
+    import copy
+
+    from torch.profiler import profile
+
+    from softserve.engine import native_kernels, packed_linear
+    from tests.support.engine_utils import make_engine, make_request, run
+
+    if not native_kernels.small_linear_available():
+        pytest.skip("the small-row kernel is not built for this CPU (no AVX512-BF16, or AMX)")
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    engine = make_engine(model, tokenizer, max_batch_size=3, max_prefill_tokens=8)
+    inputs = [list(range(100 + 9 * i, 100 + 9 * i + n)) for i, n in enumerate((3, 13, 1))]
+
+    def tokens() -> list[list[int]]:
+        requests = [make_request(ids, max_tokens=4, ignore_eos=True) for ids in inputs]
+        done = run(engine, requests)
+        return [done[r.request_id] for r in requests]
+
+    with profile() as prof:
+        through_c = tokens()
+    names = {event.key for event in prof.key_averages()}
+    assert "softserve_native::small_or_packed_linear" in names and "softserve::packed_linear" not in names
+    # A row limit for the plain weight that no step reaches: the same kernels, through the Python op
+    monkeypatch.setattr(packed_linear, "MAX_PACKED_ROWS", 1 << 40)
+    torch._dynamo.reset()
+    engine.runner.use_compiled_forward(True)
+    with profile() as prof:
+        through_python = tokens()
+    names = {event.key for event in prof.key_averages()}
+    assert "softserve::packed_linear" in names and "softserve_native::small_or_packed_linear" not in names
+    assert through_c == through_python

@@ -123,6 +123,28 @@ def test_packed_linear_op_passes_opcheck(bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_compiled_graphs_c_op_passes_opcheck_and_chooses_as_the_python_op(bias, monkeypatch):
+    """`softserve_native::small_or_packed_linear`, the op the compiled graph calls where the kernel has a
+    copy of the weight: schema, fake tensor and dispatch as torch requires them (rows the kernel serves,
+    so the plain weight can stand in for oneDNN's opaque one), and bit for bit `_product` on each side
+    of the row limit."""
+    weight = (torch.randn(40, 64) * 0.05).to(torch.bfloat16)
+    b = torch.randn(40).to(torch.bfloat16) if bias else None
+    small = native_kernels.small_linear_pack(weight)
+    limit = packed_linear.SMALL_LINEAR_MAX_ROWS
+    torch.library.opcheck(torch.ops.softserve_native.small_or_packed_linear.default,
+                          (torch.randn(1, 5, 64).to(torch.bfloat16), small, weight, 40, b, limit))
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, packed_linear.ROWS_HINT)
+    monkeypatch.setattr(packed_linear, "MAX_PACKED_ROWS", None)
+    for rows in (1, 5, limit, limit + 1, 300):
+        x = torch.randn(1, rows, 64).to(torch.bfloat16)
+        got = native_kernels.small_or_packed_linear(x, small, packed, b, 40, limit)
+        assert torch.equal(got, packed_linear._product(x, packed, small, weight, b))
+    assert native_kernels.small_or_packed_linear(torch.randn(0, 64).to(torch.bfloat16), small, packed, b, 40, limit).shape == (0, 40)
+
+
+@needs_kernel
 def test_the_engine_runs_the_kernel_and_not_with_native_kernels_off(tiny_model, tokenizer, monkeypatch):
     import copy
 

@@ -20,6 +20,8 @@
 // it is used. Built without AVX512-BF16 (another CPU), `small_linear_supported` is false and the other
 // two raise.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include "parallel.h"
@@ -169,12 +171,29 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n
   return y;
 }
 
+// The compiled forward's product where the kernel has a copy of the weight: up to `max_small_rows` rows
+// the kernel, more (prefill chunks) oneDNN's product on its packed weight. The same choice as
+// packed_linear.py's `_product`, made here so that the graph calls C++ directly: through the Python
+// custom op each of a step's 121 products paid ~7 us of wrappers (~0.8 ms of a 15 ms decode step).
+at::Tensor small_or_packed_linear(const at::Tensor& x, const at::Tensor& small, const at::Tensor& packed, int64_t n,
+                                  const std::optional<at::Tensor>& bias, int64_t max_small_rows) {
+  const int64_t k = x.dim() > 0 ? x.size(-1) : 0;
+  const int64_t rows = k > 0 ? x.numel() / k : 0;
+  if (rows <= max_small_rows) return small_linear(x, small, n, bias);
+  static const c10::OperatorHandle onednn = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, bias ? c10::IValue(*bias) : c10::IValue(), c10::IValue(std::string("none")),
+                          c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+  onednn.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(softserve_native, m) {
   m.def("small_linear_supported() -> bool");
   m.def("small_linear_pack(Tensor weight) -> Tensor");
   m.def("small_linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
+  m.def("small_or_packed_linear(Tensor x, Tensor small, Tensor packed, int n, Tensor? bias, int max_small_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(softserve_native, CatchAll, m) {
@@ -184,4 +203,10 @@ TORCH_LIBRARY_IMPL(softserve_native, CatchAll, m) {
 TORCH_LIBRARY_IMPL(softserve_native, CPU, m) {
   m.impl("small_linear_pack", &pack);
   m.impl("small_linear", &small_linear);
+  m.impl("small_or_packed_linear", &small_or_packed_linear);
+}
+
+// oneDNN's packed weight is an MkldnnCPU tensor, and dispatch goes by the most specific argument
+TORCH_LIBRARY_IMPL(softserve_native, MkldnnCPU, m) {
+  m.impl("small_or_packed_linear", &small_or_packed_linear);
 }
