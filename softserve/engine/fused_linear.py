@@ -22,7 +22,7 @@ or moved weight, `set_packed(model, False)`) takes the sibling's own `nn.Linear`
 correct, only slower. As for packed_linear.py, the weights must not change in place after fusing. The slices are
 strided views: HF attention `.view`s them on the last dimension and the MLP reads them elementwise.
 
-Under the compiled forward the product is the same `softserve::packed_linear` op on the fused weights,
+Under the compiled forward the product is the same op (packed_linear.packed_product) on the fused weights,
 and the stash is ordinary Python state that the trace follows (one graph, as before).
 
 Outputs: a fused product is the same kernel (oneDNN's, or the small-row kernel) over a wider weight, so
