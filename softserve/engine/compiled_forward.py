@@ -87,9 +87,9 @@ def compile_forward(model, max_positions: int | None = None):
 
 
 def frozen_model_guards(entries) -> list[bool]:
-    """`guard_filter_fn` of the compiled forward: keep every guard except those on the model's modules
-    (the model is frozen once compiled: see the module docstring)."""
-    return [not entry.orig_guard.source.is_unspecialized_nn_module() for entry in entries]
+    """`guard_filter_fn` of the compiled forward: keep every guard except those on the model's modules,
+    as torch's own filter for that does (the model is frozen once compiled: see the module docstring)."""
+    return torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
 
 
 # RoPE types whose cos/sin depend on the position alone (not on the sequence length, as "dynamic" does)

@@ -34,7 +34,7 @@ class EngineConfig:
     kv_prefix_cache_bytes: int = _default("kv_prefix_cache_bytes")  # soft-prompt KV prefixes kept on the device
     kv_cache_bytes: int = _default("kv_cache_bytes")  # the running rows' KV pool; 0: derived from free memory (see kv_cache.py)
     # off | auto | on: the compiled forward (compiled_forward.py). Off for direct engine users (tests, benches,
-    # tuning tools): a compile costs each process ~20-60 s. The server passes its own setting (auto).
+    # tuning tools): a compile costs each process ~10-40 s. The server passes its own setting (auto).
     compile: str = "off"
     # CPU attention, KV writes, bf16 RMSNorm and (bf16, AVX512-BF16 without AMX) small-row linears by our C++ kernels (native_kernels.py)
     native_kernels: bool = _default("native_kernels")

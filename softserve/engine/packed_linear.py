@@ -148,8 +148,9 @@ def _packed_forward(module: nn.Linear, unpacked_forward):
 def packed_product(x: torch.Tensor, packed: torch.Tensor, small: torch.Tensor | None, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] -> [..., out] on `small` (up to SMALL_LINEAR_MAX_ROWS rows, if given), `packed` (up to
-    MAX_PACKED_ROWS rows, if set) or `weight`: the custom op when torch is tracing (opaque to the
-    compiler), else directly (eager: without the op's dispatch cost)."""
+    MAX_PACKED_ROWS rows, if set) or `weight`: when torch is tracing, one op opaque to the compiler (the
+    C++ op where `small` is given, else the Python custom op), else `_product` directly (eager: without
+    an op's dispatch cost)."""
     if torch.compiler.is_compiling():
         if small is not None and MAX_PACKED_ROWS is None:  # the same choice as `_product`, made in C++
             return native_kernels.small_or_packed_linear(x, small, packed, bias, weight.shape[0], SMALL_LINEAR_MAX_ROWS)
