@@ -287,7 +287,7 @@ class ModelRunner:
         failed_rows: dict[int, str] = {}
         apply_guided_masks(all_logits, scheduled)
         try:
-            result = sample(all_logits, params, generators, banned)
+            result = sample(all_logits, params, generators, banned, native=self.native_kernels)
         except Exception:
             result, failed_rows = self._sample_rows_separately(all_logits, params, generators, banned)
         token_ids = result.token_ids.tolist()  # the one device->host copy per step

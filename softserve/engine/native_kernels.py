@@ -27,6 +27,8 @@ keeps its own code.
 
 `csrc/small_linear.cpp` is the bf16 linear of decode-sized products (up to `SMALL_LINEAR_MAX_ROWS`
 rows) on CPUs with AVX512-BF16 and no AMX, on a weight packed once for it; packed_linear.py uses it.
+
+`csrc/greedy.cpp` picks greedy rows' tokens straight from the logits (sampler.py uses it).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_attention.cpp", "rms_norm.cpp", "write_kv.cpp", "small_linear.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_attention.cpp", "rms_norm.cpp", "write_kv.cpp", "small_linear.cpp", "greedy.cpp")]
 # transformers' classes whose forward is exactly LlamaRMSNorm's (tests/engine/test_native_kernels.py checks)
 RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -79,7 +81,7 @@ def load() -> bool:
                     str(error).strip().splitlines()[-1:] or error)
         return False
     log.info("native kernels loaded in %.1f s (built on this machine's first start)", time.perf_counter() - started)
-    ops = ("decode_attention", "rms_norm", "write_kv", "small_linear", "small_or_packed_linear")
+    ops = ("decode_attention", "rms_norm", "write_kv", "small_linear", "small_or_packed_linear", "greedy_argmax")
     if not all(hasattr(torch.ops.softserve_native, op) for op in ops):
         return False
     # the compiled forward traces this op (packed_linear.packed_product): its output's shape, for the tracer
@@ -112,6 +114,13 @@ def write_kv(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, n
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., hidden], weight [hidden], one dtype: LlamaRMSNorm's output."""
     return torch.ops.softserve_native.rms_norm(x, weight, eps)
+
+
+def greedy_argmax(logits: torch.Tensor, banned_ids: list[list[int]]) -> torch.Tensor:
+    """logits [rows, vocab] on CPU; banned_ids: per row, ids counted as -inf -> [rows] int64: each row's first
+    maximal index, a NaN above every number: `logits.float()`, banned set to -inf, `.max(dim=-1).indices`."""
+    pairs = [(row, token) for row, ids in enumerate(banned_ids) for token in ids]
+    return torch.ops.softserve_native.greedy_argmax(logits, torch.tensor(pairs, dtype=torch.long).reshape(-1, 2))
 
 
 def cpu_has_bf16_without_amx() -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from softserve.engine import native_kernels
 from softserve.engine.guided import fill_bitmask
 from softserve.engine.request import Request, SamplingParams
 
@@ -36,15 +37,19 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator],
     banned_ids: list[list[int]],  # per row: ids that may not be sampled yet (EOS before min_tokens)
+    native: bool = False,  # the CPU kernel may pick greedy rows (native_kernels.greedy_argmax)
 ) -> SampleResult:
     batch, vocab = logits.shape
     device = logits.device
+    want_logprobs = max((p.logprobs or 0) if p.logprobs is not None else -1 for p in params)
+    if native and want_logprobs < 0 and device.type == "cpu" and all(p.is_greedy for p in params):
+        # the same index as below, without a float32 copy of the logits and an index_put per banned row
+        return SampleResult(native_kernels.greedy_argmax(logits, banned_ids), None, None, None)
     logits = logits.float()
     for row, banned in enumerate(banned_ids):
         if banned:
             logits[row, banned] = float("-inf")
 
-    want_logprobs = max((p.logprobs or 0) if p.logprobs is not None else -1 for p in params)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs >= 0 else None  # [batch, vocab]
 
     # max(dim).indices, not argmax: the same index (the first maximal value; a NaN wins as in argmax),
