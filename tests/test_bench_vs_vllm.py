@@ -112,3 +112,16 @@ def test_softserve_side_runs(tmp_path):
         assert row["softserve"]["errors"] == 0 and row["softserve"]["requests"] > 0
         assert row["softserve"]["tokens_per_s"] > 0 and row["softserve"]["server_cores"] > 0
         assert "throughput_ratio" not in row  # one server: no ratio
+
+
+def test_the_prompt_kv_cache_holds_every_loads_prompts():
+    """SmolLM2 in bf16: soft (1,000 x k=16) + classify (200 x k=64) prompts' KV with a quarter to spare, rounded
+    up to MiB; batch1 reuses soft's prompts; a small set keeps the server's default."""
+    config = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30}
+    loads = V.load_specs(V.build_parser().parse_args([]))
+    per_token = 30 * 2 * 3 * 64 * 2  # bytes of KV per virtual token in bf16
+    wanted = (1000 * 16 + 200 * 64) * per_token * 5 // 4
+    assert V.prefix_cache_bytes(loads, config, "bfloat16") == -(-wanted // 2**20) * 2**20
+    assert V.prefix_cache_bytes(loads, config, "float32") == -(-2 * wanted // 2**20) * 2**20
+    soft_only = [x for x in loads if x.name in ("soft", "batch1")]
+    assert V.prefix_cache_bytes(soft_only, config, "bfloat16") == V.DEFAULT_PREFIX_CACHE_BYTES
