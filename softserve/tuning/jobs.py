@@ -197,14 +197,19 @@ class TuningManager:
 
     def events(self, tenant: str, job_id: str) -> list[dict[str, Any]]:
         """All events, oldest first: the stored ones plus this replica's not yet persisted ones."""
-        record = self.get(tenant, job_id)
-        stored = self.jobs.read_events(tenant, job_id, record["event_chunks"], record["next_event_seq"])
         with self._lock:
             job = self._local.get(job_id)
-        if job is not None:
+        pending: list[dict[str, Any]] = []
+        if job is not None and job.tenant == tenant:
+            # The record and the pending events in one snapshot: read apart, a flush that lands in between
+            # (its chunk not in the record read, its events no longer pending) would drop events from the
+            # answer, as it dropped a finished job's "Job succeeded".
             with job.lock:
-                stored += [e for e in job.pending if e["seq"] >= record["next_event_seq"]]
-        return stored
+                record = dict(job.record)
+                pending = [e for e in job.pending if e["seq"] >= record["next_event_seq"]]
+        else:
+            record = self.get(tenant, job_id)  # KeyError for another tenant's job
+        return self.jobs.read_events(tenant, job_id, record["event_chunks"], record["next_event_seq"]) + pending
 
     def cancel(self, tenant: str, job_id: str, wait_s: float = 10.0) -> dict[str, Any]:
         record = self.get(tenant, job_id)  # KeyError for another tenant's job

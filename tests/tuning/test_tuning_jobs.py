@@ -309,6 +309,50 @@ def test_a_reader_that_sees_the_final_status_also_sees_the_final_event(api):
     assert finals and all(m.startswith("Job succeeded") for m in finals), seen
 
 
+def test_a_reader_during_the_final_flush_gets_every_event(tiny_model, tokenizer, tmp_path):
+    """events() read the record, then the stored chunks, then the pending events: a final flush that
+    landed in between (its chunk not in the record read, its events no longer pending, the job
+    forgotten) dropped "Job succeeded" from the answer (seen as a flaky test_tuning_pack run). Here a
+    reader starts in the final flush's window and the flush completes while it reads the store."""
+    manager = local_manager(tiny_model, tokenizer, tmp_path / "store")
+    real_update, real_read, real_finalize = manager.jobs.update, manager.jobs.read_events, manager._finalize
+    reading, finalized = threading.Event(), threading.Event()
+    answers: list[list[dict]] = []
+    readers: list[threading.Thread] = []
+
+    def read_events(tenant, job_id, chunks, next_seq):
+        stored = real_read(tenant, job_id, chunks, next_seq)
+        if threading.current_thread().name == "final-flush-reader":
+            reading.set()
+            finalized.wait(30)  # the flush and the job's removal from this replica land now
+        return stored
+
+    def update(tenant, job_id, merge):
+        if manager.get(tenant, job_id)["status"] == "succeeded" and not readers:
+            reader = threading.Thread(target=lambda: answers.append(manager.events(tenant, job_id)), name="final-flush-reader")
+            reader.start()
+            readers.append(reader)
+            assert reading.wait(30)
+        return real_update(tenant, job_id, merge)
+
+    def finalize(tenant, job_id, finished_at):
+        done = real_finalize(tenant, job_id, finished_at)
+        finalized.set()
+        return done
+
+    manager.jobs.update, manager.jobs.read_events, manager._finalize = update, read_events, finalize
+    try:
+        job_id = submit_toy_job(manager, 2)
+        _wait_record(manager, job_id, lambda r: r["status"] in ("succeeded", "failed", "cancelled"))
+        assert finalized.wait(30) and readers, "the final flush never ran"  # the local record says succeeded first
+        readers[0].join(30)
+        final = manager.events("acme", job_id)
+    finally:
+        manager.close()
+    assert final[-1]["message"].startswith("Job succeeded"), final[-1]
+    assert [e["seq"] for e in answers[0]] == [e["seq"] for e in final]
+
+
 def test_restarted_replica_takes_its_own_job_back_at_once(tiny_model, tokenizer, tmp_path):
     """A replica killed mid-job leaves a live lease in its own name; restarted with the same replica
     id it must resume the job at once, not after the (here 10 min) lease expires."""
