@@ -19,8 +19,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)  // masked 16-bit loads
 #include <immintrin.h>
+#define SOFTSERVE_GREEDY_AVX512 1
 #endif
 
 namespace {
@@ -42,7 +43,7 @@ int64_t first_argmax_scalar(const T* x, int64_t n) {
   return best;
 }
 
-#if defined(__AVX512F__)
+#if defined(SOFTSERVE_GREEDY_AVX512)
 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {  // bf16 is the high half of a float
   const __m256i raw = _mm256_maskz_loadu_epi16(k, reinterpret_cast<const __m256i*>(p));
