@@ -99,19 +99,19 @@ def load_specs(args) -> list[LoadSpec]:
     return chosen
 
 
-DEFAULT_PREFIX_CACHE_BYTES = 512 * 1024 * 1024  # softserve/config.py's default
+def prefix_cache_bytes(loads: list[LoadSpec], model, dtype: str) -> int:
+    """Bytes of prompt-KV cache that hold every load's prompts at once (k tokens of KV each), with a quarter
+    to spare; never below the server's default."""
+    import torch
 
+    from softserve.config import setting_default
+    from softserve.engine.kv_cache import KVPool, kv_shape
 
-def prefix_cache_bytes(loads: list[LoadSpec], model_config: dict, dtype: str) -> int:
-    """Bytes of prompt-KV cache that hold every load's prompts at once (k x layers x 2 x kv_heads x
-    head_dim x dtype size each), with a quarter to spare; never below the server's default."""
-    cfg = model_config.get("text_config", model_config)
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    per_token = cfg["num_hidden_layers"] * 2 * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * (
-        4 if dtype == "float32" else 2)
+    num_layers, kv_heads, head_dim = kv_shape(model)
+    per_token = KVPool.bytes_per_token(num_layers, kv_heads, head_dim, getattr(torch, dtype))
     sets = {x.prompt_set: x.num_prompts * x.k for x in loads if x.num_prompts}  # batch1 reuses soft's prompts
     wanted = sum(sets.values()) * per_token * 5 // 4
-    return max(DEFAULT_PREFIX_CACHE_BYTES, -(-wanted // 2**20) * 2**20)
+    return max(setting_default("kv_prefix_cache_bytes"), -(-wanted // 2**20) * 2**20)
 
 
 def prompt_name(load: LoadSpec, index: int) -> str:
@@ -350,7 +350,7 @@ def run(args) -> dict:
     started: dict[str, C.Server] = {}
     try:
         if "softserve" in servers:
-            cache_args = ["--kv-prefix-cache-bytes", str(prefix_cache_bytes(loads, model.config.to_dict(), dtype))]
+            cache_args = ["--kv-prefix-cache-bytes", str(prefix_cache_bytes(loads, model, dtype))]
             started["softserve"] = C.Server(log_dir / "store", model=model_dir, dtype=dtype, log_dir=log_dir, threads=threads,
                                             extra_args=cache_args + shlex.split(args.softserve_args))
         if "vllm" in servers:

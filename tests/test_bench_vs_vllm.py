@@ -117,11 +117,16 @@ def test_softserve_side_runs(tmp_path):
 def test_the_prompt_kv_cache_holds_every_loads_prompts():
     """SmolLM2 in bf16: soft (1,000 x k=16) + classify (200 x k=64) prompts' KV with a quarter to spare, rounded
     up to MiB; batch1 reuses soft's prompts; a small set keeps the server's default."""
-    config = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30}
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    smollm2 = SimpleNamespace(config=LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                                                 num_hidden_layers=30))  # all kv_shape reads
     loads = V.load_specs(V.build_parser().parse_args([]))
     per_token = 30 * 2 * 3 * 64 * 2  # bytes of KV per virtual token in bf16
     wanted = (1000 * 16 + 200 * 64) * per_token * 5 // 4
-    assert V.prefix_cache_bytes(loads, config, "bfloat16") == -(-wanted // 2**20) * 2**20
-    assert V.prefix_cache_bytes(loads, config, "float32") == -(-2 * wanted // 2**20) * 2**20
+    assert V.prefix_cache_bytes(loads, smollm2, "bfloat16") == -(-wanted // 2**20) * 2**20
+    assert V.prefix_cache_bytes(loads, smollm2, "float32") == -(-2 * wanted // 2**20) * 2**20
     soft_only = [x for x in loads if x.name in ("soft", "batch1")]
-    assert V.prefix_cache_bytes(soft_only, config, "bfloat16") == V.DEFAULT_PREFIX_CACHE_BYTES
+    assert V.prefix_cache_bytes(soft_only, smollm2, "bfloat16") == 512 * 1024 * 1024  # the server's default
