@@ -198,6 +198,29 @@ class _StateCollector:
                       stats.prefix_cache_evictions)
         yield _metric(GaugeMetricFamily, "softserve_kv_prefix_cache_bytes", "Bytes of cached soft-prompt KV",
                       stats.prefix_cache_bytes)
+        tier = stats.kv_tier
+        if tier is not None:
+            yield _metric(CounterMetricFamily, "softserve_kv_tier_hits", "Soft-prompt KV read from the disk tier", tier.hits)
+            yield _metric(CounterMetricFamily, "softserve_kv_tier_misses",
+                          "Soft-prompt KV in neither the device cache nor the disk tier (computed)", tier.misses)
+            yield _metric(CounterMetricFamily, "softserve_kv_tier_writes", "Soft-prompt KV files written to the disk tier", tier.writes)
+            yield _metric(CounterMetricFamily, "softserve_kv_tier_evictions", "Soft-prompt KV files evicted from the disk tier",
+                          tier.evictions)
+            yield _metric(CounterMetricFamily, "softserve_kv_tier_errors",
+                          "Disk tier files unreadable or mismatched (removed), or failed writes", tier.errors)
+            yield _metric(CounterMetricFamily, "softserve_kv_tier_dropped_writes",
+                          "Disk tier writes skipped: the writer's queue was full", tier.dropped)
+            yield _metric(GaugeMetricFamily, "softserve_kv_tier_bytes", "Bytes of soft-prompt KV in the disk tier", tier.bytes)
+            yield _metric(GaugeMetricFamily, "softserve_kv_tier_prompts", "Prompts whose KV the disk tier holds", tier.files)
+        warmer = state.kv_warmer
+        if warmer is not None:
+            w = warmer.stats()
+            yield _metric(GaugeMetricFamily, "softserve_kv_warmups_pending",
+                          "Uploaded prompts whose KV is queued or being computed", w.pending + w.in_flight)
+            g = CounterMetricFamily("softserve_kv_warmups", "Uploaded prompts' KV warm-ups by outcome", labels=["outcome"])
+            for outcome, count in (("done", w.done), ("skipped", w.skipped), ("failed", w.failed), ("dropped", w.dropped)):
+                g.add_metric([outcome], count)
+            yield g
         if state.cache is not None:
             stats = state.cache.stats()
             yield _metric(CounterMetricFamily, "softserve_prompt_cache_hits", "Prompt tensor cache hits", stats.hits)

@@ -14,11 +14,12 @@ from softserve.store.cache import PromptCache
 from softserve.store.store import PromptStore
 from softserve.service.auth import ApiKeyRegistry, Principal
 from softserve.service.errors import Unauthenticated
+from softserve.service.kv_warmer import PromptKVWarmer
 from softserve.service.runtime import Runtime
 from softserve.tuning.jobs import TuningManager
 
-__all__ = ["RuntimeDep", "PrincipalDep", "StoreDep", "CacheDep", "TuningDep", "get_runtime",
-           "get_registry", "get_principal", "get_store", "get_cache", "get_tuning", "authenticate"]
+__all__ = ["KVWarmerDep", "RuntimeDep", "PrincipalDep", "StoreDep", "CacheDep", "TuningDep", "get_runtime",
+           "get_registry", "get_principal", "get_store", "get_cache", "get_tuning", "get_kv_warmer", "authenticate"]
 
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.service
@@ -45,6 +46,10 @@ def get_store(request: Request) -> PromptStore:
 def get_cache(request: Request) -> PromptCache | None:
     return get_runtime(request).cache
 
+def get_kv_warmer(request: Request) -> PromptKVWarmer | None:
+    runtime = getattr(request.app.state, "service", None)  # routers mounted alone (tests) have no runtime
+    return runtime.kv_warmer if runtime is not None else None
+
 def get_tuning(request: Request) -> TuningManager:
     return get_runtime(request).tuning.get_manager()
 
@@ -53,3 +58,4 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 StoreDep = Annotated[PromptStore, Depends(get_store)]
 CacheDep = Annotated[PromptCache | None, Depends(get_cache)]
 TuningDep = Annotated[TuningManager, Depends(get_tuning)]
+KVWarmerDep = Annotated[PromptKVWarmer | None, Depends(get_kv_warmer)]

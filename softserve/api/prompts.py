@@ -19,7 +19,7 @@ from softserve.service.auth import Principal
 from softserve.service.errors import InvalidRequest, UnsupportedMediaType
 from softserve.service.tenancy import PUBLIC_TENANT, display_prefix
 
-from .deps import CacheDep, PrincipalDep, StoreDep
+from .deps import CacheDep, KVWarmerDep, PrincipalDep, StoreDep
 from .schemas import PromptDeleted, PromptInfo, PromptList, PromptUploadResponse, PromptVersionList
 from .uploads import parse_multipart, part_bytes, read_body_limited
 
@@ -90,7 +90,7 @@ def get_prompt(name: str, store: StoreDep, principal: PrincipalDep) -> dict[str,
 
 
 @router.put("/v1/prompts/{name:path}", response_model=PromptUploadResponse, status_code=201)
-async def put_prompt(name: str, request: Request, store: StoreDep, principal: PrincipalDep) -> dict[str, Any]:
+async def put_prompt(name: str, request: Request, store: StoreDep, principal: PrincipalDep, kv_warmer: KVWarmerDep) -> dict[str, Any]:
     ref = service.check_upload_target(principal, name)
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise UnsupportedMediaType("upload must be multipart/form-data with an adapter_model file part")
@@ -107,6 +107,8 @@ async def put_prompt(name: str, request: Request, store: StoreDep, principal: Pr
     description = desc_bytes.decode("utf-8", errors="replace") if desc_bytes else None
     # Hashing + validation + disk writes are blocking: keep them off the event loop.
     meta, warnings = await run_in_threadpool(service.upload, store, ref, model_bytes, config_bytes, description)
+    if kv_warmer is not None:  # its KV computed in spare capacity, for its first request to read
+        kv_warmer.enqueue(meta, principal.tenant)
     return {**prompt_info(meta, principal), "warnings": warnings}
 
 

@@ -187,6 +187,19 @@ class AsyncEngine:
         self._commands.put(("add", request))
         return stream.queue
 
+    def submit_detached(self, request: Request) -> None:
+        """Queue a request whose deltas nobody reads (the service's prompt-KV warm-ups): it reports only
+        through `request.on_finish`. Raises like `submit`."""
+        if not self.is_alive:
+            raise EngineDeadError(self.dead_reason or "engine is not running")
+        self.engine.scheduler.check_admission(request.tenant, also_waiting=self._pending,
+                                              also_waiting_for_tenant=self._pending_by_tenant.get(request.tenant, 0),
+                                              background=request.background)
+        with self._streams_lock:
+            self._pending += 1
+            self._pending_by_tenant[request.tenant] = self._pending_by_tenant.get(request.tenant, 0) + 1
+        self._commands.put(("add", request))
+
     def abort(self, request_id: str) -> None:
         with self._streams_lock:
             self._streams.pop(request_id, None)

@@ -32,6 +32,9 @@ class SchedulerConfig:
 class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_prefix_cache_bytes: int = _default("kv_prefix_cache_bytes")  # soft-prompt KV prefixes kept on the device
+    # The disk tier of soft-prompt KV prefixes under that cache (kv_tier.py); None: off.
+    kv_tier_dir: str | None = _default("kv_tier_dir")
+    kv_tier_bytes: int = _default("kv_tier_bytes")
     kv_cache_bytes: int = _default("kv_cache_bytes")  # the running rows' KV pool; 0: derived from free memory (see kv_cache.py)
     # off | auto | on: the compiled forward (compiled_forward.py). Off for direct engine users (tests, benches,
     # tuning tools): a compile costs each process ~10-40 s. The server passes its own setting (auto).

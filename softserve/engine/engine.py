@@ -20,6 +20,7 @@ from softserve.engine.config import EngineConfig
 from softserve.engine.detokenizer import Detokenizer
 from softserve.engine.guided import attach_guided_state
 from softserve.engine.kv_cache import KVPool, PrefixKVCache, default_kv_cache_bytes, kv_shape
+from softserve.engine.kv_tier import PrefixKVTier, TierStats, engine_fingerprint, model_fingerprint
 from softserve.engine.model_runner import ModelRunner
 from softserve.engine.outputs import RequestOutput, RowLogprobs, RunnerOutput, TokenLogprob
 from softserve.engine.request import ErrorKind, FinishReason, Request
@@ -66,6 +67,7 @@ class EngineStats:
     prefix_cache_misses: int
     prefix_cache_evictions: int
     prefix_cache_bytes: int
+    kv_tier: TierStats | None = None  # the disk tier under the prefix cache (kv_tier.py); None: off
 
 
 class LLMEngine:
@@ -74,6 +76,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.prefix_cache = PrefixKVCache(config.kv_prefix_cache_bytes)
+        # before packing and fusing replace the linear modules: the checkpoint's own parameters
+        model_digest = model_fingerprint(model) if config.kv_tier_dir else None
         sched_config = config.scheduler
         kv_tokens = kv_cache_tokens(model, config)
         if kv_tokens < sched_config.max_model_len:
@@ -97,6 +101,14 @@ class LLMEngine:
             fuse_linears(model)  # q/k/v and gate/up as one packed product each (fused_linear.py)
         if use_compile(config.compile, next(model.parameters()).dtype, self.runner.device):
             self._compile_forward(config.compile)
+        if model_digest is not None:
+            runner = self.runner
+            fingerprint = engine_fingerprint(model_digest, dtype=runner.dtype, device_type=runner.device.type,
+                                             compiled=runner.compiled_forward is not None,
+                                             native_kernels=runner.native_kernels, pack_linears=config.pack_linears)
+            runner.kv_tier = PrefixKVTier(config.kv_tier_dir, fingerprint, config.kv_tier_bytes)
+            log.info("prompt-KV tier %s: %d prompts, %.1f MiB of %.1f MiB", runner.kv_tier.directory,
+                     len(runner.kv_tier._index), runner.kv_tier.bytes / 2**20, config.kv_tier_bytes / 2**20)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self.runner.use_step_graphs(max_kv=sched_config.max_model_len)
             if config.capture_graphs_at_start and self.runner.compiled_forward is None:  # compiled: never replayed
@@ -188,6 +200,7 @@ class LLMEngine:
             forward_passes=self.runner.forward_passes, kv_pool_tokens=kv.capacity, kv_pool_used_tokens=kv.used_tokens,
             prefix_cache_hits=prefix.hits, prefix_cache_misses=prefix.misses, prefix_cache_evictions=prefix.evictions,
             prefix_cache_bytes=prefix.bytes,
+            kv_tier=self.runner.kv_tier.stats() if self.runner.kv_tier is not None else None,
         )
 
     @property

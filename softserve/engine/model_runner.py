@@ -24,6 +24,7 @@ from softserve.engine.compiled_forward import WARM_UP_SHAPES, compile_forward
 from softserve.engine.cuda_graphs import StepGraphs
 from softserve.engine.guided import advance_guided
 from softserve.engine.kv_cache import KVPool, PrefixKV, PrefixKVCache, kv_shape
+from softserve.engine.kv_tier import PrefixKVTier
 from softserve.engine.outputs import RowLogprobs, RunnerOutput
 from softserve.engine.packed_attention import (
     BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, PaddedTokens, current_batch, install,
@@ -97,6 +98,8 @@ class ModelRunner:
         self.compiled_forward = None
         # Steps replayed as CUDA graphs (cuda_graphs.py), or None; the engine sets it on GPUs.
         self.step_graphs: StepGraphs | None = None
+        # Prompt KV on local disk under `prefix_cache` (kv_tier.py), or None; the engine sets it.
+        self.kv_tier: PrefixKVTier | None = None
 
     def use_step_graphs(self, *, max_kv: int, capture: bool = True) -> None:
         """Steps through fixed-shape padded forwards, captured as CUDA graphs where `capture` and the device
@@ -173,7 +176,15 @@ class ModelRunner:
         """Called by the scheduler at admission: the handle keeps the KV alive even if evicted later."""
         if request.soft_prompt.is_prefix:  # prefix tuning: the tensor IS the KV, nothing to compute
             return self._prefix_tuning_kv(request)
-        return self.prefix_cache.get(self._prefix_key(request))
+        key = self._prefix_key(request)
+        entry = self.prefix_cache.get(key)
+        if entry is None and self.kv_tier is not None:
+            shape = (self.num_layers, 2, self.num_kv_heads, request.num_virtual_tokens, self.head_dim)
+            kv = self.kv_tier.get(request.prompt_sha256, shape, self.dtype, self.device)
+            if kv is not None:
+                entry = PrefixKV(kv)
+                self.prefix_cache.put(key, entry)
+        return entry
 
     def _prefix_tuning_kv(self, request: Request) -> PrefixKV:
         """PEFT's [k, layers * 2 * kv_heads * head_dim] -> the pool layout [layers, 2, kv_heads, k, head_dim].
@@ -195,6 +206,8 @@ class ModelRunner:
         k, start = request.num_virtual_tokens, request.kv_offset
         kv = self.pool.storage[:, :, :, start : start + k].clone()  # compact: [layers, 2, kv_heads, k, head_dim]
         self.prefix_cache.put(self._prefix_key(request), PrefixKV(kv))
+        if self.kv_tier is not None:
+            self.kv_tier.put(request.prompt_sha256, kv)  # written by the tier's thread; nobody writes `kv` again
 
     # ---- flatten ------------------------------------------------------------------------------
     def _flatten(self, rows: list[ScheduledRow]) -> FlatBatch:

@@ -26,6 +26,7 @@ from softserve.engine.guided import GrammarCompiler
 from softserve.model_loader import load_model, resolve_device, resolve_dtype, resolve_source
 from softserve.service.auth import ApiKeyRegistry
 from softserve.service.errors import not_ready
+from softserve.service.kv_warmer import PromptKVWarmer
 from softserve.service.slots import TenantSlots
 from softserve.service.releases import CompletionLedger
 
@@ -60,6 +61,7 @@ class Runtime:
     grammars: GrammarCompiler | None = None  # structured output: compiles client grammars safely, off the engine
     compile_slots: TenantSlots | None = None  # grammar compiles in progress or waiting, per tenant and in total
     completions: CompletionLedger = field(default_factory=CompletionLedger)  # completion id -> served versions (feedback)
+    kv_warmer: PromptKVWarmer | None = None  # uploads' prompt KV computed ahead (--kv-tier-dir, --kv-tier-warm-on-upload)
 
     @property
     def is_ready(self) -> bool:
@@ -148,6 +150,8 @@ class Runtime:
                 ),
                 kv_prefix_cache_bytes=s.kv_prefix_cache_bytes,
                 kv_cache_bytes=s.kv_cache_bytes,
+                kv_tier_dir=s.kv_tier_dir,
+                kv_tier_bytes=s.kv_tier_bytes,
                 model_id=f"{self.served_model_name}:{param.dtype}",
                 compile=s.compile,
                 pack_linears=s.pack_linears,
@@ -159,6 +163,11 @@ class Runtime:
             engine.on_out_of_memory = self._trim_prompt_cache
             self.engine = AsyncEngine(engine, on_step=self._on_step, on_death=self._on_engine_death)
             self.engine.start()
+            tier = engine.runner.kv_tier
+            if tier is not None and s.kv_tier_warm_on_upload:
+                token_id = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), 0)
+                self.kv_warmer = PromptKVWarmer(self.engine, self.store, device=param.device, dtype=param.dtype,
+                                                token_id=token_id, has_kv=tier.__contains__)
             log.info("model %s loaded on %s (%s)", self.served_model_name, param.device, param.dtype)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -200,9 +209,14 @@ class Runtime:
             threading.Timer(1.0, os._exit, args=(70,)).start()
 
     def close(self) -> None:
+        if self.kv_warmer is not None:
+            self.kv_warmer.close()
         if self.grammars is not None:
             self.grammars.close()
         if self.store_gc is not None:
             self.store_gc.stop()
         if self.engine is not None:
             self.engine.stop()
+            tier = self.engine.engine.runner.kv_tier
+            if tier is not None:
+                tier.close()  # the queued writes reach the disk

@@ -1,0 +1,235 @@
+"""The disk tier under the prompt-KV cache: every soft prompt's KV prefix, computed once, kept on local disk.
+
+A prompt whose KV is in neither the device cache (kv_cache.PrefixKVCache) nor here costs its k virtual
+tokens as k more rows of prefill; on a CPU that is ~9% of a request's engine time at k=16 (docs/
+performance.md, "10,000 prompts"). Read back from here it costs one file read of ~0.4 MB (bf16 SmolLM2,
+k=16). Files are written by a background thread, never by the engine step, and survive restarts.
+
+Layout: `<dir>/<fingerprint>/<prompt sha256>.safetensors`, one tensor `kv` [layers, 2, kv_heads, k,
+head_dim] in the pool's layout (kv_cache.py) plus metadata naming the fingerprint and the prompt hash,
+checked on every read. The fingerprint (`engine_fingerprint`) covers the model's config and a sample of
+its weights, the dtype, the device type, torch's version and the kernels chosen (compiled or not, native
+kernels, packed linears): KV is only ever read back by an engine that would compute the same numbers, and
+only under its content hash, never a name, so no tenant can be served another's state. Only this
+engine's fingerprint directory counts toward `budget_bytes`; least recently used files go first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger("softserve.kv_tier")
+
+FORMAT = "softserve-prompt-kv/1"
+_SUFFIX = ".safetensors"
+_WEIGHT_SAMPLES = 256  # elements hashed per parameter: enough to tell two checkpoints apart, cheap at any size
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the model's config and, per parameter, its name, shape, dtype and evenly spaced elements."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _WEIGHT_SAMPLES)][:_WEIGHT_SAMPLES]
+            digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+            digest.update(sample.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def engine_fingerprint(model_digest: str, *, dtype, device_type: str, compiled: bool, native_kernels: bool,
+                       pack_linears: bool) -> str:
+    """What makes two engines compute the same KV for the same prompt (see the module docstring)."""
+    parts = (FORMAT, model_digest, str(dtype), device_type, torch.__version__, f"compiled={compiled}",
+             f"native={native_kernels}", f"packed={pack_linears}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TierStats:
+    hits: int
+    misses: int
+    writes: int
+    evictions: int
+    errors: int  # unreadable or mismatched files (removed) and failed writes
+    dropped: int  # writes skipped because the writer's queue was full
+    bytes: int
+    files: int
+
+
+class PrefixKVTier:
+    def __init__(self, directory: str | os.PathLike, fingerprint: str, budget_bytes: int, *, max_queued_writes: int = 256) -> None:
+        self.fingerprint = fingerprint
+        self.budget_bytes = budget_bytes
+        self.directory = Path(directory) / fingerprint
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # prompt sha256 -> file bytes, least recent first
+        self.bytes = 0
+        self.hits = self.misses = self.writes = self.evictions = self.errors = self.dropped = 0
+        self._scan()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued_writes)
+        self._writer = threading.Thread(target=self._write_loop, name="softserve-kv-tier", daemon=True)
+        self._writer.start()
+
+    def _path(self, sha256: str) -> Path:
+        return self.directory / f"{sha256}{_SUFFIX}"
+
+    def _scan(self) -> None:
+        """The files a previous run left, oldest use first (mtime: a read hit touches its file)."""
+        found = []
+        for path in self.directory.iterdir():
+            if path.name.startswith("."):  # a writer killed mid-write left its temp file
+                path.unlink(missing_ok=True)
+                continue
+            if path.suffix == _SUFFIX and _is_sha256(path.stem):
+                stat = path.stat()
+                found.append((stat.st_mtime_ns, path.stem, stat.st_size))
+        for _, sha, size in sorted(found):
+            self._index[sha] = size
+            self.bytes += size
+        self._evict_to(self.budget_bytes)
+
+    # ---- reads: the engine thread, at admission ---------------------------------------------------
+    def get(self, sha256: str, shape: tuple[int, ...], dtype, device) -> torch.Tensor | None:
+        """The prompt's KV [layers, 2, kv_heads, k, head_dim] on `device`, or None. A file that does not
+        match (another shape, dtype, fingerprint or prompt; truncated) is removed and counted an error."""
+        with self._lock:
+            if sha256 not in self._index:
+                self.misses += 1
+                return None
+        path = self._path(sha256)
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                kv = f.get_tensor("kv")
+            if (meta.get("format") != FORMAT or meta.get("fingerprint") != self.fingerprint
+                    or meta.get("prompt_sha256") != sha256 or tuple(kv.shape) != tuple(shape) or kv.dtype != dtype):
+                raise ValueError(f"{path.name} holds {tuple(kv.shape)} {kv.dtype}, metadata {meta}")
+        except FileNotFoundError:  # evicted (or removed by hand) since the check: a plain miss
+            with self._lock:
+                self.misses += 1
+                self._forget(sha256)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a miss, never a failed request
+            log.warning("prompt-KV tier: dropping %s (%s: %s)", path.name, type(exc).__name__, exc)
+            with self._lock:
+                self.errors += 1
+                self.misses += 1
+                self._forget(sha256)
+            path.unlink(missing_ok=True)
+            return None
+        with self._lock:
+            if sha256 in self._index:
+                self._index.move_to_end(sha256)
+            self.hits += 1
+        self._enqueue(("touch", sha256, None))
+        return kv.to(device)
+
+    def __contains__(self, sha256: object) -> bool:
+        with self._lock:
+            return sha256 in self._index
+
+    # ---- writes: queued, done by the writer thread -----------------------------------------------
+    def put(self, sha256: str, kv: torch.Tensor) -> None:
+        """Keep `kv` (not modified afterwards by the caller) under the prompt's hash; returns at once."""
+        if sha256 in self:
+            return
+        self._enqueue(("write", sha256, kv))
+
+    def discard(self, sha256: str) -> None:
+        self._enqueue(("remove", sha256, None))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write is on disk; False on timeout."""
+        done = threading.Event()
+        self._queue.put(("flush", "", done))
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+
+    def _enqueue(self, item) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if item[0] == "write":
+                with self._lock:
+                    self.dropped += 1
+
+    def _write_loop(self) -> None:
+        while True:
+            kind, sha256, payload = self._queue.get()
+            try:
+                if kind == "write":
+                    self._write(sha256, payload)
+                elif kind == "touch":
+                    os.utime(self._path(sha256))
+                elif kind == "remove":
+                    with self._lock:
+                        self._forget(sha256)
+                    self._path(sha256).unlink(missing_ok=True)
+                elif kind == "flush":
+                    payload.set()
+            except FileNotFoundError:
+                pass  # evicted or removed meanwhile
+            except Exception:  # noqa: BLE001 - a full disk costs the tier, not the server
+                log.exception("prompt-KV tier: %s of %s failed", kind, sha256)
+                with self._lock:
+                    self.errors += 1
+
+    def _write(self, sha256: str, kv: torch.Tensor) -> None:
+        if sha256 in self:
+            return
+        tensor = kv.detach().to("cpu").contiguous()
+        size_guess = tensor.numel() * tensor.element_size()
+        if size_guess > self.budget_bytes:
+            return
+        tmp = self.directory / f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            save_file({"kv": tensor}, str(tmp), metadata={"format": FORMAT, "fingerprint": self.fingerprint,
+                                                          "prompt_sha256": sha256})
+            size = tmp.stat().st_size
+            with self._lock:
+                self._evict_to(self.budget_bytes - size)
+            os.replace(tmp, self._path(sha256))  # readers see a whole file or none
+        finally:
+            tmp.unlink(missing_ok=True)
+        with self._lock:
+            self._forget(sha256)
+            self._index[sha256] = size
+            self.bytes += size
+            self.writes += 1
+
+    # ---- bookkeeping (under the lock) ------------------------------------------------------------
+    def _forget(self, sha256: str) -> None:
+        size = self._index.pop(sha256, None)
+        if size is not None:
+            self.bytes -= size
+
+    def _evict_to(self, limit: int) -> None:
+        while self._index and self.bytes > limit:
+            sha, size = self._index.popitem(last=False)
+            self.bytes -= size
+            self.evictions += 1
+            self._path(sha).unlink(missing_ok=True)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(self.hits, self.misses, self.writes, self.evictions, self.errors, self.dropped,
+                             self.bytes, len(self._index))
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
