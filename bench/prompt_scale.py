@@ -1,8 +1,12 @@
 """Prompt scale: a store with 10,000 prompts behind a live server.
 
-1. Create N prompts directly with PromptStore + LocalBackend (threads, one store object each).
-2. Start `python -m softserve serve` on that store with a device prompt cache (`--prompt-cache-bytes`)
+1. Create N prompts directly with PromptStore + LocalBackend (threads, one store object each), then
+2. start `python -m softserve serve` on that store with a device prompt cache (`--prompt-cache-bytes`)
    and a prompt-KV cache (`--kv-prefix-cache-bytes`) that hold only a few dozen prompts.
+   With the prompt-KV disk tier (the default; `--no-kv-tier`: without it) the server starts first, on
+   an empty store with `--kv-tier-dir` sized for every prompt, and the N prompts are uploaded through
+   `PUT /v1/prompts/{name}`, as users add them: each upload's KV is computed in spare capacity
+   (`--kv-tier-warm-on-upload`), and the run waits until every warm-up is done.
 3. Listing: `PromptStore.list` directly, `GET /v1/prompts`, `GET /v1/models`.
 4. Cold first use: sequential non-streaming requests (48 prompt tokens, 1 output token), each with a
    prompt never used before, interleaved with the same request on one hot prompt: p50/p99 of both.
@@ -43,6 +47,35 @@ def create_store(root: Path, n: int, k: int, hidden: int, info, workers: int = 1
     return time.perf_counter() - t0
 
 
+def upload_through_api(url: str, n: int, k: int, hidden: int, chunk: int = 500) -> float:
+    t0 = time.perf_counter()
+    for begin in range(0, n, chunk):
+        items = [(f"s{i:05d}", C.safetensors_bytes(C.prompt_tensor(200_000 + i, k, hidden))) for i in range(begin, min(n, begin + chunk))]
+        C.upload_prompts(url, items, concurrency=16)
+    return time.perf_counter() - t0
+
+
+def metric_values(url: str, prefix: str) -> dict[str, float]:
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30.0).text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def wait_for_warm_ups(url: str, timeout: float = 3600.0) -> dict[str, float]:
+    """Until no upload's KV warm-up is queued or running; the tier and warm-up counters then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        values = metric_values(url, "softserve_kv_")
+        if values.get("softserve_kv_warmups_pending", 0) == 0 or time.monotonic() > deadline:
+            return values
+        time.sleep(1.0)
+
+
 def model_info(model_dir: Path):
     import json
 
@@ -77,34 +110,46 @@ def run(args) -> dict:
     elem = 2 if (args.dtype in ("bfloat16", "float16") or (args.dtype == "auto" and args.device == "cuda")) else 4
     prompt_bytes = k * hidden * elem
     kv_bytes = 2 * cfg["num_hidden_layers"] * kv_heads * k * head_dim * elem
+    tier_bytes = int(n * kv_bytes * 1.25) if args.kv_tier else 0  # every prompt's KV, file headers included
     result = {"name": "prompt_scale", "quick": quick, "model": C.model_label(args.model), "num_prompts": n, "k": k,
               "cache_prompts": cache_prompts, "prompt_cache_bytes": cache_prompts * prompt_bytes,
               "kv_cache_bytes": cache_prompts * kv_bytes, "concurrency": conc, "hot_set": hot_set,
-              "load_avg_start": C.load_average()}
+              "kv_tier_bytes": tier_bytes, "load_avg_start": C.load_average()}
     with tempfile.TemporaryDirectory(prefix="softserve-bench-scale-") as tmp:
-        store = Path(tmp) / "store"
-        result["create_s"] = create_store(store, n, k, hidden, info)
-        print(f"created {n} prompts in {result['create_s']:.1f} s", file=sys.stderr, flush=True)
         from softserve.store.backends import LocalBackend
         from softserve.store.store import PromptStore
 
-        direct = PromptStore(LocalBackend(store), info)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            listed = direct.list("default")
-            times.append(time.perf_counter() - t0)
-        assert len(listed) == n, len(listed)
-        result["list_direct_ms"] = 1000 * C.median(times)
-
-        server = C.Server(store, model=mdir, device=args.device, dtype=args.dtype, log_dir=Path(tmp), threads=args.threads, extra_args=[
-            "--prompt-cache-bytes", str(cache_prompts * prompt_bytes),
-            "--kv-prefix-cache-bytes", str(cache_prompts * kv_bytes)])
+        store = Path(tmp) / "store"
+        if not args.kv_tier:
+            result["create_s"] = create_store(store, n, k, hidden, info)
+            print(f"created {n} prompts in {result['create_s']:.1f} s", file=sys.stderr, flush=True)
+        extra = ["--prompt-cache-bytes", str(cache_prompts * prompt_bytes), "--kv-prefix-cache-bytes", str(cache_prompts * kv_bytes)]
+        if args.kv_tier:
+            extra += ["--kv-tier-dir", str(Path(tmp) / "prompt-kv"), "--kv-tier-bytes", str(tier_bytes)]
+        server = C.Server(store, model=mdir, device=args.device, dtype=args.dtype, log_dir=Path(tmp), threads=args.threads,
+                          extra_args=extra)
         t0 = time.perf_counter()
         server.start()
         result["server_start_s"] = time.perf_counter() - t0
         result["server_command"] = server.display_command()
         try:
+            if args.kv_tier:
+                t0 = time.perf_counter()
+                result["create_s"] = upload_through_api(server.url, n, k, hidden)
+                print(f"uploaded {n} prompts in {result['create_s']:.1f} s", file=sys.stderr, flush=True)
+                result["kv_tier_metrics"] = wait_for_warm_ups(server.url)
+                result["warm_s"] = time.perf_counter() - t0
+                print(f"every upload's KV computed {result['warm_s']:.1f} s after the first upload: "
+                      f"{result['kv_tier_metrics']}", file=sys.stderr, flush=True)
+            direct = PromptStore(LocalBackend(store), info)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                listed = direct.list("default")
+                times.append(time.perf_counter() - t0)
+            assert len(listed) == n, len(listed)
+            result["list_direct_ms"] = 1000 * C.median(times)
+
             with httpx.Client(base_url=server.url, timeout=600.0) as client:
                 for path, key in (("/v1/prompts", "list_api_ms"), ("/v1/models", "models_api_ms")):
                     times = []
@@ -166,6 +211,8 @@ def run(args) -> dict:
                     "itl_p50": C.percentile(itl, 50), "itl_p99": C.percentile(itl, 99),
                     "errors": sum(s["num_errors"] for s in ss), "error_samples": [e for s in ss for e in s["errors"]][:3],
                 }
+            if args.kv_tier:
+                result["kv_tier_after"] = metric_values(server.url, "softserve_kv_tier_")
             hot_tps = result["steady"]["hot"]["tokens_per_s"]
             result["steady_ratio"] = result["steady"]["uniform"]["tokens_per_s"] / hot_tps if hot_tps else float("nan")
         finally:
@@ -180,8 +227,10 @@ def render(result: dict) -> str:
         f"### Prompt scale ({result['num_prompts']:,} prompts of k={result['k']}, {result['model']})",
         "",
         C.md_table(["measurement", "value"], [
-            [f"create {result['num_prompts']:,} prompts (PromptStore + LocalBackend, 16 threads)",
+            [f"upload {result['num_prompts']:,} prompts (PUT /v1/prompts, 16 clients)" if result.get("kv_tier_bytes")
+             else f"create {result['num_prompts']:,} prompts (PromptStore + LocalBackend, 16 threads)",
              f"{result['create_s']:.1f} s ({result['num_prompts'] / result['create_s']:.0f}/s)"],
+            *_tier_rows(result),
             ["server start on that store", f"{result['server_start_s']:.1f} s"],
             ["`PromptStore.list` (direct)", f"{result['list_direct_ms']:.0f} ms"],
             ["`GET /v1/prompts`", f"{result['list_api_ms']:.0f} ms ({result['list_api_bytes'] / 1e6:.1f} MB)"],
@@ -208,6 +257,19 @@ def render(result: dict) -> str:
     ])
 
 
+def _tier_rows(result: dict) -> list[list[str]]:
+    if not result.get("kv_tier_bytes"):
+        return []
+    warm = result["kv_tier_metrics"]
+    keys = ['softserve_kv_warmups_total{outcome="%s"}' % o for o in ("done", "failed", "dropped")]
+    outcomes = " / ".join(f"{warm.get(key, 0):.0f}" for key in keys)
+    reads = " / ".join(f"{result['kv_tier_after'].get(f'softserve_kv_tier_{c}_total', 0):.0f}" for c in ("hits", "misses", "errors"))
+    return [["every upload's KV in the disk tier (warm-ups done / failed / dropped)",
+             f"{result['warm_s']:.1f} s after the first upload ({outcomes}); "
+             f"{warm.get('softserve_kv_tier_bytes', 0) / 2**30:.2f} GiB on disk"],
+            ["disk tier reads during the run (hits / misses / errors)", reads]]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = C.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--num-prompts", type=int, default=None, help="default 10000; quick 50")
@@ -215,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="steady-state clients (default 16; quick 2)")
     p.add_argument("--cache-prompts", type=int, default=None, help="prompts the device caches hold (default 64; quick 4)")
     p.add_argument("--k", type=int, default=16)
+    p.add_argument("--kv-tier", action=argparse.BooleanOptionalAction, default=True,
+                   help="the prompt-KV disk tier sized for every prompt, prompts uploaded through the API (default on)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--warmup", type=float, default=None, help="steady-state warm-up seconds (default 5; quick 1)")
     p.add_argument("--window", type=float, default=None, help="steady-state window seconds (default 20; quick 2)")
