@@ -261,7 +261,8 @@ def _tier_rows(result: dict) -> list[list[str]]:
     if not result.get("kv_tier_bytes"):
         return []
     warm = result["kv_tier_metrics"]
-    keys = ['softserve_kv_warmups_total{outcome="%s"}' % o for o in ("done", "failed", "dropped")]
+    quote = '"'
+    keys = [f"softserve_kv_warmups_total{{outcome={quote}{o}{quote}}}" for o in ("done", "failed", "dropped")]
     outcomes = " / ".join(f"{warm.get(key, 0):.0f}" for key in keys)
     reads = " / ".join(f"{result['kv_tier_after'].get(f'softserve_kv_tier_{c}_total', 0):.0f}" for c in ("hits", "misses", "errors"))
     return [["every upload's KV in the disk tier (warm-ups done / failed / dropped)",
