@@ -107,7 +107,12 @@ def run(args) -> dict:
     hidden = info.hidden_size
     head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    elem = 2 if (args.dtype in ("bfloat16", "float16") or (args.dtype == "auto" and args.device == "cuda")) else 4
+    import torch
+
+    from softserve.model_loader import resolve_device, resolve_dtype
+
+    # the dtype the server will pick (auto: bf16 on CPUs with AVX512-BF16 or AMX), so "holds 64 prompts" is true
+    elem = torch.empty((), dtype=resolve_dtype(args.dtype, resolve_device(args.device))).element_size()
     prompt_bytes = k * hidden * elem
     kv_bytes = 2 * cfg["num_hidden_layers"] * kv_heads * k * head_dim * elem
     tier_bytes = int(n * kv_bytes * 1.25) if args.kv_tier else 0  # every prompt's KV, file headers included

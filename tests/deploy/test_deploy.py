@@ -278,6 +278,19 @@ def test_k8s_drains_before_kill(kustomization):
 
 
 @pytest.mark.process
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_prompt_kv_tier_is_on_its_own_bounded_volume(kustomization):
+    docs = _kustomize(kustomization)
+    config = _find(docs, "ConfigMap", "softserve-config")["data"]
+    spec = _find(docs, "Deployment", "softserve")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    tier_dir = config["SOFTSERVE_KV_TIER_DIR"]
+    volume = next(v for path, v in mounts.items() if tier_dir.startswith(path + "/"))
+    limit = next(v for v in spec["volumes"] if v["name"] == volume)["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and int(limit[:-2]) * 2**30 > int(config["SOFTSERVE_KV_TIER_BYTES"])
+
+
+@pytest.mark.process
 def test_k8s_cpu_overlay_renders():
     docs = _kustomize("overlays/cpu")
     dep = _find(docs, "Deployment", "softserve")
