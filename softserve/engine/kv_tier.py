@@ -11,7 +11,9 @@ checked on every read. The fingerprint (`engine_fingerprint`) covers the model's
 its weights, the dtype, the device type, torch's version and the kernels chosen (compiled or not, native
 kernels, packed linears): KV is only ever read back by an engine that would compute the same numbers, and
 only under its content hash, never a name, so no tenant can be served another's state. Only this
-engine's fingerprint directory counts toward `budget_bytes`; least recently used files go first.
+engine's fingerprint directory counts toward `budget_bytes`; least recently used files go first. Servers
+may share a directory (a volume on one host): each reads the files the others wrote, and each keeps
+the budget by its own count, so together they may hold up to one budget each.
 """
 
 from __future__ import annotations
@@ -105,11 +107,13 @@ class PrefixKVTier:
     def get(self, sha256: str, shape: tuple[int, ...], dtype, device) -> torch.Tensor | None:
         """The prompt's KV [layers, 2, kv_heads, k, head_dim] on `device`, or None. A file that does not
         match (another shape, dtype, fingerprint or prompt; truncated) is removed and counted an error."""
-        with self._lock:
-            if sha256 not in self._index:
-                self.misses += 1
-                return None
         path = self._path(sha256)
+        with self._lock:
+            known = sha256 in self._index
+        if not known and not path.exists():  # a file another server wrote into a shared directory counts too
+            with self._lock:
+                self.misses += 1
+            return None
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
@@ -133,6 +137,10 @@ class PrefixKVTier:
         with self._lock:
             if sha256 in self._index:
                 self._index.move_to_end(sha256)
+            else:
+                self._index[sha256] = path.stat().st_size if path.exists() else 0
+                self.bytes += self._index[sha256]
+                self._evict_to(self.budget_bytes)
             self.hits += 1
         self._enqueue(("touch", sha256, None))
         return kv.to(device)

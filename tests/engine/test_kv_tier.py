@@ -136,3 +136,14 @@ def test_the_byte_budget_holds_across_restarts(tmp_path):
     again = PrefixKVTier(tmp_path, "f" * 64, 2 * size)  # a smaller budget at restart
     assert again.stats().files == 2 and again.bytes <= 2 * size
     assert not (tier.directory / ".leftover.tmp").exists()
+
+
+def test_two_servers_sharing_a_directory_read_each_others_files(tmp_path):
+    writer = PrefixKVTier(tmp_path, "f" * 64, 1 << 30)
+    reader = PrefixKVTier(tmp_path, "f" * 64, 1 << 30)  # started before the file existed
+    kv = torch.randn(2, 2, 2, 5, 16)
+    assert reader.get("a" * 64, tuple(kv.shape), kv.dtype, "cpu") is None
+    writer.put("a" * 64, kv)
+    assert writer.flush(10)
+    assert torch.equal(reader.get("a" * 64, tuple(kv.shape), kv.dtype, "cpu"), kv)
+    assert reader.stats().files == 1 and reader.stats().bytes == writer.stats().bytes
