@@ -283,6 +283,8 @@ class TuningService:
                     max_examples=s.max_tuning_examples, validation_workers=s.tuning_validation_workers,
                     **self.kwargs,
                 )
+                if state.kv_warmer is not None:  # a job's result prompt: its KV computed ahead, as an upload's
+                    self._manager.on_result_published = state.kv_warmer.enqueue
         if self._manager is None:
             raise NotReady("shutting down")
         return self._manager

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from softserve.store import keys
 from softserve.store.store import PromptStore
-from softserve.store.types import PromptNotFound
+from softserve.store.types import PromptMeta, PromptNotFound
 from softserve.config import setting_default
 from softserve.tuning.data import TokenizedExample, parse_jsonl, tokenize_examples
 from softserve.tuning.export import adapter_files, model_info, push_to_store
@@ -38,7 +38,7 @@ from softserve.engine.compute_threads import run_in_compute_thread
 from softserve.tuning.pack import TrainingPack
 from softserve.tuning.persist import JobStore, Lease, new_replica_id
 from softserve.tuning.records import FINISHED, JOB_STATUSES, config_from_record, job_view
-from softserve.tuning.runner import JobRun
+from softserve.tuning.runner import CHECKPOINT_SUFFIX, JobRun
 from softserve.tuning.trainer import PromptTuner, StepInfo
 from softserve.tuning.validation import Validator
 
@@ -98,6 +98,8 @@ class TuningManager:
         self.max_finished_per_tenant = max_finished_per_tenant  # 0: no cap (retention by age only)
         self.max_examples = max_examples  # per file or inline list (parse_jsonl stops at the one past it)
         self.files = FileRegistry(store.backend, store.max_upload_bytes, usage=store.usage, max_examples=max_examples)
+        # (meta, tenant) of each job's published result prompt (not its checkpoints): the service warms its KV
+        self.on_result_published: Callable[[PromptMeta, str], None] | None = None
         self._local: dict[str, TuningJob] = {}
         self._claimed: set[str] = set()  # ids queued here, being validated or run here
         self._queue: queue.Queue = queue.Queue()
@@ -509,4 +511,7 @@ class TuningManager:
 
     def push_prompt(self, job: TuningJob, name: str, embeddings, description: str):
         files = adapter_files(embeddings, config_from_record(job.record), self.info)  # tokenizer: the public model name, not its install path
-        return push_to_store(self.store, job.record["namespace"], name, files, description=description)
+        meta, warnings = push_to_store(self.store, job.record["namespace"], name, files, description=description)
+        if self.on_result_published is not None and not name.endswith(CHECKPOINT_SUFFIX):
+            self.on_result_published(meta, job.tenant)
+        return meta, warnings

@@ -81,3 +81,20 @@ def test_without_the_tier_uploads_queue_no_warm_up(tiny_model, tokenizer, tmp_pa
         upload(client, "greeter", seed=7)
         assert client.app.state.service.kv_warmer is None
         assert "softserve_kv_tier" not in client.get("/metrics").text
+
+
+def test_a_tuning_jobs_result_prompt_is_warmed_but_not_its_checkpoints(tiny_model, tokenizer, tmp_path):
+    from tests.support.tuning import toy_records, wait_for_job
+
+    with make_client(tiny_model, tokenizer, tmp_path, tier=True) as client:
+        body = {"name": "tuned", "training_data": toy_records(8), "init": "vocab", "steps": 4, "batch_size": 4,
+                "learning_rate": 0.2, "checkpoint_every": 2, "seed": 1}
+        job = client.post("/v1/tuning/jobs", json=body).json()
+        done = wait_for_job(client, job["id"], {}, ("succeeded", "failed", "cancelled"))
+        assert done["status"] == "succeeded", done["error"]
+        settle(client)
+        assert metric(client, 'softserve_kv_warmups_total{outcome="done"}') == 1  # the result; its 2 checkpoints not
+        assert metric(client, "softserve_kv_tier_prompts") == 1
+        r = client.post("/v1/completions", json={"model": done["fine_tuned_model"], **REQUEST})
+        assert r.status_code == 200, r.text
+        assert metric(client, "softserve_kv_prefix_cache_hits_total") == 1 and metric(client, "softserve_kv_tier_misses_total") == 1
