@@ -126,6 +126,11 @@ class PrefixKVCache:
             self._entries[key] = entry
             self.bytes += entry.nbytes
 
+    def __contains__(self, key: object) -> bool:
+        """Without counting a hit or a miss, or refreshing the entry."""
+        with self._lock:
+            return key in self._entries
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

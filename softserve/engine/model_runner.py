@@ -172,6 +172,23 @@ class ModelRunner:
     def _prefix_key(self, request: Request) -> tuple[str, str, str]:
         return (self.model_id, str(self.dtype), request.prompt_sha256)
 
+    def stage_prefix(self, sha256: str, num_virtual_tokens: int) -> bool:
+        """Read a prompt's KV from the disk tier into the device cache before its request is admitted, in the
+        caller's thread (the service's, per request), so the engine step does not wait for the disk. True if
+        the device cache holds it now. Thread-safe: both caches take their own locks."""
+        key = (self.model_id, str(self.dtype), sha256)
+        if key in self.prefix_cache:
+            return True
+        tier = self.kv_tier
+        if tier is None or sha256 not in tier:
+            return False
+        shape = (self.num_layers, 2, self.num_kv_heads, num_virtual_tokens, self.head_dim)
+        kv = tier.get(sha256, shape, self.dtype, self.device)
+        if kv is None:
+            return False
+        self.prefix_cache.put(key, PrefixKV(kv))
+        return True
+
     def lookup_prefix(self, request: Request) -> PrefixKV | None:
         """Called by the scheduler at admission: the handle keeps the KV alive even if evicted later."""
         if request.soft_prompt.is_prefix:  # prefix tuning: the tensor IS the KV, nothing to compute

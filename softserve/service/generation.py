@@ -105,8 +105,13 @@ async def pin_soft_prompt(runtime: Runtime, resolved: ResolvedModel) -> SoftProm
     """Pin the prompt's tensor on the device (one pin per engine request); released on finish."""
     if resolved.meta is None:
         return None
+    def acquire():  # the tensor pinned, and the KV staged from the disk tier (if on) off the engine thread
+        loaded = runtime.cache.acquire(resolved.meta, resolved.parts)
+        runtime.stage_prompt_kv(loaded.meta)
+        return loaded
+
     try:
-        loaded = await run_in_threadpool(runtime.cache.acquire, resolved.meta, resolved.parts)
+        loaded = await run_in_threadpool(acquire)
     except PromptStoreError as exc:
         raise store_error(exc) from exc
     meta = loaded.meta

@@ -175,6 +175,17 @@ class Runtime:
         finally:
             self.loaded.set()
 
+    def stage_prompt_kv(self, meta) -> None:
+        """A prompt's KV from the disk tier into the device cache, in the calling (request) thread, so the
+        engine step never reads the disk for it (ModelRunner.stage_prefix). Best effort: never raises."""
+        engine = self.engine
+        if engine is None or meta.kind != "prompt_tuning" or engine.engine.runner.kv_tier is None:
+            return
+        try:
+            engine.engine.runner.stage_prefix(meta.sha256, meta.num_virtual_tokens)
+        except Exception:  # noqa: BLE001 - the engine reads (or computes) it at admission instead
+            log.exception("staging the KV of %s failed", meta.ref)
+
     def _grammar_compiler(self, tokenizer) -> GrammarCompiler:
         s = self.settings
         limits = GrammarLimits(max_bytes=s.guided_max_bytes, max_depth=s.guided_max_depth,

@@ -72,6 +72,9 @@ def test_an_upload_is_warmed_and_a_restarted_server_reads_its_kv_from_disk(tiny_
         assert complete(restarted, "greeter") == expected
         assert metric(restarted, "softserve_kv_tier_hits_total") == 1
         assert metric(restarted, "softserve_kv_tier_misses_total") == 0
+        # read from disk by the request's thread before admission: the engine found it in the device cache
+        assert metric(restarted, "softserve_kv_prefix_cache_hits_total") == 1
+        assert metric(restarted, "softserve_kv_prefix_cache_misses_total") == 0
         assert complete(restarted, "same-content") == expected  # the same KV, now from the device cache
         assert restarted.get("/ready").status_code == 200
 

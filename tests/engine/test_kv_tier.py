@@ -147,3 +147,19 @@ def test_two_servers_sharing_a_directory_read_each_others_files(tmp_path):
     assert writer.flush(10)
     assert torch.equal(reader.get("a" * 64, tuple(kv.shape), kv.dtype, "cpu"), kv)
     assert reader.stats().files == 1 and reader.stats().bytes == writer.stats().bytes
+
+
+def test_staging_reads_the_disk_before_admission_so_the_step_does_not(tiny_model, tokenizer, tmp_path):
+    prompt = make_prompt("p", 6, HIDDEN, 61)
+    first = tier_engine(tiny_model, tokenizer, tmp_path)
+    expected = list(run(first, [make_request(IDS, soft_prompt=prompt, max_tokens=4, ignore_eos=True)]).values())[0]
+    assert first.runner.kv_tier.flush(10)
+    second = tier_engine(tiny_model, tokenizer, tmp_path)
+    runner = second.runner
+    assert not runner.stage_prefix("0" * 64, 6)  # unknown: nothing read, nothing counted
+    assert runner.stage_prefix(prompt.ref.sha256, 6) and runner.stage_prefix(prompt.ref.sha256, 6)
+    tier_reads = second.stats().kv_tier.hits
+    out = list(run(second, [make_request(IDS, soft_prompt=prompt, max_tokens=4, ignore_eos=True)]).values())[0]
+    stats = second.stats()
+    assert out == expected and tier_reads == 1 and stats.kv_tier.hits == 1 and stats.kv_tier.misses == 0
+    assert stats.prefix_cache_hits == 1 and stats.prefix_cache_misses == 0
