@@ -107,8 +107,9 @@ class LLMEngine:
                                              compiled=runner.compiled_forward is not None,
                                              native_kernels=runner.native_kernels, pack_linears=config.pack_linears)
             runner.kv_tier = PrefixKVTier(config.kv_tier_dir, fingerprint, config.kv_tier_bytes)
+            stats = runner.kv_tier.stats()
             log.info("prompt-KV tier %s: %d prompts, %.1f MiB of %.1f MiB", runner.kv_tier.directory,
-                     len(runner.kv_tier._index), runner.kv_tier.bytes / 2**20, config.kv_tier_bytes / 2**20)
+                     stats.files, stats.bytes / 2**20, config.kv_tier_bytes / 2**20)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self.runner.use_step_graphs(max_kv=sched_config.max_model_len)
             if config.capture_graphs_at_start and self.runner.compiled_forward is None:  # compiled: never replayed

@@ -169,39 +169,38 @@ class ModelRunner:
                 self.compiled_forward(embeds, slots.unsqueeze(0), slots[tokens - kept :])
 
     # ---- soft-prompt KV prefixes -------------------------------------------------------------
-    def _prefix_key(self, request: Request) -> tuple[str, str, str]:
-        return (self.model_id, str(self.dtype), request.prompt_sha256)
+    def _prefix_key(self, sha256: str) -> tuple[str, str, str]:
+        return (self.model_id, str(self.dtype), sha256)
+
+    def _prefix_from_tier(self, sha256: str, num_virtual_tokens: int) -> PrefixKV | None:
+        """The prompt's KV read from the disk tier and kept in the device cache, or None."""
+        if self.kv_tier is None:
+            return None
+        shape = (self.num_layers, 2, self.num_kv_heads, num_virtual_tokens, self.head_dim)
+        kv = self.kv_tier.get(sha256, shape, self.dtype, self.device)
+        if kv is None:
+            return None
+        entry = PrefixKV(kv)
+        self.prefix_cache.put(self._prefix_key(sha256), entry)
+        return entry
 
     def stage_prefix(self, sha256: str, num_virtual_tokens: int) -> bool:
         """Read a prompt's KV from the disk tier into the device cache before its request is admitted, in the
         caller's thread (the service's, per request), so the engine step does not wait for the disk. True if
         the device cache holds it now. Thread-safe: both caches take their own locks."""
-        key = (self.model_id, str(self.dtype), sha256)
-        if key in self.prefix_cache:
+        if self._prefix_key(sha256) in self.prefix_cache:
             return True
-        tier = self.kv_tier
-        if tier is None or sha256 not in tier:
+        if self.kv_tier is None or sha256 not in self.kv_tier:
             return False
-        shape = (self.num_layers, 2, self.num_kv_heads, num_virtual_tokens, self.head_dim)
-        kv = tier.get(sha256, shape, self.dtype, self.device)
-        if kv is None:
-            return False
-        self.prefix_cache.put(key, PrefixKV(kv))
-        return True
+        return self._prefix_from_tier(sha256, num_virtual_tokens) is not None
 
     def lookup_prefix(self, request: Request) -> PrefixKV | None:
         """Called by the scheduler at admission: the handle keeps the KV alive even if evicted later."""
         if request.soft_prompt.is_prefix:  # prefix tuning: the tensor IS the KV, nothing to compute
             return self._prefix_tuning_kv(request)
-        key = self._prefix_key(request)
-        entry = self.prefix_cache.get(key)
-        if entry is None and self.kv_tier is not None:
-            shape = (self.num_layers, 2, self.num_kv_heads, request.num_virtual_tokens, self.head_dim)
-            kv = self.kv_tier.get(request.prompt_sha256, shape, self.dtype, self.device)
-            if kv is not None:
-                entry = PrefixKV(kv)
-                self.prefix_cache.put(key, entry)
-        return entry
+        sha256 = request.prompt_sha256
+        entry = self.prefix_cache.get(self._prefix_key(sha256))
+        return entry if entry is not None else self._prefix_from_tier(sha256, request.num_virtual_tokens)
 
     def _prefix_tuning_kv(self, request: Request) -> PrefixKV:
         """PEFT's [k, layers * 2 * kv_heads * head_dim] -> the pool layout [layers, 2, kv_heads, k, head_dim].
@@ -222,7 +221,7 @@ class ModelRunner:
     def _file_prefix(self, request: Request) -> None:
         k, start = request.num_virtual_tokens, request.kv_offset
         kv = self.pool.storage[:, :, :, start : start + k].clone()  # compact: [layers, 2, kv_heads, k, head_dim]
-        self.prefix_cache.put(self._prefix_key(request), PrefixKV(kv))
+        self.prefix_cache.put(self._prefix_key(request.prompt_sha256), PrefixKV(kv))
         if self.kv_tier is not None:
             self.kv_tier.put(request.prompt_sha256, kv)  # written by the tier's thread; nobody writes `kv` again
 
