@@ -105,7 +105,8 @@ class LLMEngine:
             runner = self.runner
             fingerprint = engine_fingerprint(model_digest, dtype=runner.dtype, device_type=runner.device.type,
                                              compiled=runner.compiled_forward is not None,
-                                             native_kernels=runner.native_kernels, pack_linears=config.pack_linears)
+                                             native_kernels=runner.native_kernels, pack_linears=config.pack_linears,
+                                             kernels_digest=native_kernels.build_digest() if runner.native_kernels else "")
             runner.kv_tier = PrefixKVTier(config.kv_tier_dir, fingerprint, config.kv_tier_bytes)
             stats = runner.kv_tier.stats()
             log.info("prompt-KV tier %s: %d prompts, %.1f MiB of %.1f MiB", runner.kv_tier.directory,

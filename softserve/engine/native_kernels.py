@@ -60,6 +60,15 @@ def _cpu_tag() -> str:
     return hashlib.sha256("\n".join(fields).encode()).hexdigest()[:10]
 
 
+@functools.cache
+def build_digest() -> str:
+    """What the kernels compute depends on: their sources, the compiler flags and this CPU (`-march=native`)."""
+    digest = hashlib.sha256("\n".join([*CFLAGS, _cpu_tag()]).encode())
+    for path in SOURCES:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def can_build() -> bool:
     return (shutil.which("c++") is not None or shutil.which("g++") is not None) and shutil.which("ninja") is not None
 

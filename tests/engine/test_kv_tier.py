@@ -5,6 +5,8 @@ other numerics; bad files are misses, never failures; the byte budget holds acro
 from __future__ import annotations
 
 import copy
+import os
+import time
 
 import torch
 
@@ -71,11 +73,14 @@ def test_the_tier_serves_nothing_for_other_content_models_or_numerics(tiny_model
     with torch.no_grad():
         changed.model.layers[0].mlp.down_proj.weight.mul_(1.01)
     assert model_fingerprint(changed) != digest
-    kwargs = dict(dtype=torch.float32, device_type="cpu", compiled=False, native_kernels=r.native_kernels, pack_linears=True)
+    from softserve.engine import native_kernels
+
+    kwargs = dict(dtype=torch.float32, device_type="cpu", compiled=False, native_kernels=r.native_kernels, pack_linears=True,
+                  kernels_digest=native_kernels.build_digest() if r.native_kernels else "")
     base = engine_fingerprint(digest, **kwargs)
     assert base == tier.fingerprint
     for change in (dict(dtype=torch.bfloat16), dict(compiled=True), dict(native_kernels=not r.native_kernels),
-                   dict(device_type="cuda"), dict(pack_linears=False)):
+                   dict(device_type="cuda"), dict(pack_linears=False), dict(native_kernels=True, kernels_digest="other")):
         assert engine_fingerprint(digest, **{**kwargs, **change}) != base
     elsewhere = PrefixKVTier(tmp_path, engine_fingerprint(model_fingerprint(changed), **kwargs), 1 << 30)
     assert prompt.ref.sha256 not in elsewhere
@@ -113,6 +118,7 @@ def test_a_file_of_another_shape_or_prompt_is_never_used(tmp_path):
     tier._path(a).rename(tier._path(b))  # a's file under b's name: its metadata says a
     tier._index[b] = tier._index.pop(a)
     assert tier.get(b, (2, 2, 2, 5, 16), torch.float32, "cpu") is None
+    assert tier.flush(10)  # bad files are removed by the writer thread
     assert tier.stats().errors == 2 and not tier._path(b).exists()
 
 
@@ -132,10 +138,13 @@ def test_the_byte_budget_holds_across_restarts(tmp_path):
     assert tier.stats().files == 3 and tier.stats().evictions == 3
     kept = {p.stem[:1] for p in tier.directory.glob("*.safetensors")}
     assert kept == {"1", "4", "5"}  # least recently used went first
-    (tier.directory / ".leftover.tmp").write_bytes(b"x")  # a writer killed mid-write
+    old, live = tier.directory / ".killed.tmp", tier.directory / ".live.tmp"
+    old.write_bytes(b"x")  # a writer killed mid-write, two hours ago
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    live.write_bytes(b"x")  # another server's write in progress
     again = PrefixKVTier(tmp_path, "f" * 64, 2 * size)  # a smaller budget at restart
     assert again.stats().files == 2 and again.bytes <= 2 * size
-    assert not (tier.directory / ".leftover.tmp").exists()
+    assert not old.exists() and live.exists()
 
 
 def test_two_servers_sharing_a_directory_read_each_others_files(tmp_path):
@@ -163,3 +172,37 @@ def test_staging_reads_the_disk_before_admission_so_the_step_does_not(tiny_model
     stats = second.stats()
     assert out == expected and tier_reads == 1 and stats.kv_tier.hits == 1 and stats.kv_tier.misses == 0
     assert stats.prefix_cache_hits == 1 and stats.prefix_cache_misses == 0
+
+
+def test_a_disk_that_fails_reads_costs_a_miss_never_an_exception(tmp_path, monkeypatch):
+    tier = PrefixKVTier(tmp_path, "f" * 64, 1 << 30)
+    kv = torch.randn(2, 2, 2, 5, 16)
+    tier.put("a" * 64, kv)
+    assert tier.flush(10)
+    import softserve.engine.kv_tier as kv_tier
+
+    def failing_open(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(kv_tier, "safe_open", failing_open)
+    assert tier.get("a" * 64, tuple(kv.shape), kv.dtype, "cpu") is None
+    monkeypatch.setattr(type(tier), "_path", lambda self, sha: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    assert tier.get("b" * 64, tuple(kv.shape), kv.dtype, "cpu") is None  # even a failing stat
+    stats = tier.stats()
+    assert stats.errors == 2 and stats.misses == 2 and stats.hits == 0
+
+
+def test_queued_writes_are_bounded_in_bytes(tmp_path, monkeypatch):
+    import softserve.engine.kv_tier as kv_tier
+
+    monkeypatch.setattr(kv_tier, "_MAX_QUEUED_BYTES", 3 * 4096)
+    tier = PrefixKVTier(tmp_path, "f" * 64, 1 << 30)
+    gate = __import__("threading").Event()
+    original = tier._write
+    monkeypatch.setattr(tier, "_write", lambda sha, kv: (gate.wait(10), original(sha, kv)))
+    kv = torch.randn(4, 16, 16)  # 4 KiB
+    for i in range(5):
+        tier.put(str(i) * 64, kv)
+    assert tier.stats().dropped == 2  # three fit the bound while the writer is stuck
+    gate.set()
+    assert tier.flush(10) and tier.stats().writes == 3 and tier._queued_bytes == 0
