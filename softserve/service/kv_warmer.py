@@ -7,6 +7,7 @@ effect is that the engine computes the prompt's KV and files it in its caches an
 discarded. A prompt whose KV the tier already holds is skipped, and so is a second upload of the same
 content while the first waits. Prefix-tuning prompts need nothing: their tensor is their KV.
 
+Tenants take turns (round robin), so one tenant's bulk upload does not hold back another's warm-ups.
 The queue is bounded (`max_pending`); beyond it uploads still succeed and their prompts are computed at
 first use, as without the tier.
 """
@@ -48,7 +49,10 @@ class PromptKVWarmer:
         self.has_kv = has_kv
         self.max_in_flight = max_in_flight
         self.max_pending = max_pending
-        self._pending: deque[tuple[PromptMeta, str]] = deque()
+        # Round robin over tenants, so that one tenant's bulk upload does not hold back another's warm-ups.
+        self._pending: dict[str, deque[PromptMeta]] = {}
+        self._turns: deque[str] = deque()  # tenants with pending warm-ups, next first
+        self._num_pending = 0
         self._queued_shas: set[str] = set()  # pending or in flight: one warm-up per content
         self._in_flight = 0
         self._cond = threading.Condition()
@@ -64,37 +68,50 @@ class PromptKVWarmer:
         with self._cond:
             if self._stopped or meta.sha256 in self._queued_shas:
                 return False
-            if len(self._pending) >= self.max_pending:
+            if self._num_pending >= self.max_pending:
                 self.dropped += 1
                 return False
-            self._pending.append((meta, tenant))
+            if tenant not in self._pending:
+                self._pending[tenant] = deque()
+                self._turns.append(tenant)
+            self._pending[tenant].append(meta)
+            self._num_pending += 1
             self._queued_shas.add(meta.sha256)
             self._cond.notify_all()
         return True
 
     def stats(self) -> WarmerStats:
         with self._cond:
-            return WarmerStats(len(self._pending), self._in_flight, self.done, self.skipped, self.failed, self.dropped)
+            return WarmerStats(self._num_pending, self._in_flight, self.done, self.skipped, self.failed, self.dropped)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Until nothing is pending or in flight (tests, benchmarks); False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._in_flight, timeout)
+            return self._cond.wait_for(lambda: not self._num_pending and not self._in_flight, timeout)
 
     def close(self) -> None:
         with self._cond:
             self._stopped = True
             self._pending.clear()
+            self._turns.clear()
+            self._num_pending = 0
             self._cond.notify_all()
         self._thread.join(5.0)
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopped or (self._pending and self._in_flight < self.max_in_flight))
+                self._cond.wait_for(lambda: self._stopped or (self._num_pending and self._in_flight < self.max_in_flight))
                 if self._stopped:
                     return
-                meta, tenant = self._pending.popleft()
+                tenant = self._turns.popleft()
+                queue = self._pending[tenant]
+                meta = queue.popleft()
+                if queue:
+                    self._turns.append(tenant)
+                else:
+                    del self._pending[tenant]
+                self._num_pending -= 1
                 self._in_flight += 1
             try:
                 started = self._start(meta, tenant)
