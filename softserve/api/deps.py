@@ -18,8 +18,8 @@ from softserve.service.kv_warmer import PromptKVWarmer
 from softserve.service.runtime import Runtime
 from softserve.tuning.jobs import TuningManager
 
-__all__ = ["KVWarmerDep", "RuntimeDep", "PrincipalDep", "StoreDep", "CacheDep", "TuningDep", "get_runtime",
-           "get_registry", "get_principal", "get_store", "get_cache", "get_tuning", "get_kv_warmer", "authenticate"]
+__all__ = ["KVWarmerDep", "OptionalRuntimeDep", "RuntimeDep", "PrincipalDep", "StoreDep", "CacheDep", "TuningDep", "get_runtime",
+           "get_registry", "get_principal", "get_store", "get_cache", "get_tuning", "get_kv_warmer", "get_optional_runtime", "authenticate"]
 
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.service
@@ -46,8 +46,11 @@ def get_store(request: Request) -> PromptStore:
 def get_cache(request: Request) -> PromptCache | None:
     return get_runtime(request).cache
 
+def get_optional_runtime(request: Request) -> Runtime | None:
+    return getattr(request.app.state, "service", None)  # routers mounted alone (tests) have no runtime
+
 def get_kv_warmer(request: Request) -> PromptKVWarmer | None:
-    runtime = getattr(request.app.state, "service", None)  # routers mounted alone (tests) have no runtime
+    runtime = get_optional_runtime(request)
     return runtime.kv_warmer if runtime is not None else None
 
 def get_tuning(request: Request) -> TuningManager:
@@ -59,3 +62,4 @@ StoreDep = Annotated[PromptStore, Depends(get_store)]
 CacheDep = Annotated[PromptCache | None, Depends(get_cache)]
 TuningDep = Annotated[TuningManager, Depends(get_tuning)]
 KVWarmerDep = Annotated[PromptKVWarmer | None, Depends(get_kv_warmer)]
+OptionalRuntimeDep = Annotated[Runtime | None, Depends(get_optional_runtime)]

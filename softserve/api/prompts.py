@@ -19,7 +19,7 @@ from softserve.service.auth import Principal
 from softserve.service.errors import InvalidRequest, UnsupportedMediaType
 from softserve.service.tenancy import PUBLIC_TENANT, display_prefix
 
-from .deps import CacheDep, KVWarmerDep, PrincipalDep, StoreDep
+from .deps import CacheDep, KVWarmerDep, OptionalRuntimeDep, PrincipalDep, StoreDep
 from .schemas import PromptDeleted, PromptInfo, PromptList, PromptUploadResponse, PromptVersionList
 from .uploads import parse_multipart, part_bytes, read_body_limited
 
@@ -113,6 +113,9 @@ async def put_prompt(name: str, request: Request, store: StoreDep, principal: Pr
 
 
 @router.delete("/v1/prompts/{name:path}", response_model=PromptDeleted)
-def delete_prompt(name: str, store: StoreDep, cache: CacheDep, principal: PrincipalDep) -> dict[str, Any]:
+def delete_prompt(name: str, store: StoreDep, cache: CacheDep, principal: PrincipalDep,
+                  runtime: OptionalRuntimeDep) -> dict[str, Any]:
     metas = service.delete(store, cache, principal, name)
+    if runtime is not None:  # its KV, derived from the tensor, leaves the caches and the disk tier too
+        runtime.forget_prompt_kv(metas)
     return {"id": prompt_info(metas[0], principal)["id"], "deleted": True}

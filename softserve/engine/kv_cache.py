@@ -131,6 +131,13 @@ class PrefixKVCache:
         with self._lock:
             return key in self._entries
 
+    def discard(self, key: tuple[str, str, str]) -> None:
+        """Drop one entry (requests already holding it keep their handle)."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self.bytes -= entry.nbytes
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -194,6 +194,12 @@ class ModelRunner:
             return False
         return self._prefix_from_tier(sha256, num_virtual_tokens) is not None
 
+    def forget_prefix(self, sha256: str) -> None:
+        """A deleted prompt's KV out of the device cache and off the disk tier (any thread)."""
+        self.prefix_cache.discard(self._prefix_key(sha256))
+        if self.kv_tier is not None:
+            self.kv_tier.discard(sha256)
+
     def lookup_prefix(self, request: Request) -> PrefixKV | None:
         """Called by the scheduler at admission: the handle keeps the KV alive even if evicted later."""
         if request.soft_prompt.is_prefix:  # prefix tuning: the tensor IS the KV, nothing to compute

@@ -175,6 +175,13 @@ class Runtime:
         finally:
             self.loaded.set()
 
+    def forget_prompt_kv(self, metas) -> None:
+        """Deleted prompts' KV out of the engine's caches and off its disk tier. Content-addressed: another
+        name or tenant with the same tensor computes it again at its next use."""
+        if self.engine is not None:
+            for meta in metas:
+                self.engine.engine.runner.forget_prefix(meta.sha256)
+
     def stage_prompt_kv(self, meta) -> None:
         """A prompt's KV from the disk tier into the device cache, in the calling (request) thread, so the
         engine step never reads the disk for it (ModelRunner.stage_prefix). Best effort: never raises."""

@@ -101,3 +101,18 @@ def test_a_tuning_jobs_result_prompt_is_warmed_but_not_its_checkpoints(tiny_mode
         r = client.post("/v1/completions", json={"model": done["fine_tuned_model"], **REQUEST})
         assert r.status_code == 200, r.text
         assert metric(client, "softserve_kv_prefix_cache_hits_total") == 1 and metric(client, "softserve_kv_tier_misses_total") == 1
+
+
+def test_deleting_a_prompt_removes_its_kv_from_the_disk_tier(tiny_model, tokenizer, tmp_path):
+    with make_client(tiny_model, tokenizer, tmp_path, tier=True) as client:
+        upload(client, "secret", seed=11)
+        upload(client, "kept", seed=12)
+        settle(client)
+        tier = client.app.state.service.engine.engine.runner.kv_tier
+        files = sorted(p.name for p in tier.directory.glob("*.safetensors"))
+        assert len(files) == 2
+        expected_kept = complete(client, "kept")
+        assert client.delete("/v1/prompts/secret").status_code == 200
+        assert tier.flush(10)
+        assert metric(client, "softserve_kv_tier_prompts") == 1 and len(list(tier.directory.glob("*.safetensors"))) == 1
+        assert complete(client, "kept") == expected_kept and client.get("/ready").status_code == 200
