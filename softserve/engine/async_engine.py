@@ -173,32 +173,30 @@ class AsyncEngine:
     # ---- asyncio side -------------------------------------------------------------------------
     def submit(self, request: Request) -> asyncio.Queue:
         """Queue a request; raises QueueFullError (-> 429) or EngineDeadError (-> 503) at once."""
+        stream = self._hand_over(request, with_stream=True)
+        assert stream is not None
+        return stream.queue
+
+    def submit_detached(self, request: Request) -> None:
+        """Queue a request whose deltas nobody reads (the service's prompt-KV warm-ups): it reports only
+        through `request.on_finish`. Raises like `submit`."""
+        self._hand_over(request, with_stream=False)
+
+    def _hand_over(self, request: Request, *, with_stream: bool) -> _Stream | None:
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "engine is not running")
         # Read without the engine's lock: a request that loses the race is failed with QUEUE_FULL at add.
         self.engine.scheduler.check_admission(request.tenant, also_waiting=self._pending,
                                               also_waiting_for_tenant=self._pending_by_tenant.get(request.tenant, 0),
                                               background=request.background)
-        stream = _Stream(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
+        stream = _Stream(loop=asyncio.get_running_loop(), queue=asyncio.Queue()) if with_stream else None
         with self._streams_lock:
-            self._streams[request.request_id] = stream
+            if stream is not None:
+                self._streams[request.request_id] = stream
             self._pending += 1
             self._pending_by_tenant[request.tenant] = self._pending_by_tenant.get(request.tenant, 0) + 1
         self._commands.put(("add", request))
-        return stream.queue
-
-    def submit_detached(self, request: Request) -> None:
-        """Queue a request whose deltas nobody reads (the service's prompt-KV warm-ups): it reports only
-        through `request.on_finish`. Raises like `submit`."""
-        if not self.is_alive:
-            raise EngineDeadError(self.dead_reason or "engine is not running")
-        self.engine.scheduler.check_admission(request.tenant, also_waiting=self._pending,
-                                              also_waiting_for_tenant=self._pending_by_tenant.get(request.tenant, 0),
-                                              background=request.background)
-        with self._streams_lock:
-            self._pending += 1
-            self._pending_by_tenant[request.tenant] = self._pending_by_tenant.get(request.tenant, 0) + 1
-        self._commands.put(("add", request))
+        return stream
 
     def abort(self, request_id: str) -> None:
         with self._streams_lock:
