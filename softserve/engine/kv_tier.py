@@ -9,8 +9,9 @@ Layout: `<dir>/<fingerprint>/<prompt sha256>.safetensors`, one tensor `kv` [laye
 head_dim] in the pool's layout (kv_cache.py) plus metadata naming the fingerprint and the prompt hash,
 checked on every read. The fingerprint (`engine_fingerprint`) covers the model's config and a sample of
 its weights, the dtype, the device type, the versions of torch, transformers and softserve, and the
-kernels chosen (compiled or not, packed linears, our C++ kernels' build): KV is only ever read back by an engine that would compute the same numbers, and
-only under its content hash, never a name, so no tenant can be served another's state. Only this
+kernels chosen (compiled or not, packed linears, our C++ kernels' build): KV is only ever read back by
+an engine that would compute the same numbers, and only under its content hash, never a name, so no
+tenant can be served another's state. Only this
 engine's fingerprint directory counts toward `budget_bytes`; least recently used files go first. Servers
 may share a directory (a volume on one host): each reads the files the others wrote, and each keeps
 the budget by its own count, so together they may hold up to one budget each.
@@ -173,7 +174,7 @@ class PrefixKVTier:
             if sha256 in self._index:
                 self._index.move_to_end(sha256)
             else:  # a file another server wrote: counted from now on
-                self._index[sha256] = _size(path, kv.numel() * kv.element_size())
+                self._index[sha256] = _size(path, kv.nbytes)
                 self.bytes += self._index[sha256]
             self.hits += 1
         self._enqueue(("touch", sha256, None))
@@ -189,7 +190,7 @@ class PrefixKVTier:
         queued tensors stay on their device until written: beyond `_MAX_QUEUED_BYTES` the write is dropped."""
         if sha256 in self:
             return
-        nbytes = kv.numel() * kv.element_size()
+        nbytes = kv.nbytes
         with self._lock:
             if self._queued_bytes + nbytes > _MAX_QUEUED_BYTES:
                 self.dropped += 1
@@ -233,7 +234,7 @@ class PrefixKVTier:
                         self._write(sha256, payload)
                     finally:
                         with self._lock:
-                            self._queued_bytes -= payload.numel() * payload.element_size()
+                            self._queued_bytes -= payload.nbytes
                 elif kind == "touch":
                     os.utime(self._path(sha256))
                 elif kind == "remove":
@@ -253,8 +254,7 @@ class PrefixKVTier:
         if sha256 in self:
             return
         tensor = kv.detach().to("cpu").contiguous()
-        size_guess = tensor.numel() * tensor.element_size()
-        if size_guess > self.budget_bytes:
+        if tensor.nbytes > self.budget_bytes:
             return
         tmp = self.directory / f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
