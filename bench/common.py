@@ -407,6 +407,21 @@ class Server(LiveServer):
         return " ".join(out)
 
 
+def metric_values(url: str, prefix: str = "softserve_") -> dict[str, float]:
+    """The server's Prometheus samples whose names start with `prefix`: {name with its labels: value}."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30.0).text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
 def upload_prompts(url: str, items: Sequence[tuple[str, bytes]], concurrency: int = 8) -> float:
     """PUT /v1/prompts/{name} for every (name, safetensors bytes); returns seconds taken."""
     import asyncio

@@ -141,19 +141,12 @@ def cache_counters(url: str) -> dict[str, float]:
     """Cache hit/miss/eviction counters from the server's Prometheus /metrics ({} if unavailable)."""
     import httpx
 
-    out: dict[str, float] = {}
     try:
-        text = httpx.get(f"{url}/metrics", timeout=30.0).text
+        values = C.metric_values(url)
     except httpx.HTTPError:
-        return out
-    for line in text.splitlines():
-        if line.startswith("softserve_") and "cache" in line and ("_total " in line or "_bytes " in line):
-            name, _, value = line.partition(" ")
-            try:
-                out[name.replace("softserve_", "").replace("_total", "")] = float(value)
-            except ValueError:
-                pass
-    return out
+        return {}
+    return {name.replace("softserve_", "").replace("_total", ""): value for name, value in values.items()
+            if "cache" in name and name.endswith(("_total", "_bytes"))}
 
 
 def counter_delta(before: dict, after: dict) -> dict[str, float]:

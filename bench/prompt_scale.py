@@ -55,22 +55,11 @@ def upload_through_api(url: str, n: int, k: int, hidden: int, chunk: int = 500) 
     return time.perf_counter() - t0
 
 
-def metric_values(url: str, prefix: str) -> dict[str, float]:
-    import httpx
-
-    out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30.0).text.splitlines():
-        if line.startswith(prefix):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
 def wait_for_warm_ups(url: str, timeout: float = 3600.0) -> dict[str, float]:
     """Until no upload's KV warm-up is queued or running; the tier and warm-up counters then."""
     deadline = time.monotonic() + timeout
     while True:
-        values = metric_values(url, "softserve_kv_")
+        values = C.metric_values(url, "softserve_kv_")
         if values.get("softserve_kv_warmups_pending", 0) == 0 or time.monotonic() > deadline:
             return values
         time.sleep(1.0)
@@ -217,7 +206,7 @@ def run(args) -> dict:
                     "errors": sum(s["num_errors"] for s in ss), "error_samples": [e for s in ss for e in s["errors"]][:3],
                 }
             if args.kv_tier:
-                result["kv_tier_after"] = metric_values(server.url, "softserve_kv_tier_")
+                result["kv_tier_after"] = C.metric_values(server.url, "softserve_kv_tier_")
             hot_tps = result["steady"]["hot"]["tokens_per_s"]
             result["steady_ratio"] = result["steady"]["uniform"]["tokens_per_s"] / hot_tps if hot_tps else float("nan")
         finally:
