@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: cuda when available)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32)")
     compile: Literal["off", "auto", "on"] = Field("auto", description="compile the model forward with torch.compile and inductor "
-                                                  "(one graph, attention as a custom op; traced at start-up: ~40 s on a 2-core CPU the first "
+                                                  "(one graph, attention as a custom op; traced at start-up: ~80 s on a 2-core CPU the first "
                                                   "time, ~10 s once inductor's cache holds the kernels). auto: bfloat16 and float16 models on "
                                                   "CPU with a C++ compiler, falling back to eager if compiling fails (float32 stays eager, "
                                                   "exactly equal to PEFT; CUDA stays eager, never run here); on: always, and a failure stops "

@@ -75,8 +75,8 @@ def compile_forward(model, max_positions: int | None = None):
 
     on_cpu = next(model.parameters()).device.type == "cpu"
     # cpp_wrapper (CPU): the graph's glue between kernels (buffer allocation, ~250 kernel and op calls a
-    # step) is C++ instead of a Python function: ~0.6 ms less of a ~13 ms decode step (4%, six process
-    # pairs; docs/performance.md). The first compile on a machine takes longer (~80 vs ~40 s, SmolLM2),
+    # step) is C++ instead of a Python function: ~0.5 ms less of a ~13.5 ms decode step (12 process
+    # pairs, docs/performance.md). The first compile on a machine takes longer (~80 vs ~40 s, SmolLM2),
     # a restart reads both from inductor's cache. Not tried on CUDA, which keeps the Python wrapper.
     compiled = torch.compile(forward, dynamic=False,
                              options={"guard_filter_fn": frozen_model_guards, "cpp_wrapper": on_cpu})
