@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(1024, ge=1, description="open client connections (idle keep-alive ones included) "
                                  "before new ones are answered 503 at once; bounds what many slow or idle clients can hold")
     header_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a client has to send a complete request head, from connecting or from the end of the previous response on a keep-alive connection; then the connection is closed without a response (idle or trickling sockets cannot hold --max-connections)")
+    http_parser: Literal["auto", "httptools", "h11"] = Field("auto", description="HTTP/1.1 implementation of the API server (auto: httptools, a C parser, where installed, as it is by `pip install softserve`; h11 is pure Python and costs more CPU per streamed token)")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", description="event loop of the API server (auto: uvloop where installed, as it is by `pip install softserve` on Linux and macOS; else asyncio's own)")
     keep_alive_timeout: float = Field(5.0, gt=0, le=3600, description="seconds an idle keep-alive connection stays open after a response")
     metrics_port: int = Field(0, ge=0, le=65535, description="also serve /metrics without a key on this port (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="listen address of --metrics-port")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 
@@ -9,6 +11,8 @@ import uvicorn
 
 from softserve.config import Settings
 from softserve.http_timeouts import with_header_timeout
+
+log = logging.getLogger("softserve")
 
 
 class DrainingServer(uvicorn.Server):
@@ -19,11 +23,17 @@ class DrainingServer(uvicorn.Server):
     143); an orchestrator's readiness probe should see 503 instead, and a clean drain should exit 0.
     """
 
-    def __init__(self, config: uvicorn.Config, state, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, state, shutdown_timeout: float, http_name: str = "") -> None:
         super().__init__(config)
+        self.http_name = http_name  # the HTTP protocol class, for the start-up log line
         self.state = state
         self.shutdown_timeout = shutdown_timeout
         self._draining = False
+
+    async def serve(self, sockets=None) -> None:
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "uvloop" or "asyncio"
+        log.info("API server: %s, %s event loop", self.http_name, loop)
+        await super().serve(sockets)
 
     def handle_exit(self, sig, frame) -> None:
         if self._draining:
@@ -46,8 +56,6 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(app, settings: Settings) -> None:
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # h11, or httptools where installed
-
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)), access_log=False,
@@ -55,6 +63,19 @@ def run_server(app, settings: Settings) -> None:
         # Idle and slow connections are closed, so --max-connections of them cannot lock everyone out
         # (issue #26 F4): silent after a response (keep-alive), or a request head not complete in time.
         timeout_keep_alive=settings.keep_alive_timeout,
-        http=with_header_timeout(AutoHTTPProtocol, settings.header_timeout),
+        http=with_header_timeout(protocol := http_protocol(settings.http_parser), settings.header_timeout),
+        loop=settings.event_loop,
     )
-    DrainingServer(config, app.state.service, settings.shutdown_timeout).run()
+    DrainingServer(config, app.state.service, settings.shutdown_timeout, protocol.__name__).run()
+
+
+def http_protocol(name: str) -> type:
+    """uvicorn's protocol class for --http-parser (imported here: httptools may be absent)."""
+    if name == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+        return H11Protocol
+    if name == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # ImportError if absent
+        return HttpToolsProtocol
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # httptools where installed, else h11
+    return AutoHTTPProtocol

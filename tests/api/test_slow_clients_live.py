@@ -12,11 +12,16 @@ import time
 import httpx
 import pytest
 
-from tests.support.live_server import LiveServer, tiny_model_dir
+from tests.support.live_server import LiveServer, iter_sse, tiny_model_dir
 
 pytestmark = pytest.mark.process  # a live server subprocess
 
 HEADER_TIMEOUT = 2.0
+
+# The deadline subclasses whichever uvicorn protocol runs: the default stack (httptools + uvloop, installed
+# with softserve) and the pure-Python one (h11 + asyncio) must both close these connections.
+STACKS = pytest.mark.parametrize("stack", [["--http-parser", "httptools", "--event-loop", "uvloop"],
+                                           ["--http-parser", "h11", "--event-loop", "asyncio"]], ids=["httptools", "h11"])
 
 
 def _closed_by_peer(sock: socket.socket, within: float) -> bool:
@@ -61,11 +66,12 @@ def _health(url: str) -> int:
         return c.get("/health").status_code
 
 
-def test_idle_and_trickling_connections_are_closed_and_health_answers_again(tmp_path_factory, tokenizer):
+@STACKS
+def test_idle_and_trickling_connections_are_closed_and_health_answers_again(stack, tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("slow-clients")
     srv = LiveServer(root / "store", model=tiny_model_dir(tmp_path_factory, tokenizer), max_model_len=256,
                      log_dir=root, extra_args=["--max-connections", "4", "--header-timeout", str(HEADER_TIMEOUT),
-                                               "--keep-alive-timeout", "1"]).start()
+                                               "--keep-alive-timeout", "1", *stack]).start()
     socks: list[socket.socket] = []
     tricklers: list[Trickler] = []
     try:
@@ -98,13 +104,27 @@ def test_idle_and_trickling_connections_are_closed_and_health_answers_again(tmp_
         srv.stop()
 
 
-def test_a_keep_alive_connection_gets_a_new_header_deadline_after_each_response(tmp_path_factory, tokenizer):
+@STACKS
+def test_a_keep_alive_connection_gets_a_new_header_deadline_after_each_response(stack, tmp_path_factory, tokenizer):
     """After a response, silence is closed by --keep-alive-timeout; trickling the next head (each byte
-    restarts uvicorn's keep-alive timer) by --header-timeout. A request that does arrive is answered."""
+    restarts uvicorn's keep-alive timer) by --header-timeout. A request that does arrive is answered, a
+    streamed completion too."""
     root = tmp_path_factory.mktemp("keep-alive")
     srv = LiveServer(root / "store", model=tiny_model_dir(tmp_path_factory, tokenizer), max_model_len=256,
-                     log_dir=root, extra_args=["--header-timeout", str(HEADER_TIMEOUT), "--keep-alive-timeout", "60"]).start()
+                     log_dir=root, extra_args=["--header-timeout", str(HEADER_TIMEOUT), "--keep-alive-timeout", "60", *stack]).start()
     try:
+        # The stack streams a completion as it answers it whole (SSE events, then [DONE]).
+        with srv.client() as c:
+            model = c.get("/v1/models").json()["data"][0]["id"]
+            body = {"model": model, "prompt": "hello", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+            whole = c.post("/v1/completions", json=body)
+            assert whole.status_code == 200, whole.text
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+                events = list(iter_sse(resp.iter_lines()))
+        assert events[-1] == "[DONE]" and len(events) > 2
+        protocol, loop = {"httptools": ("HttpToolsProtocol", "uvloop"), "h11": ("H11Protocol", "asyncio")}[stack[1]]
+        assert f"API server: {protocol}, {loop} event loop" in srv.logs()  # the stack asked for is the one running
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole.json()["choices"][0]["text"]
         s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         first = s.recv(4096)
