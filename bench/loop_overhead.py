@@ -39,14 +39,15 @@ PROBE = Path(__file__).resolve().parent / "loop_probe.py"
 class ProbeServer(C.Server):
     """A bench server run through loop_probe.py, importing softserve from `code_root`."""
 
-    def __init__(self, store: Path, code_root: Path, stats: Path, **kwargs) -> None:
+    def __init__(self, store: Path, code_root: Path, stats: Path, extra_env: dict[str, str] | None = None,
+                 **kwargs) -> None:
         super().__init__(store, **kwargs)
-        self.code_root, self.stats = code_root, stats
+        self.code_root, self.stats, self.extra_env = code_root, stats, extra_env or {}
         self.launcher = [sys.executable, str(PROBE), str(stats)]
         self.cwd = code_root
 
     def environment(self) -> dict[str, str]:
-        return {**super().environment(), "PYTHONPATH": str(self.code_root)}
+        return {**super().environment(), **self.extra_env, "PYTHONPATH": str(self.code_root)}
 
     def snapshot(self) -> dict:
         return json.loads(self.stats.read_text())
@@ -178,9 +179,12 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="softserve-bench-loop-") as tmp:
         servers = {}
         try:
-            for label, (root, flags) in roots.items():
+            for label, (root, words) in roots.items():
                 d = Path(tmp) / label.replace(" ", "-")
-                server = ProbeServer(d / "store", root, d / "stats.json", model=mdir, device=args.device,
+                # NAME=VALUE words are the server's environment (e.g. GOMP_SPINCOUNT=10000), the rest its flags
+                env = dict(w.split("=", 1) for w in words.split() if "=" in w and not w.startswith("-"))
+                flags = " ".join(w for w in words.split() if not ("=" in w and not w.startswith("-")))
+                server = ProbeServer(d / "store", root, d / "stats.json", extra_env=env, model=mdir, device=args.device,
                                      dtype=args.dtype, log_dir=d, threads=args.threads or torch.get_num_threads(),
                                      extra_args=["--max-batch-size", str(max(32, args.concurrency)), *flags.split()])
                 servers[label] = server.start()
@@ -257,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="a checkout of the code to compare with (its repository root)")
     p.add_argument("--live-args", default="", help="extra `softserve serve` flags of this checkout's server")
     p.add_argument("--also", action="append", default=[],
-                   help="LABEL:FLAGS, another server of this checkout with these flags (repeatable)")
+                   help="LABEL:FLAGS, another server of this checkout with these flags; NAME=VALUE words set its environment (repeatable)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--k", type=int, default=16, help="virtual tokens per soft prompt")
