@@ -18,10 +18,13 @@ kernels of two checkouts share one name in torch's extension cache, so each proc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,7 +89,11 @@ def _measure(root: Path, args) -> dict:
            "--dtype", args.dtype, "--threads", str(args.threads), "--compile", args.compile, "--steps", str(args.steps),
            "--k", str(args.k), "--prompt-tokens", str(args.prompt_tokens), "--decode-rows", str(args.decode_rows),
            "--prefill-rows", str(args.prefill_rows)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    # Each checkout builds our C++ kernels into a directory of its own: torch keeps one build per name, so
+    # two checkouts with different kernel sources would otherwise rebuild at every alternation.
+    extensions = Path(tempfile.gettempdir()) / "softserve-step-time" / hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     for line in done.stdout.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])

@@ -7,6 +7,9 @@ eager behind `torch.ops.softserve.packed_attention`, an opaque custom op, so the
 at every layer and the op sees the step's `PackedBatch` through a thread-local set by the runner (a
 custom op takes tensors and scalars only; the batch's plan is plain Python). Should torch ever run
 the forward eagerly instead (past its recompile limit), the attention finds the batch the same way.
+With our C++ kernels loaded, the graph calls their op `softserve_native::step_attention` instead: a step
+they run whole (KV writes and one kernel call per layer), handed over by the runner before the call, is
+attended in C++ without entering Python; any other step goes on to the Python op (csrc/step_attention.cpp).
 
 Shapes: the packed token count and the number of kept logits vary; everything else is static. The
 two sizes are marked *unbacked* at every call (`mark_unbacked`): torch then never guards on their
@@ -45,7 +48,7 @@ import shutil
 import torch
 from torch._dynamo.decorators import mark_unbacked
 
-from softserve.engine.packed_attention import NO_MASK, attend_packed, step_batch
+from softserve.engine.packed_attention import NATIVE_OP_KWARG, NO_MASK, attend_packed, step_batch
 
 @torch.library.custom_op("softserve::packed_attention", mutates_args=())
 def packed_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
@@ -62,15 +65,18 @@ def _(query, key, value, layer_idx, sliding_window, scaling):
     return query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
 
 
-def compile_forward(model, max_positions: int | None = None):
+def compile_forward(model, max_positions: int | None = None, native_attention: bool = False):
     """fn(embeds [1, T, hidden], positions [1, T], logits_index [n]) -> logits [n, vocab], compiled lazily.
-    With `max_positions`, the rotary modules read tables of that many positions (`install_rotary_tables`)."""
+    With `max_positions`, the rotary modules read tables of that many positions (`install_rotary_tables`).
+    `native_attention` (our kernels loaded): the graph calls the C++ attention op, which runs the steps the
+    runner hands it (`native_step_attention`) and passes the others to the Python op."""
     if max_positions:
         install_rotary_tables(model, max_positions)
+    attention_kwargs = {NATIVE_OP_KWARG: True} if native_attention else {}
 
     def forward(embeds: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
         out = model(inputs_embeds=embeds, position_ids=positions, attention_mask=NO_MASK, use_cache=False,
-                    logits_to_keep=logits_index)
+                    logits_to_keep=logits_index, **attention_kwargs)
         return out.logits[0]
 
     on_cpu = next(model.parameters()).device.type == "cpu"

@@ -38,6 +38,8 @@ class KVPool:
         self.storage = torch.empty(num_layers, 2, num_kv_heads, capacity + 1, head_dim, dtype=dtype, device=device)
         # the views, made once: indexing the storage twice per layer per step is Python time on the hot path
         self._layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(num_layers)]
+        self.layer_keys = [k for k, _ in self._layers]  # the same views as two lists (native step attention)
+        self.layer_values = [v for _, v in self._layers]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer, each [kv_heads, capacity + 1, head_dim] (views of `storage`)."""

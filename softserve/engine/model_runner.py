@@ -28,7 +28,7 @@ from softserve.engine.kv_tier import PrefixKVTier
 from softserve.engine.outputs import RowLogprobs, RunnerOutput
 from softserve.engine.packed_attention import (
     BATCH_KWARG, NO_MASK, AttentionPlan, PackedBatch, PackedRow, PaddedTokens, current_batch, install,
-    token_extents,
+    native_step_attention, token_extents,
 )
 from softserve.engine.request import Request, SamplingParams
 from softserve.engine.sampler import SampleResult, apply_guided_masks, make_generator, sample
@@ -151,7 +151,7 @@ class ModelRunner:
 
     def use_compiled_forward(self, on: bool, max_positions: int | None = None) -> None:
         """`max_positions`: the engine's max_model_len, the rotary tables' length (compiled_forward.py)."""
-        self.compiled_forward = compile_forward(self.model, max_positions) if on else None
+        self.compiled_forward = compile_forward(self.model, max_positions, self.native_kernels) if on else None
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -163,9 +163,10 @@ class ModelRunner:
         for tokens, kept in WARM_UP_SHAPES:
             rows = (PackedRow(0, tokens, 0, tokens),)
             slots = torch.arange(tokens, device=self.device)
-            batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, plan=AttentionPlan.build(rows, self.device, self.native_kernels))
+            batch = PackedBatch(pool=self.pool, write_slots=slots, rows=rows, native_writes=self.native_kernels,
+                                plan=AttentionPlan.build(rows, self.device, self.native_kernels))
             embeds = torch.zeros(1, tokens, hidden, dtype=self.dtype, device=self.device)
-            with current_batch(batch):
+            with current_batch(batch), native_step_attention(batch):
                 self.compiled_forward(embeds, slots.unsqueeze(0), slots[tokens - kept :])
 
     # ---- soft-prompt KV prefixes -------------------------------------------------------------
@@ -283,7 +284,7 @@ class ModelRunner:
             # A graph that keeps no logits depends on nothing, and torch drops every layer from it, the
             # attention op's KV writes included (a pure op to the compiler): always keep one, then drop it.
             kept = logits_index if logits_index.numel() else logits_index.new_zeros(1)
-            with current_batch(batch):
+            with current_batch(batch), native_step_attention(batch):
                 logits = self.compiled_forward(embeds.unsqueeze(0), positions.unsqueeze(0), kept)
             return logits[: logits_index.numel()]
         out = self.model(

@@ -44,7 +44,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_attention.cpp", "rms_norm.cpp", "write_kv.cpp", "small_linear.cpp", "greedy.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("decode_attention.cpp", "rms_norm.cpp", "write_kv.cpp", "small_linear.cpp", "greedy.cpp", "step_attention.cpp")]
+HEADERS = sorted((Path(__file__).resolve().parent / "csrc").glob("*.h"))
 # transformers' classes whose forward is exactly LlamaRMSNorm's (tests/engine/test_native_kernels.py checks)
 RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -64,7 +65,7 @@ def _cpu_tag() -> str:
 def build_digest() -> str:
     """What the kernels compute depends on: their sources, the compiler flags and this CPU (`-march=native`)."""
     digest = hashlib.sha256("\n".join([*CFLAGS, _cpu_tag()]).encode())
-    for path in SOURCES:
+    for path in [*SOURCES, *HEADERS]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -90,12 +91,16 @@ def load() -> bool:
                     str(error).strip().splitlines()[-1:] or error)
         return False
     log.info("native kernels loaded in %.1f s (built on this machine's first start)", time.perf_counter() - started)
-    ops = ("decode_attention", "rms_norm", "write_kv", "small_linear", "small_or_packed_linear", "greedy_argmax")
+    ops = ("decode_attention", "rms_norm", "write_kv", "small_linear", "small_or_packed_linear", "greedy_argmax",
+           "step_attention")
     if not all(hasattr(torch.ops.softserve_native, op) for op in ops):
         return False
     # the compiled forward traces this op (packed_linear.packed_product): its output's shape, for the tracer
     torch.library.register_fake("softserve_native::small_or_packed_linear")(
         lambda x, small, packed, n, bias, max_small_rows: x.new_empty((*x.shape[:-1], n)))
+    torch.library.register_fake("softserve_native::step_attention")(  # [1, T, q_heads, d], as the Python op's
+        lambda query, key, value, layer_idx, sliding_window, scaling: query.new_empty(
+            (1, query.shape[2], query.shape[1], query.shape[3])))
     return True
 
 
@@ -118,6 +123,19 @@ def write_kv(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, n
     """keys/values: one layer of the pool [kv_heads, capacity, d]; new_keys/new_values [kv_heads, tokens, d];
     slots [tokens] int64. Exactly `keys.index_copy_(1, slots, new_keys)` and the same for values."""
     torch.ops.softserve_native.write_kv(keys, values, new_keys, new_values, slots)
+
+
+def set_step_attention(keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor, kv_start: torch.Tensor,
+                       kv_len: torch.Tensor) -> None:
+    """Hand this thread's next forward the step for `softserve_native::step_attention` (csrc/step_attention.cpp):
+    per layer the pool's (keys, values), each token's pool slot and its (kv_start, kv_len) extent. Until
+    `clear_step_attention`, every call of that op in this thread writes and attends with these."""
+    torch.ops.softserve_native.set_step_attention(keys, values, slots, kv_start, kv_len)
+
+
+def clear_step_attention() -> None:
+    """`step_attention` in this thread goes back to the Python op (softserve::packed_attention)."""
+    torch.ops.softserve_native.clear_step_attention()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

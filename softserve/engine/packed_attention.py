@@ -42,6 +42,9 @@ from softserve.engine.kv_cache import KVPool
 
 ATTENTION_NAME = "softserve_packed"
 BATCH_KWARG = "softserve_batch"
+# Passed by the compiled forward when our kernels are on: its graph calls their C++ attention op
+# (csrc/step_attention.cpp) instead of the Python one. A kwarg, so the choice is a constant of the trace.
+NATIVE_OP_KWARG = "softserve_native_op"
 # A 4-D mask makes transformers skip building one (we need none): it is passed through untouched.
 NO_MASK = torch.empty(1, 1, 0, 0, dtype=torch.bool)
 
@@ -198,6 +201,15 @@ class PackedBatch:
     plan: AttentionPlan | None = None  # None: the per-row reference loop
     native_writes: bool = False  # new K/V into the pool by the C++ copy (native_kernels.py), not two index_copy_
     padded: PaddedTokens | None = None  # a step padded for a CUDA graph (cuda_graphs.py): `rows` and `plan` unused
+
+
+def native_step(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(kv_start, kv_len) of every packed token when the whole step is our kernels' (KV writes and one kernel
+    call per layer, no SDPA group, no padding): what `softserve_native::step_attention` runs in C++."""
+    plan = batch.plan
+    if not batch.native_writes or batch.padded is not None or plan is None or plan.prefill is not None:
+        return None
+    return plan.native_tokens
 
 
 def padded_token_attention(padded: PaddedTokens, tokens_first, keys, values, sliding_window, scaling) -> torch.Tensor:
@@ -361,14 +373,33 @@ def step_batch() -> PackedBatch | None:
     return getattr(_step, "batch", None)
 
 
+@contextmanager
+def native_step_attention(batch: PackedBatch):
+    """Hands a step that our kernels run whole (`native_step`) to `softserve_native::step_attention` for the
+    forward inside; any other step leaves that op passing every layer to the Python op."""
+    extents = native_step(batch)
+    if extents is None:
+        yield
+        return
+    native_kernels.set_step_attention(batch.pool.layer_keys, batch.pool.layer_values, batch.write_slots, *extents)
+    try:
+        yield
+    finally:
+        native_kernels.clear_step_attention()
+
+
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     batch: PackedBatch | None = kwargs.pop(BATCH_KWARG, None)
+    native_op = kwargs.pop(NATIVE_OP_KWARG, False)  # the compiled forward's choice of op, a constant of its trace
     if kwargs.get("softcap") is not None and (batch is not None or torch.compiler.is_compiling()):
         raise NotImplementedError("attention logit softcapping is not supported by the packed engine")
     if batch is None and torch.compiler.is_compiling():
         # The engine's compiled forward (compiled_forward.py): the batch reaches the op through a thread-local.
-        out = torch.ops.softserve.packed_attention(query, key, value, module.layer_idx, kwargs.get("sliding_window") or 0,
-                                                   float(scaling if scaling is not None else query.shape[-1] ** -0.5))
+        # With our kernels the graph calls their C++ op, which runs a step the runner handed it in C++ and
+        # passes any other step to the Python op (csrc/step_attention.cpp).
+        op = torch.ops.softserve_native.step_attention if native_op else torch.ops.softserve.packed_attention
+        out = op(query, key, value, module.layer_idx, kwargs.get("sliding_window") or 0,
+                 float(scaling if scaling is not None else query.shape[-1] ** -0.5))
         return out, None
     if batch is None:
         batch = step_batch()  # the compiled forward running eagerly (torch fell back: recompile limit)

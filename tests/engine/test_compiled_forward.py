@@ -326,3 +326,43 @@ def test_the_bf16_graph_calls_the_c_linear_op_where_the_kernel_runs(compiled_eng
     names = {event.key for event in prof.key_averages()}
     assert "softserve::packed_linear" in names and "softserve_native::small_or_packed_linear" not in names
     assert through_c == through_python
+
+
+@pytest.mark.slow
+@pytest.mark.process  # inductor runs the C++ compiler
+def test_the_graph_runs_native_steps_attention_in_c_and_hands_others_to_python(compiled_engines, tiny_model, tokenizer,
+                                                                               monkeypatch):
+    """With our kernels the graph's attention is their C++ op: a step they run whole never enters the Python op;
+    a step with a long prefill row (SDPA) goes through it. Tokens: those of the graph that calls the Python op."""
+    import copy
+
+    from torch.profiler import profile
+
+    from softserve.engine import native_kernels, packed_attention
+    from softserve.engine.compiled_forward import compile_forward
+    from tests.support.engine_utils import make_engine, make_request, run
+
+    if not native_kernels.can_build():
+        pytest.skip("no C++ compiler or ninja: no native kernels")
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    engine = make_engine(model, tokenizer, max_batch_size=3, max_prefill_tokens=64)
+    assert engine.runner.native_kernels
+    inputs = [list(range(100 + 9 * i, 100 + 9 * i + n)) for i, n in enumerate((3, 13, 1))]
+
+    def tokens() -> tuple[list[list[int]], set[str]]:
+        requests = [make_request(ids, max_tokens=4, ignore_eos=True) for ids in inputs]
+        with profile() as prof:
+            done = run(engine, requests)
+        return [done[r.request_id] for r in requests], {event.key for event in prof.key_averages()}
+
+    native, names = tokens()
+    assert "softserve_native::step_attention" in names and "softserve::packed_attention" not in names
+    with monkeypatch.context() as patch:
+        patch.setattr(packed_attention, "NATIVE_PREFILL_MAX_KV", 4)  # the 13-token prompt's prefill: SDPA
+        mixed, names = tokens()
+    assert "softserve_native::step_attention" in names and "softserve::packed_attention" in names
+    torch._dynamo.reset()
+    engine.runner.compiled_forward = compile_forward(model, native_attention=False)  # the Python op for every step
+    python, names = tokens()
+    assert "softserve_native::step_attention" not in names and "softserve::packed_attention" in names
+    assert native == mixed == python

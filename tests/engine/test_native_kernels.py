@@ -286,3 +286,86 @@ def test_a_strided_query_reads_the_same_as_a_contiguous_one(dtype):
     heads_first = queries.transpose(0, 1).contiguous()  # [q_heads, tokens, d], as the model hands it over
     strided = native_kernels.decode_attention(heads_first.transpose(0, 1), keys, values, *extents, None, 0.125)
     assert torch.equal(strided, native_kernels.decode_attention(queries, keys, values, *extents, None, 0.125))
+
+
+# ---- the compiled graph's attention op in C++ (csrc/step_attention.cpp) -------------------------------
+def _step_case(shapes, dtype, long_limit=None, monkeypatch=None, seed=5):
+    """A 2-layer pool of random K/V, rows (q_len, kv_len) whose new tokens are the last q_len of their
+    extent, and one layer's query/key/value as HF hands them to attention: [1, heads, tokens, d]."""
+    if long_limit is not None:
+        monkeypatch.setattr(packed_attention, "NATIVE_PREFILL_MAX_KV", long_limit)
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads, groups, head_dim = 3, 3, 64
+    rows, q, slot, slots = [], 0, 1, []
+    for q_len, kv_len in shapes:
+        rows.append(PackedRow(q, q_len, slot, kv_len))
+        slots += range(slot + kv_len - q_len, slot + kv_len)
+        q, slot = q + q_len, slot + kv_len + 2
+    pool = KVPool(num_layers=2, num_kv_heads=kv_heads, head_dim=head_dim, capacity=slot + 2, dtype=dtype, device="cpu")
+    pool.storage.copy_(torch.randn(pool.storage.shape, generator=gen))
+    rows = tuple(rows)
+    batch = packed_attention.PackedBatch(pool=pool, write_slots=torch.tensor(slots), rows=rows, native_writes=True,
+                                         plan=AttentionPlan.build(rows, "cpu", native_decode=True))
+    query = torch.randn(1, q, kv_heads * groups, head_dim, generator=gen).to(dtype).transpose(1, 2)
+    key = torch.randn(1, q, kv_heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
+    value = torch.randn(1, q, kv_heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
+    return batch, query, key, value
+
+
+def _python_op(batch, query, key, value, window, scale):
+    """What the Python op computes for layer 1, on a copy of the pool: (output, pool storage after)."""
+    pool = KVPool(num_layers=2, num_kv_heads=batch.pool.storage.shape[2], head_dim=batch.pool.storage.shape[4],
+                  capacity=batch.pool.capacity, dtype=batch.pool.storage.dtype, device="cpu")
+    pool.storage.copy_(batch.pool.storage)
+    copy = packed_attention.PackedBatch(pool=pool, write_slots=batch.write_slots, rows=batch.rows, plan=batch.plan,
+                                        native_writes=batch.native_writes)
+    return packed_attention.attend_packed(copy, 1, query, key, value, window, scale), pool.storage
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("shapes", [PLAN_SHAPES[0], PLAN_SHAPES[1], PLAN_SHAPES[3]])
+def test_step_attention_runs_a_native_step_as_the_python_op_does(dtype, window, shapes):
+    """Handed the step (native_step_attention), the C++ op writes the same K/V into the pool and returns
+    the same output as the Python op (attend_packed), bit for bit; after the step it hands layers back."""
+    import softserve.engine.compiled_forward  # noqa: F401  (registers the Python op the C++ one falls back to)
+
+    batch, query, key, value = _step_case(shapes, dtype)
+    assert packed_attention.native_step(batch) is not None
+    expected, expected_pool = _python_op(batch, query, key, value, window, 0.125)
+    with packed_attention.native_step_attention(batch):
+        assert torch.ops.softserve_native.step_attention_set()
+        out = torch.ops.softserve_native.step_attention(query, key, value, 1, window or 0, 0.125)
+    assert not torch.ops.softserve_native.step_attention_set()
+    assert torch.equal(out, expected) and out.shape == (1, query.shape[2], query.shape[1], query.shape[3])
+    assert torch.equal(batch.pool.storage, expected_pool)
+    # nothing set now: the op is the Python op, which needs the step's batch in this thread
+    with pytest.raises(RuntimeError, match="outside a compiled engine forward"):
+        torch.ops.softserve_native.step_attention(query, key, value, 1, window or 0, 0.125)
+
+
+def test_step_attention_leaves_other_steps_to_the_python_op(monkeypatch):
+    """A step with a long prefill row (SDPA) is not handed over: the op passes it to the Python op, which
+    reads the batch from the thread-local as before: the same result as attend_packed."""
+    import softserve.engine.compiled_forward  # noqa: F401
+
+    batch, query, key, value = _step_case(PLAN_SHAPES[3], torch.bfloat16, long_limit=8, monkeypatch=monkeypatch)
+    assert batch.plan.prefill is not None and packed_attention.native_step(batch) is None
+    expected, expected_pool = _python_op(batch, query, key, value, None, 0.125)
+    with packed_attention.current_batch(batch), packed_attention.native_step_attention(batch):
+        assert not torch.ops.softserve_native.step_attention_set()
+        out = torch.ops.softserve_native.step_attention(query, key, value, 1, 0, 0.125)
+    assert torch.equal(out, expected) and torch.equal(batch.pool.storage, expected_pool)
+
+
+def test_a_step_set_in_one_thread_is_not_seen_in_another():
+    import threading
+
+    batch, *_ = _step_case(PLAN_SHAPES[0], torch.bfloat16)
+    seen = []
+    with packed_attention.native_step_attention(batch):
+        thread = threading.Thread(target=lambda: seen.append(torch.ops.softserve_native.step_attention_set()))
+        thread.start()
+        thread.join()
+        assert torch.ops.softserve_native.step_attention_set()
+    assert seen == [False]

@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "kernels.h"
 #include "parallel.h"
 
 #include <omp.h>
@@ -491,6 +492,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 }
 
 }  // namespace
+
+namespace softserve {
+at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& kv_start,
+                       const at::Tensor& kv_len, int64_t window, double scale) {
+  return decode_attention(q, keys, values, kv_start, kv_len, window, scale);
+}
+}  // namespace softserve
 
 TORCH_LIBRARY_FRAGMENT(softserve_native, m) {
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor kv_start, Tensor kv_len, int window, float scale) -> Tensor");

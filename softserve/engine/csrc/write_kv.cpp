@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kernels.h"
 #include "parallel.h"
 
 #include <cstdint>
@@ -45,6 +46,13 @@ void write_kv(at::Tensor keys, at::Tensor values, const at::Tensor& new_k, const
 }
 
 }  // namespace
+
+namespace softserve {
+void copy_kv(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& new_k, const at::Tensor& new_v,
+             const at::Tensor& slots) {
+  write_kv(keys, values, new_k, new_v, slots);
+}
+}  // namespace softserve
 
 TORCH_LIBRARY_FRAGMENT(softserve_native, m) {
   m.def("write_kv(Tensor(a!) keys, Tensor(b!) values, Tensor new_k, Tensor new_v, Tensor slots) -> ()");
