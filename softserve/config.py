@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(1024, ge=1, description="open client connections (idle keep-alive ones included) "
                                  "before new ones are answered 503 at once; bounds what many slow or idle clients can hold")
     header_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a client has to send a complete request head, from connecting or from the end of the previous response on a keep-alive connection; then the connection is closed without a response (idle or trickling sockets cannot hold --max-connections)")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, description="largest request head (request line and headers); a longer one is answered 431 and its connection closed")
     http_parser: Literal["auto", "httptools", "h11"] = Field("auto", description="HTTP/1.1 implementation of the API server (auto: httptools, a C parser, where installed, as it is by `pip install softserve`; h11 is pure Python and costs more CPU per streamed token)")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", description="event loop of the API server (auto: uvloop where installed, as it is by `pip install softserve` on Linux and macOS; else asyncio's own)")
     keep_alive_timeout: float = Field(5.0, gt=0, le=3600, description="seconds an idle keep-alive connection stays open after a response")

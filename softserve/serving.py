@@ -63,7 +63,9 @@ def run_server(app, settings: Settings) -> None:
         # Idle and slow connections are closed, so --max-connections of them cannot lock everyone out
         # (issue #26 F4): silent after a response (keep-alive), or a request head not complete in time.
         timeout_keep_alive=settings.keep_alive_timeout,
-        http=with_header_timeout(protocol := http_protocol(settings.http_parser), settings.header_timeout),
+        http=with_header_timeout(protocol := http_protocol(settings.http_parser), settings.header_timeout,
+                                 settings.max_header_bytes),
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # h11's own limit (16 KiB by default) matches
         loop=settings.event_loop,
     )
     DrainingServer(config, app.state.service, settings.shutdown_timeout, protocol.__name__).run()

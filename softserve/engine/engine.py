@@ -137,7 +137,7 @@ class LLMEngine:
         """Trace and compile the forward now, not on the first requests. Under `auto` a failure (a broken
         toolchain, an op inductor cannot lower) costs the speed-up, not the server: eager modules serve."""
         started = time.perf_counter()
-        log.info("compiling the model forward (--compile %s): ~40 s on a small CPU the first time, less "
+        log.info("compiling the model forward (--compile %s): ~80 s on a small CPU the first time, less "
                  "once inductor's cache holds the kernels", setting)
         try:
             self.runner.use_compiled_forward(True, max_positions=self.config.scheduler.max_model_len)

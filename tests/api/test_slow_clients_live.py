@@ -146,3 +146,33 @@ def test_a_keep_alive_connection_gets_a_new_header_deadline_after_each_response(
         s.close()
     finally:
         srv.stop()
+
+
+@STACKS
+def test_an_oversized_request_head_is_refused_and_the_server_answers_on(stack, tmp_path_factory, tokenizer):
+    """httptools buffers a request head of any size: past --max-header-bytes the server answers 431 (h11, held to
+    the same limit, answers 400) and closes the connection, instead of buffering one header line for the whole
+    header deadline. A head under the limit is served."""
+    root = tmp_path_factory.mktemp("big-head")
+    srv = LiveServer(root / "store", model=tiny_model_dir(tmp_path_factory, tokenizer), max_model_len=256, log_dir=root,
+                     extra_args=["--max-header-bytes", "16384", "--header-timeout", "30", *stack]).start()
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200_000  # never finished
+        try:
+            s.sendall(head)
+        except OSError:
+            pass  # the server may close before it has read everything
+        reply = b""
+        try:
+            while chunk := s.recv(4096):
+                reply += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+        s.close()
+        expected = b"HTTP/1.1 431" if stack[1] == "httptools" else (b"HTTP/1.1 431", b"HTTP/1.1 400")
+        assert reply.startswith(expected), reply[:200]
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            assert c.get("/health", headers={"X-Pad": "a" * 8000}).status_code == 200  # under the limit: served
+    finally:
+        srv.stop()
