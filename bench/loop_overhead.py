@@ -182,8 +182,9 @@ def run(args) -> dict:
             for label, (root, words) in roots.items():
                 d = Path(tmp) / label.replace(" ", "-")
                 # NAME=VALUE words are the server's environment (e.g. GOMP_SPINCOUNT=10000), the rest its flags
-                env = dict(w.split("=", 1) for w in words.split() if "=" in w and not w.startswith("-"))
-                flags = " ".join(w for w in words.split() if not ("=" in w and not w.startswith("-")))
+                env_words = [w for w in words.split() if "=" in w and not w.startswith("-")]
+                env = dict(w.split("=", 1) for w in env_words)
+                flags = " ".join(w for w in words.split() if w not in env_words)
                 server = ProbeServer(d / "store", root, d / "stats.json", extra_env=env, model=mdir, device=args.device,
                                      dtype=args.dtype, log_dir=d, threads=args.threads or torch.get_num_threads(),
                                      extra_args=["--max-batch-size", str(max(32, args.concurrency)), *flags.split()])

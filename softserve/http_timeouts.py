@@ -9,9 +9,9 @@ byte every few seconds (each byte restarts uvicorn's keep-alive timer), stays op
 that each request head must be complete `seconds` after the connection opened, or after the previous
 response finished. Otherwise the connection is closed without a response (as nginx's
 client_header_timeout does). A head still incomplete after `max_bytes` is answered 431 and the
-connection closed: httptools itself buffers a head of any size. A request being answered is never cut: the deadline only
-covers the time before a head has arrived. The request body is not covered (the app reads it;
---request-timeout bounds a request as a whole).
+connection closed: httptools itself buffers a head of any size. A request being answered is never
+cut: the deadline only covers the time before a head has arrived. The request body is not covered
+(the app reads it; --request-timeout bounds a request as a whole).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class _HeaderDeadline:
             # Still no complete head. httptools buffers a head of any size (h11 stops at its own limit, set
             # to the same number in serving.py): a client could send megabytes of one header line within
             # the deadline. Bytes of a chunk that completed a head (its body's first bytes) never count.
-            self._head_bytes = getattr(self, "_head_bytes", 0) + len(data)
+            self._head_bytes += len(data)  # set to 0 whenever the deadline is armed
             if self._head_bytes > self.max_header_bytes:
                 self._refuse_oversized_head()
 
@@ -99,7 +99,7 @@ class _HeaderDeadline:
             transport.close()
 
 
-def with_header_timeout(base: type[asyncio.Protocol], seconds: float, max_bytes: int = 64 * 1024) -> type[asyncio.Protocol]:
+def with_header_timeout(base: type[asyncio.Protocol], seconds: float, max_bytes: int) -> type[asyncio.Protocol]:
     """`base` (uvicorn's HTTP protocol class) with a header-read deadline of `seconds` and a request head of at
     most `max_bytes` (431 and the connection closed beyond)."""
     return type(f"HeaderTimeout{base.__name__}", (_HeaderDeadline, base),
